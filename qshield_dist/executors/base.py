@@ -1,0 +1,80 @@
+"""The one small interface every executor implements (after submitit's Executor).
+
+An executor receives `Job`s: a picklable zero-argument callable plus the keys of the jobs it
+depends on. It decides where and when each runs; it never knows what a model or an attack
+is. A job's callable writes its own result file and returns its status ('ok' or 'failed');
+an exception escaping it means the job was lost (crash, killed worker), which executors
+retry with the mechanism their engine provides.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1.0
+    gpus: float = 0.0  # fractions allowed on Ray (0.25 -> four trials share one GPU)
+    mem_gb: float = 4.0
+    timeout_min: int = 240
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str  # the trial id
+    fn: Callable[[], str]
+    deps: tuple[str, ...] = ()
+    resources: Resources = field(default_factory=Resources)
+    label: str = ""
+    stage: str = "train"
+
+
+class Executor(abc.ABC):
+    """Runs jobs respecting their dependencies; returns key -> final status."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def run(self, jobs: Sequence[Job], progress: "ProgressSink | None" = None) -> dict[str, str]:
+        """Statuses are 'ok', 'failed' (the trial recorded a failure row) or 'lost'
+        (the job could not be run to completion, even after retries)."""
+
+
+class ProgressSink:
+    """Callbacks an executor calls; the launcher turns them into a progress bar."""
+
+    def started(self, key: str) -> None:  # pragma: no cover - default no-op
+        pass
+
+    def finished(self, key: str, status: str) -> None:  # pragma: no cover - default no-op
+        pass
+
+
+def topological_waves(jobs: Sequence[Job]) -> list[list[Job]]:
+    """Group jobs into waves: every job's deps lie in earlier waves.
+
+    Deps that are not among `jobs` are taken as already satisfied (done in an earlier run).
+    """
+    by_key = {job.key: job for job in jobs}
+    level: dict[str, int] = {}
+
+    def depth(key: str, trail: tuple[str, ...] = ()) -> int:
+        if key in level:
+            return level[key]
+        if key in trail:
+            raise ValueError(f"dependency cycle through {key}")
+        job = by_key[key]
+        inner = [depth(dep, trail + (key,)) + 1 for dep in job.deps if dep in by_key]
+        level[key] = max(inner, default=0)
+        return level[key]
+
+    waves: dict[int, list[Job]] = {}
+    for job in jobs:
+        waves.setdefault(depth(job.key), []).append(job)
+    return [waves[k] for k in sorted(waves)]
