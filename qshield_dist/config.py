@@ -1,0 +1,311 @@
+"""Sweep YAML -> validated SweepConfig. Every error names the key, the value and what is allowed.
+
+A sweep file looks like sweeps/quick.yaml. Any field of a `models` entry, `data.dataset`,
+`seeds` and any attack parameter may be a list: lists are grid axes. Quantum fields belong to
+`model: hqcnn` entries only, so they multiply only the hybrid models.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qshield_dist.attacks import ATTACKS, PRESETS
+
+MODELS = ("dnn", "cnn", "cnn_small", "hqcnn")
+BACKBONES = ("cnn", "cnn_small", "dnn")
+ENTANGLEMENTS = ("none", "linear", "star", "full", "ring")
+ENCODINGS = ("angle", "enhanced_angle")
+NOISE_MODELS = ("none", "depolarizing", "amplitude_damping", "phase_damping", "mixed")
+DEVICES = ("default.mixed", "default.qubit", "lightning.qubit", "lightning.gpu", "lightning.kokkos")
+EXECUTORS = ("local", "ray", "slurm")
+QUANTUM_FIELDS = (
+    "backbone",
+    "entanglement",
+    "depth",
+    "encoding",
+    "noise_model",
+    "noise_strength",
+    "fusion",
+    "qubits",
+    "quantum_grad",
+    "projection",
+    "device",
+    "simulator",
+    "trajectories",
+    "init",
+    "input_noise",
+)
+
+
+class ConfigError(ValueError):
+    """Bad sweep input: raised before any compute; the launcher exits with code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model of the grid. Quantum fields are None for the classical models."""
+
+    model: Literal["dnn", "cnn", "cnn_small", "hqcnn"]
+    backbone: Literal["cnn", "cnn_small", "dnn"] | None = None
+    entanglement: Literal["none", "linear", "star", "full", "ring"] | None = None
+    depth: int | None = Field(None, ge=1)
+    encoding: Literal["angle", "enhanced_angle"] | None = None
+    noise_model: Literal["none", "depolarizing", "amplitude_damping", "phase_damping", "mixed"] | None = None
+    noise_strength: float | None = Field(None, ge=0.0, le=1.0)
+    fusion: Literal["dynamic", "entropy"] | None = None
+    qubits: int | None = Field(None, ge=1)
+    quantum_grad: Literal["full", "detached"] | None = None
+    projection: Literal["learned", "paper"] | None = None
+    device: Literal["default.mixed", "default.qubit", "lightning.qubit", "lightning.gpu", "lightning.kokkos"] | None = None
+    simulator: Literal["compiled", "qnode"] | None = None
+    trajectories: int | None = Field(None, ge=0)
+    init: Literal["from_baseline", "scratch"] | None = None
+    input_noise: float | None = Field(None, ge=0.0)
+
+    @model_validator(mode="after")
+    def _quantum_fields_only_for_hqcnn(self) -> "ModelSpec":
+        if self.model != "hqcnn":
+            given = [f for f in QUANTUM_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"'{given[0]}' applies only to model 'hqcnn' (model is '{self.model}')")
+        return self
+
+    def resolved(self, n_classes: int) -> "ModelSpec":
+        """Fill hybrid defaults: the project's sound settings (see README: paper vs sound)."""
+        if self.model != "hqcnn":
+            return self
+        defaults = dict(
+            backbone="cnn",
+            entanglement="full",
+            depth=1,
+            encoding="enhanced_angle",
+            noise_model="mixed",
+            noise_strength=0.005,
+            fusion="dynamic",
+            qubits=max(2, (n_classes - 1).bit_length()),  # max(2, ceil(log2 C))
+            quantum_grad="full",
+            projection="learned",
+            device="default.mixed",
+            simulator="compiled",
+            trajectories=0,
+            init="from_baseline",
+            input_noise=0.0,
+        )
+        values = {k: v if v is not None else defaults.get(k) for k, v in self.model_dump().items()}
+        return ModelSpec(**values)
+
+    @property
+    def stochastic(self) -> bool:
+        """Outputs vary between calls on the same input (must be evaluated repeatedly)."""
+        if self.model != "hqcnn":
+            return False
+        random_projection = self.projection == "paper" and self.encoding == "enhanced_angle"
+        trajectories = self.simulator == "qnode" and (self.trajectories or 0) > 0
+        return bool(random_projection or trajectories or (self.input_noise or 0) > 0)
+
+    @property
+    def label(self) -> str:
+        if self.model != "hqcnn":
+            return self.model
+        parts = [f"hqcnn[{self.backbone}]", self.entanglement, f"d{self.depth}", self.encoding, f"{self.noise_model}{self.noise_strength:g}"]
+        parts += [self.fusion, f"grad={self.quantum_grad}", f"proj={self.projection}"]
+        if self.simulator != "compiled":
+            parts.append(f"{self.simulator}:{self.device}")
+        return " ".join(str(p) for p in parts)
+
+
+class AttackSpec(_Strict):
+    name: str
+    preset: Literal["paper", "standard"] = "paper"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack; allowed: {', '.join(ATTACKS)}")
+        return name
+
+
+class DataConfig(_Strict):
+    dataset: str | list[str] = "digits"
+    data_root: str = "data"
+    train_size: int | None = Field(None, ge=10)
+    test_size: int | None = Field(None, ge=10)
+    download: bool = False
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    max_steps: int | None = Field(None, ge=1)  # caps optimizer steps (equal-budget controls)
+
+
+class EvalConfig(_Strict):
+    attack_size: int = Field(256, ge=1)  # correctly classified test samples attacked, at most
+    batch_size: int = Field(128, ge=1)
+    eval_repeats: int = Field(5, ge=1)  # evaluations per sample for stochastic models
+    controls: list[Literal["backbone_only", "equal_budget"]] = Field(default_factory=list)
+    diagnostics: bool = False
+
+
+class ResourceConfig(_Strict):
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    mem_gb: float = Field(4.0, gt=0)
+    timeout_min: int = Field(240, ge=1)
+
+
+class StageResources(_Strict):
+    train: ResourceConfig = ResourceConfig()
+    attack: ResourceConfig = ResourceConfig()
+
+
+class RayConfig(_Strict):
+    address: str = "auto"
+    max_retries: int = Field(3, ge=0)
+
+
+class SlurmConfig(_Strict):
+    partition: str | None = None
+    time_min: int = Field(240, ge=1)
+    gpus_per_task: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, ge=1)
+    mem_gb: float = Field(8.0, gt=0)
+    array_parallelism: int = Field(64, ge=1)
+    folder: str | None = None  # submitit logs; default RESULTS/.submitit
+
+
+class SweepConfig(_Strict):
+    name: str
+    results_dir: str | None = None
+    checkpoint_dir: str = "checkpoints"
+    executor: Literal["local", "ray", "slurm"] = "local"
+    workers: int = Field(1, ge=1)
+    private: bool = True  # results, checkpoints and logs readable only by the user
+    data: DataConfig = DataConfig()
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    models: list[dict[str, Any]] = Field(min_length=1)
+    attacks: list[dict[str, Any]] = Field(default_factory=list)
+    resources: StageResources = StageResources()
+    ray: RayConfig = RayConfig()
+    slurm: SlurmConfig = SlurmConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError("must be letters, digits, '_', '.' or '-' (it names the results directory)")
+        return name
+
+    @property
+    def datasets(self) -> list[str]:
+        return self.data.dataset if isinstance(self.data.dataset, list) else [self.data.dataset]
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.results_dir or f"results/{self.name}")
+
+
+def expand_axes(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """{'a': [1, 2], 'b': 3} -> [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}] (lists are axes)."""
+    keys = list(entry)
+    values = [v if isinstance(v, list) else [v] for v in entry.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def _format(err: dict[str, Any], prefix: str, model_cls: type[BaseModel] | None = None) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    where = f"{prefix}.{loc}" if prefix and loc else prefix or loc
+    if err["type"] == "extra_forbidden" and model_cls is not None:
+        owner: Any = model_cls
+        for part in err["loc"][:-1]:
+            owner = owner.model_fields[part].annotation if part in getattr(owner, "model_fields", {}) else owner
+        allowed = ", ".join(getattr(owner, "model_fields", {}))
+        return f"{where}: unknown key (value {err['input']!r}); allowed keys: {allowed}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: got {err['input']!r}: {msg}"
+
+
+def _validate(model_cls: type[BaseModel], values: dict[str, Any], prefix: str) -> Any:
+    try:
+        return model_cls(**values)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_format(e, prefix, model_cls) for e in exc.errors())) from None
+
+
+def parse_models(cfg: SweepConfig) -> list[ModelSpec]:
+    specs: list[ModelSpec] = []
+    for i, entry in enumerate(cfg.models):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"models[{i}]: got {entry!r}: each model entry must be a mapping with a 'model' key")
+        for point in expand_axes(entry):
+            specs.append(_validate(ModelSpec, point, f"models[{i}]"))
+    return specs
+
+
+def parse_attacks(cfg: SweepConfig) -> list[AttackSpec]:
+    """Attack entries -> one AttackSpec per point of their parameter axes."""
+    specs: list[AttackSpec] = []
+    for i, entry in enumerate(cfg.attacks):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"attacks[{i}]: got {entry!r}: each attack entry must be a mapping with a 'name' key")
+        base = _validate(AttackSpec, {**entry, "params": {}}, f"attacks[{i}]")
+        params = entry.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"attacks[{i}].params: got {params!r}: must be a mapping of parameter -> value")
+        allowed = ATTACKS[base.name].defaults("mnist")
+        for key, value in params.items():
+            if key not in allowed:
+                raise ConfigError(
+                    f"attacks[{i}].params.{key}: got {value!r}: unknown parameter for '{base.name}'; allowed: {', '.join(allowed)}"
+                )
+            for v in value if isinstance(value, list) else [value]:
+                if key == "eps" and not (isinstance(v, (int, float)) and 0 < v <= 1):
+                    raise ConfigError(f"attacks[{i}].params.eps: got {v!r}: must be a number in (0, 1] (pixel units)")
+                if key in ("steps", "n_queries", "eot_iter") and not (isinstance(v, int) and v >= 1):
+                    raise ConfigError(f"attacks[{i}].params.{key}: got {v!r}: must be an integer >= 1")
+        for point in expand_axes(params) if params else [{}]:
+            specs.append(AttackSpec(name=base.name, preset=base.preset, params=point))
+    return specs
+
+
+def check_devices(models: list[ModelSpec]) -> None:
+    """A named PennyLane device must be installed here (lightning.gpu needs the gpu extra)."""
+    import pennylane as qml
+
+    for name in sorted({m.device for m in models if m.device}):
+        try:
+            qml.device(name, wires=1)
+        except Exception as exc:  # the plugin raises its own error types
+            extra = " (pip install 'qshield-dist[gpu]' on a CUDA node)" if name == "lightning.gpu" else ""
+            raise ConfigError(f"models.device: got '{name}': not usable here{extra}: {exc}; allowed: {', '.join(DEVICES)}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a sweep file (no compute, nothing written)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file: got '{path}': no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file '{path}': not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep file '{path}': got {type(raw).__name__}: the top level must be a mapping")
+    raw.setdefault("name", path.stem)
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _validate(SweepConfig, raw, "")

@@ -1,0 +1,198 @@
+"""Dataset registry: digits (embedded default), mnist, cifar10, organamnist.
+
+Every loader returns float32 images in [0, 1] shaped (N, C, H, W) and int64 labels, from
+the library that owns the format (scikit-learn, torchvision, medmnist). Nothing is ever
+downloaded unless `download=True`; a missing file is an error that names the path expected
+and the command that stages it.
+
+    python -m qshield_dist.data fetch mnist --root data     # on a login node with internet
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    channels: int
+    size: int
+    classes: int
+    files: tuple[str, ...]  # relative to data_root; empty for embedded data
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo("digits", 1, 28, 10, ()),
+    "mnist": DatasetInfo(
+        "mnist",
+        1,
+        28,
+        10,
+        tuple(
+            f"MNIST/raw/{name}"
+            for name in (
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            )
+        ),
+    ),
+    "cifar10": DatasetInfo(
+        "cifar10",
+        3,
+        32,
+        10,
+        tuple(f"cifar-10-batches-py/{name}" for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+    ),
+    "organamnist": DatasetInfo("organamnist", 1, 28, 11, ("organamnist.npz",)),
+}
+
+
+class DataMissingError(FileNotFoundError):
+    """A dataset file is not where the sweep says it is."""
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    y: torch.Tensor  # (N,) int64
+
+
+def check_available(name: str, root: str | Path, download: bool = False) -> None:
+    """Raise DataMissingError naming the expected path and the staging command."""
+    info = DATASETS[name]
+    if download or not info.files:
+        return
+    root = Path(root)
+    missing = [str(root / f) for f in info.files if not (root / f).exists()]
+    if missing:
+        raise DataMissingError(
+            f"dataset '{name}': file not found: {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f". Stage it with: python -m qshield_dist.data fetch {name} --root {root}"
+            " (on a machine with internet), or set data.download: true, or point data.data_root at it."
+        )
+
+
+def _digits() -> tuple[Split, Split]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    # A fixed 80/20 split: the digits set has no official one.
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y.numpy(), random_state=0)
+    return Split(x[idx_train], y[idx_train]), Split(x[idx_test], y[idx_test])
+
+
+def _mnist(root: Path, download: bool) -> tuple[Split, Split]:
+    from torchvision.datasets import MNIST
+
+    splits = []
+    for train in (True, False):
+        ds = MNIST(str(root), train=train, download=download)
+        splits.append(Split(ds.data.unsqueeze(1).float() / 255.0, ds.targets.long()))
+    return splits[0], splits[1]
+
+
+def _cifar10(root: Path, download: bool) -> tuple[Split, Split]:
+    from torchvision.datasets import CIFAR10
+
+    class _CIFAR10(CIFAR10):
+        # torchvision checks MD5s of the official archive's batches on every load; we check
+        # presence (check_available) and let the unpickler reject a broken file, so that
+        # re-packed or test-written batches in the native format load too.
+        def _check_integrity(self) -> bool:
+            return all((Path(self.root) / self.base_folder / name).exists() for name, _ in self.train_list + self.test_list)
+
+    splits = []
+    for train in (True, False):
+        ds = _CIFAR10(str(root), train=train, download=download)
+        x = torch.tensor(ds.data).permute(0, 3, 1, 2).float() / 255.0
+        splits.append(Split(x, torch.tensor(ds.targets, dtype=torch.int64)))
+    return splits[0], splits[1]
+
+
+def _organamnist(root: Path, download: bool) -> tuple[Split, Split]:
+    from medmnist import OrganAMNIST
+
+    splits = []
+    for split in ("train", "test"):
+        ds = OrganAMNIST(split=split, root=str(root), download=download, size=28)
+        x = torch.tensor(ds.imgs).float().unsqueeze(1) / 255.0
+        splits.append(Split(x, torch.tensor(ds.labels, dtype=torch.int64).reshape(-1)))
+    return splits[0], splits[1]
+
+
+def stratified_subset(split: Split, size: int | None, seed: int) -> Split:
+    """A fixed-seed class-stratified subset of `size` samples (all of them when None)."""
+    if size is None or size >= len(split.y):
+        return split
+    from sklearn.model_selection import train_test_split
+
+    idx, _ = train_test_split(np.arange(len(split.y)), train_size=size, stratify=split.y.numpy(), random_state=seed)
+    idx = np.sort(idx)
+    return Split(split.x[idx], split.y[idx])
+
+
+def load(
+    name: str,
+    data_root: str | Path = "data",
+    train_size: int | None = None,
+    test_size: int | None = None,
+    download: bool = False,
+    subset_seed: int = 0,
+) -> tuple[Split, Split]:
+    """(train, test) splits of a registered dataset, as float tensors in [0, 1]."""
+    if name not in DATASETS:
+        raise KeyError(f"dataset: got '{name}'; allowed: {', '.join(DATASETS)}")
+    root = Path(data_root)
+    check_available(name, root, download)
+    if name == "digits":
+        train, test = _digits()
+    elif name == "mnist":
+        train, test = _mnist(root, download)
+    elif name == "cifar10":
+        train, test = _cifar10(root, download)
+    else:
+        train, test = _organamnist(root, download)
+    return stratified_subset(train, train_size, subset_seed), stratified_subset(test, test_size, subset_seed)
+
+
+def fetch(name: str, root: str | Path) -> None:
+    """Download a dataset into `root` (needs internet; for a login node)."""
+    if name == "digits":
+        log.info("digits ships with scikit-learn: nothing to fetch")
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    load(name, root, download=True)
+    check_available(name, root)
+    log.info("%s staged under %s", name, root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qshield_dist.data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch_cmd = sub.add_parser("fetch", help="download a dataset (needs internet)")
+    fetch_cmd.add_argument("name", choices=[n for n in DATASETS if n != "digits"])
+    fetch_cmd.add_argument("--root", default="data")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    fetch(args.name, args.root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Sweep config -> train trials and attack trials, with stable content-addressed ids.
+
+A trial's id is a hash of what determines its result (never of paths or the sweep's name),
+so checkpoints are shared between sweeps and re-running a sweep finds what is done.
+
+- One TrainTrial per (dataset, model spec, train config, seed). An HQCNN with
+  `init: from_baseline` depends on its backbone's TrainTrial, added if the sweep lacks it.
+- One AttackTrial per (TrainTrial, attack spec, control). `transfer` also depends on the
+  surrogate's TrainTrial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from qshield_dist.attacks import ATTACKS
+from qshield_dist.config import (
+    ConfigError,
+    EvalConfig,
+    ModelSpec,
+    SweepConfig,
+    TrainConfig,
+    check_devices,
+    parse_attacks,
+    parse_models,
+)
+from qshield_dist.data import DATASETS, check_available
+
+
+def stable_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrainTrial:
+    dataset: str
+    model: ModelSpec  # resolved
+    train: TrainConfig
+    seed: int
+    train_size: int | None
+    test_size: int | None
+    baseline_id: str | None = None  # the backbone's train trial (init: from_baseline)
+    stage: str = field(default="train", init=False)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "train_size": self.train_size,
+            "test_size": self.test_size,
+            "model": self.model.model_dump(),
+            "train": self.train.model_dump(),
+            "seed": self.seed,
+            "baseline": self.baseline_id,
+        }
+
+    @property
+    def trial_id(self) -> str:
+        return "T" + stable_hash(self.identity())
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.baseline_id,) if self.baseline_id else ()
+
+
+@dataclass(frozen=True)
+class AttackTrial:
+    train: TrainTrial
+    attack: str
+    preset: str
+    params: tuple[tuple[str, Any], ...]  # resolved, sorted
+    eval: EvalConfig
+    control: str | None = None  # None | backbone_only | equal_budget
+    surrogate: TrainTrial | None = None  # transfer
+    stage: str = field(default="attack", init=False)
+
+    @property
+    def dataset(self) -> str:
+        return self.train.dataset
+
+    @property
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def trial_id(self) -> str:
+        return "A" + stable_hash(
+            {
+                "train": self.train.trial_id,
+                "attack": self.attack,
+                "preset": self.preset,
+                "params": self.params_dict,
+                "eval": self.eval.model_dump(exclude={"controls", "diagnostics"}),
+                "control": self.control,
+                "surrogate": self.surrogate.trial_id if self.surrogate else None,
+            }
+        )
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return tuple(t.trial_id for t in (self.train, self.surrogate) if t is not None)
+
+
+@dataclass
+class Grid:
+    train: list[TrainTrial]
+    attack: list[AttackTrial]
+
+    @property
+    def trials(self) -> list[TrainTrial | AttackTrial]:
+        return [*self.train, *self.attack]
+
+
+def _baseline_of(trial: TrainTrial, name: str) -> TrainTrial:
+    return TrainTrial(trial.dataset, ModelSpec(model=name), trial.train, trial.seed, trial.train_size, trial.test_size)
+
+
+def build_grid(cfg: SweepConfig, check_data: bool = True) -> Grid:
+    """Expand and validate everything; raises ConfigError before any compute."""
+    for name in cfg.datasets:
+        if name not in DATASETS:
+            raise ConfigError(f"data.dataset: got '{name}': unknown dataset; allowed: {', '.join(DATASETS)}")
+        if check_data:
+            try:
+                check_available(name, cfg.data.data_root, cfg.data.download)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"data.data_root: got '{cfg.data.data_root}': {exc}") from None
+    models = parse_models(cfg)
+    attacks = parse_attacks(cfg)
+    check_devices([m.resolved(10) for m in models if m.model == "hqcnn"])
+
+    train: dict[str, TrainTrial] = {}
+    attack: dict[str, AttackTrial] = {}
+
+    def add(trial: TrainTrial) -> TrainTrial:
+        return train.setdefault(trial.trial_id, trial)
+
+    for dataset in cfg.datasets:
+        info = DATASETS[dataset]
+        for seed in cfg.seeds:
+            for i, raw in enumerate(models):
+                spec = raw.resolved(info.classes)
+                _check_quantum(spec, i, cfg)
+                base = TrainTrial(dataset, spec, cfg.train, seed, cfg.data.train_size, cfg.data.test_size)
+                if spec.model == "hqcnn" and spec.init == "from_baseline":
+                    baseline = add(_baseline_of(base, spec.backbone))
+                    base = TrainTrial(dataset, spec, cfg.train, seed, cfg.data.train_size, cfg.data.test_size, baseline.trial_id)
+                trial = add(base)
+                controls = cfg.eval.controls if spec.model == "hqcnn" else []
+                for spec_a in attacks:
+                    params = ATTACKS[spec_a.name].params(dataset, spec_a.preset, spec_a.params)
+                    surrogate = add(_baseline_of(trial, params["surrogate"])) if spec_a.name == "transfer" else None
+                    for control in [None, *controls]:
+                        target = trial
+                        if control == "equal_budget":
+                            target = add(_equal_budget_baseline(trial))
+                        a = AttackTrial(target, spec_a.name, spec_a.preset, tuple(sorted(params.items())), cfg.eval, control, surrogate)
+                        attack.setdefault(a.trial_id, a)
+    return Grid(list(train.values()), list(attack.values()))
+
+
+def _equal_budget_baseline(hybrid: TrainTrial) -> TrainTrial:
+    """The hybrid's backbone architecture trained alone for as many optimizer steps as the
+    hybrid got in total: its baseline pre-training plus its own run (same data, same batch)."""
+    epochs = hybrid.train.epochs * (2 if hybrid.baseline_id else 1)
+    max_steps = hybrid.train.max_steps * 2 if hybrid.train.max_steps and hybrid.baseline_id else hybrid.train.max_steps
+    train = hybrid.train.model_copy(update={"epochs": epochs, "max_steps": max_steps})
+    return TrainTrial(hybrid.dataset, ModelSpec(model=hybrid.model.backbone), train, hybrid.seed, hybrid.train_size, hybrid.test_size)
+
+
+def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
+    if spec.model != "hqcnn":
+        return
+    from qshield_dist.quantum import CircuitSpec, check_fits
+
+    noisy = spec.noise_model != "none" and spec.noise_strength > 0
+    if spec.simulator == "qnode" and spec.device != "default.mixed" and noisy and spec.trajectories < 1:
+        raise ConfigError(
+            f"models[{index}].trajectories: got {spec.trajectories}: device '{spec.device}' is a state-vector simulator,"
+            f" so noise '{spec.noise_model}' needs Monte-Carlo trajectories >= 1 (or device: default.mixed)"
+        )
+    circuit = CircuitSpec(spec.qubits, spec.depth, spec.entanglement, spec.encoding, spec.noise_model, spec.noise_strength)
+    try:
+        check_fits(circuit, spec.simulator, spec.device, max(cfg.train.batch_size, cfg.eval.batch_size))
+    except ValueError as exc:
+        raise ConfigError(f"models[{index}].qubits: got {spec.qubits}: {exc}") from None

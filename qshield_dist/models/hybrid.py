@@ -1,0 +1,160 @@
+"""QShield's hybrid network (HQCNN): backbone logits -> angles -> noisy circuit -> fusion.
+
+Two settings reproduce the authors' implementation; the defaults are the sound versions:
+
+- `quantum_grad: detached` (paper) cuts the gradient from the input through the quantum
+  branch, as their per-sample NumPy circuit loop does; `full` lets it flow.
+- `projection: paper` uses their feature-to-angle reduction: with `enhanced_angle` and fewer
+  than 3n features, a fresh random orthogonal projection on every call (the model becomes
+  stochastic), and top-variance / PCA reductions computed across the batch (a sample's
+  output depends on its batch-mates). `learned` is a trained linear map: deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qshield_dist.quantum import CircuitSpec, QuantumLayer
+
+_EPS = 1e-8
+
+
+def standardize(z: torch.Tensor) -> torch.Tensor:
+    """Per-sample zero mean, unit variance over the feature axis."""
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + _EPS)
+
+
+def paper_projection(z: torch.Tensor, n_angles: int, encoding: str) -> torch.Tensor:
+    """The authors' reduction of C standardized features to the circuit's angle count."""
+    n_features = z.shape[1]
+    if encoding == "angle":
+        if n_features >= n_angles:  # mean over (nearly) equal consecutive groups
+            return F.adaptive_avg_pool1d(z.unsqueeze(1), n_angles).squeeze(1)
+        return z.repeat(1, math.ceil(n_angles / n_features))[:, :n_angles]
+    if n_features < n_angles:
+        # Drawn afresh on every call: this is what makes their model stochastic.
+        size = max(n_features, n_angles)
+        q, _ = torch.linalg.qr(torch.randn(size, size, device=z.device, dtype=z.dtype))
+        return z @ (0.1 * q[:n_features, :n_angles])
+    if n_features == n_angles:
+        return z
+    if n_features <= 3 * n_angles:  # the n_angles features of highest variance across the batch
+        top = z.var(dim=0).topk(n_angles).indices
+        return z[:, top]
+    centered = z - z.mean(dim=0, keepdim=True)  # PCA across the batch
+    _, _, v = torch.linalg.svd(centered, full_matrices=False)
+    return centered @ v[:n_angles].T
+
+
+class AngleEncoder(nn.Module):
+    """Features -> rotation angles: RY angles 2*pi*sigmoid (angle) or RX,RY,RZ pi*tanh (enhanced)."""
+
+    def __init__(self, encoding: str, projection: str, n_features: int, qubits: int):
+        super().__init__()
+        self.encoding, self.projection = encoding, projection
+        self.n_angles = qubits if encoding == "angle" else 3 * qubits
+        self.linear = nn.Linear(n_features, self.n_angles) if projection == "learned" else None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        z = standardize(features)
+        z = self.linear(z) if self.linear is not None else paper_projection(z, self.n_angles, self.encoding)
+        return 2 * math.pi * torch.sigmoid(z) if self.encoding == "angle" else math.pi * torch.tanh(z)
+
+
+def _moments(logp: torch.Tensor) -> torch.Tensor:
+    """[std, max, kurtosis] over classes, per sample."""
+    centered = logp - logp.mean(dim=1, keepdim=True)
+    var = centered.pow(2).mean(dim=1)
+    kurt = centered.pow(4).mean(dim=1) / (var.pow(2) + _EPS)
+    return torch.stack([var.sqrt(), logp.max(dim=1).values, kurt], dim=1)
+
+
+class DynamicFusion(nn.Module):
+    """alpha = MLP(stats); amplitude = alpha*sqrt(p_c) + sqrt(1-alpha^2)*sqrt(p_q)."""
+
+    def __init__(self, hidden: int = 128):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 7
+        for _ in range(3):
+            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2)]
+            width = hidden
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 1), nn.Sigmoid())
+
+    def forward(self, logp_c: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
+        a, b = logp_c - logp_c.mean(1, keepdim=True), logp_q - logp_q.mean(1, keepdim=True)
+        corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + _EPS)
+        stats = torch.cat([_moments(logp_c), _moments(logp_q), corr.unsqueeze(1)], dim=1)
+        alpha = self.mlp(stats).clamp(0.0, 1.0 - 1e-6)
+        amp = alpha * logp_c.exp().sqrt() + (1 - alpha.pow(2)).sqrt() * logp_q.exp().sqrt()
+        p = amp.pow(2)
+        return torch.log(p / p.sum(1, keepdim=True) + 1e-12)
+
+
+class EntropyFusion(nn.Module):
+    """Weights inversely proportional to each branch's entropy; no parameters."""
+
+    def forward(self, logp_c: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
+        inv_h = [1.0 / (-(lp.exp() * lp).sum(1, keepdim=True) + _EPS) for lp in (logp_c, logp_q)]
+        w_c = inv_h[0] / (inv_h[0] + inv_h[1])
+        p = w_c * logp_c.exp() + (1 - w_c) * logp_q.exp()
+        return torch.log(p + 1e-12)
+
+
+class HQCNN(nn.Module):
+    """Backbone + quantum branch + fusion; returns log-probabilities like every model here."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        n_classes: int,
+        circuit: CircuitSpec,
+        *,
+        projection: str = "learned",
+        fusion: str = "dynamic",
+        quantum_grad: str = "full",
+        simulator: str = "compiled",
+        device: str = "default.mixed",
+        trajectories: int = 0,
+        input_noise: float = 0.0,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.n_classes = n_classes
+        self.encoder = AngleEncoder(circuit.encoding, projection, n_classes, circuit.qubits)
+        self.quantum = QuantumLayer(circuit, simulator=simulator, device=device, trajectories=trajectories)
+        self.fusion = DynamicFusion() if fusion == "dynamic" else EntropyFusion()
+        self.quantum_grad = quantum_grad
+        self.input_noise = input_noise
+        self.stochastic = (
+            (projection == "paper" and circuit.encoding == "enhanced_angle" and n_classes < 3 * circuit.qubits)
+            or input_noise > 0
+            or bool(getattr(self.quantum, "stochastic", False))
+        )
+
+    def quantum_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        features = logits.detach() if self.quantum_grad == "detached" else logits
+        angles = self.encoder(features)
+        probs = self.quantum(angles.to(torch.float32) if angles.dtype != torch.float64 else angles)
+        c = self.n_classes
+        if probs.shape[1] < c:  # more classes than basis states: zero-pad (as the paper)
+            probs = F.pad(probs, (0, c - probs.shape[1]))
+        probs = probs[:, :c]
+        return torch.log(probs / (probs.sum(1, keepdim=True) + 1e-12) + 1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_noise > 0:
+            x = x + self.input_noise * torch.randn_like(x)
+        logits = self.backbone(x)
+        return self.fusion(torch.log_softmax(logits, dim=1), self.quantum_logprobs(logits))
+
+    def differentiable_twin(self) -> "HQCNN":
+        """Same weights, gradient flowing through the quantum branch (for BPDA)."""
+        twin = copy.copy(self)  # shallow: shares every submodule and parameter
+        twin.quantum_grad = "full"
+        return twin

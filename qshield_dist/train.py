@@ -1,0 +1,102 @@
+"""Training loop and the content-addressed checkpoint cache.
+
+A checkpoint is `CHECKPOINTS/<train_trial_id>.pt`, written atomically and loaded with
+`torch.load(weights_only=True)`: no pickle from an unknown source is ever executed. A file
+that fails to load (truncated, corrupt) is moved aside and the model is retrained.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from qshield_dist.config import TrainConfig
+from qshield_dist.results import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainStats:
+    seconds: float
+    epochs: int
+    steps: int
+
+
+def train_model(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int,
+    show_progress: bool = False,
+) -> TrainStats:
+    """Adam + NLL on log-probabilities, shuffled mini-batches; stops at max_steps if set."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    start, steps, epoch = time.perf_counter(), 0, 0
+    with tqdm(total=total, desc="train", unit="step", disable=not show_progress, leave=False) as bar:
+        while steps < total:
+            epoch += 1
+            order = torch.randperm(len(y), generator=generator)
+            for i in range(0, len(y), cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                if len(idx) < 2:  # BatchNorm cannot train on a single sample
+                    continue
+                loss = F.nll_loss(model(x[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                bar.update(1)
+                if steps >= total:
+                    break
+    model.eval()
+    return TrainStats(time.perf_counter() - start, epoch, steps)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any], mode: int = 0o600) -> None:
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), mode)
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any] | None:
+    """Load weights into `model` and return the stored meta, or None if absent or unusable."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["state_dict"])
+        return dict(blob["meta"])
+    except Exception as exc:  # truncated zip, bad pickle opcode, wrong keys, ...
+        bad = path.with_name(path.name + f".corrupt-{int(time.time())}")
+        log.warning("checkpoint %s is unusable (%s: %s); moved to %s, retraining", path, type(exc).__name__, exc, bad.name)
+        path.replace(bad)
+        return None
+
+
+def load_backbone_from(path: Path, backbone: nn.Module) -> None:
+    """Copy a trained baseline Classifier's weights into an HQCNN's backbone."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in blob["state_dict"].items() if k.startswith(prefix)})

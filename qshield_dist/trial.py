@@ -1,0 +1,289 @@
+"""run_trial: train-or-load, evaluate, attack, measure -> rows -> one Parquet file.
+
+A trial never raises for a failure of its own: the error is recorded as a row with
+status='failed' (file `<id>.failed.parquet`), and the sweep goes on. An exception that
+escapes (killed process, broken disk) means the trial was lost; executors retry those.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import resource
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from qshield_dist.attacks import ATTACKS, CallCounter, build_attack
+from qshield_dist.data import DATASETS, Split, load
+from qshield_dist.grid import AttackTrial, TrainTrial
+from qshield_dist.models import build_model
+from qshield_dist.models.classic import Classifier
+from qshield_dist.results import read_rows, trial_path, write_rows
+from qshield_dist.train import load_backbone_from, load_checkpoint, predict, save_checkpoint, train_model
+
+log = logging.getLogger(__name__)
+
+SUCCESS_RULE_SINGLE = "misclassified (deterministic model, 1 evaluation)"
+SUCCESS_RULE_MAJORITY = "misclassified in a strict majority of {r} evaluations"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a trial reads and writes; the same for every trial of a sweep."""
+
+    sweep: str
+    results_dir: str
+    checkpoint_dir: str
+    data_root: str = "data"
+    download: bool = False
+    executor: str = "local"
+    private: bool = True
+
+    @property
+    def file_mode(self) -> int:
+        return 0o600 if self.private else 0o644
+
+
+@lru_cache(maxsize=1)
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for pkg in ("torch", "pennylane", "torchattacks", "qshield-dist"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = None
+    return json.dumps(found, sort_keys=True)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _model_columns(trial: TrainTrial) -> dict[str, Any]:
+    spec = trial.model
+    cols = {k: getattr(spec, k) for k in (
+        "entanglement", "depth", "encoding", "noise_model", "noise_strength", "fusion", "quantum_grad",
+        "projection", "device", "simulator", "trajectories", "qubits", "init",
+    )}
+    cols.update(
+        dataset=trial.dataset,
+        model=spec.model,
+        variant=spec.label,
+        backbone=spec.backbone or spec.model,
+        seed=trial.seed,
+        stochastic=spec.stochastic,
+    )
+    if spec.model == "hqcnn":
+        noisy = spec.noise_model != "none" and spec.noise_strength > 0
+        twirled = spec.simulator == "qnode" and spec.device != "default.mixed" and noisy
+        cols["noise_approx"] = "pauli_twirl" if twirled and spec.noise_model in ("amplitude_damping", "mixed") else "exact"
+    return cols
+
+
+def _base_row(trial: TrainTrial | AttackTrial, ctx: RunContext) -> dict[str, Any]:
+    train = trial if isinstance(trial, TrainTrial) else trial.train
+    return {
+        "sweep": ctx.sweep,
+        "stage": trial.stage,
+        "trial_id": trial.trial_id,
+        "train_id": train.trial_id,
+        "executor": ctx.executor,
+        "host": socket.gethostname(),
+        "versions": versions(),
+        "created_at": dt.datetime.now(dt.timezone.utc),
+        **_model_columns(train),
+    }
+
+
+def _load_data(trial: TrainTrial, ctx: RunContext) -> tuple[Split, Split]:
+    return load(trial.dataset, ctx.data_root, trial.train_size, trial.test_size, ctx.download)
+
+
+def predictions(model: nn.Module, x: torch.Tensor, repeats: int, batch_size: int) -> torch.Tensor:
+    """(repeats, N) predicted labels; repeats > 1 only makes sense for a stochastic model."""
+    return torch.stack([predict(model, x, batch_size) for _ in range(repeats)])
+
+
+def train_or_load(trial: TrainTrial, ctx: RunContext, train: Split | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model of `trial`, from the checkpoint cache when it is valid."""
+    torch.manual_seed(trial.seed)
+    model = build_model(trial.model, DATASETS[trial.dataset])
+    path = Path(ctx.checkpoint_dir) / f"{trial.trial_id}.pt"
+    meta = load_checkpoint(path, model)
+    if meta is not None:
+        return model, meta
+    if train is None:
+        train, _ = _load_data(trial, ctx)
+    init_steps = 0
+    if trial.baseline_id:
+        baseline = Path(ctx.checkpoint_dir) / f"{trial.baseline_id}.pt"
+        if not baseline.exists():
+            raise FileNotFoundError(f"baseline checkpoint {baseline} is missing: its train trial must run first")
+        load_backbone_from(baseline, model.backbone)
+        init_steps = int(torch.load(baseline, map_location="cpu", weights_only=True)["meta"]["train_steps"])
+    stats = train_model(model, train.x, train.y, trial.train, trial.seed)
+    meta = {"train_seconds": stats.seconds, "train_epochs": stats.epochs, "train_steps": stats.steps, "init_steps": init_steps}
+    Path(ctx.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=0o700 if ctx.private else 0o755)
+    save_checkpoint(path, model, meta, ctx.file_mode)
+    return model, meta
+
+
+def _train_columns(meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "train_seconds": meta["train_seconds"],
+        "train_epochs": meta["train_epochs"],
+        "train_steps": meta["train_steps"],
+    }
+
+
+def _clean_eval(model: nn.Module, test: Split, repeats: int, batch_size: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Per-sample majority correctness and the clean-accuracy columns."""
+    preds = predictions(model, test.x, repeats, batch_size)
+    correct = preds == test.y
+    per_repeat = correct.float().mean(1)
+    majority = correct.float().mean(0) > 0.5
+    return majority, {
+        "n_test": len(test.y),
+        "clean_acc": float(per_repeat.mean()),
+        "clean_acc_worst": float(per_repeat.min()),
+        "eval_repeats": repeats,
+    }
+
+
+def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
+    train, test = _load_data(trial, ctx)
+    model, meta = train_or_load(trial, ctx, train)
+    repeats = 5 if getattr(model, "stochastic", False) else 1
+    _, clean = _clean_eval(model, test, repeats, 512)
+    details = {"init_steps": meta.get("init_steps", 0), "total_train_steps": meta["train_steps"] + meta.get("init_steps", 0)}
+    return [{**_base_row(trial, ctx), **clean, **_train_columns(meta), "status": "ok", "details": json.dumps(details)}]
+
+
+def _attack_target(trial: AttackTrial, ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
+    model, meta = train_or_load(trial.train, ctx)
+    if trial.control == "backbone_only":
+        model = Classifier(model.backbone).eval()  # the hybrid's own trained backbone, branch removed
+    return model, meta
+
+
+def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
+    definition = ATTACKS[trial.attack]
+    params = trial.params_dict
+    _, test = _load_data(trial.train, ctx)
+    model, meta = _attack_target(trial, ctx)
+    stochastic = bool(getattr(model, "stochastic", False))
+    repeats = trial.eval.eval_repeats if stochastic else 1
+
+    torch.manual_seed(trial.train.seed)
+    majority, clean = _clean_eval(model, test, repeats, trial.eval.batch_size)
+    candidates = torch.nonzero(majority).flatten()
+    pick = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(trial.train.seed))[: trial.eval.attack_size]
+    idx = candidates[pick.sort().values]
+    x, y = test.x[idx], test.y[idx]
+
+    counter = CallCounter(model)
+    twin = CallCounter(model.differentiable_twin()) if trial.attack == "bpda_pgd" and hasattr(model, "differentiable_twin") else None
+    if trial.attack == "bpda_pgd" and twin is None:
+        raise ValueError("bpda_pgd applies to hqcnn models (it needs a differentiable twin of the quantum branch)")
+    surrogate = None
+    if trial.surrogate is not None:
+        surrogate, _ = train_or_load(trial.surrogate, ctx)
+        surrogate = CallCounter(surrogate)
+    attack = build_attack(
+        trial.attack, counter, params, DATASETS[trial.train.dataset].classes, stochastic=stochastic, twin=twin, surrogate=surrogate
+    )
+
+    torch.manual_seed(trial.train.seed)
+    start = time.perf_counter()
+    adv = torch.cat([attack(x[i : i + trial.eval.batch_size], y[i : i + trial.eval.batch_size]) for i in range(0, len(y), trial.eval.batch_size)]) if len(y) else x.clone()
+    seconds = time.perf_counter() - start
+
+    delta = (adv - x).flatten(1)
+    linf = float(delta.abs().max()) if len(y) else 0.0
+    eps = params.get("eps")
+    in_range = bool(((adv >= -1e-6) & (adv <= 1 + 1e-6)).all())
+    budget_ok = in_range and (definition.threat_model != "linf" or eps is None or linf <= eps + 1e-5)
+
+    wrong = predictions(model, adv, repeats, trial.eval.batch_size) != y if len(y) else torch.zeros(repeats, 0, dtype=torch.bool)
+    success = wrong.float().mean(0) > 0.5
+    n_attacked, n_success = len(y), int(success.sum())
+    asr = n_success / n_attacked if n_attacked else float("nan")
+    majority_acc = float(majority.float().mean())
+    calls = [c for c in (counter, twin) if c is not None]
+    row = {
+        **_base_row(trial, ctx),
+        **clean,
+        **_train_columns(meta),
+        "status": "ok",
+        "attack": trial.attack,
+        "attack_preset": trial.preset,
+        "attack_params": json.dumps(params, sort_keys=True),
+        "threat_model": definition.threat_model,
+        "eps": eps,
+        "success_rule": SUCCESS_RULE_MAJORITY.format(r=repeats) if repeats > 1 else SUCCESS_RULE_SINGLE,
+        "n_attacked": n_attacked,
+        "n_success": n_success,
+        "asr": asr,
+        "asr_worst": float(wrong.float().mean(1).max()) if n_attacked else float("nan"),
+        # robust accuracy over the whole test set, estimated from the attacked subset
+        "robust_acc": majority_acc * (1 - asr) if n_attacked else float("nan"),
+        "attack_seconds": seconds,
+        "forward_calls": sum(c.forward_calls for c in calls),
+        "backward_calls": sum(c.backward_calls for c in calls),
+        "forward_samples": sum(c.forward_samples for c in calls),
+        "backward_samples": sum(c.backward_samples for c in calls),
+        "linf_max": linf,
+        "l2_mean": float(delta.norm(dim=1).mean()) if n_attacked else 0.0,
+        "budget_ok": budget_ok,
+        "details": json.dumps(
+            {
+                "control": trial.control,
+                "surrogate_id": trial.surrogate.trial_id if trial.surrogate else None,
+                "surrogate_forward_samples": surrogate.forward_samples if surrogate else 0,
+                "init_steps": meta.get("init_steps", 0),
+            }
+        ),
+    }
+    if trial.control:
+        row["model"] = {"backbone_only": "hqcnn_backbone", "equal_budget": f"{row['model']}_equal_budget"}[trial.control]
+        row["variant"] = f"{row['variant']} [{trial.control}]"
+        if trial.control == "backbone_only":
+            row["stochastic"] = False
+    return [row]
+
+
+def run_trial(trial: TrainTrial | AttackTrial, ctx: RunContext) -> str:
+    """Run one trial and write its result file; returns 'ok' or 'failed'."""
+    ok_path = trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id)
+    failed_path = ok_path.with_name(f"{trial.trial_id}.failed.parquet")
+    try:
+        rows = run_train(trial, ctx) if isinstance(trial, TrainTrial) else run_attack(trial, ctx)
+        status = "ok"
+    except Exception as exc:  # recorded as a row: the sweep goes on
+        log.warning("trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
+        rows = [{**_base_row(trial, ctx), "status": "failed", "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"}]
+        if isinstance(trial, AttackTrial):
+            rows[0].update(attack=trial.attack, attack_preset=trial.preset, attack_params=json.dumps(trial.params_dict, sort_keys=True))
+        status = "failed"
+    for row in rows:
+        row["peak_rss_mb"] = _peak_rss_mb()
+    write_rows(ok_path if status == "ok" else failed_path, rows, ctx.file_mode)
+    if status == "ok":
+        failed_path.unlink(missing_ok=True)
+    return status
+
+
+def read_trial(ctx: RunContext, trial: TrainTrial | AttackTrial) -> list[dict[str, Any]]:
+    return read_rows(trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id))
