@@ -134,6 +134,10 @@ class CWBinarySearch(torchattacks.CW):
 
     torchattacks sums the classification term over the batch before scaling it by one c;
     overriding `f` to scale each sample's term by its own c gives per-sample constants.
+    The override also fixes the margin for negative outputs: torchattacks takes the best
+    other class as max((1 - onehot) * outputs), which is 0 (the masked true class) whenever
+    all outputs are negative, as log-probabilities are. That is likely why the paper found
+    torchattacks' C&W "did not work with their model".
     """
 
     def __init__(self, model: nn.Module, c: float, kappa: float, steps: int, lr: float, binary_search_steps: int):
@@ -142,7 +146,14 @@ class CWBinarySearch(torchattacks.CW):
         self._c_per_sample: torch.Tensor | None = None
 
     def f(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return super().f(outputs, labels) * self._c_per_sample
+        true_class = torch.nn.functional.one_hot(labels, outputs.shape[1]).bool()
+        real = outputs[true_class]
+        other = outputs.masked_fill(true_class, -math.inf).max(dim=1).values
+        if self.targeted:
+            margin = other - real
+        else:
+            margin = real - other
+        return torch.clamp(margin, min=-self.kappa) * self._c_per_sample
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         n = len(images)

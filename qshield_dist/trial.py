@@ -207,7 +207,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
 
     torch.manual_seed(trial.train.seed)
     start = time.perf_counter()
-    adv = torch.cat([attack(x[i : i + trial.eval.batch_size], y[i : i + trial.eval.batch_size]) for i in range(0, len(y), trial.eval.batch_size)]) if len(y) else x.clone()
+    adv = torch.cat([attack(x[i : i + trial.eval.batch_size], y[i : i + trial.eval.batch_size]) for i in range(0, len(y), trial.eval.batch_size)]).detach() if len(y) else x.clone()
     seconds = time.perf_counter() - start
 
     delta = (adv - x).flatten(1)

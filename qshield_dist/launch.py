@@ -1,0 +1,198 @@
+"""python -m qshield_dist.launch SWEEP.yaml [--executor local|ray|slurm] [--dry-run] ...
+
+config -> grid -> (skip what is done) -> executor -> run_trial -> Parquet. Bad input exits
+with code 2 before anything is computed or written. Running the same command again runs
+only what is missing; `--retry-failed` also re-runs trials recorded as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from qshield_dist.config import ConfigError, SweepConfig, load_config
+from qshield_dist.executors.base import Executor, Job, ProgressSink, Resources
+from qshield_dist.grid import AttackTrial, Grid, TrainTrial, build_grid
+from qshield_dist.results import scan_done, write_manifest
+from qshield_dist.trial import RunContext, run_trial, versions
+
+log = logging.getLogger("qshield_dist.launch")
+
+
+class BarProgress(ProgressSink):
+    """A live bar: done, failed, running, ETA."""
+
+    def __init__(self, total: int):
+        self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
+        self.running: set[str] = set()
+        self.failed = self.lost = 0
+
+    def _refresh(self) -> None:
+        self.bar.set_postfix(failed=self.failed, lost=self.lost, running=len(self.running), refresh=False)
+        self.bar.refresh()
+
+    def started(self, key: str) -> None:
+        self.running.add(key)
+        self._refresh()
+
+    def finished(self, key: str, status: str) -> None:
+        self.running.discard(key)
+        self.failed += status == "failed"
+        self.lost += status == "lost"
+        self.bar.update(1)
+        self._refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def make_executor(cfg: SweepConfig, args: argparse.Namespace, results_dir: Path) -> Executor:
+    name = args.executor or cfg.executor
+    if name == "local":
+        from qshield_dist.executors.local import LocalExecutor
+
+        return LocalExecutor(workers=args.workers or cfg.workers)
+    if name == "ray":
+        from qshield_dist.executors.ray import RayExecutor
+
+        return RayExecutor(address=args.ray_address or cfg.ray.address, max_retries=cfg.ray.max_retries)
+    from qshield_dist.executors.slurm import SlurmExecutor
+
+    s = cfg.slurm
+    return SlurmExecutor(
+        folder=s.folder or str(results_dir / ".submitit"),
+        partition=s.partition,
+        time_min=s.time_min,
+        gpus_per_task=s.gpus_per_task,
+        cpus_per_task=s.cpus_per_task,
+        mem_gb=s.mem_gb,
+        array_parallelism=s.array_parallelism,
+    )
+
+
+def make_jobs(trials: Sequence[TrainTrial | AttackTrial], cfg: SweepConfig, ctx: RunContext) -> list[Job]:
+    jobs = []
+    for trial in trials:
+        res = cfg.resources.train if trial.stage == "train" else cfg.resources.attack
+        label = f"{trial.stage} {trial.dataset} {trial.model.label if isinstance(trial, TrainTrial) else trial.train.model.label}"
+        if isinstance(trial, AttackTrial):
+            label += f" / {trial.attack}" + (f" [{trial.control}]" if trial.control else "")
+        jobs.append(
+            Job(
+                key=trial.trial_id,
+                fn=functools.partial(run_trial, trial, ctx),
+                deps=trial.deps,
+                resources=Resources(res.cpus, res.gpus, res.mem_gb, res.timeout_min),
+                label=label,
+                stage=trial.stage,
+            )
+        )
+    return jobs
+
+
+def dry_run_table(grid: Grid, done: dict[str, str]) -> str:
+    lines = [f"{'id':18} {'stage':7} {'state':8} {'dataset':12} {'seed':>4}  model / attack"]
+    for t in grid.trials:
+        train = t if isinstance(t, TrainTrial) else t.train
+        what = train.model.label + ("" if isinstance(t, TrainTrial) else f" / {t.attack} ({t.preset})" + (f" [{t.control}]" if t.control else ""))
+        lines.append(f"{t.trial_id:18} {t.stage:7} {done.get(t.trial_id, 'todo'):8} {t.dataset:12} {train.seed:>4}  {what}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qshield_dist.launch", description="Run a QShield sweep.")
+    p.add_argument("sweep", nargs="?", default="sweeps/quick.yaml", help="sweep YAML (default sweeps/quick.yaml)")
+    p.add_argument("--results", help="results directory (default results/<sweep name>)")
+    p.add_argument("--checkpoints", help="checkpoint cache directory (default from the YAML: checkpoints)")
+    p.add_argument("--data-root", help="dataset directory (overrides data.data_root)")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"])
+    p.add_argument("--workers", type=int, help="local executor: worker processes")
+    p.add_argument("--ray-address", help="ray executor: 'auto' or host:port of a running cluster")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and run nothing")
+    p.add_argument("--retry-failed", action="store_true", help="also re-run trials recorded as failed")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers: got {args.workers}: must be an integer >= 1")
+        overrides = {"results_dir": args.results, "checkpoint_dir": args.checkpoints}
+        cfg = load_config(args.sweep, overrides)
+        if args.data_root:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"data_root": args.data_root})})
+        grid = build_grid(cfg, check_data=True)
+    except ConfigError as exc:
+        log.error("bad sweep input (%s):\n%s", args.sweep, exc)
+        return 2
+
+    results_dir = cfg.results_path
+    done = scan_done(results_dir)
+    if args.dry_run:
+        print(dry_run_table(grid, done))
+        print(f"{len(grid.train)} train trials, {len(grid.attack)} attack trials, {sum(t.trial_id in done for t in grid.trials)} already done")
+        return 0
+
+    finished = {k for k, v in done.items() if v == "ok" or (v == "failed" and not args.retry_failed)}
+    todo = [t for t in grid.trials if t.trial_id not in finished]
+    mode = 0o700 if cfg.private else 0o755
+    results_dir.mkdir(parents=True, exist_ok=True, mode=mode)
+    Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=mode)
+    write_manifest(
+        results_dir,
+        {
+            "sweep": cfg.name,
+            "spec": cfg.model_dump(),
+            "versions": versions(),
+            "expected_trials": {t.trial_id: {"stage": t.stage, "dataset": t.dataset} for t in grid.trials},
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    executor_name = args.executor or cfg.executor
+    ctx = RunContext(
+        sweep=cfg.name,
+        results_dir=str(results_dir.resolve()),
+        checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()),
+        data_root=str(Path(cfg.data.data_root).resolve()),
+        download=cfg.data.download,
+        executor=executor_name,
+        private=cfg.private,
+    )
+    log.info(
+        "sweep %s: %d trials (%d train, %d attack), %d already done, %d to run on %s -> %s",
+        cfg.name, len(grid.trials), len(grid.train), len(grid.attack), len(grid.trials) - len(todo), len(todo), executor_name, results_dir,
+    )
+    if not todo:
+        return 0
+    executor = make_executor(cfg, args, results_dir)
+    progress = BarProgress(len(todo))
+    start = time.perf_counter()
+    try:
+        statuses = executor.run(make_jobs(todo, cfg, ctx), progress)
+    except KeyboardInterrupt:
+        progress.close()
+        log.error("interrupted: finished trials are saved; run the same command again to resume")
+        return 130
+    progress.close()
+    counts = {s: sum(v == s for v in statuses.values()) for s in ("ok", "failed", "lost")}
+    log.info(
+        "done in %.1f s: %d ok, %d failed, %d lost; results in %s (summarize: python analysis/summarize.py %s)",
+        time.perf_counter() - start, counts["ok"], counts["failed"], counts["lost"], results_dir, results_dir,
+    )
+    if counts["failed"]:
+        log.warning("failed trials are recorded as rows; re-run them with --retry-failed")
+    return 0 if counts["failed"] == counts["lost"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
