@@ -1,0 +1,95 @@
+"""Bad input stops the launch before any compute: exit code 2, a message naming the key,
+the value given and what is allowed, and no result or checkpoint file written."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+
+from qshield_dist import launch
+from qshield_dist.config import load_config
+from qshield_dist.grid import build_grid
+
+GOOD = {
+    "name": "bad",
+    "data": {"dataset": "digits", "train_size": 100, "test_size": 50},
+    "train": {"epochs": 1},
+    "models": [{"model": "cnn_small"}, {"model": "hqcnn", "backbone": "cnn_small"}],
+    "attacks": [{"name": "fgsm"}],
+}
+
+
+def _with(path: str, value):
+    """GOOD with one key (dotted path, list indices as ints) set to `value`."""
+    cfg = yaml.safe_load(yaml.safe_dump(GOOD))
+    *parents, last = path.split(".")
+    node = cfg
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[int(last) if last.isdigit() else last] = value
+    return cfg
+
+
+BAD = [
+    # (config, fragments the message must contain: key, value, allowed)
+    (_with("data.dataset", "imagenet"), ["data.dataset", "imagenet", "digits", "mnist", "cifar10", "organamnist"]),
+    (_with("models.0.model", "vit"), ["models[0].model", "vit", "cnn_small", "hqcnn"]),
+    (_with("attacks.0.name", "boundary"), ["attacks[0].name", "boundary", "fgsm", "square"]),
+    (_with("models.1.device", "ibmq.heron"), ["models[1].device", "ibmq.heron", "default.mixed", "lightning.qubit"]),
+    (_with("models.1.entanglement", "circle"), ["models[1].entanglement", "circle", "ring"]),
+    (_with("models.1.noise_strength", 1.5), ["models[1].noise_strength", "1.5", "less than or equal to 1"]),
+    (_with("models.1.depth", 0), ["models[1].depth", "0", "greater than or equal to 1"]),
+    (_with("models.1.quantum_grad", "partial"), ["models[1].quantum_grad", "partial", "full", "detached"]),
+    (_with("models.0.entanglement", "full"), ["models[0]", "entanglement", "only to model 'hqcnn'"]),
+    (_with("train.epochs", -3), ["train.epochs", "-3", "greater than or equal to 1"]),
+    (_with("executor", "kubernetes"), ["executor", "kubernetes", "local", "ray", "slurm"]),
+    (_with("attacks.0.params", {"epsilon": 0.1}), ["attacks[0].params.epsilon", "0.1", "allowed: eps"]),
+    (_with("attacks.0.params", {"eps": 3}), ["attacks[0].params.eps", "3", "(0, 1]"]),
+    (_with("train.learning_rate", 0.1), ["train.learning_rate", "0.1", "allowed keys", "lr"]),
+    (_with("models.1.simulator", "qiskit"), ["models[1].simulator", "qiskit", "compiled", "qnode"]),
+    (_with("data.dataset", "mnist"), ["data.data_root", "MNIST/raw/train-images-idx3-ubyte", "python -m qshield_dist.data fetch mnist"]),
+    (_with("models.1.qubits", 40), ["models[1].qubits", "40"]),
+    (
+        _with("models.1", {"model": "hqcnn", "backbone": "cnn_small", "simulator": "qnode", "device": "default.qubit"}),
+        ["models[1].trajectories", "default.qubit", "trajectories >= 1"],
+    ),
+]
+
+
+@pytest.mark.parametrize("cfg,fragments", BAD, ids=[f[0] for _, f in BAD])
+def test_bad_input_exits_2_before_writing_anything(tmp_path, monkeypatch, caplog, cfg, fragments):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # an empty data root: MNIST files are missing
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(cfg))
+    with caplog.at_level(logging.ERROR):
+        code = launch.main([str(sweep), "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt")])
+    assert code == 2
+    message = caplog.text
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} missing from: {message}"
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_bad_cli_workers_and_missing_file(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert launch.main([str(tmp_path / "nope.yaml")]) == 2
+        assert launch.main(["sweeps/smoke.yaml", "--workers", "0"]) == 2
+    assert "nope.yaml" in caplog.text and "--workers: got 0" in caplog.text
+
+
+def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
+    cfg = load_config("sweeps/quick.yaml")
+    grid = build_grid(cfg)
+    models = [t.model for t in grid.train]
+    assert sorted(m.model for m in models) == ["cnn_small", "dnn", "hqcnn", "hqcnn", "hqcnn", "hqcnn"]
+    assert sorted(m.entanglement for m in models if m.model == "hqcnn") == ["full", "linear", "none", "star"]
+    baseline = next(t for t in grid.train if t.model.model == "cnn_small")
+    assert all(t.baseline_id == baseline.trial_id for t in grid.train if t.model.model == "hqcnn")
+    assert len(grid.attack) == 6 * 3
+    # ids are stable across parses and independent of paths
+    again = build_grid(load_config("sweeps/quick.yaml", {"results_dir": "/elsewhere"}))
+    assert [t.trial_id for t in again.trials] == [t.trial_id for t in grid.trials]
