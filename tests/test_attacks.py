@@ -1,0 +1,81 @@
+"""Every attack respects its budget; CallCounter counts what the attack asked of the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qshield_dist.attacks import ATTACKS, CallCounter, CWBinarySearch, build_attack
+from qshield_dist.config import TrainConfig
+from qshield_dist.data import load
+from qshield_dist.models.classic import Classifier, cnn_small
+from qshield_dist.train import predict, train_model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    train, test = load("digits", train_size=600, test_size=200)
+    model = Classifier(cnn_small(1, 28, 10))
+    train_model(model, train.x, train.y, TrainConfig(epochs=3), seed=0)
+    correct = predict(model, test.x) == test.y
+    return model, test.x[correct][:24], test.y[correct][:24]
+
+
+LINF = ["fgsm", "pgd", "apgd", "vmifgsm", "square", "autoattack", "eot_pgd"]
+
+
+@pytest.mark.parametrize("name", LINF)
+def test_linf_attacks_stay_within_eps_and_pixel_range(trained, name):
+    model, x, y = trained
+    params = ATTACKS[name].params("digits", overrides={"eps": 0.1} | ({"n_queries": 50} if name == "square" else {}))
+    if name == "eot_pgd":
+        params["eot_iter"] = 2
+    torch.manual_seed(0)
+    adv = build_attack(name, CallCounter(model), params, 10)(x, y).detach()
+    assert float((adv - x).abs().max()) <= 0.1 + 1e-6
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    assert not torch.equal(adv, x)
+
+
+def test_pgd_is_counted_call_by_call(trained):
+    model, x, y = trained
+    counter = CallCounter(model)
+    params = ATTACKS["pgd"].params("digits", overrides={"steps": 7})
+    build_attack("pgd", counter, params, 10)(x, y)
+    assert (counter.forward_calls, counter.backward_calls) == (7, 7)
+    assert (counter.forward_samples, counter.backward_samples) == (7 * len(x), 7 * len(x))
+
+
+def test_onepixel_changes_at_most_its_pixel_budget(trained):
+    model, x, y = trained
+    params = ATTACKS["onepixel"].params("digits", overrides={"steps": 3, "popsize": 5})
+    adv = build_attack("onepixel", CallCounter(model), params, 10)(x[:8], y[:8]).detach()
+    changed = (adv != x[:8]).any(dim=1).flatten(1).sum(dim=1)
+    assert int(changed.max()) <= params["pixels"]
+
+
+@pytest.mark.parametrize("name", ["cw", "deepfool"])
+def test_l2_attacks_stay_in_pixel_range(trained, name):
+    model, x, y = trained
+    params = ATTACKS[name].params("digits", overrides={"steps": 10} if name == "deepfool" else {"binary_search_steps": 3})
+    adv = build_attack(name, CallCounter(model), params, 10)(x[:8], y[:8]).detach()
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    assert torch.isfinite((adv - x[:8]).flatten(1).norm(dim=1)).all()
+
+
+def test_cw_margin_works_on_log_probabilities(trained):
+    """torchattacks' margin is 0 for all-negative outputs; ours must find examples."""
+    model, x, y = trained
+    attack = CWBinarySearch(CallCounter(model), c=1.0, kappa=0.0, steps=30, lr=0.05, binary_search_steps=4)
+    adv = attack(x, y)
+    fooled = (predict(model, adv) != y).float().mean()
+    assert float(fooled) > 0.5
+
+
+def test_standard_preset_reaches_eps():
+    paper = ATTACKS["pgd"].params("mnist", "paper")
+    standard = ATTACKS["pgd"].params("mnist", "standard")
+    assert paper["alpha"] * paper["steps"] < paper["eps"]  # the paper's budget cannot reach eps
+    assert standard["alpha"] == pytest.approx(2.5 * standard["eps"] / standard["steps"])
+    assert ATTACKS["pgd"].params("mnist", "standard", {"steps": 40})["alpha"] == pytest.approx(2.5 * 32 / 255 / 40)

@@ -1,0 +1,83 @@
+"""run_trial end to end: deterministic rows, failures as rows, checkpoint cache safety."""
+
+from __future__ import annotations
+
+import yaml
+
+from qshield_dist.config import load_config
+from qshield_dist.grid import build_grid
+from qshield_dist.results import scan_done
+from qshield_dist.trial import RunContext, read_trial, run_trial
+
+METRICS = ["clean_acc", "n_attacked", "n_success", "asr", "robust_acc", "forward_calls", "backward_calls", "linf_max", "l2_mean", "train_steps"]
+
+
+def _grid(tmp_path, models, attacks, **extra):
+    spec = {
+        "name": "t",
+        "data": {"dataset": "digits", "train_size": 300, "test_size": 100},
+        "train": {"epochs": 2},
+        "eval": {"attack_size": 24},
+        "models": models,
+        "attacks": attacks,
+        **extra,
+    }
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return build_grid(load_config(path))
+
+
+def _run_all(grid, ctx):
+    return {t.trial_id: run_trial(t, ctx) for t in grid.trials}
+
+
+def test_same_seed_gives_the_same_row(tmp_path):
+    grid = _grid(tmp_path, [{"model": "cnn_small"}], [{"name": "pgd", "params": {"steps": 3}}])
+    rows = []
+    for run in ("a", "b"):
+        ctx = RunContext("t", str(tmp_path / run / "results"), str(tmp_path / run / "ckpt"))
+        assert set(_run_all(grid, ctx).values()) == {"ok"}
+        rows.append(read_trial(ctx, grid.attack[0])[0])
+    assert {k: rows[0][k] for k in METRICS} == {k: rows[1][k] for k in METRICS}
+    assert rows[0]["n_attacked"] == 24 and 0 <= rows[0]["asr"] <= 1
+
+
+def test_a_failing_trial_is_recorded_and_others_complete(tmp_path):
+    # bpda_pgd needs a hybrid model: on a CNN it fails, and that is a row, not a crash.
+    grid = _grid(tmp_path, [{"model": "cnn_small"}], [{"name": "fgsm"}, {"name": "bpda_pgd"}])
+    ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
+    statuses = _run_all(grid, ctx)
+    failed = [t for t in grid.attack if t.attack == "bpda_pgd"][0]
+    assert statuses[failed.trial_id] == "failed"
+    assert sorted(statuses.values()).count("ok") == 2
+    done = scan_done(ctx.results_dir)
+    assert done[failed.trial_id] == "failed"
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(next((tmp_path / "results").rglob(f"{failed.trial_id}.failed.parquet"))).to_pylist()[0]
+    assert row["status"] == "failed" and "bpda_pgd applies to hqcnn" in row["error"]
+
+
+def test_corrupt_checkpoint_is_retrained_not_fatal(tmp_path):
+    grid = _grid(tmp_path, [{"model": "cnn_small"}], [])
+    ckpt = tmp_path / "ckpt"
+    ctx = RunContext("t", str(tmp_path / "results"), str(ckpt))
+    trial = grid.train[0]
+    assert run_trial(trial, ctx) == "ok"
+    path = ckpt / f"{trial.trial_id}.pt"
+    good = read_trial(ctx, trial)[0]
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    assert run_trial(trial, ctx) == "ok"
+    assert read_trial(ctx, trial)[0]["clean_acc"] == good["clean_acc"]
+    assert list(ckpt.glob("*.corrupt-*")), "the unusable file is kept aside for inspection"
+
+
+def test_valid_checkpoint_is_never_retrained(tmp_path):
+    grid = _grid(tmp_path, [{"model": "cnn_small"}], [])
+    ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
+    trial = grid.train[0]
+    run_trial(trial, ctx)
+    path = tmp_path / "ckpt" / f"{trial.trial_id}.pt"
+    before = path.stat().st_mtime_ns
+    run_trial(trial, ctx)
+    assert path.stat().st_mtime_ns == before
