@@ -104,14 +104,42 @@ class AttackTrial:
         return tuple(t.trial_id for t in (self.train, self.surrogate) if t is not None)
 
 
+@dataclass(frozen=True)
+class DiagnosticTrial:
+    """Gradient-masking checks for one trained model, after its attack trials."""
+
+    train: TrainTrial
+    attack_ids: tuple[str, ...]  # the model's attack trials whose rows the checks compare
+    eval: EvalConfig
+    stage: str = field(default="diagnostic", init=False)
+
+    @property
+    def dataset(self) -> str:
+        return self.train.dataset
+
+    @property
+    def trial_id(self) -> str:
+        return "D" + stable_hash(
+            {"train": self.train.trial_id, "attacks": sorted(self.attack_ids), "eval": self.eval.model_dump(exclude={"controls"})}
+        )
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.train.trial_id, *self.attack_ids)
+
+
+Trial = TrainTrial | AttackTrial | DiagnosticTrial
+
+
 @dataclass
 class Grid:
     train: list[TrainTrial]
     attack: list[AttackTrial]
+    diagnostic: list[DiagnosticTrial] = field(default_factory=list)
 
     @property
-    def trials(self) -> list[TrainTrial | AttackTrial]:
-        return [*self.train, *self.attack]
+    def trials(self) -> list[Trial]:
+        return [*self.train, *self.attack, *self.diagnostic]
 
 
 def _baseline_of(trial: TrainTrial, name: str) -> TrainTrial:
@@ -159,7 +187,12 @@ def build_grid(cfg: SweepConfig, check_data: bool = True) -> Grid:
                             target = add(_equal_budget_baseline(trial))
                         a = AttackTrial(target, spec_a.name, spec_a.preset, tuple(sorted(params.items())), cfg.eval, control, surrogate)
                         attack.setdefault(a.trial_id, a)
-    return Grid(list(train.values()), list(attack.values()))
+    diagnostic = []
+    if cfg.eval.diagnostics:
+        for trial in [t for t in train.values() if any(a.train is t and a.control is None for a in attack.values())]:
+            own = tuple(a.trial_id for a in attack.values() if a.train is trial and a.control is None)
+            diagnostic.append(DiagnosticTrial(trial, own, cfg.eval))
+    return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 
 def _equal_budget_baseline(hybrid: TrainTrial) -> TrainTrial:

@@ -18,8 +18,9 @@ from typing import Sequence
 from tqdm import tqdm
 
 from qshield_dist.config import ConfigError, SweepConfig, load_config
+from qshield_dist.diagnostics import budget_reachable
 from qshield_dist.executors.base import Executor, Job, ProgressSink, Resources
-from qshield_dist.grid import AttackTrial, Grid, TrainTrial, build_grid
+from qshield_dist.grid import AttackTrial, Grid, Trial, TrainTrial, build_grid
 from qshield_dist.results import scan_done, write_manifest
 from qshield_dist.trial import RunContext, run_trial, versions
 
@@ -77,11 +78,12 @@ def make_executor(cfg: SweepConfig, args: argparse.Namespace, results_dir: Path)
     )
 
 
-def make_jobs(trials: Sequence[TrainTrial | AttackTrial], cfg: SweepConfig, ctx: RunContext) -> list[Job]:
+def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> list[Job]:
     jobs = []
     for trial in trials:
         res = cfg.resources.train if trial.stage == "train" else cfg.resources.attack
-        label = f"{trial.stage} {trial.dataset} {trial.model.label if isinstance(trial, TrainTrial) else trial.train.model.label}"
+        train = trial if isinstance(trial, TrainTrial) else trial.train
+        label = f"{trial.stage} {trial.dataset} {train.model.label}"
         if isinstance(trial, AttackTrial):
             label += f" / {trial.attack}" + (f" [{trial.control}]" if trial.control else "")
         jobs.append(
@@ -101,7 +103,9 @@ def dry_run_table(grid: Grid, done: dict[str, str]) -> str:
     lines = [f"{'id':18} {'stage':7} {'state':8} {'dataset':12} {'seed':>4}  model / attack"]
     for t in grid.trials:
         train = t if isinstance(t, TrainTrial) else t.train
-        what = train.model.label + ("" if isinstance(t, TrainTrial) else f" / {t.attack} ({t.preset})" + (f" [{t.control}]" if t.control else ""))
+        what = train.model.label
+        if isinstance(t, AttackTrial):
+            what += f" / {t.attack} ({t.preset})" + (f" [{t.control}]" if t.control else "")
         lines.append(f"{t.trial_id:18} {t.stage:7} {done.get(t.trial_id, 'todo'):8} {t.dataset:12} {train.seed:>4}  {what}")
     return "\n".join(lines)
 
@@ -136,11 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("bad sweep input (%s):\n%s", args.sweep, exc)
         return 2
 
+    warned = set()
+    for t in grid.attack:
+        if t.attack not in warned and not budget_reachable(t.params_dict):
+            warned.add(t.attack)
+            p = t.params_dict
+            log.warning(
+                "%s (%s preset): %d steps x %.4f cannot reach eps %.4f, so it may be weaker than FGSM;"
+                " 'preset: standard' uses a step of 2.5 x eps / steps", t.attack, t.preset, p["steps"], p["alpha"], p["eps"],
+            )
     results_dir = cfg.results_path
     done = scan_done(results_dir)
     if args.dry_run:
         print(dry_run_table(grid, done))
-        print(f"{len(grid.train)} train trials, {len(grid.attack)} attack trials, {sum(t.trial_id in done for t in grid.trials)} already done")
+        print(f"{len(grid.train)} train, {len(grid.attack)} attack, {len(grid.diagnostic)} diagnostic trials, {sum(t.trial_id in done for t in grid.trials)} already done")
         return 0
 
     finished = {k for k, v in done.items() if v == "ok" or (v == "failed" and not args.retry_failed)}
@@ -169,8 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         private=cfg.private,
     )
     log.info(
-        "sweep %s: %d trials (%d train, %d attack), %d already done, %d to run on %s -> %s",
-        cfg.name, len(grid.trials), len(grid.train), len(grid.attack), len(grid.trials) - len(todo), len(todo), executor_name, results_dir,
+        "sweep %s: %d trials (%d train, %d attack, %d diagnostic), %d already done, %d to run on %s -> %s",
+        cfg.name, len(grid.trials), len(grid.train), len(grid.attack), len(grid.diagnostic),
+        len(grid.trials) - len(todo), len(todo), executor_name, results_dir,
     )
     if not todo:
         return 0

@@ -25,7 +25,9 @@ import torch.nn as nn
 
 from qshield_dist.attacks import ATTACKS, CallCounter, build_attack
 from qshield_dist.data import DATASETS, Split, load
-from qshield_dist.grid import AttackTrial, TrainTrial
+from qshield_dist import diagnostics
+from qshield_dist.diagnostics import budget_reachable
+from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
 from qshield_dist.results import read_rows, trial_path, write_rows
@@ -92,7 +94,7 @@ def _model_columns(trial: TrainTrial) -> dict[str, Any]:
     return cols
 
 
-def _base_row(trial: TrainTrial | AttackTrial, ctx: RunContext) -> dict[str, Any]:
+def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
     train = trial if isinstance(trial, TrainTrial) else trial.train
     return {
         "sweep": ctx.sweep,
@@ -184,13 +186,8 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     _, test = _load_data(trial.train, ctx)
     model, meta = _attack_target(trial, ctx)
     stochastic = bool(getattr(model, "stochastic", False))
-    repeats = trial.eval.eval_repeats if stochastic else 1
-
-    torch.manual_seed(trial.train.seed)
-    majority, clean = _clean_eval(model, test, repeats, trial.eval.batch_size)
-    candidates = torch.nonzero(majority).flatten()
-    pick = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(trial.train.seed))[: trial.eval.attack_size]
-    idx = candidates[pick.sort().values]
+    idx, clean, majority = _correct_subset(model, test, trial, trial.eval.attack_size)
+    repeats = clean["eval_repeats"]
     x, y = test.x[idx], test.y[idx]
 
     counter = CallCounter(model)
@@ -253,6 +250,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
                 "surrogate_id": trial.surrogate.trial_id if trial.surrogate else None,
                 "surrogate_forward_samples": surrogate.forward_samples if surrogate else 0,
                 "init_steps": meta.get("init_steps", 0),
+                "budget_reachable": budget_reachable(params),
             }
         ),
     }
@@ -264,12 +262,43 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     return [row]
 
 
-def run_trial(trial: TrainTrial | AttackTrial, ctx: RunContext) -> str:
+def _correct_subset(model: nn.Module, test: Split, trial: AttackTrial | DiagnosticTrial, size: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    """Clean evaluation, then a fixed-seed subset of the (majority-)correctly classified samples."""
+    repeats = trial.eval.eval_repeats if getattr(model, "stochastic", False) else 1
+    torch.manual_seed(trial.train.seed)
+    majority, clean = _clean_eval(model, test, repeats, trial.eval.batch_size)
+    candidates = torch.nonzero(majority).flatten()
+    pick = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(trial.train.seed))[:size]
+    return candidates[pick.sort().values], clean, majority
+
+
+def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, size: int = 64) -> list[dict[str, Any]]:
+    _, test = _load_data(trial.train, ctx)
+    model, meta = train_or_load(trial.train, ctx)
+    stochastic = bool(getattr(model, "stochastic", False))
+    idx, clean, _ = _correct_subset(model, test, trial, size)
+    x, y = test.x[idx], test.y[idx]
+    attack_rows = diagnostics.read_attack_rows(ctx.results_dir, trial.dataset, trial.attack_ids)
+    checks = diagnostics.compare_attacks(attack_rows)
+    repeats = clean["eval_repeats"]
+    checks.append(diagnostics.eps_sweep(model, x, y, DATASETS[trial.dataset].classes, stochastic, repeats))
+    checks += diagnostics.gradient_checks(model, x, y)
+    checks.append(diagnostics.batch_dependence(model, test.x[: 2 * size]))
+    base = {**_base_row(trial, ctx), **clean, **_train_columns(meta), "status": "ok"}
+    return [{**base, **check} for check in checks]
+
+
+def run_trial(trial: Trial, ctx: RunContext) -> str:
     """Run one trial and write its result file; returns 'ok' or 'failed'."""
     ok_path = trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id)
     failed_path = ok_path.with_name(f"{trial.trial_id}.failed.parquet")
     try:
-        rows = run_train(trial, ctx) if isinstance(trial, TrainTrial) else run_attack(trial, ctx)
+        if isinstance(trial, TrainTrial):
+            rows = run_train(trial, ctx)
+        elif isinstance(trial, AttackTrial):
+            rows = run_attack(trial, ctx)
+        else:
+            rows = run_diagnostic(trial, ctx)
         status = "ok"
     except Exception as exc:  # recorded as a row: the sweep goes on
         log.warning("trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
@@ -285,5 +314,5 @@ def run_trial(trial: TrainTrial | AttackTrial, ctx: RunContext) -> str:
     return status
 
 
-def read_trial(ctx: RunContext, trial: TrainTrial | AttackTrial) -> list[dict[str, Any]]:
+def read_trial(ctx: RunContext, trial: Trial) -> list[dict[str, Any]]:
     return read_rows(trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id))

@@ -1,0 +1,188 @@
+"""Gradient-masking diagnostics (Athalye et al. 2018; Carlini et al. 2019 checklist).
+
+One row per check and model variant, each with a value and a pass flag. A failed flag
+does not prove masking, and a pass does not prove robustness; a failed flag means the
+robustness numbers of that variant must not be trusted until an adaptive attack explains it.
+
+Checks that compare attacks read the attack rows this sweep wrote for the same trained
+model; the others measure the model directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qshield_dist.attacks import ATTACKS, CallCounter, build_attack
+from qshield_dist.results import read_rows, trial_path
+
+ADAPTIVE = ("eot_pgd", "bpda_pgd", "transfer", "autoattack")
+PAPER_SUITE = ("fgsm", "pgd", "apgd", "vmifgsm", "cw", "deepfool", "onepixel", "square")
+EPS_SWEEP = (8 / 255, 16 / 255, 32 / 255, 64 / 255, 0.25, 0.5)
+
+
+def tolerance(p1: float, n1: int, p2: float, n2: int) -> float:
+    """Two standard errors of a difference of two proportions (at least 0.01): gaps smaller
+    than this are sampling noise, not evidence."""
+    var = sum(p * (1 - p) / max(n, 1) for p, n in ((p1, n1), (p2, n2)))
+    return max(0.01, 2 * math.sqrt(var))
+
+
+def _best(rows: list[dict[str, Any]], keep: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    chosen = [r for r in rows if r.get("status") == "ok" and r.get("n_attacked") and keep(r)]
+    return max(chosen, key=lambda r: r["asr"], default=None)
+
+
+def _compare(name: str, stronger: dict | None, weaker: dict | None, why: str, needs: str) -> dict[str, Any]:
+    """Row for 'stronger should reach at least weaker's ASR'."""
+    if stronger is None or weaker is None:
+        return {"diagnostic": name, "diagnostic_value": None, "diagnostic_pass": None, "details": json.dumps({"not_run": f"needs {needs}"})}
+    gap = stronger["asr"] - weaker["asr"]
+    tol = tolerance(stronger["asr"], stronger["n_attacked"], weaker["asr"], weaker["n_attacked"])
+    return {
+        "diagnostic": name,
+        "diagnostic_value": gap,
+        "diagnostic_pass": gap >= -tol,
+        "details": json.dumps(
+            {"rule": why, "tolerance": tol, "stronger": [stronger["attack"], stronger["asr"]], "weaker": [weaker["attack"], weaker["asr"]]}
+        ),
+    }
+
+
+def compare_attacks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The checks that only compare attack results of one model."""
+    linf = lambda r: r["threat_model"] == "linf"  # noqa: E731
+    iterative = _best(rows, lambda r: linf(r) and ATTACKS[r["attack"]].iterative and ATTACKS[r["attack"]].white_box)
+    single = _best(rows, lambda r: r["attack"] == "fgsm")
+    white = _best(rows, lambda r: linf(r) and ATTACKS[r["attack"]].white_box)
+    black = _best(rows, lambda r: linf(r) and not ATTACKS[r["attack"]].white_box)
+    adaptive = _best(rows, lambda r: r["attack"] in ADAPTIVE)
+    paper = _best(rows, lambda r: r["attack"] in PAPER_SUITE)
+    out = [
+        _compare("iterative_ge_single_step", iterative, single, "an iterative attack must reach at least FGSM's ASR", "fgsm and an iterative L-inf attack"),
+        _compare("whitebox_ge_blackbox", white, black, "white-box must reach at least black-box/transfer ASR", "a white-box and a black-box or transfer L-inf attack"),
+    ]
+    gap = _compare("adaptive_vs_paper_suite", adaptive, paper, "", "an adaptive attack and a paper-suite attack")
+    if gap["diagnostic_value"] is not None:
+        # Here the flag is raised the other way: adaptive attacks finding clearly more than
+        # the paper's suite means the suite's numbers were masked.
+        details = json.loads(gap["details"])
+        details["rule"] = "adaptive ASR must not exceed the paper-suite ASR by more than the tolerance"
+        gap["diagnostic_pass"] = gap["diagnostic_value"] <= details["tolerance"]
+        gap["details"] = json.dumps(details)
+    out.append(gap)
+    unreachable = sorted(
+        {r["attack"] for r in rows if r.get("status") == "ok" and not budget_reachable(json.loads(r["attack_params"] or "{}"))}
+    )
+    out.append(
+        {
+            "diagnostic": "attack_budget_reachable",
+            "diagnostic_value": float(len(unreachable)),
+            "diagnostic_pass": not unreachable,
+            "details": json.dumps({"rule": "steps x step size >= eps for iterative L-inf attacks", "unreachable": unreachable}),
+        }
+    )
+    return out
+
+
+def budget_reachable(params: dict[str, Any]) -> bool:
+    """Can an iterative L-inf attack with these parameters reach the edge of its eps-ball?"""
+    if not {"alpha", "steps", "eps"} <= params.keys():
+        return True
+    return params["alpha"] * params["steps"] >= params["eps"] - 1e-12
+
+
+def _majority_wrong(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> torch.Tensor:
+    with torch.no_grad():
+        wrong = torch.stack([model(x).argmax(1) != y for _ in range(repeats)])
+    return wrong.float().mean(0) > 0.5
+
+
+def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int, stochastic: bool, repeats: int) -> dict[str, Any]:
+    """ASR of a strong PGD (EOT for stochastic models) against eps; at eps = 0.5 any
+    image can be moved to mid-grey, so ASR must reach ~1 unless gradients are masked."""
+    name = "eot_pgd" if stochastic else "pgd"
+    asr = {}
+    for eps in EPS_SWEEP:
+        params = ATTACKS[name].params("mnist", "standard", {"eps": eps, "steps": 20})
+        torch.manual_seed(0)
+        adv = build_attack(name, CallCounter(model), params, n_classes)(x, y).detach()
+        asr[f"{eps:.4f}"] = float(_majority_wrong(model, adv, y, repeats).float().mean())
+    top = asr[f"{EPS_SWEEP[-1]:.4f}"]
+    return {
+        "diagnostic": "eps_sweep_reaches_1",
+        "diagnostic_value": top,
+        "diagnostic_pass": top >= 0.99,
+        "details": json.dumps({"rule": "ASR at eps=0.5 (L-inf) >= 0.99", "attack": name, "steps": 20, "asr_by_eps": asr, "n": len(y)}),
+    }
+
+
+def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    F.nll_loss(model(x), y).backward()
+    return x.grad.detach().flatten(1)
+
+
+def gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calls: int = 5) -> list[dict[str, Any]]:
+    """Input-gradient norm non-zero and stable across calls; for a hybrid, agreement with its
+    differentiable twin (a low cosine means the real gradient hides part of the model)."""
+    model.eval()
+    grads = torch.stack([input_gradients(model, x, y) for _ in range(calls)])  # (calls, N, D)
+    norms = grads.norm(dim=2)  # (calls, N)
+    mean_norm = float(norms.mean())
+    spread = float(((grads - grads.mean(0)).norm(dim=2) / (grads.mean(0).norm(dim=1) + 1e-12)).mean())
+    rows = [
+        {
+            "diagnostic": "gradient_nonzero_and_stable",
+            "diagnostic_value": mean_norm,
+            "diagnostic_pass": mean_norm > 1e-6 and spread < 0.1,
+            "details": json.dumps(
+                {"rule": "mean input-gradient norm > 1e-6 and relative spread across calls < 0.1", "relative_spread": spread, "calls": calls, "n": len(y)}
+            ),
+        }
+    ]
+    if hasattr(model, "differentiable_twin"):
+        twin = input_gradients(model.differentiable_twin(), x, y)
+        cos = float(F.cosine_similarity(grads[0], twin, dim=1).mean())
+        rows.append(
+            {
+                "diagnostic": "gradient_matches_differentiable_twin",
+                "diagnostic_value": cos,
+                "diagnostic_pass": cos >= 0.9,
+                "details": json.dumps({"rule": "mean cosine(model gradient, BPDA twin gradient) >= 0.9", "n": len(y)}),
+            }
+        )
+    return rows
+
+
+def batch_dependence(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """The same samples evaluated in two different batches (same random draws): any change
+    in their outputs comes from their batch-mates."""
+    half = len(x) // 2
+    with torch.no_grad():
+        torch.manual_seed(0)
+        alone = model(x[:half])
+        torch.manual_seed(0)
+        mixed = model(torch.cat([x[:half], x[half:].flip(0)]))[:half]
+    diff = float((alone - mixed).abs().max()) if half else 0.0
+    return {
+        "diagnostic": "batch_independent",
+        "diagnostic_value": diff,
+        "diagnostic_pass": diff < 1e-4,
+        "details": json.dumps({"rule": "max |log-prob difference| of a sample across two batches < 1e-4", "n": half}),
+    }
+
+
+def read_attack_rows(results_dir: str, dataset: str, attack_ids: tuple[str, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for trial_id in attack_ids:
+        path = trial_path(Path(results_dir), "attack", dataset, trial_id)
+        if path.exists():
+            rows.extend(read_rows(path))
+    return rows
