@@ -179,9 +179,11 @@ def build_grid(cfg: SweepConfig, check_data: bool = True) -> Grid:
                 trial = add(base)
                 controls = cfg.eval.controls if spec.model == "hqcnn" else []
                 for spec_a in attacks:
+                    if spec_a.name == "bpda_pgd" and spec.model != "hqcnn":
+                        continue  # BPDA replaces the hybrid's quantum gradient: nothing to replace here
                     params = ATTACKS[spec_a.name].params(dataset, spec_a.preset, spec_a.params)
                     surrogate = add(_baseline_of(trial, params["surrogate"])) if spec_a.name == "transfer" else None
-                    for control in [None, *controls]:
+                    for control in [None, *(controls if spec_a.name != "bpda_pgd" else [])]:
                         target = trial
                         if control == "equal_budget":
                             target = add(_equal_budget_baseline(trial))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 import yaml
 
+from qshield_dist.attacks import ATTACKS
+
 from qshield_dist.config import load_config
-from qshield_dist.grid import build_grid
+from qshield_dist.grid import AttackTrial, build_grid
 from qshield_dist.results import scan_done
 from qshield_dist.trial import RunContext, read_trial, run_trial
 
@@ -43,19 +46,18 @@ def test_same_seed_gives_the_same_row(tmp_path):
 
 
 def test_a_failing_trial_is_recorded_and_others_complete(tmp_path):
-    # bpda_pgd needs a hybrid model: on a CNN it fails, and that is a row, not a crash.
-    grid = _grid(tmp_path, [{"model": "cnn_small"}], [{"name": "fgsm"}, {"name": "bpda_pgd"}])
+    # bpda_pgd needs a hybrid model (the grid never pairs it with a CNN): forced onto one, the
+    # trial fails, and that is a row, not a crash.
+    grid = _grid(tmp_path, [{"model": "cnn_small"}], [{"name": "fgsm"}])
+    fgsm = grid.attack[0]
+    failing = AttackTrial(fgsm.train, "bpda_pgd", "paper", tuple(sorted(ATTACKS["bpda_pgd"].params("digits").items())), fgsm.eval)
     ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
-    statuses = _run_all(grid, ctx)
-    failed = [t for t in grid.attack if t.attack == "bpda_pgd"][0]
-    assert statuses[failed.trial_id] == "failed"
-    assert sorted(statuses.values()).count("ok") == 2
-    done = scan_done(ctx.results_dir)
-    assert done[failed.trial_id] == "failed"
-    import pyarrow.parquet as pq
-
-    row = pq.read_table(next((tmp_path / "results").rglob(f"{failed.trial_id}.failed.parquet"))).to_pylist()[0]
-    assert row["status"] == "failed" and "bpda_pgd applies to hqcnn" in row["error"]
+    statuses = {t.trial_id: run_trial(t, ctx) for t in [*grid.train, failing, fgsm]}
+    assert statuses == {grid.train[0].trial_id: "ok", failing.trial_id: "failed", fgsm.trial_id: "ok"}
+    assert scan_done(ctx.results_dir)[failing.trial_id] == "failed"
+    path = next((tmp_path / "results").rglob(f"{failing.trial_id}.failed.parquet"))
+    row = pq.read_table(path).to_pylist()[0]
+    assert row["status"] == "failed" and "bpda_pgd applies to hqcnn" in row["error"] and row["attack"] == "bpda_pgd"
 
 
 def test_corrupt_checkpoint_is_retrained_not_fatal(tmp_path):
