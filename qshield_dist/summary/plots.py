@@ -1,0 +1,180 @@
+"""Figures of the report (matplotlib, Agg backend): PNG always, SVG when asked.
+
+Every figure carries a caption naming the attacks with their preset and parameters, the
+number of seeds and of attacked samples, and what the error bars are. A figure whose axis
+would hold a single value is skipped with a note instead of drawn.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from qshield_dist.summary.tables import HYBRID, Tables, params_text
+
+log = logging.getLogger(__name__)
+
+ENTANGLEMENT_ORDER = ("none", "linear", "star", "ring", "full")
+
+
+@dataclass
+class Figure:
+    name: str
+    title: str
+    caption: str
+    png: bytes  # kept for the self-contained HTML
+    paths: list[Path]
+
+
+def _attack_caption(tables: Tables, dataset: str, attack_labels: list[str]) -> str:
+    settings = tables.attacks.filter((pl.col("dataset") == dataset) & pl.col("attack_label").is_in(attack_labels)).sort("attack_rank")
+    return "; ".join(f"{r['attack_label']} (preset {r['attack_preset']}: {params_text(r['attack_params'])})" for r in settings.iter_rows(named=True))
+
+
+def _counts(cells: pl.DataFrame) -> str:
+    s_lo, s_hi = cells["n_seeds"].min(), cells["n_seeds"].max()
+    n_lo, n_hi = cells["n_attacked"].min(), cells["n_attacked"].max()
+    seeds = f"{s_lo}" if s_lo == s_hi else f"{s_lo}-{s_hi}"
+    samples = f"{n_lo}" if n_lo == n_hi else f"{n_lo}-{n_hi}"
+    return f"seeds per bar: {seeds}; attacked samples per bar (summed over seeds): {samples}"
+
+
+def _finish(fig: Any, out: Path, name: str, title: str, caption: str, svg: bool) -> Figure:
+    import matplotlib.pyplot as plt
+
+    wrapped = "\n".join(textwrap.wrap(caption, 150))
+    fig.text(0.01, 0.005, wrapped, fontsize=7, va="bottom", ha="left")
+    fig.subplots_adjust(bottom=0.12 + 0.025 * wrapped.count("\n"))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    paths = [out / f"{name}.png"]
+    paths[0].write_bytes(buf.getvalue())
+    if svg:
+        paths.append(out / f"{name}.svg")
+        fig.savefig(paths[-1], format="svg")
+    plt.close(fig)
+    return Figure(name, title, caption, buf.getvalue(), paths)
+
+
+def _grouped_bars(tables: Tables, dataset: str, value: str, err: str | None, out: Path, name: str, title: str, ylabel: str, log_y: bool, svg: bool, scale: float = 1.0) -> Figure:
+    import matplotlib.pyplot as plt
+
+    cells = tables.cost.filter(pl.col("dataset") == dataset).join(tables.variants.select("vkey", "label", "family"), on="vkey", how="left")
+    attacks = cells.sort("attack_rank")["attack_label"].unique(maintain_order=True).to_list()
+    labels = cells.sort("family", "label")["label"].unique(maintain_order=True).to_list()
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(attacks) + 0.15 * len(attacks) * len(labels)), 5.2))
+    lookup = {(r["label"], r["attack_label"]): r for r in cells.iter_rows(named=True)}
+    for i, label in enumerate(labels):
+        xs, ys, es = [], [], []
+        for j, attack in enumerate(attacks):
+            r = lookup.get((label, attack))
+            if r is None or r[value] is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            ys.append(r[value] * scale)
+            es.append((r[err] or 0.0) * scale if err else 0.0)
+        ax.bar(xs, ys, width, yerr=es if err else None, label=label, capsize=2)
+    ax.set_xticks(range(len(attacks)), attacks)
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(f"{title} - {dataset}")
+    ax.legend(fontsize=7, ncol=max(1, len(labels) // 8), loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    bars = "error bars: sample std over seeds (ddof=1)" if err else "pooled over seeds: total seconds / total attacked samples"
+    caption = f"{dataset}. {_counts(cells)}; {bars}. Attacks: {_attack_caption(tables, dataset, attacks)}."
+    return _finish(fig, out, name, title, caption, svg)
+
+
+def _asr_vs(tables: Tables, dataset: str, axis: str, out: Path, svg: bool, skipped: list[str]) -> Figure | None:
+    import matplotlib.pyplot as plt
+
+    cells = tables.cost.filter((pl.col("dataset") == dataset) & (pl.col("model") == HYBRID) & pl.col(axis).is_not_null())
+    values = cells[axis].unique().to_list()
+    if len(values) < 2:
+        skipped.append(f"ASR vs {axis} ({dataset}): skipped, the hybrid variants have a single {axis} value ({', '.join(map(str, values)) or 'none'})")
+        return None
+    if axis == "entanglement":
+        order = [e for e in ENTANGLEMENT_ORDER if e in values] + sorted(set(values) - set(ENTANGLEMENT_ORDER))
+        cells = cells.with_columns(pl.col(axis).replace_strict({e: i for i, e in enumerate(order)}, return_dtype=pl.Int64).alias("_x"))
+    else:
+        order = None
+        cells = cells.with_columns(pl.col(axis).cast(pl.Float64).alias("_x"))
+    # Other hybrid settings that vary are averaged over (said in the caption).
+    others = [c for c in ("entanglement", "depth", "noise_model", "noise_strength", "encoding", "fusion", "quantum_grad", "projection", "backbone") if c != axis and cells[c].n_unique() > 1]
+    line = cells.group_by("attack_label", "attack_rank", "_x").agg(pl.col("asr_mean").mean(), pl.col("n_seeds").sum(), pl.col("n_attacked").sum()).sort("attack_rank", "_x")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for (attack,), grp in line.group_by("attack_label", maintain_order=True):
+        ax.plot(grp["_x"].to_list(), (grp["asr_mean"] * 100).to_list(), marker="o", label=attack)
+    if order is not None:
+        ax.set_xticks(range(len(order)), order)
+    ax.set_xlabel(axis)
+    ax.set_ylabel("ASR (%)")
+    ax.set_title(f"ASR vs {axis} - {dataset} (hybrid variants)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    avg = f"averaged over the other varying settings ({', '.join(others)})" if others else "all other settings fixed"
+    attacks = line["attack_label"].unique(maintain_order=True).to_list()
+    caption = (
+        f"{dataset}. Mean ASR over seeds, {avg}; {_counts(cells)}. Attacks: {_attack_caption(tables, dataset, attacks)}."
+    )
+    return _finish(fig, out, f"asr_vs_{axis}_{dataset}", f"ASR vs {axis} - {dataset}", caption, svg)
+
+
+def _clean_vs_robust(tables: Tables, dataset: str, out: Path, svg: bool) -> Figure | None:
+    import matplotlib.pyplot as plt
+
+    cells = tables.cost.filter(pl.col("dataset") == dataset)
+    if not cells.height:
+        return None
+    # Robust accuracy under the strongest attack of each variant (its lowest robust accuracy).
+    worst = cells.sort("robust_mean").group_by("vkey", maintain_order=True).first()
+    pts = worst.join(tables.clean, on="vkey", how="left").join(tables.variants.select("vkey", "label"), on="vkey").filter(pl.col("clean_mean").is_not_null())
+    if not pts.height:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for r in pts.iter_rows(named=True):
+        ax.scatter(r["clean_mean"] * 100, r["robust_mean"] * 100, s=25)
+        ax.annotate(f"{r['label']} ({r['attack_label']})", (r["clean_mean"] * 100, r["robust_mean"] * 100), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("robust accuracy under the strongest attack (%)")
+    ax.set_title(f"Clean vs robust accuracy - {dataset}")
+    fig.tight_layout()
+    attacks = pts["attack_label"].unique().to_list()
+    caption = (
+        f"{dataset}. One point per model variant: mean clean accuracy over seeds vs the lowest mean robust accuracy over all attacks"
+        f" that ran on it (the attack in brackets); {_counts(pts)}. Attacks: {_attack_caption(tables, dataset, attacks)}."
+    )
+    return _finish(fig, out, f"clean_vs_robust_{dataset}", f"Clean vs robust accuracy - {dataset}", caption, svg)
+
+
+def make_plots(tables: Tables, out: Path, svg: bool = True) -> tuple[list[Figure], list[str]]:
+    """All figures under `out`; returns them and the notes on the ones skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also safe in worker processes
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[Figure] = []
+    skipped: list[str] = []
+    for dataset in tables.cost["dataset"].unique().sort().to_list():
+        figures.append(_grouped_bars(tables, dataset, "asr_mean", "asr_std", out, f"asr_{dataset}", "Attack success rate", "ASR (%)", False, svg, scale=100.0))
+        figures.append(_grouped_bars(tables, dataset, "sec_per_sample", None, out, f"attack_time_{dataset}", "Attack time per attacked sample", "seconds per sample (log)", True, svg))
+        for axis in ("noise_strength", "entanglement", "depth"):
+            fig = _asr_vs(tables, dataset, axis, out, svg, skipped)
+            if fig is not None:
+                figures.append(fig)
+        fig = _clean_vs_robust(tables, dataset, out, svg)
+        if fig is not None:
+            figures.append(fig)
+    if not tables.cost.height:
+        skipped.append("no usable attack rows: no figures")
+    for note in skipped:
+        log.info("plot %s", note)
+    return figures, skipped

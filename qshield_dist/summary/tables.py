@@ -1,0 +1,423 @@
+"""The summary tables, as long-form Polars frames (formatting is report.py's job).
+
+Conventions, stated once:
+- A cell aggregates the rows of one (model variant, attack setting) over seeds: mean and
+  SAMPLE standard deviation (ddof=1; null with one seed), the number of distinct seeds and
+  the number of attacked samples summed over seeds.
+- Costs are pooled over seeds: total attack seconds / total attacked samples (a seed
+  with more samples weighs more, as it should for a per-sample time).
+- The CNN baseline of a dataset is model 'cnn', else 'cnn_small' (said in `baseline_note`).
+- Rows with fewer than `min_samples` attacked samples are kept in the means and flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from qshield_dist.attacks import ATTACKS
+from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results
+
+BASELINES: tuple[str, ...] = ("cnn", "cnn_small")
+HYBRID = "hqcnn"
+BACKBONE_CONTROL = "hqcnn_backbone"
+# Shown in a variant's label when they vary across the sweep's hybrid variants.
+_LABEL_FORMAT: dict[str, str] = {
+    "entanglement": "{}", "depth": "d{}", "encoding": "{}", "noise_model": "{}", "noise_strength": "p={:g}",
+    "fusion": "{}", "quantum_grad": "grad={}", "projection": "proj={}", "init": "init={}", "simulator": "{}",
+    "device": "{}", "trajectories": "traj={}", "qubits": "q={}",
+}
+_ATTACK_ORDER = {name: i for i, name in enumerate(ATTACKS)}
+
+
+@dataclass
+class Tables:
+    """Everything the report shows; each frame documented where it is built."""
+
+    variants: pl.DataFrame
+    attacks: pl.DataFrame
+    clean: pl.DataFrame
+    robustness: pl.DataFrame
+    cost: pl.DataFrame
+    verdicts: pl.DataFrame
+    controls: pl.DataFrame
+    diagnostics: pl.DataFrame
+    failed: pl.DataFrame
+    missing: pl.DataFrame
+    low_samples: pl.DataFrame
+    skipped: pl.DataFrame
+    duplicates: pl.DataFrame
+    budget: pl.DataFrame
+    baselines: dict[str, str]  # dataset -> baseline model
+    min_samples: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _vkey() -> pl.Expr:
+    """One string per model variant, so joins never depend on null-equality of 16 keys."""
+    return pl.concat_str([pl.col(k).cast(pl.String).fill_null("-") for k in VARIANT_KEYS], separator="|").alias("vkey")
+
+
+def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
+    """vkey -> variant columns, a short `label` and `family` (hqcnn* models are 'hybrid').
+
+    The label names only the settings that vary between the hybrid variants present, so
+    plots and tables stay readable; the full settings remain in the CSV.
+    """
+    keys = pl.concat([f.select(VARIANT_KEYS) for f in frames if f.height], how="vertical_relaxed").unique() if any(f.height for f in frames) else None
+    if keys is None:
+        return pl.DataFrame(schema={"vkey": pl.String, "label": pl.String, "family": pl.String})
+    hybrid = keys.filter(pl.col("entanglement").is_not_null())
+    varying = [c for c in _LABEL_FORMAT if c == "entanglement" or (hybrid.height and hybrid[c].n_unique() > 1)]
+    labels = []
+    for row in keys.iter_rows(named=True):
+        if row["entanglement"] is None:
+            labels.append(row["model"])
+            continue
+        parts = [_LABEL_FORMAT[c].format(row[c]) for c in varying if row[c] is not None]
+        labels.append(f"{row['model']}[{row['backbone']}] " + " ".join(parts))
+    return (
+        keys.with_columns(_vkey(), pl.Series("label", labels, pl.String))
+        .with_columns(pl.when(pl.col("model").str.starts_with(HYBRID)).then(pl.lit("hybrid")).otherwise(pl.lit("classical")).alias("family"))
+        .sort("dataset", "family", "label")
+    )
+
+
+def attack_settings(attack: pl.DataFrame) -> pl.DataFrame:
+    """(dataset, attack, preset, params) -> `attack_label`, in the registry's order.
+
+    The label is the attack name, `[preset]` when not the paper's, and `#i` when one
+    dataset ran the same attack and preset with several parameter sets.
+    """
+    settings = (
+        attack.group_by(["dataset", *ATTACK_KEYS])
+        .agg(pl.col("threat_model").first(), pl.col("eps").first(), pl.col("success_rule").unique().sort().str.join(" / "), pl.col("eval_repeats").max())
+        .with_columns(pl.col("attack").replace_strict(_ATTACK_ORDER, default=len(_ATTACK_ORDER), return_dtype=pl.Int64).alias("order"))
+        .sort("dataset", "order", "attack", "attack_preset", "attack_params")
+    )
+    labels = []
+    seen: dict[tuple[str, str, str], int] = {}
+    counts = settings.group_by("dataset", "attack", "attack_preset").len()
+    many = {(d, a, p) for d, a, p, n in counts.iter_rows() if n > 1}
+    for d, a, p in settings.select("dataset", "attack", "attack_preset").iter_rows():
+        label = a if p == "paper" else f"{a}[{p}]"
+        if (d, a, p) in many:
+            seen[(d, a, p)] = seen.get((d, a, p), 0) + 1
+            label += f"#{seen[(d, a, p)]}"
+        labels.append(label)
+    return settings.with_columns(pl.Series("attack_label", labels, pl.String)).with_row_index("attack_rank")
+
+
+def _train_rows(res: Results) -> pl.DataFrame:
+    """Train rows, with equal-budget baselines named as their attack rows name them.
+
+    An equal-budget baseline is trained as a plain backbone (model 'cnn_small', more
+    epochs); its attack rows carry `<backbone>_equal_budget`, and train_id links the two.
+    """
+    renamed = (
+        res.attack.filter(pl.col("model").str.ends_with("_equal_budget"))
+        .select(pl.col("train_id").alias("trial_id"), pl.col("model").alias("_model"))
+        .unique("trial_id")
+    )
+    return res.train.join(renamed, on="trial_id", how="left").with_columns(pl.coalesce("_model", "model").alias("model")).drop("_model")
+
+
+def _clean(res: Results) -> pl.DataFrame:
+    """Clean accuracy per variant over seeds, from train rows (one per trained model).
+
+    Variants with no train rows of their own (controls such as hqcnn_backbone, attacked
+    through their hybrid's checkpoint) take the clean accuracy their attack rows measured.
+    """
+    train = _train_rows(res)
+    per_seed_attack = res.attack.group_by([*VARIANT_KEYS, "seed"]).agg(pl.col("clean_acc").mean())
+    agg = {
+        "clean_mean": pl.col("clean_acc").mean(),
+        "clean_std": pl.col("clean_acc").std(ddof=1),
+        "clean_seeds": pl.col("seed").n_unique(),
+    }
+    from_train = train.group_by(VARIANT_KEYS).agg(**agg, train_seconds=pl.col("train_seconds").mean(), train_steps=pl.col("train_steps").mean()).with_columns(_vkey(), pl.lit("train rows").alias("clean_source"))
+    from_attack = per_seed_attack.group_by(VARIANT_KEYS).agg(**agg).with_columns(_vkey(), pl.lit("attack rows").alias("clean_source"))
+    from_attack = from_attack.filter(~pl.col("vkey").is_in(from_train["vkey"].implode()))
+    out = pl.concat([from_train, from_attack], how="diagonal_relaxed")
+    return out.select("vkey", "clean_mean", "clean_std", "clean_seeds", "clean_source", "train_seconds", "train_steps")
+
+
+def _robustness(res: Results, min_samples: int, settings: pl.DataFrame) -> pl.DataFrame:
+    """One row per (variant, attack setting): ASR and robust accuracy over seeds, sums for costs."""
+    a = res.attack
+    agg = a.group_by([*VARIANT_KEYS, *ATTACK_KEYS]).agg(
+        n_rows=pl.len(),
+        n_seeds=pl.col("seed").n_unique(),
+        n_attacked=pl.col("n_attacked").sum(),
+        n_attacked_min=pl.col("n_attacked").min(),
+        n_success=pl.col("n_success").sum(),
+        asr_mean=pl.col("asr").mean(),
+        asr_std=pl.col("asr").std(ddof=1),
+        asr_worst_mean=pl.col("asr_worst").mean(),
+        robust_mean=pl.col("robust_acc").mean(),
+        robust_std=pl.col("robust_acc").std(ddof=1),
+        n_low=(pl.col("n_attacked") < min_samples).sum(),
+        stochastic=pl.col("stochastic").any(),
+        attack_seconds=pl.col("attack_seconds").sum(),
+        forward_calls=pl.col("forward_calls").sum(),
+        backward_calls=pl.col("backward_calls").sum(),
+        forward_samples=pl.col("forward_samples").sum(),
+        backward_samples=pl.col("backward_samples").sum(),
+    )
+    agg = agg.with_columns(_vkey(), (pl.col("n_success") / pl.col("n_attacked")).alias("asr_pooled"))
+    return agg.join(settings.select("dataset", *ATTACK_KEYS, "attack_label", "attack_rank", "threat_model", "eps"), on=["dataset", *ATTACK_KEYS], how="left")
+
+
+def _pick_baselines(variants: pl.DataFrame, notes: list[str]) -> dict[str, str]:
+    chosen: dict[str, str] = {}
+    for dataset in variants["dataset"].unique().sort():
+        models = set(variants.filter(pl.col("dataset") == dataset)["model"])
+        for i, name in enumerate(BASELINES):
+            if name in models:
+                chosen[dataset] = name
+                if i:
+                    notes.append(f"{dataset}: no 'cnn' model, so the CNN baseline is '{name}'")
+                break
+        else:
+            notes.append(f"{dataset}: no CNN baseline ('cnn' or 'cnn_small'): ratios and verdicts are not computed")
+    return chosen
+
+
+def _baseline_rows(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
+    base = pl.DataFrame({"dataset": list(baselines), "model": list(baselines.values())}, schema={"dataset": pl.String, "model": pl.String})
+    # The baseline is a classical model: its variant columns besides model are null, one row per attack setting.
+    return rob.join(base, on=["dataset", "model"], how="semi").unique(["dataset", "attack_label"], keep="first")
+
+
+def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
+    """Per attacked sample: seconds and model calls; ratios to the baseline, decomposed.
+
+    time ratio = calls ratio x time-per-call ratio exactly, since seconds per sample =
+    calls per sample x seconds per call. More calls is what the defence asks of an attack
+    (e.g. repeated evaluations of a stochastic model); a slower call is the simulator.
+    """
+    calls = pl.col("forward_calls") + pl.col("backward_calls")
+    cost = rob.with_columns(
+        (pl.col("attack_seconds") / pl.col("n_attacked")).alias("sec_per_sample"),
+        (pl.col("forward_calls") / pl.col("n_attacked")).alias("fwd_calls_per_sample"),
+        (pl.col("backward_calls") / pl.col("n_attacked")).alias("bwd_calls_per_sample"),
+        (pl.col("forward_samples") / pl.col("n_attacked")).alias("fwd_evals_per_sample"),
+        (pl.col("backward_samples") / pl.col("n_attacked")).alias("bwd_evals_per_sample"),
+        (calls / pl.col("n_attacked")).alias("calls_per_sample"),
+        pl.when(calls > 0).then(pl.col("attack_seconds") / calls).alias("sec_per_call"),
+    )
+    base = _baseline_rows(cost, baselines).select(
+        "dataset", "attack_label", pl.col("model").alias("baseline"),
+        pl.col("sec_per_sample").alias("_b_sps"), pl.col("calls_per_sample").alias("_b_cps"), pl.col("sec_per_call").alias("_b_spc"),
+    )
+    cost = cost.join(base, on=["dataset", "attack_label"], how="left").with_columns(
+        (pl.col("sec_per_sample") / pl.col("_b_sps")).alias("time_ratio"),
+        (pl.col("calls_per_sample") / pl.col("_b_cps")).alias("calls_ratio"),
+        (pl.col("sec_per_call") / pl.col("_b_spc")).alias("per_call_ratio"),
+    )
+    log_time = pl.col("time_ratio").log()
+    cost = cost.with_columns(
+        # Share of log(time ratio) explained by the number of calls: 1 -> all defence, 0 -> all simulator.
+        pl.when(log_time.abs() > 1e-12).then(pl.col("calls_ratio").log() / log_time).alias("calls_share"),
+        pl.when(pl.col("time_ratio").is_null()).then(pl.lit(None, pl.String))
+        .when(pl.col("calls_ratio").log().abs() >= pl.col("per_call_ratio").log().abs()).then(pl.lit("number of calls (defence)"))
+        .otherwise(pl.lit("time per call (model/simulator)")).alias("cost_driver"),
+    )
+    return cost.drop("_b_sps", "_b_cps", "_b_spc")
+
+
+def _verdicts(rob: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, str], failed: pl.DataFrame) -> pl.DataFrame:
+    """One verdict per hybrid variant against its dataset's CNN baseline, over EVERY attack
+    that ran on it (adaptive ones included). An attack the baseline did not run (bpda_pgd
+    needs a hybrid) is compared with the baseline's strongest attack of the same threat model.
+    """
+    rows: list[dict[str, Any]] = []
+    hybrids = variants.filter(pl.col("model") == HYBRID)
+    for v in hybrids.iter_rows(named=True):
+        dataset, base_model = v["dataset"], baselines.get(v["dataset"])
+        mine = rob.filter(pl.col("vkey") == v["vkey"]).sort("attack_rank")
+        n_failed = failed.filter(pl.col("vkey") == v["vkey"]).height
+        if not mine.height:
+            rows.append({"dataset": dataset, "vkey": v["vkey"], "label": v["label"], "category": "no attacks", "verdict": f"{v['label']} ({dataset}): no usable attack rows."})
+            continue
+        if base_model is None:
+            rows.append({"dataset": dataset, "vkey": v["vkey"], "label": v["label"], "category": "no baseline", "verdict": f"{v['label']} ({dataset}): no CNN baseline to compare with."})
+            continue
+        base = rob.filter((pl.col("dataset") == dataset) & (pl.col("model") == base_model))
+        base_by = {r["attack_label"]: r for r in base.iter_rows(named=True)}
+        wins, compared, substituted = 0, 0, []
+        for r in mine.iter_rows(named=True):
+            b = base_by.get(r["attack_label"])
+            if b is None:
+                same = base.filter(pl.col("threat_model") == r["threat_model"])
+                if not same.height:
+                    continue
+                b = same.sort("asr_mean", descending=True).row(0, named=True)
+                substituted.append(f"{r['attack_label']} vs baseline's {b['attack_label']}")
+            compared += 1
+            wins += r["asr_mean"] < b["asr_mean"]
+        strongest = mine.sort("asr_mean", descending=True).row(0, named=True)
+        b_strongest = base.sort("asr_mean", descending=True).row(0, named=True) if base.height else None
+        category = "none" if compared == 0 or wins == 0 else ("every" if wins == compared else "some")
+        text = (
+            f"{v['label']} ({dataset}): lower ASR than {base_model} on {category} attack(s) ({wins}/{compared})"
+            f"; strongest attack {strongest['attack_label']} ASR {strongest['asr_mean']:.1%}"
+        )
+        if b_strongest is not None:
+            beaten = strongest["asr_mean"] < b_strongest["asr_mean"]
+            text += f" vs {base_model}'s strongest {b_strongest['attack_label']} {b_strongest['asr_mean']:.1%} -> {'beats' if beaten else 'does NOT beat'} it under the strongest attack"
+        if substituted:
+            text += f" (no baseline run of: {', '.join(substituted)})"
+        if n_failed:
+            text += f"; {n_failed} failed trial(s) of this variant are not covered"
+        rows.append({
+            "dataset": dataset, "vkey": v["vkey"], "label": v["label"], "baseline": base_model, "category": category,
+            "wins": wins, "compared": compared, "strongest_attack": strongest["attack_label"], "strongest_asr": strongest["asr_mean"],
+            "baseline_strongest_attack": b_strongest["attack_label"] if b_strongest else None,
+            "baseline_strongest_asr": b_strongest["asr_mean"] if b_strongest else None, "verdict": text,
+        })
+    schema = {"dataset": pl.String, "vkey": pl.String, "label": pl.String, "baseline": pl.String, "category": pl.String, "wins": pl.Int64,
+              "compared": pl.Int64, "strongest_attack": pl.String, "strongest_asr": pl.Float64, "baseline_strongest_attack": pl.String,
+              "baseline_strongest_asr": pl.Float64, "verdict": pl.String}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
+    """Hybrid vs its own backbone alone (hqcnn_backbone: same checkpoint, branch removed)
+    vs the CNN baseline, same attack. Gain over the baseline = backbone part (baseline ->
+    backbone alone) + quantum-branch part (backbone alone -> hybrid).
+    """
+    cols = ["dataset", "attack_label", "vkey_h", "asr_hybrid", "asr_backbone_only", "asr_equal_budget", "asr_baseline", "gain_backbone", "gain_quantum", "source"]
+    hyb = rob.filter(pl.col("model") == HYBRID)
+    ctrl = rob.filter(pl.col("model") == BACKBONE_CONTROL)
+    eq = rob.filter(pl.col("model").str.ends_with("_equal_budget"))
+    if not hyb.height or not (ctrl.height or eq.height):
+        return pl.DataFrame(schema={c: (pl.Float64 if c.startswith(("asr", "gain")) else pl.String) for c in cols})
+    # The control row keeps its hybrid's variant columns; only `model` differs.
+    ctrl = ctrl.with_columns(pl.lit(HYBRID).alias("model")).with_columns(_vkey()).select("vkey", "attack_label", pl.col("asr_mean").alias("asr_backbone_only"))
+    eq = eq.select("dataset", pl.col("model").str.strip_suffix("_equal_budget").alias("backbone"), "attack_label", pl.col("asr_mean").alias("asr_equal_budget")).unique(["dataset", "backbone", "attack_label"])
+    base = _baseline_rows(rob, baselines).select("dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline"))
+    out = (
+        hyb.select("dataset", "vkey", "backbone", "attack_label", "attack_rank", pl.col("asr_mean").alias("asr_hybrid"))
+        .join(ctrl, on=["vkey", "attack_label"], how="left")
+        .join(eq, on=["dataset", "backbone", "attack_label"], how="left")
+        .join(base, on=["dataset", "attack_label"], how="left")
+        .filter(pl.col("asr_backbone_only").is_not_null() | pl.col("asr_equal_budget").is_not_null())
+        .with_columns(
+            (pl.col("asr_baseline") - pl.col("asr_backbone_only")).alias("gain_backbone"),
+            (pl.col("asr_backbone_only") - pl.col("asr_hybrid")).alias("gain_quantum"),
+        )
+        .with_columns(
+            pl.when(pl.col("gain_quantum").is_null()).then(pl.lit("no backbone-only run"))
+            .when((pl.col("gain_quantum") <= 0) & (pl.col("gain_backbone").fill_null(0) <= 0)).then(pl.lit("no gain"))
+            .when(pl.col("gain_quantum") > pl.col("gain_backbone").fill_null(0)).then(pl.lit("quantum branch"))
+            .otherwise(pl.lit("backbone")).alias("source")
+        )
+        .sort("dataset", "vkey", "attack_rank")
+        .rename({"vkey": "vkey_h"})
+    )
+    return out.select(cols)
+
+
+def _diagnostics(res: Results) -> pl.DataFrame:
+    d = res.diagnostic
+    if not d.height:
+        return pl.DataFrame(schema={"vkey": pl.String, "diagnostic": pl.String, "n": pl.UInt32, "n_pass": pl.UInt32, "value_mean": pl.Float64, "value_std": pl.Float64, "details": pl.String})
+    return (
+        d.group_by([*VARIANT_KEYS, "diagnostic"])
+        .agg(
+            n=pl.len(),
+            n_pass=pl.col("diagnostic_pass").fill_null(False).sum().cast(pl.UInt32),
+            value_mean=pl.col("diagnostic_value").mean(),
+            value_std=pl.col("diagnostic_value").std(ddof=1),
+            details=pl.col("details").drop_nulls().first(),
+        )
+        .with_columns(_vkey())
+        .select("vkey", "diagnostic", "n", "n_pass", "value_mean", "value_std", "details")
+    )
+
+
+def _missing(res: Results, notes: list[str]) -> pl.DataFrame:
+    """Trials the manifest's grid expects (key `expected_trials`) with no result file."""
+    schema = {"trial_id": pl.String, "stage": pl.String, "dataset": pl.String}
+    manifest = res.manifest
+    if manifest is None:
+        return pl.DataFrame(schema=schema)
+    expected = manifest.get("expected_trials")
+    if manifest.get("sweep") not in (None, res.sweep):
+        notes.append(f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{res.sweep}': grid completeness not checked")
+        return pl.DataFrame(schema=schema)
+    if isinstance(expected, list):
+        expected = {t: {} for t in expected}
+    if not isinstance(expected, dict):
+        notes.append("manifest.json has no 'expected_trials': grid completeness not checked")
+        return pl.DataFrame(schema=schema)
+    # Anti-joins in Polars: a big sweep's manifest lists every trial (a million is plausible).
+    present = pl.concat([df.select("trial_id") for df in (res.train, res.attack, res.diagnostic, res.failed, res.skipped)]).unique()
+    infos = list(expected.values())
+    wanted = pl.DataFrame(
+        {
+            "trial_id": list(expected),
+            "stage": [i.get("stage") if isinstance(i, dict) else None for i in infos],
+            "dataset": [i.get("dataset") if isinstance(i, dict) else None for i in infos],
+        },
+        schema=schema,
+    )
+    extra = present.join(wanted, on="trial_id", how="anti").height
+    if extra:
+        notes.append(f"{extra} trial(s) have results but are not in the manifest's grid (an earlier grid of this sweep?)")
+    return wanted.join(present, on="trial_id", how="anti").sort("stage", "dataset", "trial_id")
+
+
+def build_tables(res: Results, min_samples: int = 20) -> Tables:
+    """All tables of the report from the loaded results."""
+    notes = list(res.notes)
+    variants = variant_table(_train_rows(res), res.attack, res.diagnostic)
+    settings = attack_settings(res.attack)
+    clean = _clean(res)
+    rob = _robustness(res, min_samples, settings)
+    baselines = _pick_baselines(variants, notes)
+    failed = res.failed.with_columns(_vkey(), pl.col("error").fill_null("").str.split("\n").list.first().alias("error_line"))
+    low = res.attack.filter(pl.col("n_attacked") < min_samples).select("dataset", "variant", "attack", "attack_preset", "seed", "n_attacked", "trial_id")
+    dup = rob.filter(pl.col("n_rows") > pl.col("n_seeds")).select("dataset", "vkey", "attack_label", "n_rows", "n_seeds")
+    if dup.height:
+        notes.append(f"{dup.height} cell(s) have several rows for one seed: the variant key may miss a distinguishing setting (listed below)")
+    budget = res.attack.filter(pl.col("budget_ok") == False).select("dataset", "variant", "attack", "seed", "trial_id")  # noqa: E712
+    return Tables(
+        variants=variants,
+        attacks=settings,
+        clean=clean,
+        robustness=rob,
+        cost=_cost(rob, baselines),
+        verdicts=_verdicts(rob, variants, baselines, failed),
+        controls=_controls(rob, baselines),
+        diagnostics=_diagnostics(res),
+        failed=failed,
+        missing=_missing(res, notes),
+        low_samples=low,
+        skipped=res.skipped,
+        duplicates=dup,
+        budget=budget,
+        baselines=baselines,
+        min_samples=min_samples,
+        notes=notes,
+    )
+
+
+def params_text(params: str | None) -> str:
+    """attack_params JSON -> 'k=v, ...' with short floats, for captions."""
+    if not params:
+        return ""
+    try:
+        obj = json.loads(params)
+    except json.JSONDecodeError:
+        return params
+    def short(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if not math.isclose(v * 255, round(v * 255), abs_tol=1e-6) or v == 0 else f"{round(v * 255)}/255"
+        return str(v)
+    return ", ".join(f"{k}={short(v)}" for k, v in obj.items())
