@@ -1,0 +1,199 @@
+"""Run jobs in local worker processes, each as soon as its dependencies are done.
+
+Workers are started with the 'spawn' context (torch and fork do not mix: a forked child
+inherits OpenMP/CUDA state and can deadlock). Each worker gets cpus // workers threads so N
+workers on N cores do not oversubscribe.
+
+A worker process that dies (SIGKILL, OOM killer, segfault in a simulator) breaks the whole
+ProcessPoolExecutor: every job running at that moment gets BrokenProcessPool. We then
+start a fresh pool and resubmit those jobs, up to `max_retries` times each (a job cannot
+be told apart from the bystanders that shared the broken pool, so all are charged one
+attempt). Trials are idempotent (checkpoint cache + atomic result files), so re-running
+one is safe. An exception raised by a job's fn is not retried: it is 'lost' at once, the
+same as Ray's retry_exceptions=False.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Sequence
+
+from qshield_dist.executors.base import Executor, Job, ProgressSink
+
+log = logging.getLogger(__name__)
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _init_worker(threads: int) -> None:
+    """Runs first in every worker: cap the thread pools before any trial computes."""
+    for var in _THREAD_VARS:
+        os.environ[var] = str(threads)
+    # spawn re-imports the parent's __main__, which may have imported torch already:
+    # the env var is then too late for its pool, so set it directly as well.
+    if "torch" in sys.modules:
+        try:
+            sys.modules["torch"].set_num_threads(threads)
+        except Exception as exc:  # pragma: no cover - defensive
+            logging.getLogger(__name__).debug("torch.set_num_threads failed: %s", exc)
+
+
+def _call(fn: Callable[[], str]) -> str:
+    return fn()
+
+
+class LocalExecutor(Executor):
+    name = "local"
+
+    def __init__(self, workers: int = 1, max_retries: int = 1, mp_context: str = "spawn",
+                 threads_per_worker: int | None = None, in_process: bool = False):
+        """workers: processes run at once. max_retries: re-runs of a job whose worker died.
+        in_process: with workers=1, run jobs in this process (debugging; a crash in a trial
+        then ends the sweep)."""
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.max_retries = max_retries
+        self.mp_context = mp_context
+        self.threads = threads_per_worker or max(1, _available_cpus() // workers)
+        self.in_process = in_process and workers == 1
+        self.pools_created = 0  # tests and benchmarks read this
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        self.pools_created += 1
+        return cf.ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=mp.get_context(self.mp_context),
+            initializer=_init_worker, initargs=(self.threads,),
+        )
+
+    def run(self, jobs: Sequence[Job], progress: ProgressSink | None = None) -> dict[str, str]:
+        progress = progress or ProgressSink()
+        by_key = {job.key: job for job in jobs}
+        if len(by_key) != len(jobs):
+            raise ValueError("duplicate job keys")
+        # Only deps among `jobs` matter; others were done in an earlier run.
+        waiting = {job.key: {d for d in job.deps if d in by_key} for job in jobs}
+        dependents: dict[str, list[str]] = {key: [] for key in by_key}
+        for key, deps in waiting.items():
+            for dep in deps:
+                dependents[dep].append(key)
+        ready = [job.key for job in jobs if not waiting[job.key]]
+        ready.reverse()  # pop() from the end keeps the caller's order
+        status: dict[str, str] = {}
+        attempts: dict[str, int] = {key: 0 for key in by_key}
+
+        def finish(key: str, st: str) -> None:
+            status[key] = st
+            progress.finished(key, st)
+            for child in dependents[key]:
+                if child in status:
+                    continue
+                if st == "lost":
+                    finish(child, "lost")  # never ran: a dependency is missing
+                    continue
+                waiting[child].discard(key)
+                if not waiting[child]:
+                    ready.append(child)
+
+        if self.in_process:
+            while ready:
+                key = ready.pop()
+                progress.started(key)
+                try:
+                    st = by_key[key].fn()
+                except Exception:
+                    log.exception("job %s raised: lost", key)
+                    st = "lost"
+                finish(key, _checked(key, st))
+            return _complete(status, by_key)
+
+        pool = self._new_pool()
+        running: dict[cf.Future[str], str] = {}
+        try:
+            while ready or running:
+                while ready and len(running) < self.workers:
+                    key = ready.pop()
+                    attempts[key] += 1
+                    if attempts[key] == 1:
+                        progress.started(key)
+                    try:
+                        running[pool.submit(_call, by_key[key].fn)] = key
+                    except BrokenProcessPool:
+                        # The pool broke between our wait and this submit: retry on a new one.
+                        attempts[key] -= 1
+                        ready.append(key)
+                        pool = self._replace(pool)
+                if not running:
+                    continue
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                broken = False
+                for fut in done:
+                    key = running.pop(fut)
+                    exc = fut.exception()
+                    if exc is None:
+                        finish(key, _checked(key, fut.result()))
+                    elif isinstance(exc, BrokenProcessPool):
+                        broken = True
+                        self._retry_or_lose(key, attempts, ready, finish)
+                    else:
+                        log.error("job %s raised %s: %s (lost, not retried)", key, type(exc).__name__, exc)
+                        finish(key, "lost")
+                if broken:
+                    # Every other running future fails the same way; collect them now.
+                    for fut in list(running):
+                        key = running.pop(fut)
+                        try:
+                            st = fut.result()
+                        except BrokenProcessPool:
+                            self._retry_or_lose(key, attempts, ready, finish)
+                        except Exception as exc:
+                            log.error("job %s raised %s: %s (lost)", key, type(exc).__name__, exc)
+                            finish(key, "lost")
+                        else:
+                            finish(key, _checked(key, st))
+                    pool = self._replace(pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return _complete(status, by_key)
+
+    def _replace(self, pool: cf.ProcessPoolExecutor) -> cf.ProcessPoolExecutor:
+        log.warning("a worker process died; starting a new pool of %d", self.workers)
+        pool.shutdown(wait=False, cancel_futures=True)
+        time.sleep(0.05)  # let the dead pool's manager thread finish tearing down
+        return self._new_pool()
+
+    def _retry_or_lose(self, key: str, attempts: dict[str, int], ready: list[str],
+                       finish: Callable[[str, str], None]) -> None:
+        if attempts[key] <= self.max_retries:
+            log.warning("job %s: worker died (attempt %d), retrying", key, attempts[key])
+            ready.append(key)
+        else:
+            log.error("job %s: worker died on all %d attempts: lost", key, attempts[key])
+            finish(key, "lost")
+
+
+def _checked(key: str, st: object) -> str:
+    if st in ("ok", "failed"):
+        return str(st)
+    log.error("job %s returned %r, not 'ok'/'failed': counted as lost", key, st)
+    return "lost"
+
+
+def _complete(status: dict[str, str], by_key: dict[str, Job]) -> dict[str, str]:
+    missing = set(by_key) - set(status)
+    if missing:  # only possible with a dependency cycle
+        raise ValueError(f"jobs never became ready (dependency cycle?): {sorted(missing)[:5]}")
+    return {key: status[key] for key in by_key}

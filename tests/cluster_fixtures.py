@@ -1,0 +1,111 @@
+"""Toy jobs and helpers shared by the executor and cluster tests.
+
+Job functions are module level (picklable by reference for local workers; the Ray and
+SLURM tests register this module for pickling by value, as their workers do not have the
+tests directory on sys.path). Each job appends a line to `<out>/<key>.log` on every run
+(so a test can count runs) and writes its output `<out>/<key>.out` atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def _append(path: Path, line: str) -> int:
+    """Append one line (O_APPEND: atomic for short writes); return the line count after."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+    return len(path.read_text().splitlines())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def record(out: str, key: str, sleep: float = 0.0, status: str = "ok") -> str:
+    """Log start/end times and pid, write the output; return `status`."""
+    out_dir = Path(out)
+    start = time.time()
+    if sleep:
+        time.sleep(sleep)
+    end = time.time()
+    _append(out_dir / f"{key}.log", f"{start:.6f} {end:.6f} {os.getpid()} {socket.gethostname()}")
+    _atomic_write(out_dir / f"{key}.out", f"{key}\n")
+    return status
+
+
+def die_once(out: str, key: str) -> str:
+    """SIGKILL its own process on the first run; succeed on the next."""
+    out_dir = Path(out)
+    runs = _append(out_dir / f"{key}.log", f"{time.time():.6f} {time.time():.6f} {os.getpid()} start")
+    if runs == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _atomic_write(out_dir / f"{key}.out", f"{key}\n")
+    return "ok"
+
+
+def die_always(out: str, key: str) -> str:
+    _append(Path(out) / f"{key}.log", f"{time.time():.6f} {time.time():.6f} {os.getpid()} start")
+    os.kill(os.getpid(), signal.SIGKILL)
+    return "ok"  # never reached
+
+
+def raise_error(out: str, key: str) -> str:
+    _append(Path(out) / f"{key}.log", f"{time.time():.6f} {time.time():.6f} {os.getpid()} start")
+    raise RuntimeError(f"job {key} crashed")
+
+
+def wait_for_release(out: str, key: str, timeout: float = 120.0) -> str:
+    """Write its pid to `<key>.pids`, wait until `<out>/release` exists, write the output.
+
+    Lets a test find the worker's pid and kill it while the job runs.
+    """
+    out_dir = Path(out)
+    _append(out_dir / f"{key}.pids", str(os.getpid()))
+    deadline = time.time() + timeout
+    while not (out_dir / "release").exists():
+        if time.time() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.05)
+    return record(out, key)
+
+
+def noop() -> str:
+    return "ok"
+
+
+def spin(seconds: float) -> str:
+    """CPU-bound busy loop for `seconds` of CPU time (not wall time)."""
+    end = time.process_time() + seconds
+    x = 0
+    while time.process_time() < end:
+        for i in range(10_000):
+            x += i * i
+    return "ok"
+
+
+def runs(out: str | Path, key: str) -> list[list[str]]:
+    path = Path(out) / f"{key}.log"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def start_end(out: str | Path, key: str) -> tuple[float, float]:
+    rows = runs(out, key)
+    assert len(rows) == 1, f"{key} ran {len(rows)} times"
+    return float(rows[0][0]), float(rows[0][1])
+
+
+def run_quiet(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]

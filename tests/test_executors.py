@@ -1,0 +1,149 @@
+"""LocalExecutor with real worker processes and toy jobs that write files."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import cluster_fixtures as cf
+from qshield_dist.executors.base import Job, ProgressSink
+from qshield_dist.executors.local import LocalExecutor
+
+
+class Recorder(ProgressSink):
+    def __init__(self) -> None:
+        self.started_keys: list[str] = []
+        self.finished_keys: dict[str, str] = {}
+
+    def started(self, key: str) -> None:
+        self.started_keys.append(key)
+
+    def finished(self, key: str, status: str) -> None:
+        assert key not in self.finished_keys, f"{key} finished twice"
+        self.finished_keys[key] = status
+
+
+def rec_job(out: Path, key: str, deps: tuple[str, ...] = (), sleep: float = 0.0, status: str = "ok") -> Job:
+    return Job(key, functools.partial(cf.record, str(out), key, sleep, status), deps)
+
+
+def diamond(out: Path) -> list[Job]:
+    # t1, t2 (train) -> a1 needs t1, a2 needs t1+t2, a3 needs a2 (and a dep done earlier)
+    return [
+        rec_job(out, "t1", sleep=0.3),
+        rec_job(out, "t2", sleep=0.1, status="failed"),
+        rec_job(out, "a1", ("t1",)),
+        rec_job(out, "a2", ("t1", "t2")),
+        rec_job(out, "a3", ("a2", "done-in-earlier-run")),
+    ]
+
+
+def check_diamond(out: Path, result: dict[str, str]) -> None:
+    assert result == {"t1": "ok", "t2": "failed", "a1": "ok", "a2": "ok", "a3": "ok"}
+    times = {k: cf.start_end(out, k) for k in result}  # asserts each ran exactly once
+    assert times["a1"][0] >= times["t1"][1]
+    assert times["a2"][0] >= max(times["t1"][1], times["t2"][1])  # 'failed' still unblocks
+    assert times["a3"][0] >= times["a2"][1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_runs_dag_once_in_order(tmp_path: Path, workers: int) -> None:
+    rec = Recorder()
+    result = LocalExecutor(workers=workers).run(diamond(tmp_path), rec)
+    check_diamond(tmp_path, result)
+    assert rec.finished_keys == result
+    assert sorted(rec.started_keys) == sorted(result)
+
+
+def test_local_in_process(tmp_path: Path) -> None:
+    result = LocalExecutor(workers=1, in_process=True).run(diamond(tmp_path))
+    check_diamond(tmp_path, result)
+    assert {cf.runs(tmp_path, k)[0][2] for k in result} == {str(os.getpid())}
+
+
+def test_local_schedules_as_soon_as_deps_finish(tmp_path: Path) -> None:
+    # Not wave by wave: 'fast2' depends only on the quick 'fast1' and must start long
+    # before the slow job of the same wave finishes.
+    jobs = [
+        rec_job(tmp_path, "slow", sleep=2.0),
+        rec_job(tmp_path, "fast1", sleep=0.05),
+        rec_job(tmp_path, "fast2", ("fast1",)),
+    ]
+    result = LocalExecutor(workers=2).run(jobs)
+    assert set(result.values()) == {"ok"}
+    assert cf.start_end(tmp_path, "fast2")[1] < cf.start_end(tmp_path, "slow")[1]
+
+
+def test_local_runs_in_parallel_in_worker_processes(tmp_path: Path) -> None:
+    jobs = [rec_job(tmp_path, f"j{i}", sleep=0.5) for i in range(4)]
+    start = time.monotonic()
+    result = LocalExecutor(workers=2).run(jobs)
+    wall = time.monotonic() - start
+    assert set(result.values()) == {"ok"}
+    pids = {cf.runs(tmp_path, f"j{i}")[0][2] for i in range(4)}
+    assert str(os.getpid()) not in pids and 1 <= len(pids) <= 2
+    assert wall < 4 * 0.5 + 1.5  # serial would be >= 2 s of sleeping plus spawn cost
+    # overlap: some two jobs ran at the same time
+    spans = sorted(cf.start_end(tmp_path, f"j{i}") for i in range(4))
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+def test_local_worker_threads_are_capped(tmp_path: Path) -> None:
+    ex = LocalExecutor(workers=2)
+    assert ex.threads == max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_local_lost_propagates_and_raise_is_not_retried(tmp_path: Path) -> None:
+    jobs = [
+        Job("boom", functools.partial(cf.raise_error, str(tmp_path), "boom")),
+        rec_job(tmp_path, "child", ("boom",)),
+        rec_job(tmp_path, "grandchild", ("child",)),
+        rec_job(tmp_path, "other"),
+    ]
+    rec = Recorder()
+    result = LocalExecutor(workers=2).run(jobs, rec)
+    assert result == {"boom": "lost", "child": "lost", "grandchild": "lost", "other": "ok"}
+    assert len(cf.runs(tmp_path, "boom")) == 1  # an exception is not retried
+    assert cf.runs(tmp_path, "child") == [] and cf.runs(tmp_path, "grandchild") == []
+    assert rec.finished_keys == result
+    assert "child" not in rec.started_keys
+
+
+def test_local_survives_sigkilled_worker(tmp_path: Path) -> None:
+    """Design: a job whose worker dies is retried on a fresh pool (max_retries=1 here);
+    one that kills its worker every time ends 'lost', and so do its dependents."""
+    out = str(tmp_path)
+    jobs = [
+        Job("once", functools.partial(cf.die_once, out, "once")),
+        Job("always", functools.partial(cf.die_always, out, "always")),
+        rec_job(tmp_path, "after-once", ("once",)),
+        rec_job(tmp_path, "after-always", ("always",)),
+        *[rec_job(tmp_path, f"bystander{i}", sleep=0.2) for i in range(3)],
+    ]
+    ex = LocalExecutor(workers=2, max_retries=1)
+    result = ex.run(jobs)
+    assert result["once"] == "ok" and len(cf.runs(tmp_path, "once")) == 2
+    assert result["always"] == "lost" and len(cf.runs(tmp_path, "always")) == 2  # 1 + 1 retry
+    assert result["after-once"] == "ok" and result["after-always"] == "lost"
+    assert cf.runs(tmp_path, "after-always") == []
+    for i in range(3):
+        assert result[f"bystander{i}"] == "ok"
+        assert (tmp_path / f"bystander{i}.out").read_text() == f"bystander{i}\n"
+    assert ex.pools_created >= 3  # the pool was rebuilt after each death
+    assert (tmp_path / "once.out").exists() and not (tmp_path / "always.out").exists()
+
+
+def test_local_rejects_cycle(tmp_path: Path) -> None:
+    jobs = [rec_job(tmp_path, "a", ("b",)), rec_job(tmp_path, "b", ("a",))]
+    with pytest.raises(ValueError, match="cycle"):
+        LocalExecutor(workers=1).run(jobs)
+    assert cf.runs(tmp_path, "a") == []
+
+
+def test_local_rejects_bad_workers() -> None:
+    with pytest.raises(ValueError):
+        LocalExecutor(workers=0)
