@@ -1,0 +1,590 @@
+"""Torch module that runs the QShield circuit of `circuits.py` on a batch of angles.
+
+Simulators:
+
+- `compiled` (default, exact): the post-encoding part of the circuit does not depend on the
+  data, so it is compiled once per CircuitSpec from the PennyLane ops (their matrices and Kraus
+  operators) into a Pauli-transfer readout matrix M (2**n x 4**n): the encoded state is a
+  product state with Pauli vector r = kron_i (1, x_i, y_i, z_i) and p = M r / ... (see
+  `transfer_matrix`). When M no longer pays (many qubits) it falls back to an exact batched
+  density-matrix simulation that applies the same superoperators locally, with an adjoint
+  (Heisenberg) backward pass so no intermediate density matrix is stored for autograd.
+- `qnode`: a PennyLane QNode on a named device, broadcast over the batch. `default.mixed` is
+  exact for every noise model; state-vector devices run noisy circuits by Monte-Carlo
+  trajectories over each channel's Pauli twirl (exact in expectation for Pauli-mixture channels,
+  an approximation for amplitude damping: `noise_approx == "pauli_twirl"`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import pennylane as qml
+import torch
+
+from qshield_dist.quantum.circuits import (
+    PAULIS,
+    CircuitSpec,
+    body_ops,
+    circuit_ops,
+    encoding_gates,
+    encoding_ops,
+    entanglement_pairs,
+    is_pauli_mixture,
+    noise_channels,
+    pauli_twirl,
+    probs_qfunc,
+)
+
+log = logging.getLogger(__name__)
+
+SIMULATORS = ("compiled", "qnode")
+MIXED_DEVICES = ("default.mixed",)
+STATEVECTOR_DEVICES = ("default.qubit", "lightning.qubit", "lightning.gpu", "lightning.kokkos")
+COMPILED_PATHS = ("auto", "transfer", "density")
+
+# Above this many qubits the (B,4^n)x(4^n,2^n) readout product costs more than simulating the
+# density matrix (8^n vs ~ops*4^n per sample) and M's 2^n*4^n floats get large (n=8: 128 MiB).
+TRANSFER_MAX_QUBITS = 7
+# Working memory one density-matrix chunk may use; the batch is split to stay under it.
+DENSITY_CHUNK_BYTES = 512 * 2**20
+# Rough factor: a Python-level float op count of the state per circuit op kept by backprop.
+_QNODE_SAVED_PER_OP = 2
+
+
+# --- compiled circuit: superoperators read from the PennyLane description --------------------
+
+
+@dataclass
+class _Program:
+    """Superoperators (4^k x 4^k, acting on vec(rho) over the op's wires) of the circuit body."""
+
+    n: int
+    superops: list[tuple[torch.Tensor, tuple[int, ...]]]
+    _cast: dict = field(default_factory=dict)  # (dtype, device) -> superops; a cache
+
+    def ops_for(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        key = (dtype, str(device))
+        if key not in self._cast:
+            self._cast[key] = [(s.to(device=device, dtype=dtype), w) for s, w in self.superops]
+        return self._cast[key]
+
+
+def _op_superop(op: qml.operation.Operator) -> torch.Tensor:
+    """sum_k K (x) conj(K): maps vec(rho) (row index, column index) -> vec(E(rho)) on op.wires."""
+    if isinstance(op, qml.operation.Channel):
+        kraus = [torch.as_tensor(k, dtype=torch.complex128) for k in op.kraus_matrices()]
+    else:
+        kraus = [torch.as_tensor(qml.matrix(op, wire_order=op.wires), dtype=torch.complex128)]
+    return sum(torch.kron(k, k.conj()) for k in kraus)
+
+
+@functools.lru_cache(maxsize=64)
+def compile_body(spec: CircuitSpec) -> _Program:
+    """Body of the circuit as a list of local superoperators; consecutive ops on the same
+    wires (e.g. the three channels of `mixed` noise) are fused into one."""
+    superops: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+    for op in body_ops(spec):
+        wires = tuple(int(w) for w in op.wires)
+        s = _op_superop(op)
+        if superops and superops[-1][1] == wires:
+            superops[-1] = (s @ superops[-1][0], wires)
+        else:
+            superops.append((s, wires))
+    return _Program(spec.qubits, superops)
+
+
+def _apply_superop(t: torch.Tensor, s: torch.Tensor, wires: tuple[int, ...], n: int) -> torch.Tensor:
+    """Apply superoperator s on `wires` to a batch of operators t of shape (B, 2,..,2, 2,..,2)."""
+    k = len(wires)
+    axes = [1 + w for w in wires] + [1 + n + w for w in wires]
+    out = torch.tensordot(s.reshape([2] * (4 * k)), t, dims=(list(range(2 * k, 4 * k)), axes))
+    return torch.movedim(out, list(range(2 * k)), axes)
+
+
+def _schrodinger(program: _Program, rho: torch.Tensor) -> torch.Tensor:
+    for s, wires in program.ops_for(rho.dtype, rho.device):
+        rho = _apply_superop(rho, s, wires, program.n)
+    return rho
+
+
+def _heisenberg(program: _Program, obs: torch.Tensor) -> torch.Tensor:
+    """Adjoint channel: <O, E(rho)> = <E^dagger(O), rho>, E^dagger = ops reversed, each S^H."""
+    for s, wires in reversed(program.ops_for(obs.dtype, obs.device)):
+        obs = _apply_superop(obs, s.conj().T, wires, program.n)
+    return obs
+
+
+def _paulis(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.stack(PAULIS).to(device=device, dtype=dtype)  # (4, 2, 2)
+
+
+def matrix_to_pauli(obs: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, 2^n, 2^n) operators -> (B, 4^n) coefficients Tr(O P), P = P_0 (x) .. (x) P_{n-1}."""
+    b = obs.shape[0]
+    t = obs.reshape([b] + [2] * (2 * n))
+    paulis = _paulis(obs.dtype, obs.device)
+    for q in range(n):
+        # Tr(O P) = sum_ij O[i, j] P[j, i]; the new Pauli axis lands at the end, in qubit order.
+        t = torch.tensordot(t, paulis, dims=([1, 1 + n - q], [2, 1]))
+    return t.reshape(b, 4**n)
+
+
+def pauli_to_matrix(r: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, 4^n) Pauli vector -> (B, 2,..,2, 2,..,2) density operator (1/2^n) sum_P r_P P."""
+    b = r.shape[0]
+    t = r.reshape([b] + [4] * n)
+    paulis = _paulis(r.dtype, r.device)
+    for _ in range(n):
+        t = torch.tensordot(t, paulis, dims=([1], [0]))  # -> (..., i_q, j_q) appended
+    order = [0] + [1 + 2 * q for q in range(n)] + [2 + 2 * q for q in range(n)]
+    return t.permute(order) / 2**n
+
+
+@functools.lru_cache(maxsize=16)
+def transfer_matrix(spec: CircuitSpec) -> torch.Tensor:
+    """Real (4^n, 2^n) float64 matrix T with p = r @ T for Pauli vector r of the encoded state.
+
+    T[P, b] = Tr(E^dagger(|b><b|) P) / 2^n: the readout projectors pushed backwards through the
+    body (Heisenberg picture), then Pauli-decomposed.
+    """
+    n = spec.qubits
+    d = 2**n
+    program = compile_body(spec)
+    proj = torch.zeros(d, d, d, dtype=torch.complex128)
+    proj[torch.arange(d), torch.arange(d), torch.arange(d)] = 1
+    evolved = _heisenberg(program, proj.reshape([d] + [2] * (2 * n)))
+    coeffs = matrix_to_pauli(evolved, n) / d
+    imag = coeffs.imag.abs().max().item()
+    if imag > 1e-9:  # Hermitian observables have real Pauli coefficients
+        raise RuntimeError(f"transfer matrix not real (max imag {imag:.2e}); circuit compile bug")
+    return coeffs.real.T.contiguous()
+
+
+class _DensityEvolve(torch.autograd.Function):
+    """Pauli vector (B, 4^n) -> probabilities (B, 2^n) by density-matrix simulation.
+
+    The map is linear, so the backward pass is the adjoint channel applied to diag(grad):
+    nothing but the program is saved, whatever the circuit length.
+    """
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor, program: _Program, chunk: int) -> torch.Tensor:
+        ctx.program, ctx.chunk = program, chunk
+        n = program.n
+        cdtype = torch.complex128 if r.dtype == torch.float64 else torch.complex64
+        out = []
+        for part in r.split(chunk):
+            rho = _schrodinger(program, pauli_to_matrix(part.to(cdtype), n))
+            out.append(torch.diagonal(rho.reshape(-1, 2**n, 2**n), dim1=1, dim2=2).real)
+        return torch.cat(out).to(r.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        program, n = ctx.program, ctx.program.n
+        cdtype = torch.complex128 if grad.dtype == torch.float64 else torch.complex64
+        out = []
+        for part in grad.split(ctx.chunk):
+            g = torch.diag_embed(part.to(cdtype)).reshape([part.shape[0]] + [2] * (2 * n))
+            out.append(matrix_to_pauli(_heisenberg(program, g), n).real / 2**n)
+        return torch.cat(out).to(grad.dtype), None, None
+
+
+# Bloch-vector components (x=0, y=1, z=2) rotated by each encoding gate: R_P(a) turns the
+# vector by angle a about axis P, i.e. (u, v) -> (u cos a - v sin a, u sin a + v cos a).
+_ROTATION_PLANES = {"RX": (1, 2), "RY": (2, 0), "RZ": (0, 1)}
+
+
+def bloch_vectors(spec: CircuitSpec, angles: torch.Tensor) -> torch.Tensor:
+    """(B, n_angles) -> (B, n, 3) Bloch vectors of each qubit after the encoding rotations on |0>.
+
+    The gate sequence comes from `encoding_gates`; gates at the same position on every wire are
+    applied together. Components still exactly 0/1 are kept as Python floats so the first
+    rotation costs no multiplications by zero.
+    """
+    n = spec.qubits
+    per_wire: list[list[tuple[str, int]]] = [[] for _ in range(n)]
+    for gate, wire, col in encoding_gates(spec):
+        per_wire[wire].append((gate, col))
+    comps: list = [0.0, 0.0, 1.0]
+    for stage in range(len(per_wire[0])):
+        gates = {per_wire[w][stage][0] for w in range(n)}
+        if len(gates) != 1 or any(len(g) != len(per_wire[0]) for g in per_wire):
+            raise NotImplementedError("encoding with different gate sequences per wire")
+        u_idx, v_idx = _ROTATION_PLANES[gates.pop()]
+        cols = [per_wire[w][stage][1] for w in range(n)]
+        a = angles[:, cols] if cols != list(range(cols[0], cols[0] + n)) else angles[:, cols[0] : cols[0] + n]
+        c, s = torch.cos(a), torch.sin(a)
+        u, v = comps[u_idx], comps[v_idx]
+        comps[u_idx] = _lin(u, c, v, s, -1.0)
+        comps[v_idx] = _lin(u, s, v, c, 1.0)
+    comps = [x if torch.is_tensor(x) else torch.full_like(angles[:, :n], x) for x in comps]
+    return torch.stack(comps, dim=-1)
+
+
+def _lin(u, cu: torch.Tensor, v, cv: torch.Tensor, sign: float):
+    """u*cu + sign*v*cv where u, v may be the Python constants 0.0 / 1.0."""
+    terms = []
+    for x, coef, sg in ((u, cu, 1.0), (v, cv, sign)):
+        if torch.is_tensor(x):
+            terms.append(x * coef if sg > 0 else -(x * coef))
+        elif x != 0.0:
+            terms.append(coef * (x * sg))
+    if not terms:
+        return 0.0
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def pauli_vector(bloch: torch.Tensor) -> torch.Tensor:
+    """(B, n, 3) Bloch vectors -> (B, 4^n) r_P = Tr(rho P) = prod_i (1, x_i, y_i, z_i)[P_i]."""
+    b, n, _ = bloch.shape
+    v = torch.cat([torch.ones_like(bloch[..., :1]), bloch], dim=-1)  # (B, n, 4)
+    r = v[:, 0]
+    for q in range(1, n):
+        r = (r.unsqueeze(2) * v[:, q].unsqueeze(1)).reshape(b, -1)
+    return r
+
+
+# --- memory estimates --------------------------------------------------------------------------
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _n_ops(spec: CircuitSpec) -> int:
+    """Gate and channel count of the full circuit (what a QNode applies one by one)."""
+    pairs = len(entanglement_pairs(spec.entanglement, spec.qubits))
+    return spec.n_angles + spec.depth * (pairs + spec.qubits * len(noise_channels(spec)))
+
+
+def compiled_path(spec: CircuitSpec, memory_bytes: int | None = None) -> str:
+    """Which exact compiled path `auto` picks: 'transfer' (readout matrix) or 'density'."""
+    memory = _available_memory() if memory_bytes is None else memory_bytes
+    n = spec.qubits
+    return "transfer" if n <= TRANSFER_MAX_QUBITS and _transfer_bytes(n, 1) <= memory else "density"
+
+
+def _transfer_bytes(n: int, batch: int) -> int:
+    # build: 2^n observables of 2^n x 2^n complex128, ~3 live copies; T float64 + a cast copy;
+    # per sample: r, its kron intermediates and gradient (float64 worst case).
+    return 3 * 8**n * 16 + 2 * 8**n * 8 + batch * 3 * 4**n * 8
+
+
+def _density_bytes(n: int, batch: int) -> int:
+    # per sample kept for autograd: r and the kron factors; working set: >= one sample's chunk
+    # of ~4 complex128 density operators (state, tensordot output, permuted copy, Pauli vector).
+    return batch * 2 * 4**n * 8 + max(DENSITY_CHUNK_BYTES, 4 * 4**n * 16)
+
+
+def estimate_bytes(
+    spec: CircuitSpec,
+    simulator: str,
+    device: str,
+    batch: int,
+    *,
+    trajectories: int = 0,
+    grad: bool = True,
+    compiled: str = "auto",
+) -> int:
+    """Rough peak memory of one forward(+backward) call; estimates, not measurements."""
+    n = spec.qubits
+    if simulator == "compiled":
+        path = compiled if compiled != "auto" else ("transfer" if n <= TRANSFER_MAX_QUBITS else "density")
+        return _transfer_bytes(n, batch) if path == "transfer" else _density_bytes(n, batch)
+    n_ops = _n_ops(spec)
+    if device in MIXED_DEVICES:  # backprop keeps every intermediate density matrix
+        return batch * 4**n * 16 * (_QNODE_SAVED_PER_OP * n_ops + 4)
+    k = max(trajectories, 1) if spec.noisy else 1
+    if device.startswith("lightning"):
+        # tapes run one by one in C++; results kept for all; adjoint over 2^n projector
+        # observables holds one state per observable.
+        per_tape = 2**n * 16 * 4 + (4**n * 16 if grad else 0)
+        return per_tape + batch * k * 2**n * 8 * 2
+    return batch * k * 2**n * 16 * (_QNODE_SAVED_PER_OP * n_ops + 4)
+
+
+def check_fits(
+    spec: CircuitSpec,
+    simulator: str,
+    device: str,
+    batch: int,
+    memory_bytes: int | None = None,
+    *,
+    trajectories: int = 0,
+    grad: bool = True,
+    compiled: str = "auto",
+) -> None:
+    """Raise ValueError, before running anything, when the request would not fit in memory.
+
+    `memory_bytes` defaults to the host's MemAvailable. The message names the largest qubit
+    count that fits for the same simulator, device and batch.
+    """
+    if simulator not in SIMULATORS:
+        raise ValueError(f"simulator must be one of {SIMULATORS}, got {simulator!r}")
+    memory = _available_memory() if memory_bytes is None else int(memory_bytes)
+    kw = dict(trajectories=trajectories, grad=grad, compiled=compiled)
+    need = estimate_bytes(spec, simulator, device, batch, **kw)
+    if need <= memory:
+        return
+    fits = 0
+    for n in range(1, 64):
+        trial = CircuitSpec(n, spec.depth, spec.entanglement, spec.encoding, spec.noise_model, spec.noise_strength)
+        if estimate_bytes(trial, simulator, device, batch, **kw) > memory:
+            break
+        fits = n
+    where = f"{simulator}" + (f" on {device}" if simulator == "qnode" else "")
+    raise ValueError(
+        f"{spec.qubits} qubits with {where}, batch {batch}"
+        + (f", {trajectories} trajectories" if trajectories else "")
+        + f" needs ~{need / 2**30:.2f} GiB but only {memory / 2**30:.2f} GiB is available; "
+        + (f"at most {fits} qubits fit for this path and batch" if fits else "not even 1 qubit fits")
+        + " (estimate)."
+    )
+
+
+# --- the module ----------------------------------------------------------------------------
+
+
+class QuantumLayer(torch.nn.Module):
+    """Angles (B, n_angles) -> basis-state probabilities (B, 2^n), differentiable w.r.t. angles.
+
+    Attributes: `noise_approx` ('exact' or 'pauli_twirl'), `stochastic` (trajectory sampling),
+    `path` (which engine runs: 'transfer', 'density', 'qnode-mixed', 'qnode-statevector',
+    'qnode-trajectories'). The layer has no parameters and no buffers, so it adds nothing to a
+    checkpoint; compiled matrices live in caches keyed by the (hashable) spec.
+    """
+
+    def __init__(
+        self,
+        spec: CircuitSpec,
+        simulator: str = "compiled",
+        device: str = "default.mixed",
+        trajectories: int = 0,
+        seed: int | None = None,
+        *,
+        compiled: str = "auto",
+    ):
+        super().__init__()
+        if simulator not in SIMULATORS:
+            raise ValueError(f"simulator must be one of {SIMULATORS}, got {simulator!r}")
+        if compiled not in COMPILED_PATHS:
+            raise ValueError(f"compiled must be one of {COMPILED_PATHS}, got {compiled!r}")
+        if trajectories < 0:
+            raise ValueError(f"trajectories must be >= 0, got {trajectories}")
+        self.spec, self.simulator, self.device_name = spec, simulator, device
+        self.trajectories, self.seed = int(trajectories), seed
+        self.stochastic = False
+        self.noise_approx = "exact"
+        self._qnodes: dict = {}
+        self._cast: dict = {}
+
+        if simulator == "compiled":
+            # The compiled simulator is its own engine (runs where the angles live); the
+            # PennyLane device name plays no role, so it is kept only for the record.
+            if trajectories:
+                raise ValueError("trajectories apply to qnode on a state-vector device; compiled is exact")
+            self.path = compiled_path(spec) if compiled == "auto" else compiled
+            return
+
+        if device in MIXED_DEVICES:
+            if trajectories:
+                raise ValueError(f"{device} simulates noise exactly; trajectories must be 0, got {trajectories}")
+            self.path = "qnode-mixed"
+        elif spec.noisy:
+            if trajectories <= 0:
+                raise ValueError(
+                    f"noise model {spec.noise_model!r} on state-vector device {device!r} runs by "
+                    "Monte-Carlo trajectories: pass trajectories=K > 0 (or use default.mixed / compiled)"
+                )
+            self.path = "qnode-trajectories"
+            self.stochastic = True
+            self._plan = self._trajectory_plan()
+            exact = all(is_pauli_mixture(op) for op in body_ops(spec) if isinstance(op, qml.operation.Channel))
+            self.noise_approx = "exact" if exact else "pauli_twirl"
+            self._generator = torch.Generator()
+            if seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(seed)
+        else:
+            if trajectories:
+                log.warning("trajectories=%d ignored: the circuit is noiseless", trajectories)
+            self.path = "qnode-statevector"
+        self._qdevice = qml.device(device, wires=spec.qubits)  # fails early on unknown devices
+
+    # pickling (Ray, multiprocessing): QNodes and devices are rebuilt lazily
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_qnodes"], state["_cast"] = {}, {}
+        state.pop("_qdevice", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.simulator == "qnode":
+            self._qdevice = qml.device(self.device_name, wires=self.spec.qubits)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, simulator={self.simulator!r}, path={self.path!r}"
+
+    def forward(self, angles: torch.Tensor) -> torch.Tensor:
+        if angles.shape[-1] != self.spec.n_angles:
+            raise ValueError(
+                f"{self.spec.encoding} on {self.spec.qubits} qubits takes {self.spec.n_angles} angles, "
+                f"got shape {tuple(angles.shape)}"
+            )
+        if not angles.is_floating_point():
+            raise TypeError(f"angles must be float32/float64, got {angles.dtype}")
+        single = angles.dim() == 1
+        batch = angles.unsqueeze(0) if single else angles
+        if self.simulator == "compiled":
+            probs = self._compiled(batch)
+        elif self.path == "qnode-trajectories":
+            probs = self._trajectories(batch)
+        else:
+            probs = self._qnode_probs(batch, self._qdevice_kind())
+        return probs[0] if single else probs
+
+    # compiled ---------------------------------------------------------------------------------
+    def _compiled(self, angles: torch.Tensor) -> torch.Tensor:
+        r = pauli_vector(bloch_vectors(self.spec, angles))
+        if self.path == "transfer":
+            t = transfer_matrix(self.spec)
+            key = (angles.dtype, str(angles.device))
+            cast = self._cast.get(key)  # per-instance cache of the matrix in this dtype/device
+            if cast is None:
+                cast = self._cast[key] = t.to(device=angles.device, dtype=angles.dtype)
+            return r @ cast
+        chunk = max(1, DENSITY_CHUNK_BYTES // (4 * 4**self.spec.qubits * r.element_size() * 2))
+        return _DensityEvolve.apply(r, compile_body(self.spec), chunk)
+
+    # qnode --------------------------------------------------------------------------------------
+    def _qdevice_kind(self) -> str:
+        return "lightning" if self.device_name.startswith("lightning") else "backprop"
+
+    def _qnode(self, kind: str, qfunc_factory) -> qml.QNode:
+        if kind not in self._qnodes:
+            if kind.endswith("adjoint"):
+                diff = "adjoint"
+            elif kind.endswith("nograd"):
+                diff = None
+            else:
+                diff = "backprop"
+            self._qnodes[kind] = qml.QNode(qfunc_factory(), self._qdevice, interface="torch", diff_method=diff)
+        return self._qnodes[kind]
+
+    def _run(self, angles: torch.Tensor, *extra) -> torch.Tensor:
+        """Run the broadcast circuit; lightning has no backprop and its adjoint method cannot
+        differentiate qml.probs, so with a gradient it reads expvals of the 2^n projectors."""
+        spec = self.spec
+        if self._qdevice_kind() == "lightning":
+            if torch.is_grad_enabled() and angles.requires_grad:
+                qnode = self._qnode(self.path + "-adjoint", lambda: self._qfunc(projectors=True))
+                return torch.stack(list(qnode(angles, *extra)), dim=-1)
+            qnode = self._qnode(self.path + "-nograd", lambda: self._qfunc(projectors=False))
+        else:
+            qnode = self._qnode(self.path, lambda: self._qfunc(projectors=False))
+        out = qnode(angles, *extra)
+        return out.reshape(angles.shape[0], 2**spec.qubits) if out.dim() == 1 else out
+
+    def _qfunc(self, projectors: bool):
+        spec = self.spec
+        plan = getattr(self, "_plan", None)
+
+        def readout():
+            if projectors:
+                n = spec.qubits
+                return [qml.expval(qml.Projector([(b >> (n - 1 - q)) & 1 for q in range(n)], wires=spec.wires))
+                        for b in range(2**n)]
+            return qml.probs(wires=spec.wires)
+
+        if plan is None:
+            if not projectors:
+                return probs_qfunc(spec)
+
+            def qfunc(angles):
+                circuit_ops(spec, angles)  # constructing the ops inside the QNode queues them
+                return readout()
+
+            return qfunc
+
+        def qfunc_traj(angles, xbits, zbits):
+            encoding_ops(spec, angles)
+            with qml.QueuingManager.stop_recording():
+                ops = body_ops(spec)
+            for entry in plan:
+                if entry[0] == "op":
+                    qml.apply(ops[entry[1]])
+                else:  # a sampled Pauli X^x Z^z (up to phase) as broadcast rotations
+                    _, wire, j = entry
+                    qml.RX(math.pi * xbits[:, j], wires=wire)
+                    qml.RZ(math.pi * zbits[:, j], wires=wire)
+            return readout()
+
+        return qfunc_traj
+
+    def _qnode_probs(self, angles: torch.Tensor, _kind: str) -> torch.Tensor:
+        return self._run(angles).to(angles.dtype)
+
+    # trajectories -----------------------------------------------------------------------------
+    def _trajectory_plan(self) -> list[tuple]:
+        """Walk the body: keep unitaries, merge each run of channels on a wire (until a unitary
+        touches it) into one sampled Pauli whose distribution is the XOR-convolution of the
+        channels' twirls (independent Pauli errors compose by multiplying, phase ignored)."""
+        plan: list[tuple] = []
+        pending: dict[int, torch.Tensor] = {}
+        self._flush_probs: list[torch.Tensor] = []
+
+        def flush(wires) -> None:
+            for w in wires:
+                if w in pending:
+                    plan.append(("pauli", w, len(self._flush_probs)))
+                    self._flush_probs.append(pending.pop(w))
+
+        with qml.QueuingManager.stop_recording():
+            ops = body_ops(self.spec)
+        for i, op in enumerate(ops):
+            wires = [int(w) for w in op.wires]
+            if isinstance(op, qml.operation.Channel):
+                twirl = pauli_twirl(op)
+                w = wires[0]
+                pending[w] = _xor_convolve(pending[w], twirl) if w in pending else twirl
+            else:
+                flush(wires)
+                plan.append(("op", i))
+        flush(sorted(pending))
+        return plan
+
+    def _trajectories(self, angles: torch.Tensor) -> torch.Tensor:
+        b, k = angles.shape[0], self.trajectories
+        probs = torch.stack(self._flush_probs)  # (F, 4) over I, X, Y, Z
+        draws = torch.multinomial(probs, b * k, replacement=True, generator=self._generator).T  # (BK, F)
+        # I=(0,0) X=(1,0) Y=(1,1) Z=(0,1) as (x, z) bits
+        xbits = ((draws == 1) | (draws == 2)).to(angles.dtype).to(angles.device)
+        zbits = ((draws == 2) | (draws == 3)).to(angles.dtype).to(angles.device)
+        rep = angles.repeat(k, 1)  # trajectory-major: row t*B + i is sample i, trajectory t
+        out = self._run(rep, xbits, zbits)
+        return out.reshape(k, b, -1).mean(0).to(angles.dtype)
+
+
+def _xor_convolve(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Distribution of the product of two independent Paulis, indices I,X,Y,Z = bits (x,z)."""
+    bits = [(0, 0), (1, 0), (1, 1), (0, 1)]
+    index = {b: i for i, b in enumerate(bits)}
+    out = torch.zeros(4, dtype=p.dtype)
+    for i, (x1, z1) in enumerate(bits):
+        for j, (x2, z2) in enumerate(bits):
+            out[index[(x1 ^ x2, z1 ^ z2)]] += p[i] * q[j]
+    return out
