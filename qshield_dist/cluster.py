@@ -226,7 +226,6 @@ def start_head(token_file: str | os.PathLike[str] | None, *, node_ip: str = LOOP
         # Free ports so several clusters (tests, other users) can share a machine.
         f"--dashboard-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
         f"--temp-dir={temp}",
         *_common_args(node_ip, num_cpus, num_gpus, object_store_mb),
     ]

@@ -145,7 +145,7 @@ class RayExecutor(Executor):
                     st = ray.get(ref)
                 except Exception as exc:  # RayTaskError, WorkerCrashedError, NodeDiedError, ...
                     # A dependent of a lost job gets its error again: keep that message short.
-                    log.error("job %s lost: %s", key, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    log.error("job %s lost: %s", key, _short_error(exc))
                     st = "lost"
                 if st not in ("ok", "failed", "lost"):
                     log.error("job %s returned %r: counted as lost", key, st)
@@ -157,3 +157,9 @@ class RayExecutor(Executor):
                     if not unfinished_deps[child] and st != "lost":
                         progress.started(child)
         return {job.key: status[job.key] for job in jobs}
+
+
+def _short_error(exc: BaseException) -> str:
+    """The innermost error line of a Ray error (its traceback text is long and repeated)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}"

@@ -1,0 +1,217 @@
+"""A real Ray cluster on loopback with token auth; RayExecutor against it.
+
+One head per module (starting one costs ~5 s). Clients that must be refused run in
+subprocesses (a process connects to Ray once), in parallel: each refusal takes Ray ~20 s
+of retries before it gives up.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import cloudpickle  # noqa: E402  (Ray pickles task args with its own copy)
+
+import cluster_fixtures as cf  # noqa: E402
+from qshield_dist import cluster  # noqa: E402
+from qshield_dist.executors.base import Job, ProgressSink, Resources  # noqa: E402
+from qshield_dist.executors.ray import RayExecutor  # noqa: E402
+
+# Ray workers do not have tests/ on sys.path: ship the toy jobs by value.
+cloudpickle.register_pickle_by_value(cf)
+
+CLIENT = """
+import sys, ray
+try:
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    print("RESULT connected", ray.get(ray.remote(lambda: 6 * 7).remote()))
+except Exception as exc:
+    print("RESULT refused", type(exc).__name__, exc)
+"""
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.RayNode]:
+    root = tmp_path_factory.mktemp("ray")
+    token = cluster.new_token_file(root / "auth")
+    node = cluster.start_head(token, num_cpus=2, object_store_mb=100, temp_dir=root / "t")
+    try:
+        yield node
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        node.stop()
+        assert not node.alive()
+
+
+@pytest.fixture(scope="module")
+def connected(head: cluster.RayNode) -> Iterator[cluster.RayNode]:
+    RayExecutor(address=head.address, token_file=head.token_file).connect()
+    yield head
+
+
+def test_token_file_is_private_and_not_on_command_lines(head: cluster.RayNode) -> None:
+    assert head.token_file is not None
+    token = head.token_file.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert stat.S_IMODE(head.token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(head.token_file.parent.stat().st_mode) == 0o700
+    # no process's argv holds the token
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            assert token.encode() not in argv, f"token on the command line of pid {pid}"
+
+
+def _tree(pid: int) -> set[int]:
+    """pid and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        found.add(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def test_head_listens_only_on_loopback(head: cluster.RayNode) -> None:
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("ss not available")
+    pids = _tree(head.pid)
+    ours = [line for line in out.stdout.splitlines()
+            if any(f"pid={p}," in line for p in pids)]
+    port = head.address.rsplit(":", 1)[1]
+    assert any(f":{port} " in line for line in ours), ours  # the GCS is among them
+    local = [line.split()[3] for line in ours]
+    assert all(addr.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for addr in local), local
+
+
+def test_clients_need_the_right_token(head: cluster.RayNode, tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("0" * 64)
+    wrong.chmod(0o600)
+    # HOME points at an empty dir: Ray would otherwise also try ~/.ray/auth_token.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base.update(HOME=str(tmp_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    envs = {
+        "right": cluster.auth_env(head.token_file, loopback=True, base=base),
+        "none": dict(base),
+        "none-token-mode": dict(base, RAY_AUTH_MODE="token"),
+        "wrong": cluster.auth_env(wrong, loopback=True, base=base),
+    }
+    procs = {
+        name: subprocess.Popen([sys.executable, str(script), head.address], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, env in envs.items()
+    }
+    outs = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        outs[name] = (stdout + stderr)
+    result = {name: next(line for line in out.splitlines() if line.startswith("RESULT")) for name, out in outs.items()}
+    assert result["right"] == "RESULT connected 42"
+    # No token / wrong token: the GCS rejects the RPCs; ray.init raises ConnectionError.
+    assert result["none"].startswith("RESULT refused ConnectionError"), result["none"]
+    assert result["wrong"].startswith("RESULT refused ConnectionError"), result["wrong"]
+    for name in ("none", "wrong"):
+        assert "Authentication token is missing or incorrect" in outs[name]
+    # Token mode on but no token anywhere: Ray refuses before connecting.
+    assert result["none-token-mode"].startswith("RESULT refused AuthenticationError")
+
+
+def test_ray_executor_runs_dag(connected: cluster.RayNode, tmp_path: Path) -> None:
+    out = str(tmp_path)
+
+    def job(key: str, deps: tuple[str, ...] = (), sleep: float = 0.0, status: str = "ok") -> Job:
+        return Job(key, functools.partial(cf.record, out, key, sleep, status), deps, Resources(cpus=1))
+
+    jobs = [
+        job("t1", sleep=0.3), job("t2", status="failed"),
+        job("a1", ("t1",)), job("a2", ("t1", "t2")), job("a3", ("a2", "earlier-run")),
+        Job("boom", functools.partial(cf.raise_error, out, "boom")),
+        job("after-boom", ("boom",)),
+    ]
+    finished: dict[str, str] = {}
+
+    class Sink(ProgressSink):
+        def finished(self, key: str, status: str) -> None:
+            finished[key] = status
+
+    result = RayExecutor(address=connected.address, token_file=connected.token_file).run(jobs, Sink())
+    assert result == {"t1": "ok", "t2": "failed", "a1": "ok", "a2": "ok", "a3": "ok",
+                      "boom": "lost", "after-boom": "lost"}
+    assert finished == result
+    times = {k: cf.start_end(tmp_path, k) for k in ("t1", "t2", "a1", "a2", "a3")}
+    assert times["a1"][0] >= times["t1"][1]
+    assert times["a2"][0] >= max(times["t1"][1], times["t2"][1])
+    assert times["a3"][0] >= times["a2"][1]
+    assert len(cf.runs(tmp_path, "boom")) == 1  # retry_exceptions=False
+    assert cf.runs(tmp_path, "after-boom") == []
+    # ran in Ray workers, not here
+    assert str(os.getpid()) not in {cf.runs(tmp_path, k)[0][2] for k in times}
+
+
+def test_ray_worker_sigkill_is_retried(connected: cluster.RayNode, tmp_path: Path) -> None:
+    out = str(tmp_path)
+    jobs = [Job("victim", functools.partial(cf.wait_for_release, out, "victim"))]
+    jobs += [Job(f"j{i}", functools.partial(cf.record, out, f"j{i}", 0.05), ("victim",) if i % 2 else ())
+             for i in range(6)]
+    result: dict[str, str] = {}
+    runner = threading.Thread(
+        target=lambda: result.update(RayExecutor(address=connected.address, max_retries=2).run(jobs)))
+    runner.start()
+    pids = tmp_path / "victim.pids"
+    deadline = time.time() + 60
+    while not (pids.exists() and pids.read_text().strip()):
+        assert time.time() < deadline, "victim never started"
+        time.sleep(0.05)
+    victim_pid = int(pids.read_text().split()[0])
+    assert victim_pid != os.getpid()
+    os.kill(victim_pid, signal.SIGKILL)
+    while len(pids.read_text().split()) < 2:  # Ray restarts it in a new worker
+        assert time.time() < deadline, "victim was not retried"
+        time.sleep(0.05)
+    (tmp_path / "release").touch()
+    runner.join(timeout=90)
+    assert not runner.is_alive()
+    assert result == {job.key: "ok" for job in jobs}
+    second = pids.read_text().split()
+    assert len(second) == 2 and second[1] != str(victim_pid)
+    # every output present, each job completed exactly once
+    for job in jobs:
+        assert (tmp_path / f"{job.key}.out").read_text() == f"{job.key}\n"
+        assert len(cf.runs(tmp_path, job.key)) == 1
+
+
+def test_private_local_cluster(tmp_path: Path) -> None:
+    """address='local' starts its own token-auth head and stops it after the run."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ex = RayExecutor(address="local", local_cpus=1)
+    result = ex.run([Job("x", functools.partial(cf.record, str(tmp_path), "x"))])
+    assert result == {"x": "ok"}
+    assert not ray.is_initialized() and ex._private_head is None
