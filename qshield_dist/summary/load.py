@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,19 +61,35 @@ class Results:
     root: Path
     sweep: str
     train: pl.DataFrame
-    attack: pl.DataFrame
+    attack: pl.LazyFrame  # usable attack rows (the bulk): aggregated lazily by tables.py
     diagnostic: pl.DataFrame
     failed: pl.DataFrame  # status='failed' rows, error text included
     skipped: pl.DataFrame  # ok rows set aside: stage, trial_id, label, reason
-    manifest: dict[str, Any] | None
+    manifest_job: Future[tuple[dict[str, Any] | None, str | None]]
     n_files: int
     notes: list[str] = field(default_factory=list)  # stated in the report
+    attack_files: list[str] = field(default_factory=list)  # to name bad files if a later collect fails
+    _manifest: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    _manifest_read: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        """manifest.json, parsed in a background thread (tens of MB for a big grid) while
+        the tables are computed; its note, if any, joins `notes` on first access."""
+        if not self._manifest_read:
+            self._manifest, note = self.manifest_job.result()
+            self._manifest_read = True
+            if note:
+                self.notes.append(note)
+        return self._manifest
 
 
-def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """Result files by stage (ok) and the failed ones, from directory names only."""
+def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], int]:
+    """Result files by stage (ok), the failed ones, and how many failed files are
+    superseded by an ok file of the same trial (a retry that succeeded; the ok one wins)."""
     ok: dict[str, list[str]] = {s: [] for s in STAGES}
     failed: list[str] = []
+    superseded = 0
     for stage_dir in sorted(root.iterdir()):
         if not (stage_dir.is_dir() and stage_dir.name.startswith("stage=")):
             continue
@@ -80,15 +97,15 @@ def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str]]:
         for dataset_dir in sorted(stage_dir.iterdir()):
             if not (dataset_dir.is_dir() and dataset_dir.name.startswith("dataset=")):
                 continue
-            for entry in os.scandir(dataset_dir):
-                name = entry.name
-                if name.startswith(".") or not name.endswith(".parquet"):
-                    continue  # temp files of in-flight atomic writes
-                if name.endswith(".failed.parquet"):
-                    failed.append(entry.path)
+            names = {e.name: e.path for e in os.scandir(dataset_dir) if not e.name.startswith(".") and e.name.endswith(".parquet")}
+            for name, path in sorted(names.items()):  # dot-files are temp files of in-flight atomic writes
+                if not name.endswith(".failed.parquet"):
+                    ok.setdefault(stage, []).append(path)
+                elif name[: -len(".failed.parquet")] + ".parquet" in names:
+                    superseded += 1
                 else:
-                    ok.setdefault(stage, []).append(entry.path)
-    return ok, failed
+                    failed.append(path)
+    return ok, failed, superseded
 
 
 def _diagnose(files: list[str]) -> str:
@@ -125,53 +142,59 @@ def _diagnose(files: list[str]) -> str:
     return f"{len(problems)} file(s) do not match results schema_version {SCHEMA_VERSION}:\n  {head}{more}"
 
 
-def _scan(files: list[str], columns: tuple[str, ...]) -> pl.DataFrame:
-    """One lazy scan of same-schema files, only `columns` materialized."""
+def _lazy(files: list[str], kind: str) -> pl.LazyFrame:
+    """A lazy scan of one kind of file (a stage, or the failed ones) with its columns."""
+    columns = list(STAGE_COLUMNS[kind])
     if not files:
-        return pl.from_arrow(SCHEMA.empty_table().select(list(columns)))  # type: ignore[return-value]
-    lf = pl.scan_parquet(files, hive_partitioning=True, hive_schema={"stage": pl.String, "dataset": pl.String})
+        return pl.from_arrow(SCHEMA.empty_table().select(columns)).lazy()  # type: ignore[union-attr]
+    scan = pl.scan_parquet(files, hive_partitioning=True, hive_schema={"stage": pl.String, "dataset": pl.String})
+    return scan.select(columns)
+
+
+def collect(queries: list[pl.LazyFrame], files: list[str]) -> list[pl.DataFrame]:
+    """Collect lazy queries together (Polars runs them in parallel); a file that cannot be
+    read as this schema turns into a SummaryError naming the files at fault."""
     try:
-        return lf.select(list(columns)).collect()
+        return pl.collect_all(queries)
     except Exception as exc:  # polars raises several error types for bad files; all mean "bad input"
         log.debug("scan failed: %s", exc)
         raise SummaryError(_diagnose(files)) from None
 
 
-def _check_versions(frames: dict[str, pl.DataFrame], files: dict[str, list[str]]) -> None:
-    bad = {s: df for s, df in frames.items() if df.height and (df["schema_version"] != SCHEMA_VERSION).any()}
+def _check_versions(versions: list[pl.DataFrame], files: dict[str, list[str]]) -> None:
+    bad = [k for k, v in zip(files, versions) if (v["schema_version"] != SCHEMA_VERSION).any()]
     if bad:
-        raise SummaryError(_diagnose([f for s in bad for f in files[s]]))
+        raise SummaryError(_diagnose([f for k in bad for f in files[k]]))
 
 
-def _read_manifest(root: Path, notes: list[str]) -> dict[str, Any] | None:
+def _read_manifest(root: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The manifest and a note when it is absent or unusable (tolerated: a sweep may predate it)."""
     path = root / "manifest.json"
     if not path.exists():
-        notes.append("no manifest.json: missing grid points cannot be listed")
-        return None
+        return None, "no manifest.json: missing grid points cannot be listed"
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        notes.append(f"manifest.json unreadable ({exc}): missing grid points cannot be listed")
-        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"manifest.json unreadable ({exc}): missing grid points cannot be listed"
     if not isinstance(manifest, dict):
-        notes.append("manifest.json is not a JSON object: ignored")
-        return None
-    return manifest
+        return None, "manifest.json is not a JSON object: ignored"
+    return manifest, None
 
 
-def _choose_sweep(frames: dict[str, pl.DataFrame], sweep: str | None) -> str:
+def _choose_sweep(counts_by_kind: list[pl.DataFrame], sweep: str | None) -> tuple[str, bool]:
+    """The sweep to summarize and whether others are present (then rows must be filtered)."""
     counts: dict[str, int] = {}
-    for df in frames.values():
-        for name, n in df.group_by("sweep").len().iter_rows():
+    for df in counts_by_kind:
+        for name, n in df.iter_rows():
             counts[str(name)] = counts.get(str(name), 0) + n
     if sweep is not None:
         if sweep not in counts:
             raise SummaryError(f"--sweep {sweep}: no rows of that sweep here; sweeps found: {', '.join(sorted(counts)) or 'none'}")
-        return sweep
+        return sweep, len(counts) > 1
     if len(counts) > 1:
         listed = ", ".join(f"{k} ({v} rows)" for k, v in sorted(counts.items()))
         raise SummaryError(f"rows of several sweeps are mixed here: {listed}; summarize one with --sweep NAME")
-    return next(iter(counts))
+    return next(iter(counts)), False
 
 
 def _nonfinite(col: str) -> pl.Expr:
@@ -179,30 +202,37 @@ def _nonfinite(col: str) -> pl.Expr:
     return c.is_null() | (c.cast(pl.Float64).is_nan() | c.cast(pl.Float64).is_infinite()).fill_null(True)
 
 
-def _set_aside(attack: pl.DataFrame, train: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """Split off rows whose metrics are NaN/null (or with nothing attacked), with the reason."""
+def bad_attack_row() -> pl.Expr:
+    """An attack row no mean may use: a NaN/null metric, or nothing attacked."""
+    return pl.any_horizontal(*[_nonfinite(c) for c in ATTACK_METRICS], pl.col("n_attacked").fill_null(0) <= 0)
+
+
+def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, pl.DataFrame]:
+    """The set-aside rows with their reason (a query for attack rows, collected later)."""
     reasons = [pl.when(_nonfinite(c)).then(pl.lit(f"{c} is NaN/null")) for c in ATTACK_METRICS]
     reasons.append(pl.when(pl.col("n_attacked").fill_null(0) <= 0).then(pl.lit("n_attacked = 0")))
-    attack = attack.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("_reason"))
-    train = train.with_columns(pl.when(_nonfinite("clean_acc")).then(pl.lit("clean_acc is NaN/null")).alias("_reason"))
-    cols = ["stage", "dataset", "trial_id", "variant", "attack", "seed", "reason"]
-    skipped = pl.concat(
-        [
-            attack.filter(pl.col("_reason") != "").select(pl.lit("attack").alias("stage"), "dataset", "trial_id", "variant", "attack", "seed", pl.col("_reason").alias("reason")),
-            train.filter(pl.col("_reason").is_not_null()).select(pl.lit("train").alias("stage"), "dataset", "trial_id", "variant", pl.lit(None, pl.String).alias("attack"), "seed", pl.col("_reason").alias("reason")),
-        ]
-    ).select(cols)
-    return attack.filter(pl.col("_reason") == "").drop("_reason"), train.filter(pl.col("_reason").is_null()).drop("_reason"), skipped
+    cols = ("dataset", "trial_id", "variant", "seed")
+    bad_attack = attack.filter(bad_attack_row()).select(
+        pl.lit("attack").alias("stage"), *cols, "attack", pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason")
+    )
+    bad_train = train.filter(_nonfinite("clean_acc")).select(
+        pl.lit("train").alias("stage"), *cols, pl.lit(None, pl.String).alias("attack"), pl.lit("clean_acc is NaN/null").alias("reason")
+    )
+    return bad_attack, bad_train
 
 
 def load_results(root: str | Path, sweep: str | None = None) -> Results:
-    """Validated rows of one sweep under `root`; raises SummaryError for unusable input."""
+    """Validated rows of one sweep under `root`; raises SummaryError for unusable input.
+
+    Train, diagnostic and failed rows (one per trained model / check / failure) are read
+    eagerly; attack rows, the bulk, stay a lazy query that tables.py aggregates in the scan.
+    """
     root = Path(root)
     if not root.exists():
         raise SummaryError(f"results directory {root} does not exist (run the sweep first, or pass RESULTS_DIR)")
     if not root.is_dir():
         raise SummaryError(f"{root} is not a directory")
-    files, failed_files = _list_files(root)
+    files, failed_files, superseded = _list_files(root)
     n_files = sum(map(len, files.values())) + len(failed_files)
     if n_files == 0:
         raise SummaryError(f"no result files under {root} (expected stage=*/dataset=*/*.parquet): has the sweep run?")
@@ -210,25 +240,43 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
     notes: list[str] = []
     if unknown:
         notes.append(f"ignored result files of unknown stages: {', '.join(unknown)}")
+    if superseded:
+        notes.append(f"{superseded} failed result file(s) ignored: the same trial also has an ok file (a successful retry)")
 
-    frames = {s: _scan(files[s], STAGE_COLUMNS[s]) for s in STAGES}
-    frames["failed"] = _scan(failed_files, STAGE_COLUMNS["failed"])
-    _check_versions(frames, {**files, "failed": failed_files})
-    chosen = _choose_sweep(frames, sweep)
-    frames = {k: v.filter(pl.col("sweep") == chosen) for k, v in frames.items()}
+    by_kind = {**{s: files[s] for s in STAGES}, "failed": failed_files}
+    all_files = [f for v in by_kind.values() for f in v]
+    # A big sweep's manifest is tens of MB of JSON: parse it while Polars scans and
+    # aggregates (Polars releases the GIL), resolved only when the grid check needs it.
+    pool = ThreadPoolExecutor(max_workers=1)
+    manifest_job = pool.submit(_read_manifest, root)
+    pool.shutdown(wait=False)
 
-    # A trial re-run successfully after a failure keeps only its ok file; if both are seen
-    # (a rename raced the listing) the ok one wins.
-    ok_ids = pl.concat([frames[s].select("trial_id") for s in STAGES])["trial_id"]
-    failed = frames["failed"].filter(~pl.col("trial_id").is_in(ok_ids.implode()))
+    lazy = {k: _lazy(v, k) for k, v in by_kind.items()}
+    small = ["train", "diagnostic", "failed"]
+    versions = [lf.select(pl.col("schema_version").unique()) for lf in lazy.values()]
+    sweeps = [lf.group_by("sweep").len() for lf in lazy.values()]
+    out = collect([*versions, *sweeps, *(lazy[k] for k in small)], all_files)
+    n = len(by_kind)
+    _check_versions(out[:n], by_kind)
+    chosen, several = _choose_sweep(out[n : 2 * n], sweep)
+    frames = dict(zip(small, out[2 * n :]))
+    attack = lazy["attack"]
+    if several:
+        frames = {k: v.filter(pl.col("sweep") == chosen) for k, v in frames.items()}
+        attack = attack.filter(pl.col("sweep") == chosen)
 
-    attack, train, skipped = _set_aside(frames["attack"], frames["train"])
-    if attack.height + train.height + frames["diagnostic"].height == 0:
+    bad_attack, bad_train = _skipped(attack, frames["train"])
+    (skipped_attack,) = collect([bad_attack], files["attack"])
+    skipped = pl.concat([skipped_attack, bad_train])
+    train = frames["train"].filter(~_nonfinite("clean_acc"))
+    n_attack_ok = dict(out[n + list(by_kind).index("attack")].iter_rows()).get(chosen, 0) - skipped_attack.height
+    if n_attack_ok == 0 and train.height + frames["diagnostic"].height == 0:
         raise SummaryError(
-            f"nothing to summarize in {root} (sweep {chosen}): {failed.height} failed trial(s), "
+            f"nothing to summarize in {root} (sweep {chosen}): {frames['failed'].height} failed trial(s), "
             f"{skipped.height} row(s) with NaN/null metrics"
         )
     return Results(
-        root=root, sweep=chosen, train=train, attack=attack, diagnostic=frames["diagnostic"], failed=failed,
-        skipped=skipped, manifest=_read_manifest(root, notes), n_files=n_files, notes=notes,
+        root=root, sweep=chosen, train=train, attack=attack.filter(~bad_attack_row()), diagnostic=frames["diagnostic"],
+        failed=frames["failed"], skipped=skipped, manifest_job=manifest_job, n_files=n_files, notes=notes,
+        attack_files=files["attack"],
     )

@@ -19,8 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from qshield_dist.attacks import ATTACKS
-from qshield_dist.summary.tables import HYBRID, Tables
+from qshield_dist.summary.tables import ATTACK_ORDER, HYBRID, Tables
 
 PAPER_DATASETS = {"mnist": "MNIST", "organamnist": "OrganAMNIST", "cifar10": "CIFAR-10"}
 # The paper's HQCNN configuration, as the project's settings (see paper-protocol.md).
@@ -34,6 +33,15 @@ _WHY = {
     "quantum_grad": "paper's quantum branch passes no gradient to the input",
 }
 COLUMNS = ["dataset", "paper_dataset", "label", "paper_model", "metric", "attack", "measured", "paper", "diff", "match", "notes"]
+
+
+def paper_attack_params() -> dict[str, dict[str, dict[str, Any]]]:
+    """dataset -> attack -> the paper's parameters, in qshield_dist.attacks' naming.
+
+    A copy of the registry's `paper` preset (a test keeps them equal), because importing
+    the registry imports torch, which costs more than the whole summary.
+    """
+    return json.loads(resources.files("qshield_dist.summary").joinpath("paper_attack_params.json").read_text())
 
 
 def load_paper() -> pl.DataFrame:
@@ -68,13 +76,15 @@ def _setting_notes(row: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _param_notes(attack: str, preset: str, params: str, paper_dataset: str) -> list[str]:
+def _param_notes(attack: str, preset: str, params: str, published: dict[str, Any] | None) -> list[str]:
+    """What differs from the paper's attack: preset, then each parameter."""
+    if published is None:
+        return []  # not an attack of the paper: the match column says so
     notes = [] if preset == "paper" else [f"preset {preset}"]
     try:
         measured = json.loads(params or "{}")
-        published = ATTACKS[attack].params(paper_dataset, "paper")
-    except (KeyError, json.JSONDecodeError):
-        return notes + ["attack parameters not comparable"]
+    except json.JSONDecodeError:
+        return notes + ["attack parameters not readable"]
     diff = [f"{k}={measured.get(k)} (paper {v})" for k, v in published.items() if measured.get(k) != v]
     return notes + ([f"params differ: {', '.join(diff)}"] if diff else [])
 
@@ -83,6 +93,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
     """Long table: one row per (dataset, variant, metric, attack) measured or published."""
     proxies = proxies or {}
     paper = load_paper()
+    published_params = paper_attack_params()
     by_key = {(r["dataset"], r["paper_model"], r["metric"], r["attack"]): r["value"] for r in paper.iter_rows(named=True)}
     variants = tables.variants.join(tables.clean, on="vkey", how="left")
     baselines = tables.baselines
@@ -108,6 +119,8 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
         })
 
     base_train = {r["dataset"]: r["train_seconds"] for r in variants.iter_rows(named=True) if baselines.get(r["dataset"]) == r["model"]}
+    cost_by = tables.cost.partition_by("vkey", as_dict=True)
+    empty = tables.cost.head(0)
     for v in variants.sort("dataset", "family", "label").iter_rows(named=True):
         pds = proxies.get(v["dataset"], v["dataset"])
         pds = pds if pds in PAPER_DATASETS else None
@@ -130,10 +143,10 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
                 rows[rows_before]["diff"] = ratio - m / b
                 rows[rows_before]["match"] = "proxy dataset" if v["dataset"] in proxies else "exact"
                 seen.add((pds, pmodel, "train_time_ratio_vs_cnn", ""))
-        cells = tables.cost.filter(pl.col("vkey") == v["vkey"]).sort("attack_rank")
+        cells = cost_by.get((v["vkey"],), empty).sort("attack_rank")
         for c in cells.iter_rows(named=True):
             attack = c["attack"]
-            extra = _param_notes(attack, c["attack_preset"], c["attack_params"], pds) if pds and attack in ATTACKS else []
+            extra = _param_notes(attack, c["attack_preset"], c["attack_params"], published_params.get(pds or "", {}).get(attack))
             is_paper_attack = c["attack_preset"] == "paper" and not extra
             add(v, pds, pmodel, "asr", attack, c["asr_mean"], extra)
             if not is_paper_attack and rows[-1]["paper"] is not None:

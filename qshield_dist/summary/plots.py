@@ -37,27 +37,28 @@ def _attack_caption(tables: Tables, dataset: str, attack_labels: list[str]) -> s
     return "; ".join(f"{r['attack_label']} (preset {r['attack_preset']}: {params_text(r['attack_params'])})" for r in settings.iter_rows(named=True))
 
 
-def _counts(cells: pl.DataFrame) -> str:
+def _counts(cells: pl.DataFrame, unit: str = "bar") -> str:
     s_lo, s_hi = cells["n_seeds"].min(), cells["n_seeds"].max()
     n_lo, n_hi = cells["n_attacked"].min(), cells["n_attacked"].max()
     seeds = f"{s_lo}" if s_lo == s_hi else f"{s_lo}-{s_hi}"
     samples = f"{n_lo}" if n_lo == n_hi else f"{n_lo}-{n_hi}"
-    return f"seeds per bar: {seeds}; attacked samples per bar (summed over seeds): {samples}"
+    return f"seeds per {unit}: {seeds}; attacked samples per {unit} (summed over seeds): {samples}"
 
 
 def _finish(fig: Any, out: Path, name: str, title: str, caption: str, svg: bool) -> Figure:
     import matplotlib.pyplot as plt
 
-    wrapped = "\n".join(textwrap.wrap(caption, 150))
-    fig.text(0.01, 0.005, wrapped, fontsize=7, va="bottom", ha="left")
-    fig.subplots_adjust(bottom=0.12 + 0.025 * wrapped.count("\n"))
+    # The caption goes under the axes; bbox_inches="tight" grows the canvas to hold it.
+    width_in = fig.get_size_inches()[0]
+    wrapped = "\n".join(textwrap.wrap(caption, max(60, int(width_in * 15))))
+    fig.text(0.01, -0.01, wrapped, fontsize=7, va="top", ha="left")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     paths = [out / f"{name}.png"]
     paths[0].write_bytes(buf.getvalue())
     if svg:
         paths.append(out / f"{name}.svg")
-        fig.savefig(paths[-1], format="svg")
+        fig.savefig(paths[-1], format="svg", bbox_inches="tight")
     plt.close(fig)
     return Figure(name, title, caption, buf.getvalue(), paths)
 
@@ -69,7 +70,7 @@ def _grouped_bars(tables: Tables, dataset: str, value: str, err: str | None, out
     attacks = cells.sort("attack_rank")["attack_label"].unique(maintain_order=True).to_list()
     labels = cells.sort("family", "label")["label"].unique(maintain_order=True).to_list()
     width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(attacks) + 0.15 * len(attacks) * len(labels)), 5.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 1.0 * len(attacks) + 0.12 * len(attacks) * len(labels))), 5.2))
     lookup = {(r["label"], r["attack_label"]): r for r in cells.iter_rows(named=True)}
     for i, label in enumerate(labels):
         xs, ys, es = [], [], []
@@ -86,7 +87,7 @@ def _grouped_bars(tables: Tables, dataset: str, value: str, err: str | None, out
     if log_y:
         ax.set_yscale("log")
     ax.set_title(f"{title} - {dataset}")
-    ax.legend(fontsize=7, ncol=max(1, len(labels) // 8), loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(fontsize=6, ncol=max(1, len(labels) // 20), loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     bars = "error bars: sample std over seeds (ddof=1)" if err else "pooled over seeds: total seconds / total attacked samples"
     caption = f"{dataset}. {_counts(cells)}; {bars}. Attacks: {_attack_caption(tables, dataset, attacks)}."
@@ -123,7 +124,7 @@ def _asr_vs(tables: Tables, dataset: str, axis: str, out: Path, svg: bool, skipp
     avg = f"averaged over the other varying settings ({', '.join(others)})" if others else "all other settings fixed"
     attacks = line["attack_label"].unique(maintain_order=True).to_list()
     caption = (
-        f"{dataset}. Mean ASR over seeds, {avg}; {_counts(cells)}. Attacks: {_attack_caption(tables, dataset, attacks)}."
+        f"{dataset}. Mean ASR over seeds, {avg}; {_counts(cells, 'cell averaged into a point')}. Attacks: {_attack_caption(tables, dataset, attacks)}."
     )
     return _finish(fig, out, f"asr_vs_{axis}_{dataset}", f"ASR vs {axis} - {dataset}", caption, svg)
 
@@ -150,7 +151,7 @@ def _clean_vs_robust(tables: Tables, dataset: str, out: Path, svg: bool) -> Figu
     attacks = pts["attack_label"].unique().to_list()
     caption = (
         f"{dataset}. One point per model variant: mean clean accuracy over seeds vs the lowest mean robust accuracy over all attacks"
-        f" that ran on it (the attack in brackets); {_counts(pts)}. Attacks: {_attack_caption(tables, dataset, attacks)}."
+        f" that ran on it (the attack in brackets); {_counts(pts, 'point')}. Attacks: {_attack_caption(tables, dataset, attacks)}."
     )
     return _finish(fig, out, f"clean_vs_robust_{dataset}", f"Clean vs robust accuracy - {dataset}", caption, svg)
 

@@ -353,17 +353,11 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
         "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "†": r"\dag{}", "×": r"$\times$", "≥": r"$\geq$", "->": r"$\rightarrow$"}
 
 
+_TEX_TABLE = str.maketrans({k: v for k, v in _TEX.items() if len(k) == 1})
+
+
 def tex_escape(x: str) -> str:
-    out = []
-    i = 0
-    while i < len(x):
-        if x.startswith("->", i):
-            out.append(_TEX["->"])
-            i += 2
-            continue
-        out.append(_TEX.get(x[i], x[i]))
-        i += 1
-    return "".join(out)
+    return x.translate(_TEX_TABLE).replace("->", _TEX["->"])
 
 
 def render_tex(tables: Iterable[TextTable]) -> str:
@@ -441,7 +435,7 @@ def _console(summary: Summary) -> None:
     t, res = summary.tables, summary.results
     log.info(
         "sweep %s: %d files; %d train, %d attack, %d diagnostic rows used; %d failed, %d skipped (NaN), %d missing, %d thin seeds",
-        res.sweep, res.n_files, res.train.height, res.attack.height, res.diagnostic.height, t.failed.height, t.skipped.height, t.missing.height, t.low_samples.height,
+        res.sweep, res.n_files, res.train.height, int(t.robustness["n_rows"].sum() or 0), res.diagnostic.height, t.failed.height, t.skipped.height, t.missing.height, t.low_samples.height,
     )
     for v in t.verdicts["verdict"]:
         log.info("verdict: %s", v)

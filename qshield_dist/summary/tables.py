@@ -19,8 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from qshield_dist.attacks import ATTACKS
-from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results
+from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
 
 BASELINES: tuple[str, ...] = ("cnn", "cnn_small")
 HYBRID = "hqcnn"
@@ -31,7 +30,10 @@ _LABEL_FORMAT: dict[str, str] = {
     "fusion": "{}", "quantum_grad": "grad={}", "projection": "proj={}", "init": "init={}", "simulator": "{}",
     "device": "{}", "trajectories": "traj={}", "qubits": "q={}",
 }
-_ATTACK_ORDER = {name: i for i, name in enumerate(ATTACKS)}
+# The paper's suite in its column order, then the adaptive attacks (qshield_dist.attacks
+# registry order; not imported because it imports torch, seconds for a table).
+ATTACK_ORDER: tuple[str, ...] = ("fgsm", "pgd", "apgd", "vmifgsm", "cw", "deepfool", "onepixel", "square", "autoattack", "eot_pgd", "bpda_pgd", "transfer")
+_ATTACK_ORDER = {name: i for i, name in enumerate(ATTACK_ORDER)}
 
 
 @dataclass
@@ -68,7 +70,7 @@ def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
     The label names only the settings that vary between the hybrid variants present, so
     plots and tables stay readable; the full settings remain in the CSV.
     """
-    keys = pl.concat([f.select(VARIANT_KEYS) for f in frames if f.height], how="vertical_relaxed").unique() if any(f.height for f in frames) else None
+    keys = pl.concat([f.select(VARIANT_KEYS).unique() for f in frames if f.height], how="vertical_relaxed").unique() if any(f.height for f in frames) else None
     if keys is None:
         return pl.DataFrame(schema={"vkey": pl.String, "label": pl.String, "family": pl.String})
     hybrid = keys.filter(pl.col("entanglement").is_not_null())
@@ -90,12 +92,18 @@ def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
 def attack_settings(attack: pl.DataFrame) -> pl.DataFrame:
     """(dataset, attack, preset, params) -> `attack_label`, in the registry's order.
 
+    `attack` is the per-cell aggregation (success_rule a list per row), a few hundred rows
+    instead of a million.
+
     The label is the attack name, `[preset]` when not the paper's, and `#i` when one
     dataset ran the same attack and preset with several parameter sets.
     """
     settings = (
         attack.group_by(["dataset", *ATTACK_KEYS])
-        .agg(pl.col("threat_model").first(), pl.col("eps").first(), pl.col("success_rule").unique().sort().str.join(" / "), pl.col("eval_repeats").max())
+        .agg(
+            pl.col("threat_model").first(), pl.col("eps").first(),
+            pl.col("success_rule").explode().unique().sort().str.join(" / "), pl.col("eval_repeats").max(),
+        )
         .with_columns(pl.col("attack").replace_strict(_ATTACK_ORDER, default=len(_ATTACK_ORDER), return_dtype=pl.Int64).alias("order"))
         .sort("dataset", "order", "attack", "attack_preset", "attack_params")
     )
@@ -112,64 +120,80 @@ def attack_settings(attack: pl.DataFrame) -> pl.DataFrame:
     return settings.with_columns(pl.Series("attack_label", labels, pl.String)).with_row_index("attack_rank")
 
 
-def _train_rows(res: Results) -> pl.DataFrame:
-    """Train rows, with equal-budget baselines named as their attack rows name them.
+def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
+    """Everything tables need from the (many) attack rows, as lazy queries on the scan:
+    aggregating inside the scan is ~3x faster than materializing a million rows first."""
+    a = res.attack
+    return {
+        "cells": a.group_by([*VARIANT_KEYS, *ATTACK_KEYS]).agg(
+            threat_model=pl.col("threat_model").first(),
+            eps=pl.col("eps").first(),
+            success_rule=pl.col("success_rule").unique(),
+            eval_repeats=pl.col("eval_repeats").max(),
+            n_rows=pl.len(),
+            n_seeds=pl.col("seed").n_unique(),
+            n_attacked=pl.col("n_attacked").sum(),
+            n_attacked_min=pl.col("n_attacked").min(),
+            n_success=pl.col("n_success").sum(),
+            asr_mean=pl.col("asr").mean(),
+            asr_std=pl.col("asr").std(ddof=1),
+            asr_worst_mean=pl.col("asr_worst").mean(),
+            robust_mean=pl.col("robust_acc").mean(),
+            robust_std=pl.col("robust_acc").std(ddof=1),
+            n_low=(pl.col("n_attacked") < min_samples).sum(),
+            stochastic=pl.col("stochastic").any(),
+            attack_seconds=pl.col("attack_seconds").sum(),
+            forward_calls=pl.col("forward_calls").sum(),
+            backward_calls=pl.col("backward_calls").sum(),
+            forward_samples=pl.col("forward_samples").sum(),
+            backward_samples=pl.col("backward_samples").sum(),
+        ),
+        # Thin seeds and budget violations: few rows, listed one by one.
+        "flags": a.filter((pl.col("n_attacked") < min_samples) | (pl.col("budget_ok") == False)).select(  # noqa: E712
+            "dataset", "variant", "attack", "attack_preset", "seed", "n_attacked", "trial_id", "budget_ok"
+        ),
+        # Equal-budget baselines are trained as plain backbones (model 'cnn_small', more
+        # epochs); their attack rows carry `<backbone>_equal_budget`, linked by train_id.
+        "equal_budget": a.filter(pl.col("model").str.ends_with("_equal_budget")).select(pl.col("train_id").alias("trial_id"), pl.col("model").alias("_model")).unique("trial_id"),
+        # Models with no train rows (controls such as hqcnn_backbone, attacked through their
+        # hybrid's checkpoint) take the clean accuracy their attack rows measured.
+        "clean_fallback": a.filter(~pl.col("model").is_in(res.train["model"].unique().implode()))
+        .group_by([*VARIANT_KEYS, "seed"]).agg(pl.col("clean_acc").mean()),
+        "ids": a.select("trial_id") if (res.root / "manifest.json").exists() else a.select("trial_id").head(0),
+    }
 
-    An equal-budget baseline is trained as a plain backbone (model 'cnn_small', more
-    epochs); its attack rows carry `<backbone>_equal_budget`, and train_id links the two.
-    """
-    renamed = (
-        res.attack.filter(pl.col("model").str.ends_with("_equal_budget"))
-        .select(pl.col("train_id").alias("trial_id"), pl.col("model").alias("_model"))
-        .unique("trial_id")
-    )
-    return res.train.join(renamed, on="trial_id", how="left").with_columns(pl.coalesce("_model", "model").alias("model")).drop("_model")
+
+def _train_rows(train: pl.DataFrame, equal_budget: pl.DataFrame) -> pl.DataFrame:
+    """Train rows, with equal-budget baselines named as their attack rows name them."""
+    if not equal_budget.height:
+        return train
+    return train.join(equal_budget, on="trial_id", how="left").with_columns(pl.coalesce("_model", "model").alias("model")).drop("_model")
 
 
-def _clean(res: Results) -> pl.DataFrame:
-    """Clean accuracy per variant over seeds, from train rows (one per trained model).
-
-    Variants with no train rows of their own (controls such as hqcnn_backbone, attacked
-    through their hybrid's checkpoint) take the clean accuracy their attack rows measured.
-    """
-    train = _train_rows(res)
-    per_seed_attack = res.attack.group_by([*VARIANT_KEYS, "seed"]).agg(pl.col("clean_acc").mean())
+def _clean(train: pl.DataFrame, fallback: pl.DataFrame) -> pl.DataFrame:
+    """Clean accuracy per variant over seeds, from train rows (one per trained model), else
+    from the variant's attack rows (per seed, averaged over its attacks)."""
     agg = {
         "clean_mean": pl.col("clean_acc").mean(),
         "clean_std": pl.col("clean_acc").std(ddof=1),
         "clean_seeds": pl.col("seed").n_unique(),
     }
     from_train = train.group_by(VARIANT_KEYS).agg(**agg, train_seconds=pl.col("train_seconds").mean(), train_steps=pl.col("train_steps").mean()).with_columns(_vkey(), pl.lit("train rows").alias("clean_source"))
-    from_attack = per_seed_attack.group_by(VARIANT_KEYS).agg(**agg).with_columns(_vkey(), pl.lit("attack rows").alias("clean_source"))
+    from_attack = fallback.group_by(VARIANT_KEYS).agg(**agg).with_columns(_vkey(), pl.lit("attack rows").alias("clean_source"))
     from_attack = from_attack.filter(~pl.col("vkey").is_in(from_train["vkey"].implode()))
     out = pl.concat([from_train, from_attack], how="diagonal_relaxed")
     return out.select("vkey", "clean_mean", "clean_std", "clean_seeds", "clean_source", "train_seconds", "train_steps")
 
 
-def _robustness(res: Results, min_samples: int, settings: pl.DataFrame) -> pl.DataFrame:
-    """One row per (variant, attack setting): ASR and robust accuracy over seeds, sums for costs."""
-    a = res.attack
-    agg = a.group_by([*VARIANT_KEYS, *ATTACK_KEYS]).agg(
-        n_rows=pl.len(),
-        n_seeds=pl.col("seed").n_unique(),
-        n_attacked=pl.col("n_attacked").sum(),
-        n_attacked_min=pl.col("n_attacked").min(),
-        n_success=pl.col("n_success").sum(),
-        asr_mean=pl.col("asr").mean(),
-        asr_std=pl.col("asr").std(ddof=1),
-        asr_worst_mean=pl.col("asr_worst").mean(),
-        robust_mean=pl.col("robust_acc").mean(),
-        robust_std=pl.col("robust_acc").std(ddof=1),
-        n_low=(pl.col("n_attacked") < min_samples).sum(),
-        stochastic=pl.col("stochastic").any(),
-        attack_seconds=pl.col("attack_seconds").sum(),
-        forward_calls=pl.col("forward_calls").sum(),
-        backward_calls=pl.col("backward_calls").sum(),
-        forward_samples=pl.col("forward_samples").sum(),
-        backward_samples=pl.col("backward_samples").sum(),
+def _robustness(cells: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One row per (variant, attack setting): ASR and robust accuracy over seeds, sums for
+    costs; and the attack settings table derived from it."""
+    agg = cells.with_columns(_vkey(), (pl.col("n_success") / pl.col("n_attacked")).alias("asr_pooled"))
+    settings = attack_settings(agg)
+    rob = agg.drop("threat_model", "eps", "success_rule", "eval_repeats").join(
+        settings.select("dataset", *ATTACK_KEYS, "attack_label", "attack_rank", "threat_model", "eps"), on=["dataset", *ATTACK_KEYS], how="left"
     )
-    agg = agg.with_columns(_vkey(), (pl.col("n_success") / pl.col("n_attacked")).alias("asr_pooled"))
-    return agg.join(settings.select("dataset", *ATTACK_KEYS, "attack_label", "attack_rank", "threat_model", "eps"), on=["dataset", *ATTACK_KEYS], how="left")
+    return rob, settings
 
 
 def _pick_baselines(variants: pl.DataFrame, notes: list[str]) -> dict[str, str]:
@@ -237,10 +261,13 @@ def _verdicts(rob: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, st
     """
     rows: list[dict[str, Any]] = []
     hybrids = variants.filter(pl.col("model") == HYBRID)
+    by_vkey = rob.partition_by("vkey", as_dict=True)
+    n_failed_by = dict(failed.group_by("vkey").len().iter_rows())
+    empty = rob.head(0)
     for v in hybrids.iter_rows(named=True):
         dataset, base_model = v["dataset"], baselines.get(v["dataset"])
-        mine = rob.filter(pl.col("vkey") == v["vkey"]).sort("attack_rank")
-        n_failed = failed.filter(pl.col("vkey") == v["vkey"]).height
+        mine = by_vkey.get((v["vkey"],), empty).sort("attack_rank")
+        n_failed = n_failed_by.get(v["vkey"], 0)
         if not mine.height:
             rows.append({"dataset": dataset, "vkey": v["vkey"], "label": v["label"], "category": "no attacks", "verdict": f"{v['label']} ({dataset}): no usable attack rows."})
             continue
@@ -341,7 +368,7 @@ def _diagnostics(res: Results) -> pl.DataFrame:
     )
 
 
-def _missing(res: Results, notes: list[str]) -> pl.DataFrame:
+def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
     """Trials the manifest's grid expects (key `expected_trials`) with no result file."""
     schema = {"trial_id": pl.String, "stage": pl.String, "dataset": pl.String}
     manifest = res.manifest
@@ -357,36 +384,37 @@ def _missing(res: Results, notes: list[str]) -> pl.DataFrame:
         notes.append("manifest.json has no 'expected_trials': grid completeness not checked")
         return pl.DataFrame(schema=schema)
     # Anti-joins in Polars: a big sweep's manifest lists every trial (a million is plausible).
-    present = pl.concat([df.select("trial_id") for df in (res.train, res.attack, res.diagnostic, res.failed, res.skipped)]).unique()
-    infos = list(expected.values())
-    wanted = pl.DataFrame(
-        {
-            "trial_id": list(expected),
-            "stage": [i.get("stage") if isinstance(i, dict) else None for i in infos],
-            "dataset": [i.get("dataset") if isinstance(i, dict) else None for i in infos],
-        },
-        schema=schema,
-    )
-    extra = present.join(wanted, on="trial_id", how="anti").height
+    present = pl.concat([ids, *(df.select("trial_id") for df in (res.train, res.diagnostic, res.failed, res.skipped))])
+    wanted = pl.DataFrame({"trial_id": list(expected)}, schema={"trial_id": pl.String})
+    extra = present.join(wanted, on="trial_id", how="anti")["trial_id"].n_unique()
     if extra:
         notes.append(f"{extra} trial(s) have results but are not in the manifest's grid (an earlier grid of this sweep?)")
-    return wanted.join(present, on="trial_id", how="anti").sort("stage", "dataset", "trial_id")
+    missing = wanted.join(present, on="trial_id", how="anti")["trial_id"].to_list()
+    info = [expected[t] if isinstance(expected[t], dict) else {} for t in missing]
+    rows = {"trial_id": missing, "stage": [i.get("stage") for i in info], "dataset": [i.get("dataset") for i in info]}
+    return pl.DataFrame(rows, schema=schema).sort("stage", "dataset", "trial_id")
 
 
 def build_tables(res: Results, min_samples: int = 20) -> Tables:
     """All tables of the report from the loaded results."""
-    notes = list(res.notes)
-    variants = variant_table(_train_rows(res), res.attack, res.diagnostic)
-    settings = attack_settings(res.attack)
-    clean = _clean(res)
-    rob = _robustness(res, min_samples, settings)
+    notes: list[str] = []
+    names, queries = zip(*_attack_queries(res, min_samples).items())
+    got = dict(zip(names, collect(list(queries), res.attack_files)))
+    train = _train_rows(res.train, got["equal_budget"])
+    rob, settings = _robustness(got["cells"])
+    # Variant keys from the aggregated attack cells (small), train and diagnostic rows.
+    variants = variant_table(train, rob, res.diagnostic)
+    clean = _clean(train, got["clean_fallback"])
     baselines = _pick_baselines(variants, notes)
     failed = res.failed.with_columns(_vkey(), pl.col("error").fill_null("").str.split("\n").list.first().alias("error_line"))
-    low = res.attack.filter(pl.col("n_attacked") < min_samples).select("dataset", "variant", "attack", "attack_preset", "seed", "n_attacked", "trial_id")
+    flags = got["flags"]
+    low = flags.filter(pl.col("n_attacked") < min_samples).drop("budget_ok")
+    budget = flags.filter(pl.col("budget_ok") == False).select("dataset", "variant", "attack", "seed", "trial_id")  # noqa: E712
     dup = rob.filter(pl.col("n_rows") > pl.col("n_seeds")).select("dataset", "vkey", "attack_label", "n_rows", "n_seeds")
     if dup.height:
         notes.append(f"{dup.height} cell(s) have several rows for one seed: the variant key may miss a distinguishing setting (listed below)")
-    budget = res.attack.filter(pl.col("budget_ok") == False).select("dataset", "variant", "attack", "seed", "trial_id")  # noqa: E712
+    missing = _missing(res, got["ids"], notes)  # last: it waits for the manifest parsed in the background
+    notes = res.notes + notes
     return Tables(
         variants=variants,
         attacks=settings,
@@ -397,7 +425,7 @@ def build_tables(res: Results, min_samples: int = 20) -> Tables:
         controls=_controls(rob, baselines),
         diagnostics=_diagnostics(res),
         failed=failed,
-        missing=_missing(res, notes),
+        missing=missing,
         low_samples=low,
         skipped=res.skipped,
         duplicates=dup,

@@ -1,0 +1,208 @@
+"""Benchmark of the summary: a synthetic results directory of N rows, then the summary timed.
+
+    python -m qshield_dist.bench_summary [--rows 1000000] [--rows-per-file 1000] [--no-plots]
+
+Layout: the real hive layout (stage=*/dataset=*/...parquet) with the real SCHEMA, but
+each file holds `rows_per_file` rows (default 1000, so 1,000,000 rows = ~1,000 files)
+instead of one trial: a million one-row files would time the file system, not the summary.
+Grid: 3 datasets x (dnn, cnn, cnn_small, 24 hybrids = 4 entanglements x 2 depths x 3 noise
+strengths, their 24 backbone-only controls) x all 12 attacks (bpda_pgd on hybrids only)
+x as many seeds as it takes; plus one train row per trained model and seed, 2 diagnostic
+rows per hybrid and seed, a few failed trials, NaN rows, thin seeds, and a manifest listing
+every trial id (plus some never run). Returns a JSON-able dict of timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qshield_dist.attacks import ATTACKS
+from qshield_dist.results import SCHEMA, SCHEMA_VERSION, write_manifest
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("mnist", "organamnist", "cifar10")
+ENTANGLEMENTS = ("none", "linear", "star", "full")
+DEPTHS = (1, 2)
+NOISE = (0.0, 0.005, 0.02)
+
+
+def _variants() -> pl.DataFrame:
+    rows: list[dict[str, Any]] = [{"model": m, "backbone": m} for m in ("dnn", "cnn", "cnn_small")]
+    for ent in ENTANGLEMENTS:
+        for depth in DEPTHS:
+            for p in NOISE:
+                q = {"backbone": "cnn", "entanglement": ent, "depth": depth, "encoding": "enhanced_angle", "noise_model": "mixed",
+                     "noise_strength": p, "fusion": "dynamic", "quantum_grad": "full", "projection": "learned", "init": "from_baseline",
+                     "simulator": "compiled", "device": "default.mixed", "trajectories": 0, "qubits": 4}
+                rows.append({"model": "hqcnn", **q})
+                rows.append({"model": "hqcnn_backbone", **q})
+    return pl.DataFrame(rows, infer_schema_length=None).with_row_index("v")
+
+
+def _to_arrow(df: pl.DataFrame) -> pa.Table:
+    """A frame with a subset of the columns -> a table of exactly SCHEMA (others null)."""
+    n = df.height
+    table = df.to_arrow()
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type) for f in SCHEMA]
+    return pa.Table.from_arrays(cols, schema=SCHEMA)
+
+
+def _write_chunks(root: Path, stage: str, df: pl.DataFrame, rows_per_file: int, prefix: str) -> int:
+    n_files = 0
+    for (dataset,), part in df.group_by("dataset", maintain_order=True):
+        folder = root / f"stage={stage}" / f"dataset={dataset}"
+        folder.mkdir(parents=True, exist_ok=True)
+        table = _to_arrow(part)
+        for i in range(0, table.num_rows, rows_per_file):
+            pq.write_table(table.slice(i, rows_per_file), folder / f"{prefix}{n_files:06d}.parquet")
+            n_files += 1
+    return n_files
+
+
+def write_synthetic(root: Path, n_rows: int = 1_000_000, rows_per_file: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Write a synthetic sweep of exactly `n_rows` rows under `root`; returns what it wrote."""
+    rng = np.random.default_rng(seed)
+    variants = _variants()
+    attacks = pl.DataFrame({"attack": list(ATTACKS), "a": range(len(ATTACKS))})
+    combos = variants.join(attacks, how="cross").filter((pl.col("attack") != "bpda_pgd") | (pl.col("model") == "hqcnn"))
+    combos = pl.concat([combos.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS])
+    trained = variants.filter(pl.col("model") != "hqcnn_backbone")
+    hybrids = variants.filter(pl.col("model") == "hqcnn")
+    n_failed = 6
+    per_seed = combos.height + len(DATASETS) * (trained.height + 2 * hybrids.height)
+    n_seeds = math.ceil(n_rows / per_seed)
+    seeds = pl.DataFrame({"seed": np.arange(n_seeds, dtype=np.int32)})
+
+    common = {"schema_version": SCHEMA_VERSION, "sweep": "bench", "status": "ok"}
+    attack = combos.join(seeds, how="cross")
+    train = pl.concat([trained.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS]).join(seeds, how="cross")
+    diag = pl.concat([hybrids.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS]).join(seeds, how="cross")
+    diag = pl.concat([diag.with_columns(pl.lit(name).alias("diagnostic")) for name in ("grad_norm_ratio", "bpda_gap")])
+    attack = attack.head(n_rows - train.height - diag.height - n_failed)
+
+    n = attack.height
+    base = 0.2 + 0.6 * ((attack["v"].to_numpy() * 7 + attack["a"].to_numpy() * 13) % 17) / 17
+    n_attacked = np.where(rng.random(n) < 0.001, 10, 256).astype(np.int32)
+    n_success = np.minimum(n_attacked, rng.binomial(n_attacked, base)).astype(np.int32)
+    asr = n_success / n_attacked
+    asr[rng.choice(n, 10, replace=False)] = np.nan  # set aside and reported by the summary
+    hybrid = (attack["model"] == "hqcnn").to_numpy()
+    calls = (1 + attack["a"].to_numpy() * 3) * 2
+    per_call = np.where(hybrid, 0.5, 0.005) * rng.uniform(0.8, 1.2, n)
+    params = {a: json.dumps(ATTACKS[a].params("mnist"), sort_keys=True) for a in ATTACKS}
+    attack = attack.with_columns(
+        pl.lit("attack").alias("stage"),
+        (pl.lit("A") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"),
+        (pl.lit("T") + pl.col("v").cast(pl.String) + "_" + pl.col("seed").cast(pl.String)).alias("train_id"),
+        pl.col("model").alias("variant"),
+        pl.lit("paper").alias("attack_preset"),
+        pl.col("attack").replace_strict(params).alias("attack_params"),
+        pl.col("attack").replace_strict({a: d.threat_model for a, d in ATTACKS.items()}).alias("threat_model"),
+        pl.lit(32 / 255).alias("eps"),
+        pl.lit(1, pl.Int32).alias("eval_repeats"),
+        pl.lit("misclassified (deterministic model, 1 evaluation)").alias("success_rule"),
+        pl.lit(False).alias("stochastic"),
+        pl.lit(True).alias("budget_ok"),
+        pl.Series("n_attacked", n_attacked),
+        pl.Series("n_success", n_success),
+        pl.Series("asr", asr),
+        pl.Series("asr_worst", asr),
+        pl.Series("robust_acc", 0.95 * (1 - asr)),
+        pl.Series("clean_acc", np.full(n, 0.95)),
+        pl.Series("attack_seconds", calls * per_call * n_attacked / 128),
+        pl.Series("forward_calls", (calls // 2 * np.ceil(n_attacked / 128)).astype(np.int64)),
+        pl.Series("backward_calls", (calls // 2 * np.ceil(n_attacked / 128)).astype(np.int64)),
+        pl.Series("forward_samples", (calls // 2 * n_attacked).astype(np.int64)),
+        pl.Series("backward_samples", (calls // 2 * n_attacked).astype(np.int64)),
+        **{k: pl.lit(v) for k, v in common.items()},
+    )
+    train = train.with_columns(
+        pl.lit("train").alias("stage"),
+        (pl.lit("T") + pl.col("v").cast(pl.String) + "_" + pl.col("seed").cast(pl.String)).alias("trial_id"),
+        pl.col("model").alias("variant"),
+        pl.Series("clean_acc", rng.uniform(0.85, 0.99, train.height)),
+        pl.lit(256).alias("n_test"),
+        pl.Series("train_seconds", rng.uniform(10, 100, train.height)),
+        pl.lit(120).alias("train_steps"),
+        **{k: pl.lit(v) for k, v in common.items()},
+    )
+    diag = diag.with_columns(
+        pl.lit("diagnostic").alias("stage"),
+        (pl.lit("D") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"),
+        pl.col("model").alias("variant"),
+        pl.Series("diagnostic_value", rng.uniform(0, 1, diag.height)),
+        (pl.Series(rng.uniform(0, 1, diag.height)) > 0.1).alias("diagnostic_pass"),
+        pl.lit('{"note": "synthetic"}').alias("details"),
+        **{k: pl.lit(v) for k, v in common.items()},
+    )
+    files = _write_chunks(root, "attack", attack.drop("v", "a"), rows_per_file, "part-")
+    files += _write_chunks(root, "train", train.drop("v"), rows_per_file, "part-")
+    files += _write_chunks(root, "diagnostic", diag.drop("v"), rows_per_file, "part-")
+    failed = attack.head(n_failed).with_columns(
+        (pl.lit("F") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"), pl.lit("failed").alias("status"),
+        pl.lit("RuntimeError: synthetic failure\nTraceback ...").alias("error"),
+    )
+    for i, row in enumerate(failed.iter_slices(1)):
+        folder = root / "stage=attack" / f"dataset={row['dataset'][0]}"
+        pq.write_table(_to_arrow(row.drop("v", "a")), folder / f"F{i}.failed.parquet")
+    files += n_failed
+    ids = pl.concat([attack.select("trial_id", "stage", "dataset"), train.select("trial_id", "stage", "dataset"), diag.select("trial_id", "stage", "dataset")])
+    expected = {t: {"stage": s, "dataset": d} for t, s, d in ids.iter_rows()}
+    expected.update({f"Amissing{i}": {"stage": "attack", "dataset": "mnist"} for i in range(20)})
+    write_manifest(root, {"sweep": "bench", "expected_trials": expected})
+    total = attack.height + train.height + diag.height + n_failed
+    return {"rows": total, "files": files, "rows_per_file": rows_per_file, "seeds": n_seeds, "manifest_trials": len(expected)}
+
+
+def bench_summary(n_rows: int = 1_000_000, rows_per_file: int = 1000, plots: bool = True, workdir: str | None = None) -> dict[str, Any]:
+    """Time the summary of a synthetic sweep: tables only, then with plots. JSON-able dict."""
+    from qshield_dist.summary.report import Options, summarize
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = Path(tmp) / "results"
+        start = time.perf_counter()
+        wrote = write_synthetic(root, n_rows, rows_per_file)
+        gen = time.perf_counter() - start
+        out: dict[str, Any] = {"benchmark": "summary", **wrote, "generate_seconds": round(gen, 2)}
+        start = time.perf_counter()
+        summary = summarize(root, Path(tmp) / "report_tables", Options(plots=False))
+        out["tables_seconds"] = round(time.perf_counter() - start, 3)
+        out["cells"] = summary.tables.robustness.height
+        out["variants"] = summary.tables.variants.height
+        if plots:
+            start = time.perf_counter()
+            summary = summarize(root, Path(tmp) / "report_full", Options(plots=True))
+            out["with_plots_seconds"] = round(time.perf_counter() - start, 3)
+            out["figures"] = len(summary.figures)
+            start = time.perf_counter()
+            summarize(root, Path(tmp) / "report_png", Options(plots=True, svg=False))
+            out["with_plots_png_only_seconds"] = round(time.perf_counter() - start, 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--rows-per-file", type=int, default=1000)
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(bench_summary(args.rows, args.rows_per_file, not args.no_plots), indent=2))  # the benchmark's output is JSON on stdout
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
