@@ -109,3 +109,13 @@ def start_end(out: str | Path, key: str) -> tuple[float, float]:
 
 def run_quiet(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def slurm_wait_for_release(out: str, key: str, timeout: float = 120.0) -> str:
+    """Record the SLURM task id (`<key>.slurm`, one line per run), wait for `<out>/release`."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        task = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    else:  # submitit submits a batch of one as a plain job
+        task = os.environ.get("SLURM_JOB_ID", "-")
+    _append(Path(out) / f"{key}.slurm", task)
+    return wait_for_release(out, key, timeout)

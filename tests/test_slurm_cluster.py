@@ -1,0 +1,146 @@
+"""SlurmExecutor and slurm/run.sh against a real one-node SLURM cluster (slurm/dev-cluster.sh)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+submitit = pytest.importorskip("submitit")
+import cloudpickle  # noqa: E402  (submitit pickles with the standalone cloudpickle)
+
+import cluster_fixtures as cf  # noqa: E402
+from qshield_dist.executors.base import Job, Resources  # noqa: E402
+from qshield_dist.executors.slurm import SlurmExecutor  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slurm
+# The SLURM job runs a fresh python that does not have tests/ on sys.path.
+cloudpickle.register_pickle_by_value(cf)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[None]:
+    if os.geteuid() != 0:
+        pytest.skip("the dev SLURM cluster needs root (it installs packages and starts daemons)")
+    have = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged", "slurmdbd"))
+    if not have and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    proc = subprocess.run([str(REPO / "slurm/dev-cluster.sh"), "start"], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        if not have:
+            pytest.skip(f"could not install/start SLURM (no package mirror?):\n{tail}")
+        pytest.fail(f"slurm/dev-cluster.sh start failed:\n{tail}")
+    yield
+
+
+def job(out: Path, key: str, deps: tuple[str, ...] = (), fn=cf.record, stage: str = "train") -> Job:
+    return Job(key, functools.partial(fn, str(out), key), deps, Resources(cpus=1, mem_gb=0.5, timeout_min=10),
+               stage=stage)
+
+
+def executor(tmp_path: Path) -> SlurmExecutor:
+    return SlurmExecutor(folder=tmp_path / "submitit", partition="debug", poll_s=1.0, time_min=10,
+                         cpus_per_task=1, mem_gb=0.5)
+
+
+def wait_file(path: Path, timeout: float = 90) -> str:
+    deadline = time.time() + timeout
+    while not (path.exists() and path.read_text().strip()):
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+    return path.read_text()
+
+
+def test_two_waves_afterok(slurm_cluster: None, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs = [job(out, "t0"), job(out, "t1"),
+            job(out, "a0", ("t0",), stage="attack"), job(out, "a1", ("t1",), stage="attack"),
+            job(out, "a2", ("t0", "t1"), stage="attack")]
+    ex = executor(tmp_path)
+    result = ex.run(jobs)
+    assert result == {k.key: "ok" for k in jobs}
+    times = {j.key: cf.start_end(out, j.key) for j in jobs}  # each ran exactly once
+    assert min(times[a][0] for a in ("a0", "a1", "a2")) >= max(times["t0"][1], times["t1"][1])
+    assert len(ex.array_ids) == 2
+    first, second = ex.array_ids
+    scripts = list((tmp_path / "submitit").rglob("*_submission.sh"))
+    text = "\n".join(p.read_text() for p in scripts)
+    assert f"--dependency=afterok:{first}" in text and "--array=0-2" in text, scripts
+    # the log folder is private
+    assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
+    # SLURM saw two arrays, both completed
+    want = sorted([f"{first}_0|COMPLETED", f"{first}_1|COMPLETED", f"{second}_0|COMPLETED",
+                   f"{second}_1|COMPLETED", f"{second}_2|COMPLETED"])
+    deadline = time.time() + 30  # slurmctld sends records to slurmdbd asynchronously
+    while True:
+        acct = sorted(subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", f"{first},{second}"],
+                                     capture_output=True, text=True).stdout.split())
+        if acct == want or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert acct == want
+
+
+def test_scancel_task_is_lost_and_rest_completes(slurm_cluster: None, tmp_path: Path) -> None:
+    """Design: a cancelled task is 'lost' (not retried by us); its dependents are 'lost'
+    without running; the later wave, whose afterok can no longer hold, is resubmitted
+    without them, so every other job still runs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs = [job(out, "t0", fn=cf.slurm_wait_for_release), job(out, "t1"),
+            job(out, "a0", ("t0",), stage="attack"), job(out, "a1", ("t1",), stage="attack"),
+            job(out, "a01", ("t0", "t1"), stage="attack")]
+    ex = executor(tmp_path)
+    import threading
+
+    result: dict[str, str] = {}
+    runner = threading.Thread(target=lambda: result.update(ex.run(jobs)))
+    runner.start()
+    task = wait_file(out / "t0.slurm").split()[0]
+    subprocess.run(["scancel", task], check=True)
+    runner.join(timeout=180)
+    assert not runner.is_alive()
+    assert result == {"t0": "lost", "t1": "ok", "a0": "lost", "a1": "ok", "a01": "lost"}
+    assert not (out / "t0.out").exists()
+    assert cf.runs(out, "a0") == [] and cf.runs(out, "a01") == []
+    assert len(cf.runs(out, "a1")) == 1
+    assert len(ex.array_ids) == 3  # train, attack (cancelled: afterok broken), attack again
+
+
+def test_preemption_requeues_through_checkpoint(slurm_cluster: None, tmp_path: Path) -> None:
+    """SIGUSR2 is what SLURM sends before a time-out or preemption: submitit calls
+    TrialRunner.checkpoint and requeues the task, which runs the trial again and succeeds."""
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs = [job(out, "p", fn=cf.slurm_wait_for_release)]
+    ex = executor(tmp_path)
+    import threading
+
+    result: dict[str, str] = {}
+    runner = threading.Thread(target=lambda: result.update(ex.run(jobs)))
+    runner.start()
+    task = wait_file(out / "p.slurm").split()[0]
+    subprocess.run(["scancel", "--signal=USR2", task], check=True)
+    deadline = time.time() + 150
+    while len((out / "p.slurm").read_text().split()) < 2:  # the requeued run started
+        assert time.time() < deadline and runner.is_alive(), "task was not requeued"
+        # slurmctld holds a requeued job ~2 minutes (BeginTime); let it start now.
+        state = subprocess.run(["squeue", "-h", "-j", task, "-o", "%T %r"], capture_output=True, text=True).stdout
+        if state.startswith("PENDING") and "BeginTime" in state:
+            subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=False)
+        time.sleep(0.5)
+    (out / "release").touch()
+    runner.join(timeout=120)
+    assert result == {"p": "ok"}
+    assert (out / "p.slurm").read_text().split() == [task, task]  # same task id, run twice
+    assert len(cf.runs(out, "p")) == 1 and (out / "p.out").exists()
