@@ -211,7 +211,7 @@ def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, p
     """The set-aside rows with their reason (a query for attack rows, collected later)."""
     reasons = [pl.when(_nonfinite(c)).then(pl.lit(f"{c} is NaN/null")) for c in ATTACK_METRICS]
     reasons.append(pl.when(pl.col("n_attacked").fill_null(0) <= 0).then(pl.lit("n_attacked = 0")))
-    cols = ("dataset", "trial_id", "variant", "seed")
+    cols = ("dataset", "trial_id", "variant", "seed", *VARIANT_KEYS[1:])  # keys: to tie a skipped row to its variant
     bad_attack = attack.filter(bad_attack_row()).select(
         pl.lit("attack").alias("stage"), *cols, "attack", pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason")
     )

@@ -248,13 +248,14 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         # Share of log(time ratio) explained by the number of calls: 1 -> all defence, 0 -> all simulator.
         pl.when(log_time.abs() > 1e-12).then(pl.col("calls_ratio").log() / log_time).alias("calls_share"),
         pl.when(pl.col("time_ratio").is_null()).then(pl.lit(None, pl.String))
+        .when(pl.col("model") == pl.col("baseline")).then(pl.lit("(baseline)"))
         .when(pl.col("calls_ratio").log().abs() >= pl.col("per_call_ratio").log().abs()).then(pl.lit("number of calls (defence)"))
         .otherwise(pl.lit("time per call (model/simulator)")).alias("cost_driver"),
     )
     return cost.drop("_b_sps", "_b_cps", "_b_spc")
 
 
-def _verdicts(rob: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, str], failed: pl.DataFrame) -> pl.DataFrame:
+def _verdicts(rob: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, str], failed: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame:
     """One verdict per hybrid variant against its dataset's CNN baseline, over EVERY attack
     that ran on it (adaptive ones included). An attack the baseline did not run (bpda_pgd
     needs a hybrid) is compared with the baseline's strongest attack of the same threat model.
@@ -263,11 +264,13 @@ def _verdicts(rob: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, st
     hybrids = variants.filter(pl.col("model") == HYBRID)
     by_vkey = rob.partition_by("vkey", as_dict=True)
     n_failed_by = dict(failed.group_by("vkey").len().iter_rows())
+    n_skipped_by = dict(skipped.filter(pl.col("stage") == "attack").group_by("vkey").len().iter_rows())
     empty = rob.head(0)
     for v in hybrids.iter_rows(named=True):
         dataset, base_model = v["dataset"], baselines.get(v["dataset"])
         mine = by_vkey.get((v["vkey"],), empty).sort("attack_rank")
         n_failed = n_failed_by.get(v["vkey"], 0)
+        n_skipped = n_skipped_by.get(v["vkey"], 0)
         if not mine.height:
             rows.append({"dataset": dataset, "vkey": v["vkey"], "label": v["label"], "category": "no attacks", "verdict": f"{v['label']} ({dataset}): no usable attack rows."})
             continue
@@ -299,8 +302,8 @@ def _verdicts(rob: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, st
             text += f" vs {base_model}'s strongest {b_strongest['attack_label']} {b_strongest['asr_mean']:.1%} -> {'beats' if beaten else 'does NOT beat'} it under the strongest attack"
         if substituted:
             text += f" (no baseline run of: {', '.join(substituted)})"
-        if n_failed:
-            text += f"; {n_failed} failed trial(s) of this variant are not covered"
+        if n_failed or n_skipped:
+            text += f"; not covered: {n_failed} failed trial(s), {n_skipped} attack row(s) skipped for NaN metrics"
         rows.append({
             "dataset": dataset, "vkey": v["vkey"], "label": v["label"], "baseline": base_model, "category": category,
             "wins": wins, "compared": compared, "strongest_attack": strongest["attack_label"], "strongest_asr": strongest["asr_mean"],
@@ -407,6 +410,7 @@ def build_tables(res: Results, min_samples: int = 20) -> Tables:
     clean = _clean(train, got["clean_fallback"])
     baselines = _pick_baselines(variants, notes)
     failed = res.failed.with_columns(_vkey(), pl.col("error").fill_null("").str.split("\n").list.first().alias("error_line"))
+    skipped = res.skipped.with_columns(_vkey())
     flags = got["flags"]
     low = flags.filter(pl.col("n_attacked") < min_samples).drop("budget_ok")
     budget = flags.filter(pl.col("budget_ok") == False).select("dataset", "variant", "attack", "seed", "trial_id")  # noqa: E712
@@ -421,13 +425,13 @@ def build_tables(res: Results, min_samples: int = 20) -> Tables:
         clean=clean,
         robustness=rob,
         cost=_cost(rob, baselines),
-        verdicts=_verdicts(rob, variants, baselines, failed),
+        verdicts=_verdicts(rob, variants, baselines, failed, skipped),
         controls=_controls(rob, baselines),
         diagnostics=_diagnostics(res),
         failed=failed,
         missing=missing,
         low_samples=low,
-        skipped=res.skipped,
+        skipped=skipped.drop("vkey", *[k for k in VARIANT_KEYS if k != "dataset"]),
         duplicates=dup,
         budget=budget,
         baselines=baselines,
