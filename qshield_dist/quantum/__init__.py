@@ -11,7 +11,14 @@ from qshield_dist.quantum.circuits import (
     pauli_twirl,
     probs_qfunc,
 )
-from qshield_dist.quantum.layer import QuantumLayer, check_fits, compiled_path, estimate_bytes, transfer_matrix
+from qshield_dist.quantum.layer import (
+    QuantumLayer,
+    check_fits,
+    compiled_path,
+    density_matrix,
+    estimate_bytes,
+    transfer_matrix,
+)
 
 __all__ = [
     "CircuitSpec",
@@ -20,6 +27,7 @@ __all__ = [
     "check_fits",
     "circuit_ops",
     "compiled_path",
+    "density_matrix",
     "encoding_gates",
     "encoding_ops",
     "entanglement_pairs",
