@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,23 +66,40 @@ class Results:
     diagnostic: pl.DataFrame
     failed: pl.DataFrame  # status='failed' rows, error text included
     skipped: pl.DataFrame  # ok rows set aside: stage, trial_id, label, reason
-    manifest_job: Future[tuple[dict[str, Any] | None, str | None]]
+    manifest_job: Future[tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]]
     n_files: int
     notes: list[str] = field(default_factory=list)  # stated in the report
     attack_files: list[str] = field(default_factory=list)  # to name bad files if a later collect fails
     _manifest: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    _expected: pl.DataFrame | None = field(default=None, init=False, repr=False)
     _manifest_read: bool = field(default=False, init=False, repr=False)
+
+    def _resolve(self) -> None:
+        if self._manifest_read:
+            return
+        try:
+            self._manifest, note, joined = self.manifest_job.result()
+        except Exception as exc:  # a dead worker must not sink the report: the grid check is skipped, and said so
+            self._manifest, note, joined = None, f"manifest.json could not be read ({type(exc).__name__}: {exc})", None
+        self._manifest_read = True
+        if note:
+            self.notes.append(note)
+        if joined is not None:
+            self._expected = pl.DataFrame({"trial_id": [joined[0]], "stage": [joined[1]], "dataset": [joined[2]]}).select(
+                pl.all().str.split(_SEP)).explode(pl.all()).with_columns(pl.col("stage", "dataset").replace("", None))
 
     @property
     def manifest(self) -> dict[str, Any] | None:
-        """manifest.json, parsed in a background thread (tens of MB for a big grid) while
-        the tables are computed; its note, if any, joins `notes` on first access."""
-        if not self._manifest_read:
-            self._manifest, note = self.manifest_job.result()
-            self._manifest_read = True
-            if note:
-                self.notes.append(note)
+        """manifest.json without its trial list, parsed in the background (tens of MB for a
+        big grid) while the tables are computed; its note, if any, joins `notes`."""
+        self._resolve()
         return self._manifest
+
+    @property
+    def expected(self) -> pl.DataFrame | None:
+        """The manifest's expected_trials as (trial_id, stage, dataset), or None."""
+        self._resolve()
+        return self._expected
 
 
 def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], int]:
@@ -167,18 +185,47 @@ def _check_versions(versions: list[pl.DataFrame], files: dict[str, list[str]]) -
         raise SummaryError(_diagnose([f for k in bad for f in files[k]]))
 
 
-def _read_manifest(root: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """The manifest and a note when it is absent or unusable (tolerated: a sweep may predate it)."""
+_SEP = "\x1f"  # joins trial ids for the trip between processes (ids are hex hashes)
+
+
+def _read_manifest(root: Path) -> tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]:
+    """The manifest (without its trial list), a note when it is absent or unusable
+    (tolerated: a sweep may predate it), and `expected_trials` as three joined strings
+    (ids, stages, datasets): cheap to send back from a worker process."""
     path = root / "manifest.json"
     if not path.exists():
-        return None, "no manifest.json: missing grid points cannot be listed"
+        return None, "no manifest.json: missing grid points cannot be listed", None
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"manifest.json unreadable ({exc}): missing grid points cannot be listed"
+        return None, f"manifest.json unreadable ({exc}): missing grid points cannot be listed", None
     if not isinstance(manifest, dict):
-        return None, "manifest.json is not a JSON object: ignored"
-    return manifest, None
+        return None, "manifest.json is not a JSON object: ignored", None
+    expected = manifest.pop("expected_trials", None)
+    if isinstance(expected, list):
+        expected = {str(t): {} for t in expected}
+    if not isinstance(expected, dict):
+        return manifest, "manifest.json has no 'expected_trials': grid completeness not checked", None
+    info = [v if isinstance(v, dict) else {} for v in expected.values()]
+    joined = (
+        _SEP.join(expected),
+        _SEP.join(str(i.get("stage") or "") for i in info),
+        _SEP.join(str(i.get("dataset") or "") for i in info),
+    )
+    return manifest, None, joined
+
+
+def _start_manifest_job(root: Path) -> Future[tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]]:
+    """Parse manifest.json in a forked process: json.loads holds the GIL for the whole parse
+    (1.6 s for a million trials), which would stall this process's Python between Polars calls."""
+    executor: Any
+    if "fork" in multiprocessing.get_all_start_methods() and (root / "manifest.json").exists():
+        executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    else:
+        executor = ThreadPoolExecutor(max_workers=1)
+    job = executor.submit(_read_manifest, root)
+    executor.shutdown(wait=False)
+    return job
 
 
 def _choose_sweep(counts_by_kind: list[pl.DataFrame], sweep: str | None) -> tuple[str, bool]:
@@ -247,9 +294,7 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
     all_files = [f for v in by_kind.values() for f in v]
     # A big sweep's manifest is tens of MB of JSON: parse it while Polars scans and
     # aggregates (Polars releases the GIL), resolved only when the grid check needs it.
-    pool = ThreadPoolExecutor(max_workers=1)
-    manifest_job = pool.submit(_read_manifest, root)
-    pool.shutdown(wait=False)
+    manifest_job = _start_manifest_job(root)
 
     lazy = {k: _lazy(v, k) for k, v in by_kind.items()}
     small = ["train", "diagnostic", "failed"]

@@ -228,9 +228,9 @@ def _paper_section(paper: pl.DataFrame, proxies: dict[str, str]) -> Section:
     ]
     sec.add(TextTable("Measured vs published", ["dataset", "model", "paper model", "metric", "attack", "measured", "paper", "diff", "match", "notes"], rows))
     if not_measured.height:
-        grouped = not_measured.group_by("dataset", "paper_model", maintain_order=True).agg(pl.col("attack").filter(pl.col("attack") != "").str.join(", "), pl.col("metric").unique().str.join(", "))
+        grouped = not_measured.group_by("paper_dataset", "paper_model", maintain_order=True).agg(pl.col("attack").filter(pl.col("attack") != "").str.join(", "), pl.col("metric").unique().str.join(", "))
         sec.add(
-            "Published but not measured here: " + "; ".join(f"{r['dataset']} {r['paper_model']} ({r['metric']}{': ' + r['attack'] if r['attack'] else ''})" for r in grouped.iter_rows(named=True))
+            "Published but not measured here: " + "; ".join(f"{r['paper_dataset']} {r['paper_model']} ({r['metric']}{': ' + r['attack'] if r['attack'] else ''})" for r in grouped.iter_rows(named=True))
         )
     return sec
 
@@ -306,7 +306,7 @@ def _honesty_section(tables: Tables, res: Results) -> Section:
         rows = [[r["stage"] or "", r["dataset"] or "", r["variant"] or "", r["attack"] or "-", r["seed"], r["trial_id"], r["error_line"]] for r in f.sort("stage", "dataset", "trial_id").iter_rows(named=True)]
         sec.add(TextTable("Failed trials", ["stage", "dataset", "variant", "attack", "seed", "trial", "error (first line; full text in failed.csv)"], rows))
     m = tables.missing
-    if res.manifest is not None and "expected_trials" in res.manifest:
+    if res.expected is not None:
         sec.add(f"Missing grid points (in manifest.json's expected_trials, no result file): {m.height}.")
         if m.height:
             counts = m.group_by("stage", "dataset").len().sort("stage", "dataset")

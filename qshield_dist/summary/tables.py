@@ -294,7 +294,7 @@ def _verdicts(rob: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, st
         b_strongest = base.sort("asr_mean", descending=True).row(0, named=True) if base.height else None
         category = "none" if compared == 0 or wins == 0 else ("every" if wins == compared else "some")
         text = (
-            f"{v['label']} ({dataset}): lower ASR than {base_model} on {category} attack(s) ({wins}/{compared})"
+            f"{v['label']} ({dataset}): beats {base_model} (lower ASR) on {category} of its attacks ({wins}/{compared})"
             f"; strongest attack {strongest['attack_label']} ASR {strongest['asr_mean']:.1%}"
         )
         if b_strongest is not None:
@@ -374,28 +374,18 @@ def _diagnostics(res: Results) -> pl.DataFrame:
 def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
     """Trials the manifest's grid expects (key `expected_trials`) with no result file."""
     schema = {"trial_id": pl.String, "stage": pl.String, "dataset": pl.String}
-    manifest = res.manifest
-    if manifest is None:
+    manifest, expected = res.manifest, res.expected
+    if manifest is None or expected is None:
         return pl.DataFrame(schema=schema)
-    expected = manifest.get("expected_trials")
     if manifest.get("sweep") not in (None, res.sweep):
         notes.append(f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{res.sweep}': grid completeness not checked")
         return pl.DataFrame(schema=schema)
-    if isinstance(expected, list):
-        expected = {t: {} for t in expected}
-    if not isinstance(expected, dict):
-        notes.append("manifest.json has no 'expected_trials': grid completeness not checked")
-        return pl.DataFrame(schema=schema)
     # Anti-joins in Polars: a big sweep's manifest lists every trial (a million is plausible).
     present = pl.concat([ids, *(df.select("trial_id") for df in (res.train, res.diagnostic, res.failed, res.skipped))])
-    wanted = pl.DataFrame({"trial_id": list(expected)}, schema={"trial_id": pl.String})
-    extra = present.join(wanted, on="trial_id", how="anti")["trial_id"].n_unique()
+    extra = present.join(expected, on="trial_id", how="anti")["trial_id"].n_unique()
     if extra:
         notes.append(f"{extra} trial(s) have results but are not in the manifest's grid (an earlier grid of this sweep?)")
-    missing = wanted.join(present, on="trial_id", how="anti")["trial_id"].to_list()
-    info = [expected[t] if isinstance(expected[t], dict) else {} for t in missing]
-    rows = {"trial_id": missing, "stage": [i.get("stage") for i in info], "dataset": [i.get("dataset") for i in info]}
-    return pl.DataFrame(rows, schema=schema).sort("stage", "dataset", "trial_id")
+    return expected.join(present, on="trial_id", how="anti").sort("stage", "dataset", "trial_id")
 
 
 def build_tables(res: Results, min_samples: int = 20) -> Tables:
