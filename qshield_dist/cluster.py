@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,18 +256,38 @@ def _opt_path(path: str | os.PathLike[str] | None) -> Path | None:
     return None if path is None else Path(path)
 
 
-def _block_until_signal(node: RayNode) -> int:
-    """Forward SIGTERM/SIGINT to the node, return when it is down."""
+def _block_until_signal(node: RayNode, grace_s: float = 40.0) -> int:
+    """Wait for the node; on SIGTERM/SIGINT pass SIGTERM on and return once it is down.
+
+    The handler only signals: it runs inside our Popen.wait(), which holds the Popen's
+    wait lock, so it must not wait on the process itself.
+    """
+    stopping = threading.Event()
+
     def handler(signum: int, _frame: object) -> None:
-        log.info("signal %s: stopping ray node", signum)
-        node.stop()
-        sys.exit(0)
+        log.info("signal %s: stopping ray node %s", signum, node.pid)
+        stopping.set()
+        try:
+            os.kill(node.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        # Ray drains for up to 30 s; after the grace period its whole group goes.
+        timer = threading.Timer(grace_s, lambda: _killpg(node.pid))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     rc = node.proc.wait()
-    node.stop()
-    return rc
+    node.stop()  # reaps leftovers of its process group, closes the log
+    return 0 if stopping.is_set() else rc
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

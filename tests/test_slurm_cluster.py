@@ -144,3 +144,46 @@ def test_preemption_requeues_through_checkpoint(slurm_cluster: None, tmp_path: P
     assert result == {"p": "ok"}
     assert (out / "p.slurm").read_text().split() == [task, task]  # same task id, run twice
     assert len(cf.runs(out, "p")) == 1 and (out / "p.out").exists()
+
+
+@pytest.mark.slow
+def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, tmp_path: Path) -> None:
+    """sbatch slurm/run.sh: Ray head with token auth inside the allocation, the real sweep
+    through `python -m qshield_dist.launch --executor ray`, everything stopped at the end."""
+    if not (REPO / "qshield_dist" / "launch.py").exists() or not (REPO / "sweeps" / "smoke.yaml").exists():
+        pytest.skip("qshield_dist/launch.py or sweeps/smoke.yaml not written yet")
+    import sys
+
+    from qshield_dist.results import scan_done
+
+    env = dict(os.environ, QSHIELD_PYTHON=sys.executable, QSHIELD_RAY_DIR=str(tmp_path / "ray"))
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_")}
+    results, log_file = tmp_path / "results", tmp_path / "run-%j.log"
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log_file}", "--cpus-per-task=2",
+         str(REPO / "slurm/run.sh"), "sweeps/smoke.yaml", "--results", str(results),
+         "--checkpoints", str(tmp_path / "ckpt")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
+    job_id = proc.stdout.strip().split(";")[0]
+    # poll (sbatch --wait backs off to 30 s between checks)
+    deadline, state = time.time() + 600, ""
+    while time.time() < deadline:
+        state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job_id],
+                               capture_output=True, text=True).stdout.strip()
+        if state and not state.startswith(("PENDING", "RUNNING", "COMPLETING")):
+            break
+        time.sleep(1)
+    text = Path(str(log_file).replace("%j", job_id)).read_text()
+    assert state == "COMPLETED|0:0", text[-3000:]
+    assert "ray head at 127.0.0.1:" in text and "9 ok, 0 failed, 0 lost" in text, text[-3000:]
+    done = scan_done(results)
+    assert len(done) == 9 and set(done.values()) == {"ok"}
+    # the token directory is gone, and so is every process of the job's Ray cluster
+    assert not (tmp_path / "ray" / job_id).exists()
+    marker = f"qshield-ray-{job_id}".encode()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                assert marker not in Path(f"/proc/{pid}/cmdline").read_bytes(), f"ray process {pid} left behind"
+            except OSError:
+                pass
