@@ -45,6 +45,9 @@ def _counts(cells: pl.DataFrame, unit: str = "bar") -> str:
     return f"seeds per {unit}: {seeds}; attacked samples per {unit} (summed over seeds): {samples}"
 
 
+SVG_MAX_ARTISTS = 300  # beyond this many bars/points an SVG is slow to write and to open: PNG only
+
+
 def _finish(fig: Any, out: Path, name: str, title: str, caption: str, svg: bool) -> Figure:
     import matplotlib.pyplot as plt
 
@@ -56,7 +59,8 @@ def _finish(fig: Any, out: Path, name: str, title: str, caption: str, svg: bool)
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     paths = [out / f"{name}.png"]
     paths[0].write_bytes(buf.getvalue())
-    if svg:
+    artists = sum(len(ax.patches) + len(ax.collections) + len(ax.lines) for ax in fig.axes)
+    if svg and artists <= SVG_MAX_ARTISTS:
         paths.append(out / f"{name}.svg")
         fig.savefig(paths[-1], format="svg", bbox_inches="tight")
     plt.close(fig)
