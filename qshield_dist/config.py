@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qshield_dist.attacks import ATTACKS, PRESETS
+from qshield_dist.attack_params import ATTACKS
 
 MODELS = ("dnn", "cnn", "cnn_small", "hqcnn")
 BACKBONES = ("cnn", "cnn_small", "dnn")
@@ -102,15 +102,6 @@ class ModelSpec(_Strict):
         )
         values = {k: v if v is not None else defaults.get(k) for k, v in self.model_dump().items()}
         return ModelSpec(**values)
-
-    @property
-    def stochastic(self) -> bool:
-        """Outputs vary between calls on the same input (must be evaluated repeatedly)."""
-        if self.model != "hqcnn":
-            return False
-        random_projection = self.projection == "paper" and self.encoding == "enhanced_angle"
-        trajectories = self.simulator == "qnode" and (self.trajectories or 0) > 0
-        return bool(random_projection or trajectories or (self.input_noise or 0) > 0)
 
     @property
     def label(self) -> str:

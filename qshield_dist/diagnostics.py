@@ -19,11 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qshield_dist.attacks import ATTACKS, CallCounter, build_attack
+from qshield_dist.attack_params import ADAPTIVE, ATTACKS, PAPER_SUITE
+from qshield_dist.attacks import CallCounter, build_attack
 from qshield_dist.results import read_rows, trial_path
 
-ADAPTIVE = ("eot_pgd", "bpda_pgd", "transfer", "autoattack")
-PAPER_SUITE = ("fgsm", "pgd", "apgd", "vmifgsm", "cw", "deepfool", "onepixel", "square")
 EPS_SWEEP = (8 / 255, 16 / 255, 32 / 255, 64 / 255, 0.25, 0.5)
 
 

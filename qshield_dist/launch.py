@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sweep": cfg.name,
             "spec": cfg.model_dump(),
             "versions": versions(),
-            "expected_trials": {t.trial_id: {"stage": t.stage, "dataset": t.dataset} for t in grid.trials},
+            "expected_trials": [t.trial_id for t in grid.trials],
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )

@@ -56,6 +56,7 @@ SCHEMA = pa.schema(
         ("noise_approx", pa.string()),  # exact | pauli_twirl
         ("qubits", pa.int32()),
         ("init", pa.string()),
+        ("input_noise", pa.float64()),
         ("stochastic", pa.bool_()),
         ("attack", pa.string()),
         ("attack_preset", pa.string()),

@@ -77,7 +77,7 @@ def _model_columns(trial: TrainTrial) -> dict[str, Any]:
     spec = trial.model
     cols = {k: getattr(spec, k) for k in (
         "entanglement", "depth", "encoding", "noise_model", "noise_strength", "fusion", "quantum_grad",
-        "projection", "device", "simulator", "trajectories", "qubits", "init",
+        "projection", "device", "simulator", "trajectories", "qubits", "init", "input_noise",
     )}
     cols.update(
         dataset=trial.dataset,
@@ -85,7 +85,6 @@ def _model_columns(trial: TrainTrial) -> dict[str, Any]:
         variant=spec.label,
         backbone=spec.backbone or spec.model,
         seed=trial.seed,
-        stochastic=spec.stochastic,
     )
     if spec.model == "hqcnn":
         noisy = spec.noise_model != "none" and spec.noise_strength > 0
@@ -96,7 +95,7 @@ def _model_columns(trial: TrainTrial) -> dict[str, Any]:
 
 def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
     train = trial if isinstance(trial, TrainTrial) else trial.train
-    return {
+    row = {
         "sweep": ctx.sweep,
         "stage": trial.stage,
         "trial_id": trial.trial_id,
@@ -107,6 +106,11 @@ def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
         "created_at": dt.datetime.now(dt.timezone.utc),
         **_model_columns(train),
     }
+    control = getattr(trial, "control", None)
+    if control:  # a control is its own model in the tables, also when it failed
+        row["model"] = {"backbone_only": "hqcnn_backbone", "equal_budget": f"{row['model']}_equal_budget"}[control]
+        row["variant"] = f"{row['variant']} [{control}]"
+    return row
 
 
 def _load_data(trial: TrainTrial, ctx: RunContext) -> tuple[Split, Split]:
@@ -170,7 +174,16 @@ def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
     repeats = 5 if getattr(model, "stochastic", False) else 1
     _, clean = _clean_eval(model, test, repeats, 512)
     details = {"init_steps": meta.get("init_steps", 0), "total_train_steps": meta["train_steps"] + meta.get("init_steps", 0)}
-    return [{**_base_row(trial, ctx), **clean, **_train_columns(meta), "status": "ok", "details": json.dumps(details)}]
+    return [
+        {
+            **_base_row(trial, ctx),
+            **clean,
+            **_train_columns(meta),
+            "status": "ok",
+            "stochastic": repeats > 1,
+            "details": json.dumps(details),
+        }
+    ]
 
 
 def _attack_target(trial: AttackTrial, ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
@@ -224,6 +237,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         **clean,
         **_train_columns(meta),
         "status": "ok",
+        "stochastic": stochastic,
         "attack": trial.attack,
         "attack_preset": trial.preset,
         "attack_params": json.dumps(params, sort_keys=True),
@@ -254,11 +268,6 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
             }
         ),
     }
-    if trial.control:
-        row["model"] = {"backbone_only": "hqcnn_backbone", "equal_budget": f"{row['model']}_equal_budget"}[trial.control]
-        row["variant"] = f"{row['variant']} [{trial.control}]"
-        if trial.control == "backbone_only":
-            row["stochastic"] = False
     return [row]
 
 
@@ -284,7 +293,7 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, size: int = 64) -> l
     checks.append(diagnostics.eps_sweep(model, x, y, DATASETS[trial.dataset].classes, stochastic, repeats))
     checks += diagnostics.gradient_checks(model, x, y)
     checks.append(diagnostics.batch_dependence(model, test.x[: 2 * size]))
-    base = {**_base_row(trial, ctx), **clean, **_train_columns(meta), "status": "ok"}
+    base = {**_base_row(trial, ctx), **clean, **_train_columns(meta), "status": "ok", "stochastic": stochastic}
     return [{**base, **check} for check in checks]
 
 

@@ -22,7 +22,6 @@ import pytest
 
 from qshield_dist.results import rows_to_table, trial_path, write_manifest, write_rows
 from qshield_dist.summary.cli import default_out, main
-from qshield_dist.summary.paper import paper_attack_params
 from qshield_dist.summary.report import Options, Summary, summarize, tex_escape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,14 +217,6 @@ def test_pivot_and_tex_escape(tmp_path: Path) -> None:
     assert table.headers[:2] == ["attack", "model"]
     assert not (tmp_path / "rep" / "tables.tex").exists()
     assert tex_escape("a_b & 5% -> x") == r"a\_b \& 5\% $\rightarrow$ x"
-
-
-def test_paper_attack_params_copy_matches_registry() -> None:
-    from qshield_dist.attacks import ATTACKS  # imports torch: only here
-
-    for dataset, attacks in paper_attack_params().items():
-        for name, params in attacks.items():
-            assert ATTACKS[name].params(dataset, "paper") == params
 
 
 # ------------------------------------------------------------------ bad input -> exit 2

@@ -19,7 +19,8 @@ from typing import Any
 
 import polars as pl
 
-from qshield_dist.summary.tables import ATTACK_ORDER, HYBRID, Tables
+from qshield_dist.attack_params import ATTACKS, PAPER_SUITE
+from qshield_dist.summary.tables import HYBRID, Tables
 
 PAPER_DATASETS = {"mnist": "MNIST", "organamnist": "OrganAMNIST", "cifar10": "CIFAR-10"}
 # The paper's HQCNN configuration, as the project's settings (see paper-protocol.md).
@@ -36,12 +37,9 @@ COLUMNS = ["dataset", "paper_dataset", "label", "paper_model", "metric", "attack
 
 
 def paper_attack_params() -> dict[str, dict[str, dict[str, Any]]]:
-    """dataset -> attack -> the paper's parameters, in qshield_dist.attacks' naming.
-
-    A copy of the registry's `paper` preset (a test keeps them equal), because importing
-    the registry imports torch, which costs more than the whole summary.
-    """
-    return json.loads(resources.files("qshield_dist.summary").joinpath("paper_attack_params.json").read_text())
+    """paper dataset -> paper attack -> the paper's parameters, from the attack registry."""
+    datasets = ("mnist", "organamnist", "cifar10")
+    return {d: {name: ATTACKS[name].params(d, "paper") for name in PAPER_SUITE} for d in datasets}
 
 
 def load_paper() -> pl.DataFrame:

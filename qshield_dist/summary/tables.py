@@ -19,6 +19,7 @@ from typing import Any
 
 import polars as pl
 
+from qshield_dist.attack_params import ATTACKS
 from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
 
 BASELINES: tuple[str, ...] = ("cnn", "cnn_small")
@@ -32,7 +33,7 @@ _LABEL_FORMAT: dict[str, str] = {
 }
 # The paper's suite in its column order, then the adaptive attacks (qshield_dist.attacks
 # registry order; not imported because it imports torch, seconds for a table).
-ATTACK_ORDER: tuple[str, ...] = ("fgsm", "pgd", "apgd", "vmifgsm", "cw", "deepfool", "onepixel", "square", "autoattack", "eot_pgd", "bpda_pgd", "transfer")
+ATTACK_ORDER: tuple[str, ...] = tuple(ATTACKS)  # the paper's eight, then the adaptive ones
 _ATTACK_ORDER = {name: i for i, name in enumerate(ATTACK_ORDER)}
 
 
