@@ -74,6 +74,8 @@ def auth_env(token_file: str | os.PathLike[str] | None, loopback: bool = False,
         env["RAY_AUTH_TOKEN_PATH"] = str(Path(token_file).resolve())
     if loopback:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    else:  # multi-node: a value inherited from a loopback setup would make Ray refuse
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return env
 
@@ -242,10 +244,11 @@ def start_worker(address: str, token_file: str | os.PathLike[str] | None, *, nod
     temp = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="qshield-ray-worker-"))
     args = [
         f"--address={address}",
+        # Its own temp dir: several nodes on one machine (tests) must not share socket files.
+        f"--temp-dir={temp}",
         f"--dashboard-agent-listen-port={free_port()}",
         *_common_args(node_ip, num_cpus, num_gpus, object_store_mb),
     ]
-    # A worker's temp dir is set by the head; a separate one keeps node logs apart where allowed.
     wrap = ["ip", "netns", "exec", netns] if netns else []
     return _start_node(args, address=address, node_ip=node_ip, token_file=_opt_path(token_file),
                        temp_dir=temp, head=False, loopback=node_ip == LOOPBACK, wrap=wrap,

@@ -119,3 +119,16 @@ def slurm_wait_for_release(out: str, key: str, timeout: float = 120.0) -> str:
         task = os.environ.get("SLURM_JOB_ID", "-")
     _append(Path(out) / f"{key}.slurm", task)
     return wait_for_release(out, key, timeout)
+
+
+def record_node(out: str, key: str, sleep: float = 0.0) -> str:
+    """Like `record`, but logs the Ray node's IP in place of the host name."""
+    import ray
+
+    out_dir = Path(out)
+    start = time.time()
+    time.sleep(sleep)
+    ip = ray.util.get_node_ip_address()
+    _append(out_dir / f"{key}.log", f"{start:.6f} {time.time():.6f} {os.getpid()} {ip}")
+    _atomic_write(out_dir / f"{key}.out", f"{key}\n")
+    return "ok"

@@ -115,7 +115,8 @@ def test_local_lost_propagates_and_raise_is_not_retried(tmp_path: Path) -> None:
 
 def test_local_survives_sigkilled_worker(tmp_path: Path) -> None:
     """Design: a job whose worker dies is retried on a fresh pool (max_retries=1 here);
-    one that kills its worker every time ends 'lost', and so do its dependents."""
+    one that kills its worker every time ends 'lost' after 2 deaths it alone caused, and so
+    do its dependents; jobs that were running beside a death are re-run, never lost."""
     out = str(tmp_path)
     jobs = [
         Job("once", functools.partial(cf.die_once, out, "once")),
@@ -127,12 +128,14 @@ def test_local_survives_sigkilled_worker(tmp_path: Path) -> None:
     ex = LocalExecutor(workers=2, max_retries=1)
     result = ex.run(jobs)
     assert result["once"] == "ok" and len(cf.runs(tmp_path, "once")) == 2
-    assert result["always"] == "lost" and len(cf.runs(tmp_path, "always")) == 2  # 1 + 1 retry
+    # 2 attributable deaths (1 + 1 retry), plus one more if its first run shared the pool
+    assert result["always"] == "lost" and len(cf.runs(tmp_path, "always")) in (2, 3)
     assert result["after-once"] == "ok" and result["after-always"] == "lost"
     assert cf.runs(tmp_path, "after-always") == []
     for i in range(3):
         assert result[f"bystander{i}"] == "ok"
         assert (tmp_path / f"bystander{i}.out").read_text() == f"bystander{i}\n"
+        assert len(cf.runs(tmp_path, f"bystander{i}")) == 1  # logged at the end: completed once
     assert ex.pools_created >= 3  # the pool was rebuilt after each death
     assert (tmp_path / "once.out").exists() and not (tmp_path / "always.out").exists()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -215,3 +216,106 @@ def test_private_local_cluster(tmp_path: Path) -> None:
     result = ex.run([Job("x", functools.partial(cf.record, str(tmp_path), "x"))])
     assert result == {"x": "ok"}
     assert not ray.is_initialized() and ex._private_head is None
+
+
+# -- two nodes: a worker in a network namespace the test creates ----------------------------
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[tuple[str, str, str]]:
+    """(namespace, host-side IP, namespace-side IP) joined by a private veth pair."""
+    import random
+
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2")
+    tag = f"{os.getpid() % 10000}{random.randrange(100)}"
+    ns, host_if, ns_if = f"qsh-{tag}", f"qshh{tag}", f"qshn{tag}"
+    routes = _ip("-4", "route").stdout
+    for _ in range(50):  # a /30 in 10.0.0.0/8 no route of this machine uses
+        prefix = f"10.{random.randrange(200, 250)}.{random.randrange(256)}"
+        if prefix + "." not in routes:
+            break
+    host_ip, ns_ip = f"{prefix}.1", f"{prefix}.2"
+    made = _ip("netns", "add", ns)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
+    try:
+        for cmd in (
+            ["link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+            ["link", "set", ns_if, "netns", ns],
+            ["addr", "add", f"{host_ip}/30", "dev", host_if],
+            ["link", "set", host_if, "up"],
+            ["-n", ns, "addr", "add", f"{ns_ip}/30", "dev", ns_if],
+            ["-n", ns, "link", "set", ns_if, "up"],
+            ["-n", ns, "link", "set", "lo", "up"],
+        ):
+            res = _ip(*cmd)
+            if res.returncode != 0:
+                pytest.skip(f"cannot set up the veth pair (ip {' '.join(cmd)}): {res.stderr.strip()}")
+        yield ns, host_ip, ns_ip
+    finally:
+        _ip("link", "del", host_if)
+        _ip("netns", "del", ns)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(netns: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[cluster.RayNode, cluster.RayNode]]:
+    ns, host_ip, ns_ip = netns
+    if ray.is_initialized():
+        ray.shutdown()
+    root = tmp_path_factory.mktemp("ray2")
+    token = cluster.new_token_file(root / "auth")
+    head = cluster.start_head(token, node_ip=host_ip, num_cpus=1, object_store_mb=80, temp_dir=root / "h")
+    try:
+        worker = cluster.start_worker(head.address, token, node_ip=ns_ip, num_cpus=1, object_store_mb=80,
+                                      temp_dir=root / "w", netns=ns)
+    except Exception:
+        head.stop()
+        raise
+    try:
+        yield head, worker
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        worker.stop()
+        head.stop()
+
+
+@pytest.mark.netns
+def test_two_node_cluster_runs_on_both_nodes(two_nodes: tuple[cluster.RayNode, cluster.RayNode],
+                                             tmp_path: Path) -> None:
+    head, worker = two_nodes
+    ex = RayExecutor(address=head.address, token_file=head.token_file)
+    ex.connect()
+    deadline = time.time() + 60
+    while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        assert time.time() < deadline, "the namespace worker never joined"
+        time.sleep(0.5)
+    out = str(tmp_path)
+    jobs = [Job(f"n{i}", functools.partial(cf.record_node, out, f"n{i}", 1.0)) for i in range(4)]
+    jobs.append(Job("after", functools.partial(cf.record_node, out, "after"), tuple(f"n{i}" for i in range(4))))
+    result = ex.run(jobs)
+    assert result == {job.key: "ok" for job in jobs}
+    ips = {cf.runs(tmp_path, f"n{i}")[0][3] for i in range(4)}
+    assert ips == {head.node_ip, worker.node_ip}  # both nodes ran trials
+    assert cf.start_end(tmp_path, "after")[0] >= max(cf.start_end(tmp_path, f"n{i}")[1] for i in range(4))
+
+
+@pytest.mark.netns
+def test_worker_with_wrong_token_cannot_join(two_nodes: tuple[cluster.RayNode, cluster.RayNode],
+                                             netns: tuple[str, str, str], tmp_path: Path) -> None:
+    head, _ = two_nodes
+    ns, _, ns_ip = netns
+    bad = tmp_path / "bad"
+    bad.write_text("f" * 64)
+    bad.chmod(0o600)
+    with pytest.raises((RuntimeError, TimeoutError)) as err:
+        node = cluster.start_worker(head.address, bad, node_ip=ns_ip, num_cpus=1, object_store_mb=80,
+                                    temp_dir=tmp_path / "w", netns=ns, timeout=90)
+        node.stop()
+    assert "uthenticat" in str(err.value) or "token" in str(err.value).lower(), str(err.value)[-2000:]

@@ -5,10 +5,13 @@ inherits OpenMP/CUDA state and can deadlock). Each worker gets cpus // workers t
 workers on N cores do not oversubscribe.
 
 A worker process that dies (SIGKILL, OOM killer, segfault in a simulator) breaks the whole
-ProcessPoolExecutor: every job running at that moment gets BrokenProcessPool. We then
-start a fresh pool and resubmit those jobs, up to `max_retries` times each (a job cannot
-be told apart from the bystanders that shared the broken pool, so all are charged one
-attempt). Trials are idempotent (checkpoint cache + atomic result files), so re-running
+ProcessPoolExecutor: every job submitted at that moment gets BrokenProcessPool. We then
+start a fresh pool and resubmit those jobs. Each worker reports the jobs it starts on a
+queue, so jobs still queued are resubmitted free. If one job was running, it killed its
+worker: it is charged, and after `max_retries` + 1 deaths it is 'lost' (its dependents too).
+If several were running, the culprit is unknown: they become suspects and are re-run one
+at a time on an otherwise idle pool, where a death is attributable. Innocent bystanders are
+therefore never lost. Trials are idempotent (checkpoint cache + atomic result files), so re-running
 one is safe. An exception raised by a job's fn is not retried: it is 'lost' at once, the
 same as Ray's retry_exceptions=False.
 """
@@ -22,7 +25,7 @@ import os
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from qshield_dist.executors.base import Executor, Job, ProgressSink
 
@@ -38,8 +41,13 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _init_worker(threads: int) -> None:
+_started_queue: Any = None
+
+
+def _init_worker(threads: int, started: Any) -> None:
     """Runs first in every worker: cap the thread pools before any trial computes."""
+    global _started_queue
+    _started_queue = started
     for var in _THREAD_VARS:
         os.environ[var] = str(threads)
     # spawn re-imports the parent's __main__, which may have imported torch already:
@@ -51,7 +59,8 @@ def _init_worker(threads: int) -> None:
             logging.getLogger(__name__).debug("torch.set_num_threads failed: %s", exc)
 
 
-def _call(fn: Callable[[], str]) -> str:
+def _call(key: str, fn: Callable[[], str]) -> str:
+    _started_queue.put(key)  # lets the parent tell started jobs from queued ones
     return fn()
 
 
@@ -74,10 +83,19 @@ class LocalExecutor(Executor):
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         self.pools_created += 1
+        ctx = mp.get_context(self.mp_context)
+        self._started = ctx.SimpleQueue()  # a fresh one: a killed worker may hold the old one's lock
+        self._started_keys: set[str] = set()
         return cf.ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=mp.get_context(self.mp_context),
-            initializer=_init_worker, initargs=(self.threads,),
+            max_workers=self.workers, mp_context=ctx,
+            initializer=_init_worker, initargs=(self.threads, self._started),
         )
+
+    def _drain_started(self) -> set[str]:
+        """Keys that started in the current pool so far."""
+        while not self._started.empty():
+            self._started_keys.add(self._started.get())
+        return self._started_keys
 
     def run(self, jobs: Sequence[Job], progress: ProgressSink | None = None) -> dict[str, str]:
         progress = progress or ProgressSink()
@@ -93,7 +111,8 @@ class LocalExecutor(Executor):
         ready = [job.key for job in jobs if not waiting[job.key]]
         ready.reverse()  # pop() from the end keeps the caller's order
         status: dict[str, str] = {}
-        attempts: dict[str, int] = {key: 0 for key in by_key}
+        attempts: dict[str, int] = {key: 0 for key in by_key}  # worker deaths while running
+        announced: set[str] = set()
 
         def finish(key: str, st: str) -> None:
             status[key] = st
@@ -122,49 +141,73 @@ class LocalExecutor(Executor):
 
         pool = self._new_pool()
         running: dict[cf.Future[str], str] = {}
+        suspects: set[str] = set()  # were running beside a worker death: re-run alone
         try:
             while ready or running:
                 while ready and len(running) < self.workers:
-                    key = ready.pop()
-                    attempts[key] += 1
-                    if attempts[key] == 1:
+                    solo = [k for k in ready if k in suspects]
+                    if solo:
+                        if running:
+                            break  # a suspect runs only on an otherwise idle pool
+                        key = solo[-1]
+                        ready.remove(key)
+                    else:
+                        key = ready.pop()
+                    if key not in announced:
+                        announced.add(key)
                         progress.started(key)
                     try:
-                        running[pool.submit(_call, by_key[key].fn)] = key
+                        running[pool.submit(_call, key, by_key[key].fn)] = key
                     except BrokenProcessPool:
                         # The pool broke between our wait and this submit: retry on a new one.
-                        attempts[key] -= 1
                         ready.append(key)
                         pool = self._replace(pool)
+                    if key in suspects:
+                        break
                 if not running:
                     continue
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                broken = False
+                # Drain every time: an unread pipe fills up (64 KiB) and blocks the workers.
+                started_now = self._drain_started()
+                broken: list[str] = []
                 for fut in done:
                     key = running.pop(fut)
                     exc = fut.exception()
                     if exc is None:
+                        suspects.discard(key)
                         finish(key, _checked(key, fut.result()))
                     elif isinstance(exc, BrokenProcessPool):
-                        broken = True
-                        self._retry_or_lose(key, attempts, ready, finish)
+                        broken.append(key)
                     else:
                         log.error("job %s raised %s: %s (lost, not retried)", key, type(exc).__name__, exc)
                         finish(key, "lost")
-                if broken:
-                    # Every other running future fails the same way; collect them now.
-                    for fut in list(running):
-                        key = running.pop(fut)
-                        try:
-                            st = fut.result()
-                        except BrokenProcessPool:
-                            self._retry_or_lose(key, attempts, ready, finish)
-                        except Exception as exc:
-                            log.error("job %s raised %s: %s (lost)", key, type(exc).__name__, exc)
-                            finish(key, "lost")
-                        else:
-                            finish(key, _checked(key, st))
-                    pool = self._replace(pool)
+                if not broken:
+                    continue
+                # Every other running future fails the same way; collect them now.
+                for fut in list(running):
+                    key = running.pop(fut)
+                    try:
+                        st = fut.result()
+                    except BrokenProcessPool:
+                        broken.append(key)
+                    except Exception as exc:
+                        log.error("job %s raised %s: %s (lost)", key, type(exc).__name__, exc)
+                        finish(key, "lost")
+                    else:
+                        suspects.discard(key)
+                        finish(key, _checked(key, st))
+                started_now = self._drain_started()
+                pool = self._replace(pool)
+                ran = [k for k in broken if k in started_now]
+                ready.extend(k for k in broken if k not in started_now)  # were queued: free
+                if len(ran) == 1:
+                    # It ran alone (or beside queued jobs only): it killed its worker.
+                    self._charge(ran[0], attempts, ready, finish)
+                    suspects.discard(ran[0])
+                else:
+                    log.warning("a worker died running %s; re-running them one at a time", ", ".join(ran))
+                    suspects.update(ran)
+                    ready.extend(ran)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return _complete(status, by_key)
@@ -175,13 +218,14 @@ class LocalExecutor(Executor):
         time.sleep(0.05)  # let the dead pool's manager thread finish tearing down
         return self._new_pool()
 
-    def _retry_or_lose(self, key: str, attempts: dict[str, int], ready: list[str],
-                       finish: Callable[[str, str], None]) -> None:
+    def _charge(self, key: str, attempts: dict[str, int], ready: list[str],
+                finish: Callable[[str, str], None]) -> None:
+        attempts[key] += 1
         if attempts[key] <= self.max_retries:
-            log.warning("job %s: worker died (attempt %d), retrying", key, attempts[key])
+            log.warning("job %s killed its worker (%d time(s)); retrying", key, attempts[key])
             ready.append(key)
         else:
-            log.error("job %s: worker died on all %d attempts: lost", key, attempts[key])
+            log.error("job %s killed its worker %d times: lost", key, attempts[key])
             finish(key, "lost")
 
 
