@@ -59,19 +59,42 @@ _QNODE_SAVED_PER_OP = 2
 # --- compiled circuit: superoperators read from the PennyLane description --------------------
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One local superoperator, with its adjoint; a permutation (e.g. a CNOT) also as indices."""
+
+    s: torch.Tensor  # (4^k, 4^k) on vec(rho) over `wires`, index (row bits, column bits)
+    s_adj: torch.Tensor
+    wires: tuple[int, ...]
+    perm: torch.Tensor | None  # out[i] = in[perm[i]]
+    perm_adj: torch.Tensor | None
+
+
 @dataclass
 class _Program:
     """Superoperators (4^k x 4^k, acting on vec(rho) over the op's wires) of the circuit body."""
 
     n: int
     superops: list[tuple[torch.Tensor, tuple[int, ...]]]
-    _cast: dict = field(default_factory=dict)  # (dtype, device) -> superops; a cache
+    _cast: dict = field(default_factory=dict)  # (dtype, device) -> steps; a cache
 
-    def ops_for(self, dtype: torch.dtype, device: torch.device) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    def ops_for(self, dtype: torch.dtype, device: torch.device) -> list[_Step]:
         key = (dtype, str(device))
         if key not in self._cast:
-            self._cast[key] = [(s.to(device=device, dtype=dtype), w) for s, w in self.superops]
+            steps = []
+            for s, w in self.superops:
+                perm = perm_adj = None
+                if _is_permutation(s):  # gather instead of a 4^k x 4^k matmul: memory-bound
+                    perm = s.abs().argmax(dim=1).to(device)
+                    perm_adj = s.abs().argmax(dim=0).to(device)
+                steps.append(_Step(s.to(device=device, dtype=dtype), s.conj().T.to(device=device, dtype=dtype), w, perm, perm_adj))
+            self._cast[key] = steps
         return self._cast[key]
+
+
+def _is_permutation(s: torch.Tensor) -> bool:
+    ones = (s - 1).abs() < 1e-12
+    return bool(((s.abs() < 1e-12) | ones).all() and (ones.sum(0) == 1).all() and (ones.sum(1) == 1).all())
 
 
 def _op_superop(op: qml.operation.Operator) -> torch.Tensor:
@@ -98,24 +121,31 @@ def compile_body(spec: CircuitSpec) -> _Program:
     return _Program(spec.qubits, superops)
 
 
-def _apply_superop(t: torch.Tensor, s: torch.Tensor, wires: tuple[int, ...], n: int) -> torch.Tensor:
-    """Apply superoperator s on `wires` to a batch of operators t of shape (B, 2,..,2, 2,..,2)."""
-    k = len(wires)
-    axes = [1 + w for w in wires] + [1 + n + w for w in wires]
+def _apply_superop(t: torch.Tensor, step: _Step, n: int, adjoint: bool = False) -> torch.Tensor:
+    """Apply a step (or its adjoint) on its wires to a batch of operators t, (B, 2,..,2, 2,..,2)."""
+    k = len(step.wires)
+    axes = [1 + w for w in step.wires] + [1 + n + w for w in step.wires]
+    perm = step.perm_adj if adjoint else step.perm
+    if perm is not None:
+        local = torch.movedim(t, axes, list(range(1, 1 + 2 * k)))
+        shape = local.shape
+        out = local.reshape(shape[0], 4**k, -1).index_select(1, perm).reshape(shape)
+        return torch.movedim(out, list(range(1, 1 + 2 * k)), axes)
+    s = step.s_adj if adjoint else step.s
     out = torch.tensordot(s.reshape([2] * (4 * k)), t, dims=(list(range(2 * k, 4 * k)), axes))
     return torch.movedim(out, list(range(2 * k)), axes)
 
 
 def _schrodinger(program: _Program, rho: torch.Tensor) -> torch.Tensor:
-    for s, wires in program.ops_for(rho.dtype, rho.device):
-        rho = _apply_superop(rho, s, wires, program.n)
+    for step in program.ops_for(rho.dtype, rho.device):
+        rho = _apply_superop(rho, step, program.n)
     return rho
 
 
 def _heisenberg(program: _Program, obs: torch.Tensor) -> torch.Tensor:
     """Adjoint channel: <O, E(rho)> = <E^dagger(O), rho>, E^dagger = ops reversed, each S^H."""
-    for s, wires in reversed(program.ops_for(obs.dtype, obs.device)):
-        obs = _apply_superop(obs, s.conj().T, wires, program.n)
+    for step in reversed(program.ops_for(obs.dtype, obs.device)):
+        obs = _apply_superop(obs, step, program.n, adjoint=True)
     return obs
 
 
@@ -355,8 +385,9 @@ def compiled_path(spec: CircuitSpec, memory_bytes: int | None = None) -> str:
 
 def _transfer_bytes(n: int, batch: int) -> int:
     # build: 2^n observables of 2^n x 2^n complex128, ~3 live copies; T float64 + a cast copy;
-    # per sample: r, its kron intermediates and gradient (float64 worst case).
-    return 3 * 8**n * 16 + 2 * 8**n * 8 + batch * 3 * 4**n * 8
+    # per sample: the (1 + 3n) forward-mode variants of r and the kron's last intermediate
+    # (float64 worst case), plus the saved Jacobian (small).
+    return 3 * 8**n * 16 + 2 * 8**n * 8 + batch * (1 + 3 * n) * 4**n * 8 * 2
 
 
 def _density_bytes(n: int, batch: int) -> int:
