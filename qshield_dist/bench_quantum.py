@@ -14,10 +14,12 @@
   says which batch it used.
 - `plot_scaling(rows, path)`: PNG of both panels (time, memory).
 
-Memory is `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the point's subprocess after the timed
-runs minus the same after imports and input creation: the peak resident set the run added,
-including PyTorch's and PennyLane's allocator caches and temporary copies, at page resolution.
-It is not a tensor-level measurement (tracemalloc does not see torch allocations).
+Memory is the point subprocess's peak resident set (VmHWM, reset through /proc/self/clear_refs
+after imports and input creation) minus its resident set at that moment: what the layer's
+construction, first call and timed calls added at their peak, including PyTorch's and
+PennyLane's allocator caches and temporary copies, at page resolution (`memory_method` says
+if it had to fall back to a ru_maxrss delta). Not a tensor-level measurement (tracemalloc
+does not see torch allocations).
 
 Run: `python -m qshield_dist.bench_quantum [compare|scaling|all] [--plot PATH]`, which writes one
 JSON object per line on stdout.
@@ -168,8 +170,38 @@ def compare_variants(
 # --- qubit scaling: one subprocess per point ------------------------------------------------
 
 
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def _status_bytes(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _memory_baseline() -> tuple[int, str]:
+    """Reset the kernel's peak-RSS counter (VmHWM) where allowed, so the peak read afterwards
+    belongs to the measured work and not to import-time transients; else fall back to the
+    ru_maxrss high-water mark (then small points can read 0: below the import peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        current = _status_bytes("VmRSS")
+        if current is not None:
+            return current, "VmHWM-after-reset minus VmRSS-before"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss delta"
+
+
+def _memory_peak(method: str) -> int:
+    if method.startswith("VmHWM"):
+        peak = _status_bytes("VmHWM")
+        if peak is not None:
+            return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_point(point: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +214,7 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
     spec = CircuitSpec(n, 1, "full", "enhanced_angle", point["noise_model"], 0.005)
     angles = _angles(spec.n_angles, batch, 0, torch.float32)
     grad = point["grad"]
-    base = _maxrss_bytes()
+    base, mem_method = _memory_baseline()
     t0 = time.perf_counter()
     layer = QuantumLayer(
         spec,
@@ -204,7 +236,7 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
     step()  # first call: compile / build caches / create QNodes
     first = time.perf_counter() - t0
     sec, times = _median_seconds(step, point["repeats"], warmup=0)
-    peak = _maxrss_bytes()
+    peak = _memory_peak(mem_method)
     return {
         "name": "quantum_scaling",
         "variant": point["variant"],
@@ -215,6 +247,7 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
         "first_call_s": first,
         "repeats": len(times),
         "peak_rss_delta_bytes": peak - base,
+        "memory_method": mem_method,
         "estimate_bytes": estimate_bytes(
             spec, point["simulator"], point.get("device", "default.mixed"), batch,
             trajectories=point.get("trajectories", 0), grad=grad, compiled=point.get("compiled", "auto"),

@@ -4,11 +4,14 @@ Simulators:
 
 - `compiled` (default, exact): the post-encoding part of the circuit does not depend on the
   data, so it is compiled once per CircuitSpec from the PennyLane ops (their matrices and Kraus
-  operators) into a Pauli-transfer readout matrix M (2**n x 4**n): the encoded state is a
-  product state with Pauli vector r = kron_i (1, x_i, y_i, z_i) and p = M r / ... (see
-  `transfer_matrix`). When M no longer pays (many qubits) it falls back to an exact batched
-  density-matrix simulation that applies the same superoperators locally, with an adjoint
-  (Heisenberg) backward pass so no intermediate density matrix is stored for autograd.
+  operators, see `compile_body`). The encoded state is a product state, rho = (1/2^n) sum_P r_P P
+  with r = kron_i (1, x_i, y_i, z_i) from each qubit's Bloch vector, so p = T^T r with the real
+  readout matrix T (4^n x 2^n, `transfer_matrix`): the 2^n projectors pushed backwards through
+  the body (Heisenberg picture) and Pauli-decomposed. Gradients are forward-mode (one extra
+  kron variant per angle) so the backward pass is a single multiply-and-sum. Above
+  TRANSFER_MAX_QUBITS it falls back to an exact batched density-matrix simulation applying the
+  same local superoperators, with an adjoint (Heisenberg) backward pass, so no intermediate
+  density matrix is stored for autograd.
 - `qnode`: a PennyLane QNode on a named device, broadcast over the batch. `default.mixed` is
   exact for every noise model; state-vector devices run noisy circuits by Monte-Carlo
   trajectories over each channel's Pauli twirl (exact in expectation for Pauli-mixture channels,
@@ -562,7 +565,7 @@ class QuantumLayer(torch.nn.Module):
         elif self.path == "qnode-trajectories":
             probs = self._trajectories(batch)
         else:
-            probs = self._qnode_probs(batch, self._qdevice_kind())
+            probs = self._run(batch).to(batch.dtype)
         return probs[0] if single else probs
 
     # compiled ---------------------------------------------------------------------------------
@@ -644,9 +647,6 @@ class QuantumLayer(torch.nn.Module):
             return readout()
 
         return qfunc_traj
-
-    def _qnode_probs(self, angles: torch.Tensor, _kind: str) -> torch.Tensor:
-        return self._run(angles).to(angles.dtype)
 
     # trajectories -----------------------------------------------------------------------------
     def _trajectory_plan(self) -> list[tuple]:
