@@ -327,7 +327,7 @@ def plot_scaling(rows: list[dict[str, Any]], path: str) -> str:
         ax_t.semilogy(q, [r["us_per_sample"] for r in pts], "o-", label=label)
         ax_m.semilogy(q, [max(r["peak_rss_delta_bytes"], 4096) / 2**20 for r in pts], "o-", label=label)
     ax_t.set(xlabel="qubits", ylabel="us / sample (median)", title="time per sample")
-    ax_m.set(xlabel="qubits", ylabel="peak RSS increase (MiB)", title="peak memory (ru_maxrss delta)")
+    ax_m.set(xlabel="qubits", ylabel="peak RSS increase (MiB)", title="peak memory added (VmHWM delta)")
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=7)
