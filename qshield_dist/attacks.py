@@ -29,6 +29,9 @@ class CallCounter(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # torchattacks restores the wrapper's training flag after an attack, recursively:
+        # a fresh wrapper (training=True) would leave an eval-mode model in training mode.
+        self.train(model.training)
         self.reset()
 
     def reset(self) -> None:

@@ -149,6 +149,7 @@ class EvalConfig(_Strict):
     eval_repeats: int = Field(5, ge=1)  # evaluations per sample for stochastic models
     controls: list[Literal["backbone_only", "equal_budget"]] = Field(default_factory=list)
     diagnostics: bool = False
+    diagnostic_size: int = Field(64, ge=2)  # correctly classified samples the diagnostics use
 
 
 class ResourceConfig(_Strict):

@@ -281,7 +281,8 @@ def _correct_subset(model: nn.Module, test: Split, trial: AttackTrial | Diagnost
     return candidates[pick.sort().values], clean, majority
 
 
-def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, size: int = 64) -> list[dict[str, Any]]:
+def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, Any]]:
+    size = trial.eval.diagnostic_size
     _, test = _load_data(trial.train, ctx)
     model, meta = train_or_load(trial.train, ctx)
     stochastic = bool(getattr(model, "stochastic", False))

@@ -79,3 +79,10 @@ def test_standard_preset_reaches_eps():
     assert paper["alpha"] * paper["steps"] < paper["eps"]  # the paper's budget cannot reach eps
     assert standard["alpha"] == pytest.approx(2.5 * standard["eps"] / standard["steps"])
     assert ATTACKS["pgd"].params("mnist", "standard", {"steps": 40})["alpha"] == pytest.approx(2.5 * 32 / 255 / 40)
+
+
+def test_an_attack_leaves_an_eval_mode_model_in_eval_mode(trained):
+    model, x, y = trained
+    model.eval()
+    build_attack("fgsm", CallCounter(model), ATTACKS["fgsm"].params("digits"), 10)(x, y)
+    assert not any(m.training for m in model.modules())
