@@ -1,6 +1,6 @@
 """Dispatch and bookkeeping benchmarks for the executors (JSON-able dicts).
 
-    python -m qshield_dist.bench_dispatch [--jobs 2000] [--files 100000]
+    python -m qshield_dist.bench dispatch
 
 * local_dispatch / ray_dispatch: no-op jobs per second through LocalExecutor and
   RayExecutor (a private loopback Ray cluster with token auth, started and stopped here;
@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import logging
 import os
 import tempfile
@@ -137,18 +135,3 @@ def run_all(n_jobs: int = 2000, n_files: int = 100_000, ray_bench: bool = True) 
     if ray_bench:
         out.append(ray_dispatch(n_jobs))
     return out
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m qshield_dist.bench_dispatch")
-    p.add_argument("--jobs", type=int, default=2000)
-    p.add_argument("--files", type=int, default=100_000)
-    p.add_argument("--no-ray", action="store_true")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    for row in run_all(args.jobs, args.files, not args.no_ray):
-        print(json.dumps(row))
-
-
-if __name__ == "__main__":
-    main()

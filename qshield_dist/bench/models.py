@@ -80,4 +80,4 @@ def pgd_ratio(backbone: str = "cnn_small", batch: int = 128, repeats: int = 5) -
 
 
 def run() -> list[dict[str, Any]]:
-    return [train_step_ratio("cnn_small"), train_step_ratio("cnn", repeats=3), pgd_ratio("cnn_small"), pgd_ratio("cnn", repeats=2)]
+    return [train_step_ratio("cnn_small", repeats=30), train_step_ratio("cnn", repeats=5), pgd_ratio("cnn_small"), pgd_ratio("cnn", repeats=3)]

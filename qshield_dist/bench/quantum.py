@@ -21,13 +21,12 @@ PennyLane's allocator caches and temporary copies, at page resolution (`memory_m
 if it had to fall back to a ru_maxrss delta). Not a tensor-level measurement (tracemalloc
 does not see torch allocations).
 
-Run: `python -m qshield_dist.bench_quantum [compare|scaling|all] [--plot PATH]`, which writes one
+Run: `python -m qshield_dist.bench quantum [--plot PATH]`, which writes one
 JSON object per line on stdout.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -299,7 +298,7 @@ def qubit_scaling(points: list[dict[str, Any]] | None = None, timeout_s: float =
     rows = []
     for point in points if points is not None else scaling_points():
         log.info("scaling point %s n=%d batch=%d", point["variant"], point["qubits"], point["batch"])
-        cmd = [sys.executable, "-m", "qshield_dist.bench_quantum", "point", json.dumps(point)]
+        cmd = [sys.executable, "-m", "qshield_dist.bench.quantum", json.dumps(point)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -339,30 +338,9 @@ def plot_scaling(rows: list[dict[str, Any]], path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["compare", "scaling", "all", "point"], nargs="?", default="all")
-    parser.add_argument("point", nargs="?", help="JSON point (internal, for 'point')")
-    parser.add_argument("--plot", help="write the scaling plot to this PNG path")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 keeps torch's)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    if args.what == "point":
-        sys.stdout.write(json.dumps(run_point(json.loads(args.point))) + "\n")
-        return 0
-    rows: list[dict[str, Any]] = []
-    if args.what in ("compare", "all"):
-        rows += compare_variants(threads=args.threads or None)
-        for r in rows:
-            sys.stdout.write(json.dumps(r) + "\n")
-        sys.stdout.flush()
-    if args.what in ("scaling", "all"):
-        scaling = qubit_scaling(scaling_points(threads=args.threads or None))
-        for r in scaling:
-            sys.stdout.write(json.dumps(r) + "\n")
-        if args.plot:
-            plot_scaling(scaling, args.plot)
-            log.info("plot written to %s", args.plot)
-        rows += scaling
+    """Internal: measure one scaling point in this fresh process (clean peak memory)."""
+    point = json.loads((argv or sys.argv[1:])[0])
+    sys.stdout.write(json.dumps(run_point(point)) + "\n")
     return 0
 
 

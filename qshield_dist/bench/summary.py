@@ -1,6 +1,6 @@
 """Benchmark of the summary: a synthetic results directory of N rows, then the summary timed.
 
-    python -m qshield_dist.bench_summary [--rows 1000000] [--rows-per-file 1000] [--no-plots]
+    python -m qshield_dist.bench summary
 
 Layout: the real hive layout (stage=*/dataset=*/...parquet) with the real SCHEMA, but
 each file holds `rows_per_file` rows (default 1000, so 1,000,000 rows = ~1,000 files)
@@ -14,7 +14,6 @@ every trial id (plus some never run). Returns a JSON-able dict of timings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qshield_dist.attacks import ATTACKS
+from qshield_dist.attack_params import ATTACKS
 from qshield_dist.results import SCHEMA, SCHEMA_VERSION, write_manifest
 
 log = logging.getLogger(__name__)
@@ -197,18 +196,3 @@ def bench_summary(n_rows: int = 1_000_000, rows_per_file: int = 1000, plots: boo
             summarize(root, Path(tmp) / "report_png", Options(plots=True, svg=False))
             out["with_plots_png_only_seconds"] = round(time.perf_counter() - start, 3)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--rows-per-file", type=int, default=1000)
-    p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    print(json.dumps(bench_summary(args.rows, args.rows_per_file, not args.no_plots), indent=2))  # the benchmark's output is JSON on stdout
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

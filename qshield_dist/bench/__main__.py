@@ -1,0 +1,58 @@
+"""python -m qshield_dist.bench [quantum|models|dispatch|summary|all] [--plot PNG]
+
+Prints one JSON object per measurement on stdout (logs go to stderr). The figures kept in
+benchmarks/RESULTS.md come from this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Iterable
+
+
+def _emit(rows: Iterable[dict[str, Any]]) -> None:
+    for row in rows:
+        sys.stdout.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qshield_dist.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="*", default=["all"], choices=["quantum", "scaling", "models", "dispatch", "summary", "all"])
+    parser.add_argument("--plot", default="benchmarks/qubit_scaling.png", help="where the qubit-scaling plot goes")
+    parser.add_argument("--no-ray", action="store_true", help="dispatch: skip the Ray measurement")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    todo = set(args.what)
+    if "all" in todo:
+        todo = {"quantum", "scaling", "models", "dispatch", "summary"}
+    if "quantum" in todo:
+        from qshield_dist.bench import quantum
+
+        _emit(quantum.compare_variants())
+    if "scaling" in todo:
+        from qshield_dist.bench import quantum
+
+        rows = quantum.qubit_scaling(quantum.scaling_points())
+        _emit(rows)
+        quantum.plot_scaling(rows, args.plot)
+    if "models" in todo:
+        from qshield_dist.bench import models
+
+        _emit(models.run())
+    if "dispatch" in todo:
+        from qshield_dist.bench import dispatch
+
+        _emit(dispatch.run_all(ray_bench=not args.no_ray))
+    if "summary" in todo:
+        from qshield_dist.bench import summary
+
+        _emit([summary.bench_summary()])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
