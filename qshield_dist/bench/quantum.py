@@ -81,7 +81,7 @@ def _angles(n_angles: int, batch: int, seed: int, dtype: torch.dtype) -> torch.T
 # --- paper circuit: three implementations timed side by side ---------------------------------
 
 
-def compare_variants(
+def _compare_variants(
     batch: int = 128,
     repeats: int = 7,
     loop_repeats: int = 3,
@@ -178,6 +178,16 @@ def _status_bytes(field_name: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def compare_variants(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """The three variants side by side (see `_compare_variants`); torch's thread count is
+    restored afterwards so later benchmarks in the same process are not pinned to one."""
+    threads = torch.get_num_threads()
+    try:
+        return _compare_variants(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _memory_baseline() -> tuple[int, str]:
