@@ -186,8 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.name, len(grid.trials), len(grid.train), len(grid.attack), len(grid.diagnostic),
         len(grid.trials) - len(todo), len(todo), executor_name, results_dir,
     )
+    previously_failed = [t for t in grid.trials if done.get(t.trial_id) == "failed" and not args.retry_failed]
+    if previously_failed:
+        log.warning("%d trials are recorded as failed; re-run them with --retry-failed", len(previously_failed))
     if not todo:
-        return 0
+        return 1 if previously_failed else 0
     executor = make_executor(cfg, args, results_dir)
     progress = BarProgress(len(todo))
     start = time.perf_counter()
@@ -205,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if counts["failed"]:
         log.warning("failed trials are recorded as rows; re-run them with --retry-failed")
-    return 0 if counts["failed"] == counts["lost"] == 0 else 1
+    return 0 if counts["failed"] == counts["lost"] == 0 and not previously_failed else 1
 
 
 if __name__ == "__main__":

@@ -122,14 +122,17 @@ def predictions(model: nn.Module, x: torch.Tensor, repeats: int, batch_size: int
     return torch.stack([predict(model, x, batch_size) for _ in range(repeats)])
 
 
-def train_or_load(trial: TrainTrial, ctx: RunContext, train: Split | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model of `trial`, from the checkpoint cache when it is valid."""
+def train_or_load(trial: TrainTrial, ctx: RunContext, train: Split | None = None, allow_train: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model of `trial`, from the checkpoint cache when it is valid. Only the
+    train stage trains: later stages fail clearly rather than train a model out of place."""
     torch.manual_seed(trial.seed)
     model = build_model(trial.model, DATASETS[trial.dataset])
     path = Path(ctx.checkpoint_dir) / f"{trial.trial_id}.pt"
     meta = load_checkpoint(path, model)
     if meta is not None:
         return model, meta
+    if not allow_train:
+        raise FileNotFoundError(f"no usable checkpoint {path}: train trial {trial.trial_id} failed or has not run")
     if train is None:
         train, _ = _load_data(trial, ctx)
     init_steps = 0
@@ -187,7 +190,7 @@ def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
 
 
 def _attack_target(trial: AttackTrial, ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
-    model, meta = train_or_load(trial.train, ctx)
+    model, meta = train_or_load(trial.train, ctx, allow_train=False)
     if trial.control == "backbone_only":
         model = Classifier(model.backbone).eval()  # the hybrid's own trained backbone, branch removed
     return model, meta
@@ -209,7 +212,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         raise ValueError("bpda_pgd applies to hqcnn models (it needs a differentiable twin of the quantum branch)")
     surrogate = None
     if trial.surrogate is not None:
-        surrogate, _ = train_or_load(trial.surrogate, ctx)
+        surrogate, _ = train_or_load(trial.surrogate, ctx, allow_train=False)
         surrogate = CallCounter(surrogate)
     attack = build_attack(
         trial.attack, counter, params, DATASETS[trial.train.dataset].classes, stochastic=stochastic, twin=twin, surrogate=surrogate
@@ -284,7 +287,7 @@ def _correct_subset(model: nn.Module, test: Split, trial: AttackTrial | Diagnost
 def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, Any]]:
     size = trial.eval.diagnostic_size
     _, test = _load_data(trial.train, ctx)
-    model, meta = train_or_load(trial.train, ctx)
+    model, meta = train_or_load(trial.train, ctx, allow_train=False)
     stochastic = bool(getattr(model, "stochastic", False))
     idx, clean, _ = _correct_subset(model, test, trial, size)
     x, y = test.x[idx], test.y[idx]

@@ -42,6 +42,28 @@ def slurm_cluster() -> Iterator[None]:
     yield
 
 
+COMPARED = ["trial_id", "stage", "status", "model", "attack", "clean_acc", "n_attacked", "n_success", "train_steps", "linf_max"]
+
+
+def smoke_rows(results: Path) -> list[dict]:
+    """The result rows of a smoke sweep, the columns every executor must agree on."""
+    import polars as pl
+
+    df = pl.read_parquet(str(results / "stage=*" / "*" / "*.parquet"), hive_partitioning=False)
+    return df.select(COMPARED).sort("trial_id").to_dicts()
+
+
+@pytest.fixture(scope="module")
+def local_smoke(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The smoke sweep through the local executor: the reference the cluster runs must match."""
+    from qshield_dist import launch
+
+    root = tmp_path_factory.mktemp("local_smoke")
+    code = launch.main([str(REPO / "sweeps/smoke.yaml"), "--results", str(root / "results"), "--checkpoints", str(root / "ckpt")])
+    assert code == 0
+    return smoke_rows(root / "results")
+
+
 def job(out: Path, key: str, deps: tuple[str, ...] = (), fn=cf.record, stage: str = "train") -> Job:
     return Job(key, functools.partial(fn, str(out), key), deps, Resources(cpus=1, mem_gb=0.5, timeout_min=10),
                stage=stage)
@@ -147,7 +169,23 @@ def test_preemption_requeues_through_checkpoint(slurm_cluster: None, tmp_path: P
 
 
 @pytest.mark.slow
-def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, tmp_path: Path) -> None:
+def test_submitit_executor_gives_the_local_rows(slurm_cluster: None, local_smoke: list[dict], tmp_path: Path) -> None:
+    """python -m qshield_dist.launch --executor slurm: job arrays per stage, afterok between them."""
+    import yaml
+
+    from qshield_dist import launch
+
+    sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
+    sweep["slurm"] = {"partition": "debug", "time_min": 10, "cpus_per_task": 1, "mem_gb": 1, "folder": str(tmp_path / "submitit")}
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    code = launch.main([str(path), "--executor", "slurm", "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt")])
+    assert code == 0
+    assert smoke_rows(tmp_path / "results") == local_smoke
+    assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
+
+
+def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, local_smoke: list[dict], tmp_path: Path) -> None:
     """sbatch slurm/run.sh: Ray head with token auth inside the allocation, the real sweep
     through `python -m qshield_dist.launch --executor ray`, everything stopped at the end."""
     if not (REPO / "qshield_dist" / "launch.py").exists() or not (REPO / "sweeps" / "smoke.yaml").exists():
@@ -178,6 +216,7 @@ def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, tmp_path: Path) -> 
     assert "ray head at 127.0.0.1:" in text and "9 ok, 0 failed, 0 lost" in text, text[-3000:]
     done = scan_done(results)
     assert len(done) == 9 and set(done.values()) == {"ok"}
+    assert smoke_rows(results) == local_smoke
     # the token directory is gone, and so is every process of the job's Ray cluster
     assert not (tmp_path / "ray" / job_id).exists()
     marker = f"qshield-ray-{job_id}".encode()

@@ -1,0 +1,114 @@
+"""The launcher: dry run, resume after a kill, retry of failures, other sweeps untouched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from qshield_dist import launch
+from qshield_dist.results import scan_done
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _files(results: Path) -> list[Path]:
+    return sorted(results.rglob("*.parquet"))
+
+
+def test_dry_run_lists_trials_and_writes_nothing(tmp_path, capsys):
+    assert launch.main(["sweeps/smoke.yaml", "--dry-run", "--results", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "3 train, 6 attack, 0 diagnostic trials, 0 already done" in out
+    assert "hqcnn[cnn_small] linear" in out and "/ pgd (paper)" in out
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+def test_killed_launcher_resumes_without_duplicates(tmp_path):
+    results, ckpt = tmp_path / "results", tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "qshield_dist.launch", "sweeps/smoke.yaml", "--results", str(results), "--checkpoints", str(ckpt)]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while len(_files(results)) < 3:  # some trials done, others not
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {p.name for p in _files(results)}
+    assert not [p for p in results.rglob("*") if p.name.startswith(".")], "no partial (temporary) file is left behind"
+    assert len(first) < 9
+
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{len(first)} already done, {9 - len(first)} to run" in rerun.stderr
+    files = _files(results)
+    assert len(files) == 9 and len({p.stem for p in files}) == 9
+    assert {p.name for p in files} >= first
+    rows = [row for p in files for row in pq.read_table(p).to_pylist()]
+    assert sorted(r["trial_id"] for r in rows) == sorted(scan_done(results))
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "9 already done, 0 to run" in again.stderr
+
+
+def _organamnist(path: Path, complete: bool) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 110), ("val", 22), ("test", 44)):
+        if split == "test" and not complete:
+            continue  # a truncated download: present, but unusable
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 11).reshape(-1, 1)
+    np.savez(path, **arrays)
+
+
+def test_failed_trials_are_rows_and_retry_failed_reruns_them(tmp_path, monkeypatch):
+    """Trials that fail (a corrupt data file) are recorded as rows and the others complete;
+    --retry-failed runs only the failures again."""
+    monkeypatch.chdir(tmp_path)
+    Path("data").mkdir()
+    _organamnist(Path("data/organamnist.npz"), complete=False)
+    sweep = {
+        "name": "fails",
+        "data": {"dataset": ["digits", "organamnist"], "data_root": "data"},
+        "train": {"epochs": 1},
+        "eval": {"attack_size": 8},
+        "models": [{"model": "dnn"}],
+        "attacks": [{"name": "fgsm"}],
+    }
+    Path("s.yaml").write_text(yaml.safe_dump(sweep))
+
+    assert launch.main(["s.yaml"]) == 1
+    rows = [r for p in Path("results/fails").rglob("*.parquet") for r in pq.read_table(p).to_pylist()]
+    by_dataset = {d: sorted(r["status"] for r in rows if r["dataset"] == d) for d in ("digits", "organamnist")}
+    assert by_dataset == {"digits": ["ok", "ok"], "organamnist": ["failed", "failed"]}
+    assert all("test_images" in r["error"] for r in rows if r["status"] == "failed")
+
+    _organamnist(Path("data/organamnist.npz"), complete=True)
+    assert launch.main(["s.yaml"]) == 1  # without --retry-failed the failures stay as they are
+    assert sorted(scan_done(Path("results/fails")).values()) == ["failed", "failed", "ok", "ok"]
+    assert launch.main(["s.yaml", "--retry-failed"]) == 0
+    done = scan_done(Path("results/fails"))
+    assert set(done.values()) == {"ok"} and len(done) == 4
+    assert not list(Path("results/fails").rglob("*.failed.parquet"))
+
+
+def test_other_sweeps_in_the_same_directory_are_untouched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    other = Path("results/other/stage=attack/dataset=digits/Aforeign.parquet")
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"someone else's result")
+    before = other.stat().st_mtime_ns
+    sweep = {"name": "mine", "results_dir": "results/mine", "data": {"dataset": "digits", "train_size": 100, "test_size": 40},
+             "train": {"epochs": 1}, "models": [{"model": "dnn"}], "attacks": []}
+    Path("s.yaml").write_text(yaml.safe_dump(sweep))
+    assert launch.main(["s.yaml"]) == 0
+    assert other.read_bytes() == b"someone else's result" and other.stat().st_mtime_ns == before
+    assert oct(Path("results/mine").stat().st_mode & 0o777) == "0o700"
