@@ -217,8 +217,13 @@ def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
             f"models[{index}].trajectories: got {spec.trajectories}: device '{spec.device}' is a state-vector simulator,"
             f" so noise '{spec.noise_model}' needs Monte-Carlo trajectories >= 1 (or device: default.mixed)"
         )
+    if spec.trajectories > 0 and (spec.simulator == "compiled" or spec.device == "default.mixed"):
+        raise ConfigError(
+            f"models[{index}].trajectories: got {spec.trajectories}: trajectories apply to simulator: qnode on a"
+            " state-vector device (default.qubit, lightning.qubit, lightning.gpu); the compiled path and default.mixed are exact"
+        )
     circuit = CircuitSpec(spec.qubits, spec.depth, spec.entanglement, spec.encoding, spec.noise_model, spec.noise_strength)
     try:
-        check_fits(circuit, spec.simulator, spec.device, max(cfg.train.batch_size, cfg.eval.batch_size))
+        check_fits(circuit, spec.simulator, spec.device, max(cfg.train.batch_size, cfg.eval.batch_size), trajectories=spec.trajectories)
     except ValueError as exc:
         raise ConfigError(f"models[{index}].qubits: got {spec.qubits}: {exc}") from None

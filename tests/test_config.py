@@ -55,6 +55,7 @@ BAD = [
         _with("models.1", {"model": "hqcnn", "backbone": "cnn_small", "simulator": "qnode", "device": "default.qubit"}),
         ["models[1].trajectories", "default.qubit", "trajectories >= 1"],
     ),
+    (_with("models.1.trajectories", 16), ["models[1].trajectories", "16", "simulator: qnode", "default.qubit"]),
 ]
 
 
