@@ -11,26 +11,7 @@ import torch.nn as nn
 import yaml
 
 from qshield_dist import diagnostics, launch
-from qshield_dist.config import ModelSpec, TrainConfig
-from qshield_dist.data import DATASETS, load
-from qshield_dist.models import build_model
-from qshield_dist.train import predict, train_model
-
-INFO = DATASETS["digits"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load("digits", train_size=600, test_size=150)
-
-
-@pytest.fixture(scope="module")
-def cnn(digits):
-    train, _ = digits
-    torch.manual_seed(0)
-    model = build_model(ModelSpec(model="cnn_small"), INFO)
-    train_model(model, train.x, train.y, TrainConfig(epochs=6), seed=0)
-    return model
+from qshield_dist.train import predict
 
 
 def _correct(model, digits, n=48):
@@ -38,15 +19,6 @@ def _correct(model, digits, n=48):
     torch.manual_seed(0)
     ok = torch.stack([predict(model, test.x) == test.y for _ in range(3)]).float().mean(0) > 0.5
     return test.x[ok][:n], test.y[ok][:n]
-
-
-def _hybrid(cnn, digits, **fields):
-    train, _ = digits
-    torch.manual_seed(0)
-    model = build_model(ModelSpec(model="hqcnn", backbone="cnn_small", **fields).resolved(10), INFO)
-    model.backbone.load_state_dict(cnn.backbone.state_dict())
-    train_model(model, train.x, train.y, TrainConfig(epochs=5), seed=0)
-    return model
 
 
 class GradientBlocked(nn.Module):
@@ -116,7 +88,8 @@ def _flag(rows, name):
     return next(r for r in rows if r["diagnostic"] == name)
 
 
-def test_gradient_flags_pass_on_honest_cnn_and_fail_on_masked_toys(cnn, digits):
+def test_gradient_flags_pass_on_honest_cnn_and_fail_on_masked_toys(baseline, digits):
+    cnn = baseline
     x, y = _correct(cnn, digits)
     assert _flag(diagnostics.gradient_checks(cnn, x, y), "gradient_nonzero_and_stable")["diagnostic_pass"]
     blocked = _flag(diagnostics.gradient_checks(GradientBlocked(cnn), x, y), "gradient_nonzero_and_stable")
@@ -127,7 +100,8 @@ def test_gradient_flags_pass_on_honest_cnn_and_fail_on_masked_toys(cnn, digits):
     assert not twin["diagnostic_pass"]
 
 
-def test_batch_dependence_flag(cnn, digits):
+def test_batch_dependence_flag(baseline, digits):
+    cnn = baseline
     _, test = digits
     assert diagnostics.batch_dependence(cnn, test.x[:64])["diagnostic_pass"]
     assert not diagnostics.batch_dependence(BatchCentred(cnn), test.x[:64])["diagnostic_pass"]
@@ -141,13 +115,13 @@ def test_eps_sweep_flag_is_raised_on_a_model_no_attack_can_move(digits):
 
 
 @pytest.mark.parametrize("kind", ["cnn_small", "hqcnn_sound", "hqcnn_paper"])
-def test_eps_sweep_reaches_asr_1_at_half_on_every_model(cnn, digits, kind):
+def test_eps_sweep_reaches_asr_1_at_half_on_every_model(baseline, trained_hqcnn, digits, kind):
     if kind == "cnn_small":
-        model = cnn
+        model = baseline
     elif kind == "hqcnn_sound":
-        model = _hybrid(cnn, digits, quantum_grad="full", projection="learned")
+        model = trained_hqcnn(quantum_grad="full", projection="learned")
     else:
-        model = _hybrid(cnn, digits, quantum_grad="detached", projection="paper")
+        model = trained_hqcnn(quantum_grad="detached", projection="paper")
     stochastic = bool(getattr(model, "stochastic", False))
     assert stochastic == (kind == "hqcnn_paper")
     x, y = _correct(model, digits, n=32)
