@@ -35,6 +35,7 @@ from qshield_dist.train import load_backbone_from, load_checkpoint, predict, sav
 
 log = logging.getLogger(__name__)
 
+TRAIN_EVAL_REPEATS = 5  # clean accuracy of a stochastic model in the train row (attack rows use eval.eval_repeats)
 SUCCESS_RULE_SINGLE = "misclassified (deterministic model, 1 evaluation)"
 SUCCESS_RULE_MAJORITY = "misclassified in a strict majority of {r} evaluations"
 
@@ -86,11 +87,14 @@ def _model_columns(trial: TrainTrial) -> dict[str, Any]:
         backbone=spec.backbone or spec.model,
         seed=trial.seed,
     )
-    if spec.model == "hqcnn":
-        noisy = spec.noise_model != "none" and spec.noise_strength > 0
-        twirled = spec.simulator == "qnode" and spec.device != "default.mixed" and noisy
-        cols["noise_approx"] = "pauli_twirl" if twirled and spec.noise_model in ("amplitude_damping", "mixed") else "exact"
     return cols
+
+
+def _model_facts(model: nn.Module) -> dict[str, Any]:
+    """What the built model says of itself: stochastic outputs, and whether its noise is
+    simulated exactly or by Pauli-twirled trajectories."""
+    quantum = getattr(model, "quantum", None)
+    return {"stochastic": bool(getattr(model, "stochastic", False)), "noise_approx": getattr(quantum, "noise_approx", None)}
 
 
 def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
@@ -174,7 +178,7 @@ def _clean_eval(model: nn.Module, test: Split, repeats: int, batch_size: int) ->
 def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
     train, test = _load_data(trial, ctx)
     model, meta = train_or_load(trial, ctx, train)
-    repeats = 5 if getattr(model, "stochastic", False) else 1
+    repeats = TRAIN_EVAL_REPEATS if getattr(model, "stochastic", False) else 1
     _, clean = _clean_eval(model, test, repeats, 512)
     details = {"init_steps": meta.get("init_steps", 0), "total_train_steps": meta["train_steps"] + meta.get("init_steps", 0)}
     return [
@@ -183,7 +187,7 @@ def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
             **clean,
             **_train_columns(meta),
             "status": "ok",
-            "stochastic": repeats > 1,
+            **_model_facts(model),
             "details": json.dumps(details),
         }
     ]
@@ -240,7 +244,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         **clean,
         **_train_columns(meta),
         "status": "ok",
-        "stochastic": stochastic,
+        **_model_facts(model),
         "attack": trial.attack,
         "attack_preset": trial.preset,
         "attack_params": json.dumps(params, sort_keys=True),
@@ -297,7 +301,7 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, An
     checks.append(diagnostics.eps_sweep(model, x, y, DATASETS[trial.dataset].classes, stochastic, repeats))
     checks += diagnostics.gradient_checks(model, x, y)
     checks.append(diagnostics.batch_dependence(model, test.x[: 2 * size]))
-    base = {**_base_row(trial, ctx), **clean, **_train_columns(meta), "status": "ok", "stochastic": stochastic}
+    base = {**_base_row(trial, ctx), **clean, **_train_columns(meta), "status": "ok", **_model_facts(model)}
     return [{**base, **check} for check in checks]
 
 
