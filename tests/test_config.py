@@ -86,11 +86,14 @@ def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
     cfg = load_config("sweeps/quick.yaml")
     grid = build_grid(cfg)
     models = [t.model for t in grid.train]
-    assert sorted(m.model for m in models) == ["cnn_small", "dnn", "hqcnn", "hqcnn", "hqcnn", "hqcnn"]
+    assert sorted(m.model for m in models) == ["cnn_small", "cnn_small", "dnn", "hqcnn", "hqcnn", "hqcnn", "hqcnn"]
     assert sorted(m.entanglement for m in models if m.model == "hqcnn") == ["full", "linear", "none", "star"]
-    baseline = next(t for t in grid.train if t.model.model == "cnn_small")
+    baseline = next(t for t in grid.train if t.model.model == "cnn_small" and t.train.epochs == 10)
     assert all(t.baseline_id == baseline.trial_id for t in grid.train if t.model.model == "hqcnn")
-    assert len(grid.attack) == 6 * 3
+    # 6 models x 3 attacks, + 4 hybrids x 3 backbone-alone controls, + one equal-budget cnn_small x 3
+    assert len(grid.attack) == 6 * 3 + 4 * 3 + 3
+    twin = next(t for t in grid.train if t.model.model == "cnn_small" and t.train.epochs == 20)  # equal budget:
+    assert twin.trial_id != baseline.trial_id  # 10 epochs of pre-training + 10 as a hybrid
     # ids are stable across parses and independent of paths
     again = build_grid(load_config("sweeps/quick.yaml", {"results_dir": "/elsewhere"}))
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in grid.trials]
