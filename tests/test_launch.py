@@ -112,3 +112,25 @@ def test_other_sweeps_in_the_same_directory_are_untouched(tmp_path, monkeypatch)
     assert launch.main(["s.yaml"]) == 0
     assert other.read_bytes() == b"someone else's result" and other.stat().st_mtime_ns == before
     assert oct(Path("results/mine").stat().st_mode & 0o777) == "0o700"
+
+
+def test_ctrl_c_stops_promptly_and_leaves_no_partial_file(tmp_path):
+    """SIGINT to the launcher alone (as a scheduler sends it) stops the running trial too,
+    rather than waiting for it, and leaves only complete result files."""
+    results = tmp_path / "results"
+    sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
+    sweep["train"]["epochs"] = 400  # a first trial of a minute or more: long enough to be interrupted
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    cmd = [sys.executable, "-m", "qshield_dist.launch", str(path), "--results", str(results), "--checkpoints", str(tmp_path / "ckpt")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while "to run on local" not in (line := proc.stderr.readline()):
+        assert line and time.time() < deadline, "launcher never started its trials"
+    time.sleep(3)  # inside the first training trial
+    proc.send_signal(signal.SIGINT)
+    start = time.time()
+    assert proc.wait(timeout=60) == 130
+    assert time.time() - start < 15, "the launcher waited for the running trial instead of stopping it"
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert all(pq.read_table(p).num_rows >= 1 for p in _files(results))

@@ -208,8 +208,15 @@ class LocalExecutor(Executor):
                     log.warning("a worker died running %s; re-running them one at a time", ", ".join(ran))
                     suspects.update(ran)
                     ready.extend(ran)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:
+            # Ctrl-C or a kill: stop the workers now instead of waiting for their trials.
+            # Results are written atomically, so a trial cut short leaves nothing behind
+            # and simply runs again when the sweep is resumed.
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True, cancel_futures=True)
         return _complete(status, by_key)
 
     def _replace(self, pool: cf.ProcessPoolExecutor) -> cf.ProcessPoolExecutor:
