@@ -123,14 +123,18 @@ def test_ctrl_c_stops_promptly_and_leaves_no_partial_file(tmp_path):
     path = tmp_path / "slow.yaml"
     path.write_text(yaml.safe_dump(sweep))
     cmd = [sys.executable, "-m", "qshield_dist.launch", str(path), "--results", str(results), "--checkpoints", str(tmp_path / "ckpt")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while "to run on local" not in (line := proc.stderr.readline()):
-        assert line and time.time() < deadline, "launcher never started its trials"
-    time.sleep(3)  # inside the first training trial
-    proc.send_signal(signal.SIGINT)
-    start = time.time()
-    assert proc.wait(timeout=60) == 130
-    assert time.time() - start < 15, "the launcher waited for the running trial instead of stopping it"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "to run on local" not in (line := proc.stderr.readline()):
+            assert line and time.time() < deadline, "launcher never started its trials"
+        time.sleep(3)  # inside the first training trial
+        proc.send_signal(signal.SIGINT)
+        start = time.time()
+        assert proc.wait(timeout=60) == 130
+        assert time.time() - start < 15, "the launcher waited for the running trial instead of stopping it"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # never leave a worker behind, pass or fail
+        proc.wait()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     assert all(pq.read_table(p).num_rows >= 1 for p in _files(results))
