@@ -134,7 +134,10 @@ def test_ctrl_c_stops_promptly_and_leaves_no_partial_file(tmp_path):
         assert proc.wait(timeout=60) == 130
         assert time.time() - start < 15, "the launcher waited for the running trial instead of stopping it"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # never leave a worker behind, pass or fail
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # never leave a worker behind, pass or fail
+        except ProcessLookupError:
+            pass
         proc.wait()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     assert all(pq.read_table(p).num_rows >= 1 for p in _files(results))
