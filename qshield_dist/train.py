@@ -57,6 +57,9 @@ def train_model(
                 if len(idx) < 2:  # BatchNorm cannot train on a single sample
                     continue
                 loss = F.nll_loss(model(x[idx]), y[idx])
+                if not torch.isfinite(loss):
+                    # A diverged model predicts one class and "resists" every attack: fail loudly.
+                    raise FloatingPointError(f"training loss became {loss.item()} at step {steps + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -86,6 +89,9 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any] | None:
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+        bad = [k for k, v in blob["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"non-finite weights in {bad[0]} (and {len(bad) - 1} more)")
         model.load_state_dict(blob["state_dict"])
         return dict(blob["meta"])
     except Exception as exc:  # truncated zip, bad pickle opcode, wrong keys, ...

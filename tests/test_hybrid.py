@@ -97,3 +97,14 @@ def test_eot_pgd_reaches_at_least_plain_pgd_on_a_stochastic_model(digits, traine
     eot, plain = asr("eot_pgd"), asr("pgd")
     # "At least", up to sampling noise: the same rule the diagnostics use (two standard errors).
     assert eot >= plain - tolerance(eot, len(y), plain, len(y)), (eot, plain)
+
+
+def test_fusion_gradient_is_finite_when_a_probability_underflows():
+    from qshield_dist.models.hybrid import DynamicFusion
+
+    fusion = DynamicFusion().eval()
+    logp_c = torch.log_softmax(torch.tensor([[200.0, 0.0, -200.0, 0.0]]).repeat(4, 1), dim=1).requires_grad_(True)
+    logp_q = torch.log_softmax(torch.zeros(4, 4), dim=1)
+    assert float(logp_c.exp().min()) == 0.0  # exp underflows: sqrt(p) would have an infinite gradient
+    fusion(logp_c, logp_q).sum().backward()
+    assert torch.isfinite(logp_c.grad).all()

@@ -83,3 +83,19 @@ def test_valid_checkpoint_is_never_retrained(tmp_path):
     before = path.stat().st_mtime_ns
     run_trial(trial, ctx)
     assert path.stat().st_mtime_ns == before
+
+
+def test_checkpoint_with_non_finite_weights_is_retrained(tmp_path):
+    import torch
+
+    grid = _grid(tmp_path, [{"model": "cnn_small"}], [])
+    ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
+    trial = grid.train[0]
+    assert run_trial(trial, ctx) == "ok"
+    path = tmp_path / "ckpt" / f"{trial.trial_id}.pt"
+    blob = torch.load(path, weights_only=True)
+    next(v for v in blob["state_dict"].values() if v.is_floating_point()).fill_(float("nan"))
+    torch.save(blob, path)
+    assert run_trial(trial, ctx) == "ok"
+    reloaded = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in reloaded.values() if v.is_floating_point())

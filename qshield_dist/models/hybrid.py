@@ -91,7 +91,9 @@ class DynamicFusion(nn.Module):
         corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + _EPS)
         stats = torch.cat([_moments(logp_c), _moments(logp_q), corr.unsqueeze(1)], dim=1)
         alpha = self.mlp(stats).clamp(0.0, 1.0 - 1e-6)
-        amp = alpha * logp_c.exp().sqrt() + (1 - alpha.pow(2)).sqrt() * logp_q.exp().sqrt()
+        # sqrt(p) as exp(log p / 2): sqrt's gradient is infinite where a probability
+        # underflows to 0, which turned a whole training run into NaNs.
+        amp = alpha * (0.5 * logp_c).exp() + (1 - alpha.pow(2)).sqrt() * (0.5 * logp_q).exp()
         p = amp.pow(2)
         return torch.log(p / p.sum(1, keepdim=True) + 1e-12)
 
