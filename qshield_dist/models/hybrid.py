@@ -24,9 +24,16 @@ from qshield_dist.quantum import CircuitSpec, QuantumLayer
 _EPS = 1e-8
 
 
+def _safe_std(centered: torch.Tensor) -> torch.Tensor:
+    """Std over the last axis whose gradient stays finite when all values are equal
+    (the gradient of sqrt is infinite at 0)."""
+    return (centered.pow(2).mean(dim=-1, keepdim=True) + _EPS).sqrt()
+
+
 def standardize(z: torch.Tensor) -> torch.Tensor:
     """Per-sample zero mean, unit variance over the feature axis."""
-    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + _EPS)
+    centered = z - z.mean(dim=1, keepdim=True)
+    return centered / _safe_std(centered)
 
 
 def paper_projection(z: torch.Tensor, n_angles: int, encoding: str) -> torch.Tensor:
@@ -69,9 +76,9 @@ class AngleEncoder(nn.Module):
 def _moments(logp: torch.Tensor) -> torch.Tensor:
     """[std, max, kurtosis] over classes, per sample."""
     centered = logp - logp.mean(dim=1, keepdim=True)
-    var = centered.pow(2).mean(dim=1)
-    kurt = centered.pow(4).mean(dim=1) / (var.pow(2) + _EPS)
-    return torch.stack([var.sqrt(), logp.max(dim=1).values, kurt], dim=1)
+    std = _safe_std(centered).squeeze(1)
+    kurt = (centered / std.unsqueeze(1)).pow(4).mean(dim=1)
+    return torch.stack([std, logp.max(dim=1).values, kurt], dim=1)
 
 
 class DynamicFusion(nn.Module):
@@ -88,7 +95,7 @@ class DynamicFusion(nn.Module):
 
     def forward(self, logp_c: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
         a, b = logp_c - logp_c.mean(1, keepdim=True), logp_q - logp_q.mean(1, keepdim=True)
-        corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + _EPS)
+        corr = (a * b).mean(1) / (_safe_std(a) * _safe_std(b)).squeeze(1)
         stats = torch.cat([_moments(logp_c), _moments(logp_q), corr.unsqueeze(1)], dim=1)
         alpha = self.mlp(stats).clamp(0.0, 1.0 - 1e-6)
         # sqrt(p) as exp(log p / 2): sqrt's gradient is infinite where a probability
