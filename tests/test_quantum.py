@@ -310,3 +310,13 @@ def test_compiled_paths_by_size():
 def test_every_combination_is_constructible():
     for ent, noise, enc in itertools.product(ENTANGLEMENTS, NOISES, ["angle", "enhanced_angle"]):
         QuantumLayer(CircuitSpec(2, 1, ent, enc, noise))
+
+
+def test_compiled_probabilities_are_never_negative_in_float32():
+    """Near-basis states make exact zeros that float32 rounding pushes below 0; a negative
+    probability turns the hybrid's log-probabilities into NaN (it did, on real MNIST)."""
+    spec = CircuitSpec(qubits=4, depth=1, entanglement="none", encoding="enhanced_angle", noise_model="mixed", noise_strength=0.005)
+    torch.manual_seed(0)
+    angles = torch.pi * torch.tanh(0.03 * torch.randn(20000, 12))
+    probs = QuantumLayer(spec)(angles)
+    assert float(probs.min()) >= 0.0

@@ -561,7 +561,9 @@ class QuantumLayer(torch.nn.Module):
         single = angles.dim() == 1
         batch = angles.unsqueeze(0) if single else angles
         if self.simulator == "compiled":
-            probs = self._compiled(batch)
+            # The readout map sums terms of both signs: in float32 a probability that is 0
+            # comes out as about -2e-8, and a log-probability downstream would be NaN.
+            probs = self._compiled(batch).clamp_min(0.0)
         elif self.path == "qnode-trajectories":
             probs = self._trajectories(batch)
         else:
