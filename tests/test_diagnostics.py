@@ -134,8 +134,10 @@ def test_eps_sweep_reaches_asr_1_at_half_on_every_model(baseline, trained_hqcnn,
 def _attack_row(attack, asr, n=200, **params):
     from qshield_dist.attack_params import ATTACKS
 
-    p = ATTACKS[attack].params("mnist", overrides=params)
-    return {"status": "ok", "attack": attack, "asr": asr, "n_attacked": n, "threat_model": ATTACKS[attack].threat_model, "attack_params": json.dumps(p)}
+    preset = params.pop("preset", "paper")
+    p = ATTACKS[attack].params("mnist", preset, overrides=params)
+    return {"status": "ok", "attack": attack, "attack_preset": preset, "asr": asr, "n_attacked": n,
+            "threat_model": ATTACKS[attack].threat_model, "attack_params": json.dumps(p)}
 
 
 def test_attack_comparison_flags_pass_and_fail():
@@ -152,6 +154,10 @@ def test_attack_comparison_flags_pass_and_fail():
     checks = {r["diagnostic"]: r["diagnostic_pass"] for r in diagnostics.compare_attacks(only_paper)}
     assert checks["iterative_ge_single_step"] is False and checks["whitebox_ge_blackbox"] is False
     assert checks["adaptive_vs_paper_suite"] is None  # not run: says so instead of passing
+    # A standard-preset PGD is not the paper's suite: it counts on the adaptive side only.
+    mixed = [_attack_row("pgd", 0.2), _attack_row("pgd", 0.6, preset="standard"), _attack_row("eot_pgd", 0.6, preset="standard")]
+    gap = next(r for r in diagnostics.compare_attacks(mixed) if r["diagnostic"] == "adaptive_vs_paper_suite")
+    assert gap["diagnostic_pass"] is False and gap["diagnostic_value"] == pytest.approx(0.4)
 
 
 def test_controls_and_diagnostics_end_to_end(tmp_path, monkeypatch):
