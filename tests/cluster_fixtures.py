@@ -82,20 +82,6 @@ def wait_for_release(out: str, key: str, timeout: float = 120.0) -> str:
     return record(out, key)
 
 
-def noop() -> str:
-    return "ok"
-
-
-def spin(seconds: float) -> str:
-    """CPU-bound busy loop for `seconds` of CPU time (not wall time)."""
-    end = time.process_time() + seconds
-    x = 0
-    while time.process_time() < end:
-        for i in range(10_000):
-            x += i * i
-    return "ok"
-
-
 def runs(out: str | Path, key: str) -> list[list[str]]:
     path = Path(out) / f"{key}.log"
     return [line.split() for line in path.read_text().splitlines()] if path.exists() else []

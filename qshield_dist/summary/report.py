@@ -256,7 +256,8 @@ def _controls_section(tables: Tables) -> Section:
     labels = _label_map(tables)
     sec.add(
         "backbone alone = the hybrid's own trained backbone with the quantum branch removed, same attack. gain (pp of ASR) over the CNN baseline = "
-        "backbone part (baseline -> backbone alone) + quantum part (backbone alone -> hybrid)."
+        "backbone part (baseline -> backbone alone) + quantum part (backbone alone -> hybrid). The quantum part includes the fusion head: "
+        "an entanglement 'none' variant with the same gain says the circuit's entanglement is not what helps."
     )
     rows = [
         [r["dataset"], labels.get(r["vkey_h"], r["vkey_h"]), r["attack_label"], pct(r["asr_hybrid"]), pct(r["asr_backbone_only"]), pct(r["asr_equal_budget"]),
@@ -273,7 +274,7 @@ def _controls_section(tables: Tables) -> Section:
         if qm <= 0 and bm <= 0:
             what = "no gain over the baseline to attribute"
         elif qm > bm:
-            what = "the gain comes mainly from the quantum branch"
+            what = "the gain comes mainly from the quantum branch and its fusion head"
         else:
             what = "the gain comes mainly from the backbone (its training), not from the quantum branch"
         sec.add(f"- {labels.get(vkey, vkey)}: mean over {q.len()} attack(s): quantum part {pct(qm)} pp, backbone part {pct(bm)} pp -> {what}.")
