@@ -143,12 +143,12 @@ def _attack_row(attack, asr, n=200, **params):
 
     preset = params.pop("preset", "paper")
     p = ATTACKS[attack].params("mnist", preset, overrides=params)
-    return {"status": "ok", "attack": attack, "attack_preset": preset, "asr": asr, "n_attacked": n,
+    return {"status": "ok", "dataset": "mnist", "attack": attack, "attack_preset": preset, "asr": asr, "n_attacked": n,
             "threat_model": ATTACKS[attack].threat_model, "attack_params": json.dumps(p)}
 
 
 def test_attack_comparison_flags_pass_and_fail():
-    honest = [_attack_row("fgsm", 0.4), _attack_row("pgd", 0.9, alpha=0.05), _attack_row("square", 0.5), _attack_row("eot_pgd", 0.9, alpha=0.05)]
+    honest = [_attack_row("fgsm", 0.4), _attack_row("apgd", 0.9), _attack_row("pgd", 0.9, alpha=0.05), _attack_row("square", 0.5), _attack_row("eot_pgd", 0.9, alpha=0.05)]
     checks = {r["diagnostic"]: r["diagnostic_pass"] for r in diagnostics.compare_attacks(honest)}
     assert checks == {"iterative_ge_single_step": True, "whitebox_ge_blackbox": True, "adaptive_vs_paper_suite": True, "attack_budget_reachable": True}
 
@@ -164,6 +164,10 @@ def test_attack_comparison_flags_pass_and_fail():
     # A standard-preset PGD is not the paper's suite: it counts on the adaptive side only.
     mixed = [_attack_row("pgd", 0.2), _attack_row("pgd", 0.6, preset="standard"), _attack_row("eot_pgd", 0.6, preset="standard")]
     gap = next(r for r in diagnostics.compare_attacks(mixed) if r["diagnostic"] == "adaptive_vs_paper_suite")
+    assert gap["diagnostic_pass"] is False and gap["diagnostic_value"] == pytest.approx(0.4)
+    # Nor is a paper-preset attack whose parameters were overridden (APGD with 50 steps).
+    longer = [_attack_row("fgsm", 0.2), _attack_row("apgd", 0.6, steps=50), _attack_row("eot_pgd", 0.6, preset="standard")]
+    gap = next(r for r in diagnostics.compare_attacks(longer) if r["diagnostic"] == "adaptive_vs_paper_suite")
     assert gap["diagnostic_pass"] is False and gap["diagnostic_value"] == pytest.approx(0.4)
 
 
