@@ -19,15 +19,21 @@ from qshield_dist.data import DATASETS
 from qshield_dist.models import build_model
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per function, timed in alternating rounds (order flipped every round) so
+    that drift on a shared machine (other jobs, clock changes) hits both sides alike; timing one
+    model's block after the other's biased the ratio by up to 15% here."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _pair(backbone: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -38,23 +44,27 @@ def _pair(backbone: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     return base, hybrid
 
 
+def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        loss = F.nll_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def train_step_ratio(backbone: str, batch: int = 128, repeats: int = 7) -> dict[str, Any]:
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    seconds = {}
-    for name, model in zip(("backbone", "hqcnn"), _pair(backbone)):
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def step() -> None:
-            loss = F.nll_loss(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        seconds[name] = _median_seconds(step, repeats)
+    base, hybrid = _pair(backbone)
+    seconds = _interleaved_medians({"backbone": _train_step(base, x, y), "hqcnn": _train_step(hybrid, x, y)}, repeats)
     return {
         "name": f"train_step_ratio[{backbone}]",
         "batch": batch,
+        "repeats": repeats,
         "backbone_s": seconds["backbone"],
         "hqcnn_s": seconds["hqcnn"],
         "ratio": seconds["hqcnn"] / seconds["backbone"],
@@ -66,18 +76,45 @@ def pgd_ratio(backbone: str = "cnn_small", batch: int = 128, repeats: int = 5) -
     """PGD-10 time against the HQCNN / against its backbone, with the calls each made."""
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     params = ATTACKS["pgd"].params("mnist")
-    out: dict[str, Any] = {"name": f"pgd10_ratio[{backbone}]", "batch": batch}
-    for name, model in zip(("backbone", "hqcnn"), _pair(backbone)):
-        counter = CallCounter(model.eval())
-        attack = build_attack("pgd", counter, params, 10)
-        out[f"{name}_s"] = _median_seconds(lambda: attack(x, y), repeats)
+    out: dict[str, Any] = {"name": f"pgd10_ratio[{backbone}]", "batch": batch, "repeats": repeats}
+    counters = {name: CallCounter(model.eval()) for name, model in zip(("backbone", "hqcnn"), _pair(backbone))}
+    attacks = {name: build_attack("pgd", counter, params, 10) for name, counter in counters.items()}
+    seconds = _interleaved_medians({name: (lambda a=a: a(x, y)) for name, a in attacks.items()}, repeats)
+    for name, counter in counters.items():
+        out[f"{name}_s"] = seconds[name]
         counter.reset()
-        attack(x, y)
+        attacks[name](x, y)
         out[f"{name}_calls"] = [counter.forward_calls, counter.backward_calls]
     out["ratio"] = out["hqcnn_s"] / out["backbone_s"]
     out["target"] = 1.10
     return out
 
 
+def head_breakdown(batch: int = 128, repeats: int = 50) -> dict[str, Any]:
+    """Forward + backward time of each part the HQCNN adds to its backbone, per batch: what
+    is left of a ratio above 1 is split between the circuit and the paper's fusion MLP."""
+    _, hybrid = _pair("cnn_small")
+    hybrid.eval()
+    features = hybrid.backbone(torch.rand(batch, 1, 28, 28)).detach()
+    angles = hybrid.encoder(features).detach()
+    logp_c = F.log_softmax(features, dim=1)
+    with torch.no_grad():
+        logp_q = hybrid.quantum_logprobs(features)
+
+    def backward_through(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], None]:
+        return lambda: fn(*[t.clone().requires_grad_(True) for t in inputs]).sum().backward()
+
+    seconds = _interleaved_medians(
+        {
+            "encoder": backward_through(hybrid.encoder, features),
+            "quantum": backward_through(hybrid.quantum, angles),
+            "fusion": backward_through(hybrid.fusion, logp_c, logp_q),
+        },
+        repeats,
+    )
+    return {"name": "hqcnn_head_breakdown", "batch": batch, "repeats": repeats, "torch_threads": torch.get_num_threads(),
+            **{f"{part}_ms": 1e3 * sec for part, sec in seconds.items()}}
+
+
 def run() -> list[dict[str, Any]]:
-    return [train_step_ratio("cnn_small", repeats=30), train_step_ratio("cnn", repeats=5), pgd_ratio("cnn_small"), pgd_ratio("cnn", repeats=3)]
+    return [train_step_ratio("cnn_small", repeats=30), train_step_ratio("cnn", repeats=10), pgd_ratio("cnn_small", repeats=10), pgd_ratio("cnn", repeats=5), head_breakdown()]
