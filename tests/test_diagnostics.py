@@ -115,11 +115,10 @@ def test_eps_sweep_flag_is_raised_on_a_model_no_attack_can_move(digits):
 
 
 @pytest.mark.parametrize("kind", ["cnn_small", "hqcnn_sound", "hqcnn_paper"])
-def test_eps_sweep_on_trained_models(baseline, trained_hqcnn, digits, kind):
-    """Deterministic models with sound gradients must reach ASR ~1 at eps = 0.5. The paper-mode
-    hybrid must come close, but its random projection can leave a sample that sits on the
-    decision boundary correct in about half the draws (seen on digits: 31/32 at eps 0.5), so
-    for it the test asserts the rise and that the flag follows the recorded rule."""
+def test_eps_sweep_reaches_asr_1_at_half_on_every_model(baseline, trained_hqcnn, digits, kind):
+    """The paper-mode hybrid is attacked through BPDA: with its own (detached) gradient one
+    digit sat on the decision boundary, misclassified in about half of the random projections
+    (31/32 at eps 0.5), which is the masking the other diagnostics flag."""
     if kind == "cnn_small":
         model = baseline
     elif kind == "hqcnn_sound":
@@ -130,12 +129,10 @@ def test_eps_sweep_on_trained_models(baseline, trained_hqcnn, digits, kind):
     assert stochastic == (kind == "hqcnn_paper")
     x, y = _correct(model, digits, n=32)
     row = diagnostics.eps_sweep(model, x, y, 10, stochastic, repeats=3 if stochastic else 1, eps_values=(0.1, 0.5), steps=25)
-    asr = json.loads(row["details"])["asr_by_eps"]
-    assert row["diagnostic_pass"] == (row["diagnostic_value"] >= 0.99)
-    if stochastic:
-        assert asr["0.5000"] >= 0.9 and asr["0.5000"] > asr["0.1000"], asr
-    else:
-        assert row["diagnostic_pass"], asr
+    details = json.loads(row["details"])
+    assert details["gradient"] == ("bpda" if kind == "hqcnn_paper" else "model")
+    assert row["diagnostic_pass"], details["asr_by_eps"]
+    assert row["diagnostic_value"] >= 0.99
 
 
 def _attack_row(attack, asr, n=200, **params):
