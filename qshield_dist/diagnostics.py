@@ -138,7 +138,7 @@ def eps_sweep(
     for eps in eps_values:
         params = ATTACKS["apgd"].params("mnist", "paper", {"eps": eps, "steps": steps, "eot_iter": eot})
         torch.manual_seed(0)
-        adv = build_attack("apgd", CallCounter(target), params, n_classes)(x, y).detach()
+        adv = build_attack("apgd", CallCounter(target), params, n_classes, stochastic=stochastic)(x, y).detach()
         asr[f"{eps:.4f}"] = float(_majority_wrong(model, adv, y, repeats).float().mean())
     top = asr[f"{eps_values[-1]:.4f}"]
     return {

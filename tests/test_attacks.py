@@ -86,3 +86,35 @@ def test_an_attack_leaves_an_eval_mode_model_in_eval_mode(trained):
     model.eval()
     build_attack("fgsm", CallCounter(model), ATTACKS["fgsm"].params("digits"), 10)(x, y)
     assert not any(m.training for m in model.modules())
+
+
+class NoisyLinear(torch.nn.Module):
+    """A randomized model: a fixed linear classifier plus large logit noise on every call, so a
+    single forward pass misclassifies many clean samples by chance."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1)) + 3.0 * torch.randn(len(x), 10)
+        return torch.log_softmax(logits, dim=1)
+
+
+def test_apgd_on_a_stochastic_model_attacks_every_sample():
+    """torchattacks' APGD judges 'already fooled' from one random forward pass and returns such
+    samples unperturbed; the stochastic variant attacks them all and keeps the highest-loss point."""
+    model = NoisyLinear().eval()
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 10, (64,))
+    params = ATTACKS["apgd"].params("mnist", "paper", {"eps": 0.25, "steps": 20, "eot_iter": 5})
+    torch.manual_seed(1)
+    adv = build_attack("apgd", CallCounter(model), params, 10, stochastic=True)(x, y)
+    moved = (adv - x).flatten(1).abs().amax(dim=1)
+    assert bool((moved > 0).all()) and float(moved.max()) <= 0.25 + 1e-6
+
+    def expected_loss(inputs):
+        with torch.no_grad():
+            return torch.stack([torch.nn.functional.nll_loss(model(inputs), y) for _ in range(200)]).mean()
+
+    assert expected_loss(adv) > expected_loss(x) + 0.2  # 200 draws x 64 samples: the noise of the mean is ~0.05
