@@ -34,6 +34,8 @@ class AttackDef:
             # The paper's step of 2/255 x 10 steps cannot reach eps = 32/255; the usual
             # choice is a step of 2.5 * eps / steps (Madry et al.).
             params["alpha"] = 2.5 * params["eps"] / params["steps"]
+        if preset == "standard" and "best_loss" in params and "best_loss" not in overrides:
+            params["best_loss"] = True
         return params
 
 
@@ -55,7 +57,9 @@ ATTACKS: dict[str, AttackDef] = {
             "linf",
             True,
             True,
-            lambda d: {"eps": _eps(d), "steps": 10, "n_restarts": 1, "loss": "ce", "eot_iter": 1, "rho": 0.75, "seed": 0},
+            # best_loss: on a stochastic model, attack every sample and keep the highest-loss
+            # iterate (the standard preset); False is torchattacks' and so the paper's behaviour.
+            lambda d: {"eps": _eps(d), "steps": 10, "n_restarts": 1, "loss": "ce", "eot_iter": 1, "rho": 0.75, "seed": 0, "best_loss": False},
         ),
         AttackDef(
             "vmifgsm",

@@ -136,7 +136,7 @@ def eps_sweep(
     bpda = getattr(model, "quantum_grad", "full") == "detached" and hasattr(model, "differentiable_twin")
     target = BPDA(model, model.differentiable_twin()) if bpda else model
     for eps in eps_values:
-        params = ATTACKS["apgd"].params("mnist", "paper", {"eps": eps, "steps": steps, "eot_iter": eot})
+        params = ATTACKS["apgd"].params("mnist", "standard", {"eps": eps, "steps": steps, "eot_iter": eot})
         torch.manual_seed(0)
         adv = build_attack("apgd", CallCounter(target), params, n_classes, stochastic=stochastic)(x, y).detach()
         asr[f"{eps:.4f}"] = float(_majority_wrong(model, adv, y, repeats).float().mean())
