@@ -6,7 +6,8 @@ what torchattacks lacks:
 - C&W with a per-sample binary search over c (the paper used ART's; torchattacks' CW takes
   one fixed c),
 - BPDA (forward through the real model, backward through its differentiable twin),
-- transfer (examples crafted on a surrogate model; the trial evaluates them on the target).
+- transfer (examples crafted on a surrogate model; the trial evaluates them on the target),
+- APGD for stochastic models that attacks every sample (`best_loss`, the standard preset).
 
 `CallCounter` wraps the model an attack sees and counts every forward and backward call.
 """

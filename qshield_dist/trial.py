@@ -144,8 +144,7 @@ def train_or_load(trial: TrainTrial, ctx: RunContext, train: Split | None = None
         baseline = Path(ctx.checkpoint_dir) / f"{trial.baseline_id}.pt"
         if not baseline.exists():
             raise FileNotFoundError(f"baseline checkpoint {baseline} is missing: its train trial must run first")
-        load_backbone_from(baseline, model.backbone)
-        init_steps = int(torch.load(baseline, map_location="cpu", weights_only=True)["meta"]["train_steps"])
+        init_steps = int(load_backbone_from(baseline, model.backbone)["train_steps"])
     stats = train_model(model, train.x, train.y, trial.train, trial.seed)
     meta = {"train_seconds": stats.seconds, "train_epochs": stats.epochs, "train_steps": stats.steps, "init_steps": init_steps}
     Path(ctx.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=0o700 if ctx.private else 0o755)
