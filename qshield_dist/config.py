@@ -137,7 +137,7 @@ class DataConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=2)  # BatchNorm cannot train on one sample
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     max_steps: int | None = Field(None, ge=1)  # caps optimizer steps (equal-budget controls)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,10 @@ def train_model(
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
-    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
+    # A last batch of one sample is skipped (BatchNorm cannot train on it), so it is no step.
+    steps_per_epoch = len(y) // cfg.batch_size + (len(y) % cfg.batch_size >= 2)
+    if steps_per_epoch == 0:
+        raise ValueError(f"training needs at least 2 samples, got {len(y)}")
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     start, steps, epoch = time.perf_counter(), 0, 0
     with tqdm(total=total, desc="train", unit="step", disable=not show_progress, leave=False) as bar:

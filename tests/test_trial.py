@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import torch
 import yaml
 
 from qshield_dist.attacks import ATTACKS
@@ -99,3 +100,17 @@ def test_checkpoint_with_non_finite_weights_is_retrained(tmp_path):
     assert run_trial(trial, ctx) == "ok"
     reloaded = torch.load(path, weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in reloaded.values() if v.is_floating_point())
+
+
+def test_training_counts_only_the_batches_it_runs():
+    """129 samples in batches of 128: the last batch (one sample) is skipped, so an epoch is
+    one step and three epochs are three, not six epochs of one step each."""
+    from qshield_dist.config import TrainConfig
+    from qshield_dist.train import train_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.LogSoftmax(dim=1))
+    x, y = torch.randn(129, 4), torch.randint(0, 3, (129,))
+    stats = train_model(model, x, y, TrainConfig(epochs=3, batch_size=128), seed=0)
+    assert (stats.epochs, stats.steps) == (3, 3)
+    stats = train_model(model, x[:7], y[:7], TrainConfig(epochs=2, batch_size=3), seed=0)  # 3 + 3 + 1
+    assert (stats.epochs, stats.steps) == (2, 4)
