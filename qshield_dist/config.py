@@ -171,10 +171,11 @@ class RayConfig(_Strict):
 
 class SlurmConfig(_Strict):
     partition: str | None = None
-    time_min: int = Field(240, ge=1)
-    gpus_per_task: int = Field(0, ge=0)
-    cpus_per_task: int = Field(1, ge=1)
-    mem_gb: float = Field(8.0, gt=0)
+    # Left out: taken per wave from the stage's `resources:` (the largest request in the array).
+    time_min: int | None = Field(None, ge=1)
+    gpus_per_task: int | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
     array_parallelism: int = Field(64, ge=1)
     folder: str | None = None  # submitit logs; default RESULTS/.submitit
 

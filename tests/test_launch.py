@@ -141,3 +141,20 @@ def test_ctrl_c_stops_promptly_and_leaves_no_partial_file(tmp_path):
         proc.wait()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     assert all(pq.read_table(p).num_rows >= 1 for p in _files(results))
+
+
+def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_them(tmp_path):
+    """full.yaml's attack stage asks for 2 CPUs, 0.25 GPU and 8 GB: its array must not inherit
+    the train stage's request from fixed slurm: defaults."""
+    from qshield_dist.config import load_config
+    from qshield_dist.executors.base import Job, Resources
+
+    cfg = load_config("sweeps/smoke.yaml")
+    args = launch.parse_args(["sweeps/smoke.yaml", "--executor", "slurm"])
+    attack_job = Job("a", print, (), Resources(cpus=2, gpus=0.25, mem_gb=8, timeout_min=30))
+    params = launch.make_executor(cfg, args, tmp_path)._executor([attack_job], None)._executor.parameters
+    assert (params["cpus_per_task"], params["mem"], params["time"], params["gpus_per_task"]) == (2, "8GB", 30, 1)
+
+    cfg = load_config("sweeps/smoke.yaml", {"slurm": {"cpus_per_task": 4, "mem_gb": 16}})
+    params = launch.make_executor(cfg, args, tmp_path)._executor([attack_job], None)._executor.parameters
+    assert (params["cpus_per_task"], params["mem"]) == (4, "16GB")
