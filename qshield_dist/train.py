@@ -101,12 +101,3 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any] | None:
         log.warning("checkpoint %s is unusable (%s: %s); moved to %s, retraining", path, type(exc).__name__, exc, bad.name)
         path.replace(bad)
         return None
-
-
-def load_backbone_from(path: Path, backbone: nn.Module) -> dict[str, Any]:
-    """Copy a trained baseline Classifier's weights into an HQCNN's backbone; returns the
-    baseline's meta (its training steps count toward the hybrid's budget)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix) :]: v for k, v in blob["state_dict"].items() if k.startswith(prefix)})
-    return dict(blob["meta"])

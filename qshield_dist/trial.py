@@ -31,7 +31,7 @@ from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
 from qshield_dist.results import read_rows, trial_path, write_rows
-from qshield_dist.train import load_backbone_from, load_checkpoint, predict, save_checkpoint, train_model
+from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,12 @@ def train_or_load(trial: TrainTrial, ctx: RunContext, train: Split | None = None
         train, _ = _load_data(trial, ctx)
     init_steps = 0
     if trial.baseline_id:
+        # The baseline is a Classifier around the same backbone module: loading it fills ours.
         baseline = Path(ctx.checkpoint_dir) / f"{trial.baseline_id}.pt"
-        if not baseline.exists():
-            raise FileNotFoundError(f"baseline checkpoint {baseline} is missing: its train trial must run first")
-        init_steps = int(load_backbone_from(baseline, model.backbone)["train_steps"])
+        baseline_meta = load_checkpoint(baseline, Classifier(model.backbone))
+        if baseline_meta is None:
+            raise FileNotFoundError(f"baseline checkpoint {baseline} is missing or unusable: its train trial must run (again) first")
+        init_steps = int(baseline_meta["train_steps"])
     stats = train_model(model, train.x, train.y, trial.train, trial.seed)
     meta = {"train_seconds": stats.seconds, "train_epochs": stats.epochs, "train_steps": stats.steps, "init_steps": init_steps}
     Path(ctx.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=0o700 if ctx.private else 0o755)
