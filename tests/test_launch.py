@@ -140,7 +140,9 @@ def test_ctrl_c_stops_promptly_and_leaves_no_partial_file(tmp_path):
             pass
         proc.wait()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
-    assert all(pq.read_table(p).num_rows >= 1 for p in _files(results))
+    # One worker, interrupted inside the first trial, which every other trial waits for: the
+    # interrupted trial wrote nothing, and nothing else could have run.
+    assert _files(results) == []
 
 
 def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_them(tmp_path):
