@@ -17,30 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qshield_dist.attack_params import ATTACKS
 
-MODELS = ("dnn", "cnn", "cnn_small", "hqcnn")
-BACKBONES = ("cnn", "cnn_small", "dnn")
-ENTANGLEMENTS = ("none", "linear", "star", "full", "ring")
-ENCODINGS = ("angle", "enhanced_angle")
-NOISE_MODELS = ("none", "depolarizing", "amplitude_damping", "phase_damping", "mixed")
 DEVICES = ("default.mixed", "default.qubit", "lightning.qubit", "lightning.gpu", "lightning.kokkos")
-EXECUTORS = ("local", "ray", "slurm")
-QUANTUM_FIELDS = (
-    "backbone",
-    "entanglement",
-    "depth",
-    "encoding",
-    "noise_model",
-    "noise_strength",
-    "fusion",
-    "qubits",
-    "quantum_grad",
-    "projection",
-    "device",
-    "simulator",
-    "trajectories",
-    "init",
-    "input_noise",
-)
 
 
 class ConfigError(ValueError):
@@ -74,7 +51,7 @@ class ModelSpec(_Strict):
     @model_validator(mode="after")
     def _quantum_fields_only_for_hqcnn(self) -> "ModelSpec":
         if self.model != "hqcnn":
-            given = [f for f in QUANTUM_FIELDS if getattr(self, f) is not None]
+            given = [f for f in type(self).model_fields if f != "model" and getattr(self, f) is not None]
             if given:
                 raise ValueError(f"'{given[0]}' applies only to model 'hqcnn' (model is '{self.model}')")
         return self

@@ -82,17 +82,12 @@ def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> lis
     jobs = []
     for trial in trials:
         res = cfg.resources.train if trial.stage == "train" else cfg.resources.attack
-        train = trial if isinstance(trial, TrainTrial) else trial.train
-        label = f"{trial.stage} {trial.dataset} {train.model.label}"
-        if isinstance(trial, AttackTrial):
-            label += f" / {trial.attack}" + (f" [{trial.control}]" if trial.control else "")
         jobs.append(
             Job(
                 key=trial.trial_id,
                 fn=functools.partial(run_trial, trial, ctx),
                 deps=trial.deps,
                 resources=Resources(res.cpus, res.gpus, res.mem_gb, res.timeout_min),
-                label=label,
                 stage=trial.stage,
             )
         )

@@ -31,7 +31,6 @@ class Job:
     fn: Callable[[], str]
     deps: tuple[str, ...] = ()
     resources: Resources = field(default_factory=Resources)
-    label: str = ""
     stage: str = "train"
 
 

@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 SIMULATORS = ("compiled", "qnode")
 MIXED_DEVICES = ("default.mixed",)
-STATEVECTOR_DEVICES = ("default.qubit", "lightning.qubit", "lightning.gpu", "lightning.kokkos")
 COMPILED_PATHS = ("auto", "transfer", "density")
 
 # Above this many qubits the (B,4^n)x(4^n,2^n) readout product costs more than simulating the
