@@ -77,3 +77,11 @@ def topological_waves(jobs: Sequence[Job]) -> list[list[Job]]:
     for job in jobs:
         waves.setdefault(depth(job.key), []).append(job)
     return [waves[k] for k in sorted(waves)]
+
+
+def checked_status(key: str, status: object) -> str:
+    """A job's own return value as a final status: anything but 'ok'/'failed' is lost."""
+    if status in ("ok", "failed"):
+        return str(status)
+    log.error("job %s returned %r, not 'ok'/'failed': counted as lost", key, status)
+    return "lost"

@@ -27,7 +27,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
 
-from qshield_dist.executors.base import Executor, Job, ProgressSink
+from qshield_dist.executors.base import Executor, Job, ProgressSink, checked_status
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class LocalExecutor(Executor):
                 except Exception:
                     log.exception("job %s raised: lost", key)
                     st = "lost"
-                finish(key, _checked(key, st))
+                finish(key, checked_status(key, st))
             return _complete(status, by_key)
 
         pool = self._new_pool()
@@ -175,7 +175,7 @@ class LocalExecutor(Executor):
                     exc = fut.exception()
                     if exc is None:
                         suspects.discard(key)
-                        finish(key, _checked(key, fut.result()))
+                        finish(key, checked_status(key, fut.result()))
                     elif isinstance(exc, BrokenProcessPool):
                         broken.append(key)
                     else:
@@ -195,7 +195,7 @@ class LocalExecutor(Executor):
                         finish(key, "lost")
                     else:
                         suspects.discard(key)
-                        finish(key, _checked(key, st))
+                        finish(key, checked_status(key, st))
                 started_now = self._drain_started()
                 pool = self._replace(pool)
                 ran = [k for k in broken if k in started_now]
@@ -234,13 +234,6 @@ class LocalExecutor(Executor):
         else:
             log.error("job %s killed its worker %d times: lost", key, attempts[key])
             finish(key, "lost")
-
-
-def _checked(key: str, st: object) -> str:
-    if st in ("ok", "failed"):
-        return str(st)
-    log.error("job %s returned %r, not 'ok'/'failed': counted as lost", key, st)
-    return "lost"
 
 
 def _complete(status: dict[str, str], by_key: dict[str, Job]) -> dict[str, str]:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from qshield_dist.executors.base import Executor, Job, ProgressSink
+from qshield_dist.executors.base import Executor, Job, ProgressSink, checked_status
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +142,10 @@ class RayExecutor(Executor):
             for ref in done:
                 key = key_of[ref]
                 try:
-                    st = ray.get(ref)
+                    st = checked_status(key, ray.get(ref))
                 except Exception as exc:  # RayTaskError, WorkerCrashedError, NodeDiedError, ...
                     # A dependent of a lost job gets its error again: keep that message short.
                     log.error("job %s lost: %s", key, _short_error(exc))
-                    st = "lost"
-                if st not in ("ok", "failed", "lost"):
-                    log.error("job %s returned %r: counted as lost", key, st)
                     st = "lost"
                 status[key] = st
                 progress.finished(key, st)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from qshield_dist.executors.base import Executor, Job, ProgressSink, topological_waves
+from qshield_dist.executors.base import Executor, Job, ProgressSink, checked_status, topological_waves
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +240,7 @@ class SlurmExecutor(Executor):
         except Exception as exc:  # the fn raised, or submitit gave up (UncompletedJobError)
             log.error("job %s (%s) lost: %s", key, handle.job_id, str(exc).strip().splitlines()[-1:] or exc)
             return "lost"
-        if st not in ("ok", "failed"):
-            log.error("job %s returned %r: counted as lost", key, st)
-            return "lost"
-        return str(st)
+        return checked_status(key, st)
 
 
 def _squeue_ids(array_id: str) -> set[str]:
