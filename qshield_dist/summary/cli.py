@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from qshield_dist.summary.load import SummaryError
+from qshield_dist.summary.paper import PAPER_DATASETS
 from qshield_dist.summary.report import FORMATS, Options, summarize
 
 log = logging.getLogger("qshield_dist.summary")
@@ -58,8 +59,8 @@ def _options(args: argparse.Namespace) -> Options:
     proxies = {}
     for item in args.paper_proxy:
         measured, sep, paper = item.partition("=")
-        if not sep or paper not in ("mnist", "organamnist", "cifar10"):
-            raise SummaryError(f"--paper-proxy: got '{item}': expected MEASURED=PAPER with PAPER one of mnist, organamnist, cifar10")
+        if not sep or paper not in PAPER_DATASETS:
+            raise SummaryError(f"--paper-proxy: got '{item}': expected MEASURED=PAPER with PAPER one of {', '.join(PAPER_DATASETS)}")
         proxies[measured] = paper
     return Options(formats=formats, pivot=args.pivot, min_samples=args.min_samples, plots=not args.no_plots,
                    svg=not args.no_svg, sweep=args.sweep, proxies=proxies)

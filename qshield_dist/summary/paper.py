@@ -38,8 +38,7 @@ COLUMNS = ["dataset", "paper_dataset", "label", "paper_model", "metric", "attack
 
 def paper_attack_params() -> dict[str, dict[str, dict[str, Any]]]:
     """paper dataset -> paper attack -> the paper's parameters, from the attack registry."""
-    datasets = ("mnist", "organamnist", "cifar10")
-    return {d: {name: ATTACKS[name].params(d, "paper") for name in PAPER_SUITE} for d in datasets}
+    return {d: {name: ATTACKS[name].params(d, "paper") for name in PAPER_SUITE} for d in PAPER_DATASETS}
 
 
 def load_paper() -> pl.DataFrame:

@@ -29,7 +29,6 @@ class Figure:
     title: str
     caption: str
     png: bytes  # kept for the self-contained HTML
-    paths: list[Path]
 
 
 def _attack_caption(tables: Tables, dataset: str, attack_labels: list[str]) -> str:
@@ -57,14 +56,12 @@ def _finish(fig: Any, out: Path, name: str, title: str, caption: str, svg: bool)
     fig.text(0.01, -0.01, wrapped, fontsize=7, va="top", ha="left")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    paths = [out / f"{name}.png"]
-    paths[0].write_bytes(buf.getvalue())
+    (out / f"{name}.png").write_bytes(buf.getvalue())
     artists = sum(len(ax.patches) + len(ax.collections) + len(ax.lines) for ax in fig.axes)
     if svg and artists <= SVG_MAX_ARTISTS:
-        paths.append(out / f"{name}.svg")
-        fig.savefig(paths[-1], format="svg", bbox_inches="tight")
+        fig.savefig(out / f"{name}.svg", format="svg", bbox_inches="tight")
     plt.close(fig)
-    return Figure(name, title, caption, buf.getvalue(), paths)
+    return Figure(name, title, caption, buf.getvalue())
 
 
 def _grouped_bars(tables: Tables, dataset: str, value: str, err: str | None, out: Path, name: str, title: str, ylabel: str, log_y: bool, svg: bool, scale: float = 1.0) -> Figure:

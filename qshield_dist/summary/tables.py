@@ -31,10 +31,8 @@ _LABEL_FORMAT: dict[str, str] = {
     "fusion": "{}", "quantum_grad": "grad={}", "projection": "proj={}", "init": "init={}", "simulator": "{}",
     "device": "{}", "trajectories": "traj={}", "qubits": "q={}",
 }
-# The paper's suite in its column order, then the adaptive attacks (qshield_dist.attacks
-# registry order; not imported because it imports torch, seconds for a table).
-ATTACK_ORDER: tuple[str, ...] = tuple(ATTACKS)  # the paper's eight, then the adaptive ones
-_ATTACK_ORDER = {name: i for i, name in enumerate(ATTACK_ORDER)}
+# Columns in registry order: the paper's eight attacks, then the adaptive ones.
+_ATTACK_ORDER = {name: i for i, name in enumerate(ATTACKS)}
 
 
 @dataclass
