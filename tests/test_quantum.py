@@ -307,9 +307,13 @@ def test_compiled_paths_by_size():
     assert QuantumLayer(CircuitSpec(9)).path == "density"
 
 
-def test_every_combination_is_constructible():
+def test_every_combination_runs_at_the_smallest_size():
+    """Two qubits (the floor of `qubits`): every pattern and noise model gives a distribution."""
     for ent, noise, enc in itertools.product(ENTANGLEMENTS, NOISES, ["angle", "enhanced_angle"]):
-        QuantumLayer(CircuitSpec(2, 1, ent, enc, noise))
+        spec = CircuitSpec(2, 1, ent, enc, noise)
+        probs = QuantumLayer(spec)(torch.rand(3, spec.n_angles))
+        assert probs.shape == (3, 4) and bool((probs >= 0).all())
+        assert torch.allclose(probs.sum(1), torch.ones(3), atol=1e-5), (ent, noise, enc)
 
 
 def test_compiled_probabilities_are_never_negative_in_float32():
