@@ -163,6 +163,9 @@ class SweepConfig(_Strict):
     checkpoint_dir: str = "checkpoints"
     executor: Literal["local", "ray", "slurm"] = "local"
     workers: int = Field(1, ge=1)
+    # Intra-op threads each trial fixes for itself; part of every trial's id, because float
+    # reductions depend on the thread count (executors and `resources.cpus` are not hashed).
+    threads: int = Field(1, ge=1)
     private: bool = True  # results, checkpoints and logs readable only by the user
     data: DataConfig = DataConfig()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qshield_dist.attacks import ATTACKS
@@ -28,6 +28,7 @@ from qshield_dist.config import (
     parse_models,
 )
 from qshield_dist.data import DATASETS, check_available
+from qshield_dist.results import ATTACK_VERSION, DIAGNOSTIC_VERSION, TRAIN_VERSION
 
 
 def stable_hash(obj: Any) -> str:
@@ -44,10 +45,13 @@ class TrainTrial:
     train_size: int | None
     test_size: int | None
     baseline_id: str | None = None  # the backbone's train trial (init: from_baseline)
+    threads: int = 1  # intra-op threads the trial fixes for itself
     stage: str = field(default="train", init=False)
 
     def identity(self) -> dict[str, Any]:
         return {
+            "version": TRAIN_VERSION,
+            "threads": self.threads,
             "dataset": self.dataset,
             "train_size": self.train_size,
             "test_size": self.test_size,
@@ -75,6 +79,7 @@ class AttackTrial:
     eval: EvalConfig
     control: str | None = None  # None | backbone_only | equal_budget
     surrogate: TrainTrial | None = None  # transfer
+    threads: int = 1
     stage: str = field(default="attack", init=False)
 
     @property
@@ -89,6 +94,8 @@ class AttackTrial:
     def trial_id(self) -> str:
         return "A" + stable_hash(
             {
+                "version": ATTACK_VERSION,
+                "threads": self.threads,
                 "train": self.train.trial_id,
                 "attack": self.attack,
                 "preset": self.preset,
@@ -111,6 +118,7 @@ class DiagnosticTrial:
     train: TrainTrial
     attack_ids: tuple[str, ...]  # the model's attack trials whose rows the checks compare
     eval: EvalConfig
+    threads: int = 1
     stage: str = field(default="diagnostic", init=False)
 
     @property
@@ -120,7 +128,13 @@ class DiagnosticTrial:
     @property
     def trial_id(self) -> str:
         return "D" + stable_hash(
-            {"train": self.train.trial_id, "attacks": sorted(self.attack_ids), "eval": self.eval.model_dump(exclude={"controls"})}
+            {
+                "version": DIAGNOSTIC_VERSION,
+                "threads": self.threads,
+                "train": self.train.trial_id,
+                "attacks": sorted(self.attack_ids),
+                "eval": self.eval.model_dump(exclude={"controls"}),
+            }
         )
 
     @property
@@ -143,7 +157,7 @@ class Grid:
 
 
 def _baseline_of(trial: TrainTrial, name: str) -> TrainTrial:
-    return TrainTrial(trial.dataset, ModelSpec(model=name), trial.train, trial.seed, trial.train_size, trial.test_size)
+    return replace(trial, model=ModelSpec(model=name), baseline_id=None)
 
 
 def build_grid(cfg: SweepConfig, check_data: bool = True) -> Grid:
@@ -172,10 +186,10 @@ def build_grid(cfg: SweepConfig, check_data: bool = True) -> Grid:
             for i, raw in enumerate(models):
                 spec = raw.resolved(info.classes)
                 _check_quantum(spec, i, cfg)
-                base = TrainTrial(dataset, spec, cfg.train, seed, cfg.data.train_size, cfg.data.test_size)
+                base = TrainTrial(dataset, spec, cfg.train, seed, cfg.data.train_size, cfg.data.test_size, threads=cfg.threads)
                 if spec.model == "hqcnn" and spec.init == "from_baseline":
                     baseline = add(_baseline_of(base, spec.backbone))
-                    base = TrainTrial(dataset, spec, cfg.train, seed, cfg.data.train_size, cfg.data.test_size, baseline.trial_id)
+                    base = replace(base, baseline_id=baseline.trial_id)
                 trial = add(base)
                 controls = cfg.eval.controls if spec.model == "hqcnn" else []
                 for spec_a in attacks:
@@ -187,13 +201,15 @@ def build_grid(cfg: SweepConfig, check_data: bool = True) -> Grid:
                         target = trial
                         if control == "equal_budget":
                             target = add(_equal_budget_baseline(trial))
-                        a = AttackTrial(target, spec_a.name, spec_a.preset, tuple(sorted(params.items())), cfg.eval, control, surrogate)
+                        a = AttackTrial(
+                            target, spec_a.name, spec_a.preset, tuple(sorted(params.items())), cfg.eval, control, surrogate, cfg.threads
+                        )
                         attack.setdefault(a.trial_id, a)
     diagnostic = []
     if cfg.eval.diagnostics:
         for trial in [t for t in train.values() if any(a.train is t and a.control is None for a in attack.values())]:
             own = tuple(a.trial_id for a in attack.values() if a.train is trial and a.control is None)
-            diagnostic.append(DiagnosticTrial(trial, own, cfg.eval))
+            diagnostic.append(DiagnosticTrial(trial, own, cfg.eval, cfg.threads))
     return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 
@@ -203,7 +219,7 @@ def _equal_budget_baseline(hybrid: TrainTrial) -> TrainTrial:
     epochs = hybrid.train.epochs * (2 if hybrid.baseline_id else 1)
     max_steps = hybrid.train.max_steps * 2 if hybrid.train.max_steps and hybrid.baseline_id else hybrid.train.max_steps
     train = hybrid.train.model_copy(update={"epochs": epochs, "max_steps": max_steps})
-    return TrainTrial(hybrid.dataset, ModelSpec(model=hybrid.model.backbone), train, hybrid.seed, hybrid.train_size, hybrid.test_size)
+    return replace(hybrid, model=ModelSpec(model=hybrid.model.backbone), train=train, baseline_id=None)
 
 
 def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:

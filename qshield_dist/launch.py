@@ -21,7 +21,7 @@ from qshield_dist.config import ConfigError, SweepConfig, load_config
 from qshield_dist.diagnostics import budget_reachable
 from qshield_dist.executors.base import Executor, Job, ProgressSink, Resources
 from qshield_dist.grid import AttackTrial, Grid, Trial, TrainTrial, build_grid
-from qshield_dist.results import scan_done, write_manifest
+from qshield_dist.results import STAGE_VERSIONS, move_aside, result_files, scan_done, stale_reason, write_manifest
 from qshield_dist.trial import RunContext, run_trial, versions
 
 log = logging.getLogger("qshield_dist.launch")
@@ -87,7 +87,8 @@ def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> lis
                 key=trial.trial_id,
                 fn=functools.partial(run_trial, trial, ctx),
                 deps=trial.deps,
-                resources=Resources(res.cpus, res.gpus, res.mem_gb, res.timeout_min),
+                # a trial runs `threads` intra-op threads: reserve at least that many CPUs
+                resources=Resources(max(res.cpus, trial.threads), res.gpus, res.mem_gb, res.timeout_min),
                 stage=trial.stage,
             )
         )
@@ -105,6 +106,25 @@ def dry_run_table(grid: Grid, done: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def stale_files(results_dir: Path, grid: Grid) -> dict[Path, str]:
+    """Result files of trials that are not in the grid at the current versions, with why.
+    Resume never reuses them (their ids are not the grid's); the summary sets them aside."""
+    expected = {t.trial_id for t in grid.trials}
+    return {path: stale_reason(stage, path) for stage, trial_id, _, path in result_files(results_dir) if trial_id not in expected}
+
+
+def _count_reasons(stale: dict[Path, str]) -> str:
+    counts: dict[str, int] = {}
+    for reason in stale.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    return "; ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+
+
+def manifest_trials(grid: Grid) -> dict[str, dict[str, object]]:
+    """What the summary needs of every expected trial: stage, dataset and results version."""
+    return {t.trial_id: {"stage": t.stage, "dataset": t.dataset, "version": STAGE_VERSIONS[t.stage]} for t in grid.trials}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m qshield_dist.launch", description="Run a QShield sweep.")
     p.add_argument("sweep", nargs="?", default="sweeps/quick.yaml", help="sweep YAML (default sweeps/quick.yaml)")
@@ -116,6 +136,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ray-address", help="ray executor: 'auto' or host:port of a running cluster")
     p.add_argument("--dry-run", action="store_true", help="print the trials and run nothing")
     p.add_argument("--retry-failed", action="store_true", help="also re-run trials recorded as failed")
+    p.add_argument(
+        "--prune", action="store_true",
+        help="move result files of other versions or outside this grid to RESULTS.pruned-<time>/ (nothing is deleted), then exit",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -146,6 +170,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     results_dir = cfg.results_path
     done = scan_done(results_dir)
+    stale = stale_files(results_dir, grid)
+    if args.prune:
+        if not stale:
+            log.info("nothing to prune in %s", results_dir)
+            return 0
+        dest = move_aside(results_dir, stale, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        log.info("moved %d result files to %s (%s); the list is %s", len(stale), dest, _count_reasons(stale), dest / "moved.tsv")
+        return 0
+    if stale:
+        log.warning(
+            "%d result files in %s are not this grid at the current versions (%s): not reused, set aside by the"
+            " summary; --prune moves them", len(stale), results_dir, _count_reasons(stale),
+        )
     if args.dry_run:
         print(dry_run_table(grid, done))
         print(f"{len(grid.train)} train, {len(grid.attack)} attack, {len(grid.diagnostic)} diagnostic trials, {sum(t.trial_id in done for t in grid.trials)} already done")
@@ -156,16 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = 0o700 if cfg.private else 0o755
     results_dir.mkdir(parents=True, exist_ok=True, mode=mode)
     Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=mode)
-    write_manifest(
-        results_dir,
-        {
-            "sweep": cfg.name,
-            "spec": cfg.model_dump(),
-            "versions": versions(),
-            "expected_trials": [t.trial_id for t in grid.trials],
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
+    meta = {"sweep": cfg.name, "spec": cfg.model_dump(), "versions": versions(), "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_manifest(results_dir, meta, manifest_trials(grid), 0o600 if cfg.private else 0o644)
     executor_name = args.executor or cfg.executor
     ctx = RunContext(
         sweep=cfg.name,

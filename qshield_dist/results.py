@@ -8,7 +8,8 @@ Layout (hive style, one file per trial):
     RESULTS/manifest.json
 
 A file is written to a temporary name in the same directory and renamed into place, so a
-reader (or a resumed sweep) only ever sees complete files.
+reader (or a resumed sweep) only ever sees complete files. This module is the only place that
+spells a result file's name or the manifest's format.
 """
 
 from __future__ import annotations
@@ -18,20 +19,30 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the columns below; an older file is set aside by the summary, never an error
+
+# What each stage computes. A trial's id hashes its stage's version, so a bump re-runs that
+# stage and everything after it (an attack id hashes its train id), never what comes before.
+# Bump in the same commit as a change that alters what the stage computes; tests/golden/
+# holds one golden trial per stage that fails when numbers move while the version does not.
+TRAIN_VERSION = 2
+ATTACK_VERSION = 2
+DIAGNOSTIC_VERSION = 2
+STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic": DIAGNOSTIC_VERSION}
 
 # Column -> Arrow type. Every row has every column (missing values are null), so files
 # from one schema version always concatenate.
 SCHEMA = pa.schema(
     [
         ("schema_version", pa.int32()),
+        ("results_version", pa.int32()),  # STAGE_VERSIONS[stage] of the code that wrote the row
         ("sweep", pa.string()),
         ("stage", pa.string()),  # train | attack | diagnostic
         ("trial_id", pa.string()),
@@ -90,6 +101,8 @@ SCHEMA = pa.schema(
         ("train_epochs", pa.int32()),
         ("train_steps", pa.int64()),
         ("peak_rss_mb", pa.float64()),
+        ("threads", pa.int32()),  # intra-op threads the trial fixed for itself (part of its id)
+        ("determinism", pa.string()),  # JSON: the numeric settings the trial ran under
         ("executor", pa.string()),
         ("host", pa.string()),
         ("versions", pa.string()),  # JSON
@@ -97,6 +110,14 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = SCHEMA.names
+
+# Columns that say where, when and how fast a trial ran. Every other column is a function of
+# the trial's spec: the same trial id gives the same values on every executor and machine
+# load (bit-identical on the same hardware and software). Tests compare rows without these.
+VOLATILE_COLUMNS = (
+    "sweep", "executor", "host", "versions", "created_at",
+    "attack_seconds", "train_seconds", "peak_rss_mb",
+)
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -108,6 +129,7 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
             raise KeyError(f"row has columns not in the results schema: {sorted(extra)}")
     columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
     columns["schema_version"] = [SCHEMA_VERSION] * len(rows)
+    columns["results_version"] = [STAGE_VERSIONS.get(row.get("stage")) for row in rows]
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
@@ -127,6 +149,31 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+def comparable_rows(results_dir: Path) -> dict[str, list[str]]:
+    """trial_id -> its rows without VOLATILE_COLUMNS, each as canonical JSON (NaN compares
+    equal to NaN): what two runs of the same trials must agree on, bit for bit."""
+    out: dict[str, list[str]] = {}
+    for _, trial_id, _, path in result_files(results_dir):
+        rows = [{k: v for k, v in row.items() if k not in VOLATILE_COLUMNS} for row in read_rows(path)]
+        out[trial_id] = [json.dumps(row, sort_keys=True, default=str) for row in rows]
+    return out
+
+
+def differing_trials(a: Path, b: Path) -> dict[str, list[str]]:
+    """Trial ids whose comparable rows differ between two results directories, with the
+    columns that differ ('missing' where one side lacks the trial)."""
+    rows_a, rows_b = comparable_rows(a), comparable_rows(b)
+    diff: dict[str, list[str]] = {}
+    for trial_id in sorted(rows_a.keys() | rows_b.keys()):
+        left, right = rows_a.get(trial_id), rows_b.get(trial_id)
+        if left is None or right is None or len(left) != len(right):
+            diff[trial_id] = ["missing" if left is None or right is None else "row count"]
+        elif left != right:
+            cols = {k for x, y in zip(left, right) for k, v in json.loads(x).items() if json.loads(y).get(k) != v}
+            diff[trial_id] = sorted(cols)
+    return diff
+
+
 def write_rows(path: Path, rows: Iterable[dict[str, Any]], mode: int = 0o600) -> None:
     """Write one trial's rows as one Parquet file, atomically."""
     sink = pa.BufferOutputStream()
@@ -138,38 +185,119 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def trial_path(results_dir: Path, stage: str, dataset: str, trial_id: str) -> Path:
-    return Path(results_dir) / f"stage={stage}" / f"dataset={dataset}" / f"{trial_id}.parquet"
+def trial_path(results_dir: Path, stage: str, dataset: str, trial_id: str, failed: bool = False) -> Path:
+    """Where a trial's rows live: `<id>.parquet`, or `<id>.failed.parquet` for a failure row."""
+    suffix = FAILED_SUFFIX if failed else ".parquet"
+    return Path(results_dir) / f"stage={stage}" / f"dataset={dataset}" / f"{trial_id}{suffix}"
+
+
+FAILED_SUFFIX = ".failed.parquet"
+
+
+def result_files(results_dir: Path) -> Iterator[tuple[str, str, bool, Path]]:
+    """(stage, trial_id, failed, path) for every complete result file (names only, no reads).
+    Dot-files are the temporary files of atomic writes still in flight."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        return
+    for stage_dir in sorted(root.iterdir()):
+        if not (stage_dir.is_dir() and stage_dir.name.startswith("stage=")):
+            continue
+        stage = stage_dir.name[len("stage=") :]
+        for dataset_dir in sorted(stage_dir.iterdir()):
+            if not dataset_dir.is_dir():
+                continue
+            for entry in sorted(os.scandir(dataset_dir), key=lambda e: e.name):
+                name = entry.name
+                if name.startswith(".") or not name.endswith(".parquet"):
+                    continue
+                failed = name.endswith(FAILED_SUFFIX)
+                trial_id = name[: -len(FAILED_SUFFIX)] if failed else name[: -len(".parquet")]
+                yield stage, trial_id, failed, Path(entry.path)
 
 
 def scan_done(results_dir: Path) -> dict[str, str]:
     """trial_id -> status ('ok' or 'failed') for every complete result file.
 
-    Only file names are listed for ok trials: a failed trial is marked by a `.failed`
-    suffix in its name, so deciding what is done never opens a Parquet file.
+    Decided from file names alone (a failed trial's file ends in `.failed.parquet`), so
+    resuming never opens a Parquet file. An ok file wins over a failed one of the same trial.
     """
     done: dict[str, str] = {}
-    root = Path(results_dir)
-    if not root.exists():
-        return done
-    for stage_dir in root.iterdir():
-        if not stage_dir.name.startswith("stage="):
-            continue
-        for dataset_dir in stage_dir.iterdir():
-            if not dataset_dir.is_dir():
-                continue
-            for entry in os.scandir(dataset_dir):
-                name = entry.name
-                if name.startswith(".") or not name.endswith(".parquet"):
-                    continue
-                stem = name[: -len(".parquet")]
-                if stem.endswith(".failed"):
-                    done.setdefault(stem[: -len(".failed")], "failed")
-                else:
-                    done[stem] = "ok"
+    for _, trial_id, failed, _ in result_files(results_dir):
+        if failed:
+            done.setdefault(trial_id, "failed")
+        else:
+            done[trial_id] = "ok"
     return done
 
 
-def write_manifest(results_dir: Path, manifest: dict[str, Any]) -> None:
-    data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
-    atomic_write_bytes(Path(results_dir) / "manifest.json", data)
+MANIFEST = "manifest.json"
+
+
+def write_manifest(results_dir: Path, meta: dict[str, Any], trials: dict[str, dict[str, Any]], mode: int = 0o600) -> None:
+    """The sweep's spec and its grid: `trials` maps every expected trial id to its stage,
+    dataset and results version. `read_manifest` is its one reader."""
+    manifest = {**meta, "expected_trials": trials}
+    data = json.dumps(manifest, indent=1, sort_keys=True, default=str).encode()
+    atomic_write_bytes(Path(results_dir) / MANIFEST, data, mode)
+
+
+class ManifestError(ValueError):
+    """manifest.json is absent or not in the format write_manifest writes."""
+
+
+def read_manifest(results_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(meta, trials) as write_manifest wrote them; ManifestError says why not."""
+    path = Path(results_dir) / MANIFEST
+    if not path.exists():
+        raise ManifestError(f"no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{MANIFEST} unreadable ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{MANIFEST} is not a JSON object")
+    trials = manifest.pop("expected_trials", None)
+    if not isinstance(trials, dict) or not all(isinstance(v, dict) for v in trials.values()):
+        raise ManifestError(f"{MANIFEST} has no 'expected_trials' mapping of trial id -> {{stage, dataset, version}}")
+    return manifest, trials
+
+
+def stored_versions(path: Path) -> tuple[int | None, int | None]:
+    """(schema_version, results_version) of a result file; None where it lacks the column.
+    Reads two columns of the file's first row group only."""
+    names = set(pq.read_schema(path).names)
+    wanted = [c for c in ("schema_version", "results_version") if c in names]
+    table = pq.ParquetFile(path).read_row_group(0, columns=wanted) if wanted else None
+    found = {c: table.column(c)[0].as_py() for c in wanted} if table is not None and table.num_rows else {}
+    return found.get("schema_version"), found.get("results_version")
+
+
+def stale_reason(stage: str, path: Path) -> str:
+    """Why a result file of a trial outside the current grid is stale, for a person."""
+    try:
+        schema, version = stored_versions(path)
+    except (OSError, pa.ArrowException) as exc:
+        return f"unreadable ({type(exc).__name__})"
+    if schema != SCHEMA_VERSION:
+        return f"schema version {schema if schema is not None else '?'} (current {SCHEMA_VERSION})"
+    current = STAGE_VERSIONS.get(stage)
+    if version != current:
+        return f"{stage} version {version} (current {current})"
+    return "not in this sweep's grid"
+
+
+def move_aside(results_dir: Path, files: dict[Path, str], stamp: str) -> Path:
+    """Move result files into `<results_dir>.pruned-<stamp>/`, keeping their relative paths,
+    with `moved.tsv` listing each file and why. Nothing is deleted."""
+    root = Path(results_dir)
+    dest = root.with_name(f"{root.name}.pruned-{stamp}")
+    lines = ["path\treason"]
+    for path, reason in sorted(files.items()):
+        relative = Path(path).relative_to(root)
+        target = dest / relative
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(path, target)
+        lines.append(f"{relative}\t{reason}")
+    atomic_write_bytes(dest / "moved.tsv", ("\n".join(lines) + "\n").encode())
+    return dest

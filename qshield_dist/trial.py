@@ -10,18 +10,23 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import platform
+import random
 import resource
 import socket
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
+from threadpoolctl import threadpool_limits
 
 from qshield_dist.attacks import ATTACKS, CallCounter, build_attack
 from qshield_dist.data import DATASETS, Split, load
@@ -70,6 +75,38 @@ def versions() -> str:
     return json.dumps(found, sort_keys=True)
 
 
+@contextmanager
+def fixed_numerics(threads: int) -> Iterator[str]:
+    """Fix what a trial's floats depend on besides its spec, whatever process runs it: the
+    intra-op threads of torch and of every BLAS/OpenMP pool loaded (reductions are summed in
+    another order with another thread count), and deterministic kernels where torch has
+    them. Yields the settings as JSON for the row; restores the previous ones afterwards."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at CUDA init
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    torch.set_num_threads(threads)
+    # warn_only: an op without a deterministic kernel (some CUDA backwards) warns, not fails.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    settings = {"threads": threads, "deterministic_algorithms": "warn_only", "cudnn_benchmark": False,
+                "seeded": ["torch", "numpy", "random"]}
+    try:
+        with threadpool_limits(limits=threads):
+            yield json.dumps(settings, sort_keys=True)
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        torch.backends.cudnn.benchmark = before[3]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a trial draws from: torch (projections, input noise, trajectories,
+    random starts, EOT), NumPy (One-Pixel's evolution) and Python's own."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -108,6 +145,7 @@ def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
         "host": socket.gethostname(),
         "versions": versions(),
         "created_at": dt.datetime.now(dt.timezone.utc),
+        "threads": trial.threads,
         **_model_columns(train),
     }
     control = getattr(trial, "control", None)
@@ -129,7 +167,7 @@ def predictions(model: nn.Module, x: torch.Tensor, repeats: int, batch_size: int
 def train_or_load(trial: TrainTrial, ctx: RunContext, train: Split | None = None, allow_train: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """The trained model of `trial`, from the checkpoint cache when it is valid. Only the
     train stage trains: later stages fail clearly rather than train a model out of place."""
-    torch.manual_seed(trial.seed)
+    seed_everything(trial.seed)
     model = build_model(trial.model, DATASETS[trial.dataset])
     path = Path(ctx.checkpoint_dir) / f"{trial.trial_id}.pt"
     meta = load_checkpoint(path, model)
@@ -180,6 +218,7 @@ def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
     train, test = _load_data(trial, ctx)
     model, meta = train_or_load(trial, ctx, train)
     repeats = TRAIN_EVAL_REPEATS if getattr(model, "stochastic", False) else 1
+    seed_everything(trial.seed)  # the same draws whether the model was trained now or loaded
     _, clean = _clean_eval(model, test, repeats, 512)
     details = {"init_steps": meta.get("init_steps", 0), "total_train_steps": meta["train_steps"] + meta.get("init_steps", 0)}
     return [
@@ -223,7 +262,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         trial.attack, counter, params, DATASETS[trial.train.dataset].classes, stochastic=stochastic, twin=twin, surrogate=surrogate
     )
 
-    torch.manual_seed(trial.train.seed)
+    seed_everything(trial.train.seed)
     start = time.perf_counter()
     adv = torch.cat([attack(x[i : i + trial.eval.batch_size], y[i : i + trial.eval.batch_size]) for i in range(0, len(y), trial.eval.batch_size)]).detach() if len(y) else x.clone()
     seconds = time.perf_counter() - start
@@ -282,7 +321,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
 def _correct_subset(model: nn.Module, test: Split, trial: AttackTrial | DiagnosticTrial, size: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
     """Clean evaluation, then a fixed-seed subset of the (majority-)correctly classified samples."""
     repeats = trial.eval.eval_repeats if getattr(model, "stochastic", False) else 1
-    torch.manual_seed(trial.train.seed)
+    seed_everything(trial.train.seed)
     majority, clean = _clean_eval(model, test, repeats, trial.eval.batch_size)
     candidates = torch.nonzero(majority).flatten()
     pick = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(trial.train.seed))[:size]
@@ -308,24 +347,27 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, An
 
 def run_trial(trial: Trial, ctx: RunContext) -> str:
     """Run one trial and write its result file; returns 'ok' or 'failed'."""
-    ok_path = trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id)
-    failed_path = ok_path.with_name(f"{trial.trial_id}.failed.parquet")
-    try:
-        if isinstance(trial, TrainTrial):
-            rows = run_train(trial, ctx)
-        elif isinstance(trial, AttackTrial):
-            rows = run_attack(trial, ctx)
-        else:
-            rows = run_diagnostic(trial, ctx)
-        status = "ok"
-    except Exception as exc:  # recorded as a row: the sweep goes on
-        log.warning("trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
-        rows = [{**_base_row(trial, ctx), "status": "failed", "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"}]
-        if isinstance(trial, AttackTrial):
-            rows[0].update(attack=trial.attack, attack_preset=trial.preset, attack_params=json.dumps(trial.params_dict, sort_keys=True))
-        status = "failed"
+    root = Path(ctx.results_dir)
+    ok_path = trial_path(root, trial.stage, trial.dataset, trial.trial_id)
+    failed_path = trial_path(root, trial.stage, trial.dataset, trial.trial_id, failed=True)
+    with fixed_numerics(trial.threads) as determinism:
+        try:
+            if isinstance(trial, TrainTrial):
+                rows = run_train(trial, ctx)
+            elif isinstance(trial, AttackTrial):
+                rows = run_attack(trial, ctx)
+            else:
+                rows = run_diagnostic(trial, ctx)
+            status = "ok"
+        except Exception as exc:  # recorded as a row: the sweep goes on
+            log.warning("trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
+            rows = [{**_base_row(trial, ctx), "status": "failed", "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"}]
+            if isinstance(trial, AttackTrial):
+                rows[0].update(attack=trial.attack, attack_preset=trial.preset, attack_params=json.dumps(trial.params_dict, sort_keys=True))
+            status = "failed"
     for row in rows:
         row["peak_rss_mb"] = _peak_rss_mb()
+        row["determinism"] = determinism
     write_rows(ok_path if status == "ok" else failed_path, rows, ctx.file_mode)
     if status == "ok":
         failed_path.unlink(missing_ok=True)

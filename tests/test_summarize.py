@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qshield_dist.results import rows_to_table, trial_path, write_manifest, write_rows
+from qshield_dist.results import ATTACK_VERSION, SCHEMA_VERSION, read_manifest, rows_to_table, trial_path, write_manifest, write_rows
 from qshield_dist.summary.cli import default_out, main
 from qshield_dist.summary.report import Options, Summary, summarize, tex_escape
 
@@ -90,7 +90,7 @@ def build_results(root: Path) -> None:
               **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"}}
     _write(root, failed, failed=True)
     expected = [r["trial_id"] for r in rows] + ["Dmnist0", "Afail", "Anever"]
-    write_manifest(root, {"sweep": "t", "expected_trials": {t: {"stage": "attack", "dataset": "digits"} for t in expected}})
+    write_manifest(root, {"sweep": "t"}, {t: {"stage": "attack", "dataset": "digits"} for t in expected})
 
 
 @pytest.fixture(scope="module")
@@ -238,25 +238,49 @@ def test_empty_dir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert code == 2 and "no result files" in text
 
 
-def test_other_schema_version(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_other_schema_version_is_set_aside_not_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file of the grid written before a schema change is set aside, counted and named by reason."""
     build_results(tmp_path)
     table = rows_to_table([_train("mnist", "cnn", 5, 0.9, 1.0)])
-    table = table.set_column(0, "schema_version", pa.array([2], pa.int32()))
-    pq.write_table(table, trial_path(tmp_path, "train", "mnist", "Tv2"))
-    code, text = _run([str(tmp_path), "--out", str(tmp_path / "r")], caplog)
-    assert code == 2 and "schema_version 2" in text and "Tv2.parquet" in text
+    table = table.set_column(0, "schema_version", pa.array([1], pa.int32()))
+    pq.write_table(table, trial_path(tmp_path, "train", "mnist", "Tv1"))
+    _, trials = read_manifest(tmp_path)
+    write_manifest(tmp_path, {"sweep": "t"}, {**trials, "Tv1": {"stage": "train", "dataset": "mnist"}})
+    summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
+    assert summary.results.set_aside == {f"schema version 1 (current {SCHEMA_VERSION})": 1}
+    assert 5 not in summary.results.train["seed"].to_list()
+    assert "1 result file(s) set aside, not summarized: 1 schema version 1" in (tmp_path / "r" / "report.md").read_text()
 
 
-def test_foreign_schema(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_foreign_schema_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without a manifest there is no grid to filter by: a file of another schema is still set aside."""
     build_results(tmp_path)
+    (tmp_path / "manifest.json").unlink()
     path = trial_path(tmp_path, "attack", "mnist", "Aold")
     pq.write_table(pa.table({"schema_version": pa.array([0], pa.int32()), "sweep": ["t"], "asr": [0.5]}), path)
-    code, text = _run([str(tmp_path), "--out", str(tmp_path / "r"), "--no-plots"], caplog)
-    assert code == 2 and "Aold.parquet" in text and "missing" in text
+    summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
+    assert summary.results.set_aside == {f"schema version 0 (current {SCHEMA_VERSION})": 1}
+
+
+def test_rows_outside_the_grid_and_of_other_versions_are_set_aside(tmp_path: Path) -> None:
+    """Only the manifest's grid at the current versions is summarized; the rest is counted by reason."""
+    build_results(tmp_path)
+    _write(tmp_path, _attack("mnist", "cnn", "fgsm", 7, 100, 1, 1.0, 1, 1))  # not in the manifest
+    old = rows_to_table([_attack("mnist", "cnn", "fgsm", 8, 100, 1, 1.0, 1, 1)])
+    old = old.set_column(old.schema.get_field_index("results_version"), "results_version", pa.array([ATTACK_VERSION - 1], pa.int32()))
+    pq.write_table(old, trial_path(tmp_path, "attack", "mnist", "Aolder"))
+    summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
+    assert summary.results.set_aside == {
+        "not in this sweep's grid": 1, f"attack version {ATTACK_VERSION - 1} (current {ATTACK_VERSION})": 1,
+    }
+    seeds = summary.results.attack.select("seed").collect()["seed"].to_list()
+    assert 7 not in seeds and 8 not in seeds
 
 
 def test_mixed_sweeps(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without a manifest, rows of two sweeps are not mixed silently: --sweep picks one."""
     build_results(tmp_path)
+    (tmp_path / "manifest.json").unlink()
     _write(tmp_path, _attack("mnist", "cnn", "fgsm", 7, 100, 1, 1.0, 1, 1, sweep="other"))
     code, text = _run([str(tmp_path), "--out", str(tmp_path / "r"), "--no-plots"], caplog)
     assert code == 2 and "--sweep NAME" in text and "other (1 rows)" in text

@@ -163,7 +163,7 @@ def write_synthetic(root: Path, n_rows: int = 1_000_000, rows_per_file: int = 10
                      failed.select("trial_id", "stage", "dataset")])
     expected = {t: {"stage": s, "dataset": d} for t, s, d in ids.iter_rows()}
     expected.update({f"Amissing{i}": {"stage": "attack", "dataset": "mnist"} for i in range(20)})
-    write_manifest(root, {"sweep": "bench", "expected_trials": expected})
+    write_manifest(root, {"sweep": "bench"}, expected)
     total = attack.height + train.height + diag.height + n_failed
     return {"rows": total, "files": files, "rows_per_file": rows_per_file, "seeds": n_seeds, "manifest_trials": len(expected)}
 

@@ -523,11 +523,9 @@ class QuantumLayer(torch.nn.Module):
             self._plan = self._trajectory_plan()
             exact = all(is_pauli_mixture(op) for op in body_ops(spec) if isinstance(op, qml.operation.Channel))
             self.noise_approx = "exact" if exact else "pauli_twirl"
-            self._generator = torch.Generator()
-            if seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(seed)
+            # Without a seed, draws come from torch's global generator, which the trial seeds:
+            # the same trial draws the same trajectories on every executor.
+            self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         else:
             if trajectories:
                 log.warning("trajectories=%d ignored: the circuit is noiseless", trajectories)

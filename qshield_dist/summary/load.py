@@ -2,10 +2,12 @@
 
 Files are listed once in Python (cheap: names only) so each stage is scanned lazily on
 its own with only the columns it needs; `.failed.parquet` files are scanned separately.
-Everything that makes a summary impossible (missing or empty directory, another schema
-version, unreadable files, several sweeps mixed without --sweep) raises SummaryError with
-a message for a person; rows that are merely unusable (NaN metrics) are set aside in
-`Results.skipped` and reported, never dropped silently.
+Only the sweep's current grid is summarized: files of trials that manifest.json does not
+list (another results version, an older schema, a grid point removed from the sweep) are
+set aside and counted by reason in `Results.set_aside`, never mixed in and never an error.
+Everything that makes a summary impossible (missing or empty directory, unreadable files,
+several sweeps mixed without --sweep) raises SummaryError with a message for a person; rows
+that are merely unusable (NaN metrics) are set aside in `Results.skipped` and reported.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qshield_dist.results import SCHEMA, SCHEMA_VERSION
+from qshield_dist.results import SCHEMA, SCHEMA_VERSION, ManifestError, read_manifest, result_files, stale_reason, stored_versions
 
 log = logging.getLogger(__name__)
 
@@ -66,64 +68,62 @@ class Results:
     diagnostic: pl.DataFrame
     failed: pl.DataFrame  # status='failed' rows, error text included
     skipped: pl.DataFrame  # ok rows set aside: stage, trial_id, label, reason
-    manifest_job: Future[tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]]
+    manifest: dict[str, Any] | None  # manifest.json without its trial list
+    expected: pl.DataFrame | None  # the manifest's trials: (trial_id, stage, dataset)
     n_files: int
+    set_aside: dict[str, int] = field(default_factory=dict)  # files not of the current grid, by reason
     notes: list[str] = field(default_factory=list)  # stated in the report
     attack_files: list[str] = field(default_factory=list)  # to name bad files if a later collect fails
-    _manifest: dict[str, Any] | None = field(default=None, init=False, repr=False)
-    _expected: pl.DataFrame | None = field(default=None, init=False, repr=False)
-    _manifest_read: bool = field(default=False, init=False, repr=False)
-
-    def _resolve(self) -> None:
-        if self._manifest_read:
-            return
-        try:
-            self._manifest, note, joined = self.manifest_job.result()
-        except Exception as exc:  # a dead worker must not sink the report: the grid check is skipped, and said so
-            self._manifest, note, joined = None, f"manifest.json could not be read ({type(exc).__name__}: {exc})", None
-        self._manifest_read = True
-        if note:
-            self.notes.append(note)
-        if joined is not None:
-            self._expected = pl.DataFrame({"trial_id": [joined[0]], "stage": [joined[1]], "dataset": [joined[2]]}).select(
-                pl.all().str.split(_SEP)).explode(pl.all()).with_columns(pl.col("stage", "dataset").replace("", None))
-
-    @property
-    def manifest(self) -> dict[str, Any] | None:
-        """manifest.json without its trial list, parsed in the background (tens of MB for a
-        big grid) while the tables are computed; its note, if any, joins `notes`."""
-        self._resolve()
-        return self._manifest
-
-    @property
-    def expected(self) -> pl.DataFrame | None:
-        """The manifest's expected_trials as (trial_id, stage, dataset), or None."""
-        self._resolve()
-        return self._expected
 
 
 def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], int]:
     """Result files by stage (ok), the failed ones, and how many failed files are
     superseded by an ok file of the same trial (a retry that succeeded; the ok one wins)."""
     ok: dict[str, list[str]] = {s: [] for s in STAGES}
-    failed: list[str] = []
-    superseded = 0
-    for stage_dir in sorted(root.iterdir()):
-        if not (stage_dir.is_dir() and stage_dir.name.startswith("stage=")):
-            continue
-        stage = stage_dir.name[len("stage="):]
-        for dataset_dir in sorted(stage_dir.iterdir()):
-            if not (dataset_dir.is_dir() and dataset_dir.name.startswith("dataset=")):
-                continue
-            names = {e.name: e.path for e in os.scandir(dataset_dir) if not e.name.startswith(".") and e.name.endswith(".parquet")}
-            for name, path in sorted(names.items()):  # dot-files are temp files of in-flight atomic writes
-                if not name.endswith(".failed.parquet"):
-                    ok.setdefault(stage, []).append(path)
-                elif name[: -len(".failed.parquet")] + ".parquet" in names:
-                    superseded += 1
-                else:
-                    failed.append(path)
-    return ok, failed, superseded
+    failed: dict[str, str] = {}
+    ok_ids: set[str] = set()
+    for stage, trial_id, is_failed, path in result_files(root):
+        if is_failed:
+            failed[trial_id] = str(path)
+        else:
+            ok.setdefault(stage, []).append(str(path))
+            ok_ids.add(trial_id)
+    superseded = len(failed.keys() & ok_ids)
+    return ok, [p for t, p in failed.items() if t not in ok_ids], superseded
+
+
+def _trial_id(path: str) -> str:
+    return Path(path).name.removesuffix(".parquet").removesuffix(".failed")
+
+
+def _stage(path: str) -> str:
+    return Path(path).parent.parent.name.removeprefix("stage=")
+
+
+def _set_aside(by_kind: dict[str, list[str]], keep: Any, set_aside: dict[str, int]) -> dict[str, list[str]]:
+    """Split every kind's files by `keep(path)`; the others are counted by their reason."""
+    kept: dict[str, list[str]] = {}
+    for kind, files in by_kind.items():
+        kept[kind] = []
+        for path in files:
+            reason = keep(path)
+            if reason is None:
+                kept[kind].append(path)
+            else:
+                set_aside[reason] = set_aside.get(reason, 0) + 1
+    return kept
+
+
+def _schema_problem(path: str) -> str | None:
+    """Why a file cannot be read as the current schema, or None if it can."""
+    try:
+        found = {f.name: f.type for f in pq.read_schema(path)}
+        schema = stored_versions(Path(path))[0] if "schema_version" in found else None
+    except (OSError, pa.ArrowException) as exc:
+        return f"unreadable Parquet ({type(exc).__name__})"
+    if schema != SCHEMA_VERSION or any(found.get(f.name) != f.type for f in SCHEMA):
+        return f"schema version {schema if schema is not None else '?'} (current {SCHEMA_VERSION})"
+    return None
 
 
 def _diagnose(files: list[str]) -> str:
@@ -179,45 +179,28 @@ def collect(queries: list[pl.LazyFrame], files: list[str]) -> list[pl.DataFrame]
         raise SummaryError(_diagnose(files)) from None
 
 
-def _check_versions(versions: list[pl.DataFrame], files: dict[str, list[str]]) -> None:
-    bad = [k for k, v in zip(files, versions) if (v["schema_version"] != SCHEMA_VERSION).any()]
-    if bad:
-        raise SummaryError(_diagnose([f for k in bad for f in files[k]]))
-
-
 _SEP = "\x1f"  # joins trial ids for the trip between processes (ids are hex hashes)
 
 
 def _read_manifest(root: Path) -> tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]:
     """The manifest (without its trial list), a note when it is absent or unusable
-    (tolerated: a sweep may predate it), and `expected_trials` as three joined strings
-    (ids, stages, datasets): cheap to send back from a worker process."""
-    path = root / "manifest.json"
-    if not path.exists():
-        return None, "no manifest.json: missing grid points cannot be listed", None
+    (tolerated: a sweep may predate it), and its trials as three joined strings (ids, stages,
+    datasets): cheap to send back from a worker process."""
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"manifest.json unreadable ({exc}): missing grid points cannot be listed", None
-    if not isinstance(manifest, dict):
-        return None, "manifest.json is not a JSON object: ignored", None
-    expected = manifest.pop("expected_trials", None)
-    if isinstance(expected, list):
-        expected = {str(t): {} for t in expected}
-    if not isinstance(expected, dict):
-        return manifest, "manifest.json has no 'expected_trials': grid completeness not checked", None
-    info = [v if isinstance(v, dict) else {} for v in expected.values()]
+        manifest, trials = read_manifest(root)
+    except ManifestError as exc:
+        return None, f"{exc}: the current grid is not known, so every result file is summarized and missing trials are not listed", None
     joined = (
-        _SEP.join(expected),
-        _SEP.join(str(i.get("stage") or "") for i in info),
-        _SEP.join(str(i.get("dataset") or "") for i in info),
+        _SEP.join(trials),
+        _SEP.join(str(t.get("stage") or "") for t in trials.values()),
+        _SEP.join(str(t.get("dataset") or "") for t in trials.values()),
     )
     return manifest, None, joined
 
 
 def _start_manifest_job(root: Path) -> Future[tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]]:
-    """Parse manifest.json in a forked process: json.loads holds the GIL for the whole parse
-    (1.6 s for a million trials), which would stall this process's Python between Polars calls."""
+    """Parse manifest.json in a forked process while the files are listed: json.loads holds
+    the GIL for the whole parse (1.6 s for a million trials)."""
     executor: Any
     if "fork" in multiprocessing.get_all_start_methods() and (root / "manifest.json").exists():
         executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
@@ -226,6 +209,20 @@ def _start_manifest_job(root: Path) -> Future[tuple[dict[str, Any] | None, str |
     job = executor.submit(_read_manifest, root)
     executor.shutdown(wait=False)
     return job
+
+
+def _resolve_manifest(job: Future[Any], notes: list[str]) -> tuple[dict[str, Any] | None, pl.DataFrame | None]:
+    try:
+        manifest, note, joined = job.result()
+    except Exception as exc:  # a dead worker must not sink the report: the grid check is skipped, and said so
+        manifest, note, joined = None, f"manifest.json could not be read ({type(exc).__name__}: {exc})", None
+    if note:
+        notes.append(note)
+    if joined is None:
+        return manifest, None
+    expected = pl.DataFrame({"trial_id": [joined[0]], "stage": [joined[1]], "dataset": [joined[2]]})
+    expected = expected.select(pl.all().str.split(_SEP)).explode(pl.all()).with_columns(pl.col("stage", "dataset").replace("", None))
+    return manifest, expected.filter(pl.col("trial_id") != "")
 
 
 def _choose_sweep(counts_by_kind: list[pl.DataFrame], sweep: str | None) -> tuple[str, bool]:
@@ -268,6 +265,29 @@ def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, p
     return bad_attack, bad_train
 
 
+def _scan(by_kind: dict[str, list[str]], set_aside: dict[str, int]) -> tuple[dict[str, list[str]], list[pl.DataFrame]]:
+    """Versions, sweep counts and the small stages, collected together. Files that are not
+    of the current schema (written before a schema change) are set aside and the scan runs
+    again without them: an older file is never an error."""
+    for attempt in range(2):
+        lazy = {k: _lazy(v, k) for k, v in by_kind.items()}
+        versions = [lf.select(pl.col("schema_version").unique()) for lf in lazy.values()]
+        sweeps = [lf.group_by("sweep").len() for lf in lazy.values()]
+        queries = [*versions, *sweeps, *(lazy[k] for k in ("train", "diagnostic", "failed"))]
+        all_files = [f for v in by_kind.values() for f in v]
+        try:
+            out = pl.collect_all(queries)
+        except Exception as exc:  # polars raises several error types for files of another schema
+            log.debug("scan failed: %s", exc)
+            out = None
+        if out is not None and all((v["schema_version"] == SCHEMA_VERSION).all() for v in out[: len(by_kind)]):
+            return by_kind, out
+        if attempt == 1:
+            break
+        by_kind = _set_aside(by_kind, _schema_problem, set_aside)
+    raise SummaryError(_diagnose(all_files))
+
+
 def load_results(root: str | Path, sweep: str | None = None) -> Results:
     """Validated rows of one sweep under `root`; raises SummaryError for unusable input.
 
@@ -279,6 +299,8 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         raise SummaryError(f"results directory {root} does not exist (run the sweep first, or pass RESULTS_DIR)")
     if not root.is_dir():
         raise SummaryError(f"{root} is not a directory")
+    # A big sweep's manifest is tens of MB of JSON: parse it while the files are listed.
+    manifest_job = _start_manifest_job(root)
     files, failed_files, superseded = _list_files(root)
     n_files = sum(map(len, files.values())) + len(failed_files)
     if n_files == 0:
@@ -291,27 +313,31 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         notes.append(f"{superseded} failed result file(s) ignored: the same trial also has an ok file (a successful retry)")
 
     by_kind = {**{s: files[s] for s in STAGES}, "failed": failed_files}
-    all_files = [f for v in by_kind.values() for f in v]
-    # A big sweep's manifest is tens of MB of JSON: parse it while Polars scans and
-    # aggregates (Polars releases the GIL), resolved only when the grid check needs it.
-    manifest_job = _start_manifest_job(root)
-
-    lazy = {k: _lazy(v, k) for k, v in by_kind.items()}
+    manifest, expected = _resolve_manifest(manifest_job, notes)
+    set_aside: dict[str, int] = {}
+    if manifest is not None and expected is not None:
+        if sweep is not None and manifest.get("sweep") not in (None, sweep):
+            notes.append(f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{sweep}': the grid is not checked")
+            manifest = expected = None
+        else:
+            grid = set(expected["trial_id"].to_list())
+            by_kind = _set_aside(by_kind, lambda p: None if _trial_id(p) in grid else stale_reason(_stage(p), Path(p)), set_aside)
+    if not any(by_kind.values()):
+        raise SummaryError(f"no result file under {root} belongs to the current grid of its manifest ({_reasons(set_aside)}): rerun the sweep")
+    by_kind, out = _scan(by_kind, set_aside)
+    if set_aside:
+        notes.append(f"{sum(set_aside.values())} result file(s) set aside, not summarized: {_reasons(set_aside)} (`launch --prune` moves them)")
     small = ["train", "diagnostic", "failed"]
-    versions = [lf.select(pl.col("schema_version").unique()) for lf in lazy.values()]
-    sweeps = [lf.group_by("sweep").len() for lf in lazy.values()]
-    out = collect([*versions, *sweeps, *(lazy[k] for k in small)], all_files)
     n = len(by_kind)
-    _check_versions(out[:n], by_kind)
     chosen, several = _choose_sweep(out[n : 2 * n], sweep)
     frames = dict(zip(small, out[2 * n :]))
-    attack = lazy["attack"]
+    attack = _lazy(by_kind["attack"], "attack")
     if several:
         frames = {k: v.filter(pl.col("sweep") == chosen) for k, v in frames.items()}
         attack = attack.filter(pl.col("sweep") == chosen)
 
     bad_attack, bad_train = _skipped(attack, frames["train"])
-    (skipped_attack,) = collect([bad_attack], files["attack"])
+    (skipped_attack,) = collect([bad_attack], by_kind["attack"])
     skipped = pl.concat([skipped_attack, bad_train])
     train = frames["train"].filter(~_nonfinite("clean_acc"))
     n_attack_ok = dict(out[n + list(by_kind).index("attack")].iter_rows()).get(chosen, 0) - skipped_attack.height
@@ -322,6 +348,10 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         )
     return Results(
         root=root, sweep=chosen, train=train, attack=attack.filter(~bad_attack_row()), diagnostic=frames["diagnostic"],
-        failed=frames["failed"], skipped=skipped, manifest_job=manifest_job, n_files=n_files, notes=notes,
-        attack_files=files["attack"],
+        failed=frames["failed"], skipped=skipped, manifest=manifest, expected=expected, n_files=n_files,
+        set_aside=set_aside, notes=notes, attack_files=by_kind["attack"],
     )
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return "; ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
