@@ -28,7 +28,12 @@ from qshield_dist.config import (
     parse_models,
 )
 from qshield_dist.data import DATASETS, check_available
-from qshield_dist.results import ATTACK_VERSION, DIAGNOSTIC_VERSION, TRAIN_VERSION
+from qshield_dist.results import STAGE_VERSIONS
+
+
+def _current_version(stage: str) -> Any:
+    # Read when a trial is made, and carried with it to the process that runs it.
+    return field(default_factory=lambda: STAGE_VERSIONS[stage])
 
 
 def stable_hash(obj: Any) -> str:
@@ -46,11 +51,12 @@ class TrainTrial:
     test_size: int | None
     baseline_id: str | None = None  # the backbone's train trial (init: from_baseline)
     threads: int = 1  # intra-op threads the trial fixes for itself
+    version: int = _current_version("train")  # results version of the code that defines it
     stage: str = field(default="train", init=False)
 
     def identity(self) -> dict[str, Any]:
         return {
-            "version": TRAIN_VERSION,
+            "version": self.version,
             "threads": self.threads,
             "dataset": self.dataset,
             "train_size": self.train_size,
@@ -80,6 +86,7 @@ class AttackTrial:
     control: str | None = None  # None | backbone_only | equal_budget
     surrogate: TrainTrial | None = None  # transfer
     threads: int = 1
+    version: int = _current_version("attack")
     stage: str = field(default="attack", init=False)
 
     @property
@@ -94,7 +101,7 @@ class AttackTrial:
     def trial_id(self) -> str:
         return "A" + stable_hash(
             {
-                "version": ATTACK_VERSION,
+                "version": self.version,
                 "threads": self.threads,
                 "train": self.train.trial_id,
                 "attack": self.attack,
@@ -119,6 +126,7 @@ class DiagnosticTrial:
     attack_ids: tuple[str, ...]  # the model's attack trials whose rows the checks compare
     eval: EvalConfig
     threads: int = 1
+    version: int = _current_version("diagnostic")
     stage: str = field(default="diagnostic", init=False)
 
     @property
@@ -129,7 +137,7 @@ class DiagnosticTrial:
     def trial_id(self) -> str:
         return "D" + stable_hash(
             {
-                "version": DIAGNOSTIC_VERSION,
+                "version": self.version,
                 "threads": self.threads,
                 "train": self.train.trial_id,
                 "attacks": sorted(self.attack_ids),

@@ -42,7 +42,8 @@ STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic"
 SCHEMA = pa.schema(
     [
         ("schema_version", pa.int32()),
-        ("results_version", pa.int32()),  # STAGE_VERSIONS[stage] of the code that wrote the row
+        ("results_version", pa.int32()),  # the trial's STAGE_VERSIONS[stage], part of its id
+        ("train_version", pa.int32()),  # the train version of the model the row used
         ("sweep", pa.string()),
         ("stage", pa.string()),  # train | attack | diagnostic
         ("trial_id", pa.string()),
@@ -129,7 +130,6 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
             raise KeyError(f"row has columns not in the results schema: {sorted(extra)}")
     columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
     columns["schema_version"] = [SCHEMA_VERSION] * len(rows)
-    columns["results_version"] = [STAGE_VERSIONS.get(row.get("stage")) for row in rows]
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
@@ -169,7 +169,10 @@ def differing_trials(a: Path, b: Path) -> dict[str, list[str]]:
         if left is None or right is None or len(left) != len(right):
             diff[trial_id] = ["missing" if left is None or right is None else "row count"]
         elif left != right:
-            cols = {k for x, y in zip(left, right) for k, v in json.loads(x).items() if json.loads(y).get(k) != v}
+            cols: set[str] = set()
+            for x, y in zip(left, right):
+                row_a, row_b = json.loads(x), json.loads(y)
+                cols |= {k for k in row_a.keys() | row_b.keys() if json.dumps(row_a.get(k)) != json.dumps(row_b.get(k))}
             diff[trial_id] = sorted(cols)
     return diff
 
@@ -263,27 +266,28 @@ def read_manifest(results_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str
     return manifest, trials
 
 
-def stored_versions(path: Path) -> tuple[int | None, int | None]:
-    """(schema_version, results_version) of a result file; None where it lacks the column.
-    Reads two columns of the file's first row group only."""
+def stored_versions(path: Path) -> dict[str, Any]:
+    """schema_version, results_version and train_version of a result file (absent columns
+    are left out). Reads three columns of the file's first row group only."""
     names = set(pq.read_schema(path).names)
-    wanted = [c for c in ("schema_version", "results_version") if c in names]
+    wanted = [c for c in ("schema_version", "results_version", "train_version") if c in names]
     table = pq.ParquetFile(path).read_row_group(0, columns=wanted) if wanted else None
-    found = {c: table.column(c)[0].as_py() for c in wanted} if table is not None and table.num_rows else {}
-    return found.get("schema_version"), found.get("results_version")
+    return {c: table.column(c)[0].as_py() for c in wanted} if table is not None and table.num_rows else {}
 
 
 def stale_reason(stage: str, path: Path) -> str:
     """Why a result file of a trial outside the current grid is stale, for a person."""
     try:
-        schema, version = stored_versions(path)
+        found = stored_versions(path)
     except (OSError, pa.ArrowException) as exc:
         return f"unreadable ({type(exc).__name__})"
+    schema = found.get("schema_version")
     if schema != SCHEMA_VERSION:
         return f"schema version {schema if schema is not None else '?'} (current {SCHEMA_VERSION})"
-    current = STAGE_VERSIONS.get(stage)
-    if version != current:
-        return f"{stage} version {version} (current {current})"
+    if found.get("results_version") != STAGE_VERSIONS.get(stage):
+        return f"{stage} version {found.get('results_version')} (current {STAGE_VERSIONS.get(stage)})"
+    if found.get("train_version") != STAGE_VERSIONS["train"]:
+        return f"built on a model of train version {found.get('train_version')} (current {STAGE_VERSIONS['train']})"
     return "not in this sweep's grid"
 
 

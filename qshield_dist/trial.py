@@ -146,6 +146,8 @@ def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
         "versions": versions(),
         "created_at": dt.datetime.now(dt.timezone.utc),
         "threads": trial.threads,
+        "results_version": trial.version,
+        "train_version": train.version,
         **_model_columns(train),
     }
     control = getattr(trial, "control", None)

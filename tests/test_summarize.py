@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qshield_dist.results import ATTACK_VERSION, SCHEMA_VERSION, read_manifest, rows_to_table, trial_path, write_manifest, write_rows
+from qshield_dist.results import ATTACK_VERSION, SCHEMA_VERSION, STAGE_VERSIONS, read_manifest, rows_to_table, trial_path, write_manifest, write_rows
 from qshield_dist.summary.cli import default_out, main
 from qshield_dist.summary.report import Options, Summary, summarize, tex_escape
 
@@ -55,8 +55,8 @@ def _attack(dataset: str, model: str, attack: str, seed: int, n: int, succ: int,
 
 
 def _write(root: Path, row: dict[str, Any], failed: bool = False) -> None:
-    path = trial_path(root, row["stage"], row["dataset"], row["trial_id"])
-    write_rows(path.with_name(f"{row['trial_id']}.failed.parquet") if failed else path, [row])
+    row = {"results_version": STAGE_VERSIONS[row["stage"]], "train_version": STAGE_VERSIONS["train"], **row}
+    write_rows(trial_path(root, row["stage"], row["dataset"], row["trial_id"], failed=failed), [row])
 
 
 def build_results(root: Path) -> None:

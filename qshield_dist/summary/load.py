@@ -118,7 +118,7 @@ def _schema_problem(path: str) -> str | None:
     """Why a file cannot be read as the current schema, or None if it can."""
     try:
         found = {f.name: f.type for f in pq.read_schema(path)}
-        schema = stored_versions(Path(path))[0] if "schema_version" in found else None
+        schema = stored_versions(Path(path)).get("schema_version")
     except (OSError, pa.ArrowException) as exc:
         return f"unreadable Parquet ({type(exc).__name__})"
     if schema != SCHEMA_VERSION or any(found.get(f.name) != f.type for f in SCHEMA):

@@ -1,0 +1,82 @@
+"""Same spec, same numbers: the parity sweep gives identical rows on every executor.
+
+sweeps/parity.yaml takes every random path a trial has (training order and init, the paper's
+random projection, trajectories on a state-vector device, input noise, random starts, EOT,
+Square's queries). Each run is the real CLI in its own process; rows are compared bit for bit
+without results.VOLATILE_COLUMNS (where, when and how fast a trial ran).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qshield_dist.results import differing_trials, scan_done
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRIALS = 25  # 5 train + 5 models x 4 attacks
+
+
+def launch(results: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    cmd = [sys.executable, "-m", "qshield_dist.launch", "sweeps/parity.yaml", "--results", str(results),
+           "--checkpoints", str(results.parent / f"{results.name}-ckpt"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = scan_done(results)
+    assert len(done) == N_TRIALS and set(done.values()) == {"ok"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local executor with one worker, the README's way of running a sweep."""
+    results = tmp_path_factory.mktemp("parity") / "workers1"
+    launch(results, "--workers", "1")
+    return results
+
+
+def _busy_loops(n: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["workers2", "workers1_loaded", "ray"])
+def test_every_executor_gives_the_reference_rows(how: str, reference: Path, tmp_path: Path) -> None:
+    results = tmp_path / how
+    if how == "workers2":
+        launch(results, "--workers", "2")
+    elif how == "workers1_loaded":
+        loops = _busy_loops(2)  # both cores busy: timing and scheduling change, the numbers must not
+        try:
+            launch(results, "--workers", "1")
+        finally:
+            for proc in loops:
+                proc.kill()
+                proc.wait()
+    else:
+        pytest.importorskip("ray")
+        # a private token-authenticated Ray cluster on loopback, stopped when the launcher exits
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        launch(results, "--executor", "ray", "--ray-address", "local", env=env)
+    assert differing_trials(reference, results) == {}
+
+
+def test_differing_trials_names_what_differs(reference: Path, tmp_path: Path) -> None:
+    """The comparison can fail: a changed count and a missing trial are both reported."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    files = sorted(copy.rglob("A*.parquet"))
+    table = pq.read_table(files[0])
+    index = table.schema.get_field_index("n_success")
+    pq.write_table(table.set_column(index, "n_success", pc.add(table.column("n_success"), 1)), files[0])
+    files[1].unlink()
+    diff = differing_trials(reference, copy)
+    assert diff == {files[0].stem: ["n_success"], files[1].stem: ["missing"]}
