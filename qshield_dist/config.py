@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qshield_dist.attack_params import ATTACKS
+from qshield_dist.datasets import DATASETS, check_available
 
 DEVICES = ("default.mixed", "default.qubit", "lightning.qubit", "lightning.gpu", "lightning.kokkos")
 
@@ -220,13 +222,14 @@ def _validate(model_cls: type[BaseModel], values: dict[str, Any], prefix: str) -
         raise ConfigError("\n".join(_format(e, prefix, model_cls) for e in exc.errors())) from None
 
 
-def parse_models(cfg: SweepConfig) -> list[ModelSpec]:
-    specs: list[ModelSpec] = []
+def parse_models(cfg: SweepConfig) -> list[tuple[int, ModelSpec]]:
+    """Model entries -> (entry index, ModelSpec) per point of their axes."""
+    specs: list[tuple[int, ModelSpec]] = []
     for i, entry in enumerate(cfg.models):
         if not isinstance(entry, dict):
             raise ConfigError(f"models[{i}]: got {entry!r}: each model entry must be a mapping with a 'model' key")
         for point in expand_axes(entry):
-            specs.append(_validate(ModelSpec, point, f"models[{i}]"))
+            specs.append((i, _validate(ModelSpec, point, f"models[{i}]")))
     return specs
 
 
@@ -256,16 +259,73 @@ def parse_attacks(cfg: SweepConfig) -> list[AttackSpec]:
     return specs
 
 
-def check_devices(models: list[ModelSpec]) -> None:
-    """A named PennyLane device must be installed here (lightning.gpu needs the gpu extra)."""
-    import pennylane as qml
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep: its config and the points of its model and attack axes."""
 
-    for name in sorted({m.device for m in models if m.device}):
+    config: SweepConfig
+    models: tuple[ModelSpec, ...]  # as written; the grid resolves them per dataset
+    attacks: tuple[AttackSpec, ...]
+
+
+def validate(cfg: SweepConfig) -> SweepSpec:
+    """Every check of a sweep that needs neither its data nor its devices; ConfigError names
+    the key, the value and what is allowed. Cheap: no torch, no PennyLane."""
+    for name in cfg.datasets:
+        if name not in DATASETS:
+            raise ConfigError(f"data.dataset: got '{name}': unknown dataset; allowed: {', '.join(DATASETS)}")
+    models = parse_models(cfg)
+    for name in cfg.datasets:
+        for index, model in models:
+            _check_quantum(model.resolved(DATASETS[name].classes), index, cfg)
+    return SweepSpec(cfg, tuple(m for _, m in models), tuple(parse_attacks(cfg)))
+
+
+def check_availability(spec: SweepSpec) -> list[str]:
+    """What this machine lacks to run the sweep: data files, PennyLane devices. The launcher
+    stops on them before any compute; a plan only warns (a login node may lack both)."""
+    cfg = spec.config
+    problems = []
+    for name in cfg.datasets:
         try:
-            qml.device(name, wires=1)
-        except Exception as exc:  # the plugin raises its own error types
-            extra = " (pip install 'qshield-dist[gpu]' on a CUDA node)" if name == "lightning.gpu" else ""
-            raise ConfigError(f"models.device: got '{name}': not usable here{extra}: {exc}; allowed: {', '.join(DEVICES)}") from None
+            check_available(name, cfg.data.data_root, cfg.data.download)
+        except FileNotFoundError as exc:
+            problems.append(f"data.data_root: got '{cfg.data.data_root}': {exc}")
+    # Only PennyLane QNodes run on a device; the compiled simulator is its own engine.
+    devices = sorted({m.device for m in spec.models if m.model == "hqcnn" and m.simulator == "qnode" and m.device})
+    if devices:
+        import pennylane as qml
+
+        for name in devices:
+            try:
+                qml.device(name, wires=1)
+            except Exception as exc:  # the plugin raises its own error types
+                extra = " (pip install 'qshield-dist[gpu]' on a CUDA node)" if name == "lightning.gpu" else ""
+                problems.append(f"models.device: got '{name}': not usable here{extra}: {exc}; allowed: {', '.join(DEVICES)}")
+    return problems
+
+
+def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
+    if spec.model != "hqcnn":
+        return
+    from qshield_dist.quantum import CircuitSpec, check_fits
+
+    noisy = spec.noise_model != "none" and spec.noise_strength > 0
+    if spec.simulator == "qnode" and spec.device != "default.mixed" and noisy and spec.trajectories < 1:
+        raise ConfigError(
+            f"models[{index}].trajectories: got {spec.trajectories}: device '{spec.device}' is a state-vector simulator,"
+            f" so noise '{spec.noise_model}' needs Monte-Carlo trajectories >= 1 (or device: default.mixed)"
+        )
+    if spec.trajectories > 0 and (spec.simulator == "compiled" or spec.device == "default.mixed"):
+        raise ConfigError(
+            f"models[{index}].trajectories: got {spec.trajectories}: trajectories apply to simulator: qnode on a"
+            " state-vector device (default.qubit, lightning.qubit, lightning.gpu); the compiled path and default.mixed are exact"
+        )
+    circuit = CircuitSpec(spec.qubits, spec.depth, spec.entanglement, spec.encoding, spec.noise_model, spec.noise_strength)
+    try:
+        check_fits(circuit, spec.simulator, spec.device, max(cfg.train.batch_size, cfg.eval.batch_size), trajectories=spec.trajectories)
+    except ValueError as exc:
+        raise ConfigError(f"models[{index}].qubits: got {spec.qubits}: {exc}") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:

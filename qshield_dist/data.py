@@ -1,4 +1,5 @@
-"""Dataset registry: digits (embedded default), mnist, cifar10, organamnist.
+"""Dataset loaders for the registry in datasets.py: digits (embedded default), mnist,
+cifar10, organamnist.
 
 Every loader returns float32 images in [0, 1] shaped (N, C, H, W) and int64 labels, from
 the library that owns the format (scikit-learn, torchvision, medmnist). Nothing is ever
@@ -19,70 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qshield_dist.datasets import DATASETS, check_available
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    channels: int
-    size: int
-    classes: int
-    files: tuple[str, ...]  # relative to data_root; empty for embedded data
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo("digits", 1, 28, 10, ()),
-    "mnist": DatasetInfo(
-        "mnist",
-        1,
-        28,
-        10,
-        tuple(
-            f"MNIST/raw/{name}"
-            for name in (
-                "train-images-idx3-ubyte",
-                "train-labels-idx1-ubyte",
-                "t10k-images-idx3-ubyte",
-                "t10k-labels-idx1-ubyte",
-            )
-        ),
-    ),
-    "cifar10": DatasetInfo(
-        "cifar10",
-        3,
-        32,
-        10,
-        tuple(f"cifar-10-batches-py/{name}" for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
-    ),
-    "organamnist": DatasetInfo("organamnist", 1, 28, 11, ("organamnist.npz",)),
-}
-
-
-class DataMissingError(FileNotFoundError):
-    """A dataset file is not where the sweep says it is."""
 
 
 @dataclass
 class Split:
     x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
     y: torch.Tensor  # (N,) int64
-
-
-def check_available(name: str, root: str | Path, download: bool = False) -> None:
-    """Raise DataMissingError naming the expected path and the staging command."""
-    info = DATASETS[name]
-    if download or not info.files:
-        return
-    root = Path(root)
-    missing = [str(root / f) for f in info.files if not (root / f).exists()]
-    if missing:
-        raise DataMissingError(
-            f"dataset '{name}': file not found: {missing[0]}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + f". Stage it with: python -m qshield_dist.data fetch {name} --root {root}"
-            " (on a machine with internet), or set data.download: true, or point data.data_root at it."
-        )
 
 
 def _digits() -> tuple[Split, Split]:

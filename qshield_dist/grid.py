@@ -14,20 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
-from qshield_dist.attacks import ATTACKS
-from qshield_dist.config import (
-    ConfigError,
-    EvalConfig,
-    ModelSpec,
-    SweepConfig,
-    TrainConfig,
-    check_devices,
-    parse_attacks,
-    parse_models,
-)
-from qshield_dist.data import DATASETS, check_available
+from qshield_dist.attack_params import ATTACKS
+from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
+from qshield_dist.datasets import DATASETS
 from qshield_dist.results import STAGE_VERSIONS
 
 
@@ -67,7 +59,7 @@ class TrainTrial:
             "baseline": self.baseline_id,
         }
 
-    @property
+    @cached_property
     def trial_id(self) -> str:
         return "T" + stable_hash(self.identity())
 
@@ -97,7 +89,7 @@ class AttackTrial:
     def params_dict(self) -> dict[str, Any]:
         return dict(self.params)
 
-    @property
+    @cached_property
     def trial_id(self) -> str:
         return "A" + stable_hash(
             {
@@ -133,7 +125,7 @@ class DiagnosticTrial:
     def dataset(self) -> str:
         return self.train.dataset
 
-    @property
+    @cached_property
     def trial_id(self) -> str:
         return "D" + stable_hash(
             {
@@ -168,22 +160,12 @@ def _baseline_of(trial: TrainTrial, name: str) -> TrainTrial:
     return replace(trial, model=ModelSpec(model=name), baseline_id=None)
 
 
-def build_grid(cfg: SweepConfig, check_data: bool = True) -> Grid:
-    """Expand and validate everything; raises ConfigError before any compute."""
-    for name in cfg.datasets:
-        if name not in DATASETS:
-            raise ConfigError(f"data.dataset: got '{name}': unknown dataset; allowed: {', '.join(DATASETS)}")
-        if check_data:
-            try:
-                check_available(name, cfg.data.data_root, cfg.data.download)
-            except FileNotFoundError as exc:
-                raise ConfigError(f"data.data_root: got '{cfg.data.data_root}': {exc}") from None
-    models = parse_models(cfg)
-    attacks = parse_attacks(cfg)
-    check_devices([m.resolved(10) for m in models if m.model == "hqcnn"])
-
+def build_grid(spec: SweepSpec) -> Grid:
+    """Expand a validated sweep into trials (config.validate has done every check)."""
+    cfg = spec.config
     train: dict[str, TrainTrial] = {}
     attack: dict[str, AttackTrial] = {}
+    own_attacks: dict[str, list[str]] = {}  # train id -> its uncontrolled attack trials (diagnostics)
 
     def add(trial: TrainTrial) -> TrainTrial:
         return train.setdefault(trial.trial_id, trial)
@@ -191,33 +173,32 @@ def build_grid(cfg: SweepConfig, check_data: bool = True) -> Grid:
     for dataset in cfg.datasets:
         info = DATASETS[dataset]
         for seed in cfg.seeds:
-            for i, raw in enumerate(models):
-                spec = raw.resolved(info.classes)
-                _check_quantum(spec, i, cfg)
-                base = TrainTrial(dataset, spec, cfg.train, seed, cfg.data.train_size, cfg.data.test_size, threads=cfg.threads)
-                if spec.model == "hqcnn" and spec.init == "from_baseline":
-                    baseline = add(_baseline_of(base, spec.backbone))
+            for raw in spec.models:
+                model = raw.resolved(info.classes)
+                base = TrainTrial(dataset, model, cfg.train, seed, cfg.data.train_size, cfg.data.test_size, threads=cfg.threads)
+                if model.model == "hqcnn" and model.init == "from_baseline":
+                    baseline = add(_baseline_of(base, model.backbone))
                     base = replace(base, baseline_id=baseline.trial_id)
                 trial = add(base)
-                controls = cfg.eval.controls if spec.model == "hqcnn" else []
-                for spec_a in attacks:
-                    if spec_a.name == "bpda_pgd" and spec.model != "hqcnn":
+                controls = cfg.eval.controls if model.model == "hqcnn" else []
+                for spec_a in spec.attacks:
+                    if spec_a.name == "bpda_pgd" and model.model != "hqcnn":
                         continue  # BPDA replaces the hybrid's quantum gradient: nothing to replace here
                     params = ATTACKS[spec_a.name].params(dataset, spec_a.preset, spec_a.params)
                     surrogate = add(_baseline_of(trial, params["surrogate"])) if spec_a.name == "transfer" else None
                     for control in [None, *(controls if spec_a.name != "bpda_pgd" else [])]:
-                        target = trial
-                        if control == "equal_budget":
-                            target = add(_equal_budget_baseline(trial))
+                        target = add(_equal_budget_baseline(trial)) if control == "equal_budget" else trial
                         a = AttackTrial(
                             target, spec_a.name, spec_a.preset, tuple(sorted(params.items())), cfg.eval, control, surrogate, cfg.threads
                         )
-                        attack.setdefault(a.trial_id, a)
+                        if a.trial_id not in attack:
+                            attack[a.trial_id] = a
+                            if control is None:
+                                own_attacks.setdefault(target.trial_id, []).append(a.trial_id)
     diagnostic = []
     if cfg.eval.diagnostics:
-        for trial in [t for t in train.values() if any(a.train is t and a.control is None for a in attack.values())]:
-            own = tuple(a.trial_id for a in attack.values() if a.train is trial and a.control is None)
-            diagnostic.append(DiagnosticTrial(trial, own, cfg.eval, cfg.threads))
+        for train_id, attack_ids in own_attacks.items():
+            diagnostic.append(DiagnosticTrial(train[train_id], tuple(attack_ids), cfg.eval, cfg.threads))
     return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 
@@ -228,26 +209,3 @@ def _equal_budget_baseline(hybrid: TrainTrial) -> TrainTrial:
     max_steps = hybrid.train.max_steps * 2 if hybrid.train.max_steps and hybrid.baseline_id else hybrid.train.max_steps
     train = hybrid.train.model_copy(update={"epochs": epochs, "max_steps": max_steps})
     return replace(hybrid, model=ModelSpec(model=hybrid.model.backbone), train=train, baseline_id=None)
-
-
-def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
-    if spec.model != "hqcnn":
-        return
-    from qshield_dist.quantum import CircuitSpec, check_fits
-
-    noisy = spec.noise_model != "none" and spec.noise_strength > 0
-    if spec.simulator == "qnode" and spec.device != "default.mixed" and noisy and spec.trajectories < 1:
-        raise ConfigError(
-            f"models[{index}].trajectories: got {spec.trajectories}: device '{spec.device}' is a state-vector simulator,"
-            f" so noise '{spec.noise_model}' needs Monte-Carlo trajectories >= 1 (or device: default.mixed)"
-        )
-    if spec.trajectories > 0 and (spec.simulator == "compiled" or spec.device == "default.mixed"):
-        raise ConfigError(
-            f"models[{index}].trajectories: got {spec.trajectories}: trajectories apply to simulator: qnode on a"
-            " state-vector device (default.qubit, lightning.qubit, lightning.gpu); the compiled path and default.mixed are exact"
-        )
-    circuit = CircuitSpec(spec.qubits, spec.depth, spec.entanglement, spec.encoding, spec.noise_model, spec.noise_strength)
-    try:
-        check_fits(circuit, spec.simulator, spec.device, max(cfg.train.batch_size, cfg.eval.batch_size), trajectories=spec.trajectories)
-    except ValueError as exc:
-        raise ConfigError(f"models[{index}].qubits: got {spec.qubits}: {exc}") from None

@@ -1,8 +1,14 @@
 """python -m qshield_dist.launch SWEEP.yaml [--executor local|ray|slurm] [--dry-run] ...
 
-config -> grid -> (skip what is done) -> executor -> run_trial -> Parquet. Bad input exits
-with code 2 before anything is computed or written. Running the same command again runs
-only what is missing; `--retry-failed` also re-runs trials recorded as failed.
+config -> validate -> grid -> (skip what is done) -> executor -> run_trial -> Parquet. Bad
+input exits with code 2 before anything is computed or written. Running the same command
+again runs only what is missing; `--retry-failed` also re-runs trials recorded as failed.
+
+The same sweep as a library call, for a notebook or a Ray Tune driver:
+
+    from qshield_dist.config import load_config
+    from qshield_dist.launch import run_sweep
+    statuses = run_sweep(load_config("sweeps/quick.yaml"))   # trial id -> ok | failed | lost
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from qshield_dist.config import ConfigError, SweepConfig, load_config
+from qshield_dist import executors
+from qshield_dist.config import ConfigError, SweepConfig, check_availability, load_config, validate
 from qshield_dist.diagnostics import budget_reachable
 from qshield_dist.executors.base import Executor, Job, ProgressSink, Resources
 from qshield_dist.grid import AttackTrial, Grid, Trial, TrainTrial, build_grid
@@ -55,27 +62,9 @@ class BarProgress(ProgressSink):
 
 
 def make_executor(cfg: SweepConfig, args: argparse.Namespace, results_dir: Path) -> Executor:
-    name = args.executor or cfg.executor
-    if name == "local":
-        from qshield_dist.executors.local import LocalExecutor
-
-        return LocalExecutor(workers=args.workers or cfg.workers)
-    if name == "ray":
-        from qshield_dist.executors.ray import RayExecutor
-
-        return RayExecutor(address=args.ray_address or cfg.ray.address, max_retries=cfg.ray.max_retries)
-    from qshield_dist.executors.slurm import SlurmExecutor
-
-    s = cfg.slurm
-    return SlurmExecutor(
-        folder=s.folder or str(results_dir / ".submitit"),
-        partition=s.partition,
-        time_min=s.time_min,
-        gpus_per_task=s.gpus_per_task,
-        cpus_per_task=s.cpus_per_task,
-        mem_gb=s.mem_gb,
-        array_parallelism=s.array_parallelism,
-    )
+    """TEMPORARY shim for tests/test_launch.py while it moves to executors.make."""
+    update = {"executor": args.executor or cfg.executor, "workers": args.workers or cfg.workers, "results_dir": str(results_dir)}
+    return executors.make(cfg.model_copy(update=update))
 
 
 def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> list[Job]:
@@ -144,21 +133,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.workers is not None and args.workers < 1:
-            raise ConfigError(f"--workers: got {args.workers}: must be an integer >= 1")
-        overrides = {"results_dir": args.results, "checkpoint_dir": args.checkpoints}
-        cfg = load_config(args.sweep, overrides)
-        if args.data_root:
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"data_root": args.data_root})})
-        grid = build_grid(cfg, check_data=True)
-    except ConfigError as exc:
-        log.error("bad sweep input (%s):\n%s", args.sweep, exc)
-        return 2
+def prepare(cfg: SweepConfig) -> Grid:
+    """Validate, check this machine has the data and devices, expand: every bad input is a
+    ConfigError here, before anything is computed or written."""
+    spec = validate(cfg)
+    problems = check_availability(spec)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return build_grid(spec)
 
+
+def _warn_unreachable_budgets(grid: Grid) -> None:
     warned = set()
     for t in grid.attack:
         if t.attack not in warned and not budget_reachable(t.params_dict):
@@ -168,71 +153,107 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "%s (%s preset): %d steps x %.4f cannot reach eps %.4f, so it may be weaker than FGSM;"
                 " 'preset: standard' uses a step of 2.5 x eps / steps", t.attack, t.preset, p["steps"], p["alpha"], p["eps"],
             )
+
+
+def run_sweep(
+    cfg: SweepConfig, executor: Executor | None = None, *, retry_failed: bool = False, grid: Grid | None = None
+) -> dict[str, str]:
+    """Run what is missing of a sweep; returns trial id -> 'ok', 'failed' or 'lost' for every
+    trial of its grid (a trial done before keeps its recorded status). `executor` defaults to
+    the one the config names (executors.make)."""
+    grid = grid or prepare(cfg)
     results_dir = cfg.results_path
     done = scan_done(results_dir)
     stale = stale_files(results_dir, grid)
-    if args.prune:
-        if not stale:
-            log.info("nothing to prune in %s", results_dir)
-            return 0
-        dest = move_aside(results_dir, stale, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        log.info("moved %d result files to %s (%s); the list is %s", len(stale), dest, _count_reasons(stale), dest / "moved.tsv")
-        return 0
     if stale:
         log.warning(
             "%d result files in %s are not this grid at the current versions (%s): not reused, set aside by the"
             " summary; --prune moves them", len(stale), results_dir, _count_reasons(stale),
         )
-    if args.dry_run:
-        print(dry_run_table(grid, done))
-        print(f"{len(grid.train)} train, {len(grid.attack)} attack, {len(grid.diagnostic)} diagnostic trials, {sum(t.trial_id in done for t in grid.trials)} already done")
-        return 0
-
-    finished = {k for k, v in done.items() if v == "ok" or (v == "failed" and not args.retry_failed)}
+    finished = {k for k, v in done.items() if v == "ok" or (v == "failed" and not retry_failed)}
     todo = [t for t in grid.trials if t.trial_id not in finished]
     mode = 0o700 if cfg.private else 0o755
     results_dir.mkdir(parents=True, exist_ok=True, mode=mode)
     Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=mode)
     meta = {"sweep": cfg.name, "spec": cfg.model_dump(), "versions": versions(), "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_manifest(results_dir, meta, manifest_trials(grid), 0o600 if cfg.private else 0o644)
-    executor_name = args.executor or cfg.executor
     ctx = RunContext(
         sweep=cfg.name,
         results_dir=str(results_dir.resolve()),
         checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()),
         data_root=str(Path(cfg.data.data_root).resolve()),
         download=cfg.data.download,
-        executor=executor_name,
+        executor=executor.name if executor else cfg.executor,
         private=cfg.private,
     )
     log.info(
         "sweep %s: %d trials (%d train, %d attack, %d diagnostic), %d already done, %d to run on %s -> %s",
         cfg.name, len(grid.trials), len(grid.train), len(grid.attack), len(grid.diagnostic),
-        len(grid.trials) - len(todo), len(todo), executor_name, results_dir,
+        len(grid.trials) - len(todo), len(todo), ctx.executor, results_dir,
     )
-    previously_failed = [t for t in grid.trials if done.get(t.trial_id) == "failed" and not args.retry_failed]
+    previously_failed = sum(done.get(t.trial_id) == "failed" and not retry_failed for t in grid.trials)
     if previously_failed:
-        log.warning("%d trials are recorded as failed; re-run them with --retry-failed", len(previously_failed))
+        log.warning("%d trials are recorded as failed; re-run them with --retry-failed", previously_failed)
+    statuses = {t.trial_id: done[t.trial_id] for t in grid.trials if t.trial_id in finished}
     if not todo:
-        return 1 if previously_failed else 0
-    executor = make_executor(cfg, args, results_dir)
+        return statuses
+    executor = executor or executors.make(cfg)
     progress = BarProgress(len(todo))
     start = time.perf_counter()
     try:
-        statuses = executor.run(make_jobs(todo, cfg, ctx), progress)
-    except KeyboardInterrupt:
+        statuses.update(executor.run(make_jobs(todo, cfg, ctx), progress))
+    finally:
         progress.close()
-        log.error("interrupted: finished trials are saved; run the same command again to resume")
-        return 130
-    progress.close()
-    counts = {s: sum(v == s for v in statuses.values()) for s in ("ok", "failed", "lost")}
+    counts = {s: sum(statuses[t.trial_id] == s for t in todo) for s in ("ok", "failed", "lost")}
     log.info(
         "done in %.1f s: %d ok, %d failed, %d lost; results in %s (summarize: python analysis/summarize.py %s)",
         time.perf_counter() - start, counts["ok"], counts["failed"], counts["lost"], results_dir, results_dir,
     )
     if counts["failed"]:
         log.warning("failed trials are recorded as rows; re-run them with --retry-failed")
-    return 0 if counts["failed"] == counts["lost"] == 0 and not previously_failed else 1
+    return {t.trial_id: statuses[t.trial_id] for t in grid.trials}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers: got {args.workers}: must be an integer >= 1")
+        overrides = {"results_dir": args.results, "checkpoint_dir": args.checkpoints, "executor": args.executor, "workers": args.workers}
+        cfg = load_config(args.sweep, overrides)
+        update = {}
+        if args.data_root:
+            update["data"] = cfg.data.model_copy(update={"data_root": args.data_root})
+        if args.ray_address:
+            update["ray"] = cfg.ray.model_copy(update={"address": args.ray_address})
+        cfg = cfg.model_copy(update=update)
+        grid = prepare(cfg)
+    except ConfigError as exc:
+        log.error("bad sweep input (%s):\n%s", args.sweep, exc)
+        return 2
+
+    _warn_unreachable_budgets(grid)
+    results_dir = cfg.results_path
+    if args.prune:
+        stale = stale_files(results_dir, grid)
+        if not stale:
+            log.info("nothing to prune in %s", results_dir)
+            return 0
+        dest = move_aside(results_dir, stale, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        log.info("moved %d result files to %s (%s); the list is %s", len(stale), dest, _count_reasons(stale), dest / "moved.tsv")
+        return 0
+    if args.dry_run:
+        done = scan_done(results_dir)
+        print(dry_run_table(grid, done))
+        print(f"{len(grid.train)} train, {len(grid.attack)} attack, {len(grid.diagnostic)} diagnostic trials, {sum(t.trial_id in done for t in grid.trials)} already done")
+        return 0
+    try:
+        statuses = run_sweep(cfg, retry_failed=args.retry_failed, grid=grid)
+    except KeyboardInterrupt:
+        log.error("interrupted: finished trials are saved; run the same command again to resume")
+        return 130
+    return 0 if set(statuses.values()) <= {"ok"} else 1
 
 
 if __name__ == "__main__":

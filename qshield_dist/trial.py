@@ -29,7 +29,8 @@ import torch.nn as nn
 from threadpoolctl import threadpool_limits
 
 from qshield_dist.attacks import ATTACKS, CallCounter, build_attack
-from qshield_dist.data import DATASETS, Split, load
+from qshield_dist.data import Split, load
+from qshield_dist.datasets import DATASETS
 from qshield_dist import diagnostics
 from qshield_dist.diagnostics import budget_reachable
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from qshield_dist import launch
-from qshield_dist.config import load_config
+from qshield_dist.config import load_config, validate
 from qshield_dist.grid import build_grid
 
 GOOD = {
@@ -84,7 +84,7 @@ def test_bad_cli_workers_and_missing_file(tmp_path, caplog):
 
 def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
     cfg = load_config("sweeps/quick.yaml")
-    grid = build_grid(cfg)
+    grid = build_grid(validate(cfg))
     models = [t.model for t in grid.train]
     assert sorted(m.model for m in models) == ["cnn_small", "cnn_small", "dnn", "hqcnn", "hqcnn", "hqcnn", "hqcnn"]
     assert sorted(m.entanglement for m in models if m.model == "hqcnn") == ["full", "linear", "none", "star"]
@@ -95,5 +95,5 @@ def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
     twin = next(t for t in grid.train if t.model.model == "cnn_small" and t.train.epochs == 20)  # equal budget:
     assert twin.trial_id != baseline.trial_id  # 10 epochs of pre-training + 10 as a hybrid
     # ids are stable across parses and independent of paths
-    again = build_grid(load_config("sweeps/quick.yaml", {"results_dir": "/elsewhere"}))
+    again = build_grid(validate(load_config("sweeps/quick.yaml", {"results_dir": "/elsewhere"})))
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in grid.trials]

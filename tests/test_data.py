@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qshield_dist import data
+from qshield_dist.datasets import DataMissingError
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -99,7 +100,7 @@ def test_subsets_are_stratified_and_fixed():
 
 @pytest.mark.parametrize("name,expected", [("mnist", "MNIST/raw/train-images-idx3-ubyte"), ("cifar10", "cifar-10-batches-py/data_batch_1"), ("organamnist", "organamnist.npz")])
 def test_missing_files_name_the_path_and_the_fetch_command(tmp_path, name, expected):
-    with pytest.raises(data.DataMissingError) as err:
+    with pytest.raises(DataMissingError) as err:
         data.load(name, tmp_path)
     message = str(err.value)
     assert str(tmp_path / expected) in message

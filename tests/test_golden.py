@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from qshield_dist.config import SweepConfig
+from qshield_dist.config import SweepConfig, validate
 from qshield_dist.grid import build_grid
 from qshield_dist.results import STAGE_VERSIONS, VOLATILE_COLUMNS, read_rows, trial_path
 from qshield_dist.trial import RunContext, run_trial
@@ -52,7 +52,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[s
     root = tmp_path_factory.mktemp("golden")
     ctx = RunContext(sweep="golden", results_dir=str(root / "results"), checkpoint_dir=str(root / "ckpt"))
     out: dict[str, dict[str, dict[str, Any]]] = {stage: {} for stage in STAGE_VERSIONS}
-    for trial in build_grid(SweepConfig(**SWEEP)).trials:  # dependency order: train, attack, diagnostic
+    for trial in build_grid(validate(SweepConfig(**SWEEP))).trials:  # dependency order: train, attack, diagnostic
         assert run_trial(trial, ctx) == "ok", read_rows(trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id, failed=True))
         for row in read_rows(trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id)):
             out[trial.stage][_label(row)] = {k: v for k, v in row.items() if k not in VOLATILE_COLUMNS}

@@ -8,7 +8,7 @@ import yaml
 
 from qshield_dist.attacks import ATTACKS
 
-from qshield_dist.config import load_config
+from qshield_dist.config import load_config, validate
 from qshield_dist.grid import AttackTrial, build_grid
 from qshield_dist.results import scan_done
 from qshield_dist.trial import RunContext, read_trial, run_trial
@@ -28,7 +28,7 @@ def _grid(tmp_path, models, attacks, **extra):
     }
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return build_grid(load_config(path))
+    return build_grid(validate(load_config(path)))
 
 
 def _run_all(grid, ctx):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from qshield_dist.attacks import ATTACKS, CallCounter, build_attack
 from qshield_dist.config import ModelSpec
-from qshield_dist.data import DATASETS
+from qshield_dist.datasets import DATASETS
 from qshield_dist.models import build_model
 
 

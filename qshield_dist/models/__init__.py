@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from qshield_dist.config import ModelSpec
-from qshield_dist.data import DatasetInfo
+from qshield_dist.datasets import DatasetInfo
 from qshield_dist.models.classic import BACKBONES, Classifier
 
 
