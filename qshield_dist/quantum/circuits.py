@@ -1,8 +1,8 @@
 """The QShield circuit, described once as PennyLane operations.
 
-Every simulator in `layer.py` (PennyLane QNodes, Monte-Carlo trajectories and the compiled
-transfer-matrix / density-matrix paths) reads the circuit from the functions here, so there is
-a single description of its structure:
+Every simulator (PennyLane QNodes in `layer.py`, Monte-Carlo trajectories in `trajectories.py`,
+the compiled transfer-matrix / density-matrix paths in `superop.py`) reads the circuit from the
+functions here, so there is a single description of its structure:
 
     encoding rotations, then `depth` times: a CNOT entanglement layer, then noise on every wire;
     readout: probabilities of all 2**n computational basis states (wire 0 = most significant bit).
@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import pennylane as qml
 import torch
 
-ENTANGLEMENTS = ("none", "linear", "star", "full", "ring")
-ENCODINGS = ("angle", "enhanced_angle")
-NOISE_MODELS = ("none", "depolarizing", "amplitude_damping", "phase_damping", "mixed")
+from qshield_dist.vocabulary import ENCODINGS, ENTANGLEMENTS, NOISE_MODELS
 
 # Shares of the noise strength p in the paper's "mixed" model, in the order they are applied.
 MIXED_SHARES: tuple[tuple[str, float], ...] = (
@@ -149,7 +147,7 @@ def probs_qfunc(spec: CircuitSpec) -> Callable:
     return qfunc
 
 
-# --- Pauli twirl, computed generically from PennyLane's Kraus matrices -----------------------
+# --- the ops as matrices: what the compiled simulator and the Pauli twirl are built from -------
 
 PAULIS = (
     torch.eye(2, dtype=torch.complex128),
@@ -159,21 +157,16 @@ PAULIS = (
 )
 
 
-def pauli_twirl(channel: qml.operation.Channel) -> torch.Tensor:
-    """Probabilities (I, X, Y, Z) of a one-qubit channel's Pauli twirl: sum_k |Tr(P K_k)|^2 / 4."""
-    if len(channel.wires) != 1:
-        raise ValueError(f"Pauli twirl implemented for one-qubit channels, got {channel}")
-    kraus = [torch.as_tensor(k, dtype=torch.complex128) for k in channel.kraus_matrices()]
-    probs = torch.stack(
-        [sum(torch.abs(torch.trace(p.conj().T @ k)) ** 2 for k in kraus) / 4 for p in PAULIS]
-    )
-    return probs / probs.sum()
+def kraus_operators(op: qml.operation.Operator) -> list[torch.Tensor]:
+    """Kraus operators of `op` on its own wires, complex128; a gate has one, its matrix."""
+    if isinstance(op, qml.operation.Channel):
+        return [torch.as_tensor(k, dtype=torch.complex128) for k in op.kraus_matrices()]
+    return [torch.as_tensor(qml.matrix(op, wire_order=op.wires), dtype=torch.complex128)]
 
 
-def is_pauli_mixture(channel: qml.operation.Channel, atol: float = 1e-12) -> bool:
-    """True when the channel equals its own Pauli twirl (so trajectories sampling it are exact)."""
-    twirl = pauli_twirl(channel)
-    kraus = [torch.as_tensor(k, dtype=torch.complex128) for k in channel.kraus_matrices()]
-    superop = sum(torch.kron(k, k.conj()) for k in kraus)
-    twirled = sum(w * torch.kron(p, p.conj()) for w, p in zip(twirl, PAULIS))
-    return bool(torch.allclose(superop, twirled, atol=atol))
+def kraus_superop(kraus: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k w_k K_k (x) conj(K_k), the map vec(rho) -> vec(sum_k w_k K_k rho K_k^dagger) with
+    vec's index (row bits, column bits); w_k = 1 when `weights` is None."""
+    if weights is None:  # no multiply by 1: the compiled matrices stay what they always were
+        return sum(torch.kron(k, k.conj()) for k in kraus)
+    return sum(w * torch.kron(k, k.conj()) for w, k in zip(weights, kraus))

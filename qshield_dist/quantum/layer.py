@@ -2,199 +2,46 @@
 
 Simulators:
 
-- `compiled` (default, exact): the post-encoding part of the circuit does not depend on the
-  data, so it is compiled once per CircuitSpec from the PennyLane ops (their matrices and Kraus
-  operators, see `compile_body`). The encoded state is a product state, rho = (1/2^n) sum_P r_P P
-  with r = kron_i (1, x_i, y_i, z_i) from each qubit's Bloch vector, so p = T^T r with the real
-  readout matrix T (4^n x 2^n, `transfer_matrix`): the 2^n projectors pushed backwards through
-  the body (Heisenberg picture) and Pauli-decomposed. Gradients are forward-mode (one extra
-  kron variant per angle) so the backward pass is a single multiply-and-sum. Above
-  TRANSFER_MAX_QUBITS it falls back to an exact batched density-matrix simulation applying the
-  same local superoperators, with an adjoint (Heisenberg) backward pass, so no intermediate
-  density matrix is stored for autograd.
+- `compiled` (default, exact): the encoded state is a product state whose Pauli vector r comes
+  from `encoding.py`; the data-independent body is compiled once per CircuitSpec (`superop.py`)
+  into the real readout matrix T, so p = T^T r. Gradients are forward-mode (one extra kron
+  variant per angle) so the backward pass is a single multiply-and-sum. Above
+  TRANSFER_MAX_QUBITS (`memory.py` picks the path) it falls back to an exact batched
+  density-matrix simulation applying the same local superoperators, with an adjoint
+  (Heisenberg) backward pass, so no intermediate density matrix is stored for autograd.
 - `qnode`: a PennyLane QNode on a named device, broadcast over the batch. `default.mixed` is
   exact for every noise model; state-vector devices run noisy circuits by Monte-Carlo
-  trajectories over each channel's Pauli twirl (exact in expectation for Pauli-mixture channels,
-  an approximation for amplitude damping: `noise_approx == "pauli_twirl"`).
+  trajectories over each channel's Pauli twirl (`trajectories.py`; exact in expectation for
+  Pauli-mixture channels, an approximation for amplitude damping: `noise_approx == "pauli_twirl"`).
+
+The two autograd functions here join an encoding to a compiled body; they live with the layer,
+not in `superop.py`, so that `superop.py` needs nothing from `encoding.py`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-import os
-from dataclasses import dataclass, field
 
 import pennylane as qml
 import torch
 
-from qshield_dist.quantum.circuits import (
-    PAULIS,
-    CircuitSpec,
-    body_ops,
-    circuit_ops,
-    encoding_gates,
-    encoding_ops,
-    entanglement_pairs,
-    is_pauli_mixture,
-    noise_channels,
-    pauli_twirl,
-    probs_qfunc,
+from qshield_dist.quantum.circuits import CircuitSpec, circuit_ops, encoding_ops, probs_qfunc
+from qshield_dist.quantum.encoding import _encoding_stages, encoded_factors, kron_factors, pauli_vector
+from qshield_dist.quantum.memory import compiled_path, density_chunk
+from qshield_dist.quantum.superop import (
+    _heisenberg,
+    _Program,
+    _schrodinger,
+    compile_body,
+    complex_dtype,
+    matrix_to_pauli,
+    pauli_to_matrix,
+    transfer_matrix,
 )
+from qshield_dist.quantum.trajectories import queue_plan, sample_paulis, trajectory_plan, twirl_is_exact
+from qshield_dist.vocabulary import COMPILED_PATHS, MIXED_DEVICES, SIMULATORS
 
 log = logging.getLogger(__name__)
-
-SIMULATORS = ("compiled", "qnode")
-MIXED_DEVICES = ("default.mixed",)
-COMPILED_PATHS = ("auto", "transfer", "density")
-
-# Above this many qubits the (B,4^n)x(4^n,2^n) readout product costs more than simulating the
-# density matrix (8^n vs ~ops*4^n per sample) and M's 2^n*4^n floats get large (n=8: 128 MiB).
-TRANSFER_MAX_QUBITS = 7
-# Working memory one density-matrix chunk may use; the batch is split to stay under it.
-DENSITY_CHUNK_BYTES = 512 * 2**20
-# Rough factor: a Python-level float op count of the state per circuit op kept by backprop.
-_QNODE_SAVED_PER_OP = 2
-
-
-# --- compiled circuit: superoperators read from the PennyLane description --------------------
-
-
-@dataclass(frozen=True)
-class _Step:
-    """One local superoperator, with its adjoint; a permutation (e.g. a CNOT) also as indices."""
-
-    s: torch.Tensor  # (4^k, 4^k) on vec(rho) over `wires`, index (row bits, column bits)
-    s_adj: torch.Tensor
-    wires: tuple[int, ...]
-    perm: torch.Tensor | None  # out[i] = in[perm[i]]
-    perm_adj: torch.Tensor | None
-
-
-@dataclass
-class _Program:
-    """Superoperators (4^k x 4^k, acting on vec(rho) over the op's wires) of the circuit body."""
-
-    n: int
-    superops: list[tuple[torch.Tensor, tuple[int, ...]]]
-    _cast: dict = field(default_factory=dict)  # (dtype, device) -> steps; a cache
-
-    def ops_for(self, dtype: torch.dtype, device: torch.device) -> list[_Step]:
-        key = (dtype, str(device))
-        if key not in self._cast:
-            steps = []
-            for s, w in self.superops:
-                perm = perm_adj = None
-                if _is_permutation(s):  # gather instead of a 4^k x 4^k matmul: memory-bound
-                    perm = s.abs().argmax(dim=1).to(device)
-                    perm_adj = s.abs().argmax(dim=0).to(device)
-                steps.append(_Step(s.to(device=device, dtype=dtype), s.conj().T.to(device=device, dtype=dtype), w, perm, perm_adj))
-            self._cast[key] = steps
-        return self._cast[key]
-
-
-def _is_permutation(s: torch.Tensor) -> bool:
-    ones = (s - 1).abs() < 1e-12
-    return bool(((s.abs() < 1e-12) | ones).all() and (ones.sum(0) == 1).all() and (ones.sum(1) == 1).all())
-
-
-def _op_superop(op: qml.operation.Operator) -> torch.Tensor:
-    """sum_k K (x) conj(K): maps vec(rho) (row index, column index) -> vec(E(rho)) on op.wires."""
-    if isinstance(op, qml.operation.Channel):
-        kraus = [torch.as_tensor(k, dtype=torch.complex128) for k in op.kraus_matrices()]
-    else:
-        kraus = [torch.as_tensor(qml.matrix(op, wire_order=op.wires), dtype=torch.complex128)]
-    return sum(torch.kron(k, k.conj()) for k in kraus)
-
-
-@functools.lru_cache(maxsize=64)
-def compile_body(spec: CircuitSpec) -> _Program:
-    """Body of the circuit as a list of local superoperators; consecutive ops on the same
-    wires (e.g. the three channels of `mixed` noise) are fused into one."""
-    superops: list[tuple[torch.Tensor, tuple[int, ...]]] = []
-    for op in body_ops(spec):
-        wires = tuple(int(w) for w in op.wires)
-        s = _op_superop(op)
-        if superops and superops[-1][1] == wires:
-            superops[-1] = (s @ superops[-1][0], wires)
-        else:
-            superops.append((s, wires))
-    return _Program(spec.qubits, superops)
-
-
-def _apply_superop(t: torch.Tensor, step: _Step, n: int, adjoint: bool = False) -> torch.Tensor:
-    """Apply a step (or its adjoint) on its wires to a batch of operators t, (B, 2,..,2, 2,..,2)."""
-    k = len(step.wires)
-    axes = [1 + w for w in step.wires] + [1 + n + w for w in step.wires]
-    perm = step.perm_adj if adjoint else step.perm
-    if perm is not None:
-        local = torch.movedim(t, axes, list(range(1, 1 + 2 * k)))
-        shape = local.shape
-        out = local.reshape(shape[0], 4**k, -1).index_select(1, perm).reshape(shape)
-        return torch.movedim(out, list(range(1, 1 + 2 * k)), axes)
-    s = step.s_adj if adjoint else step.s
-    out = torch.tensordot(s.reshape([2] * (4 * k)), t, dims=(list(range(2 * k, 4 * k)), axes))
-    return torch.movedim(out, list(range(2 * k)), axes)
-
-
-def _schrodinger(program: _Program, rho: torch.Tensor) -> torch.Tensor:
-    for step in program.ops_for(rho.dtype, rho.device):
-        rho = _apply_superop(rho, step, program.n)
-    return rho
-
-
-def _heisenberg(program: _Program, obs: torch.Tensor) -> torch.Tensor:
-    """Adjoint channel: <O, E(rho)> = <E^dagger(O), rho>, E^dagger = ops reversed, each S^H."""
-    for step in reversed(program.ops_for(obs.dtype, obs.device)):
-        obs = _apply_superop(obs, step, program.n, adjoint=True)
-    return obs
-
-
-def _paulis(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.stack(PAULIS).to(device=device, dtype=dtype)  # (4, 2, 2)
-
-
-def matrix_to_pauli(obs: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, 2^n, 2^n) operators -> (B, 4^n) coefficients Tr(O P), P = P_0 (x) .. (x) P_{n-1}."""
-    b = obs.shape[0]
-    t = obs.reshape([b] + [2] * (2 * n))
-    paulis = _paulis(obs.dtype, obs.device)
-    for q in range(n):
-        # Tr(O P) = sum_ij O[i, j] P[j, i]; the new Pauli axis lands at the end, in qubit order.
-        t = torch.tensordot(t, paulis, dims=([1, 1 + n - q], [2, 1]))
-    return t.reshape(b, 4**n)
-
-
-def pauli_to_matrix(r: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, 4^n) Pauli vector -> (B, 2,..,2, 2,..,2) density operator (1/2^n) sum_P r_P P."""
-    b = r.shape[0]
-    t = r.reshape([b] + [4] * n)
-    paulis = _paulis(r.dtype, r.device)
-    for _ in range(n):
-        t = torch.tensordot(t, paulis, dims=([1], [0]))  # -> (..., i_q, j_q) appended
-    order = [0] + [1 + 2 * q for q in range(n)] + [2 + 2 * q for q in range(n)]
-    return t.permute(order) / 2**n
-
-
-@functools.lru_cache(maxsize=16)
-def transfer_matrix(spec: CircuitSpec) -> torch.Tensor:
-    """Real (4^n, 2^n) float64 matrix T with p = r @ T for Pauli vector r of the encoded state.
-
-    T[P, b] = Tr(E^dagger(|b><b|) P) / 2^n: the readout projectors pushed backwards through the
-    body (Heisenberg picture), then Pauli-decomposed.
-    """
-    n = spec.qubits
-    d = 2**n
-    program = compile_body(spec)
-    proj = torch.zeros(d, d, d, dtype=torch.complex128)
-    proj[torch.arange(d), torch.arange(d), torch.arange(d)] = 1
-    evolved = _heisenberg(program, proj.reshape([d] + [2] * (2 * n)))
-    coeffs = matrix_to_pauli(evolved, n) / d
-    imag = coeffs.imag.abs().max().item()
-    if imag > 1e-9:  # Hermitian observables have real Pauli coefficients
-        raise RuntimeError(f"transfer matrix not real (max imag {imag:.2e}); circuit compile bug")
-    return coeffs.real.T.contiguous()
 
 
 class _DensityEvolve(torch.autograd.Function):
@@ -208,7 +55,7 @@ class _DensityEvolve(torch.autograd.Function):
     def forward(ctx, r: torch.Tensor, program: _Program, chunk: int) -> torch.Tensor:
         ctx.program, ctx.chunk = program, chunk
         n = program.n
-        cdtype = torch.complex128 if r.dtype == torch.float64 else torch.complex64
+        cdtype = complex_dtype(r.dtype)
         out = []
         for part in r.split(chunk):
             rho = _schrodinger(program, pauli_to_matrix(part.to(cdtype), n))
@@ -218,114 +65,12 @@ class _DensityEvolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         program, n = ctx.program, ctx.program.n
-        cdtype = torch.complex128 if grad.dtype == torch.float64 else torch.complex64
+        cdtype = complex_dtype(grad.dtype)
         out = []
         for part in grad.split(ctx.chunk):
             g = torch.diag_embed(part.to(cdtype)).reshape([part.shape[0]] + [2] * (2 * n))
             out.append(matrix_to_pauli(_heisenberg(program, g), n).real / 2**n)
         return torch.cat(out).to(grad.dtype), None, None
-
-
-# Bloch-vector components (x=0, y=1, z=2) rotated by each encoding gate: R_P(a) turns the
-# vector by angle a about axis P, i.e. (u, v) -> (u cos a - v sin a, u sin a + v cos a).
-_ROTATION_PLANES = {"RX": (1, 2), "RY": (2, 0), "RZ": (0, 1)}
-
-
-@dataclass(frozen=True)
-class _Stages:
-    """`encoding_gates` regrouped as stages applied to all wires at once."""
-
-    gates: tuple[str, ...]
-    cols: tuple[tuple[int, ...], ...]  # per stage, the angle column of each wire
-    order: tuple[int, ...]  # angle column of each (stage, wire) variant, stage-major
-
-    def rows(self, stage: int) -> slice | list[int]:
-        c = self.cols[stage]
-        return slice(c[0], c[0] + len(c)) if c == tuple(range(c[0], c[0] + len(c))) else list(c)
-
-
-@functools.lru_cache(maxsize=64)
-def _encoding_stages(spec: CircuitSpec) -> _Stages:
-    n = spec.qubits
-    per_wire: list[list[tuple[str, int]]] = [[] for _ in range(n)]
-    for gate, wire, col in encoding_gates(spec):
-        if gate not in _ROTATION_PLANES:
-            raise NotImplementedError(f"compiled simulator: encoding gate {gate} is not a Pauli rotation")
-        per_wire[wire].append((gate, col))
-    gates, cols = [], []
-    for stage in range(len(per_wire[0])):
-        names = {g[stage][0] for g in per_wire if len(g) > stage}
-        if len(names) != 1 or any(len(g) != len(per_wire[0]) for g in per_wire):
-            raise NotImplementedError("compiled simulator: encoding with different gates per wire")
-        gates.append(names.pop())
-        cols.append(tuple(per_wire[w][stage][1] for w in range(n)))
-    return _Stages(tuple(gates), tuple(cols), tuple(c for cs in cols for c in cs))
-
-
-def encoded_factors(spec: CircuitSpec, angles: torch.Tensor, jacobian: bool = False) -> torch.Tensor:
-    """Per-qubit Pauli factors (1, x, y, z) of the encoded product state, shape (n, 4, V, B).
-
-    Variants and batch last: broadcast multiplies with a long contiguous inner axis are ~2x
-    faster on CPU than with a size-4 one, and the kron then feeds one plain GEMM. V = 1 without `jacobian`. With it, V = 1 + n_angles: variant
-    1 + stage*n + wire holds the factors with that wire's replaced by d(1, x, y, z)/d angle
-    (forward-mode derivatives, so the transfer path needs no autograd graph). Derivative slots
-    ride along through the later rotations of their wire; a stage's own slot is
-    d/da R(a) v = (-v', u') in the rotation plane.
-    """
-    st_info = _encoding_stages(spec)
-    n, b, n_stages = spec.qubits, angles.shape[0], len(st_info.gates)
-    at = angles.T.contiguous()
-    cos, sin = torch.cos(at), torch.sin(at)  # once for all columns: fewer small ops
-    slots = 1 + n_stages if jacobian else 1
-    zeros = angles.new_zeros(n, slots, b)
-    z = zeros.clone()
-    z[:, 0] = 1.0  # |0> has Bloch vector (0, 0, 1)
-    comps = [zeros, zeros, z]
-    for st, gate in enumerate(st_info.gates):
-        ui, vi = _ROTATION_PLANES[gate]
-        rows = st_info.rows(st)
-        c, s = cos[rows].unsqueeze(1), sin[rows].unsqueeze(1)  # (n, 1, B)
-        u, v = comps[ui], comps[vi]
-        nu, nv = u * c - v * s, u * s + v * c
-        if jacobian:
-            nu[:, 1 + st] = -nv[:, 0]
-            nv[:, 1 + st] = nu[:, 0]
-        comps[ui], comps[vi] = nu, nv
-    ones = torch.zeros_like(zeros)
-    ones[:, 0] = 1.0  # the identity coefficient is 1, its derivatives 0
-    all_slots = torch.stack([ones] + comps, dim=2)  # (n, slots, 4, B)
-    value = all_slots[:, 0].unsqueeze(2)  # (n, 4, 1, B)
-    if not jacobian:
-        return value
-    deriv = all_slots[:, 1:].permute(2, 1, 0, 3).unsqueeze(0)  # (1, 4, stage, wire, B)
-    eye = torch.eye(n, dtype=angles.dtype, device=angles.device)[:, None, None, :, None]  # (q,1,1,w,1)
-    variants = value.unsqueeze(3) * (1 - eye) + deriv * eye  # (qubit, 4, stage, wire, B)
-    return torch.cat([value, variants.reshape(n, 4, n_stages * n, b)], dim=2)
-
-
-def kron_factors(factors: torch.Tensor) -> torch.Tensor:
-    """(n, 4, V, B) -> (4^n, V, B): r_P = prod_i factor_i[P_i], qubit 0 most significant."""
-    n, _, v, b = factors.shape
-    r = factors[n - 1].reshape(4, v * b)
-    for q in range(n - 2, -1, -1):
-        r = (factors[q].reshape(4, 1, v * b) * r.unsqueeze(0)).reshape(-1, v * b)
-    return r.reshape(-1, v, b)
-
-
-def pauli_vector(spec: CircuitSpec, angles: torch.Tensor) -> torch.Tensor:
-    """(B, n_angles) -> (B, 4^n) Pauli vector r_P = Tr(rho P) of the encoded state (autograd)."""
-    return kron_factors(encoded_factors(spec, angles))[:, 0].T
-
-
-def density_matrix(spec: CircuitSpec, angles: torch.Tensor) -> torch.Tensor:
-    """Exact output density matrices (B, 2^n, 2^n), complex, through the compiled body.
-
-    For tests and diagnostics (purity, coherences); differentiable through autograd.
-    """
-    n = spec.qubits
-    cdtype = torch.complex128 if angles.dtype == torch.float64 else torch.complex64
-    rho = pauli_to_matrix(pauli_vector(spec, angles).to(cdtype), n)
-    return _schrodinger(compile_body(spec), rho).reshape(-1, 2**n, 2**n)
 
 
 class _TransferReadout(torch.autograd.Function):
@@ -356,112 +101,6 @@ class _TransferReadout(torch.autograd.Function):
         if order != tuple(range(len(order))):
             g = torch.empty_like(g).index_copy_(0, torch.tensor(order, device=g.device), g)
         return g.T, None, None
-
-
-# --- memory estimates --------------------------------------------------------------------------
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _n_ops(spec: CircuitSpec) -> int:
-    """Gate and channel count of the full circuit (what a QNode applies one by one)."""
-    pairs = len(entanglement_pairs(spec.entanglement, spec.qubits))
-    return spec.n_angles + spec.depth * (pairs + spec.qubits * len(noise_channels(spec)))
-
-
-def compiled_path(spec: CircuitSpec, memory_bytes: int | None = None) -> str:
-    """Which exact compiled path `auto` picks: 'transfer' (readout matrix) or 'density'."""
-    memory = _available_memory() if memory_bytes is None else memory_bytes
-    n = spec.qubits
-    return "transfer" if n <= TRANSFER_MAX_QUBITS and _transfer_bytes(n, 1) <= memory else "density"
-
-
-def _transfer_bytes(n: int, batch: int) -> int:
-    # build: 2^n observables of 2^n x 2^n complex128, ~3 live copies; T float64 + a cast copy;
-    # per sample: the (1 + 3n) forward-mode variants of r and the kron's last intermediate
-    # (float64 worst case), plus the saved Jacobian (small).
-    return 3 * 8**n * 16 + 2 * 8**n * 8 + batch * (1 + 3 * n) * 4**n * 8 * 2
-
-
-def _density_bytes(n: int, batch: int) -> int:
-    # per sample kept for autograd: r and the kron factors; working set: >= one sample's chunk
-    # of ~4 complex128 density operators (state, tensordot output, permuted copy, Pauli vector).
-    return batch * 2 * 4**n * 8 + max(DENSITY_CHUNK_BYTES, 4 * 4**n * 16)
-
-
-def estimate_bytes(
-    spec: CircuitSpec,
-    simulator: str,
-    device: str,
-    batch: int,
-    *,
-    trajectories: int = 0,
-    grad: bool = True,
-    compiled: str = "auto",
-) -> int:
-    """Rough peak memory of one forward(+backward) call; estimates, not measurements."""
-    n = spec.qubits
-    if simulator == "compiled":
-        path = compiled if compiled != "auto" else ("transfer" if n <= TRANSFER_MAX_QUBITS else "density")
-        return _transfer_bytes(n, batch) if path == "transfer" else _density_bytes(n, batch)
-    n_ops = _n_ops(spec)
-    if device in MIXED_DEVICES:  # backprop keeps every intermediate density matrix
-        return batch * 4**n * 16 * (_QNODE_SAVED_PER_OP * n_ops + 4)
-    k = max(trajectories, 1) if spec.noisy else 1
-    if device.startswith("lightning"):
-        # tapes run one by one in C++; results kept for all; adjoint over 2^n projector
-        # observables holds one state per observable.
-        per_tape = 2**n * 16 * 4 + (4**n * 16 if grad else 0)
-        return per_tape + batch * k * 2**n * 8 * 2
-    return batch * k * 2**n * 16 * (_QNODE_SAVED_PER_OP * n_ops + 4)
-
-
-def check_fits(
-    spec: CircuitSpec,
-    simulator: str,
-    device: str,
-    batch: int,
-    memory_bytes: int | None = None,
-    *,
-    trajectories: int = 0,
-    grad: bool = True,
-    compiled: str = "auto",
-) -> None:
-    """Raise ValueError, before running anything, when the request would not fit in memory.
-
-    `memory_bytes` defaults to the host's MemAvailable. The message names the largest qubit
-    count that fits for the same simulator, device and batch.
-    """
-    if simulator not in SIMULATORS:
-        raise ValueError(f"simulator must be one of {SIMULATORS}, got {simulator!r}")
-    memory = _available_memory() if memory_bytes is None else int(memory_bytes)
-    kw = dict(trajectories=trajectories, grad=grad, compiled=compiled)
-    need = estimate_bytes(spec, simulator, device, batch, **kw)
-    if need <= memory:
-        return
-    fits = 0
-    for n in range(1, 64):
-        trial = CircuitSpec(n, spec.depth, spec.entanglement, spec.encoding, spec.noise_model, spec.noise_strength)
-        if estimate_bytes(trial, simulator, device, batch, **kw) > memory:
-            break
-        fits = n
-    where = f"{simulator}" + (f" on {device}" if simulator == "qnode" else "")
-    raise ValueError(
-        f"{spec.qubits} qubits with {where}, batch {batch}"
-        + (f", {trajectories} trajectories" if trajectories else "")
-        + f" needs ~{need / 2**30:.2f} GiB but only {memory / 2**30:.2f} GiB is available; "
-        + (f"at most {fits} qubits fit for this path and batch" if fits else "not even 1 qubit fits")
-        + " (estimate)."
-    )
 
 
 # --- the module ----------------------------------------------------------------------------
@@ -510,7 +149,9 @@ class QuantumLayer(torch.nn.Module):
 
         if device in MIXED_DEVICES:
             if trajectories:
-                raise ValueError(f"{device} simulates noise exactly; trajectories must be 0, got {trajectories}")
+                raise ValueError(
+                    f"{device} simulates noise exactly; trajectories must be 0, got {trajectories}"
+                )
             self.path = "qnode-mixed"
         elif spec.noisy:
             if trajectories <= 0:
@@ -520,9 +161,8 @@ class QuantumLayer(torch.nn.Module):
                 )
             self.path = "qnode-trajectories"
             self.stochastic = True
-            self._plan = self._trajectory_plan()
-            exact = all(is_pauli_mixture(op) for op in body_ops(spec) if isinstance(op, qml.operation.Channel))
-            self.noise_approx = "exact" if exact else "pauli_twirl"
+            self._plan, self._flush_probs = trajectory_plan(spec)
+            self.noise_approx = "exact" if twirl_is_exact(spec) else "pauli_twirl"
             # Without a seed, draws come from torch's global generator, which the trial seeds:
             # the same trial draws the same trajectories on every executor.
             self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -579,7 +219,7 @@ class QuantumLayer(torch.nn.Module):
                 angles = angles.detach()  # skips the forward-mode Jacobian
             return _TransferReadout.apply(angles, cast, self.spec)
         r = pauli_vector(self.spec, angles)
-        chunk = max(1, DENSITY_CHUNK_BYTES // (4 * 4**self.spec.qubits * r.element_size() * 2))
+        chunk = density_chunk(self.spec.qubits, r.element_size())
         return _DensityEvolve.apply(r, compile_body(self.spec), chunk)
 
     # qnode --------------------------------------------------------------------------------------
@@ -594,7 +234,8 @@ class QuantumLayer(torch.nn.Module):
                 diff = None
             else:
                 diff = "backprop"
-            self._qnodes[kind] = qml.QNode(qfunc_factory(), self._qdevice, interface="torch", diff_method=diff)
+            qnode = qml.QNode(qfunc_factory(), self._qdevice, interface="torch", diff_method=diff)
+            self._qnodes[kind] = qnode
         return self._qnodes[kind]
 
     def _run(self, angles: torch.Tensor, *extra) -> torch.Tensor:
@@ -618,8 +259,8 @@ class QuantumLayer(torch.nn.Module):
         def readout():
             if projectors:
                 n = spec.qubits
-                return [qml.expval(qml.Projector([(b >> (n - 1 - q)) & 1 for q in range(n)], wires=spec.wires))
-                        for b in range(2**n)]
+                bits = [[(b >> (n - 1 - q)) & 1 for q in range(n)] for b in range(2**n)]
+                return [qml.expval(qml.Projector(basis, wires=spec.wires)) for basis in bits]
             return qml.probs(wires=spec.wires)
 
         if plan is None:
@@ -634,66 +275,15 @@ class QuantumLayer(torch.nn.Module):
 
         def qfunc_traj(angles, xbits, zbits):
             encoding_ops(spec, angles)
-            with qml.QueuingManager.stop_recording():
-                ops = body_ops(spec)
-            for entry in plan:
-                if entry[0] == "op":
-                    qml.apply(ops[entry[1]])
-                else:  # a sampled Pauli X^x Z^z (up to phase) as broadcast rotations
-                    _, wire, j = entry
-                    qml.RX(math.pi * xbits[:, j], wires=wire)
-                    qml.RZ(math.pi * zbits[:, j], wires=wire)
+            queue_plan(plan, spec, xbits, zbits)
             return readout()
 
         return qfunc_traj
 
     # trajectories -----------------------------------------------------------------------------
-    def _trajectory_plan(self) -> list[tuple]:
-        """Walk the body: keep unitaries, merge each run of channels on a wire (until a unitary
-        touches it) into one sampled Pauli whose distribution is the XOR-convolution of the
-        channels' twirls (independent Pauli errors compose by multiplying, phase ignored)."""
-        plan: list[tuple] = []
-        pending: dict[int, torch.Tensor] = {}
-        self._flush_probs: list[torch.Tensor] = []
-
-        def flush(wires) -> None:
-            for w in wires:
-                if w in pending:
-                    plan.append(("pauli", w, len(self._flush_probs)))
-                    self._flush_probs.append(pending.pop(w))
-
-        with qml.QueuingManager.stop_recording():
-            ops = body_ops(self.spec)
-        for i, op in enumerate(ops):
-            wires = [int(w) for w in op.wires]
-            if isinstance(op, qml.operation.Channel):
-                twirl = pauli_twirl(op)
-                w = wires[0]
-                pending[w] = _xor_convolve(pending[w], twirl) if w in pending else twirl
-            else:
-                flush(wires)
-                plan.append(("op", i))
-        flush(sorted(pending))
-        return plan
-
     def _trajectories(self, angles: torch.Tensor) -> torch.Tensor:
         b, k = angles.shape[0], self.trajectories
-        probs = torch.stack(self._flush_probs)  # (F, 4) over I, X, Y, Z
-        draws = torch.multinomial(probs, b * k, replacement=True, generator=self._generator).T  # (BK, F)
-        # I=(0,0) X=(1,0) Y=(1,1) Z=(0,1) as (x, z) bits
-        xbits = ((draws == 1) | (draws == 2)).to(angles.dtype).to(angles.device)
-        zbits = ((draws == 2) | (draws == 3)).to(angles.dtype).to(angles.device)
+        xbits, zbits = sample_paulis(self._flush_probs, b * k, self._generator, angles.dtype, angles.device)
         rep = angles.repeat(k, 1)  # trajectory-major: row t*B + i is sample i, trajectory t
         out = self._run(rep, xbits, zbits)
         return out.reshape(k, b, -1).mean(0).to(angles.dtype)
-
-
-def _xor_convolve(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Distribution of the product of two independent Paulis, indices I,X,Y,Z = bits (x,z)."""
-    bits = [(0, 0), (1, 0), (1, 1), (0, 1)]
-    index = {b: i for i, b in enumerate(bits)}
-    out = torch.zeros(4, dtype=p.dtype)
-    for i, (x1, z1) in enumerate(bits):
-        for j, (x2, z2) in enumerate(bits):
-            out[index[(x1 ^ x2, z1 ^ z2)]] += p[i] * q[j]
-    return out

@@ -1,0 +1,34 @@
+"""The names every option may take, in one place and free of torch and PennyLane.
+
+Validating a sweep, building the grid and checking a circuit spec all read these tuples, so
+a new option value is added here once. The spellings are those a sweep file uses.
+"""
+
+from __future__ import annotations
+
+# --- models ------------------------------------------------------------------------------------
+MODELS = ("dnn", "cnn", "cnn_small", "hqcnn")
+BACKBONES = ("cnn", "cnn_small", "dnn")  # the classical models a hybrid can be built on
+FUSIONS = ("dynamic", "entropy")
+QUANTUM_GRADS = ("full", "detached")
+PROJECTIONS = ("learned", "paper")
+INITS = ("from_baseline", "scratch")
+
+# --- the circuit -------------------------------------------------------------------------------
+ENTANGLEMENTS = ("none", "linear", "star", "full", "ring")
+ENCODINGS = ("angle", "enhanced_angle")
+NOISE_MODELS = ("none", "depolarizing", "amplitude_damping", "phase_damping", "mixed")
+
+# --- how the circuit is simulated --------------------------------------------------------------
+SIMULATORS = ("compiled", "qnode")
+# The compiled simulator's engines; `auto` picks one by size and memory (quantum/memory.py).
+COMPILED_PATHS = ("auto", "transfer", "density")
+DEVICES = ("default.mixed", "default.qubit", "lightning.qubit", "lightning.gpu", "lightning.kokkos")
+# Devices that simulate density matrices, so noise is exact and needs no trajectories.
+MIXED_DEVICES = ("default.mixed",)
+
+# --- attacks and runs ---------------------------------------------------------------------------
+# The attack names themselves live with their parameters in attack_params.ATTACKS.
+ATTACK_PRESETS = ("paper", "standard")
+CONTROLS = ("backbone_only", "equal_budget")
+EXECUTORS = ("local", "ray", "slurm")
