@@ -123,7 +123,9 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    attack_size: int = Field(256, ge=1)  # correctly classified test samples attacked, at most
+    # Points of the shared attack set: a fixed-seed permutation of the test set, the same for
+    # every model of a dataset and seed; a point a model gets wrong clean is not robust.
+    attack_size: int = Field(256, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_repeats: int = Field(5, ge=1)  # evaluations per sample for stochastic models
     controls: list[Literal["backbone_only", "equal_budget"]] = Field(default_factory=list)

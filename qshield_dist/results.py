@@ -33,8 +33,8 @@ SCHEMA_VERSION = 2  # the columns below; an older file is set aside by the summa
 # Bump in the same commit as a change that alters what the stage computes; tests/golden/
 # holds one golden trial per stage that fails when numbers move while the version does not.
 TRAIN_VERSION = 2
-ATTACK_VERSION = 2
-DIAGNOSTIC_VERSION = 2
+ATTACK_VERSION = 3  # 3: every model attacked on the shared attack set, per-point outcomes kept
+DIAGNOSTIC_VERSION = 3  # 3: its points are the shared attack set's
 STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic": DIAGNOSTIC_VERSION}
 
 # Column -> Arrow type. Every row has every column (missing values are null), so files
@@ -81,7 +81,8 @@ SCHEMA = pa.schema(
         ("n_test", pa.int32()),
         ("clean_acc", pa.float64()),
         ("clean_acc_worst", pa.float64()),
-        ("n_attacked", pa.int32()),
+        ("n_points", pa.int32()),  # the shared attack set: the same test points for every model
+        ("n_attacked", pa.int32()),  # its points the model classifies correctly clean (attacked)
         ("n_success", pa.int32()),
         ("asr", pa.float64()),
         ("asr_worst", pa.float64()),
@@ -98,6 +99,11 @@ SCHEMA = pa.schema(
         ("diagnostic_value", pa.float64()),
         ("diagnostic_pass", pa.bool_()),
         ("details", pa.string()),  # JSON, free-form extra measurements
+        # Per point of the shared attack set, in the row itself so they are written with it:
+        ("point_index", pa.list_(pa.int32())),  # test-set index
+        ("point_correct", pa.list_(pa.bool_())),  # correct when clean (a majority of evaluations)
+        ("point_broken", pa.list_(pa.bool_())),  # the attack succeeded (never for a clean-wrong point)
+        ("point_eval_wrong", pa.list_(pa.list_(pa.bool_()))),  # stochastic models: each evaluation's outcome
         ("train_seconds", pa.float64()),
         ("train_epochs", pa.int32()),
         ("train_steps", pa.int64()),

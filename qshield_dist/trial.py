@@ -249,9 +249,12 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     _, test = _load_data(trial.train, ctx)
     model, meta = _attack_target(trial, ctx)
     stochastic = bool(getattr(model, "stochastic", False))
-    idx, clean, majority = _correct_subset(model, test, trial, trial.eval.attack_size)
+    majority, clean = _clean(model, test, trial)
+    points = shared_attack_set(len(test.y), trial.eval.attack_size, trial.train.seed)
+    correct = majority[points]
     repeats = clean["eval_repeats"]
-    x, y = test.x[idx], test.y[idx]
+    # A point the model gets wrong clean is not robust and is not attacked (RobustBench).
+    x, y = test.x[points[correct]], test.y[points[correct]]
 
     counter = CallCounter(model)
     twin = CallCounter(model.differentiable_twin()) if trial.attack == "bpda_pgd" and hasattr(model, "differentiable_twin") else None
@@ -267,7 +270,8 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
 
     seed_everything(trial.train.seed)
     start = time.perf_counter()
-    adv = torch.cat([attack(x[i : i + trial.eval.batch_size], y[i : i + trial.eval.batch_size]) for i in range(0, len(y), trial.eval.batch_size)]).detach() if len(y) else x.clone()
+    batch = trial.eval.batch_size
+    adv = torch.cat([attack(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]).detach() if len(y) else x.clone()
     seconds = time.perf_counter() - start
 
     delta = (adv - x).flatten(1)
@@ -276,11 +280,15 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     in_range = bool(((adv >= -1e-6) & (adv <= 1 + 1e-6)).all())
     budget_ok = in_range and (definition.threat_model != "linf" or eps is None or linf <= eps + 1e-5)
 
-    wrong = predictions(model, adv, repeats, trial.eval.batch_size) != y if len(y) else torch.zeros(repeats, 0, dtype=torch.bool)
-    success = wrong.float().mean(0) > 0.5
-    n_attacked, n_success = len(y), int(success.sum())
+    wrong = predictions(model, adv, repeats, batch) != y if len(y) else torch.zeros(repeats, 0, dtype=torch.bool)
+    success = wrong.float().mean(0) > 0.5  # the project's success rule: a strict majority of evaluations
+    n_points, n_attacked, n_success = len(points), len(y), int(success.sum())
     asr = n_success / n_attacked if n_attacked else float("nan")
-    majority_acc = float(majority.float().mean())
+    broken = torch.zeros(n_points, dtype=torch.bool)
+    broken[correct] = success
+    eval_wrong: list[list[bool]] = [[] for _ in range(n_points)]
+    for i, w in zip(torch.nonzero(correct).flatten().tolist(), wrong.T.tolist()):
+        eval_wrong[i] = w
     calls = [c for c in (counter, twin) if c is not None]
     row = {
         **_base_row(trial, ctx),
@@ -294,12 +302,13 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         "threat_model": definition.threat_model,
         "eps": eps,
         "success_rule": SUCCESS_RULE_MAJORITY.format(r=repeats) if repeats > 1 else SUCCESS_RULE_SINGLE,
+        "n_points": n_points,
         "n_attacked": n_attacked,
         "n_success": n_success,
-        "asr": asr,
+        "asr": asr,  # the paper's metric: broken among the clean-correct points
         "asr_worst": float(wrong.float().mean(1).max()) if n_attacked else float("nan"),
-        # robust accuracy over the whole test set, estimated from the attacked subset
-        "robust_acc": majority_acc * (1 - asr) if n_attacked else float("nan"),
+        # RobustBench's: correct clean and not broken, over the whole shared attack set
+        "robust_acc": (n_attacked - n_success) / n_points if n_points else float("nan"),
         "attack_seconds": seconds,
         "forward_calls": sum(c.forward_calls for c in calls),
         "backward_calls": sum(c.backward_calls for c in calls),
@@ -308,6 +317,10 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         "linf_max": linf,
         "l2_mean": float(delta.norm(dim=1).mean()) if n_attacked else 0.0,
         "budget_ok": budget_ok,
+        "point_index": points.tolist(),
+        "point_correct": correct.tolist(),
+        "point_broken": broken.tolist(),
+        "point_eval_wrong": eval_wrong if repeats > 1 else None,
         "details": json.dumps(
             {
                 "control": trial.control,
@@ -321,14 +334,22 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     return [row]
 
 
-def _correct_subset(model: nn.Module, test: Split, trial: AttackTrial | DiagnosticTrial, size: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
-    """Clean evaluation, then a fixed-seed subset of the (majority-)correctly classified samples."""
+def _test_permutation(n_test: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))
+
+
+def shared_attack_set(n_test: int, size: int, seed: int) -> torch.Tensor:
+    """The test indices every model of a dataset and seed is attacked on: the first `size` of a
+    fixed-seed permutation of the test set, whatever the model gets right, so that two models
+    answer on the same points and can be compared pair by pair."""
+    return _test_permutation(n_test, seed)[:size].sort().values
+
+
+def _clean(model: nn.Module, test: Split, trial: AttackTrial | DiagnosticTrial) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Per-sample (majority-)correctness on the whole test set, seeded by the trial."""
     repeats = trial.eval.eval_repeats if getattr(model, "stochastic", False) else 1
     seed_everything(trial.train.seed)
-    majority, clean = _clean_eval(model, test, repeats, trial.eval.batch_size)
-    candidates = torch.nonzero(majority).flatten()
-    pick = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(trial.train.seed))[:size]
-    return candidates[pick.sort().values], clean, majority
+    return _clean_eval(model, test, repeats, trial.eval.batch_size)
 
 
 def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, Any]]:
@@ -336,7 +357,10 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, An
     _, test = _load_data(trial.train, ctx)
     model, meta = train_or_load(trial.train, ctx, allow_train=False)
     stochastic = bool(getattr(model, "stochastic", False))
-    idx, clean, _ = _correct_subset(model, test, trial, size)
+    majority, clean = _clean(model, test, trial)
+    # The first correctly classified points in the shared attack set's order: the attacked points.
+    order = _test_permutation(len(test.y), trial.train.seed)
+    idx = order[majority[order]][:size].sort().values
     x, y = test.x[idx], test.y[idx]
     attack_rows = diagnostics.read_attack_rows(ctx.results_dir, trial.dataset, trial.attack_ids)
     checks = diagnostics.compare_attacks(attack_rows)

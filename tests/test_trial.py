@@ -43,7 +43,28 @@ def test_same_seed_gives_the_same_row(tmp_path):
         assert set(_run_all(grid, ctx).values()) == {"ok"}
         rows.append(read_trial(ctx, grid.attack[0])[0])
     assert {k: rows[0][k] for k in METRICS} == {k: rows[1][k] for k in METRICS}
-    assert rows[0]["n_attacked"] == 24 and 0 <= rows[0]["asr"] <= 1
+    assert rows[0]["n_points"] == 24 and 0 < rows[0]["n_attacked"] <= 24 and 0 <= rows[0]["asr"] <= 1
+
+
+def test_models_of_different_clean_accuracy_answer_on_the_same_points(tmp_path):
+    """The shared attack set: the same test indices for every model of a dataset and seed; a
+    point a model gets wrong clean is not robust and not attacked; ASR stays the paper's."""
+    grid = _grid(tmp_path, [{"model": "cnn_small"}, {"model": "dnn"}], [{"name": "fgsm"}], train={"epochs": 1})
+    ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
+    assert set(_run_all(grid, ctx).values()) == {"ok"}
+    rows = {r["model"]: r for t in grid.attack for r in read_trial(ctx, t)}
+    small, dnn = rows["cnn_small"], rows["dnn"]
+    assert small["clean_acc"] != dnn["clean_acc"]
+    assert small["point_correct"] != dnn["point_correct"]  # they get different points right...
+    assert small["point_index"] == dnn["point_index"] and len(small["point_index"]) == 24  # ...on the same points
+    assert len(set(small["point_index"])) == 24 and all(0 <= i < 100 for i in small["point_index"])
+    for r in (small, dnn):
+        correct, broken = r["point_correct"], r["point_broken"]
+        assert r["n_attacked"] == sum(correct) and r["n_success"] == sum(broken)
+        assert not any(b and not c for c, b in zip(correct, broken))  # a clean-wrong point is never "broken"
+        assert r["asr"] == sum(broken) / sum(correct)
+        assert r["robust_acc"] == sum(c and not b for c, b in zip(correct, broken)) / 24
+        assert r["point_eval_wrong"] is None  # deterministic: one evaluation
 
 
 def test_a_failing_trial_is_recorded_and_others_complete(tmp_path):

@@ -43,7 +43,7 @@ STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
     "train": (*_COMMON, "clean_acc", "n_test", "train_seconds", "train_steps", "train_epochs", "stochastic"),
     "attack": (
         *_COMMON, *ATTACK_KEYS, "threat_model", "eps", "eval_repeats", "success_rule", "stochastic", "clean_acc",
-        "n_attacked", "n_success", "asr", "asr_worst", "robust_acc", "attack_seconds", "forward_calls",
+        "n_points", "n_attacked", "n_success", "asr", "asr_worst", "robust_acc", "attack_seconds", "forward_calls",
         "backward_calls", "forward_samples", "backward_samples", "budget_ok",
     ),
     "diagnostic": (*_COMMON, "diagnostic", "diagnostic_value", "diagnostic_pass", "details"),
