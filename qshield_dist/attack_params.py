@@ -92,5 +92,12 @@ ATTACKS: dict[str, AttackDef] = {
 }
 
 
+def budget_reachable(params: dict[str, Any]) -> bool:
+    """Can an iterative L-inf attack with these parameters reach the edge of its eps-ball?"""
+    if not {"alpha", "steps", "eps"} <= params.keys():
+        return True
+    return params["alpha"] * params["steps"] >= params["eps"] - 1e-12
+
+
 PAPER_SUITE = ("fgsm", "pgd", "apgd", "vmifgsm", "cw", "deepfool", "onepixel", "square")
 ADAPTIVE = ("eot_pgd", "bpda_pgd", "transfer", "autoattack")

@@ -11,15 +11,34 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.datasets import DATASETS, check_available
+from qshield_dist.vocabulary import (
+    ATTACK_PRESETS,
+    BACKBONES,
+    CONTROLS,
+    DEVICES,
+    ENCODINGS,
+    ENTANGLEMENTS,
+    EXECUTORS,
+    FUSIONS,
+    INITS,
+    MODELS,
+    NOISE_MODELS,
+    PROJECTIONS,
+    QUANTUM_GRADS,
+    SIMULATORS,
+)
 
-DEVICES = ("default.mixed", "default.qubit", "lightning.qubit", "lightning.gpu", "lightning.kokkos")
+
+
+if TYPE_CHECKING:
+    from qshield_dist.quantum.spec import CircuitSpec
 
 
 class ConfigError(ValueError):
@@ -33,21 +52,21 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """One model of the grid. Quantum fields are None for the classical models."""
 
-    model: Literal["dnn", "cnn", "cnn_small", "hqcnn"]
-    backbone: Literal["cnn", "cnn_small", "dnn"] | None = None
-    entanglement: Literal["none", "linear", "star", "full", "ring"] | None = None
+    model: Literal[MODELS]
+    backbone: Literal[BACKBONES] | None = None
+    entanglement: Literal[ENTANGLEMENTS] | None = None
     depth: int | None = Field(None, ge=1)
-    encoding: Literal["angle", "enhanced_angle"] | None = None
-    noise_model: Literal["none", "depolarizing", "amplitude_damping", "phase_damping", "mixed"] | None = None
+    encoding: Literal[ENCODINGS] | None = None
+    noise_model: Literal[NOISE_MODELS] | None = None
     noise_strength: float | None = Field(None, ge=0.0, le=1.0)
-    fusion: Literal["dynamic", "entropy"] | None = None
+    fusion: Literal[FUSIONS] | None = None
     qubits: int | None = Field(None, ge=1)
-    quantum_grad: Literal["full", "detached"] | None = None
-    projection: Literal["learned", "paper"] | None = None
-    device: Literal["default.mixed", "default.qubit", "lightning.qubit", "lightning.gpu", "lightning.kokkos"] | None = None
-    simulator: Literal["compiled", "qnode"] | None = None
+    quantum_grad: Literal[QUANTUM_GRADS] | None = None
+    projection: Literal[PROJECTIONS] | None = None
+    device: Literal[DEVICES] | None = None
+    simulator: Literal[SIMULATORS] | None = None
     trajectories: int | None = Field(None, ge=0)
-    init: Literal["from_baseline", "scratch"] | None = None
+    init: Literal[INITS] | None = None
     input_noise: float | None = Field(None, ge=0.0)
 
     @model_validator(mode="after")
@@ -82,6 +101,14 @@ class ModelSpec(_Strict):
         values = {k: v if v is not None else defaults.get(k) for k, v in self.model_dump().items()}
         return ModelSpec(**values)
 
+    def circuit(self) -> CircuitSpec:
+        """The hybrid's circuit: the one place a CircuitSpec is made from a model spec."""
+        from qshield_dist.quantum.spec import CircuitSpec
+
+        if self.model != "hqcnn" or self.qubits is None:
+            raise ValueError(f"only a resolved hqcnn spec has a circuit (model '{self.model}')")
+        return CircuitSpec(self.qubits, self.depth, self.entanglement, self.encoding, self.noise_model, self.noise_strength)
+
     @property
     def label(self) -> str:
         if self.model != "hqcnn":
@@ -95,7 +122,7 @@ class ModelSpec(_Strict):
 
 class AttackSpec(_Strict):
     name: str
-    preset: Literal["paper", "standard"] = "paper"
+    preset: Literal[ATTACK_PRESETS] = "paper"
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -128,7 +155,7 @@ class EvalConfig(_Strict):
     attack_size: int = Field(256, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_repeats: int = Field(5, ge=1)  # evaluations per sample for stochastic models
-    controls: list[Literal["backbone_only", "equal_budget"]] = Field(default_factory=list)
+    controls: list[Literal[CONTROLS]] = Field(default_factory=list)
     diagnostics: bool = False
     diagnostic_size: int = Field(64, ge=2)  # correctly classified samples the diagnostics use
 
@@ -165,7 +192,7 @@ class SweepConfig(_Strict):
     name: str
     results_dir: str | None = None
     checkpoint_dir: str = "checkpoints"
-    executor: Literal["local", "ray", "slurm"] = "local"
+    executor: Literal[EXECUTORS] = "local"
     workers: int = Field(1, ge=1)
     # Intra-op threads each trial fixes for itself; part of every trial's id, because float
     # reductions depend on the thread count (executors and `resources.cpus` are not hashed).
@@ -310,7 +337,7 @@ def check_availability(spec: SweepSpec) -> list[str]:
 def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
     if spec.model != "hqcnn":
         return
-    from qshield_dist.quantum import CircuitSpec, check_fits
+    from qshield_dist.quantum.memory import check_fits
 
     noisy = spec.noise_model != "none" and spec.noise_strength > 0
     if spec.simulator == "qnode" and spec.device != "default.mixed" and noisy and spec.trajectories < 1:
@@ -323,9 +350,8 @@ def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
             f"models[{index}].trajectories: got {spec.trajectories}: trajectories apply to simulator: qnode on a"
             " state-vector device (default.qubit, lightning.qubit, lightning.gpu); the compiled path and default.mixed are exact"
         )
-    circuit = CircuitSpec(spec.qubits, spec.depth, spec.entanglement, spec.encoding, spec.noise_model, spec.noise_strength)
     try:
-        check_fits(circuit, spec.simulator, spec.device, max(cfg.train.batch_size, cfg.eval.batch_size), trajectories=spec.trajectories)
+        check_fits(spec.circuit(), spec.simulator, spec.device, max(cfg.train.batch_size, cfg.eval.batch_size), trajectories=spec.trajectories)
     except ValueError as exc:
         raise ConfigError(f"models[{index}].qubits: got {spec.qubits}: {exc}") from None
 

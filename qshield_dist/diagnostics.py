@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qshield_dist.attack_params import ADAPTIVE, ATTACKS, PAPER_SUITE
+from qshield_dist.attack_params import ADAPTIVE, ATTACKS, PAPER_SUITE, budget_reachable
 from qshield_dist.attacks import BPDA, CallCounter, build_attack
 from qshield_dist.results import read_rows, trial_path
 
@@ -99,13 +99,6 @@ def _paper_params(row: dict[str, Any]) -> bool:
     """Did this attack row run with exactly the paper's parameters for its dataset?"""
     paper = json.loads(json.dumps(ATTACKS[row["attack"]].params(row["dataset"], "paper")))
     return json.loads(row["attack_params"] or "{}") == paper
-
-
-def budget_reachable(params: dict[str, Any]) -> bool:
-    """Can an iterative L-inf attack with these parameters reach the edge of its eps-ball?"""
-    if not {"alpha", "steps", "eps"} <= params.keys():
-        return True
-    return params["alpha"] * params["steps"] >= params["eps"] - 1e-12
 
 
 def _majority_wrong(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> torch.Tensor:

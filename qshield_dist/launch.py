@@ -19,17 +19,19 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from tqdm import tqdm
 
 from qshield_dist import executors
 from qshield_dist.config import ConfigError, SweepConfig, check_availability, load_config, validate
-from qshield_dist.diagnostics import budget_reachable
 from qshield_dist.executors.base import Executor, Job, ProgressSink, Resources
 from qshield_dist.grid import AttackTrial, Grid, Trial, TrainTrial, build_grid
-from qshield_dist.results import STAGE_VERSIONS, move_aside, result_files, scan_done, stale_reason, write_manifest
-from qshield_dist.trial import RunContext, run_trial, versions
+from qshield_dist.attack_params import budget_reachable
+from qshield_dist.results import STAGE_VERSIONS, move_aside, package_versions, result_files, scan_done, stale_reason, write_manifest
+
+if TYPE_CHECKING:
+    from qshield_dist.trial import RunContext
 
 log = logging.getLogger("qshield_dist.launch")
 
@@ -68,6 +70,8 @@ def make_executor(cfg: SweepConfig, args: argparse.Namespace, results_dir: Path)
 
 
 def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> list[Job]:
+    from qshield_dist.trial import run_trial  # torch: only once something runs
+
     jobs = []
     for trial in trials:
         res = cfg.resources.train if trial.stage == "train" else cfg.resources.attack
@@ -133,13 +137,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare(cfg: SweepConfig) -> Grid:
+def prepare(cfg: SweepConfig, require_available: bool = True) -> Grid:
     """Validate, check this machine has the data and devices, expand: every bad input is a
-    ConfigError here, before anything is computed or written."""
+    ConfigError here, before anything is computed or written. What only this machine lacks
+    is a warning when nothing will run here (a dry run, a prune)."""
     spec = validate(cfg)
     problems = check_availability(spec)
-    if problems:
+    if problems and require_available:
         raise ConfigError("\n".join(problems))
+    for problem in problems:
+        log.warning("not available on this machine: %s", problem)
     return build_grid(spec)
 
 
@@ -175,8 +182,10 @@ def run_sweep(
     mode = 0o700 if cfg.private else 0o755
     results_dir.mkdir(parents=True, exist_ok=True, mode=mode)
     Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=mode)
-    meta = {"sweep": cfg.name, "spec": cfg.model_dump(), "versions": versions(), "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {"sweep": cfg.name, "spec": cfg.model_dump(), "versions": package_versions(), "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_manifest(results_dir, meta, manifest_trials(grid), 0o600 if cfg.private else 0o644)
+    from qshield_dist.trial import RunContext
+
     ctx = RunContext(
         sweep=cfg.name,
         results_dir=str(results_dir.resolve()),
@@ -228,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ray_address:
             update["ray"] = cfg.ray.model_copy(update={"address": args.ray_address})
         cfg = cfg.model_copy(update=update)
-        grid = prepare(cfg)
+        grid = prepare(cfg, require_available=not (args.dry_run or args.prune))
     except ConfigError as exc:
         log.error("bad sweep input (%s):\n%s", args.sweep, exc)
         return 2

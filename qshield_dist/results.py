@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import tempfile
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -125,6 +128,18 @@ VOLATILE_COLUMNS = (
     "sweep", "executor", "host", "versions", "created_at",
     "attack_seconds", "train_seconds", "peak_rss_mb",
 )
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> str:
+    """The software a row was computed with, as JSON (a volatile column: the host's)."""
+    found = {"python": platform.python_version()}
+    for pkg in ("torch", "pennylane", "torchattacks", "qshield-dist"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = None
+    return json.dumps(found, sort_keys=True)
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:

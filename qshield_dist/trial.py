@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import random
 import resource
 import socket
@@ -19,7 +18,6 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,15 +26,15 @@ import torch
 import torch.nn as nn
 from threadpoolctl import threadpool_limits
 
-from qshield_dist.attacks import ATTACKS, CallCounter, build_attack
+from qshield_dist import diagnostics
+from qshield_dist.attack_params import ATTACKS, budget_reachable
+from qshield_dist.attacks import CallCounter, build_attack
 from qshield_dist.data import Split, load
 from qshield_dist.datasets import DATASETS
-from qshield_dist import diagnostics
-from qshield_dist.diagnostics import budget_reachable
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
-from qshield_dist.results import read_rows, trial_path, write_rows
+from qshield_dist.results import package_versions, read_rows, trial_path, write_rows
 from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
 
 log = logging.getLogger(__name__)
@@ -61,19 +59,6 @@ class RunContext:
     @property
     def file_mode(self) -> int:
         return 0o600 if self.private else 0o644
-
-
-@lru_cache(maxsize=1)
-def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for pkg in ("torch", "pennylane", "torchattacks", "qshield-dist"):
-        try:
-            found[pkg] = version(pkg)
-        except PackageNotFoundError:
-            found[pkg] = None
-    return json.dumps(found, sort_keys=True)
 
 
 @contextmanager
@@ -144,7 +129,7 @@ def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
         "train_id": train.trial_id,
         "executor": ctx.executor,
         "host": socket.gethostname(),
-        "versions": versions(),
+        "versions": package_versions(),
         "created_at": dt.datetime.now(dt.timezone.utc),
         "threads": trial.threads,
         "results_version": trial.version,

@@ -18,20 +18,11 @@ def build_model(spec: ModelSpec, info: DatasetInfo) -> nn.Module:
     if spec.model != "hqcnn":
         return Classifier(build_backbone(spec.model, info))
     from qshield_dist.models.hybrid import HQCNN
-    from qshield_dist.quantum import CircuitSpec
 
-    circuit = CircuitSpec(
-        qubits=spec.qubits,
-        depth=spec.depth,
-        entanglement=spec.entanglement,
-        encoding=spec.encoding,
-        noise_model=spec.noise_model,
-        noise_strength=spec.noise_strength,
-    )
     return HQCNN(
         build_backbone(spec.backbone, info),
         info.classes,
-        circuit,
+        spec.circuit(),
         projection=spec.projection,
         fusion=spec.fusion,
         quantum_grad=spec.quantum_grad,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qshield_dist.quantum.circuits import CircuitSpec, encoding_gates
+from qshield_dist.quantum.spec import CircuitSpec, encoding_gates
 from qshield_dist.quantum.superop import _schrodinger, compile_body, complex_dtype, pauli_to_matrix
 
 # Bloch-vector components (x=0, y=1, z=2) rotated by each encoding gate: R_P(a) turns the

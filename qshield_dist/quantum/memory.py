@@ -9,7 +9,7 @@ import dataclasses
 import math
 import os
 
-from qshield_dist.quantum.circuits import CircuitSpec, entanglement_pairs, noise_channels
+from qshield_dist.quantum.spec import CircuitSpec, entanglement_pairs, noise_channels
 from qshield_dist.vocabulary import MIXED_DEVICES, SIMULATORS
 
 # Above this many qubits the (B,4^n)x(4^n,2^n) readout product costs more than simulating the

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import pennylane as qml
 import torch
 
-from qshield_dist.quantum.circuits import PAULIS, CircuitSpec, body_ops, kraus_operators, kraus_superop
+from qshield_dist.quantum.circuits import PAULIS, body_ops, kraus_operators, kraus_superop
+from qshield_dist.quantum.spec import CircuitSpec
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import math
 import pennylane as qml
 import torch
 
-from qshield_dist.quantum.circuits import PAULIS, CircuitSpec, body_ops, kraus_operators, kraus_superop
+from qshield_dist.quantum.circuits import PAULIS, body_ops, kraus_operators, kraus_superop
+from qshield_dist.quantum.spec import CircuitSpec
 
 # One plan entry: ("op", index into body_ops) or ("pauli", wire, index into the flush probs).
 PlanEntry = tuple
