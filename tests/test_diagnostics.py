@@ -195,4 +195,12 @@ def test_controls_and_diagnostics_end_to_end(tmp_path, monkeypatch):
     controls = pl.read_csv(next((tmp_path / "report").glob("*control*.csv")))
     assert set(controls["source"]) <= {"quantum branch", "backbone", "no gain"} and controls.height >= 2
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "hqcnn_backbone" in report or "backbone alone" in report
+    # The controls section's own table, a row per control row: the no-controls message names
+    # hqcnn_backbone too, so finding the words would not show that the section worked.
+    section = report.split("## Controls: where does the gain come from?")[1].split("\n## ")[0]
+    assert "### Hybrid vs its backbone alone" in section
+    lines = [line for line in section.splitlines() if line.startswith("| digits |")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    # attack, ASR of the backbone alone (%), where the gain comes from
+    want = controls.select("attack_label", "asr_backbone_only", "source").iter_rows()
+    assert [[r[2], r[4], r[9]] for r in rows] == [[a, f"{100 * b:.2f}", src] for a, b, src in want]

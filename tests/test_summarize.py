@@ -22,7 +22,8 @@ import pytest
 
 from qshield_dist.results import ATTACK_VERSION, SCHEMA_VERSION, STAGE_VERSIONS, read_manifest, rows_to_table, trial_path, write_manifest, write_rows
 from qshield_dist.summary.cli import default_out, main
-from qshield_dist.summary.report import Options, Summary, summarize, tex_escape
+from qshield_dist.summary.render import tex_escape
+from qshield_dist.summary.report import Options, Summary, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 EXACT = {"rel": 1e-12, "abs": 1e-15}

@@ -1,10 +1,12 @@
 """Summaries of a results directory: tables, paper comparison, plots, an honest report.
 
-Data flow: load.py (lazy Polars scans of the hive-partitioned Parquet files, validation)
--> tables.py (robustness, attack cost, verdicts, controls, diagnostics, honesty)
--> paper.py (published numbers beside the measured ones) -> plots.py -> report.py
-(Markdown, CSV, LaTeX, self-contained HTML). cli.py is the command line
-(`python analysis/summarize.py`).
+Data flow, each module importing only the ones before it: load.py (lazy Polars scans of
+the hive-partitioned Parquet files, validation) -> verdicts.py (every judgement: baselines,
+verdicts, cost drivers, controls) -> tables.py (robustness, attack cost, diagnostics,
+honesty; assembles the judged tables) -> paper.py (published numbers beside the measured
+ones) and plots.py -> render.py (TextTable, Section, number formats; Markdown, CSV,
+LaTeX, self-contained HTML) -> sections.py (one function per report section) -> report.py
+(`summarize()`, the pipeline). cli.py is the command line (`python analysis/summarize.py`).
 """
 
 from qshield_dist.summary.load import Results, SummaryError, load_results

@@ -20,7 +20,8 @@ from typing import Any
 import polars as pl
 
 from qshield_dist.attack_params import ATTACKS, PAPER_SUITE
-from qshield_dist.summary.tables import HYBRID, Tables
+from qshield_dist.summary.tables import Tables
+from qshield_dist.summary.verdicts import HYBRID
 
 PAPER_DATASETS = {"mnist": "MNIST", "organamnist": "OrganAMNIST", "cifar10": "CIFAR-10"}
 # The paper's HQCNN configuration, as the project's settings (see paper-protocol.md).
@@ -33,7 +34,10 @@ _WHY = {
     "projection": "paper redraws a random projection on every call",
     "quantum_grad": "paper's quantum branch passes no gradient to the input",
 }
-COLUMNS = ["dataset", "paper_dataset", "label", "paper_model", "metric", "attack", "measured", "paper", "diff", "match", "notes"]
+COLUMNS = [
+    "dataset", "paper_dataset", "label", "paper_model", "metric", "attack", "measured", "paper", "diff",
+    "match", "notes",
+]
 
 
 def paper_attack_params() -> dict[str, dict[str, dict[str, Any]]]:
@@ -45,9 +49,11 @@ def load_paper() -> pl.DataFrame:
     """Published numbers; ASR converted from percent to a fraction like the measured ones."""
     path = resources.files("qshield_dist.summary").joinpath("paper_results.csv")
     with resources.as_file(path) as p:
-        df = pl.read_csv(p, schema_overrides={"entanglement": pl.String, "attack": pl.String, "value": pl.Float64})
+        overrides = {"entanglement": pl.String, "attack": pl.String, "value": pl.Float64}
+        df = pl.read_csv(p, schema_overrides=overrides)
     return df.with_columns(
-        pl.when(pl.col("unit") == "percent").then(pl.col("value") / 100).otherwise(pl.col("value")).alias("value"),
+        pl.when(pl.col("unit") == "percent").then(pl.col("value") / 100).otherwise(pl.col("value"))
+        .alias("value"),
         pl.col("entanglement").fill_null(""),
         pl.col("attack").fill_null(""),
     )
@@ -91,31 +97,44 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
     proxies = proxies or {}
     paper = load_paper()
     published_params = paper_attack_params()
-    by_key = {(r["dataset"], r["paper_model"], r["metric"], r["attack"]): r["value"] for r in paper.iter_rows(named=True)}
+    by_key = {
+        (r["dataset"], r["paper_model"], r["metric"], r["attack"]): r["value"]
+        for r in paper.iter_rows(named=True)
+    }
     variants = tables.variants.join(tables.clean, on="vkey", how="left")
     baselines = tables.baselines
     rows: list[dict[str, Any]] = []
     seen: set[tuple[str, str, str, str]] = set()
 
-    def add(v: dict[str, Any], pds: str | None, pmodel: str | None, metric: str, attack: str, measured: float | None, extra: list[str]) -> None:
+    def matched(v: dict[str, Any]) -> str:
+        return "proxy dataset" if v["dataset"] in proxies else "exact"
+
+    def add(v: dict[str, Any], pds: str | None, pmodel: str | None, metric: str, attack: str,
+            measured: float | None, extra: list[str]) -> None:
         published = by_key.get((pds, pmodel, metric, attack)) if pds and pmodel else None
         if pds is None:
             match = f"no counterpart: dataset {v['dataset']} is not in the paper"
         elif pmodel is None:
             match = f"no counterpart: model {v['label']} is not in the paper"
         elif published is None:
-            match = f"no counterpart: the paper has no {metric}{' for ' + attack if attack else ''} of {pmodel}"
+            of_attack = f" for {attack}" if attack else ""
+            match = f"no counterpart: the paper has no {metric}{of_attack} of {pmodel}"
         else:
-            match = "proxy dataset" if v["dataset"] in proxies else "exact"
+            match = matched(v)
             seen.add((pds, pmodel, metric, attack))
         notes = (_setting_notes(v) if pmodel else []) + extra
         rows.append({
-            "dataset": v["dataset"], "paper_dataset": PAPER_DATASETS.get(pds or "", None), "label": v["label"], "paper_model": pmodel,
-            "metric": metric, "attack": attack, "measured": measured, "paper": published,
-            "diff": None if measured is None or published is None else measured - published, "match": match, "notes": "; ".join(notes),
+            "dataset": v["dataset"], "paper_dataset": PAPER_DATASETS.get(pds or "", None),
+            "label": v["label"], "paper_model": pmodel, "metric": metric, "attack": attack,
+            "measured": measured, "paper": published,
+            "diff": None if measured is None or published is None else measured - published, "match": match,
+            "notes": "; ".join(notes),
         })
 
-    base_train = {r["dataset"]: r["train_seconds"] for r in variants.iter_rows(named=True) if baselines.get(r["dataset"]) == r["model"]}
+    base_train = {
+        r["dataset"]: r["train_seconds"] for r in variants.iter_rows(named=True)
+        if baselines.get(r["dataset"]) == r["model"]
+    }
     cost_by = tables.cost.partition_by("vkey", as_dict=True)
     empty = tables.cost.head(0)
     for v in variants.sort("dataset", "family", "label").iter_rows(named=True):
@@ -138,12 +157,13 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
             if b and m:
                 rows[rows_before]["paper"] = m / b
                 rows[rows_before]["diff"] = ratio - m / b
-                rows[rows_before]["match"] = "proxy dataset" if v["dataset"] in proxies else "exact"
+                rows[rows_before]["match"] = matched(v)
                 seen.add((pds, pmodel, "train_time_ratio_vs_cnn", ""))
         cells = cost_by.get((v["vkey"],), empty).sort("attack_rank")
         for c in cells.iter_rows(named=True):
             attack = c["attack"]
-            extra = _param_notes(attack, c["attack_preset"], c["attack_params"], published_params.get(pds or "", {}).get(attack))
+            paper_params = published_params.get(pds or "", {}).get(attack)
+            extra = _param_notes(attack, c["attack_preset"], c["attack_params"], paper_params)
             is_paper_attack = c["attack_preset"] == "paper" and not extra
             add(v, pds, pmodel, "asr", attack, c["asr_mean"], extra)
             if not is_paper_attack and rows[-1]["paper"] is not None:
@@ -152,20 +172,26 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
                 b = by_key.get((pds, "CNN", "attack_seconds", attack))
                 m = by_key.get((pds, pmodel, "attack_seconds", attack))
                 n = len(rows)
-                add(v, pds, pmodel, "attack_time_ratio_vs_cnn", attack, c["time_ratio"], extra + [f"per attacked sample, ratio to {c['baseline']}; paper: whole-set seconds ratio to CNN"])
+                why = f"per attacked sample, ratio to {c['baseline']}; paper: whole-set seconds ratio to CNN"
+                add(v, pds, pmodel, "attack_time_ratio_vs_cnn", attack, c["time_ratio"], extra + [why])
                 if b and m:
-                    rows[n].update(paper=m / b, diff=c["time_ratio"] - m / b, match="proxy dataset" if v["dataset"] in proxies else "exact")
+                    rows[n].update(paper=m / b, diff=c["time_ratio"] - m / b, match=matched(v))
                     seen.add((pds, pmodel, "attack_time_ratio_vs_cnn", attack))
 
     # Published rows of the datasets measured here that nothing measured matched.
     measured_pds = {proxies.get(d, d) for d in tables.variants["dataset"].unique()} & set(PAPER_DATASETS)
-    for r in paper.filter(pl.col("dataset").is_in(list(measured_pds)) & pl.col("metric").is_in(["accuracy", "asr"])).iter_rows(named=True):
+    unmatched = paper.filter(
+        pl.col("dataset").is_in(list(measured_pds)) & pl.col("metric").is_in(["accuracy", "asr"])
+    )
+    for r in unmatched.iter_rows(named=True):
         if (r["dataset"], r["paper_model"], r["metric"], r["attack"]) in seen:
             continue
         measured_name = next((d for d, p in proxies.items() if p == r["dataset"]), r["dataset"])
         rows.append({
-            "dataset": measured_name, "paper_dataset": r["paper_dataset"], "label": None, "paper_model": r["paper_model"], "metric": r["metric"],
-            "attack": r["attack"], "measured": None, "paper": r["value"], "diff": None, "match": "not measured here", "notes": "",
+            "dataset": measured_name, "paper_dataset": r["paper_dataset"], "label": None,
+            "paper_model": r["paper_model"], "metric": r["metric"], "attack": r["attack"], "measured": None,
+            "paper": r["value"], "diff": None, "match": "not measured here", "notes": "",
         })
-    schema = {c: pl.String for c in COLUMNS} | {"measured": pl.Float64, "paper": pl.Float64, "diff": pl.Float64}
+    schema = {c: pl.String for c in COLUMNS}
+    schema |= {"measured": pl.Float64, "paper": pl.Float64, "diff": pl.Float64}
     return pl.DataFrame(rows, schema=schema)

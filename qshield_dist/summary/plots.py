@@ -16,7 +16,8 @@ from typing import Any
 
 import polars as pl
 
-from qshield_dist.summary.tables import HYBRID, Tables, params_text
+from qshield_dist.summary.tables import Tables, params_text
+from qshield_dist.summary.verdicts import HYBRID
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,13 @@ class Figure:
 
 
 def _attack_caption(tables: Tables, dataset: str, attack_labels: list[str]) -> str:
-    settings = tables.attacks.filter((pl.col("dataset") == dataset) & pl.col("attack_label").is_in(attack_labels)).sort("attack_rank")
-    return "; ".join(f"{r['attack_label']} (preset {r['attack_preset']}: {params_text(r['attack_params'])})" for r in settings.iter_rows(named=True))
+    settings = tables.attacks.filter(
+        (pl.col("dataset") == dataset) & pl.col("attack_label").is_in(attack_labels)
+    )
+    return "; ".join(
+        f"{r['attack_label']} (preset {r['attack_preset']}: {params_text(r['attack_params'])})"
+        for r in settings.sort("attack_rank").iter_rows(named=True)
+    )
 
 
 def _counts(cells: pl.DataFrame, unit: str = "bar") -> str:
@@ -64,14 +70,19 @@ def _finish(fig: Any, out: Path, name: str, title: str, caption: str, svg: bool)
     return Figure(name, title, caption, buf.getvalue())
 
 
-def _grouped_bars(tables: Tables, dataset: str, value: str, err: str | None, out: Path, name: str, title: str, ylabel: str, log_y: bool, svg: bool, scale: float = 1.0) -> Figure:
+def _grouped_bars(
+    tables: Tables, dataset: str, value: str, err: str | None, out: Path, name: str, title: str, ylabel: str,
+    log_y: bool, svg: bool, scale: float = 1.0,
+) -> Figure:
     import matplotlib.pyplot as plt
 
-    cells = tables.cost.filter(pl.col("dataset") == dataset).join(tables.variants.select("vkey", "label", "family"), on="vkey", how="left")
+    cells = tables.cost.filter(pl.col("dataset") == dataset)
+    cells = cells.join(tables.variants.select("vkey", "label", "family"), on="vkey", how="left")
     attacks = cells.sort("attack_rank")["attack_label"].unique(maintain_order=True).to_list()
     labels = cells.sort("family", "label")["label"].unique(maintain_order=True).to_list()
     width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 1.0 * len(attacks) + 0.12 * len(attacks) * len(labels))), 5.2))
+    width_in = min(16.0, max(7.0, 1.0 * len(attacks) + 0.12 * len(attacks) * len(labels)))
+    fig, ax = plt.subplots(figsize=(width_in, 5.2))
     lookup = {(r["label"], r["attack_label"]): r for r in cells.iter_rows(named=True)}
     for i, label in enumerate(labels):
         xs, ys, es = [], [], []
@@ -90,28 +101,45 @@ def _grouped_bars(tables: Tables, dataset: str, value: str, err: str | None, out
     ax.set_title(f"{title} - {dataset}")
     ax.legend(fontsize=6, ncol=max(1, len(labels) // 20), loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    bars = "error bars: sample std over seeds (ddof=1)" if err else "pooled over seeds: total seconds / total attacked samples"
+    if err:
+        bars = "error bars: sample std over seeds (ddof=1)"
+    else:
+        bars = "pooled over seeds: total seconds / total attacked samples"
     caption = f"{dataset}. {_counts(cells)}; {bars}. Attacks: {_attack_caption(tables, dataset, attacks)}."
     return _finish(fig, out, name, title, caption, svg)
 
 
-def _asr_vs(tables: Tables, dataset: str, axis: str, out: Path, svg: bool, skipped: list[str]) -> Figure | None:
+def _asr_vs(
+    tables: Tables, dataset: str, axis: str, out: Path, svg: bool, skipped: list[str]
+) -> Figure | None:
     import matplotlib.pyplot as plt
 
-    cells = tables.cost.filter((pl.col("dataset") == dataset) & (pl.col("model") == HYBRID) & pl.col(axis).is_not_null())
+    cells = tables.cost.filter(
+        (pl.col("dataset") == dataset) & (pl.col("model") == HYBRID) & pl.col(axis).is_not_null()
+    )
     values = cells[axis].unique().to_list()
     if len(values) < 2:
-        skipped.append(f"ASR vs {axis} ({dataset}): skipped, the hybrid variants have a single {axis} value ({', '.join(map(str, values)) or 'none'})")
+        skipped.append(
+            f"ASR vs {axis} ({dataset}): skipped, the hybrid variants have a single {axis} value"
+            f" ({', '.join(map(str, values)) or 'none'})"
+        )
         return None
     if axis == "entanglement":
         order = [e for e in ENTANGLEMENT_ORDER if e in values] + sorted(set(values) - set(ENTANGLEMENT_ORDER))
-        cells = cells.with_columns(pl.col(axis).replace_strict({e: i for i, e in enumerate(order)}, return_dtype=pl.Int64).alias("_x"))
+        position = {e: i for i, e in enumerate(order)}
+        cells = cells.with_columns(pl.col(axis).replace_strict(position, return_dtype=pl.Int64).alias("_x"))
     else:
         order = None
         cells = cells.with_columns(pl.col(axis).cast(pl.Float64).alias("_x"))
     # Other hybrid settings that vary are averaged over (said in the caption).
-    others = [c for c in ("entanglement", "depth", "noise_model", "noise_strength", "encoding", "fusion", "quantum_grad", "projection", "backbone") if c != axis and cells[c].n_unique() > 1]
-    line = cells.group_by("attack_label", "attack_rank", "_x").agg(pl.col("asr_mean").mean(), pl.col("n_seeds").sum(), pl.col("n_attacked").sum()).sort("attack_rank", "_x")
+    settings = ("entanglement", "depth", "noise_model", "noise_strength", "encoding", "fusion",
+                "quantum_grad", "projection", "backbone")
+    others = [c for c in settings if c != axis and cells[c].n_unique() > 1]
+    line = (
+        cells.group_by("attack_label", "attack_rank", "_x")
+        .agg(pl.col("asr_mean").mean(), pl.col("n_seeds").sum(), pl.col("n_attacked").sum())
+        .sort("attack_rank", "_x")
+    )
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for (attack,), grp in line.group_by("attack_label", maintain_order=True):
         ax.plot(grp["_x"].to_list(), (grp["asr_mean"] * 100).to_list(), marker="o", label=attack)
@@ -122,10 +150,14 @@ def _asr_vs(tables: Tables, dataset: str, axis: str, out: Path, svg: bool, skipp
     ax.set_title(f"ASR vs {axis} - {dataset} (hybrid variants)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    avg = f"averaged over the other varying settings ({', '.join(others)})" if others else "all other settings fixed"
+    if others:
+        avg = f"averaged over the other varying settings ({', '.join(others)})"
+    else:
+        avg = "all other settings fixed"
     attacks = line["attack_label"].unique(maintain_order=True).to_list()
     caption = (
-        f"{dataset}. Mean ASR over seeds, {avg}; {_counts(cells, 'cell averaged into a point')}. Attacks: {_attack_caption(tables, dataset, attacks)}."
+        f"{dataset}. Mean ASR over seeds, {avg}; {_counts(cells, 'cell averaged into a point')}."
+        f" Attacks: {_attack_caption(tables, dataset, attacks)}."
     )
     return _finish(fig, out, f"asr_vs_{axis}_{dataset}", f"ASR vs {axis} - {dataset}", caption, svg)
 
@@ -138,23 +170,30 @@ def _clean_vs_robust(tables: Tables, dataset: str, out: Path, svg: bool) -> Figu
         return None
     # Robust accuracy under the strongest attack of each variant (its lowest robust accuracy).
     worst = cells.sort("robust_mean").group_by("vkey", maintain_order=True).first()
-    pts = worst.join(tables.clean, on="vkey", how="left").join(tables.variants.select("vkey", "label"), on="vkey").filter(pl.col("clean_mean").is_not_null())
+    pts = (
+        worst.join(tables.clean, on="vkey", how="left")
+        .join(tables.variants.select("vkey", "label"), on="vkey")
+        .filter(pl.col("clean_mean").is_not_null())
+    )
     if not pts.height:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for r in pts.iter_rows(named=True):
         ax.scatter(r["clean_mean"] * 100, r["robust_mean"] * 100, s=25)
-        ax.annotate(f"{r['label']} ({r['attack_label']})", (r["clean_mean"] * 100, r["robust_mean"] * 100), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(f"{r['label']} ({r['attack_label']})", (r["clean_mean"] * 100, r["robust_mean"] * 100),
+                    fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("robust accuracy under the strongest attack (%)")
     ax.set_title(f"Clean vs robust accuracy - {dataset}")
     fig.tight_layout()
     attacks = pts["attack_label"].unique().to_list()
     caption = (
-        f"{dataset}. One point per model variant: mean clean accuracy over seeds vs the lowest mean robust accuracy over all attacks"
-        f" that ran on it (the attack in brackets); {_counts(pts, 'point')}. Attacks: {_attack_caption(tables, dataset, attacks)}."
+        f"{dataset}. One point per model variant: mean clean accuracy over seeds vs the lowest mean robust"
+        f" accuracy over all attacks that ran on it (the attack in brackets); {_counts(pts, 'point')}."
+        f" Attacks: {_attack_caption(tables, dataset, attacks)}."
     )
-    return _finish(fig, out, f"clean_vs_robust_{dataset}", f"Clean vs robust accuracy - {dataset}", caption, svg)
+    title = f"Clean vs robust accuracy - {dataset}"
+    return _finish(fig, out, f"clean_vs_robust_{dataset}", title, caption, svg)
 
 
 def make_plots(tables: Tables, out: Path, svg: bool = True) -> tuple[list[Figure], list[str]]:
@@ -166,8 +205,11 @@ def make_plots(tables: Tables, out: Path, svg: bool = True) -> tuple[list[Figure
     figures: list[Figure] = []
     skipped: list[str] = []
     for dataset in tables.cost["dataset"].unique().sort().to_list():
-        figures.append(_grouped_bars(tables, dataset, "asr_mean", "asr_std", out, f"asr_{dataset}", "Attack success rate", "ASR (%)", False, svg, scale=100.0))
-        figures.append(_grouped_bars(tables, dataset, "sec_per_sample", None, out, f"attack_time_{dataset}", "Attack time per attacked sample", "seconds per sample (log)", True, svg))
+        figures.append(_grouped_bars(tables, dataset, "asr_mean", "asr_std", out, f"asr_{dataset}",
+                                     "Attack success rate", "ASR (%)", False, svg, scale=100.0))
+        figures.append(_grouped_bars(tables, dataset, "sec_per_sample", None, out, f"attack_time_{dataset}",
+                                     "Attack time per attacked sample", "seconds per sample (log)", True,
+                                     svg))
         for axis in ("noise_strength", "entanglement", "depth"):
             fig = _asr_vs(tables, dataset, axis, out, svg, skipped)
             if fig is not None:

@@ -1,4 +1,6 @@
-"""The summary tables, as long-form Polars frames (formatting is report.py's job).
+"""The summary tables, as long-form Polars frames: what was measured, aggregated over seeds.
+Judgements on them (baselines, verdicts, cost drivers, controls) are verdicts.py's;
+formatting is render.py's and sections.py's.
 
 Conventions, stated once:
 - A cell aggregates the rows of one (model variant, attack setting) over seeds: mean and
@@ -6,7 +8,8 @@ Conventions, stated once:
   the number of attacked samples summed over seeds.
 - Costs are pooled over seeds: total attack seconds / total attacked samples (a seed
   with more samples weighs more, as it should for a per-sample time).
-- The CNN baseline of a dataset is model 'cnn', else 'cnn_small' (said in `baseline_note`).
+- The CNN baseline of a dataset is model 'cnn', else 'cnn_small' (verdicts.pick_baselines,
+  which says so in the notes).
 - Rows with fewer than `min_samples` attacked samples are kept in the means and flagged.
 """
 
@@ -21,10 +24,10 @@ import polars as pl
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
+from qshield_dist.summary.verdicts import (
+    EQUAL_BUDGET, HYBRID, baseline_rows, controls, cost_drivers, pick_baselines, variant_verdicts,
+)
 
-BASELINES: tuple[str, ...] = ("cnn", "cnn_small")
-HYBRID = "hqcnn"
-BACKBONE_CONTROL = "hqcnn_backbone"
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {
     "entanglement": "{}", "depth": "d{}", "encoding": "{}", "noise_model": "{}", "noise_strength": "p={:g}",
@@ -59,8 +62,9 @@ class Tables:
 
 
 def _vkey() -> pl.Expr:
-    """One string per model variant, so joins never depend on null-equality of 16 keys."""
-    return pl.concat_str([pl.col(k).cast(pl.String).fill_null("-") for k in VARIANT_KEYS], separator="|").alias("vkey")
+    """One string per model variant: joins and lookups on one column, not on 16 nullable keys."""
+    parts = [pl.col(k).cast(pl.String).fill_null("-") for k in VARIANT_KEYS]
+    return pl.concat_str(parts, separator="|").alias("vkey")
 
 
 def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
@@ -69,11 +73,13 @@ def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
     The label names only the settings that vary between the hybrid variants present, so
     plots and tables stay readable; the full settings remain in the CSV.
     """
-    keys = pl.concat([f.select(VARIANT_KEYS).unique() for f in frames if f.height], how="vertical_relaxed").unique() if any(f.height for f in frames) else None
-    if keys is None:
+    if not any(f.height for f in frames):
         return pl.DataFrame(schema={"vkey": pl.String, "label": pl.String, "family": pl.String})
+    present = [f.select(VARIANT_KEYS).unique() for f in frames if f.height]
+    keys = pl.concat(present, how="vertical_relaxed").unique()
     hybrid = keys.filter(pl.col("entanglement").is_not_null())
-    varying = [c for c in _LABEL_FORMAT if c == "entanglement" or (hybrid.height and hybrid[c].n_unique() > 1)]
+    varying = [c for c in _LABEL_FORMAT
+               if c == "entanglement" or (hybrid.height and hybrid[c].n_unique() > 1)]
     labels = []
     for row in keys.iter_rows(named=True):
         if row["entanglement"] is None:
@@ -83,7 +89,10 @@ def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
         labels.append(f"{row['model']}[{row['backbone']}] " + " ".join(parts))
     return (
         keys.with_columns(_vkey(), pl.Series("label", labels, pl.String))
-        .with_columns(pl.when(pl.col("model").str.starts_with(HYBRID)).then(pl.lit("hybrid")).otherwise(pl.lit("classical")).alias("family"))
+        .with_columns(
+            pl.when(pl.col("model").str.starts_with(HYBRID)).then(pl.lit("hybrid"))
+            .otherwise(pl.lit("classical")).alias("family")
+        )
         .sort("dataset", "family", "label")
     )
 
@@ -103,7 +112,11 @@ def attack_settings(attack: pl.DataFrame) -> pl.DataFrame:
             pl.col("threat_model").first(), pl.col("eps").first(),
             pl.col("success_rule").explode().unique().sort().str.join(" / "), pl.col("eval_repeats").max(),
         )
-        .with_columns(pl.col("attack").replace_strict(_ATTACK_ORDER, default=len(_ATTACK_ORDER), return_dtype=pl.Int64).alias("order"))
+        .with_columns(
+            order=pl.col("attack").replace_strict(
+                _ATTACK_ORDER, default=len(_ATTACK_ORDER), return_dtype=pl.Int64
+            )
+        )
         .sort("dataset", "order", "attack", "attack_preset", "attack_params")
     )
     labels = []
@@ -148,17 +161,21 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
             backward_samples=pl.col("backward_samples").sum(),
         ),
         # Thin seeds and budget violations: few rows, listed one by one.
-        "flags": a.filter((pl.col("n_attacked") < min_samples) | (pl.col("budget_ok") == False)).select(  # noqa: E712
+        "flags": a.filter(
+            (pl.col("n_attacked") < min_samples) | (pl.col("budget_ok") == False)  # noqa: E712
+        ).select(
             "dataset", "variant", "attack", "attack_preset", "seed", "n_attacked", "trial_id", "budget_ok"
         ),
         # Equal-budget baselines are trained as plain backbones (model 'cnn_small', more
         # epochs); their attack rows carry `<backbone>_equal_budget`, linked by train_id.
-        "equal_budget": a.filter(pl.col("model").str.ends_with("_equal_budget")).select(pl.col("train_id").alias("trial_id"), pl.col("model").alias("_model")).unique("trial_id"),
+        "equal_budget": a.filter(pl.col("model").str.ends_with(EQUAL_BUDGET))
+        .select(pl.col("train_id").alias("trial_id"), pl.col("model").alias("_model")).unique("trial_id"),
         # Models with no train rows (controls such as hqcnn_backbone, attacked through their
         # hybrid's checkpoint) take the clean accuracy their attack rows measured.
         "clean_fallback": a.filter(~pl.col("model").is_in(res.train["model"].unique().implode()))
         .group_by([*VARIANT_KEYS, "seed"]).agg(pl.col("clean_acc").mean()),
-        "ids": a.select("trial_id") if (res.root / "manifest.json").exists() else a.select("trial_id").head(0),
+        "ids": a.select("trial_id") if (res.root / "manifest.json").exists()
+        else a.select("trial_id").head(0),
     }
 
 
@@ -166,7 +183,10 @@ def _train_rows(train: pl.DataFrame, equal_budget: pl.DataFrame) -> pl.DataFrame
     """Train rows, with equal-budget baselines named as their attack rows name them."""
     if not equal_budget.height:
         return train
-    return train.join(equal_budget, on="trial_id", how="left").with_columns(pl.coalesce("_model", "model").alias("model")).drop("_model")
+    return (
+        train.join(equal_budget, on="trial_id", how="left")
+        .with_columns(pl.coalesce("_model", "model").alias("model")).drop("_model")
+    )
 
 
 def _clean(train: pl.DataFrame, fallback: pl.DataFrame) -> pl.DataFrame:
@@ -177,11 +197,19 @@ def _clean(train: pl.DataFrame, fallback: pl.DataFrame) -> pl.DataFrame:
         "clean_std": pl.col("clean_acc").std(ddof=1),
         "clean_seeds": pl.col("seed").n_unique(),
     }
-    from_train = train.group_by(VARIANT_KEYS).agg(**agg, train_seconds=pl.col("train_seconds").mean(), train_steps=pl.col("train_steps").mean()).with_columns(_vkey(), pl.lit("train rows").alias("clean_source"))
-    from_attack = fallback.group_by(VARIANT_KEYS).agg(**agg).with_columns(_vkey(), pl.lit("attack rows").alias("clean_source"))
+    from_train = (
+        train.group_by(VARIANT_KEYS)
+        .agg(**agg, train_seconds=pl.col("train_seconds").mean(), train_steps=pl.col("train_steps").mean())
+        .with_columns(_vkey(), pl.lit("train rows").alias("clean_source"))
+    )
+    from_attack = fallback.group_by(VARIANT_KEYS).agg(**agg).with_columns(
+        _vkey(), pl.lit("attack rows").alias("clean_source")
+    )
     from_attack = from_attack.filter(~pl.col("vkey").is_in(from_train["vkey"].implode()))
     out = pl.concat([from_train, from_attack], how="diagonal_relaxed")
-    return out.select("vkey", "clean_mean", "clean_std", "clean_seeds", "clean_source", "train_seconds", "train_steps")
+    return out.select(
+        "vkey", "clean_mean", "clean_std", "clean_seeds", "clean_source", "train_seconds", "train_steps"
+    )
 
 
 def _robustness(cells: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -190,30 +218,10 @@ def _robustness(cells: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     agg = cells.with_columns(_vkey(), (pl.col("n_success") / pl.col("n_attacked")).alias("asr_pooled"))
     settings = attack_settings(agg)
     rob = agg.drop("threat_model", "eps", "success_rule", "eval_repeats").join(
-        settings.select("dataset", *ATTACK_KEYS, "attack_label", "attack_rank", "threat_model", "eps"), on=["dataset", *ATTACK_KEYS], how="left"
+        settings.select("dataset", *ATTACK_KEYS, "attack_label", "attack_rank", "threat_model", "eps"),
+        on=["dataset", *ATTACK_KEYS], how="left",
     )
     return rob, settings
-
-
-def _pick_baselines(variants: pl.DataFrame, notes: list[str]) -> dict[str, str]:
-    chosen: dict[str, str] = {}
-    for dataset in variants["dataset"].unique().sort():
-        models = set(variants.filter(pl.col("dataset") == dataset)["model"])
-        for i, name in enumerate(BASELINES):
-            if name in models:
-                chosen[dataset] = name
-                if i:
-                    notes.append(f"{dataset}: no 'cnn' model, so the CNN baseline is '{name}'")
-                break
-        else:
-            notes.append(f"{dataset}: no CNN baseline ('cnn' or 'cnn_small'): ratios and verdicts are not computed")
-    return chosen
-
-
-def _baseline_rows(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
-    base = pl.DataFrame({"dataset": list(baselines), "model": list(baselines.values())}, schema={"dataset": pl.String, "model": pl.String})
-    # The baseline is a classical model: its variant columns besides model are null, one row per attack setting.
-    return rob.join(base, on=["dataset", "model"], how="semi").unique(["dataset", "attack_label"], keep="first")
 
 
 def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
@@ -233,9 +241,10 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         (calls / pl.col("n_attacked")).alias("calls_per_sample"),
         pl.when(calls > 0).then(pl.col("attack_seconds") / calls).alias("sec_per_call"),
     )
-    base = _baseline_rows(cost, baselines).select(
+    base = baseline_rows(cost, baselines).select(
         "dataset", "attack_label", pl.col("model").alias("baseline"),
-        pl.col("sec_per_sample").alias("_b_sps"), pl.col("calls_per_sample").alias("_b_cps"), pl.col("sec_per_call").alias("_b_spc"),
+        pl.col("sec_per_sample").alias("_b_sps"), pl.col("calls_per_sample").alias("_b_cps"),
+        pl.col("sec_per_call").alias("_b_spc"),
     )
     cost = cost.join(base, on=["dataset", "attack_label"], how="left").with_columns(
         (pl.col("sec_per_sample") / pl.col("_b_sps")).alias("time_ratio"),
@@ -246,116 +255,17 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     cost = cost.with_columns(
         # Share of log(time ratio) explained by the number of calls: 1 -> all defence, 0 -> all simulator.
         pl.when(log_time.abs() > 1e-12).then(pl.col("calls_ratio").log() / log_time).alias("calls_share"),
-        pl.when(pl.col("time_ratio").is_null()).then(pl.lit(None, pl.String))
-        .when(pl.col("model") == pl.col("baseline")).then(pl.lit("(baseline)"))
-        .when(pl.col("calls_ratio").log().abs() >= pl.col("per_call_ratio").log().abs()).then(pl.lit("number of calls (defence)"))
-        .otherwise(pl.lit("time per call (model/simulator)")).alias("cost_driver"),
     )
-    return cost.drop("_b_sps", "_b_cps", "_b_spc")
-
-
-def _verdicts(rob: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, str], failed: pl.DataFrame, skipped: pl.DataFrame) -> pl.DataFrame:
-    """One verdict per hybrid variant against its dataset's CNN baseline, over EVERY attack
-    that ran on it (adaptive ones included). An attack the baseline did not run (bpda_pgd
-    needs a hybrid) is compared with the baseline's strongest attack of the same threat model.
-    """
-    rows: list[dict[str, Any]] = []
-    hybrids = variants.filter(pl.col("model") == HYBRID)
-    by_vkey = rob.partition_by("vkey", as_dict=True)
-    n_failed_by = dict(failed.group_by("vkey").len().iter_rows())
-    n_skipped_by = dict(skipped.filter(pl.col("stage") == "attack").group_by("vkey").len().iter_rows())
-    empty = rob.head(0)
-    for v in hybrids.iter_rows(named=True):
-        dataset, base_model = v["dataset"], baselines.get(v["dataset"])
-        mine = by_vkey.get((v["vkey"],), empty).sort("attack_rank")
-        n_failed = n_failed_by.get(v["vkey"], 0)
-        n_skipped = n_skipped_by.get(v["vkey"], 0)
-        if not mine.height:
-            rows.append({"dataset": dataset, "vkey": v["vkey"], "label": v["label"], "category": "no attacks", "verdict": f"{v['label']} ({dataset}): no usable attack rows."})
-            continue
-        if base_model is None:
-            rows.append({"dataset": dataset, "vkey": v["vkey"], "label": v["label"], "category": "no baseline", "verdict": f"{v['label']} ({dataset}): no CNN baseline to compare with."})
-            continue
-        base = rob.filter((pl.col("dataset") == dataset) & (pl.col("model") == base_model))
-        base_by = {r["attack_label"]: r for r in base.iter_rows(named=True)}
-        wins, compared, substituted = 0, 0, []
-        for r in mine.iter_rows(named=True):
-            b = base_by.get(r["attack_label"])
-            if b is None:
-                same = base.filter(pl.col("threat_model") == r["threat_model"])
-                if not same.height:
-                    continue
-                b = same.sort("asr_mean", descending=True).row(0, named=True)
-                substituted.append(f"{r['attack_label']} vs baseline's {b['attack_label']}")
-            compared += 1
-            wins += r["asr_mean"] < b["asr_mean"]
-        strongest = mine.sort("asr_mean", descending=True).row(0, named=True)
-        b_strongest = base.sort("asr_mean", descending=True).row(0, named=True) if base.height else None
-        category = "none" if compared == 0 or wins == 0 else ("every" if wins == compared else "some")
-        text = (
-            f"{v['label']} ({dataset}): beats {base_model} (lower ASR) on {category} of its attacks ({wins}/{compared})"
-            f"; strongest attack {strongest['attack_label']} ASR {strongest['asr_mean']:.1%}"
-        )
-        if b_strongest is not None:
-            beaten = strongest["asr_mean"] < b_strongest["asr_mean"]
-            text += f" vs {base_model}'s strongest {b_strongest['attack_label']} {b_strongest['asr_mean']:.1%} -> {'beats' if beaten else 'does NOT beat'} it under the strongest attack"
-        if substituted:
-            text += f" (no baseline run of: {', '.join(substituted)})"
-        if n_failed or n_skipped:
-            text += f"; not covered: {n_failed} failed trial(s), {n_skipped} attack row(s) skipped for NaN metrics"
-        rows.append({
-            "dataset": dataset, "vkey": v["vkey"], "label": v["label"], "baseline": base_model, "category": category,
-            "wins": wins, "compared": compared, "strongest_attack": strongest["attack_label"], "strongest_asr": strongest["asr_mean"],
-            "baseline_strongest_attack": b_strongest["attack_label"] if b_strongest else None,
-            "baseline_strongest_asr": b_strongest["asr_mean"] if b_strongest else None, "verdict": text,
-        })
-    schema = {"dataset": pl.String, "vkey": pl.String, "label": pl.String, "baseline": pl.String, "category": pl.String, "wins": pl.Int64,
-              "compared": pl.Int64, "strongest_attack": pl.String, "strongest_asr": pl.Float64, "baseline_strongest_attack": pl.String,
-              "baseline_strongest_asr": pl.Float64, "verdict": pl.String}
-    return pl.DataFrame(rows, schema=schema)
-
-
-def _controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
-    """Hybrid vs its own backbone alone (hqcnn_backbone: same checkpoint, branch removed)
-    vs the CNN baseline, same attack. Gain over the baseline = backbone part (baseline ->
-    backbone alone) + quantum-branch part (backbone alone -> hybrid).
-    """
-    cols = ["dataset", "attack_label", "vkey_h", "asr_hybrid", "asr_backbone_only", "asr_equal_budget", "asr_baseline", "gain_backbone", "gain_quantum", "source"]
-    hyb = rob.filter(pl.col("model") == HYBRID)
-    ctrl = rob.filter(pl.col("model") == BACKBONE_CONTROL)
-    eq = rob.filter(pl.col("model").str.ends_with("_equal_budget"))
-    if not hyb.height or not (ctrl.height or eq.height):
-        return pl.DataFrame(schema={c: (pl.Float64 if c.startswith(("asr", "gain")) else pl.String) for c in cols})
-    # The control row keeps its hybrid's variant columns; only `model` differs.
-    ctrl = ctrl.with_columns(pl.lit(HYBRID).alias("model")).with_columns(_vkey()).select("vkey", "attack_label", pl.col("asr_mean").alias("asr_backbone_only"))
-    eq = eq.select("dataset", pl.col("model").str.strip_suffix("_equal_budget").alias("backbone"), "attack_label", pl.col("asr_mean").alias("asr_equal_budget")).unique(["dataset", "backbone", "attack_label"])
-    base = _baseline_rows(rob, baselines).select("dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline"))
-    out = (
-        hyb.select("dataset", "vkey", "backbone", "attack_label", "attack_rank", pl.col("asr_mean").alias("asr_hybrid"))
-        .join(ctrl, on=["vkey", "attack_label"], how="left")
-        .join(eq, on=["dataset", "backbone", "attack_label"], how="left")
-        .join(base, on=["dataset", "attack_label"], how="left")
-        .filter(pl.col("asr_backbone_only").is_not_null() | pl.col("asr_equal_budget").is_not_null())
-        .with_columns(
-            (pl.col("asr_baseline") - pl.col("asr_backbone_only")).alias("gain_backbone"),
-            (pl.col("asr_backbone_only") - pl.col("asr_hybrid")).alias("gain_quantum"),
-        )
-        .with_columns(
-            pl.when(pl.col("gain_quantum").is_null()).then(pl.lit("no backbone-only run"))
-            .when((pl.col("gain_quantum") <= 0) & (pl.col("gain_backbone").fill_null(0) <= 0)).then(pl.lit("no gain"))
-            .when(pl.col("gain_quantum") > pl.col("gain_backbone").fill_null(0)).then(pl.lit("quantum branch"))
-            .otherwise(pl.lit("backbone")).alias("source")
-        )
-        .sort("dataset", "vkey", "attack_rank")
-        .rename({"vkey": "vkey_h"})
-    )
-    return out.select(cols)
+    return cost_drivers(cost).drop("_b_sps", "_b_cps", "_b_spc")
 
 
 def _diagnostics(res: Results) -> pl.DataFrame:
     d = res.diagnostic
     if not d.height:
-        return pl.DataFrame(schema={"vkey": pl.String, "diagnostic": pl.String, "n": pl.UInt32, "n_pass": pl.UInt32, "value_mean": pl.Float64, "value_std": pl.Float64, "details": pl.String})
+        return pl.DataFrame(schema={
+            "vkey": pl.String, "diagnostic": pl.String, "n": pl.UInt32, "n_pass": pl.UInt32,
+            "value_mean": pl.Float64, "value_std": pl.Float64, "details": pl.String,
+        })
     return (
         d.group_by([*VARIANT_KEYS, "diagnostic"])
         .agg(
@@ -377,13 +287,21 @@ def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
     if manifest is None or expected is None:
         return pl.DataFrame(schema=schema)
     if manifest.get("sweep") not in (None, res.sweep):
-        notes.append(f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{res.sweep}': grid completeness not checked")
+        notes.append(
+            f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{res.sweep}':"
+            " grid completeness not checked"
+        )
         return pl.DataFrame(schema=schema)
     # Anti-joins in Polars: a big sweep's manifest lists every trial (a million is plausible).
-    present = pl.concat([ids, *(df.select("trial_id") for df in (res.train, res.diagnostic, res.failed, res.skipped))])
+    present = pl.concat(
+        [ids, *(df.select("trial_id") for df in (res.train, res.diagnostic, res.failed, res.skipped))]
+    )
     extra = present.join(expected, on="trial_id", how="anti")["trial_id"].n_unique()
     if extra:
-        notes.append(f"{extra} trial(s) have results but are not in the manifest's grid (an earlier grid of this sweep?)")
+        notes.append(
+            f"{extra} trial(s) have results but are not in the manifest's grid"
+            " (an earlier grid of this sweep?)"
+        )
     return expected.join(present, on="trial_id", how="anti").sort("stage", "dataset", "trial_id")
 
 
@@ -397,15 +315,23 @@ def build_tables(res: Results, min_samples: int = 20) -> Tables:
     # Variant keys from the aggregated attack cells (small), train and diagnostic rows.
     variants = variant_table(train, rob, res.diagnostic)
     clean = _clean(train, got["clean_fallback"])
-    baselines = _pick_baselines(variants, notes)
-    failed = res.failed.with_columns(_vkey(), pl.col("error").fill_null("").str.split("\n").list.first().alias("error_line"))
+    baselines, baseline_notes = pick_baselines(variants)
+    notes += baseline_notes
+    failed = res.failed.with_columns(
+        _vkey(), pl.col("error").fill_null("").str.split("\n").list.first().alias("error_line")
+    )
     skipped = res.skipped.with_columns(_vkey())
     flags = got["flags"]
     low = flags.filter(pl.col("n_attacked") < min_samples).drop("budget_ok")
-    budget = flags.filter(pl.col("budget_ok") == False).select("dataset", "variant", "attack", "seed", "trial_id")  # noqa: E712
-    dup = rob.filter(pl.col("n_rows") > pl.col("n_seeds")).select("dataset", "vkey", "attack_label", "n_rows", "n_seeds")
+    budget = flags.filter(pl.col("budget_ok") == False)  # noqa: E712
+    budget = budget.select("dataset", "variant", "attack", "seed", "trial_id")
+    dup = rob.filter(pl.col("n_rows") > pl.col("n_seeds"))
+    dup = dup.select("dataset", "vkey", "attack_label", "n_rows", "n_seeds")
     if dup.height:
-        notes.append(f"{dup.height} cell(s) have several rows for one seed: the variant key may miss a distinguishing setting (listed below)")
+        notes.append(
+            f"{dup.height} cell(s) have several rows for one seed:"
+            " the variant key may miss a distinguishing setting (listed below)"
+        )
     missing = _missing(res, got["ids"], notes)  # last: it waits for the manifest parsed in the background
     notes = res.notes + notes
     return Tables(
@@ -414,8 +340,8 @@ def build_tables(res: Results, min_samples: int = 20) -> Tables:
         clean=clean,
         robustness=rob,
         cost=_cost(rob, baselines),
-        verdicts=_verdicts(rob, variants, baselines, failed, skipped),
-        controls=_controls(rob, baselines),
+        verdicts=variant_verdicts(rob, variants, baselines, failed, skipped),
+        controls=controls(rob, baselines),
         diagnostics=_diagnostics(res),
         failed=failed,
         missing=missing,
@@ -439,6 +365,8 @@ def params_text(params: str | None) -> str:
         return params
     def short(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.4g}" if not math.isclose(v * 255, round(v * 255), abs_tol=1e-6) or v == 0 else f"{round(v * 255)}/255"
+            # Fractions of 255 (8-bit steps, as eps is usually given) are shown as such.
+            on_255 = math.isclose(v * 255, round(v * 255), abs_tol=1e-6) and v != 0
+            return f"{round(v * 255)}/255" if on_255 else f"{v:.4g}"
         return str(v)
     return ", ".join(f"{k}={short(v)}" for k, v in obj.items())

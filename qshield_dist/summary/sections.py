@@ -1,0 +1,331 @@
+"""The report's sections, one function each: tables and their frames in, a Section out.
+
+Sections choose what to show and word it; the judgements they show (verdicts, cost
+drivers, where a gain comes from) are made in verdicts.py and only formatted here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from qshield_dist.summary.load import Results
+from qshield_dist.summary.plots import Figure
+from qshield_dist.summary.render import Section, TextTable, num, pct, pm, ratio
+from qshield_dist.summary.tables import Tables, params_text
+from qshield_dist.summary.verdicts import variant_cost_drivers, variant_gains
+
+LOW = "†"  # marks a cell with a seed below the sample threshold
+
+
+def _label_map(tables: Tables) -> dict[str, str]:
+    return dict(zip(tables.variants["vkey"], tables.variants["label"]))
+
+
+# ---------------------------------------------------------------- robustness
+def robustness_section(tables: Tables, pivot: bool) -> Section:
+    sec = Section("Robustness")
+    sec.add(
+        "Each cell: mean ± sample std (ddof=1; n/a with one seed) over seeds, in percent;"
+        " [s = seeds, n = attacked samples summed over seeds]. "
+        "ASR = successful / attacked (correctly classified) samples;"
+        " robust accuracy is over the whole test set. "
+        f"{LOW} = a seed of this cell attacked fewer than {tables.min_samples} samples"
+        " (kept in the mean, listed under Honesty)."
+    )
+    clean = {r["vkey"]: r for r in tables.clean.iter_rows(named=True)}
+
+    def clean_cell(vkey: str) -> str:
+        c = clean.get(vkey)
+        if c is None:
+            return "n/a"
+        source = "" if c["clean_source"] == "train rows" else " (attack rows)"
+        return f"{pm(c['clean_mean'], c['clean_std'])} [s={c['clean_seeds']}]" + source
+
+    def asr_cell(r: dict[str, Any]) -> str:
+        low = LOW if r["n_low"] else ""
+        return f"{pm(r['asr_mean'], r['asr_std'])} [s={r['n_seeds']}, n={r['n_attacked']}]{low}"
+
+    for dataset in tables.variants["dataset"].unique().sort().to_list():
+        variants = tables.variants.filter(pl.col("dataset") == dataset)
+        cells = tables.robustness.filter(pl.col("dataset") == dataset).sort("attack_rank")
+        attacks = cells["attack_label"].unique(maintain_order=True).to_list()
+        lookup = {(r["vkey"], r["attack_label"]): r for r in cells.iter_rows(named=True)}
+        rows = []
+        if not pivot:
+            headers = ["model", "clean acc %"]
+            headers += [h for a in attacks for h in (f"{a} ASR %", f"{a} robust acc %")]
+            for v in variants.iter_rows(named=True):
+                row = [v["label"], clean_cell(v["vkey"])]
+                for a in attacks:
+                    r = lookup.get((v["vkey"], a))
+                    row += ["-", "-"] if r is None else [asr_cell(r), pm(r["robust_mean"], r["robust_std"])]
+                rows.append(row)
+        else:
+            headers = ["attack", "model", "clean acc %", "ASR %", "robust acc %"]
+            for a in attacks:
+                for v in variants.iter_rows(named=True):
+                    r = lookup.get((v["vkey"], a))
+                    if r is not None:
+                        robust = pm(r["robust_mean"], r["robust_std"])
+                        rows.append([a, v["label"], clean_cell(v["vkey"]), asr_cell(r), robust])
+        sec.add(TextTable(f"Robustness - {dataset}", headers, rows, _settings_caption(tables, dataset)))
+        sec.add(_settings_table(tables, dataset))
+    return sec
+
+
+def _settings_caption(tables: Tables, dataset: str) -> str:
+    s = tables.attacks.filter(pl.col("dataset") == dataset).sort("attack_rank")
+    return "Attacks: " + "; ".join(
+        f"{r['attack_label']} = {r['attack']} preset {r['attack_preset']} ({params_text(r['attack_params'])})"
+        for r in s.iter_rows(named=True)
+    )
+
+
+def _settings_table(tables: Tables, dataset: str) -> TextTable:
+    s = tables.attacks.filter(pl.col("dataset") == dataset).sort("attack_rank")
+    rows = [
+        [r["attack_label"], r["attack_preset"], r["threat_model"] or "", params_text(r["attack_params"]),
+         r["success_rule"] or "", r["eval_repeats"]]
+        for r in s.iter_rows(named=True)
+    ]
+    headers = ["attack", "preset", "threat", "parameters", "success rule", "max eval repeats"]
+    return TextTable(f"Attack settings - {dataset}", headers, rows)
+
+
+# ---------------------------------------------------------------- cost
+def cost_section(tables: Tables) -> Section:
+    sec = Section("Attack cost")
+    sec.add(
+        "Per attacked sample, pooled over seeds (total seconds / total attacked samples)."
+        " Calls are batched model invocations (forward + backward); "
+        "evals are samples pushed through the model."
+        " time ratio = calls ratio x time-per-call ratio (exact): more calls per sample is what the defence "
+        "asks of the attack (e.g. repeated evaluations of a stochastic model),"
+        " a slower call is the cost of the model itself (the quantum simulator)."
+    )
+    labels = _label_map(tables)
+    for dataset in tables.cost["dataset"].unique().sort().to_list():
+        cells = (
+            tables.cost.filter(pl.col("dataset") == dataset)
+            .join(tables.variants.select("vkey", "family", "label"), on="vkey")
+            .sort("attack_rank", "family", "label")
+        )
+        base = tables.baselines.get(dataset, "none")
+        rows = [
+            [r["attack_label"], r["label"], num(r["sec_per_sample"]), num(r["fwd_calls_per_sample"]),
+             num(r["bwd_calls_per_sample"]), num(r["fwd_evals_per_sample"]), num(r["bwd_evals_per_sample"]),
+             ratio(r["time_ratio"]), ratio(r["calls_ratio"]), ratio(r["per_call_ratio"]),
+             r["cost_driver"] or "-", f"s={r['n_seeds']}, n={r['n_attacked']}"]
+            for r in cells.iter_rows(named=True)
+        ]
+        headers = ["attack", "model", "s/sample", "fwd calls/sample", "bwd calls/sample", "fwd evals/sample",
+                   "bwd evals/sample", f"time ratio vs {base}", "calls ratio", "time/call ratio",
+                   "cost driver", "seeds, samples"]
+        sec.add(TextTable(f"Attack cost - {dataset}", headers, rows, _settings_caption(tables, dataset)))
+        compared = cells.filter(pl.col("model") != base).filter(pl.col("time_ratio").is_not_null())
+        verdicts = dict(variant_cost_drivers(compared).select("vkey", "verdict").iter_rows())
+        for (vkey,), grp in compared.group_by("vkey", maintain_order=True):
+            parts = [
+                f"{r['attack_label']} {ratio(r['time_ratio'])} = {ratio(r['calls_ratio'])} calls"
+                f" x {ratio(r['per_call_ratio'])} per call"
+                for r in grp.iter_rows(named=True)
+            ]
+            head = f"**{labels[vkey]}** ({dataset}) vs {base}: "
+            sec.add(head + "; ".join(parts) + f" -> {verdicts[vkey]}.")
+    return sec
+
+
+# ---------------------------------------------------------------- paper
+def _paper_cell(metric: str, x: float | None, diff: bool = False) -> str:
+    if x is None:
+        return "-"
+    if metric in ("accuracy", "asr"):
+        return f"{100 * x:+.2f}" if diff else pct(x)
+    return f"{x:+.3g}" if diff else ratio(x)
+
+
+def paper_section(paper: pl.DataFrame, proxies: dict[str, str]) -> Section:
+    sec = Section("Paper comparison")
+    sec.add(
+        "Published numbers (arXiv 2604.10933, qshield_dist/summary/paper_results.csv)"
+        " beside the measured ones; diff = measured - paper "
+        "(percentage points for accuracy and ASR). Times are compared as ratios to the CNN"
+        " (the paper's seconds cover its own attacked set and hardware). "
+        "`notes` lists what differs from the paper's setting;"
+        " rows without a published counterpart are kept and marked."
+    )
+    if proxies:
+        pairs = ", ".join(f"{k} compared with {v}" for k, v in proxies.items())
+        sec.add("Proxy datasets (not the paper's data): " + pairs)
+    if not paper.height:
+        sec.add("Nothing to compare.")
+        return sec
+    not_measured = paper.filter(pl.col("match") == "not measured here")
+    shown = paper.filter(pl.col("match") != "not measured here")
+    rows = [
+        [r["dataset"], r["label"] or "-", r["paper_model"] or "-", r["metric"], r["attack"] or "-",
+         _paper_cell(r["metric"], r["measured"]), _paper_cell(r["metric"], r["paper"]),
+         _paper_cell(r["metric"], r["diff"], True), r["match"], r["notes"] or ""]
+        for r in shown.iter_rows(named=True)
+    ]
+    headers = ["dataset", "model", "paper model", "metric", "attack", "measured", "paper", "diff", "match",
+               "notes"]
+    sec.add(TextTable("Measured vs published", headers, rows))
+    if not_measured.height:
+        grouped = not_measured.group_by("paper_dataset", "paper_model", maintain_order=True).agg(
+            pl.col("attack").filter(pl.col("attack") != "").str.join(", "),
+            pl.col("metric").unique().str.join(", "),
+        )
+        items = []
+        for r in grouped.iter_rows(named=True):
+            attack = f": {r['attack']}" if r["attack"] else ""
+            items.append(f"{r['paper_dataset']} {r['paper_model']} ({r['metric']}{attack})")
+        sec.add("Published but not measured here: " + "; ".join(items))
+    return sec
+
+
+# ---------------------------------------------------------------- verdicts and controls
+def verdict_section(tables: Tables) -> Section:
+    sec = Section("Verdicts")
+    sec.add(
+        "One line per HQCNN variant against its dataset's CNN baseline,"
+        " over every attack that ran on the variant, adaptive ones included "
+        "(mean ASR over seeds; lower is better). The strongest attack is the one with the highest ASR."
+    )
+    if not tables.verdicts.height:
+        sec.add("No HQCNN variant in these results.")
+    sec.add(*[f"- {v}" for v in tables.verdicts["verdict"]])
+    return sec
+
+
+def controls_section(tables: Tables) -> Section:
+    sec = Section("Controls: where does the gain come from?")
+    c = tables.controls
+    if not c.height:
+        sec.add(
+            "No control rows (model 'hqcnn_backbone' or '<backbone>_equal_budget'):"
+            " the gain cannot be attributed to the quantum branch or the backbone."
+        )
+        return sec
+    labels = _label_map(tables)
+    sec.add(
+        "backbone alone = the hybrid's own trained backbone with the quantum branch removed, same attack."
+        " gain (pp of ASR) over the CNN baseline = "
+        "backbone part (baseline -> backbone alone) + quantum part (backbone alone -> hybrid)."
+        " The quantum part includes the fusion head: "
+        "an entanglement 'none' variant with the same gain says the circuit's entanglement is not what helps."
+    )
+    rows = [
+        [r["dataset"], labels.get(r["vkey_h"], r["vkey_h"]), r["attack_label"], pct(r["asr_hybrid"]),
+         pct(r["asr_backbone_only"]), pct(r["asr_equal_budget"]), pct(r["asr_baseline"]),
+         pct(r["gain_backbone"]), pct(r["gain_quantum"]), r["source"]]
+        for r in c.iter_rows(named=True)
+    ]
+    headers = ["dataset", "hybrid", "attack", "ASR hybrid %", "ASR backbone alone %",
+               "ASR equal-budget backbone %", "ASR baseline %", "gain: backbone (pp)", "gain: quantum (pp)",
+               "gain mainly from"]
+    sec.add(TextTable("Hybrid vs its backbone alone", headers, rows))
+    for g in variant_gains(c).iter_rows(named=True):
+        sec.add(
+            f"- {labels.get(g['vkey_h'], g['vkey_h'])}: mean over {g['n_attacks']} attack(s):"
+            f" quantum part {pct(g['gain_quantum'])} pp, backbone part {pct(g['gain_backbone'])} pp"
+            f" -> {g['verdict']}."
+        )
+    return sec
+
+
+# ---------------------------------------------------------------- diagnostics
+def diagnostics_section(tables: Tables) -> Section:
+    sec = Section("Gradient-masking diagnostics")
+    d = tables.diagnostics
+    if not d.height:
+        sec.add("No stage=diagnostic rows in these results (enable eval.diagnostics in the sweep).")
+        return sec
+    labels = _label_map(tables)
+    per_variant = d.join(tables.variants.select("vkey", "dataset"), on="vkey", how="left")
+    per_variant = per_variant.sort("dataset", "vkey", "diagnostic")
+    rows = [
+        [r["dataset"] or "", labels.get(r["vkey"], r["vkey"]), r["diagnostic"] or "",
+         "PASS" if r["n_pass"] == r["n"] else "FAIL", f"{r['n_pass']}/{r['n']}",
+         f"{num(r['value_mean'])} ± {num(r['value_std'])}", (r["details"] or "")[:120]]
+        for r in per_variant.iter_rows(named=True)
+    ]
+    headers = ["dataset", "model", "diagnostic", "result", "seeds passed", "value mean ± std",
+               "details (first seed)"]
+    sec.add(TextTable("Diagnostics per variant", headers, rows))
+    n_fail = d.filter(pl.col("n_pass") < pl.col("n")).height
+    sec.add(
+        f"{n_fail} of {d.height} (variant, diagnostic) checks fail on at least one seed." if n_fail
+        else f"All {d.height} (variant, diagnostic) checks pass on every seed."
+    )
+    return sec
+
+
+# ---------------------------------------------------------------- figures
+def figures_section(figures: list[Figure], skipped: list[str]) -> Section:
+    return Section("Figures").add(*figures, *[f"- {s}" for s in skipped])
+
+
+# ---------------------------------------------------------------- honesty
+def honesty_section(tables: Tables, res: Results) -> Section:
+    sec = Section("Honesty: what is missing, failed or thin")
+    f = tables.failed
+    sec.add(f"Failed trials: {f.height}." + (" Their error text:" if f.height else ""))
+    if f.height:
+        rows = [
+            [r["stage"] or "", r["dataset"] or "", r["variant"] or "", r["attack"] or "-", r["seed"],
+             r["trial_id"], r["error_line"]]
+            for r in f.sort("stage", "dataset", "trial_id").iter_rows(named=True)
+        ]
+        headers = ["stage", "dataset", "variant", "attack", "seed", "trial",
+                   "error (first line; full text in failed.csv)"]
+        sec.add(TextTable("Failed trials", headers, rows))
+    m = tables.missing
+    if res.expected is not None:
+        sec.add(f"Missing grid points (in manifest.json's expected_trials, no result file): {m.height}.")
+        if m.height:
+            counts = m.group_by("stage", "dataset").len().sort("stage", "dataset")
+            rows = [[str(a), str(b), str(n)] for a, b, n in counts.iter_rows()]
+            headers = ["stage", "dataset", "missing trials"]
+            sec.add(TextTable("Missing grid points", headers, rows, "Trial ids in missing.csv."))
+    low = tables.low_samples
+    sec.add(
+        f"Attack rows with fewer than {tables.min_samples} attacked samples: {low.height}"
+        f" (kept in the means, marked {LOW})."
+    )
+    if low.height:
+        rows = [
+            [r["dataset"], r["variant"] or "", r["attack"], r["seed"], r["n_attacked"], r["trial_id"]]
+            for r in low.iter_rows(named=True)
+        ]
+        headers = ["dataset", "variant", "attack", "seed", "n attacked", "trial"]
+        sec.add(TextTable("Thin seeds", headers, rows))
+    s = tables.skipped
+    sec.add(
+        f"Rows skipped because a metric is NaN/null or nothing was attacked: {s.height} (not in any mean)."
+    )
+    if s.height:
+        rows = [
+            [r["stage"], r["dataset"] or "", r["variant"] or "", r["attack"] or "-", r["seed"], r["trial_id"],
+             r["reason"]]
+            for r in s.iter_rows(named=True)
+        ]
+        headers = ["stage", "dataset", "variant", "attack", "seed", "trial", "reason"]
+        sec.add(TextTable("Skipped rows", headers, rows))
+    if tables.budget.height:
+        sec.add(
+            "Attack rows whose adversarial examples broke the eps budget or the [0, 1] range"
+            f" (budget_ok = false): {tables.budget.height} - trial ids in budget.csv."
+        )
+    if tables.duplicates.height:
+        labels = _label_map(tables)
+        rows = [
+            [r["dataset"], labels.get(r["vkey"], r["vkey"]), r["attack_label"], r["n_rows"], r["n_seeds"]]
+            for r in tables.duplicates.iter_rows(named=True)
+        ]
+        headers = ["dataset", "model", "attack", "rows", "seeds"]
+        sec.add(TextTable("Cells with more rows than seeds", headers, rows))
+    sec.add(*[f"- note: {n}" for n in tables.notes])
+    return sec
