@@ -3,20 +3,51 @@
 #
 #   slurm/dev-cluster.sh install   apt-get install slurmctld slurmd slurm-client munge, and
 #                                  slurmdbd + mariadb-server (if missing)
-#   slurm/dev-cluster.sh start     install if needed, write slurm.conf, start munged, mariadb,
+#   slurm/dev-cluster.sh start [--state FILE]
+#                                  install if needed, write slurm.conf, start munged, mariadb,
 #                                  slurmdbd, slurmctld, slurmd (in that order), wait until the
-#                                  node is idle.
-#                                  Idempotent: an already running cluster is left alone.
-#   slurm/dev-cluster.sh stop      stop the daemons (by the pid files they wrote)
+#                                  node is idle. Idempotent: a daemon already running (someone's
+#                                  cluster) is left alone. With --state (or DEV_SLURM_STATE),
+#                                  each daemon *this call* started is appended to FILE as
+#                                  "name pid starttime"; a daemon that was running is not.
+#   slurm/dev-cluster.sh stop --state FILE
+#                                  stop exactly the daemons FILE lists (what one `start`
+#                                  started, by pid and start time), and the processes they
+#                                  spawned; nothing else. The test fixture's teardown.
+#   slurm/dev-cluster.sh stop      stop the cluster, whoever started it (by its pid files)
 #   slurm/dev-cluster.sh status    daemons and `sinfo`
 #
-# Daemons run without systemd (containers have none): each writes a pid file that `stop` uses.
+# Daemons run without systemd (containers have none): each writes a pid file.
 # Accounting (slurmdbd on MariaDB, reached only through its unix socket, no TCP) is there
 # because `sacct` is how submitit (and people) learn the state of finished or cancelled jobs;
 # without it a cancelled array task would look pending forever. slurmdbd runs as root and
 # logs into MariaDB as root through unix_socket authentication: no password anywhere.
+#
+# Loopback only: slurmctld 127.0.0.1:6817, slurmd 127.0.0.1:6818, slurmdbd 127.0.0.1:6819;
+# munged and mariadbd have unix sockets only. SLURM 22.05 has no bind-address setting: a
+# daemon binds to 0.0.0.0 unless CommunicationParameters says NoInAddrAny (slurmd, slurmdbd)
+# or NoCtldInAddrAny (slurmctld; it ignores NoInAddrAny), and then binds to whatever
+# getaddrinfo() gives for gethostname() (slurm_setup_addr). NodeAddr, SlurmctldHost's address
+# and DbdAddr only say where the others connect. That is why the daemons were seen on 0.0.0.0
+# (slurmctld had only NoInAddrAny; slurmdbd reads CommunicationParameters from slurmdbd.conf,
+# which had none), and why the node name must not come from `hostname`, which may resolve to
+# a LAN address. So: the node is called "localhost" (SlurmctldHost=localhost(127.0.0.1),
+# NodeName=localhost NodeAddr=127.0.0.1), and slurmctld, slurmdbd and slurmd run in a UTS
+# namespace of their own whose hostname is "localhost" (unshare --uts): they bind to
+# 127.0.0.1 whatever this machine is called, and /etc/hosts and the machine's hostname stay
+# as they are. Jobs inherit slurmd's namespace (`hostname` in a job says localhost, as
+# SLURMD_NODENAME does), so srun inside a job also listens on loopback only. Not so an srun
+# typed on this machine where `hostname` resolves to a LAN address: it listens there and
+# slurmd, answering to the address it was reached from (127.0.0.1), cannot reach it; use
+# sbatch, or `unshare --uts sh -c 'hostname localhost; srun ...'`.
+# Where a UTS namespace cannot be made (unshare needs CAP_SYS_ADMIN, which e.g. Docker's
+# default root lacks), nothing makes SLURM 22.05 bind to loopback short of renaming the
+# machine or changing what its name resolves to: the daemons then bind to (and are reached
+# at) the address `hostname` resolves to, and `start` warns that this is not loopback.
+#
 # Environment: DEV_SLURM_MEM_MB (RealMemory, default: 3/4 of RAM), DEV_SLURM_CPUS (default nproc),
-# DEV_SLURM_WAIT_S (how long `start` waits for the node to be idle, default 60).
+# DEV_SLURM_WAIT_S (how long `start` waits for the node to be idle, default 60),
+# DEV_SLURM_STATE (the --state FILE).
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
@@ -25,8 +56,13 @@ SPOOL_CTLD=/var/spool/slurmctld
 SPOOL_D=/var/spool/slurmd
 LOG_DIR=/var/log/slurm
 RUN_DIR=/run/slurm
-NODE=$(hostname)
+# The node's name and the name the daemons see as their hostname: it resolves to 127.0.0.1
+# on every system, unlike `hostname`.
+NODE=localhost
 WAIT_S=${DEV_SLURM_WAIT_S:-60}
+STATE=${DEV_SLURM_STATE:-}
+UTS=0  # 1: the daemons run in a UTS namespace named $NODE (decided by check_uts)
+ADDR=127.0.0.1  # where the daemons listen and are reached (check_uts)
 
 log() { echo "[dev-cluster] $*" >&2; }
 
@@ -73,7 +109,7 @@ write_conf() {
     cat >"$CONF.tmp" <<EOF
 # Written by slurm/dev-cluster.sh: a one-node development cluster.
 ClusterName=dev
-SlurmctldHost=$NODE
+SlurmctldHost=$NODE($ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -83,14 +119,15 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost=$ADDR
 AccountingStoragePort=6819
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Without a default, every job would get the whole node's memory and run alone.
 DefMemPerCPU=$((mem_mb / cpus))
-# Bind the daemons to the node's address ($NODE resolves to 127.0.0.1), not to 0.0.0.0.
-CommunicationParameters=NoInAddrAny
+# Bind to the address of the daemons' hostname ($NODE: $ADDR) instead of 0.0.0.0;
+# slurmctld reads only NoCtldInAddrAny, the others NoInAddrAny (see the top of the script).
+CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 ReturnToService=2
 SchedulerType=sched/backfill
 # Short intervals so tests see state changes quickly.
@@ -111,7 +148,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 MaxArraySize=100001
 MaxJobCount=200000
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+NodeName=$NODE NodeAddr=$ADDR NodeHostname=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
     # No cgroup.conf: proctrack/linuxproc + task/none need no cgroups (containers often lack
@@ -135,26 +172,96 @@ ensure_munge_key() {
     chmod 755 /run/munge
 }
 
-pid_alive() { # pidfile
-    [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
+# A daemon runs when its pid file names a live process of that name: a stale pid file whose
+# pid now belongs to another process does not count.
+daemon_pid() { # name pidfile -> its pid, or fails
+    local pid comm
+    [[ -s $2 ]] || return 1
+    pid=$(<"$2")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ $comm == "$1" ]] || return 1
+    echo "$pid"
 }
 
-start_munge() {
-    if pid_alive /run/munge/munged.pid && munge -n </dev/null | unmunge >/dev/null 2>&1; then
+running() { daemon_pid "$1" "$2" >/dev/null; }
+
+# Start time in clock ticks after boot (field 22 of /proc/PID/stat): with the pid, it names
+# one process for good; a later process given the same pid has another start time.
+proc_start() { # pid
+    local stat f
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    read -r -a f <<<"${stat##*) }"  # the fields after "pid (comm) ", from field 3 on
+    echo "${f[19]}"
+}
+
+same_proc() { # pid starttime: still that process?
+    [[ -n $2 && "$(proc_start "$1")" == "$2" ]]
+}
+
+# Wait for the pid file of a daemon this call launched, and note the daemon in $STATE: the
+# fixture stops what it started, and only that.
+started() { # name pidfile
+    local pid="" start=""
+    for _ in $(seq 100); do
+        pid=$(daemon_pid "$1" "$2") && break
+        sleep 0.1
+    done
+    start=$(proc_start "${pid:-0}") || { log "$1 did not come up (no live pid in $2); see $LOG_DIR"; exit 1; }
+    log "started $1 ($pid)"
+    if [[ -n $STATE ]]; then echo "$1 $pid $start" >>"$STATE"; fi
+}
+
+# Whether slurmctld, slurmdbd and slurmd can run with $NODE as their hostname (see the top).
+check_uts() {
+    # shellcheck disable=SC2016  # $0 is expanded by the inner sh
+    if unshare --uts sh -c 'hostname "$0"' "$NODE" 2>/dev/null; then
+        UTS=1
         return 0
     fi
+    UTS=0
+    ADDR=$(getent ahostsv4 "$(hostname)" | awk 'NR == 1 {print $1}')
+    if [[ -z $ADDR ]]; then
+        log "no UTS namespace (unshare --uts needs CAP_SYS_ADMIN) and this machine's hostname" \
+            "$(hostname) has no IPv4 address: SLURM's daemons could not bind"
+        exit 1
+    fi
+    if [[ $ADDR != 127.* ]]; then
+        log "WARNING: no UTS namespace (unshare --uts needs CAP_SYS_ADMIN): slurmctld, slurmd and" \
+            "slurmdbd will listen on $ADDR, the address of this machine's hostname $(hostname), not on loopback"
+    fi
+}
+
+# Daemons are launched with fd 9 closed: it holds the lock (see `lock`), which a daemon
+# would otherwise keep for as long as it runs.
+as_node() { # command...: run it with $NODE as its hostname, where possible
+    if [[ $UTS -eq 1 ]]; then
+        # shellcheck disable=SC2016  # expanded by the inner sh
+        unshare --uts sh -c 'hostname "$0" && exec "$@"' "$NODE" "$@" 9>&-
+    else
+        "$@" 9>&-
+    fi
+}
+
+munge_works() { munge -n </dev/null | unmunge >/dev/null 2>&1; }
+
+start_munge() {
+    local pidfile=/run/munge/munged.pid
+    if running munged $pidfile; then
+        for _ in $(seq 50); do munge_works && return 0; sleep 0.1; done
+        log "munged ($(<$pidfile)) runs but munge -n | unmunge fails"; exit 1
+    fi
     ensure_munge_key
+    rm -f $pidfile
     local user=root
     id munge >/dev/null 2>&1 && user=munge
     if [[ $user == root ]]; then
-        munged --force
+        munged --force 9>&-
     else
-        runuser -u munge -- munged
+        runuser -u munge -- munged 9>&-
     fi
-    for _ in $(seq 50); do
-        munge -n </dev/null | unmunge >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
+    started munged $pidfile
+    for _ in $(seq 50); do munge_works && return 0; sleep 0.1; done
     log "munged did not come up"; exit 1
 }
 
@@ -164,8 +271,11 @@ write_dbd_conf() {
 # Written by slurm/dev-cluster.sh
 AuthType=auth/munge
 DbdHost=localhost
-DbdAddr=127.0.0.1
+DbdAddr=$ADDR
 DbdPort=6819
+# DbdAddr is where slurmctld connects, not what slurmdbd binds: slurmdbd binds to 0.0.0.0
+# unless its own CommunicationParameters (not slurm.conf's) says NoInAddrAny.
+CommunicationParameters=NoInAddrAny
 SlurmUser=root
 StorageType=accounting_storage/mysql
 StorageHost=localhost
@@ -180,8 +290,8 @@ EOF
 }
 
 start_mariadb() {
-    local sock=/run/mysqld/mysqld.sock
-    if pid_alive /run/mysqld/mysqld.pid && mariadb-admin --socket=$sock ping >/dev/null 2>&1; then
+    local sock=/run/mysqld/mysqld.sock pidfile=/run/mysqld/mysqld.pid
+    if running mariadbd $pidfile && mariadb-admin --socket=$sock ping >/dev/null 2>&1; then
         return 0
     fi
     mkdir -p /run/mysqld
@@ -189,10 +299,12 @@ start_mariadb() {
     if [[ ! -d /var/lib/mysql/mysql ]]; then
         mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
     fi
+    rm -f $pidfile
     # --skip-networking: the unix socket only; nothing listens on TCP.
     (setsid mariadbd --user=mysql --skip-networking --socket=$sock \
-        --pid-file=/run/mysqld/mysqld.pid --innodb-buffer-pool-size=64M \
-        >>$LOG_DIR/mariadb.log 2>&1 </dev/null &)
+        --pid-file=$pidfile --innodb-buffer-pool-size=64M \
+        >>$LOG_DIR/mariadb.log 2>&1 </dev/null 9>&- &)
+    started mariadbd $pidfile
     for _ in $(seq 100); do
         mariadb-admin --socket=$sock ping >/dev/null 2>&1 && break
         sleep 0.2
@@ -202,8 +314,10 @@ start_mariadb() {
 }
 
 start_slurmdbd() {
-    if ! pid_alive $RUN_DIR/slurmdbd.pid; then
-        slurmdbd
+    if ! running slurmdbd $RUN_DIR/slurmdbd.pid; then
+        rm -f $RUN_DIR/slurmdbd.pid
+        as_node slurmdbd
+        started slurmdbd $RUN_DIR/slurmdbd.pid
     fi
     for _ in $(seq 100); do
         sacctmgr -n list cluster >/dev/null 2>&1 && break
@@ -221,24 +335,30 @@ node_state() {
 cmd_start() {
     need_root
     have_binaries || cmd_install
-    if pid_alive $RUN_DIR/slurmctld.pid && pid_alive $RUN_DIR/slurmd.pid &&
-        pid_alive $RUN_DIR/slurmdbd.pid &&
+    if [[ -n $STATE ]]; then : >>"$STATE"; fi
+    if running slurmctld $RUN_DIR/slurmctld.pid && running slurmd $RUN_DIR/slurmd.pid &&
+        running slurmdbd $RUN_DIR/slurmdbd.pid &&
         [[ $(node_state) =~ ^(idle|mix|alloc)$ ]]; then
         log "already running"
         return 0
     fi
+    check_uts
     write_conf
     write_dbd_conf
     start_munge
     start_mariadb
     start_slurmdbd
-    if ! pid_alive $RUN_DIR/slurmctld.pid; then
+    if ! running slurmctld $RUN_DIR/slurmctld.pid; then
+        rm -f $RUN_DIR/slurmctld.pid
         # -c would wipe queued jobs; keep state so a restart loses nothing (ReturnToService=2).
-        slurmctld
+        as_node slurmctld
+        started slurmctld $RUN_DIR/slurmctld.pid
     fi
     for _ in $(seq 50); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
-    if ! pid_alive $RUN_DIR/slurmd.pid; then
-        slurmd
+    if ! running slurmd $RUN_DIR/slurmd.pid; then
+        rm -f $RUN_DIR/slurmd.pid
+        as_node slurmd -N "$NODE"
+        started slurmd $RUN_DIR/slurmd.pid
     fi
     local state=""
     for _ in $(seq $((WAIT_S * 2))); do
@@ -254,18 +374,140 @@ cmd_start() {
         fi
         sleep 0.5
     done
-    log "node $NODE not idle after ${WAIT_S}s (state '$state'); see $LOG_DIR"
+    log "node $NODE not idle after ${WAIT_S}s (state '$state'); see $LOG_DIR" \
+        "(a slurmctld already running with another slurm.conf? \`$0 stop\`, then start)"
     tail -n 20 $LOG_DIR/slurmctld.log $LOG_DIR/slurmd.log >&2 || true
     exit 1
 }
 
+stop_pid() { # pid starttime name: SIGTERM, then SIGKILL after 10 s
+    local pid=$1 start=$2 name=$3
+    same_proc "$pid" "$start" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do
+        same_proc "$pid" "$start" || { log "stopped $name ($pid)"; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do
+        same_proc "$pid" "$start" || { log "killed $name ($pid): SIGTERM did not stop it in 10 s"; return 0; }
+        sleep 0.1
+    done
+    log "could not stop $name ($pid)"
+    return 1
+}
+
+children() { # pid -> the pids whose parent it is (from /proc: procps may not be installed)
+    local f stat fields c
+    for f in /proc/[0-9]*/stat; do
+        { read -r stat <"$f"; } 2>/dev/null || continue
+        read -r -a fields <<<"${stat##*) }"
+        c=${f#/proc/}
+        if [[ ${fields[1]} == "$1" ]]; then echo "${c%/stat}"; fi
+    done
+}
+
+descendants() { # pid -> "pid starttime comm" of each process below it, now
+    local queue=("$1") p c start
+    while [[ ${#queue[@]} -gt 0 ]]; do
+        p=${queue[0]}
+        queue=("${queue[@]:1}")
+        for c in $(children "$p"); do
+            start=$(proc_start "$c") || continue  # gone already
+            echo "$c $start $(cat "/proc/$c/comm" 2>/dev/null)"
+            queue+=("$c")
+        done
+    done
+}
+
+# slurmd double-forks each job's slurmstepd, which is then no child of it; but only the one
+# slurmd (port 6818) can run at a time, so a slurmstepd that started after our slurmd is one
+# our slurmd started.
+steps_since() { # starttime -> "pid starttime comm" of those slurmstepd and what runs below them
+    local f comm pid start
+    for f in /proc/[0-9]*/comm; do
+        { read -r comm <"$f"; } 2>/dev/null || continue
+        [[ $comm == slurmstepd ]] || continue
+        pid=${f#/proc/}
+        pid=${pid%/comm}
+        start=$(proc_start "$pid") || continue
+        [[ $start -ge $1 ]] || continue
+        echo "$pid $start slurmstepd"
+        descendants "$pid"
+    done
+}
+
+# Jobs still running on our slurmd (a test that failed half-way): scancel them while
+# slurmctld and slurmd are up, so SLURM ends them, with the node drained so that no pending
+# job starts in their place (`start` resumes a drained node).
+cancel_jobs_of() { # slurmd's starttime
+    local line pid start name cmd jobs=() steps=() alive
+    mapfile -t steps < <(steps_since "$1")
+    for line in "${steps[@]}"; do
+        read -r pid _ name <<<"$line"
+        [[ $name == slurmstepd ]] || continue
+        cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || continue
+        if [[ $cmd =~ \[([0-9]+)\. ]]; then jobs+=("${BASH_REMATCH[1]}"); fi
+    done
+    [[ ${#jobs[@]} -gt 0 ]] || return 0
+    # scancel takes an array task by its array name (12_3), not by its own job id (13).
+    local names=()
+    mapfile -t names < <(squeue -h -o '%A %i' 2>/dev/null |
+        awk -v want=" ${jobs[*]} " 'index(want, " " $1 " ") {print $2}' | sort -u)
+    [[ ${#names[@]} -gt 0 ]] || return 0
+    log "cancelling the job(s) still running on our slurmd: ${names[*]}"
+    scontrol update NodeName="$NODE" State=DRAIN Reason="dev-cluster.sh stop" >/dev/null 2>&1 || true
+    scancel "${names[@]}" 2>/dev/null || true
+    for _ in $(seq 100); do
+        alive=0
+        for line in "${steps[@]}"; do
+            read -r pid start _ <<<"$line"
+            if same_proc "$pid" "$start"; then alive=1; break; fi
+        done
+        [[ $alive -eq 1 ]] || return 0
+        sleep 0.1
+    done
+}
+
+# Stop exactly what one `start` recorded in $STATE, newest first, by pid and start time.
+cmd_stop_recorded() {
+    need_root
+    if [[ ! -s $STATE ]]; then
+        log "$STATE lists no daemon: nothing to stop"
+        return 0
+    fi
+    local line name pid start rc=0 lines=() kids=() slurmd_start=""
+    mapfile -t lines < <(tac "$STATE")
+    for line in "${lines[@]}"; do
+        read -r name pid start <<<"$line"
+        if [[ $name == slurmd ]] && same_proc "$pid" "$start"; then
+            slurmd_start=$start
+            cancel_jobs_of "$start"
+        fi
+    done
+    for line in "${lines[@]}"; do
+        read -r name pid start <<<"$line"
+        if ! same_proc "$pid" "$start"; then
+            log "$name ($pid) is gone already"
+            continue
+        fi
+        # Its children (slurmctld's slurmscriptd) by id now, before they are reparented.
+        mapfile -t -O "${#kids[@]}" kids < <(descendants "$pid")
+        stop_pid "$pid" "$start" "$name" || rc=1
+    done
+    # What is left of jobs our slurmd started (none, unless scancel could not end them).
+    if [[ -n $slurmd_start ]]; then mapfile -t -O "${#kids[@]}" kids < <(steps_since "$slurmd_start"); fi
+    for line in "${kids[@]}"; do
+        read -r pid start name <<<"$line"
+        stop_pid "$pid" "$start" "$name" || rc=1
+    done
+    return $rc
+}
+
 stop_pidfile() { # name pidfile
-    if pid_alive "$2"; then
-        local pid
-        pid=$(cat "$2")
-        kill -TERM "$pid"
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        log "stopped $1 ($pid)"
+    local pid
+    if pid=$(daemon_pid "$1" "$2"); then
+        stop_pid "$pid" "$(proc_start "$pid")" "$1"
     fi
 }
 
@@ -282,16 +524,35 @@ cmd_status() {
     local rc=0
     for d in munged:/run/munge/munged.pid mariadbd:/run/mysqld/mysqld.pid \
         slurmdbd:$RUN_DIR/slurmdbd.pid slurmctld:$RUN_DIR/slurmctld.pid slurmd:$RUN_DIR/slurmd.pid; do
-        if pid_alive "${d#*:}"; then echo "${d%%:*}: running ($(cat "${d#*:}"))"; else echo "${d%%:*}: stopped"; rc=3; fi
+        if running "${d%%:*}" "${d#*:}"; then echo "${d%%:*}: running ($(cat "${d#*:}"))"; else echo "${d%%:*}: stopped"; rc=3; fi
     done
     if command -v sinfo >/dev/null; then sinfo 2>&1 || rc=3; fi
     return $rc
 }
 
-case "${1:-}" in
+# Start and stop one at a time: two test sessions may start (and stop) at once.
+lock() {
+    need_root
+    mkdir -p "$RUN_DIR"
+    exec 9>"$RUN_DIR/dev-cluster.lock"
+    flock 9
+}
+
+usage() { echo "usage: $0 {install|start [--state FILE]|stop [--state FILE]|status}" >&2; exit 2; }
+
+cmd=${1:-}
+[[ $# -gt 0 ]] && shift
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --state) [[ $# -ge 2 ]] || usage; STATE=$2; shift 2 ;;
+        --state=*) STATE=${1#--state=}; shift ;;
+        *) usage ;;
+    esac
+done
+case $cmd in
     install) cmd_install ;;
-    start) cmd_start ;;
-    stop) cmd_stop ;;
+    start) lock; cmd_start ;;
+    stop) lock; if [[ -n $STATE ]]; then cmd_stop_recorded; else cmd_stop; fi ;;
     status) cmd_status ;;
-    *) echo "usage: $0 {install|start|stop|status}" >&2; exit 2 ;;
+    *) usage ;;
 esac

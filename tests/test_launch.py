@@ -147,16 +147,21 @@ def test_ctrl_c_stops_promptly_and_leaves_no_partial_file(tmp_path):
 
 def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_them(tmp_path):
     """full.yaml's attack stage asks for 2 CPUs, 0.25 GPU and 8 GB: its array must not inherit
-    the train stage's request from fixed slurm: defaults."""
+    the train stage's request from fixed slurm: defaults. The parameters are computed without
+    SLURM (submitit's executor, which needs srun, is made only to submit)."""
+    import submitit
+
     from qshield_dist.config import load_config
     from qshield_dist.executors.base import Job, Resources
 
     cfg = load_config("sweeps/smoke.yaml")
     args = launch.parse_args(["sweeps/smoke.yaml", "--executor", "slurm"])
     attack_job = Job("a", print, (), Resources(cpus=2, gpus=0.25, mem_gb=8, timeout_min=30))
-    params = launch.make_executor(cfg, args, tmp_path)._executor([attack_job], None)._executor.parameters
+    params = launch.make_executor(cfg, args, tmp_path).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"], params["time"], params["gpus_per_task"]) == (2, "8GB", 30, 1)
+    # names submitit.SlurmExecutor.update_parameters takes
+    assert set(params) <= submitit.SlurmExecutor._valid_parameters()
 
     cfg = load_config("sweeps/smoke.yaml", {"slurm": {"cpus_per_task": 4, "mem_gb": 16}})
-    params = launch.make_executor(cfg, args, tmp_path)._executor([attack_job], None)._executor.parameters
+    params = launch.make_executor(cfg, args, tmp_path).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"]) == (4, "16GB")

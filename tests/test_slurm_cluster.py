@@ -1,15 +1,17 @@
-"""SlurmExecutor and slurm/run.sh against a real one-node SLURM cluster (slurm/dev-cluster.sh)."""
+"""SlurmExecutor and slurm/run.sh against a real one-node SLURM cluster (slurm/dev-cluster.sh,
+started by conftest's slurm_cluster fixture), and the cluster's daemons on loopback only."""
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
+import re
 import shutil
 import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -26,20 +28,45 @@ pytestmark = pytest.mark.slurm
 cloudpickle.register_pickle_by_value(cf)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("the dev SLURM cluster needs root (it installs packages and starts daemons)")
-    have = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged", "slurmdbd"))
-    if not have and not shutil.which("apt-get"):
-        pytest.skip("SLURM is not installed and apt-get is not available to install it")
-    proc = subprocess.run([str(REPO / "slurm/dev-cluster.sh"), "start"], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        if not have:
-            pytest.skip(f"could not install/start SLURM (no package mirror?):\n{tail}")
-        pytest.fail(f"slurm/dev-cluster.sh start failed:\n{tail}")
-    yield
+# The cluster's daemons, and the ports of the SLURM ones (whoever holds them).
+DAEMONS = {"slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd"}
+SLURM_PORTS = {6817, 6818, 6819}
+
+
+def listening_sockets(ss_output: str) -> list[tuple[set[str], str, int]]:
+    """(process names, local address, port) of each socket in `ss -ltnpH` output."""
+    out = []
+    for line in ss_output.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        addr, _, port = fields[3].rpartition(":")
+        out.append((set(re.findall(r'\("([^"]+)",pid=\d+', line)), addr.strip("[]").split("%")[0], int(port)))
+    return out
+
+
+def on_loopback(addr: str) -> bool:
+    """127.0.0.0/8 or ::1; '*', 0.0.0.0 and :: (every address) are not."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def test_daemons_listen_on_loopback_only(slurm_cluster: None) -> None:
+    """slurmctld, slurmd and slurmdbd on 127.0.0.1 (not 0.0.0.0, not the hostname's address);
+    munged and mariadbd on unix sockets, or on loopback if on TCP at all."""
+    if not shutil.which("ss"):
+        pytest.skip("ss (iproute2) is not installed")
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    ours = [(names, addr, port) for names, addr, port in listening_sockets(out)
+            if names & DAEMONS or port in SLURM_PORTS]
+    assert {"slurmctld", "slurmd", "slurmdbd"} <= set().union(*(n for n, _, _ in ours)), out
+    beyond = [(sorted(names), addr, port) for names, addr, port in ours if not on_loopback(addr)]
+    assert not beyond, f"listening beyond loopback: {beyond}\n{out}"
 
 
 COMPARED = ["trial_id", "stage", "status", "model", "attack", "clean_acc", "n_attacked", "n_success", "train_steps", "linf_max"]

@@ -90,14 +90,10 @@ class SlurmExecutor(Executor):
 
     # -- submission ---------------------------------------------------------------------
 
-    def _executor(self, wave: list[Job], after: str | None) -> Any:
-        import submitit
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.folder, 0o700)
-        ex = submitit.AutoExecutor(folder=self.folder / "%j", cluster="slurm",
-                                   slurm_max_num_timeout=self.max_num_timeout,
-                                   **({"slurm_python": self.python} if self.python else {}))
+    def sbatch_parameters(self, wave: Sequence[Job], after: str | None) -> dict[str, Any]:
+        """The parameters of wave's array, in submitit.SlurmExecutor's names (sbatch's, less the
+        dashes): those set here, else the largest request among the wave's jobs. `after`: the
+        array id the wave waits for. Needs no SLURM on this machine."""
         res = [job.resources for job in wave]
         cpus = self.cpus_per_task or max(1, int(max(r.cpus for r in res) + 0.999))
         gpus = self.gpus_per_task if self.gpus_per_task is not None else max(r.gpus for r in res)
@@ -107,21 +103,33 @@ class SlurmExecutor(Executor):
             # A broken dependency should not pend forever if we are gone.
             extra.setdefault("kill-on-invalid-dep", "yes")
         params: dict[str, Any] = {
-            "name": self.job_name,
-            "timeout_min": self.time_min or max(r.timeout_min for r in res),
+            "job_name": self.job_name,
+            "time": self.time_min or max(r.timeout_min for r in res),
             "cpus_per_task": cpus,
-            "mem_gb": self.mem_gb or max(r.mem_gb for r in res),
-            "tasks_per_node": 1,
+            "mem": _sbatch_mem(self.mem_gb or max(r.mem_gb for r in res)),
+            "ntasks_per_node": 1,
             "nodes": 1,
-            "slurm_array_parallelism": self.array_parallelism,
-            "slurm_additional_parameters": extra,
+            "array_parallelism": self.array_parallelism,
+            "additional_parameters": extra,
         }
         if self.partition:
-            params["slurm_partition"] = self.partition
+            params["partition"] = self.partition
         if gpus:
             # SLURM counts whole GPUs: a fractional request takes one.
-            params["slurm_gpus_per_task"] = max(1, int(gpus + 0.999))
-        ex.update_parameters(**params)
+            params["gpus_per_task"] = max(1, int(gpus + 0.999))
+        return params
+
+    def _executor(self, wave: list[Job], after: str | None) -> Any:
+        import submitit
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        # submitit.SlurmExecutor, not AutoExecutor(cluster="slurm"), which would only rename
+        # generic parameters to these. Its constructor fails without srun on PATH: only
+        # submitting needs SLURM, not sbatch_parameters.
+        ex = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=self.max_num_timeout,
+                                    **({"python": self.python} if self.python else {}))
+        ex.update_parameters(**self.sbatch_parameters(wave, after))
         return ex
 
     def _submit_waves(self, waves: list[list[Job]], progress: ProgressSink) -> list[_Wave]:
@@ -241,6 +249,11 @@ class SlurmExecutor(Executor):
             log.error("job %s (%s) lost: %s", key, handle.job_id, str(exc).strip().splitlines()[-1:] or exc)
             return "lost"
         return checked_status(key, st)
+
+
+def _sbatch_mem(gb: float) -> str:
+    """sbatch --mem as submitit's AutoExecutor writes mem_gb: whole GB, else MB."""
+    return f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
 
 
 def _squeue_ids(array_id: str) -> set[str]:
