@@ -54,7 +54,9 @@ SCHEMA = pa.schema(
         ("status", pa.string()),  # ok | failed
         ("error", pa.string()),
         ("dataset", pa.string()),
-        ("model", pa.string()),  # dnn | cnn | cnn_small | hqcnn | <model>+backbone_only ...
+        ("model", pa.string()),  # dnn | cnn | cnn_small | hqcnn: the model whose checkpoint was used
+        ("control", pa.string()),  # null | backbone_only (the hybrid's backbone alone) | equal_budget
+        ("variant_id", pa.string()),  # hash of the resolved model spec and the control: the variant's key
         ("variant", pa.string()),  # human-readable model variant label
         ("backbone", pa.string()),
         ("entanglement", pa.string()),

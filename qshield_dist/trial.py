@@ -31,7 +31,7 @@ from qshield_dist.attack_params import ATTACKS, budget_reachable
 from qshield_dist.attacks import CallCounter, build_attack
 from qshield_dist.data import Split, load
 from qshield_dist.datasets import DATASETS
-from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial
+from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial, stable_hash
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
 from qshield_dist.results import package_versions, read_rows, trial_path, write_rows
@@ -137,8 +137,9 @@ def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
         **_model_columns(train),
     }
     control = getattr(trial, "control", None)
-    if control:  # a control is its own model in the tables, also when it failed
-        row["model"] = {"backbone_only": "hqcnn_backbone", "equal_budget": f"{row['model']}_equal_budget"}[control]
+    row["control"] = control  # a control is its own variant in the tables, also when it failed
+    row["variant_id"] = stable_hash({"model": train.model.model_dump(), "control": control})
+    if control:
         row["variant"] = f"{row['variant']} [{control}]"
     return row
 

@@ -187,7 +187,7 @@ def test_controls_and_diagnostics_end_to_end(tmp_path, monkeypatch):
     import polars as pl
 
     rows = pl.read_parquet(str(tmp_path / "results/adaptive_tiny/stage=attack/*/*.parquet"), hive_partitioning=False)
-    assert sorted(rows.filter(pl.col("model") == "hqcnn_backbone")["attack"].to_list()) == ["fgsm", "pgd"]
+    assert sorted(rows.filter(pl.col("control") == "backbone_only")["attack"].to_list()) == ["fgsm", "pgd"]
     diag = pl.read_parquet(str(tmp_path / "results/adaptive_tiny/stage=diagnostic/*/*.parquet"), hive_partitioning=False)
     assert set(diag["model"]) == {"cnn_small", "hqcnn"}
     assert {"eps_sweep_reaches_1", "gradient_nonzero_and_stable", "batch_independent"} <= set(diag["diagnostic"])
@@ -196,7 +196,7 @@ def test_controls_and_diagnostics_end_to_end(tmp_path, monkeypatch):
     assert set(controls["source"]) <= {"quantum branch", "backbone", "no gain"} and controls.height >= 2
     report = (tmp_path / "report" / "report.md").read_text()
     # The controls section's own table, a row per control row: the no-controls message names
-    # hqcnn_backbone too, so finding the words would not show that the section worked.
+    # the controls too, so finding the words would not show that the section worked.
     section = report.split("## Controls: where does the gain come from?")[1].split("\n## ")[0]
     assert "### Hybrid vs its backbone alone" in section
     lines = [line for line in section.splitlines() if line.startswith("| digits |")]

@@ -46,7 +46,8 @@ def _attack(dataset: str, model: str, attack: str, seed: int, n: int, succ: int,
             params: str = FGSM, sweep: str = "t", **cols: Any) -> dict[str, Any]:
     asr = succ / n if n else float("nan")
     return {
-        "sweep": sweep, "stage": "attack", "status": "ok", "trial_id": f"A{dataset}{model}{cols.get('entanglement', '')}{attack}{seed}",
+        "sweep": sweep, "stage": "attack", "status": "ok",
+        "trial_id": f"A{dataset}{model}{cols.get('entanglement', '')}{cols.get('control') or ''}{attack}{seed}",
         "train_id": f"T{dataset}{model}{seed}", "dataset": dataset, "model": model, "variant": model, "seed": seed, "attack": attack,
         "attack_preset": "paper", "attack_params": params, "threat_model": "linf", "eps": EPS, "eval_repeats": 1,
         "success_rule": "misclassified (deterministic model, 1 evaluation)", "stochastic": False, "clean_acc": 0.9, "n_attacked": n,
@@ -74,7 +75,8 @@ def build_results(root: Path) -> None:
         _attack("mnist", "hqcnn", "pgd", 0, 100, 90, 100.0, 20, 20, PGD, **HYBRID), _attack("mnist", "hqcnn", "pgd", 1, 100, 90, 100.0, 20, 20, PGD, **HYBRID),
         _attack("mnist", "hqcnn", "bpda_pgd", 0, 100, 95, 100.0, 20, 20, PGD, **HYBRID), _attack("mnist", "hqcnn", "bpda_pgd", 1, 100, 95, 100.0, 20, 20, PGD, **HYBRID),
         # the hybrid's own backbone, quantum branch removed: fgsm ASR 0.55
-        _attack("mnist", "hqcnn_backbone", "fgsm", 0, 100, 55, 1.0, 10, 10, **HYBRID), _attack("mnist", "hqcnn_backbone", "fgsm", 1, 100, 55, 1.0, 10, 10, **HYBRID),
+        _attack("mnist", "hqcnn", "fgsm", 0, 100, 55, 1.0, 10, 10, control="backbone_only", **HYBRID),
+        _attack("mnist", "hqcnn", "fgsm", 1, 100, 55, 1.0, 10, 10, control="backbone_only", **HYBRID),
         _train("digits", "cnn_small", 0, 0.9, 5.0),
         _attack("digits", "cnn_small", "fgsm", 0, 50, 25, 1.0, 5, 5),
         _train("digits", "hqcnn", 0, 0.8, 50.0, **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"}),
@@ -102,7 +104,9 @@ def summary(tmp_path_factory: pytest.TempPathFactory) -> Summary:
 
 
 def _cell(s: Summary, dataset: str, model: str, attack: str) -> dict[str, Any]:
-    rob = s.tables.robustness.filter((pl.col("dataset") == dataset) & (pl.col("model") == model) & (pl.col("attack_label") == attack))
+    rob = s.tables.robustness.filter(
+        (pl.col("dataset") == dataset) & (pl.col("model") == model) & pl.col("control").is_null() & (pl.col("attack_label") == attack)
+    )
     assert rob.height == 1, rob
     return s.tables.cost.filter(pl.col("vkey") == rob["vkey"][0], pl.col("attack_label") == attack).row(0, named=True)
 
@@ -123,7 +127,8 @@ def test_robustness_means_and_sample_std(summary: Summary) -> None:
     clean = summary.tables.clean.join(summary.tables.variants.select("vkey", "dataset", "model"), on="vkey")
     c = clean.filter((pl.col("dataset") == "mnist") & (pl.col("model") == "cnn")).row(0, named=True)
     assert c["clean_mean"] == pytest.approx(0.98, **EXACT) and c["clean_std"] == pytest.approx(math.sqrt(0.0002), **EXACT)
-    ctrl = clean.filter(pl.col("model") == "hqcnn_backbone").row(0, named=True)
+    clean = summary.tables.clean.join(summary.tables.variants.select("vkey", "control"), on="vkey")
+    ctrl = clean.filter(pl.col("control") == "backbone_only").row(0, named=True)
     assert ctrl["clean_source"] == "attack rows" and ctrl["clean_mean"] == pytest.approx(0.9, **EXACT)
 
 
@@ -250,7 +255,7 @@ def test_other_schema_version_is_set_aside_not_an_error(tmp_path: Path, caplog: 
     summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
     assert summary.results.set_aside == {f"schema version 1 (current {SCHEMA_VERSION})": 1}
     assert 5 not in summary.results.train["seed"].to_list()
-    assert "1 result file(s) set aside, not summarized: 1 schema version 1" in (tmp_path / "r" / "report.md").read_text()
+    assert "1 result row(s) set aside, not summarized: 1 schema version 1" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_foreign_schema_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

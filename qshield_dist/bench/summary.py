@@ -48,7 +48,7 @@ def _variants() -> pl.DataFrame:
                      "noise_strength": p, "fusion": "dynamic", "quantum_grad": "full", "projection": "learned", "init": "from_baseline",
                      "simulator": "compiled", "device": "default.mixed", "trajectories": 0, "qubits": 4}
                 rows.append({"model": "hqcnn", **q})
-                rows.append({"model": "hqcnn_backbone", **q})
+                rows.append({"model": "hqcnn", "control": "backbone_only", **q})
     return pl.DataFrame(rows, infer_schema_length=None).with_row_index("v")
 
 
@@ -79,8 +79,8 @@ def write_synthetic(root: Path, n_rows: int = 1_000_000, rows_per_file: int = 10
     attacks = pl.DataFrame({"attack": list(ATTACKS), "a": range(len(ATTACKS))})
     combos = variants.join(attacks, how="cross").filter((pl.col("attack") != "bpda_pgd") | (pl.col("model") == "hqcnn"))
     combos = pl.concat([combos.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS])
-    trained = variants.filter(pl.col("model") != "hqcnn_backbone")
-    hybrids = variants.filter(pl.col("model") == "hqcnn")
+    trained = variants.filter(pl.col("control").is_null())
+    hybrids = variants.filter((pl.col("model") == "hqcnn") & pl.col("control").is_null())
     n_failed = 6
     per_seed = combos.height + len(DATASETS) * (trained.height + 2 * hybrids.height)
     n_seeds = math.ceil(n_rows / per_seed)

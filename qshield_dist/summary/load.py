@@ -25,20 +25,23 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qshield_dist.results import SCHEMA, SCHEMA_VERSION, ManifestError, read_manifest, result_files, stale_reason, stored_versions
+from qshield_dist.results import SCHEMA, SCHEMA_VERSION, STAGE_VERSIONS, ManifestError, read_manifest, result_files, stored_versions
 
 log = logging.getLogger(__name__)
 
-# What identifies a model variant. The brief's list plus device, trajectories and qubits,
-# which are schema columns that change the simulated model; constant in most sweeps.
+# What identifies a model variant: the resolved model spec's columns and the control (a
+# hybrid's backbone alone, or its backbone trained with the hybrid's budget).
 VARIANT_KEYS: tuple[str, ...] = (
     "dataset", "model", "backbone", "entanglement", "depth", "encoding", "noise_model", "noise_strength",
-    "fusion", "quantum_grad", "projection", "init", "simulator", "device", "trajectories", "qubits",
+    "fusion", "quantum_grad", "projection", "init", "simulator", "device", "trajectories", "qubits", "control",
 )
 ATTACK_KEYS: tuple[str, ...] = ("attack", "attack_preset", "attack_params")
 STAGES: tuple[str, ...] = ("train", "attack", "diagnostic")
 
-_COMMON = ("schema_version", "sweep", "trial_id", "train_id", "status", "variant", "seed", *VARIANT_KEYS)
+_COMMON = (
+    "schema_version", "results_version", "train_version", "stage", "sweep", "trial_id", "train_id", "status",
+    "variant", "variant_id", "seed", *VARIANT_KEYS,
+)
 STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
     "train": (*_COMMON, "clean_acc", "n_test", "train_seconds", "train_steps", "train_epochs", "stochastic"),
     "attack": (
@@ -47,7 +50,7 @@ STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
         "backward_calls", "forward_samples", "backward_samples", "budget_ok",
     ),
     "diagnostic": (*_COMMON, "diagnostic", "diagnostic_value", "diagnostic_pass", "details"),
-    "failed": (*_COMMON, "stage", *ATTACK_KEYS, "error"),
+    "failed": (*_COMMON, *ATTACK_KEYS, "error"),
 }
 # An attack row is usable only when all of these are finite (n_attacked also > 0).
 ATTACK_METRICS: tuple[str, ...] = ("asr", "robust_acc", "attack_seconds", "forward_calls", "backward_calls")
@@ -92,16 +95,9 @@ def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], int]:
     return ok, [p for t, p in failed.items() if t not in ok_ids], superseded
 
 
-def _trial_id(path: str) -> str:
-    return Path(path).name.removesuffix(".parquet").removesuffix(".failed")
-
-
-def _stage(path: str) -> str:
-    return Path(path).parent.parent.name.removeprefix("stage=")
-
-
 def _set_aside(by_kind: dict[str, list[str]], keep: Any, set_aside: dict[str, int]) -> dict[str, list[str]]:
-    """Split every kind's files by `keep(path)`; the others are counted by their reason."""
+    """Split every kind's files by `keep(path)` (None: keep, else the reason); the rows of the
+    others are counted by their reason."""
     kept: dict[str, list[str]] = {}
     for kind, files in by_kind.items():
         kept[kind] = []
@@ -109,8 +105,12 @@ def _set_aside(by_kind: dict[str, list[str]], keep: Any, set_aside: dict[str, in
             reason = keep(path)
             if reason is None:
                 kept[kind].append(path)
-            else:
-                set_aside[reason] = set_aside.get(reason, 0) + 1
+                continue
+            try:
+                rows = pq.read_metadata(path).num_rows
+            except (OSError, pa.ArrowException):
+                rows = 1
+            set_aside[reason] = set_aside.get(reason, 0) + rows
     return kept
 
 
@@ -265,15 +265,34 @@ def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, p
     return bad_attack, bad_train
 
 
-def _scan(by_kind: dict[str, list[str]], set_aside: dict[str, int]) -> tuple[dict[str, list[str]], list[pl.DataFrame]]:
-    """Versions, sweep counts and the small stages, collected together. Files that are not
+def _stale_reason() -> pl.Expr:
+    """Why a row outside the manifest's grid is stale, for a person (launch --prune says the same)."""
+    current = pl.col("stage").replace_strict(STAGE_VERSIONS, default=None, return_dtype=pl.Int32)
+    train = STAGE_VERSIONS["train"]
+    return (
+        pl.when(pl.col("results_version") != current)
+        .then(pl.format("{} version {} (current {})", "stage", "results_version", current))
+        .when(pl.col("train_version") != train)
+        .then(pl.format("built on a model of train version {} (current {})", "train_version", pl.lit(train)))
+        .otherwise(pl.lit("not in this sweep's grid"))
+    )
+
+
+def _scan(
+    by_kind: dict[str, list[str]], grid: pl.Series | None, set_aside: dict[str, int]
+) -> tuple[dict[str, list[str]], list[pl.DataFrame]]:
+    """Versions, sweep counts and the small stages of the rows in the grid, collected
+    together, and the rows outside it counted by reason into `set_aside`. Files that are not
     of the current schema (written before a schema change) are set aside and the scan runs
     again without them: an older file is never an error."""
     for attempt in range(2):
         lazy = {k: _lazy(v, k) for k, v in by_kind.items()}
+        kept = {k: _in_grid(lf, grid) for k, lf in lazy.items()}
         versions = [lf.select(pl.col("schema_version").unique()) for lf in lazy.values()]
-        sweeps = [lf.group_by("sweep").len() for lf in lazy.values()]
-        queries = [*versions, *sweeps, *(lazy[k] for k in ("train", "diagnostic", "failed"))]
+        sweeps = [lf.group_by("sweep").len() for lf in kept.values()]
+        stale = [lf.filter(~pl.col("trial_id").is_in(grid.implode())).group_by(_stale_reason().alias("reason")).len()
+                 for lf in lazy.values()] if grid is not None else []
+        queries = [*versions, *sweeps, *(kept[k] for k in ("train", "diagnostic", "failed")), *stale]
         all_files = [f for v in by_kind.values() for f in v]
         try:
             out = pl.collect_all(queries)
@@ -281,11 +300,18 @@ def _scan(by_kind: dict[str, list[str]], set_aside: dict[str, int]) -> tuple[dic
             log.debug("scan failed: %s", exc)
             out = None
         if out is not None and all((v["schema_version"] == SCHEMA_VERSION).all() for v in out[: len(by_kind)]):
-            return by_kind, out
+            for counts in out[2 * len(by_kind) + 3 :]:
+                for reason, n in counts.iter_rows():
+                    set_aside[reason] = set_aside.get(reason, 0) + n
+            return by_kind, out[: 2 * len(by_kind) + 3]
         if attempt == 1:
             break
         by_kind = _set_aside(by_kind, _schema_problem, set_aside)
     raise SummaryError(_diagnose(all_files))
+
+
+def _in_grid(lf: pl.LazyFrame, grid: pl.Series | None) -> pl.LazyFrame:
+    return lf if grid is None else lf.filter(pl.col("trial_id").is_in(grid.implode()))
 
 
 def load_results(root: str | Path, sweep: str | None = None) -> Results:
@@ -314,24 +340,22 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
 
     by_kind = {**{s: files[s] for s in STAGES}, "failed": failed_files}
     manifest, expected = _resolve_manifest(manifest_job, notes)
+    if manifest is not None and sweep is not None and manifest.get("sweep") not in (None, sweep):
+        notes.append(f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{sweep}': the grid is not checked")
+        manifest = expected = None
+    grid = expected["trial_id"] if expected is not None else None
     set_aside: dict[str, int] = {}
-    if manifest is not None and expected is not None:
-        if sweep is not None and manifest.get("sweep") not in (None, sweep):
-            notes.append(f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{sweep}': the grid is not checked")
-            manifest = expected = None
-        else:
-            grid = set(expected["trial_id"].to_list())
-            by_kind = _set_aside(by_kind, lambda p: None if _trial_id(p) in grid else stale_reason(_stage(p), Path(p)), set_aside)
-    if not any(by_kind.values()):
-        raise SummaryError(f"no result file under {root} belongs to the current grid of its manifest ({_reasons(set_aside)}): rerun the sweep")
-    by_kind, out = _scan(by_kind, set_aside)
+    by_kind, out = _scan(by_kind, grid, set_aside)
     if set_aside:
-        notes.append(f"{sum(set_aside.values())} result file(s) set aside, not summarized: {_reasons(set_aside)} (`launch --prune` moves them)")
+        notes.append(f"{sum(set_aside.values())} result row(s) set aside, not summarized: {_reasons(set_aside)} (`launch --prune` moves their files)")
     small = ["train", "diagnostic", "failed"]
     n = len(by_kind)
-    chosen, several = _choose_sweep(out[n : 2 * n], sweep)
+    counts = out[n : 2 * n]
+    if not any(c.height for c in counts):
+        raise SummaryError(f"no result row under {root} belongs to the current grid of its manifest ({_reasons(set_aside)}): rerun the sweep")
+    chosen, several = _choose_sweep(counts, sweep)
     frames = dict(zip(small, out[2 * n :]))
-    attack = _lazy(by_kind["attack"], "attack")
+    attack = _in_grid(_lazy(by_kind["attack"], "attack"), grid)
     if several:
         frames = {k: v.filter(pl.col("sweep") == chosen) for k, v in frames.items()}
         attack = attack.filter(pl.col("sweep") == chosen)

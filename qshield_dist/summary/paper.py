@@ -60,6 +60,8 @@ def load_paper() -> pl.DataFrame:
 
 
 def _paper_model(row: dict[str, Any]) -> str | None:
+    if row.get("control"):  # controls are this project's, not the paper's
+        return None
     if row["model"] in ("dnn", "cnn"):
         return row["model"].upper()
     if row["model"] == HYBRID and row["entanglement"] in ("none", "linear", "star", "full"):
@@ -133,7 +135,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
 
     base_train = {
         r["dataset"]: r["train_seconds"] for r in variants.iter_rows(named=True)
-        if baselines.get(r["dataset"]) == r["model"]
+        if baselines.get(r["dataset"]) == r["model"] and r["control"] is None
     }
     cost_by = tables.cost.partition_by("vkey", as_dict=True)
     empty = tables.cost.head(0)

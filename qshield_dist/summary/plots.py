@@ -115,7 +115,8 @@ def _asr_vs(
     import matplotlib.pyplot as plt
 
     cells = tables.cost.filter(
-        (pl.col("dataset") == dataset) & (pl.col("model") == HYBRID) & pl.col(axis).is_not_null()
+        (pl.col("dataset") == dataset) & (pl.col("model") == HYBRID) & pl.col("control").is_null()
+        & pl.col(axis).is_not_null()
     )
     values = cells[axis].unique().to_list()
     if len(values) < 2:

@@ -124,7 +124,8 @@ def cost_section(tables: Tables) -> Section:
                    "bwd evals/sample", f"time ratio vs {base}", "calls ratio", "time/call ratio",
                    "cost driver", "seeds, samples"]
         sec.add(TextTable(f"Attack cost - {dataset}", headers, rows, _settings_caption(tables, dataset)))
-        compared = cells.filter(pl.col("model") != base).filter(pl.col("time_ratio").is_not_null())
+        is_base = (pl.col("model") == base) & pl.col("control").is_null()
+        compared = cells.filter(~is_base & pl.col("time_ratio").is_not_null())
         verdicts = dict(variant_cost_drivers(compared).select("vkey", "verdict").iter_rows())
         for (vkey,), grp in compared.group_by("vkey", maintain_order=True):
             parts = [
@@ -205,7 +206,7 @@ def controls_section(tables: Tables) -> Section:
     c = tables.controls
     if not c.height:
         sec.add(
-            "No control rows (model 'hqcnn_backbone' or '<backbone>_equal_budget'):"
+            "No control rows (control 'backbone_only' or 'equal_budget'):"
             " the gain cannot be attributed to the quantum branch or the backbone."
         )
         return sec

@@ -25,7 +25,7 @@ import polars as pl
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
 from qshield_dist.summary.verdicts import (
-    EQUAL_BUDGET, HYBRID, baseline_rows, controls, cost_drivers, pick_baselines, variant_verdicts,
+    BACKBONE_ONLY, EQUAL_BUDGET, HYBRID, baseline_rows, controls, cost_drivers, pick_baselines, variant_verdicts,
 )
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
@@ -83,14 +83,16 @@ def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
     labels = []
     for row in keys.iter_rows(named=True):
         if row["entanglement"] is None:
-            labels.append(row["model"])
-            continue
-        parts = [_LABEL_FORMAT[c].format(row[c]) for c in varying if row[c] is not None]
-        labels.append(f"{row['model']}[{row['backbone']}] " + " ".join(parts))
+            label = row["model"]
+        else:
+            parts = [_LABEL_FORMAT[c].format(row[c]) for c in varying if row[c] is not None]
+            label = f"{row['model']}[{row['backbone']}] " + " ".join(parts)
+        labels.append(label + (f" [{row['control']}]" if row["control"] else ""))
     return (
         keys.with_columns(_vkey(), pl.Series("label", labels, pl.String))
         .with_columns(
-            pl.when(pl.col("model").str.starts_with(HYBRID)).then(pl.lit("hybrid"))
+            pl.when(pl.col("control").is_not_null()).then(pl.lit("control"))
+            .when(pl.col("model") == HYBRID).then(pl.lit("hybrid"))
             .otherwise(pl.lit("classical")).alias("family")
         )
         .sort("dataset", "family", "label")
@@ -167,12 +169,12 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
             "dataset", "variant", "attack", "attack_preset", "seed", "n_attacked", "trial_id", "budget_ok"
         ),
         # Equal-budget baselines are trained as plain backbones (model 'cnn_small', more
-        # epochs); their attack rows carry `<backbone>_equal_budget`, linked by train_id.
-        "equal_budget": a.filter(pl.col("model").str.ends_with(EQUAL_BUDGET))
-        .select(pl.col("train_id").alias("trial_id"), pl.col("model").alias("_model")).unique("trial_id"),
-        # Models with no train rows (controls such as hqcnn_backbone, attacked through their
-        # hybrid's checkpoint) take the clean accuracy their attack rows measured.
-        "clean_fallback": a.filter(~pl.col("model").is_in(res.train["model"].unique().implode()))
+        # epochs); their attack rows carry control 'equal_budget', linked by train_id.
+        "equal_budget": a.filter(pl.col("control") == EQUAL_BUDGET)
+        .select(pl.col("train_id").alias("trial_id"), pl.col("control").alias("_control")).unique("trial_id"),
+        # A hybrid's backbone alone has no train row (it is attacked through its hybrid's
+        # checkpoint): it takes the clean accuracy its attack rows measured.
+        "clean_fallback": a.filter(pl.col("control") == BACKBONE_ONLY)
         .group_by([*VARIANT_KEYS, "seed"]).agg(pl.col("clean_acc").mean()),
         "ids": a.select("trial_id") if (res.root / "manifest.json").exists()
         else a.select("trial_id").head(0),
@@ -185,7 +187,7 @@ def _train_rows(train: pl.DataFrame, equal_budget: pl.DataFrame) -> pl.DataFrame
         return train
     return (
         train.join(equal_budget, on="trial_id", how="left")
-        .with_columns(pl.coalesce("_model", "model").alias("model")).drop("_model")
+        .with_columns(pl.coalesce("_control", "control").alias("control")).drop("_control")
     )
 
 

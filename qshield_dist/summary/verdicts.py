@@ -20,8 +20,13 @@ from qshield_dist.summary.load import VARIANT_KEYS
 
 BASELINES: tuple[str, ...] = ("cnn", "cnn_small")  # the CNN baseline: the first one present
 HYBRID = "hqcnn"
-BACKBONE_CONTROL = "hqcnn_backbone"  # the hybrid's own backbone, quantum branch removed
-EQUAL_BUDGET = "_equal_budget"  # suffix of a backbone trained with the hybrid's budget
+BACKBONE_ONLY = "backbone_only"  # control: the hybrid's own backbone, quantum branch removed
+EQUAL_BUDGET = "equal_budget"  # control: the backbone trained with the hybrid's whole budget
+
+
+def uncontrolled() -> pl.Expr:
+    """Rows of the models themselves, not of a control."""
+    return pl.col("control").is_null()
 
 # What drives a cost ratio (values of the cost table's `cost_driver` column).
 CALLS = "number of calls (defence)"
@@ -47,7 +52,7 @@ def pick_baselines(variants: pl.DataFrame) -> tuple[dict[str, str], list[str]]:
     chosen: dict[str, str] = {}
     notes: list[str] = []
     for dataset in variants["dataset"].unique().sort():
-        models = set(variants.filter(pl.col("dataset") == dataset)["model"])
+        models = set(variants.filter((pl.col("dataset") == dataset) & uncontrolled())["model"])
         for i, name in enumerate(BASELINES):
             if name in models:
                 chosen[dataset] = name
@@ -69,7 +74,7 @@ def baseline_rows(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         schema={"dataset": pl.String, "model": pl.String},
     )
     # The baseline is a classical model: its variant columns besides model are null.
-    return rob.join(base, on=["dataset", "model"], how="semi").unique(
+    return rob.filter(uncontrolled()).join(base, on=["dataset", "model"], how="semi").unique(
         ["dataset", "attack_label"], keep="first"
     )
 
@@ -109,7 +114,7 @@ def variant_verdicts(
     n_failed_by = dict(failed.group_by("vkey").len().iter_rows())
     n_skipped_by = dict(skipped.filter(pl.col("stage") == "attack").group_by("vkey").len().iter_rows())
     empty = rob.head(0)
-    for v in variants.filter(pl.col("model") == HYBRID).iter_rows(named=True):
+    for v in variants.filter((pl.col("model") == HYBRID) & uncontrolled()).iter_rows(named=True):
         dataset, base_model = v["dataset"], baselines.get(v["dataset"])
         mine = by_vkey.get((v["vkey"],), empty).sort("attack_rank")
         head = {"dataset": dataset, "vkey": v["vkey"], "label": v["label"]}
@@ -121,7 +126,7 @@ def variant_verdicts(
             text = f"{v['label']} ({dataset}): no CNN baseline to compare with."
             rows.append({**head, "category": "no baseline", "verdict": text})
             continue
-        base = rob.filter((pl.col("dataset") == dataset) & (pl.col("model") == base_model))
+        base = rob.filter((pl.col("dataset") == dataset) & (pl.col("model") == base_model) & uncontrolled())
         base_by = {r["attack_label"]: r for r in base.iter_rows(named=True)}
         wins, compared, substituted = 0, 0, []
         for r in mine.iter_rows(named=True):
@@ -177,7 +182,7 @@ def cost_drivers(cost: pl.DataFrame) -> pl.DataFrame:
     calls, per_call = pl.col("calls_ratio").log().abs(), pl.col("per_call_ratio").log().abs()
     return cost.with_columns(
         pl.when(pl.col("time_ratio").is_null()).then(pl.lit(None, pl.String))
-        .when(pl.col("model") == pl.col("baseline")).then(pl.lit("(baseline)"))
+        .when((pl.col("model") == pl.col("baseline")) & uncontrolled()).then(pl.lit("(baseline)"))
         .when(_more_calls(calls, per_call, ties_to_calls=True)).then(pl.lit(CALLS))
         .otherwise(pl.lit(PER_CALL)).alias("cost_driver"),
     )
@@ -231,22 +236,22 @@ _CONTROL_COLUMNS = [
 
 
 def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
-    """Hybrid vs its own backbone alone (hqcnn_backbone: same checkpoint, branch removed)
-    vs the CNN baseline, same attack. Gain over the baseline = backbone part (baseline ->
+    """Hybrid vs its own backbone alone (control backbone_only: same checkpoint, branch
+    removed) and its backbone trained with its budget (equal_budget) vs the CNN baseline, same attack. Gain over the baseline = backbone part (baseline ->
     backbone alone) + quantum-branch part (backbone alone -> hybrid); `source` per row.
     """
-    hyb = rob.filter(pl.col("model") == HYBRID)
-    ctrl = rob.filter(pl.col("model") == BACKBONE_CONTROL)
-    eq = rob.filter(pl.col("model").str.ends_with(EQUAL_BUDGET))
+    hyb = rob.filter((pl.col("model") == HYBRID) & uncontrolled())
+    ctrl = rob.filter(pl.col("control") == BACKBONE_ONLY)
+    eq = rob.filter(pl.col("control") == EQUAL_BUDGET)
     if not hyb.height or not (ctrl.height or eq.height):
         schema = {c: (pl.Float64 if c.startswith(("asr", "gain")) else pl.String) for c in _CONTROL_COLUMNS}
         return pl.DataFrame(schema=schema)
-    # The control row keeps its hybrid's variant columns; only `model` differs, so the two
-    # meet on the other variant columns (null meeting null, as in the string vkey).
-    same_variant = [k for k in VARIANT_KEYS if k != "model"]
+    # The backbone-alone row keeps its hybrid's variant columns; only `control` differs, so
+    # the two meet on the other variant columns (null meeting null, as in the string vkey).
+    same_variant = [k for k in VARIANT_KEYS if k != "control"]
     ctrl = ctrl.select(*same_variant, "attack_label", pl.col("asr_mean").alias("asr_backbone_only"))
     eq = eq.select(
-        "dataset", pl.col("model").str.strip_suffix(EQUAL_BUDGET).alias("backbone"), "attack_label",
+        "dataset", pl.col("model").alias("backbone"), "attack_label",
         pl.col("asr_mean").alias("asr_equal_budget"),
     ).unique(["dataset", "backbone", "attack_label"])
     base = baseline_rows(rob, baselines).select(
