@@ -149,15 +149,11 @@ def test_cost_per_sample_and_exact_decomposition(summary: Summary) -> None:
     assert any("baseline is 'cnn_small'" in n for n in summary.tables.notes)
 
 
-def test_verdict_uses_strongest_attack(summary: Summary) -> None:
-    v = summary.tables.verdicts.filter(pl.col("dataset") == "mnist").row(0, named=True)
-    # fgsm beats (0.35 < 0.6), pgd does not (0.9 > 0.8), bpda_pgd (0.95) vs cnn's strongest linf (pgd 0.8) does not
-    assert (v["category"], v["wins"], v["compared"]) == ("some", 1, 3)
-    assert v["strongest_attack"] == "bpda_pgd" and v["strongest_asr"] == pytest.approx(0.95, **EXACT)
-    assert v["baseline_strongest_attack"] == "pgd"
-    assert "does NOT beat" in v["verdict"]
-    d = summary.tables.verdicts.filter(pl.col("dataset") == "digits").row(0, named=True)
-    assert "not covered: 1 failed trial(s), 1 attack row(s) skipped" in d["verdict"]
+def test_verdict_says_what_it_does_not_cover(summary: Summary) -> None:
+    """These synthetic rows carry no per-point outcomes: no paired verdict, and it says so
+    (tests/test_verdicts.py covers the verdicts themselves)."""
+    d = summary.tables.verdicts.filter(pl.col("dataset") == "mnist").row(0, named=True)
+    assert d["category"] == "no comparison" and "no verdict" in d["verdict"]
 
 
 def test_controls_attribute_the_gain(summary: Summary) -> None:
@@ -165,7 +161,7 @@ def test_controls_attribute_the_gain(summary: Summary) -> None:
     assert c["asr_backbone_only"] == pytest.approx(0.55, **EXACT)
     assert c["gain_backbone"] == pytest.approx(0.6 - 0.55, **EXACT)
     assert c["gain_quantum"] == pytest.approx(0.55 - 0.35, **EXACT)
-    assert c["source"] == "quantum branch"
+    assert "source" not in c  # where the gain comes from is judged from intervals (test_verdicts.py)
 
 
 def test_paper_comparison(summary: Summary) -> None:

@@ -41,6 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pivot", action="store_true", help="robustness tables with attacks in rows instead of columns")
     p.add_argument("--sweep", help="summarize only this sweep (required when the directory mixes several)")
     p.add_argument("--min-samples", type=int, default=20, help="flag seeds that attacked fewer samples than this (default 20)")
+    p.add_argument("--margin", type=float, default=0.02, help="robust-accuracy band within which two variants are 'equal' (default 0.02 = 2 pp)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--no-svg", action="store_true", help="PNG figures only")
     p.add_argument("--paper-proxy", action="append", default=[], metavar="MEASURED=PAPER",
@@ -56,13 +57,15 @@ def _options(args: argparse.Namespace) -> Options:
         raise SummaryError(f"--format: got '{args.format}': allowed formats are {', '.join(FORMATS)}")
     if args.min_samples < 0:
         raise SummaryError(f"--min-samples: got {args.min_samples}: must be >= 0")
+    if not 0 <= args.margin < 1:
+        raise SummaryError(f"--margin: got {args.margin}: must be in [0, 1) (a share of robust accuracy)")
     proxies = {}
     for item in args.paper_proxy:
         measured, sep, paper = item.partition("=")
         if not sep or paper not in PAPER_DATASETS:
             raise SummaryError(f"--paper-proxy: got '{item}': expected MEASURED=PAPER with PAPER one of {', '.join(PAPER_DATASETS)}")
         proxies[measured] = paper
-    return Options(formats=formats, pivot=args.pivot, min_samples=args.min_samples, plots=not args.no_plots,
+    return Options(formats=formats, pivot=args.pivot, min_samples=args.min_samples, margin=args.margin, plots=not args.no_plots,
                    svg=not args.no_svg, sweep=args.sweep, proxies=proxies)
 
 

@@ -188,6 +188,9 @@ def write_csvs(out: Path, tables: Tables, paper: pl.DataFrame) -> list[Path]:
         "robustness": tables.robustness.join(labels, on="vkey", how="left").sort(order),
         "cost": tables.cost.join(labels, on="vkey", how="left").sort(order),
         "verdicts": tables.verdicts,
+        "paired": tables.paired.join(labels.rename({"vkey": "a", "label": "label_a"}), on="a", how="left")
+        .join(labels.rename({"vkey": "b", "label": "label_b"}), on="b", how="left"),
+        "worst_case": tables.worst_case.join(labels, on="vkey", how="left"),
         "controls": tables.controls.join(labels.rename({"vkey": "vkey_h"}), on="vkey_h", how="left"),
         "diagnostics": tables.diagnostics.join(labels, on="vkey", how="left"),
         "paper_comparison": paper,

@@ -19,7 +19,7 @@ from qshield_dist.summary.plots import Figure, make_plots
 from qshield_dist.summary.render import Section, render_html, render_md, render_tex, write_csvs
 from qshield_dist.summary.sections import (
     controls_section, cost_section, diagnostics_section, figures_section, honesty_section, paper_section,
-    robustness_section, verdict_section,
+    robustness_section, verdict_section, worst_case_section,
 )
 from qshield_dist.summary.tables import Tables, build_tables
 
@@ -33,6 +33,7 @@ class Options:
     formats: tuple[str, ...] = FORMATS
     pivot: bool = False  # attacks in rows instead of columns
     min_samples: int = 20
+    margin: float = 0.02  # +- band of robust accuracy within which two variants count as equal
     plots: bool = True
     svg: bool = True
     sweep: str | None = None
@@ -92,12 +93,12 @@ def summarize(results_dir: str | Path, out_dir: str | Path, options: Options | N
     """The whole pipeline; raises SummaryError (load.py) for input that cannot be summarized."""
     options = options or Options()
     res = load_results(results_dir, options.sweep)
-    tables = build_tables(res, options.min_samples)
+    tables = build_tables(res, options.min_samples, options.margin)
     paper = compare(tables, options.proxies)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections = [
-        verdict_section(tables), robustness_section(tables, options.pivot), cost_section(tables),
+        verdict_section(tables), worst_case_section(tables), robustness_section(tables, options.pivot), cost_section(tables),
         paper_section(paper, options.proxies), controls_section(tables), diagnostics_section(tables),
         honesty_section(tables, res),
     ]

@@ -24,8 +24,9 @@ import polars as pl
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
+from qshield_dist.summary.paired import comparisons, load_points, worst_case_table
 from qshield_dist.summary.verdicts import (
-    BACKBONE_ONLY, EQUAL_BUDGET, HYBRID, baseline_rows, controls, cost_drivers, pick_baselines, variant_verdicts,
+    BACKBONE_ONLY, EQUAL_BUDGET, HYBRID, baseline_rows, controls, cost_drivers, interval_verdicts, pick_baselines,
 )
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
@@ -47,7 +48,9 @@ class Tables:
     clean: pl.DataFrame
     robustness: pl.DataFrame
     cost: pl.DataFrame
-    verdicts: pl.DataFrame
+    verdicts: pl.DataFrame  # one per hybrid variant and budget, from its paired comparison with the CNN
+    paired: pl.DataFrame  # every paired comparison (paired.comparisons)
+    worst_case: pl.DataFrame  # robust accuracy per L-inf attack and over all of them, per point
     controls: pl.DataFrame
     diagnostics: pl.DataFrame
     failed: pl.DataFrame
@@ -58,6 +61,7 @@ class Tables:
     budget: pl.DataFrame
     baselines: dict[str, str]  # dataset -> baseline model
     min_samples: int
+    margin: float  # the +- band within which two variants count as equal
     notes: list[str] = field(default_factory=list)
 
 
@@ -307,7 +311,7 @@ def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
     return expected.join(present, on="trial_id", how="anti").sort("stage", "dataset", "trial_id")
 
 
-def build_tables(res: Results, min_samples: int = 20) -> Tables:
+def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> Tables:
     """All tables of the report from the loaded results."""
     notes: list[str] = []
     names, queries = zip(*_attack_queries(res, min_samples).items())
@@ -334,15 +338,19 @@ def build_tables(res: Results, min_samples: int = 20) -> Tables:
             f"{dup.height} cell(s) have several rows for one seed:"
             " the variant key may miss a distinguishing setting (listed below)"
         )
-    missing = _missing(res, got["ids"], notes)  # last: it waits for the manifest parsed in the background
+    missing = _missing(res, got["ids"], notes)
     notes = res.notes + notes
+    points = load_points(res, settings, _vkey())
+    paired = comparisons(points, variants, baselines, margin)
     return Tables(
         variants=variants,
         attacks=settings,
         clean=clean,
         robustness=rob,
         cost=_cost(rob, baselines),
-        verdicts=variant_verdicts(rob, variants, baselines, failed, skipped),
+        verdicts=interval_verdicts(paired, variants, failed, skipped),
+        paired=paired,
+        worst_case=worst_case_table(points),
         controls=controls(rob, baselines),
         diagnostics=_diagnostics(res),
         failed=failed,
@@ -353,6 +361,7 @@ def build_tables(res: Results, min_samples: int = 20) -> Tables:
         budget=budget,
         baselines=baselines,
         min_samples=min_samples,
+        margin=margin,
         notes=notes,
     )
 

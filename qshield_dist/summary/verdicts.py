@@ -38,12 +38,6 @@ _COST_TEXT = {
     PER_CALL: "the difference comes mainly from the time per model call (the model/simulator),"
     " not from more calls",
 }
-# Where a hybrid's gain over the baseline comes from (values of the controls' `source`).
-_GAIN_TEXT = {
-    "no gain": "no gain over the baseline to attribute",
-    "quantum branch": "the gain comes mainly from the quantum branch and its fusion head",
-    "backbone": "the gain comes mainly from the backbone (its training), not from the quantum branch",
-}
 
 
 # ---------------------------------------------------------------- baselines
@@ -79,92 +73,72 @@ def baseline_rows(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     )
 
 
-def _compared_cell(
-    r: dict[str, Any], base: pl.DataFrame, base_by: dict[str, dict[str, Any]]
-) -> tuple[dict[str, Any] | None, str | None]:
-    """The baseline cell a hybrid's cell is compared with: the same attack, else (bpda_pgd
-    needs a hybrid) the baseline's strongest attack of the same threat model. Returns it and
-    a note when substituted; (None, None) when there is nothing to compare with."""
-    b = base_by.get(r["attack_label"])
-    if b is not None:
-        return b, None
-    same = base.filter(pl.col("threat_model") == r["threat_model"])
-    if not same.height:
-        return None, None
-    b = same.sort("asr_mean", descending=True).row(0, named=True)
-    return b, f"{r['attack_label']} vs baseline's {b['attack_label']}"
-
-
 # ---------------------------------------------------------------- verdicts
 _VERDICT_SCHEMA = {
-    "dataset": pl.String, "vkey": pl.String, "label": pl.String, "baseline": pl.String, "category": pl.String,
-    "wins": pl.Int64, "compared": pl.Int64, "strongest_attack": pl.String, "strongest_asr": pl.Float64,
-    "baseline_strongest_attack": pl.String, "baseline_strongest_asr": pl.Float64, "verdict": pl.String,
+    "dataset": pl.String, "vkey": pl.String, "label": pl.String, "baseline": pl.String, "eps": pl.Float64,
+    "category": pl.String, "provisional": pl.Boolean, "diff": pl.Float64, "low": pl.Float64, "high": pl.Float64,
+    "verdict": pl.String,
 }
 
 
-def variant_verdicts(
-    rob: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, str], failed: pl.DataFrame,
-    skipped: pl.DataFrame,
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f} pp"
+
+
+def eps_text(eps: float) -> str:
+    """An L-inf budget as people write it: 32/255 rather than 0.1255."""
+    steps = eps * 255
+    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{eps:.4g}"
+
+
+def comparison_text(r: dict[str, Any], labels: dict[str, str]) -> str:
+    """One paired comparison as a sentence: the verdict, its numbers, and what it rests on."""
+    how = "paired bootstrap over points, one seed" if r["n_seeds"] == 1 else (
+        f"hierarchical bootstrap over {r['n_seeds']} seeds, then points; per seed {r['per_seed']}")
+    text = (
+        f"{labels.get(r['a'], r['a'])} vs {labels.get(r['b'], r['b'])} ({r['dataset']}): **{r['verdict']}**"
+        + (" (provisional: no full-strength attack)" if r["provisional"] else "")
+        + f"; robust accuracy {r['robust_a']:.1%} vs {r['robust_b']:.1%} under the worst case over"
+        f" {r['attacks']} (L-inf eps {eps_text(r['eps'])}; {r['n_points']} points x {r['n_seeds']} seed(s)),"
+        f" difference {_pct(r['diff'])} [95% CI {_pct(r['low'])}, {_pct(r['high'])}] ({how});"
+        f" McNemar p = {r['p_value']:.3g}, Holm {r['p_holm']:.3g}"
+    )
+    if r["verdict"] == "undecided":
+        n = r["points_needed"]
+        text += "; no difference observed" if math.isinf(n) else f"; about {int(n)} points per seed would resolve it"
+    if r["full_strength"]:
+        text += f"; full strength: {r['full_strength']}"
+    return text
+
+
+def interval_verdicts(
+    paired: pl.DataFrame, variants: pl.DataFrame, failed: pl.DataFrame, skipped: pl.DataFrame
 ) -> pl.DataFrame:
-    """One verdict per hybrid variant against its dataset's CNN baseline, over EVERY attack
-    that ran on it (adaptive ones included): wins = attacks with a lower mean ASR."""
-    rows: list[dict[str, Any]] = []
-    by_vkey = rob.partition_by("vkey", as_dict=True)
+    """One verdict per hybrid variant (and L-inf budget) against its dataset's CNN baseline,
+    from the paired interval of worst-case robust accuracy (paired.py), never from a point
+    estimate; what failed or was skipped is said, since the verdict does not cover it."""
+    labels = dict(zip(variants["vkey"], variants["label"]))
     n_failed_by = dict(failed.group_by("vkey").len().iter_rows())
     n_skipped_by = dict(skipped.filter(pl.col("stage") == "attack").group_by("vkey").len().iter_rows())
-    empty = rob.head(0)
+    by_hybrid = {}
+    for r in paired.filter(pl.col("kind") == "vs CNN").iter_rows(named=True):
+        by_hybrid.setdefault(r["a"], []).append(r)
+    rows: list[dict[str, Any]] = []
     for v in variants.filter((pl.col("model") == HYBRID) & uncontrolled()).iter_rows(named=True):
-        dataset, base_model = v["dataset"], baselines.get(v["dataset"])
-        mine = by_vkey.get((v["vkey"],), empty).sort("attack_rank")
-        head = {"dataset": dataset, "vkey": v["vkey"], "label": v["label"]}
-        if not mine.height:
-            text = f"{v['label']} ({dataset}): no usable attack rows."
-            rows.append({**head, "category": "no attacks", "verdict": text})
-            continue
-        if base_model is None:
-            text = f"{v['label']} ({dataset}): no CNN baseline to compare with."
-            rows.append({**head, "category": "no baseline", "verdict": text})
-            continue
-        base = rob.filter((pl.col("dataset") == dataset) & (pl.col("model") == base_model) & uncontrolled())
-        base_by = {r["attack_label"]: r for r in base.iter_rows(named=True)}
-        wins, compared, substituted = 0, 0, []
-        for r in mine.iter_rows(named=True):
-            b, note = _compared_cell(r, base, base_by)
-            if b is None:
-                continue
-            if note:
-                substituted.append(note)
-            compared += 1
-            wins += r["asr_mean"] < b["asr_mean"]
-        strongest = mine.sort("asr_mean", descending=True).row(0, named=True)
-        b_strongest = base.sort("asr_mean", descending=True).row(0, named=True) if base.height else None
-        category = "none" if compared == 0 or wins == 0 else ("every" if wins == compared else "some")
-        text = (
-            f"{v['label']} ({dataset}): beats {base_model} (lower ASR) on {category} of its attacks"
-            f" ({wins}/{compared})"
-            f"; strongest attack {strongest['attack_label']} ASR {strongest['asr_mean']:.1%}"
-        )
-        if b_strongest is not None:
-            beaten = strongest["asr_mean"] < b_strongest["asr_mean"]
-            text += (
-                f" vs {base_model}'s strongest {b_strongest['attack_label']} {b_strongest['asr_mean']:.1%}"
-                f" -> {'beats' if beaten else 'does NOT beat'} it under the strongest attack"
-            )
-        if substituted:
-            text += f" (no baseline run of: {', '.join(substituted)})"
-        n_failed, n_skipped = n_failed_by.get(v["vkey"], 0), n_skipped_by.get(v["vkey"], 0)
-        if n_failed or n_skipped:
-            text += (
-                f"; not covered: {n_failed} failed trial(s),"
-                f" {n_skipped} attack row(s) skipped for NaN metrics"
-            )
-        rows.append({
-            **head, "baseline": base_model, "category": category, "wins": wins, "compared": compared,
-            "strongest_attack": strongest["attack_label"], "strongest_asr": strongest["asr_mean"],
-            "baseline_strongest_attack": b_strongest["attack_label"] if b_strongest else None,
-            "baseline_strongest_asr": b_strongest["asr_mean"] if b_strongest else None, "verdict": text,
-        })
+        head = {"dataset": v["dataset"], "vkey": v["vkey"], "label": v["label"]}
+        found = by_hybrid.get(v["vkey"], [])
+        if not found:
+            text = f"{v['label']} ({v['dataset']}): no L-inf attack in common with a CNN baseline: no verdict."
+            rows.append({**head, "category": "no comparison", "verdict": text})
+        for r in found:
+            text = comparison_text(r, labels)
+            n_failed, n_skipped = n_failed_by.get(v["vkey"], 0), n_skipped_by.get(v["vkey"], 0)
+            if n_failed or n_skipped:
+                text += f"; not covered: {n_failed} failed trial(s), {n_skipped} attack row(s) skipped for NaN metrics"
+            rows.append({
+                **head, "baseline": labels.get(r["b"], r["b"]), "eps": r["eps"], "category": r["verdict"],
+                "provisional": r["provisional"], "diff": r["diff"], "low": r["low"], "high": r["high"], "verdict": text,
+            })
     return pl.DataFrame(rows, schema=_VERDICT_SCHEMA)
 
 
@@ -216,30 +190,18 @@ def variant_cost_drivers(compared: pl.DataFrame) -> pl.DataFrame:
 
 
 # ---------------------------------------------------------------- controls: where the gain comes from
-def _gain_source(quantum: pl.Expr, backbone: pl.Expr) -> pl.Expr:
-    """The one rule for where a gain in ASR points over the baseline comes from, given the
-    quantum part (backbone alone -> hybrid) and the backbone part (baseline -> backbone
-    alone); a missing backbone part counts as 0."""
-    backbone = backbone.fill_null(0)
-    return (
-        pl.when(quantum.is_null()).then(pl.lit("no backbone-only run"))
-        .when((quantum <= 0) & (backbone <= 0)).then(pl.lit("no gain"))
-        .when(quantum > backbone).then(pl.lit("quantum branch"))
-        .otherwise(pl.lit("backbone"))
-    )
-
-
 _CONTROL_COLUMNS = [
     "dataset", "attack_label", "vkey_h", "asr_hybrid", "asr_backbone_only", "asr_equal_budget",
-    "asr_baseline", "gain_backbone", "gain_quantum", "source",
+    "asr_baseline", "gain_backbone", "gain_quantum",
 ]
 
 
 def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
-    """Hybrid vs its own backbone alone (control backbone_only: same checkpoint, branch
-    removed) and its backbone trained with its budget (equal_budget) vs the CNN baseline, same attack. Gain over the baseline = backbone part (baseline ->
-    backbone alone) + quantum-branch part (backbone alone -> hybrid); `source` per row.
-    """
+    """Per attack, what was measured: the hybrid, its own backbone alone (control backbone_only:
+    same checkpoint, branch removed), its backbone trained with its whole budget (equal_budget)
+    and the CNN baseline, same attack (ASR); the gain over the baseline splits into a backbone
+    part (baseline -> backbone alone) and a quantum part (backbone alone -> hybrid). These are
+    point estimates, shown as such: where the gain comes from is judged by `gain_sources`."""
     hyb = rob.filter((pl.col("model") == HYBRID) & uncontrolled())
     ctrl = rob.filter(pl.col("control") == BACKBONE_ONLY)
     eq = rob.filter(pl.col("control") == EQUAL_BUDGET)
@@ -251,12 +213,9 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     same_variant = [k for k in VARIANT_KEYS if k != "control"]
     ctrl = ctrl.select(*same_variant, "attack_label", pl.col("asr_mean").alias("asr_backbone_only"))
     eq = eq.select(
-        "dataset", pl.col("model").alias("backbone"), "attack_label",
-        pl.col("asr_mean").alias("asr_equal_budget"),
+        "dataset", pl.col("model").alias("backbone"), "attack_label", pl.col("asr_mean").alias("asr_equal_budget"),
     ).unique(["dataset", "backbone", "attack_label"])
-    base = baseline_rows(rob, baselines).select(
-        "dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline")
-    )
+    base = baseline_rows(rob, baselines).select("dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline"))
     out = (
         hyb.select(*same_variant, "vkey", "attack_label", "attack_rank", asr_hybrid=pl.col("asr_mean"))
         .join(ctrl, on=[*same_variant, "attack_label"], how="left", nulls_equal=True)
@@ -267,30 +226,49 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
             (pl.col("asr_baseline") - pl.col("asr_backbone_only")).alias("gain_backbone"),
             (pl.col("asr_backbone_only") - pl.col("asr_hybrid")).alias("gain_quantum"),
         )
-        .with_columns(_gain_source(pl.col("gain_quantum"), pl.col("gain_backbone")).alias("source"))
         .sort("dataset", "vkey", "attack_rank")
         .rename({"vkey": "vkey_h"})
     )
     return out.select(_CONTROL_COLUMNS)
 
 
-def variant_gains(rows: pl.DataFrame) -> pl.DataFrame:
-    """Per hybrid (vkey_h, first-seen order) with a backbone-alone run: the mean quantum and
-    backbone parts over its attacks (no backbone part -> 0) -> `source` by the same rule as
-    each row of `rows` (the controls table), and its sentence, `verdict`."""
-    # Series means, group by group: a group_by mean can round a near-zero mean to the other
-    # sign, which the report shows (-0.00 vs 0.00) and the rule compares.
-    means = []
-    for (vkey,), grp in rows.group_by("vkey_h", maintain_order=True):
-        q, b = grp["gain_quantum"].drop_nulls(), grp["gain_backbone"].drop_nulls()
-        if q.len():
-            means.append({"vkey_h": vkey, "n_attacks": q.len(), "gain_quantum": q.mean(),
-                          "gain_backbone": b.mean() if b.len() else 0.0})
-    schema = {
-        "vkey_h": pl.String, "n_attacks": pl.Int64, "gain_quantum": pl.Float64, "gain_backbone": pl.Float64,
-    }
-    return (
-        pl.DataFrame(means, schema=schema)
-        .with_columns(_gain_source(pl.col("gain_quantum"), pl.col("gain_backbone")).alias("source"))
-        .with_columns(verdict=pl.col("source").replace_strict(_GAIN_TEXT, return_dtype=pl.String))
-    )
+def gain_source(quantum: str | None, backbone: str | None) -> str:
+    """Where a hybrid's robustness gain over the CNN comes from, from two interval verdicts:
+    the quantum part (hybrid vs its backbone alone; it includes the fusion head) and the
+    backbone part (backbone alone vs the CNN)."""
+    if quantum is None:
+        return "no backbone-alone run"
+    q_gain, b_gain = quantum == "more robust", backbone == "more robust"
+    settled = ("equal", "less robust")
+    if q_gain and b_gain:
+        return "both"
+    if q_gain:
+        return "quantum branch" if backbone in (None, *settled) else "undecided"
+    if b_gain:
+        return "backbone" if quantum in settled else "undecided"
+    if quantum in settled and backbone in (None, *settled):
+        return "no gain"
+    return "undecided"
+
+
+def gain_sources(paired: pl.DataFrame) -> pl.DataFrame:
+    """Per hybrid and budget: the quantum part, the backbone part and the equal-budget
+    comparison, each as its paired verdict, and where the gain comes from (gain_source)."""
+    parts: dict[tuple[str, float], dict[str, Any]] = {}
+    for r in paired.iter_rows(named=True):
+        part = {"vs backbone alone": "quantum", "backbone alone vs CNN": "backbone",
+                "vs equal-budget backbone": "equal_budget"}.get(r["kind"])
+        if part:
+            parts.setdefault((r["hybrid"], r["eps"]), {"vkey_h": r["hybrid"], "eps": r["eps"]})[part] = r
+    rows = []
+    for p in parts.values():
+        q, b = p.get("quantum"), p.get("backbone")
+        rows.append({
+            "vkey_h": p["vkey_h"], "eps": p["eps"],
+            "quantum": q["verdict"] if q else None, "backbone": b["verdict"] if b else None,
+            "equal_budget": p["equal_budget"]["verdict"] if "equal_budget" in p else None,
+            "source": gain_source(q["verdict"] if q else None, b["verdict"] if b else None),
+        })
+    schema = {"vkey_h": pl.String, "eps": pl.Float64, "quantum": pl.String, "backbone": pl.String,
+              "equal_budget": pl.String, "source": pl.String}
+    return pl.DataFrame(rows, schema=schema)
