@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import ipaddress
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,23 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 _STARTED_MARK = "Ray runtime started"
 _AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a host or host:port stays on this machine: any 127.0.0.0/8 or ::1 address (Debian
+    maps the hostname to 127.0.1.1), 'localhost', or RayExecutor's 'local'. The one rule, used by
+    Python and, through `python -m qshield_dist.cluster is-loopback`, by slurm/run.sh."""
+    host = address.strip()
+    if host.startswith("["):  # [::1]:6379
+        host = host[1:].split("]")[0]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    if host in ("localhost", "local"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def new_token_file(directory: str | os.PathLike[str] | None = None) -> Path:
@@ -233,7 +251,7 @@ def start_head(token_file: str | os.PathLike[str] | None, *, node_ip: str = LOOP
         *_common_args(node_ip, num_cpus, num_gpus, object_store_mb),
     ]
     return _start_node(args, address=address, node_ip=node_ip, token_file=_opt_path(token_file),
-                       temp_dir=temp, head=True, loopback=node_ip == LOOPBACK, timeout=timeout)
+                       temp_dir=temp, head=True, loopback=is_loopback(node_ip), timeout=timeout)
 
 
 def start_worker(address: str, token_file: str | os.PathLike[str] | None, *, node_ip: str,
@@ -251,7 +269,7 @@ def start_worker(address: str, token_file: str | os.PathLike[str] | None, *, nod
     ]
     wrap = ["ip", "netns", "exec", netns] if netns else []
     return _start_node(args, address=address, node_ip=node_ip, token_file=_opt_path(token_file),
-                       temp_dir=temp, head=False, loopback=node_ip == LOOPBACK, wrap=wrap,
+                       temp_dir=temp, head=False, loopback=is_loopback(node_ip), wrap=wrap,
                        timeout=timeout)
 
 
@@ -299,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("token", help="write a fresh token file in DIR, print its path")
     t.add_argument("dir")
+    lo = sub.add_parser("is-loopback", help="exit 0 if ADDRESS (host or host:port) is on loopback, else 1")
+    lo.add_argument("address")
     for name in ("head", "worker"):
         s = sub.add_parser(name)
         s.add_argument("--token-file", required=True)
@@ -317,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "token":
         print(new_token_file(args.dir))
         return 0
+    if args.cmd == "is-loopback":
+        return 0 if is_loopback(args.address) else 1
     ip = args.ip or socket.gethostbyname(socket.gethostname())
     if args.cmd == "head":
         node = start_head(args.token_file, node_ip=ip, port=args.port, num_cpus=args.num_cpus,

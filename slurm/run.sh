@@ -49,7 +49,9 @@ mkdir -p "$RAY_DIR"
 chmod 700 "$RAY_DIR" "$(dirname "$RAY_DIR")"
 TOKEN=$("$PY" -m qshield_dist.cluster token "$RAY_DIR/auth")
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN RAY_USAGE_STATS_ENABLED=0
-[[ $HEAD_IP == 127.* ]] && export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+LOOPBACK=0
+"$PY" -m qshield_dist.cluster is-loopback "$HEAD_IP" && LOOPBACK=1
+[[ $LOOPBACK == 1 ]] && export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 PIDS=()
 cleanup() {
@@ -93,7 +95,7 @@ import sys, time
 import ray
 from qshield_dist import cluster
 addr, want = sys.argv[1], int(sys.argv[2])
-if addr.startswith("127."):
+if cluster.is_loopback(addr):
     cluster.use_token_in_this_process(cluster.os.environ["RAY_AUTH_TOKEN_PATH"], loopback=True)
 ray.init(address=addr, log_to_driver=False)
 deadline = time.time() + 300

@@ -150,3 +150,20 @@ def test_local_rejects_cycle(tmp_path: Path) -> None:
 def test_local_rejects_bad_workers() -> None:
     with pytest.raises(ValueError):
         LocalExecutor(workers=0)
+
+
+@pytest.mark.parametrize(
+    "address,expected",
+    [("127.0.0.1", True), ("127.0.1.1:6379", True), ("localhost:8265", True), ("local", True), ("[::1]:6379", True),
+     ("::1", True), ("10.1.2.3:6379", False), ("node07", False), ("0.0.0.0", False)],
+)
+def test_is_loopback_is_one_rule_for_python_and_run_sh(address: str, expected: bool) -> None:
+    """Debian maps the hostname to 127.0.1.1: it is loopback too (the old rules disagreed)."""
+    import subprocess
+    import sys
+
+    from qshield_dist.cluster import is_loopback
+
+    assert is_loopback(address) is expected
+    cli = subprocess.run([sys.executable, "-m", "qshield_dist.cluster", "is-loopback", address], capture_output=True)
+    assert (cli.returncode == 0) is expected

@@ -55,6 +55,55 @@ class ProgressSink:
         pass
 
 
+class DependencyGraph:
+    """Who waits for whom among `jobs` (deps outside them count as done, from an earlier run),
+    and the one rule for a lost job: its dependents are lost without running."""
+
+    def __init__(self, jobs: Sequence[Job]):
+        self.by_key = {job.key: job for job in jobs}
+        if len(self.by_key) != len(jobs):
+            raise ValueError("duplicate job keys")
+        self.waiting = {job.key: {d for d in job.deps if d in self.by_key} for job in jobs}
+        self.dependents: dict[str, list[str]] = {key: [] for key in self.by_key}
+        for key, deps in self.waiting.items():
+            for dep in deps:
+                self.dependents[dep].append(key)
+        self.status: dict[str, str] = {}
+
+    def ready(self) -> list[str]:
+        """The jobs with nothing to wait for, in the order given."""
+        return [key for key, deps in self.waiting.items() if not deps]
+
+    def finish(self, key: str, status: str) -> tuple[list[str], list[str]]:
+        """Record `key`'s final status; returns the jobs that became ready, and those now lost
+        because a job they (transitively) depend on is lost, each recorded too."""
+        self.status[key] = status
+        ready: list[str] = []
+        lost: list[str] = []
+        todo = [key]
+        while todo:
+            done = todo.pop()
+            for child in self.dependents[done]:
+                if child in self.status:
+                    continue
+                if self.status[done] == "lost":
+                    self.status[child] = "lost"  # never ran: a dependency is missing
+                    lost.append(child)
+                    todo.append(child)
+                    continue
+                self.waiting[child].discard(done)
+                if not self.waiting[child]:
+                    ready.append(child)
+        return ready, lost
+
+    def statuses(self) -> dict[str, str]:
+        """Every job's final status, in the order given; only a cycle leaves one unfinished."""
+        missing = set(self.by_key) - set(self.status)
+        if missing:
+            raise ValueError(f"jobs never became ready (dependency cycle?): {sorted(missing)[:5]}")
+        return {key: self.status[key] for key in self.by_key}
+
+
 def topological_waves(jobs: Sequence[Job]) -> list[list[Job]]:
     """Group jobs into waves: every job's deps lie in earlier waves.
 

@@ -1,8 +1,9 @@
 """Run jobs in local worker processes, each as soon as its dependencies are done.
 
 Workers are started with the 'spawn' context (torch and fork do not mix: a forked child
-inherits OpenMP/CUDA state and can deadlock). Each worker gets cpus // workers threads so N
-workers on N cores do not oversubscribe.
+inherits OpenMP/CUDA state and can deadlock). Each trial fixes its own thread count (trial.py),
+so the numbers do not depend on the worker count; the workers' thread pools start capped at
+cpus // workers so that nothing oversubscribes before it does.
 
 A worker process that dies (SIGKILL, OOM killer, segfault in a simulator) breaks the whole
 ProcessPoolExecutor: every job submitted at that moment gets BrokenProcessPool. We then
@@ -27,7 +28,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
 
-from qshield_dist.executors.base import Executor, Job, ProgressSink, checked_status
+from qshield_dist.executors.base import DependencyGraph, Executor, Job, ProgressSink, checked_status
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ def _call(key: str, fn: Callable[[], str]) -> str:
 class LocalExecutor(Executor):
     name = "local"
 
-    def __init__(self, workers: int = 1, max_retries: int = 1, mp_context: str = "spawn",
-                 threads_per_worker: int | None = None, in_process: bool = False):
+    def __init__(self, workers: int = 1, max_retries: int = 1, in_process: bool = False):
         """workers: processes run at once. max_retries: re-runs of a job whose worker died.
         in_process: with workers=1, run jobs in this process (debugging; a crash in a trial
         then ends the sweep)."""
@@ -76,14 +76,15 @@ class LocalExecutor(Executor):
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
         self.max_retries = max_retries
-        self.mp_context = mp_context
-        self.threads = threads_per_worker or max(1, _available_cpus() // workers)
+        # Caps the pools a library may start before a trial fixes its own threads (trial.py):
+        # N workers on N cores then never oversubscribe. The numbers do not depend on it.
+        self.threads = max(1, _available_cpus() // workers)
         self.in_process = in_process and workers == 1
         self.pools_created = 0  # tests and benchmarks read this
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         self.pools_created += 1
-        ctx = mp.get_context(self.mp_context)
+        ctx = mp.get_context("spawn")
         self._started = ctx.SimpleQueue()  # a fresh one: a killed worker may hold the old one's lock
         self._started_keys: set[str] = set()
         return cf.ProcessPoolExecutor(
@@ -99,33 +100,19 @@ class LocalExecutor(Executor):
 
     def run(self, jobs: Sequence[Job], progress: ProgressSink | None = None) -> dict[str, str]:
         progress = progress or ProgressSink()
-        by_key = {job.key: job for job in jobs}
-        if len(by_key) != len(jobs):
-            raise ValueError("duplicate job keys")
-        # Only deps among `jobs` matter; others were done in an earlier run.
-        waiting = {job.key: {d for d in job.deps if d in by_key} for job in jobs}
-        dependents: dict[str, list[str]] = {key: [] for key in by_key}
-        for key, deps in waiting.items():
-            for dep in deps:
-                dependents[dep].append(key)
-        ready = [job.key for job in jobs if not waiting[job.key]]
+        graph = DependencyGraph(jobs)
+        by_key = graph.by_key
+        ready = graph.ready()
         ready.reverse()  # pop() from the end keeps the caller's order
-        status: dict[str, str] = {}
         attempts: dict[str, int] = {key: 0 for key in by_key}  # worker deaths while running
         announced: set[str] = set()
 
         def finish(key: str, st: str) -> None:
-            status[key] = st
             progress.finished(key, st)
-            for child in dependents[key]:
-                if child in status:
-                    continue
-                if st == "lost":
-                    finish(child, "lost")  # never ran: a dependency is missing
-                    continue
-                waiting[child].discard(key)
-                if not waiting[child]:
-                    ready.append(child)
+            newly_ready, lost = graph.finish(key, st)
+            for child in lost:
+                progress.finished(child, "lost")
+            ready.extend(newly_ready)
 
         if self.in_process:
             while ready:
@@ -137,7 +124,7 @@ class LocalExecutor(Executor):
                     log.exception("job %s raised: lost", key)
                     st = "lost"
                 finish(key, checked_status(key, st))
-            return _complete(status, by_key)
+            return graph.statuses()
 
         pool = self._new_pool()
         running: dict[cf.Future[str], str] = {}
@@ -217,7 +204,7 @@ class LocalExecutor(Executor):
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True, cancel_futures=True)
-        return _complete(status, by_key)
+        return graph.statuses()
 
     def _replace(self, pool: cf.ProcessPoolExecutor) -> cf.ProcessPoolExecutor:
         log.warning("a worker process died; starting a new pool of %d", self.workers)
@@ -234,10 +221,3 @@ class LocalExecutor(Executor):
         else:
             log.error("job %s killed its worker %d times: lost", key, attempts[key])
             finish(key, "lost")
-
-
-def _complete(status: dict[str, str], by_key: dict[str, Job]) -> dict[str, str]:
-    missing = set(by_key) - set(status)
-    if missing:  # only possible with a dependency cycle
-        raise ValueError(f"jobs never became ready (dependency cycle?): {sorted(missing)[:5]}")
-    return {key: status[key] for key in by_key}

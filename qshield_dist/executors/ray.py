@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from qshield_dist.executors.base import Executor, Job, ProgressSink, checked_status
+from qshield_dist.executors.base import DependencyGraph, Executor, Job, ProgressSink, checked_status, topological_waves
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,13 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, address: str = "auto", max_retries: int = 3, token_file: str | os.PathLike[str] | None = None,
-                 use_memory_resource: bool = False, runtime_env: dict[str, Any] | None = None,
                  local_cpus: int | None = None, shutdown: bool = False):
         """address: 'auto' (the cluster this node belongs to / RAY_ADDRESS), 'host:port', or
-        'local' (start a private loopback cluster for this run).
-        use_memory_resource: reserve Resources.mem_gb in Ray's `memory` resource (off: Ray's
-        memory accounting counts the whole node and 4 GB per trial would idle most CPUs).
+        'local' (start a private loopback cluster for this run, with `local_cpus`).
         shutdown: disconnect from the cluster when run() returns."""
         self.address = address
         self.max_retries = max_retries
         self.token_file = Path(token_file) if token_file else None
-        self.use_memory_resource = use_memory_resource
-        self.runtime_env = runtime_env
         self.local_cpus = local_cpus
         self.shutdown = shutdown
         self._private_head: Any = None
@@ -56,7 +51,7 @@ class RayExecutor(Executor):
         if ray.is_initialized():
             return
         address = self.address
-        loopback = address.split(":")[0] in ("127.0.0.1", "localhost", "local")
+        loopback = cluster.is_loopback(address)
         if address == "local":
             token = cluster.new_token_file()
             self._private_head = cluster.start_head(token, num_cpus=self.local_cpus)
@@ -74,7 +69,7 @@ class RayExecutor(Executor):
 
                 ray_constants.ENABLE_RAY_CLUSTER = False
         log.info("connecting to ray at %s", address)
-        ray.init(address=address, runtime_env=self.runtime_env, log_to_driver=False,
+        ray.init(address=address, log_to_driver=False,
                  logging_level=logging.WARNING)
 
     def close(self) -> None:
@@ -106,12 +101,11 @@ class RayExecutor(Executor):
             "retry_exceptions": False,
             "name": f"{job.stage}:{job.key}",
         }
-        if self.use_memory_resource:
-            opts["memory"] = int(res.mem_gb * 1024**3)
+        # No `memory` request: Ray's memory accounting counts the whole node, and a 4 GB
+        # request per trial would leave most CPUs idle.
         return opts
 
     def _run(self, ray: Any, jobs: Sequence[Job], progress: ProgressSink) -> dict[str, str]:
-        from qshield_dist.executors.base import topological_waves
 
         remote = ray.remote(_run_job)
         refs: dict[str, Any] = {}
@@ -123,37 +117,31 @@ class RayExecutor(Executor):
                 ref = remote.options(**self._options(job)).remote(job.fn, *dep_refs)
                 refs[job.key] = ref
                 key_of[ref] = job.key
-        by_key = {job.key: job for job in jobs}
-        unfinished_deps = {job.key: {d for d in job.deps if d in by_key} for job in jobs}
-        dependents: dict[str, list[str]] = {key: [] for key in by_key}
-        for key, deps in unfinished_deps.items():
-            for dep in deps:
-                dependents[dep].append(key)
+        graph = DependencyGraph(jobs)
         # Ray does not say when a task starts; 'started' means ready to run (queued or running).
-        for key, deps in unfinished_deps.items():
-            if not deps:
-                progress.started(key)
+        for key in graph.ready():
+            progress.started(key)
 
-        status: dict[str, str] = {}
         pending = list(refs.values())
         while pending:
             done, pending = ray.wait(pending, num_returns=min(len(pending), 64), timeout=0.5,
                                      fetch_local=True)
             for ref in done:
                 key = key_of[ref]
+                if key in graph.status:
+                    continue  # already lost with a dependency; its task failed without running
                 try:
                     st = checked_status(key, ray.get(ref))
                 except Exception as exc:  # RayTaskError, WorkerCrashedError, NodeDiedError, ...
-                    # A dependent of a lost job gets its error again: keep that message short.
                     log.error("job %s lost: %s", key, _short_error(exc))
                     st = "lost"
-                status[key] = st
                 progress.finished(key, st)
-                for child in dependents[key]:
-                    unfinished_deps[child].discard(key)
-                    if not unfinished_deps[child] and st != "lost":
-                        progress.started(child)
-        return {job.key: status[job.key] for job in jobs}
+                ready, lost = graph.finish(key, st)
+                for child in ready:
+                    progress.started(child)
+                for child in lost:
+                    progress.finished(child, "lost")
+        return graph.statuses()
 
 
 def _short_error(exc: BaseException) -> str:
