@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.datasets import DATASETS, check_available
+from qshield_dist.executors.base import Resources
 from qshield_dist.vocabulary import (
     ATTACK_PRESETS,
     BACKBONES,
@@ -160,16 +161,9 @@ class EvalConfig(_Strict):
     diagnostic_size: int = Field(64, ge=2)  # correctly classified samples the diagnostics use
 
 
-class ResourceConfig(_Strict):
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
-    mem_gb: float = Field(4.0, gt=0)
-    timeout_min: int = Field(240, ge=1)
-
-
 class StageResources(_Strict):
-    train: ResourceConfig = ResourceConfig()
-    attack: ResourceConfig = ResourceConfig()
+    train: Resources = Resources()
+    attack: Resources = Resources()
 
 
 class RayConfig(_Strict):

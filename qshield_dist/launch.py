@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from qshield_dist import executors
 from qshield_dist.config import ConfigError, SweepConfig, check_availability, load_config, validate
-from qshield_dist.executors.base import Executor, Job, ProgressSink, Resources
+from qshield_dist.executors.base import Executor, Job, ProgressSink
 from qshield_dist.grid import AttackTrial, Grid, Trial, TrainTrial, build_grid
 from qshield_dist.attack_params import budget_reachable
 from qshield_dist.results import STAGE_VERSIONS, move_aside, package_versions, result_files, scan_done, stale_reason, write_manifest
@@ -81,7 +81,7 @@ def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> lis
                 fn=functools.partial(run_trial, trial, ctx),
                 deps=trial.deps,
                 # a trial runs `threads` intra-op threads: reserve at least that many CPUs
-                resources=Resources(max(res.cpus, trial.threads), res.gpus, res.mem_gb, res.timeout_min),
+                resources=res.model_copy(update={"cpus": max(res.cpus, trial.threads)}),
                 stage=trial.stage,
             )
         )

@@ -14,15 +14,20 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from pydantic import BaseModel, ConfigDict, Field
+
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Resources:
-    cpus: float = 1.0
-    gpus: float = 0.0  # fractions allowed on Ray (0.25 -> four trials share one GPU)
-    mem_gb: float = 4.0
-    timeout_min: int = 240
+class Resources(BaseModel):
+    """What one job asks for; also the sweep file's `resources.train` / `resources.attack`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)  # fractions allowed on Ray (0.25 -> four trials share one GPU)
+    mem_gb: float = Field(4.0, gt=0)
+    timeout_min: int = Field(240, ge=1)
 
 
 @dataclass(frozen=True)
