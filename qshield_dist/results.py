@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import tempfile
+import typing
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from qshield_dist.config import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,22 @@ SCHEMA_VERSION = 2  # the columns below; an older file is set aside by the summa
 # Bump in the same commit as a change that alters what the stage computes; tests/golden/
 # holds one golden trial per stage that fails when numbers move while the version does not.
 TRAIN_VERSION = 2
-ATTACK_VERSION = 3  # 3: every model attacked on the shared attack set, per-point outcomes kept
-DIAGNOSTIC_VERSION = 3  # 3: its points are the shared attack set's
+ATTACK_VERSION = 4  # 4: AutoAttack at its authors' strength; EOT only on stochastic models; Square, DeepFool,
+# One-Pixel and AutoAttack's sequence judge success by the majority rule; the row's attack_config
+DIAGNOSTIC_VERSION = 4  # 4: its attack comparisons read attack version 4's rows
 STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic": DIAGNOSTIC_VERSION}
+
+def _model_columns() -> list[tuple[str, pa.DataType]]:
+    """ModelSpec's fields as (column, Arrow type): the one list of a model's settings."""
+    columns = []
+    for name, info in ModelSpec.model_fields.items():
+        kinds = [a for a in (typing.get_args(info.annotation) or (info.annotation,)) if a is not type(None)]
+        arrow = {int: pa.int32(), float: pa.float64()}.get(kinds[0], pa.string())  # Literal -> string
+        columns.append((name, arrow))
+    return columns
+
+
+MODEL_COLUMNS = tuple(name for name, _ in _model_columns())
 
 # Column -> Arrow type. Every row has every column (missing values are null), so files
 # from one schema version always concatenate.
@@ -54,30 +70,18 @@ SCHEMA = pa.schema(
         ("status", pa.string()),  # ok | failed
         ("error", pa.string()),
         ("dataset", pa.string()),
-        ("model", pa.string()),  # dnn | cnn | cnn_small | hqcnn: the model whose checkpoint was used
+        # the resolved model spec, one column per ModelSpec field (model: the checkpoint's model;
+        # backbone: the model itself for a classical one)
+        *_model_columns(),
         ("control", pa.string()),  # null | backbone_only (the hybrid's backbone alone) | equal_budget
         ("variant_id", pa.string()),  # hash of the resolved model spec and the control: the variant's key
         ("variant", pa.string()),  # human-readable model variant label
-        ("backbone", pa.string()),
-        ("entanglement", pa.string()),
-        ("depth", pa.int32()),
-        ("encoding", pa.string()),
-        ("noise_model", pa.string()),
-        ("noise_strength", pa.float64()),
-        ("fusion", pa.string()),
-        ("quantum_grad", pa.string()),
-        ("projection", pa.string()),
-        ("device", pa.string()),
-        ("simulator", pa.string()),
-        ("trajectories", pa.int32()),
         ("noise_approx", pa.string()),  # exact | pauli_twirl
-        ("qubits", pa.int32()),
-        ("init", pa.string()),
-        ("input_noise", pa.float64()),
         ("stochastic", pa.bool_()),
         ("attack", pa.string()),
         ("attack_preset", pa.string()),
         ("attack_params", pa.string()),  # JSON
+        ("attack_config", pa.string()),  # JSON: what ran (version, components, EOT, majority repeats)
         ("threat_model", pa.string()),  # linf | l2 | l0 | none
         ("eps", pa.float64()),
         ("seed", pa.int32()),

@@ -34,7 +34,7 @@ from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial, stable_hash
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
-from qshield_dist.results import package_versions, read_rows, trial_path, write_rows
+from qshield_dist.results import MODEL_COLUMNS, package_versions, read_rows, trial_path, write_rows
 from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
 
 log = logging.getLogger(__name__)
@@ -99,17 +99,8 @@ def _peak_rss_mb() -> float:
 
 def _model_columns(trial: TrainTrial) -> dict[str, Any]:
     spec = trial.model
-    cols = {k: getattr(spec, k) for k in (
-        "entanglement", "depth", "encoding", "noise_model", "noise_strength", "fusion", "quantum_grad",
-        "projection", "device", "simulator", "trajectories", "qubits", "init", "input_noise",
-    )}
-    cols.update(
-        dataset=trial.dataset,
-        model=spec.model,
-        variant=spec.label,
-        backbone=spec.backbone or spec.model,
-        seed=trial.seed,
-    )
+    cols = {k: getattr(spec, k) for k in MODEL_COLUMNS}
+    cols.update(dataset=trial.dataset, variant=spec.label, backbone=spec.backbone or spec.model, seed=trial.seed)
     return cols
 
 
@@ -243,15 +234,22 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     x, y = test.x[points[correct]], test.y[points[correct]]
 
     counter = CallCounter(model)
-    twin = CallCounter(model.differentiable_twin()) if trial.attack == "bpda_pgd" and hasattr(model, "differentiable_twin") else None
-    if trial.attack == "bpda_pgd" and twin is None:
-        raise ValueError("bpda_pgd applies to hqcnn models (it needs a differentiable twin of the quantum branch)")
+    twin = CallCounter(model.differentiable_twin()) if definition.needs_twin and hasattr(model, "differentiable_twin") else None
+    if definition.needs_twin and twin is None:
+        raise ValueError(f"{trial.attack} applies to hqcnn models (it needs a differentiable twin of the quantum branch)")
     surrogate = None
     if trial.surrogate is not None:
         surrogate, _ = train_or_load(trial.surrogate, ctx, allow_train=False)
         surrogate = CallCounter(surrogate)
     attack = build_attack(
-        trial.attack, counter, params, DATASETS[trial.train.dataset].classes, stochastic=stochastic, twin=twin, surrogate=surrogate
+        trial.attack,
+        counter,
+        params,
+        DATASETS[trial.train.dataset].classes,
+        stochastic=stochastic,
+        eval_repeats=trial.eval.eval_repeats,
+        twin=twin,
+        surrogate=surrogate,
     )
 
     seed_everything(trial.train.seed)
@@ -285,6 +283,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         "attack": trial.attack,
         "attack_preset": trial.preset,
         "attack_params": json.dumps(params, sort_keys=True),
+        "attack_config": json.dumps(attack.attack_config, sort_keys=True),  # what ran (EOT, version, majority)
         "threat_model": definition.threat_model,
         "eps": eps,
         "success_rule": SUCCESS_RULE_MAJORITY.format(r=repeats) if repeats > 1 else SUCCESS_RULE_SINGLE,

@@ -25,16 +25,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qshield_dist.results import SCHEMA, SCHEMA_VERSION, STAGE_VERSIONS, ManifestError, read_manifest, result_files, stored_versions
+from qshield_dist.results import MODEL_COLUMNS, SCHEMA, SCHEMA_VERSION, STAGE_VERSIONS, ManifestError, read_manifest, result_files, stored_versions
 
 log = logging.getLogger(__name__)
 
 # What identifies a model variant: the resolved model spec's columns and the control (a
 # hybrid's backbone alone, or its backbone trained with the hybrid's budget).
-VARIANT_KEYS: tuple[str, ...] = (
-    "dataset", "model", "backbone", "entanglement", "depth", "encoding", "noise_model", "noise_strength",
-    "fusion", "quantum_grad", "projection", "init", "simulator", "device", "trajectories", "qubits", "control",
-)
+VARIANT_KEYS: tuple[str, ...] = ("dataset", *MODEL_COLUMNS, "control")
 ATTACK_KEYS: tuple[str, ...] = ("attack", "attack_preset", "attack_params")
 STAGES: tuple[str, ...] = ("train", "attack", "diagnostic")
 

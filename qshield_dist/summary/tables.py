@@ -33,7 +33,7 @@ from qshield_dist.summary.verdicts import (
 _LABEL_FORMAT: dict[str, str] = {
     "entanglement": "{}", "depth": "d{}", "encoding": "{}", "noise_model": "{}", "noise_strength": "p={:g}",
     "fusion": "{}", "quantum_grad": "grad={}", "projection": "proj={}", "init": "init={}", "simulator": "{}",
-    "device": "{}", "trajectories": "traj={}", "qubits": "q={}",
+    "device": "{}", "trajectories": "traj={}", "qubits": "q={}", "input_noise": "input_noise={:g}",
 }
 # Columns in registry order: the paper's eight attacks, then the adaptive ones.
 _ATTACK_ORDER = {name: i for i, name in enumerate(ATTACKS)}
