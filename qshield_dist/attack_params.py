@@ -14,6 +14,14 @@ PAPER_EPS = {"mnist": 32 / 255, "digits": 32 / 255, "organamnist": 8 / 255, "cif
 CW_SEARCH_STEPS = {"mnist": 10, "digits": 10, "organamnist": 8, "cifar10": 8}
 
 
+# full_strength rules: (preset, resolved params, the model is stochastic) -> bool
+StrengthRule = Callable[[str, dict[str, Any], bool], bool]
+
+
+def _never(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class AttackDef:
     name: str
@@ -21,8 +29,18 @@ class AttackDef:
     iterative: bool
     white_box: bool  # uses the target's gradient
     defaults: Callable[[str], dict[str, Any]]  # dataset -> the paper's parameters
+    # BPDA: needs the model's differentiable twin, so it applies to hqcnn models only
+    needs_twin: bool = False
+    strength: StrengthRule = _never
 
-    def params(self, dataset: str, preset: str = "paper", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    def full_strength(self, preset: str, params: dict[str, Any], stochastic: bool) -> bool:
+        """Is this run an attack at full strength (what the report's verdicts may rest on),
+        rather than the paper's budget or a smoke run?"""
+        return self.strength(preset, params, stochastic)
+
+    def params(
+        self, dataset: str, preset: str = "paper", overrides: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Resolved parameters: the paper's, then the preset's changes, then overrides."""
         params = self.defaults(dataset)
         overrides = overrides or {}
@@ -47,6 +65,58 @@ def _pgd(d: str) -> dict[str, Any]:
     return {"eps": _eps(d), "alpha": 2 / 255, "steps": 10, "random_start": True}
 
 
+def _apgd(d: str, steps: int, eot: int) -> dict[str, Any]:
+    return {
+        "eps": _eps(d),
+        "steps": steps,
+        "n_restarts": 1,
+        "loss": "ce",
+        "eot_iter": eot,
+        "rho": 0.75,
+        "seed": 0,
+    }
+
+
+def _eot_where_random(params: dict[str, Any], stochastic: bool) -> bool:
+    return not stochastic or params.get("eot_iter", 1) > 1
+
+
+def _apgd_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
+    # The paper's 10-step APGD does not count; on a stochastic model EOT and best_loss (attack
+    # every sample) are part of the strength.
+    return (
+        preset == "standard"
+        and params["steps"] >= 50
+        and _eot_where_random(params, stochastic)
+        and (params["best_loss"] or not stochastic)
+    )
+
+
+def _bpda_apgd_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
+    return params["steps"] >= 50 and _eot_where_random(params, stochastic)
+
+
+def _autoattack_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
+    # The published protocol: standard for deterministic models, rand for randomized ones
+    # (auto picks the right one); fast is a smoke run.
+    version = params["version"]
+    if version in ("standard", "rand"):
+        return version == ("rand" if stochastic else "standard")
+    return version == "auto"
+
+
+def _pgd_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
+    return budget_reachable(params) and ("eot_iter" not in params or _eot_where_random(params, stochastic))
+
+
+def _transfer_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
+    return preset == "standard" and budget_reachable(params)
+
+
+def _autoattack(d: str) -> dict[str, Any]:
+    return {"eps": _eps(d), "version": "auto", "seed": 0}
+
+
 ATTACKS: dict[str, AttackDef] = {
     a.name: a
     for a in [
@@ -59,7 +129,8 @@ ATTACKS: dict[str, AttackDef] = {
             True,
             # best_loss: on a stochastic model, attack every sample and keep the highest-loss
             # iterate (the standard preset); False is torchattacks' and so the paper's behaviour.
-            lambda d: {"eps": _eps(d), "steps": 10, "n_restarts": 1, "loss": "ce", "eot_iter": 1, "rho": 0.75, "seed": 0, "best_loss": False},
+            lambda d: {**_apgd(d, 10, 1), "best_loss": False},
+            strength=_apgd_full,
         ),
         AttackDef(
             "vmifgsm",
@@ -73,7 +144,13 @@ ATTACKS: dict[str, AttackDef] = {
             "l2",
             True,
             True,
-            lambda d: {"c": 0.01, "kappa": 0.0, "steps": 5, "lr": 0.05, "binary_search_steps": CW_SEARCH_STEPS[d]},
+            lambda d: {
+                "c": 0.01,
+                "kappa": 0.0,
+                "steps": 5,
+                "lr": 0.05,
+                "binary_search_steps": CW_SEARCH_STEPS[d],
+            },
         ),
         AttackDef("deepfool", "l2", True, True, lambda d: {"steps": 50, "overshoot": 0.05}),
         AttackDef("onepixel", "l0", True, False, lambda d: {"pixels": 1, "steps": 10, "popsize": 10}),
@@ -82,12 +159,31 @@ ATTACKS: dict[str, AttackDef] = {
             "linf",
             True,
             False,
-            lambda d: {"eps": _eps(d), "n_queries": 500, "n_restarts": 1, "p_init": 0.8, "loss": "margin", "seed": 0},
+            lambda d: {
+                "eps": _eps(d),
+                "n_queries": 500,
+                "n_restarts": 1,
+                "p_init": 0.8,
+                "loss": "margin",
+                "seed": 0,
+            },
         ),
-        AttackDef("autoattack", "linf", True, True, lambda d: {"eps": _eps(d), "version": "auto", "seed": 0}),
-        AttackDef("eot_pgd", "linf", True, True, lambda d: {**_pgd(d), "eot_iter": 10}),
-        AttackDef("bpda_pgd", "linf", True, True, _pgd),
-        AttackDef("transfer", "linf", True, False, lambda d: {**_pgd(d), "surrogate": "cnn", "base": "pgd"}),
+        # version: auto (rand on a stochastic model, else standard) | standard | rand | fast
+        AttackDef("autoattack", "linf", True, True, _autoattack, strength=_autoattack_full),
+        AttackDef("eot_pgd", "linf", True, True, lambda d: {**_pgd(d), "eot_iter": 10}, strength=_pgd_full),
+        AttackDef("bpda_pgd", "linf", True, True, _pgd, needs_twin=True, strength=_pgd_full),
+        # APGD and AutoAttack through BPDA, EOT over draws on a stochastic model: adaptive to both
+        # defences of the paper-mode model at once (a detached quantum branch, a random output)
+        AttackDef("bpda_apgd", "linf", True, True, lambda d: _apgd(d, 100, 20), True, _bpda_apgd_full),
+        AttackDef("bpda_autoattack", "linf", True, True, _autoattack, True, _autoattack_full),
+        AttackDef(
+            "transfer",
+            "linf",
+            True,
+            False,
+            lambda d: {**_pgd(d), "surrogate": "cnn", "base": "pgd"},
+            strength=_transfer_full,
+        ),
     ]
 }
 
@@ -100,4 +196,4 @@ def budget_reachable(params: dict[str, Any]) -> bool:
 
 
 PAPER_SUITE = ("fgsm", "pgd", "apgd", "vmifgsm", "cw", "deepfool", "onepixel", "square")
-ADAPTIVE = ("eot_pgd", "bpda_pgd", "transfer", "autoattack")
+ADAPTIVE = ("eot_pgd", "bpda_pgd", "bpda_apgd", "bpda_autoattack", "transfer", "autoattack")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torchattacks
 
 from qshield_dist.attacks import ATTACKS, CallCounter, CWBinarySearch, build_attack
 from qshield_dist.config import TrainConfig
@@ -28,7 +30,10 @@ LINF = ["fgsm", "pgd", "apgd", "vmifgsm", "square", "autoattack", "eot_pgd"]
 @pytest.mark.parametrize("name", LINF)
 def test_linf_attacks_stay_within_eps_and_pixel_range(trained, name):
     model, x, y = trained
-    params = ATTACKS[name].params("digits", overrides={"eps": 0.1} | ({"n_queries": 50} if name == "square" else {}))
+    # autoattack: its 10-step smoke version here (the authors' 100 steps took minutes on 2 cores;
+    # tests/test_stochastic_attacks.py checks that strength's parameters)
+    extra = {"square": {"n_queries": 50}, "autoattack": {"version": "fast"}}.get(name, {})
+    params = ATTACKS[name].params("digits", overrides={"eps": 0.1} | extra)
     if name == "eot_pgd":
         params["eot_iter"] = 2
     torch.manual_seed(0)
@@ -36,6 +41,30 @@ def test_linf_attacks_stay_within_eps_and_pixel_range(trained, name):
     assert float((adv - x).abs().max()) <= 0.1 + 1e-6
     assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
     assert not torch.equal(adv, x)
+
+
+SAME_AS_TORCHATTACKS = {
+    "square": (torchattacks.Square, {"norm": "Linf"}, {"n_queries": 50}),
+    "deepfool": (torchattacks.DeepFool, {}, {"steps": 10}),
+    "onepixel": (torchattacks.OnePixel, {}, {"steps": 3, "popsize": 5}),
+}
+
+
+@pytest.mark.parametrize("name", list(SAME_AS_TORCHATTACKS))
+def test_a_deterministic_model_gets_torchattacks_own_attack(trained, name):
+    """The stochastic-complete classes change nothing on a deterministic model: the same
+    adversarial images, bit for bit, from the same calls."""
+    model, x, y = trained
+    cls, fixed, overrides = SAME_AS_TORCHATTACKS[name]
+    params = ATTACKS[name].params("digits", overrides=overrides)
+    outs = []
+    for make in (lambda m: build_attack(name, m, params, 10, eval_repeats=5), lambda m: cls(m, **fixed, **params)):
+        counter = CallCounter(model)
+        torch.manual_seed(0)
+        np.random.seed(0)  # One-Pixel's differential evolution draws from NumPy
+        adv = make(counter)(x[:8], y[:8])
+        outs.append((adv, (counter.forward_calls, counter.backward_calls, counter.forward_samples)))
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
 
 
 def test_pgd_is_counted_call_by_call(trained):

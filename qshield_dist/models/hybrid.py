@@ -31,14 +31,19 @@ def _safe_std(centered: torch.Tensor) -> torch.Tensor:
 
 
 def standardize(z: torch.Tensor) -> torch.Tensor:
-    """Per-sample zero mean, unit variance over the feature axis."""
-    centered = z - z.mean(dim=1, keepdim=True)
+    """Per-sample zero mean, unit variance over the feature axis (the last)."""
+    centered = z - z.mean(dim=-1, keepdim=True)
     return centered / _safe_std(centered)
 
 
 def paper_projection(z: torch.Tensor, n_angles: int, encoding: str) -> torch.Tensor:
-    """The authors' reduction of C standardized features to the circuit's angle count."""
-    n_features = z.shape[1]
+    """The authors' reduction of C standardized features to the circuit's angle count.
+
+    `z` is (B, C), or (k, B, C) for k draws at once (HQCNN.draws): then each draw has its own
+    random matrix and its own batch statistics, each shared by its copy of the batch."""
+    n_features = z.shape[-1]
+    if z.dim() == 3 and (encoding == "angle" or n_features == n_angles):  # per-sample reductions
+        return paper_projection(z.flatten(0, 1), n_angles, encoding).view(*z.shape[:2], -1)
     if encoding == "angle":
         if n_features >= n_angles:  # mean over (nearly) equal consecutive groups
             return F.adaptive_avg_pool1d(z.unsqueeze(1), n_angles).squeeze(1)
@@ -46,16 +51,16 @@ def paper_projection(z: torch.Tensor, n_angles: int, encoding: str) -> torch.Ten
     if n_features < n_angles:
         # Drawn afresh on every call: this is what makes their model stochastic.
         size = max(n_features, n_angles)
-        q, _ = torch.linalg.qr(torch.randn(size, size, device=z.device, dtype=z.dtype))
-        return z @ (0.1 * q[:n_features, :n_angles])
+        q, _ = torch.linalg.qr(torch.randn(*z.shape[:-2], size, size, device=z.device, dtype=z.dtype))
+        return z @ (0.1 * q[..., :n_features, :n_angles])
     if n_features == n_angles:
         return z
     if n_features <= 3 * n_angles:  # the n_angles features of highest variance across the batch
-        top = z.var(dim=0).topk(n_angles).indices
-        return z[:, top]
-    centered = z - z.mean(dim=0, keepdim=True)  # PCA across the batch
+        top = z.var(dim=-2).topk(n_angles).indices.unsqueeze(-2)
+        return z.gather(-1, top.expand(*z.shape[:-1], n_angles))
+    centered = z - z.mean(dim=-2, keepdim=True)  # PCA across the batch
     _, _, v = torch.linalg.svd(centered, full_matrices=False)
-    return centered @ v[:n_angles].T
+    return centered @ v[..., :n_angles, :].mT
 
 
 class AngleEncoder(nn.Module):
@@ -147,20 +152,41 @@ class HQCNN(nn.Module):
         )
 
     def quantum_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits -> (B, C) log-probabilities; (k, B, C) -> (k, B, C), k draws."""
         features = logits.detach() if self.quantum_grad == "detached" else logits
         angles = self.encoder(features)
-        probs = self.quantum(angles.to(torch.float32) if angles.dtype != torch.float64 else angles)
+        angles = angles.to(torch.float32) if angles.dtype != torch.float64 else angles
+        probs = self.quantum(angles.flatten(0, -2)).view(*angles.shape[:-1], -1)
         c = self.n_classes
-        if probs.shape[1] < c:  # more classes than basis states: zero-pad (as the paper)
-            probs = F.pad(probs, (0, c - probs.shape[1]))
-        probs = probs[:, :c]
-        return torch.log(probs / (probs.sum(1, keepdim=True) + 1e-12) + 1e-12)
+        if probs.shape[-1] < c:  # more classes than basis states: zero-pad (as the paper)
+            probs = F.pad(probs, (0, c - probs.shape[-1]))
+        probs = probs[..., :c]
+        return torch.log(probs / (probs.sum(-1, keepdim=True) + 1e-12) + 1e-12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_noise > 0:
             x = x + self.input_noise * torch.randn_like(x)
         logits = self.backbone(x)
         return self.fusion(torch.log_softmax(logits, dim=1), self.quantum_logprobs(logits))
+
+    def draws(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """(k, B, C): k independent draws of forward(x) in one batched pass, for EOT and
+        majority evaluation. A draw stays what it is: the paper projection's random matrix is
+        one per draw, shared by that draw's copy of the batch (k stacked copies in one forward
+        call would be one draw); input noise and trajectories are independent per row, so
+        stacked copies are independent draws of them. Without input noise the backbone runs
+        once. k = 1 is forward(x) itself; in training mode (batch statistics) this loops."""
+        if k == 1 or self.training:
+            return torch.stack([self(x) for _ in range(k)])
+        b = x.shape[0]
+        if self.input_noise > 0:
+            copies = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+            logits = self.backbone(copies + self.input_noise * torch.randn_like(copies)).view(k, b, -1)
+        else:
+            logits = self.backbone(x).unsqueeze(0).expand(k, -1, -1)
+        logp_q = self.quantum_logprobs(logits)
+        out = self.fusion(torch.log_softmax(logits, dim=-1).flatten(0, 1), logp_q.flatten(0, 1))
+        return out.view(k, b, -1)
 
     def differentiable_twin(self) -> "HQCNN":
         """Same weights, gradient flowing through the quantum branch (for BPDA)."""
