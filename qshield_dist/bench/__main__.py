@@ -1,4 +1,4 @@
-"""python -m qshield_dist.bench [quantum|models|dispatch|summary|all] [--plot PNG]
+"""python -m qshield_dist.bench [quantum|models|draws|dispatch|summary|all] [--plot PNG]
 
 Prints one JSON object per measurement on stdout (logs go to stderr). The figures kept in
 benchmarks/RESULTS.md come from this command.
@@ -21,14 +21,14 @@ def _emit(rows: Iterable[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qshield_dist.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="*", default=["all"], choices=["quantum", "scaling", "models", "dispatch", "summary", "all"])
+    parser.add_argument("what", nargs="*", default=["all"], choices=["quantum", "scaling", "models", "draws", "dispatch", "summary", "all"])
     parser.add_argument("--plot", default="benchmarks/qubit_scaling.png", help="where the qubit-scaling plot goes")
     parser.add_argument("--no-ray", action="store_true", help="dispatch: skip the Ray measurement")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     todo = set(args.what)
     if "all" in todo:
-        todo = {"quantum", "scaling", "models", "dispatch", "summary"}
+        todo = {"quantum", "scaling", "models", "draws", "dispatch", "summary"}
     if "quantum" in todo:
         from qshield_dist.bench import quantum
 
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         from qshield_dist.bench import models
 
         _emit(models.run())
+    if "draws" in todo:
+        from qshield_dist.bench import draws
+
+        _emit(draws.run())
     if "dispatch" in todo:
         from qshield_dist.bench import dispatch
 
