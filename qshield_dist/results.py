@@ -224,6 +224,11 @@ def trial_path(results_dir: Path, stage: str, dataset: str, trial_id: str, faile
 FAILED_SUFFIX = ".failed.parquet"
 
 
+def trial_log_path(results_dir: Path, trial_id: str) -> Path:
+    """Where a trial's log goes (every run of it appends): RESULTS/logs/<trial_id>.log."""
+    return Path(results_dir) / "logs" / f"{trial_id}.log"
+
+
 def result_files(results_dir: Path) -> Iterator[tuple[str, str, bool, Path]]:
     """(stage, trial_id, failed, path) for every complete result file (names only, no reads).
     Dot-files are the temporary files of atomic writes still in flight."""

@@ -34,7 +34,7 @@ from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial, stable_hash
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
-from qshield_dist.results import MODEL_COLUMNS, package_versions, read_rows, trial_path, write_rows
+from qshield_dist.results import MODEL_COLUMNS, package_versions, read_rows, trial_log_path, trial_path, write_rows
 from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,30 @@ def fixed_numerics(threads: int) -> Iterator[str]:
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1], warn_only=before[2])
         torch.backends.cudnn.benchmark = before[3]
+
+
+@contextmanager
+def trial_log(path: Path, mode: int) -> Iterator[None]:
+    """Everything the project logs while a trial runs, and Python warnings, also go to the
+    trial's own log file (appended: a retry or a requeue adds to it)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if mode == 0o600 else 0o755)
+    handler = logging.FileHandler(path)
+    os.chmod(path, mode)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package, warn = logging.getLogger("qshield_dist"), logging.getLogger("py.warnings")
+    before = package.level
+    package.setLevel(min(before or logging.INFO, logging.INFO))
+    package.addHandler(handler)
+    warn.addHandler(handler)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        warn.removeHandler(handler)
+        package.removeHandler(handler)
+        package.setLevel(before)
+        handler.close()
 
 
 def seed_everything(seed: int) -> None:
@@ -362,7 +386,9 @@ def run_trial(trial: Trial, ctx: RunContext) -> str:
     root = Path(ctx.results_dir)
     ok_path = trial_path(root, trial.stage, trial.dataset, trial.trial_id)
     failed_path = trial_path(root, trial.stage, trial.dataset, trial.trial_id, failed=True)
-    with fixed_numerics(trial.threads) as determinism:
+    with trial_log(trial_log_path(root, trial.trial_id), ctx.file_mode), fixed_numerics(trial.threads) as determinism:
+        log.info("trial %s (%s, %s) on %s: start", trial.trial_id, trial.stage, trial.dataset, socket.gethostname())
+        start = time.perf_counter()
         try:
             if isinstance(trial, TrainTrial):
                 rows = run_train(trial, ctx)
@@ -372,11 +398,12 @@ def run_trial(trial: Trial, ctx: RunContext) -> str:
                 rows = run_diagnostic(trial, ctx)
             status = "ok"
         except Exception as exc:  # recorded as a row: the sweep goes on
-            log.warning("trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
+            log.exception("trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
             rows = [{**_base_row(trial, ctx), "status": "failed", "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"}]
             if isinstance(trial, AttackTrial):
                 rows[0].update(attack=trial.attack, attack_preset=trial.preset, attack_params=json.dumps(trial.params_dict, sort_keys=True))
             status = "failed"
+        log.info("trial %s: %s in %.1f s", trial.trial_id, status, time.perf_counter() - start)
     for row in rows:
         row["peak_rss_mb"] = _peak_rss_mb()
         row["determinism"] = determinism

@@ -10,7 +10,7 @@ from qshield_dist.attacks import ATTACKS
 
 from qshield_dist.config import load_config, validate
 from qshield_dist.grid import AttackTrial, build_grid
-from qshield_dist.results import scan_done
+from qshield_dist.results import scan_done, trial_log_path
 from qshield_dist.trial import RunContext, read_trial, run_trial
 
 METRICS = ["clean_acc", "n_attacked", "n_success", "asr", "robust_acc", "forward_calls", "backward_calls", "linf_max", "l2_mean", "train_steps"]
@@ -80,6 +80,13 @@ def test_a_failing_trial_is_recorded_and_others_complete(tmp_path):
     path = next((tmp_path / "results").rglob(f"{failing.trial_id}.failed.parquet"))
     row = pq.read_table(path).to_pylist()[0]
     assert row["status"] == "failed" and "bpda_pgd applies to hqcnn" in row["error"] and row["attack"] == "bpda_pgd"
+    # every trial has its own log; the failed one holds the traceback, and a rerun appends
+    failed_log = trial_log_path(tmp_path / "results", failing.trial_id)
+    text = failed_log.read_text()
+    assert f"trial {failing.trial_id}" in text and "Traceback" in text and "bpda_pgd applies to hqcnn" in text
+    assert f"trial {fgsm.trial_id}: ok" in trial_log_path(tmp_path / "results", fgsm.trial_id).read_text()
+    run_trial(failing, ctx)
+    assert failed_log.read_text().count(": start") == 2
 
 
 def test_corrupt_checkpoint_is_retrained_not_fatal(tmp_path):

@@ -14,6 +14,7 @@ from qshield_dist.summary.load import Results
 from qshield_dist.summary.plots import Figure
 from qshield_dist.summary.render import Section, TextTable, num, pct, pm, ratio
 from qshield_dist.summary.tables import Tables, params_text
+from qshield_dist.results import trial_log_path
 from qshield_dist.summary.verdicts import comparison_text, eps_text, gain_sources, variant_cost_drivers
 
 LOW = "†"  # marks a cell with a seed below the sample threshold
@@ -323,12 +324,12 @@ def honesty_section(tables: Tables, res: Results) -> Section:
     if f.height:
         rows = [
             [r["stage"] or "", r["dataset"] or "", r["variant"] or "", r["attack"] or "-", r["seed"],
-             r["trial_id"], r["error_line"]]
+             r["trial_id"], r["error_line"], str(trial_log_path(res.root, r["trial_id"]))]
             for r in f.sort("stage", "dataset", "trial_id").iter_rows(named=True)
         ]
         headers = ["stage", "dataset", "variant", "attack", "seed", "trial",
-                   "error (first line; full text in failed.csv)"]
-        sec.add(TextTable("Failed trials", headers, rows))
+                   "error (first line; full text in failed.csv)", "log"]
+        sec.add(TextTable("Failed trials", headers, rows, "Each trial's log (every run of it) is in its log file."))
     m = tables.missing
     if res.expected is not None:
         sec.add(f"Missing grid points (in manifest.json's expected_trials, no result file): {m.height}.")
