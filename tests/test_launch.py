@@ -154,14 +154,16 @@ def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_th
     from qshield_dist.config import load_config
     from qshield_dist.executors.base import Job, Resources
 
-    cfg = load_config("sweeps/smoke.yaml")
-    args = launch.parse_args(["sweeps/smoke.yaml", "--executor", "slurm"])
+    from qshield_dist import executors
+
+    overrides = {"executor": "slurm", "results_dir": str(tmp_path)}
+    cfg = load_config("sweeps/smoke.yaml", overrides)
     attack_job = Job("a", print, (), Resources(cpus=2, gpus=0.25, mem_gb=8, timeout_min=30))
-    params = launch.make_executor(cfg, args, tmp_path).sbatch_parameters([attack_job], None)
+    params = executors.make(cfg).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"], params["time"], params["gpus_per_task"]) == (2, "8GB", 30, 1)
     # names submitit.SlurmExecutor.update_parameters takes
     assert set(params) <= submitit.SlurmExecutor._valid_parameters()
 
-    cfg = load_config("sweeps/smoke.yaml", {"slurm": {"cpus_per_task": 4, "mem_gb": 16}})
-    params = launch.make_executor(cfg, args, tmp_path).sbatch_parameters([attack_job], None)
+    cfg = load_config("sweeps/smoke.yaml", {**overrides, "slurm": {"cpus_per_task": 4, "mem_gb": 16}})
+    params = executors.make(cfg).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"]) == (4, "16GB")
