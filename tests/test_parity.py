@@ -80,3 +80,41 @@ def test_differing_trials_names_what_differs(reference: Path, tmp_path: Path) ->
     files[1].unlink()
     diff = differing_trials(reference, copy)
     assert diff == {files[0].stem: ["n_success"], files[1].stem: ["missing"]}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_arrays_give_the_reference_rows(slurm_cluster: None, reference: Path, tmp_path: Path) -> None:
+    """--executor slurm: submitit job arrays per stage on the dev cluster."""
+    import yaml
+
+    sweep = yaml.safe_load((REPO / "sweeps/parity.yaml").read_text())
+    sweep["slurm"] = {"partition": "debug", "time_min": 20, "cpus_per_task": 1, "mem_gb": 2, "folder": str(tmp_path / "submitit")}
+    path = tmp_path / "parity.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    results = tmp_path / "slurm"
+    cmd = [sys.executable, "-m", "qshield_dist.launch", str(path), "--executor", "slurm", "--results", str(results),
+           "--checkpoints", str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(scan_done(results)) == N_TRIALS
+    assert differing_trials(reference, results) == {}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sbatch_run_sh_gives_the_reference_rows(slurm_cluster: None, reference: Path, tmp_path: Path) -> None:
+    """sbatch slurm/run.sh: a Ray cluster inside the allocation, the launcher against it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"QSHIELD_PYTHON": sys.executable, "QSHIELD_RAY_DIR": str(tmp_path / "ray")}
+    results, log_file = tmp_path / "runsh", tmp_path / "run-%j.log"
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--wait", f"--output={log_file}", "--cpus-per-task=2", str(REPO / "slurm/run.sh"),
+         "sweeps/parity.yaml", "--results", str(results), "--checkpoints", str(tmp_path / "ckpt")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    job_id = proc.stdout.strip().split(";")[0]
+    text = Path(str(log_file).replace("%j", job_id)).read_text() if job_id else proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert f"{N_TRIALS} ok, 0 failed, 0 lost" in text, text[-3000:]
+    assert differing_trials(reference, results) == {}
