@@ -182,11 +182,12 @@ def build_grid(spec: SweepSpec) -> Grid:
                 trial = add(base)
                 controls = cfg.eval.controls if model.model == "hqcnn" else []
                 for spec_a in spec.attacks:
-                    if spec_a.name == "bpda_pgd" and model.model != "hqcnn":
+                    needs_twin = ATTACKS[spec_a.name].needs_twin
+                    if needs_twin and model.model != "hqcnn":
                         continue  # BPDA replaces the hybrid's quantum gradient: nothing to replace here
                     params = ATTACKS[spec_a.name].params(dataset, spec_a.preset, spec_a.params)
                     surrogate = add(_baseline_of(trial, params["surrogate"])) if spec_a.name == "transfer" else None
-                    for control in [None, *(controls if spec_a.name != "bpda_pgd" else [])]:
+                    for control in [None, *(controls if not needs_twin else [])]:
                         target = add(_equal_budget_baseline(trial)) if control == "equal_budget" else trial
                         a = AttackTrial(
                             target, spec_a.name, spec_a.preset, tuple(sorted(params.items())), cfg.eval, control, surrogate, cfg.threads
