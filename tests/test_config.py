@@ -90,8 +90,8 @@ def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
     assert sorted(m.entanglement for m in models if m.model == "hqcnn") == ["full", "linear", "none", "star"]
     baseline = next(t for t in grid.train if t.model.model == "cnn_small" and t.train.epochs == 10)
     assert all(t.baseline_id == baseline.trial_id for t in grid.train if t.model.model == "hqcnn")
-    # 6 models x 3 attacks, + 4 hybrids x 3 backbone-alone controls, + one equal-budget cnn_small x 3
-    assert len(grid.attack) == 6 * 3 + 4 * 3 + 3
+    # 6 models x 4 attacks, + 4 hybrids x 4 backbone-alone controls, + one equal-budget cnn_small x 4
+    assert len(grid.attack) == 6 * 4 + 4 * 4 + 4
     twin = next(t for t in grid.train if t.model.model == "cnn_small" and t.train.epochs == 20)  # equal budget:
     assert twin.trial_id != baseline.trial_id  # 10 epochs of pre-training + 10 as a hybrid
     # ids are stable across parses and independent of paths
