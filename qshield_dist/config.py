@@ -21,6 +21,7 @@ from qshield_dist.datasets import DATASETS, check_available
 from qshield_dist.executors.base import Resources
 from qshield_dist.vocabulary import (
     ATTACK_PRESETS,
+    AUTOATTACK_VERSIONS,
     BACKBONES,
     CONTROLS,
     DEVICES,
@@ -180,6 +181,12 @@ class SlurmConfig(_Strict):
     mem_gb: float | None = Field(None, gt=0)
     array_parallelism: int = Field(64, ge=1)
     folder: str | None = None  # submitit logs; default RESULTS/.submitit
+    # Trials of one dependency wave are packed into array tasks of about this many minutes of
+    # expected work (each trial's resources timeout_min, unless the executor is given durations);
+    # 0: one trial per task.
+    pack_minutes: float = Field(30.0, ge=0)
+    # Requeues after a time-out (checkpoint on USR2) before a task's unfinished trials are lost.
+    max_num_timeout: int = Field(3, ge=0)
 
 
 class SweepConfig(_Strict):
@@ -277,6 +284,10 @@ def parse_attacks(cfg: SweepConfig) -> list[AttackSpec]:
                     raise ConfigError(f"attacks[{i}].params.eps: got {v!r}: must be a number in (0, 1] (pixel units)")
                 if key in ("steps", "n_queries", "eot_iter") and not (isinstance(v, int) and v >= 1):
                     raise ConfigError(f"attacks[{i}].params.{key}: got {v!r}: must be an integer >= 1")
+                if key == "version" and v not in AUTOATTACK_VERSIONS:
+                    raise ConfigError(
+                        f"attacks[{i}].params.version: got {v!r}: unknown AutoAttack version; allowed: {', '.join(AUTOATTACK_VERSIONS)}"
+                    )
         for point in expand_axes(params) if params else [{}]:
             specs.append(AttackSpec(name=base.name, preset=base.preset, params=point))
     return specs

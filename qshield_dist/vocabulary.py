@@ -30,5 +30,8 @@ MIXED_DEVICES = ("default.mixed",)
 # --- attacks and runs ---------------------------------------------------------------------------
 # The attack names themselves live with their parameters in attack_params.ATTACKS.
 ATTACK_PRESETS = ("paper", "standard")
+# AutoAttack's `version`: auto (rand on a stochastic model, else standard) | the authors' two |
+# fast (ten-step components for smoke runs; recorded as fast, never reported as AutoAttack)
+AUTOATTACK_VERSIONS = ("auto", "standard", "rand", "fast")
 CONTROLS = ("backbone_only", "equal_budget")
 EXECUTORS = ("local", "ray", "slurm")

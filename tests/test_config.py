@@ -97,3 +97,14 @@ def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
     # ids are stable across parses and independent of paths
     again = build_grid(validate(load_config("sweeps/quick.yaml", {"results_dir": "/elsewhere"})))
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in grid.trials]
+
+
+def test_an_unknown_autoattack_version_is_refused_before_compute(tmp_path, caplog):
+    sweep = yaml.safe_load(open("sweeps/smoke.yaml"))
+    sweep["attacks"] = [{"name": "autoattack", "params": {"version": "plus"}}]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    with caplog.at_level(logging.ERROR):
+        assert launch.main([str(path), "--results", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")]) == 2
+    assert "attacks[0].params.version: got 'plus'" in caplog.text and "auto, standard, rand, fast" in caplog.text
+    assert not (tmp_path / "r").exists()

@@ -25,10 +25,11 @@ import torch.nn as nn
 import torchattacks
 from torchattacks.attack import Attack
 
+from qshield_dist.vocabulary import AUTOATTACK_VERSIONS
 from qshield_dist.attacks.base import describe
 from qshield_dist.attacks.stochastic import StochasticAPGD, StochasticMultiAttack, StochasticSquare
 
-VERSIONS = ("auto", "standard", "rand", "fast")
+VERSIONS = AUTOATTACK_VERSIONS
 AUTHORS_STEPS = 100
 AUTHORS_TARGETS = 9
 AUTHORS_EOT = 20

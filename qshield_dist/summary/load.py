@@ -118,8 +118,10 @@ def _schema_problem(path: str) -> str | None:
         schema = stored_versions(Path(path)).get("schema_version")
     except (OSError, pa.ArrowException) as exc:
         return f"unreadable Parquet ({type(exc).__name__})"
-    if schema != SCHEMA_VERSION or any(found.get(f.name) != f.type for f in SCHEMA):
+    if schema != SCHEMA_VERSION:
         return f"schema version {schema if schema is not None else '?'} (current {SCHEMA_VERSION})"
+    if any(found.get(f.name) != f.type for f in SCHEMA):
+        return f"other columns than schema version {SCHEMA_VERSION} (written by an unreleased build?)"
     return None
 
 
