@@ -6,7 +6,7 @@ so checkpoints are shared between sweeps and re-running a sweep finds what is do
 - One TrainTrial per (dataset, model spec, train config, seed). An HQCNN with
   `init: from_baseline` depends on its backbone's TrainTrial, added if the sweep lacks it.
 - One AttackTrial per (TrainTrial, attack spec, control). `transfer` also depends on the
-  surrogate's TrainTrial.
+  surrogate's TrainTrial. BPDA attacks apply only to hybrids with a detached quantum branch.
 """
 
 from __future__ import annotations
@@ -183,8 +183,10 @@ def build_grid(spec: SweepSpec) -> Grid:
                 controls = cfg.eval.controls if model.model == "hqcnn" else []
                 for spec_a in spec.attacks:
                     needs_twin = ATTACKS[spec_a.name].needs_twin
-                    if needs_twin and model.model != "hqcnn":
-                        continue  # BPDA replaces the hybrid's quantum gradient: nothing to replace here
+                    if needs_twin and not (model.model == "hqcnn" and model.quantum_grad == "detached"):
+                        # BPDA replaces a detached quantum branch's gradient by its twin's; a
+                        # classical model or a full-gradient hybrid has nothing to replace
+                        continue
                     params = ATTACKS[spec_a.name].params(dataset, spec_a.preset, spec_a.params)
                     surrogate = add(_baseline_of(trial, params["surrogate"])) if spec_a.name == "transfer" else None
                     for control in [None, *(controls if not needs_twin else [])]:
