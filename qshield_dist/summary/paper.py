@@ -35,7 +35,7 @@ _WHY = {
     "quantum_grad": "paper's quantum branch passes no gradient to the input",
 }
 COLUMNS = [
-    "dataset", "paper_dataset", "label", "paper_model", "metric", "attack", "measured", "paper", "diff",
+    "dataset", "paper_dataset", "label", "paper_model", "metric", "attack", "measured", "n", "paper", "diff",
     "match", "notes",
 ]
 
@@ -112,7 +112,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
         return "proxy dataset" if v["dataset"] in proxies else "exact"
 
     def add(v: dict[str, Any], pds: str | None, pmodel: str | None, metric: str, attack: str,
-            measured: float | None, extra: list[str]) -> None:
+            measured: float | None, extra: list[str], size: str = "") -> None:
         published = by_key.get((pds, pmodel, metric, attack)) if pds and pmodel else None
         if pds is None:
             match = f"no counterpart: dataset {v['dataset']} is not in the paper"
@@ -128,7 +128,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
         rows.append({
             "dataset": v["dataset"], "paper_dataset": PAPER_DATASETS.get(pds or "", None),
             "label": v["label"], "paper_model": pmodel, "metric": metric, "attack": attack,
-            "measured": measured, "paper": published,
+            "measured": measured, "n": size, "paper": published,
             "diff": None if measured is None or published is None else measured - published, "match": match,
             "notes": "; ".join(notes),
         })
@@ -144,7 +144,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
         pds = pds if pds in PAPER_DATASETS else None
         pmodel = _paper_model(v)
         if v["clean_mean"] is not None:
-            add(v, pds, pmodel, "accuracy", "", v["clean_mean"], [])
+            add(v, pds, pmodel, "accuracy", "", v["clean_mean"], [], f"s={v['clean_seeds']}")
         ratio = None
         if v.get("train_seconds") is not None and base_train.get(v["dataset"]):
             ratio = v["train_seconds"] / base_train[v["dataset"]]
@@ -167,7 +167,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
             paper_params = published_params.get(pds or "", {}).get(attack)
             extra = _param_notes(attack, c["attack_preset"], c["attack_params"], paper_params)
             is_paper_attack = c["attack_preset"] == "paper" and not extra
-            add(v, pds, pmodel, "asr", attack, c["asr_mean"], extra)
+            add(v, pds, pmodel, "asr", attack, c["asr_mean"], extra, f"s={c['n_seeds']}, n={c['n_attacked']}")
             if not is_paper_attack and rows[-1]["paper"] is not None:
                 rows[-1]["match"] += " (setting differs)"
             if pmodel and pds and pmodel != "CNN" and c["time_ratio"] is not None:
@@ -192,7 +192,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
         rows.append({
             "dataset": measured_name, "paper_dataset": r["paper_dataset"], "label": None,
             "paper_model": r["paper_model"], "metric": r["metric"], "attack": r["attack"], "measured": None,
-            "paper": r["value"], "diff": None, "match": "not measured here", "notes": "",
+            "n": "", "paper": r["value"], "diff": None, "match": "not measured here", "notes": "",
         })
     schema = {c: pl.String for c in COLUMNS}
     schema |= {"measured": pl.Float64, "paper": pl.Float64, "diff": pl.Float64}

@@ -169,12 +169,12 @@ def paper_section(paper: pl.DataFrame, proxies: dict[str, str]) -> Section:
     shown = paper.filter((pl.col("match") != "not measured here") & ~pl.col("match").str.starts_with("no counterpart"))
     rows = [
         [r["dataset"], r["label"] or "-", r["paper_model"] or "-", r["metric"], r["attack"] or "-",
-         _paper_cell(r["metric"], r["measured"]), _paper_cell(r["metric"], r["paper"]),
+         _paper_cell(r["metric"], r["measured"]), r["n"] or "-", _paper_cell(r["metric"], r["paper"]),
          _paper_cell(r["metric"], r["diff"], True), r["match"], r["notes"] or ""]
         for r in shown.iter_rows(named=True)
     ]
-    headers = ["dataset", "model", "paper model", "metric", "attack", "measured", "paper", "diff", "match",
-               "notes"]
+    headers = ["dataset", "model", "paper model", "metric", "attack", "measured", "seeds, samples", "paper", "diff",
+               "match", "notes"]
     if rows:
         sec.add(TextTable("Measured vs published", headers, rows))
     if no_counterpart.height:
@@ -275,11 +275,12 @@ def controls_section(tables: Tables) -> Section:
         rows = [
             [r["dataset"], labels.get(r["vkey_h"], r["vkey_h"]), r["attack_label"], pct(r["asr_hybrid"]),
              pct(r["asr_backbone_only"]), pct(r["asr_equal_budget"]), pct(r["asr_baseline"]),
-             pct(r["gain_backbone"]), pct(r["gain_quantum"])]
+             pct(r["gain_backbone"]), pct(r["gain_quantum"]), f"s={r['n_seeds']}, n={r['n_attacked']}"]
             for r in c.iter_rows(named=True)
         ]
         headers = ["dataset", "hybrid", "attack", "ASR hybrid %", "ASR backbone alone %",
-                   "ASR equal-budget backbone %", "ASR baseline %", "gain: backbone (pp)", "gain: quantum (pp)"]
+                   "ASR equal-budget backbone %", "ASR baseline %", "gain: backbone (pp)", "gain: quantum (pp)",
+                   "hybrid: seeds, samples"]
         sec.add(TextTable("Hybrid vs its backbone alone, per attack (mean ASR over seeds; point estimates)", headers, rows))
     return sec
 

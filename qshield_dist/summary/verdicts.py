@@ -192,7 +192,7 @@ def variant_cost_drivers(compared: pl.DataFrame) -> pl.DataFrame:
 # ---------------------------------------------------------------- controls: where the gain comes from
 _CONTROL_COLUMNS = [
     "dataset", "attack_label", "vkey_h", "asr_hybrid", "asr_backbone_only", "asr_equal_budget",
-    "asr_baseline", "gain_backbone", "gain_quantum",
+    "asr_baseline", "gain_backbone", "gain_quantum", "n_seeds", "n_attacked",
 ]
 
 
@@ -206,7 +206,8 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     ctrl = rob.filter(pl.col("control") == BACKBONE_ONLY)
     eq = rob.filter(pl.col("control") == EQUAL_BUDGET)
     if not hyb.height or not (ctrl.height or eq.height):
-        schema = {c: (pl.Float64 if c.startswith(("asr", "gain")) else pl.String) for c in _CONTROL_COLUMNS}
+        kind = {"asr": pl.Float64, "gai": pl.Float64, "n_s": pl.UInt32, "n_a": pl.Int64}
+        schema = {c: kind.get(c[:3], pl.String) for c in _CONTROL_COLUMNS}
         return pl.DataFrame(schema=schema)
     # The backbone-alone row keeps its hybrid's variant columns; only `control` differs, so
     # the two meet on the other variant columns (null meeting null, as in the string vkey).
@@ -217,7 +218,8 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     ).unique(["dataset", "backbone", "attack_label"])
     base = baseline_rows(rob, baselines).select("dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline"))
     out = (
-        hyb.select(*same_variant, "vkey", "attack_label", "attack_rank", asr_hybrid=pl.col("asr_mean"))
+        hyb.select(*same_variant, "vkey", "attack_label", "attack_rank", "n_seeds", "n_attacked",
+                   asr_hybrid=pl.col("asr_mean"))
         .join(ctrl, on=[*same_variant, "attack_label"], how="left", nulls_equal=True)
         .join(eq, on=["dataset", "backbone", "attack_label"], how="left")
         .join(base, on=["dataset", "attack_label"], how="left")
