@@ -128,6 +128,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="local executor: worker processes")
     p.add_argument("--ray-address", help="ray executor: 'auto' or host:port of a running cluster")
     p.add_argument("--dry-run", action="store_true", help="print the trials and run nothing")
+    p.add_argument(
+        "--plan", action="store_true",
+        help="estimate time and memory per stage from a short calibration on this machine, write no result, run no sweep",
+    )
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     p.add_argument("--retry-failed", action="store_true", help="also re-run trials recorded as failed")
     p.add_argument(
         "--prune", action="store_true",
@@ -237,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ray_address:
             update["ray"] = cfg.ray.model_copy(update={"address": args.ray_address})
         cfg = cfg.model_copy(update=update)
-        grid = prepare(cfg, require_available=not (args.dry_run or args.prune))
+        grid = prepare(cfg, require_available=not (args.dry_run or args.prune or args.plan))
     except ConfigError as exc:
         log.error("bad sweep input (%s):\n%s", args.sweep, exc)
         return 2
@@ -251,6 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         dest = move_aside(results_dir, stale, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
         log.info("moved %d result files to %s (%s); the list is %s", len(stale), dest, _count_reasons(stale), dest / "moved.tsv")
+        return 0
+    if args.plan:
+        from qshield_dist.plan import run_plan  # torch only if something must be calibrated
+
+        run_plan(cfg, grid, as_json=args.json)
         return 0
     if args.dry_run:
         done = scan_done(results_dir)

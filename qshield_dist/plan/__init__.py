@@ -1,0 +1,391 @@
+"""What a sweep will cost, before it runs: python -m qshield_dist.launch SWEEP.yaml --plan [--json]
+
+calibrate -> extrapolate -> schedule -> table. Nothing is written under the sweep's results or
+checkpoint directories and no executor is started.
+
+- Calibrate: one representative trial per distinct (model kind, attack, preset) runs through the
+  real `run_trial` on a scaled-down copy (plan/calibration.py), at two sizes where the first is
+  quick, so that time = fixed overhead + per-unit cost x units + per-point cost of the clean
+  evaluations (units: optimizer steps, attacked points, diagnostic points), with each run's
+  peak RSS. A model kind is what makes cost differ: model, backbone, simulator and device,
+  qubits, trajectories, projection, input noise, image shape (channels, size); entanglement,
+  noise, fusion, encoding and (compiled) depth variants share one calibration.
+- Extrapolate each trial from its kind: steps from its train config and split size, attacked
+  points from attack_size (every point assumed clean-correct: an upper bound), capped attack
+  iterations scaled back linearly, Square and DeepFool at EARLY_STOP_FRACTION of their budget.
+- Schedule the grid at the configured parallelism, each trial after its dependencies.
+
+Absent data files: calibration on synthetic tensors of the dataset's shape (a warning; the data
+loading time is then missing). An unusable device (lightning.gpu on a login node): its hybrids
+are estimated from their backbone alone, the closest kind that runs here (a warning: a lower bound).
+Calibrations are cached in $QSHIELD_PLAN_CACHE, else ~/.cache/qshield/plan: one JSON file per
+representative named by a hash of its scaled trial's identity, the calibration sizes, the
+machine (hostname, CPU model) and the package versions; a second --plan does not calibrate.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from qshield_dist.config import ModelSpec, SweepConfig
+from qshield_dist.datasets import DATASETS, check_available
+from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, Trial, TrainTrial, stable_hash
+from qshield_dist.plan import calibration as cal
+from qshield_dist.plan.schedule import Estimate, capacity, render, schedule
+from qshield_dist.results import package_versions
+
+log = logging.getLogger("qshield_dist.plan")
+
+CHUNK = 5  # calibrations per worker task
+PLAN_VERSION = 1  # bump when what a calibration measures changes: older cache files are ignored
+# (train, test) split sizes; the registry (datasets.py) does not record them.
+SPLITS = {"digits": (1437, 360), "mnist": (60000, 10000), "cifar10": (50000, 10000),
+          "organamnist": (34561, 17778)}
+# Attacks that stop a point at its first success: the share of their budget they used on the
+# trained models of quick.yaml (digits). Square: 0.25-0.47 of its queries per model, 0.35 over
+# all; DeepFool: 0.33 (cnn_small) and 0.10 (HQCNN) of its steps. One-Pixel (ASR 0 there) and
+# every other attack run their whole budget. The whole budget is the worst case.
+EARLY_STOP_FRACTION = {"square": 0.35, "deepfool": 0.25}
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("QSHIELD_PLAN_CACHE")
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(env) if env else base / "qshield" / "plan"
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"host": socket.gethostname(), "cpu": cpu, "cpus": str(len(os.sched_getaffinity(0)))}
+
+
+def _standin(spec: ModelSpec, usable: dict[str, bool]) -> ModelSpec:
+    """A hybrid on a device this machine lacks is estimated from its backbone alone, the closest
+    kind that runs here (a lower bound: without the circuit and a stochastic model's draws)."""
+    if spec.model == "hqcnn" and spec.simulator == "qnode" and not usable.get(spec.device, True):
+        return ModelSpec(model=spec.backbone)
+    return spec
+
+
+def model_kind(spec: ModelSpec, dataset: str) -> tuple[Any, ...]:
+    info = DATASETS[dataset]
+    kind: tuple[Any, ...] = (spec.model, info.channels, info.size)
+    if spec.model == "hqcnn":
+        kind += (spec.backbone, spec.simulator, spec.device, spec.qubits, spec.trajectories, spec.projection,
+                 spec.input_noise > 0, spec.depth if spec.simulator == "qnode" else None)
+    return kind
+
+
+@dataclass
+class Item:
+    """One calibration: the representative of every trial of its group."""
+
+    stage: str
+    trial: Trial  # the representative, its hybrid's backbone where the hybrid's device is unusable
+    trains: dict[str, TrainTrial]
+    synthetic: bool
+    key: str = ""
+    record: dict[str, Any] | None = None
+    cached: bool = False
+
+    @property
+    def label(self) -> str:
+        t = self.trial
+        train = t if isinstance(t, TrainTrial) else t.train
+        what = f"{train.model.label.split(' ')[0]} on {t.dataset}"
+        if isinstance(t, AttackTrial):
+            what += f" / {t.attack} ({t.preset})" + (f" [{t.control}]" if t.control else "")
+        return f"{t.stage}: {what}"
+
+
+@dataclass
+class Plan:
+    cfg: SweepConfig
+    warnings: list[str] = field(default_factory=list)
+    items: dict[Any, Item] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s", message)
+
+
+def _group(t: Trial, usable: dict[str, bool], kinds: dict[Any, tuple[Any, ...]]) -> tuple[Any, ...]:
+    """What a trial's cost depends on; `kinds` memoizes the model kind per train trial and control."""
+    train = t if isinstance(t, TrainTrial) else t.train
+    control = getattr(t, "control", None) == "backbone_only"
+    kind = kinds.get((train.trial_id, control))
+    if kind is None:
+        spec = _standin(train.model, usable)
+        # the hybrid's backbone alone is what a backbone_only control attacks
+        spec = ModelSpec(model=spec.backbone) if control and spec.model == "hqcnn" else spec
+        kind = kinds[(train.trial_id, control)] = model_kind(spec, t.dataset)
+    if isinstance(t, AttackTrial):
+        surrogate = model_kind(t.surrogate.model, t.dataset) if t.surrogate else None
+        return ("attack", kind, t.attack, t.preset, surrogate)
+    return (t.stage, kind)
+
+
+def _with_standins(t: Trial, usable: dict[str, bool]) -> Trial:
+    train = t if isinstance(t, TrainTrial) else t.train
+    spec = _standin(train.model, usable)
+    if spec is train.model:
+        return t
+    backbone = replace(train, model=spec, baseline_id=None)
+    if isinstance(t, TrainTrial):
+        return backbone
+    if isinstance(t, AttackTrial):
+        return replace(t, train=backbone, control=None)
+    return replace(t, train=backbone)
+
+
+def _trains_of(t: Trial, by_id: dict[str, TrainTrial]) -> dict[str, TrainTrial]:
+    todo = [t if isinstance(t, TrainTrial) else t.train]
+    if isinstance(t, AttackTrial) and t.surrogate:
+        todo.append(t.surrogate)
+    out: dict[str, TrainTrial] = {}
+    while todo:
+        train = todo.pop()
+        out[train.trial_id] = train
+        if train.baseline_id:
+            todo.append(by_id[train.baseline_id])
+    return out
+
+
+def _cache_key(item: Item) -> str:
+    t, trains = item.trial, item.trains
+    first = cal.FIRST_UNITS[item.stage]
+    if isinstance(t, TrainTrial):
+        scaled: Trial = cal.scaled_train(t, first, trains)
+    elif isinstance(t, AttackTrial):
+        scaled = cal.scaled_attack(t, first, trains)
+    else:
+        scaled = cal.scaled_diagnostic(t, first, trains)
+    policy = ("FIRST_UNITS", "MAX_UNITS", "TARGET_S", "TRAIN_TEST_POINTS", "ITERATION_CAPS", "SHRINK_EPS",
+              "REAL_PARAMS", "EARLY_STOP")
+    sizes = {k: getattr(cal, k) for k in policy}
+    return stable_hash({"plan": PLAN_VERSION, "trial": scaled.trial_id, "synthetic": item.synthetic,
+                        "sizes": sizes, "machine": machine(), "versions": package_versions()})
+
+
+def collect_items(plan: Plan, grid: Grid, usable: dict[str, bool], real: dict[str, bool]) -> dict[str, Any]:
+    """One pass over the grid: each trial's group, and the group's representative (the first
+    trial of it, preferring one that is not a control)."""
+    by_id = {t.trial_id: t for t in grid.train}
+    group_of: dict[str, Any] = {}
+    kinds: dict[Any, tuple[Any, ...]] = {}
+    for t in grid.trials:
+        g = group_of[t.trial_id] = _group(t, usable, kinds)
+        held = plan.items.get(g)
+        if held is None or (getattr(held.trial, "control", None) and not getattr(t, "control", None)):
+            rep = _with_standins(t, usable)
+            plan.items[g] = Item(t.stage, rep, _trains_of(rep, by_id), not real[t.dataset])
+    for item in plan.items.values():
+        item.key = _cache_key(item)
+    return group_of
+
+
+def _load_cache(item: Item, root: Path) -> bool:
+    try:
+        item.record = json.loads((root / f"{item.key}.json").read_text())["record"]
+        item.cached = True
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+def _store(root: Path, name: str, doc: dict[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(doc, sort_keys=True, default=str))
+    tmp.replace(root / f"{name}.json")
+
+
+def _workers(cfg: SweepConfig, n_groups: int) -> int:
+    """Calibrations run as many at once as the sweep's trials will on one machine (local: its
+    workers; a cluster node: its CPUs, up to 4), so that they measure the same contention."""
+    env = os.environ.get("QSHIELD_PLAN_WORKERS")
+    at_once = cfg.workers if cfg.executor == "local" else len(os.sched_getaffinity(0))
+    return int(env) if env else max(1, min(n_groups, at_once, 4))
+
+
+def calibrate(plan: Plan, todo: list[Item], workers: int | None = None) -> float | None:
+    """Run the calibrations not in the cache, one task per model kind; returns the process
+    start-up time the workers measured (None when they ran in this process)."""
+    groups: dict[Any, list[Item]] = {}
+    for item in todo:
+        t = item.trial
+        spec = (t if isinstance(t, TrainTrial) else t.train).model
+        groups.setdefault(model_kind(spec, t.dataset), []).append(item)
+    # Chunks of a few items, so that the workers stay busy until the end; each chunk makes its
+    # own (cheap) checkpoints.
+    ordered = sorted(groups.items(), key=lambda kv: "cnn" not in kv[0])  # ResNet-18 kinds first: the longest
+    tasks = [[{"key": i.key, "trial": i.trial, "trains": i.trains} for i in g[k : k + CHUNK]]
+             for _, g in ordered for k in range(0, len(g), CHUNK)]
+    by_key = {i.key: i for i in todo}
+    real = {name: not any(i.synthetic for i in todo if i.trial.dataset == name) for name in DATASETS}
+    workers = _workers(plan.cfg, len(tasks)) if workers is None else workers
+    startup: float | None = None
+    if workers == 0:
+        results = [cal.calibrate_group(task, plan.cfg.data.data_root, real) for task in tasks]
+    else:
+        with cf.ProcessPoolExecutor(workers, mp.get_context("spawn"), initializer=cal.warm_up) as pool:
+            root = plan.cfg.data.data_root
+            done = list(pool.map(cal.calibrate_in_worker, tasks, [root] * len(tasks), [real] * len(tasks)))
+        startup = max(s for s, _ in done)
+        results = [records for _, records in done]
+    for record in (r for records in results for r in records):
+        item = by_key[record["key"]]
+        item.record = record
+        if "error" not in record:
+            _store(cache_dir(), item.key, {"item": item.label, "record": record})
+    return startup
+
+
+def _work(attack: str, params: dict[str, Any], stochastic: bool) -> float:
+    """Iterations an attack runs per point, up to a constant (what calibration scales)."""
+    if attack in cal.REAL_PARAMS:
+        return 1.0
+    work = 1.0
+    for key in (*cal.ITERATION_CAPS, "n_restarts") + (("eot_iter",) if stochastic else ()):
+        if isinstance(params.get(key), int) and not isinstance(params.get(key), bool):
+            work *= params[key]
+    return work
+
+
+def split_sizes(t: Trial) -> tuple[int, int]:
+    train = t if isinstance(t, TrainTrial) else t.train
+    full_train, full_test = SPLITS.get(t.dataset, (10000, 2000))
+    return min(train.train_size or full_train, full_train), min(train.test_size or full_test, full_test)
+
+
+def _shape(t: Trial) -> tuple[Any, ...]:
+    """Everything `estimate` reads of a trial besides its group and dataset."""
+    train = t if isinstance(t, TrainTrial) else t.train
+    sizes = (train.train_size, train.test_size)
+    if isinstance(t, TrainTrial):
+        return (*sizes, t.train.epochs, t.train.batch_size, t.train.max_steps)
+    if isinstance(t, AttackTrial):
+        return (*sizes, t.attack, t.params, t.eval.attack_size, t.eval.batch_size, t.eval.eval_repeats)
+    return (*sizes, t.eval.diagnostic_size, t.eval.eval_repeats)
+
+
+def estimate(t: Trial, r: dict[str, Any], synthetic: bool) -> tuple[float, float]:
+    """(seconds, peak MB) of one trial from its group's calibration record."""
+    n_train, n_test = split_sizes(t)
+    mem = r["mem_mb"]
+    if synthetic:  # the real splits will be in memory too (float32, plus a copy while loading)
+        info = DATASETS[t.dataset]
+        mem += 2 * 4 * (n_train + n_test) * info.channels * info.size**2 / 2**20
+    if isinstance(t, TrainTrial):
+        per_epoch = n_train // t.train.batch_size + (n_train % t.train.batch_size >= 2)
+        steps = t.train.epochs * per_epoch
+        steps = steps if t.train.max_steps is None else min(t.train.max_steps, steps)
+        seconds = r["fixed_s"] + r["unit_s"] * steps + r["eval_s"] * n_test * r["eval_repeats"]
+        return seconds, mem + r["mem_unit_mb"] * (t.train.batch_size - r["in_flight"])
+    repeats = t.eval.eval_repeats if r["stochastic"] else 1
+    if isinstance(t, DiagnosticTrial):
+        work = r["unit_s"] * r["inner_scale"] * t.eval.diagnostic_size
+        seconds = r["fixed_s"] + work + r["eval_s"] * n_test * repeats
+        return seconds, mem + r["mem_unit_mb"] * max(0, t.eval.diagnostic_size - r["in_flight"])
+    points = min(t.eval.attack_size, n_test)
+    scale = _work(t.attack, t.params_dict, r["stochastic"]) / _work(t.attack, r["cal_params"], r["stochastic"])
+    scale *= EARLY_STOP_FRACTION.get(t.attack, 1.0)
+    seconds = r["fixed_s"] + r["unit_s"] * scale * points + r["eval_s"] * (n_test + points) * repeats
+    return seconds, mem + r["mem_unit_mb"] * max(0, min(points, t.eval.batch_size) - r["in_flight"])
+
+
+def run_plan(cfg: SweepConfig, grid: Grid, *, workers: int | None = None, out: Callable[[str], Any] = print,
+             as_json: bool = False) -> dict[str, Any]:
+    """Calibrate (or read the cache), extrapolate every trial, schedule, print the table."""
+    start = time.perf_counter()
+    plan = Plan(cfg)
+    real = {}
+    for name in cfg.datasets:
+        try:
+            check_available(name, cfg.data.data_root, download=False)  # a plan never downloads
+            real[name] = True
+        except FileNotFoundError:
+            real[name] = False
+            plan.warn(f"dataset '{name}' is not in {cfg.data.data_root}: calibrated on synthetic tensors of its"
+                      " shape; the time to load it is not in the estimate")
+    usable = _usable_devices(plan, grid)
+    group_of = collect_items(plan, grid, usable, real)
+    root = cache_dir()
+    todo = [i for i in plan.items.values() if not _load_cache(i, root)]
+    cal_start = time.perf_counter()
+    startup = calibrate(plan, todo, workers) if todo else None
+    cal_seconds = time.perf_counter() - cal_start
+    startup = _startup(root, startup)
+    for item in plan.items.values():
+        if item.record and "error" in item.record:
+            plan.warn(f"calibration of {item.label} failed ({item.record['error']}): its trials are not in the"
+                      " totals")
+    estimates: dict[str, Estimate] = {}
+    memo: dict[Any, Estimate] = {}  # trials that differ only in what costs nothing share one
+    for t in grid.trials:
+        group = group_of[t.trial_id]
+        item = plan.items[group]
+        if item.record and "error" not in item.record:
+            key = (group, t.dataset, _shape(t))
+            if key not in memo:
+                memo[key] = Estimate(*estimate(t, item.record, item.synthetic), item.label)
+            estimates[t.trial_id] = memo[key]
+    plan.report = schedule(cfg, grid, estimates, capacity(cfg, plan.warn), startup, plan.warn)
+    plan.report["calibration"] = {
+        "items": len(plan.items), "cached": sum(i.cached for i in plan.items.values()),
+        "seconds": round(cal_seconds, 1), "cache": str(root), "machine": machine(),
+        "plan_seconds": round(time.perf_counter() - start, 1),
+    }
+    plan.report["warnings"] = plan.warnings
+    out(json.dumps(plan.report, indent=2, default=str) if as_json else render(plan.report))
+    return plan.report
+
+
+def _usable_devices(plan: Plan, grid: Grid) -> dict[str, bool]:
+    names = sorted({t.model.device for t in grid.train if t.model.simulator == "qnode"})
+    usable = {}
+    if names:
+        import pennylane as qml
+
+        for name in names:
+            try:
+                qml.device(name, wires=1)
+                usable[name] = True
+            except Exception:  # the plugin raises its own error types
+                usable[name] = False
+                n = sum(t.model.device == name for t in grid.train)
+                plan.warn(f"device '{name}' is not usable here: its {n} hybrids' trials are estimated from"
+                          " their backbone alone (the closest kind that runs here): a lower bound, without the"
+                          f" circuit and a stochastic model's repeated draws; run --plan where {name} works")
+    return usable
+
+
+def _startup(root: Path, measured: float | None) -> float:
+    """Seconds a fresh trial process spends on its imports (cached per machine and versions)."""
+    name = "startup-" + stable_hash({"plan": PLAN_VERSION, "machine": machine(),
+                                     "versions": package_versions()})
+    if measured is not None:
+        _store(root, name, {"seconds": measured})
+        return measured
+    try:
+        return float(json.loads((root / f"{name}.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError):
+        return 0.0

@@ -1,0 +1,359 @@
+"""The calibration runs behind `--plan` (plan/__init__.py): the real `run_trial` on scaled-down copies.
+
+Runs in a worker process (or in the caller's, for tests), in a temporary directory that is
+removed afterwards; never under a sweep's results or checkpoint directories. Data comes from
+`_loader`, put in the place of trial.py's `load` for the duration: the dataset's real files when
+they are present (loaded in full, as a trial loads them), else synthetic tensors of its shape.
+The test labels are the calibration model's own predictions, so every point is clean-correct
+and is attacked, as most points of a trained model are.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import resource
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from qshield_dist.datasets import DATASETS
+from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial
+from qshield_dist.results import read_rows, trial_path
+
+FIRST_UNITS = {"train": 1, "attack": 2, "diagnostic": 2}  # steps / points of the first run
+MAX_UNITS = {"train": 12, "attack": 96, "diagnostic": 8}
+TARGET_S = 1.0  # a second run is sized to take about this long; a first run as long is enough
+TRAIN_TEST_POINTS = 32  # test points of a train calibration (its clean evaluation)
+# Iteration counts capped for calibration and scaled back linearly (the cost per iteration is
+# constant); AutoAttack runs its fixed suite, uncapped.
+ITERATION_CAPS = {"steps": 2, "n_queries": 20, "binary_search_steps": 1}
+REAL_PARAMS = ("autoattack", "bpda_autoattack")
+EARLY_STOP = ("square",)  # calibrated at an eps too small to succeed: every query runs
+SHRINK_EPS = 1e-3
+TARGET_BATCH = 2  # a checkpoint an attack or a hybrid's training starts from: one step of 2 samples
+
+
+def calibration_params(attack: str, params: dict[str, Any]) -> dict[str, Any]:
+    if attack in REAL_PARAMS:
+        return dict(params)
+    p = {k: min(v, ITERATION_CAPS[k]) if k in ITERATION_CAPS and isinstance(v, int) else v
+         for k, v in params.items()}
+    if attack in EARLY_STOP and "eps" in p:
+        p["eps"] = p["eps"] * SHRINK_EPS
+    return p
+
+
+def scaled_train(t: TrainTrial, steps: int, trains: dict[str, TrainTrial]) -> TrainTrial:
+    """`t` trained for `steps` optimizer steps of its own batch size (one step per epoch)."""
+    baseline = target(trains[t.baseline_id], trains).trial_id if t.baseline_id else None
+    cfg = t.train.model_copy(update={"epochs": steps, "max_steps": steps})
+    return replace(t, train=cfg, train_size=t.train.batch_size, test_size=None, baseline_id=baseline)
+
+
+def target(t: TrainTrial, trains: dict[str, TrainTrial]) -> TrainTrial:
+    """The cheap checkpoint a calibration attacks (its labels are its own predictions anyway)."""
+    baseline = target(trains[t.baseline_id], trains).trial_id if t.baseline_id else None
+    cfg = t.train.model_copy(update={"epochs": 1, "max_steps": 1, "batch_size": TARGET_BATCH})
+    return replace(t, train=cfg, train_size=TARGET_BATCH, test_size=None, baseline_id=baseline)
+
+
+def scaled_attack(a: AttackTrial, points: int, trains: dict[str, TrainTrial]) -> AttackTrial:
+    surrogate = target(a.surrogate, trains) if a.surrogate else None
+    params = tuple(sorted(calibration_params(a.attack, a.params_dict).items()))
+    return replace(a, train=target(a.train, trains), surrogate=surrogate, params=params,
+                   eval=a.eval.model_copy(update={"attack_size": points}))
+
+
+def scaled_diagnostic(d: DiagnosticTrial, points: int, trains: dict[str, TrainTrial]) -> DiagnosticTrial:
+    return replace(d, train=target(d.train, trains), attack_ids=(),
+                   eval=d.eval.model_copy(update={"diagnostic_size": points}))
+
+
+class _Data:
+    """What `_loader` returns for the next run (set by the calibration before each)."""
+
+    real: dict[str, bool] = {}
+    n_train = n_test = 0
+    labels: Any = None
+
+
+def _loader(name: str, root: Any, train_size: Any = None, test_size: Any = None, download: bool = False,
+            subset_seed: int = 0) -> tuple[Any, Any]:
+    import torch
+
+    from qshield_dist.data import Split, load
+
+    if _Data.real.get(name):
+        train, test = load(name, root)  # the full load: its time is part of every trial's
+    else:
+        info = DATASETS[name]
+        gen = torch.Generator().manual_seed(0)
+
+        def fake(n: int) -> Split:
+            x = torch.rand(n, info.channels, info.size, info.size, generator=gen)
+            return Split(x, torch.arange(n) % info.classes)
+
+        train, test = fake(_Data.n_train), fake(_Data.n_test)
+    train = Split(train.x[: _Data.n_train], train.y[: _Data.n_train])
+    test = Split(test.x[: _Data.n_test], test.y[: _Data.n_test])
+    if _Data.labels is not None:
+        test = Split(test.x, _Data.labels[: len(test.y)])
+    return train, test
+
+
+@contextmanager
+def _patched(real: dict[str, bool], timer: list[float]) -> Iterator[float]:
+    """trial.py's data loading -> `_loader`; the diagnostics' eps sweep at one eps and capped
+    steps, timed (yields the factor back to the real sweep's work)."""
+    from qshield_dist import diagnostics
+    from qshield_dist import trial as trial_mod
+
+    if not hasattr(trial_mod, "load") or not hasattr(diagnostics, "eps_sweep"):
+        raise RuntimeError("plan: trial.load or diagnostics.eps_sweep moved; update plan.calibration._patched")
+    real_sweep = diagnostics.eps_sweep
+    defaults = inspect.signature(real_sweep).parameters
+    eps_values, steps = defaults["eps_values"].default, defaults["steps"].default
+
+    def scaled_sweep(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            capped = {**kwargs, "eps_values": eps_values[-1:], "steps": ITERATION_CAPS["steps"]}
+            return real_sweep(*args, **capped)
+        finally:
+            timer.append(time.perf_counter() - start)
+
+    saved = trial_mod.load
+    trial_mod.load, diagnostics.eps_sweep, _Data.real = _loader, scaled_sweep, real
+    try:
+        yield len(eps_values) * steps / ITERATION_CAPS["steps"]
+    finally:
+        trial_mod.load, diagnostics.eps_sweep, _Data.labels = saved, real_sweep, None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (Linux: /proc/self/clear_refs), so that a run's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since the process started
+
+
+class CalibrationFailed(RuntimeError):
+    pass
+
+
+def _run(t: Trial, ctx: Any, timer: list[float], n_train: int, n_test: int,
+         labels: Any = None) -> dict[str, Any]:
+    """One timed run_trial; the row says how much of it was the scaled work (inner)."""
+    from qshield_dist.trial import run_trial
+
+    _Data.n_train, _Data.n_test, _Data.labels = n_train, n_test, labels
+    timer.clear()
+    reset = _reset_peak()
+    start = time.perf_counter()
+    status = run_trial(t, ctx)
+    total = time.perf_counter() - start
+    rows = read_rows(trial_path(Path(ctx.results_dir), t.stage, t.dataset, t.trial_id, failed=status != "ok"))
+    row = rows[0]
+    if status != "ok":
+        raise CalibrationFailed(str(row.get("error", "")).splitlines()[0])
+    r = int(row["eval_repeats"])
+    if t.stage == "train":
+        inner, units, flight = row["train_seconds"], row["train_steps"], t.train.batch_size
+        evals = row["n_test"] * r
+    elif t.stage == "attack":
+        units = row["n_attacked"]
+        inner, evals, flight = row["attack_seconds"], (row["n_test"] + units) * r, min(units, t.eval.batch_size)
+    else:
+        units = flight = t.eval.diagnostic_size
+        inner, evals = sum(timer), row["n_test"] * r
+    return {"total": total, "inner": float(inner), "units": int(units), "eval_pts": int(evals),
+            "in_flight": int(flight), "peak_mb": _peak_mb(), "peak_own": reset,
+            "stochastic": bool(row["stochastic"]), "eval_repeats": r}
+
+
+def _next(run: dict[str, Any], stage: str) -> int | None:
+    """Units of the second run: about TARGET_S of work; none when the first took as long (or,
+    past the train stage, half as long in all: an expensive model is calibrated at one size)."""
+    if run["inner"] >= TARGET_S or run["units"] < 1 or (stage != "train" and run["total"] >= TARGET_S / 2):
+        return None
+    per = max(run["inner"] / run["units"], 1e-6)
+    n = min(MAX_UNITS[stage], max(2 * run["units"], math.ceil(TARGET_S / per)))
+    return n if n > run["units"] else None
+
+
+def _fit(runs: list[dict[str, Any]], eval_s: float) -> dict[str, Any]:
+    """time = fixed + unit x units (+ eval_s x evaluated points); peak = mem + mem_unit x in flight."""
+    last = runs[-1]
+    slope = 0.0
+    if len(runs) == 2 and last["units"] > runs[0]["units"]:
+        slope = (last["inner"] - runs[0]["inner"]) / (last["units"] - runs[0]["units"])
+    if slope <= 0:  # one run, or noise: all of the work per unit (an upper bound)
+        slope, w0 = last["inner"] / max(last["units"], 1), 0.0
+    else:
+        w0 = max(0.0, last["inner"] - slope * last["units"])
+    outer = [max(0.0, r["total"] - r["inner"] - eval_s * r["eval_pts"]) for r in runs]
+    mem_unit = 0.0
+    if len(runs) == 2 and last["in_flight"] > runs[0]["in_flight"]:
+        mem_unit = max(0.0, (last["peak_mb"] - runs[0]["peak_mb"]) / (last["in_flight"] - runs[0]["in_flight"]))
+    # The least overhead: a process's first run also pays its one-time warm-up, which a sweep's
+    # worker pays once, not per trial.
+    return {"fixed_s": min(outer) + w0, "unit_s": slope, "eval_s": eval_s,
+            "mem_mb": max(r["peak_mb"] for r in runs) - mem_unit * last["in_flight"], "mem_unit_mb": mem_unit,
+            "in_flight": last["in_flight"], "stochastic": last["stochastic"],
+            "eval_repeats": last["eval_repeats"],
+            "peak_own": all(r["peak_own"] for r in runs), "runs": runs}
+
+
+class _Group:
+    """One model kind's calibrations: a temporary run context and what they share."""
+
+    def __init__(self, ctx: Any, timer: list[float], trains: dict[str, TrainTrial]):
+        self.ctx, self.timer, self.trains = ctx, timer, trains
+        self.eval_cost: dict[tuple[str, int], float] = {}
+        self.models: dict[tuple[str, str | None], Any] = {}
+
+    def ensure(self, t: TrainTrial) -> TrainTrial:
+        """`t`'s calibration target, trained (untimed) unless its checkpoint exists."""
+        s = target(t, self.trains)
+        if t.baseline_id:
+            self.ensure(self.trains[t.baseline_id])
+        if not (Path(self.ctx.checkpoint_dir) / f"{s.trial_id}.pt").exists():
+            _run(s, self.ctx, self.timer, TARGET_BATCH, TARGET_BATCH)
+        return s
+
+    def model(self, s: TrainTrial, control: str | None) -> Any:
+        from qshield_dist.models.classic import Classifier
+        from qshield_dist.trial import train_or_load
+
+        if (s.trial_id, control) not in self.models:
+            model, _ = train_or_load(s, self.ctx, allow_train=False)
+            alone = control == "backbone_only"
+            self.models[(s.trial_id, control)] = Classifier(model.backbone).eval() if alone else model
+        return self.models[(s.trial_id, control)]
+
+    def labels(self, model: Any, s: TrainTrial, n_test: int, repeats: int) -> Any:
+        """The model's own (majority) predictions on the first n_test points."""
+        import torch
+
+        from qshield_dist.trial import fixed_numerics, predictions, seed_everything
+
+        _Data.n_train, _Data.n_test, _Data.labels = s.train.batch_size, n_test, None
+        _, test = _loader(s.dataset, self.ctx.data_root)
+        with fixed_numerics(s.threads):
+            seed_everything(s.seed)
+            return torch.mode(predictions(model, test.x, repeats, 128), dim=0).values
+
+    def forward_cost(self, model: Any, s: TrainTrial, batch: int, key: str) -> float:
+        """Seconds per point of a clean evaluation (trial.predictions), measured directly."""
+        import torch
+
+        from qshield_dist.trial import fixed_numerics, predictions
+
+        if (key, batch) not in self.eval_cost:
+            info = DATASETS[s.dataset]
+            n = min(batch, 16)
+            x = torch.rand(n, info.channels, info.size, info.size)
+            best = math.inf
+            with fixed_numerics(s.threads):
+                for _ in range(2):
+                    start = time.perf_counter()
+                    predictions(model, x, 1, batch)
+                    best = min(best, time.perf_counter() - start)
+            self.eval_cost[(key, batch)] = best / n
+        return self.eval_cost[(key, batch)]
+
+    def train(self, t: TrainTrial) -> dict[str, Any]:
+        if t.baseline_id:
+            self.ensure(self.trains[t.baseline_id])
+        runs, steps = [], FIRST_UNITS["train"]
+        while steps:
+            s = scaled_train(t, steps, self.trains)
+            runs.append(_run(s, self.ctx, self.timer, s.train.batch_size, TRAIN_TEST_POINTS))
+            steps = _next(runs[-1], "train") if len(runs) == 1 else None
+        s = scaled_train(t, FIRST_UNITS["train"], self.trains)
+        return _fit(runs, self.forward_cost(self.model(s, None), s, 512, "model"))
+
+    def attack(self, a: AttackTrial) -> dict[str, Any]:
+        base = self.ensure(a.train)
+        if a.surrogate:
+            self.ensure(a.surrogate)
+        model = self.model(base, a.control)
+        repeats = a.eval.eval_repeats if getattr(model, "stochastic", False) else 1
+        runs, n = [], FIRST_UNITS["attack"]
+        while n:
+            s = scaled_attack(a, n, self.trains)
+            labels = self.labels(model, base, n, repeats)
+            runs.append(_run(s, self.ctx, self.timer, base.train.batch_size, n, labels))
+            n = _next(runs[-1], "attack") if len(runs) == 1 else None
+        key = "backbone" if a.control == "backbone_only" else "model"
+        return {**_fit(runs, self.forward_cost(model, base, a.eval.batch_size, key)),
+                "cal_params": calibration_params(a.attack, a.params_dict)}
+
+    def diagnostic(self, d: DiagnosticTrial, sweep_scale: float) -> dict[str, Any]:
+        base = self.ensure(d.train)
+        model = self.model(base, None)
+        repeats = d.eval.eval_repeats if getattr(model, "stochastic", False) else 1
+        runs, n = [], FIRST_UNITS["diagnostic"]
+        while n:
+            s = scaled_diagnostic(d, n, self.trains)
+            labels = self.labels(model, base, 2 * n, repeats)  # the batch-dependence check takes 2 x size
+            runs.append(_run(s, self.ctx, self.timer, base.train.batch_size, 2 * n, labels))
+            n = _next(runs[-1], "diagnostic") if len(runs) == 1 else None
+        eval_s = self.forward_cost(model, base, d.eval.batch_size, "model")
+        return {**_fit(runs, eval_s), "inner_scale": sweep_scale}
+
+
+def calibrate_group(items: list[dict[str, Any]], data_root: str, real: dict[str, bool]) -> list[dict[str, Any]]:
+    """Calibrate `items` (one model kind: {'key', 'trial', 'trains'}) -> one record per item,
+    {'error': ...} where a calibration failed."""
+    from qshield_dist.trial import RunContext
+
+    timer: list[float] = []
+    out = []
+    with tempfile.TemporaryDirectory(prefix="qshield-plan-") as tmp, _patched(real, timer) as sweep_scale:
+        ctx = RunContext(sweep="plan", results_dir=f"{tmp}/results", checkpoint_dir=f"{tmp}/checkpoints",
+                         data_root=data_root, executor="plan")
+        trains: dict[str, TrainTrial] = {}
+        for item in items:
+            trains.update(item["trains"])
+        group = _Group(ctx, timer, trains)
+        how: dict[str, Callable[[Any], dict[str, Any]]] = {
+            "train": group.train, "attack": group.attack,
+            "diagnostic": lambda d: group.diagnostic(d, sweep_scale)}
+        for item in items:
+            start = time.perf_counter()
+            try:
+                record = how[item["trial"].stage](item["trial"])
+            except Exception as exc:  # a kind that cannot run here is a warning of the plan
+                record = {"error": f"{type(exc).__name__}: {exc}"}
+            out.append({**record, "key": item["key"], "calibration_s": time.perf_counter() - start})
+    return out
+
+
+def warm_up() -> float:
+    """Worker initializer: the imports every trial's process pays once; returns their time."""
+    start = time.perf_counter()
+    import qshield_dist.attacks  # noqa: F401
+    import qshield_dist.trial  # noqa: F401
+
+    warm_up.seconds = time.perf_counter() - start  # type: ignore[attr-defined]
+    return warm_up.seconds  # type: ignore[attr-defined]
+
+
+def calibrate_in_worker(items: list[dict[str, Any]], data_root: str,
+                        real: dict[str, bool]) -> tuple[float, list[dict[str, Any]]]:
+    return getattr(warm_up, "seconds", 0.0), calibrate_group(items, data_root, real)

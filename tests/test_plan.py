@@ -1,0 +1,155 @@
+"""--plan: a calibrated estimate that writes no result, warns, caches, and runs without data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qshield_dist import executors, launch
+from qshield_dist import plan as plan_mod
+from qshield_dist.config import load_config
+from qshield_dist.plan import calibration
+from qshield_dist.plan.schedule import Estimate, Slots, schedule
+
+TINY = {
+    "name": "tiny-plan",
+    "data": {"dataset": "digits", "train_size": 60, "test_size": 30},
+    "train": {"epochs": 1, "batch_size": 16},
+    "eval": {"attack_size": 8, "batch_size": 8},
+    "models": [{"model": "dnn"}],
+    "attacks": [{"name": "fgsm"}, {"name": "pgd", "params": {"steps": 2}}],
+}
+
+
+@pytest.fixture(autouse=True)
+def _plan_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("QSHIELD_PLAN_CACHE", str(tmp_path / "plan-cache"))
+    monkeypatch.setenv("QSHIELD_PLAN_WORKERS", "0")  # calibrate in this process: no worker start-up
+
+
+def _sweep(tmp_path: Path, **changes) -> Path:
+    spec = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        spec[key] = value if not isinstance(value, dict) else {**spec.get(key, {}), **value}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _plan(tmp_path: Path, sweep: Path, *extra: str) -> int:
+    dirs = ["--results", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")]
+    return launch.main([str(sweep), "--plan", *dirs, *extra])
+
+
+def _cache_files(tmp_path: Path) -> list[str]:
+    files = (tmp_path / "plan-cache").glob("*.json")
+    return sorted(p.name for p in files if not p.name.startswith("startup-"))
+
+
+def test_plan_prints_stage_rows_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    def no_executor(*args, **kwargs):
+        raise AssertionError("--plan must not start an executor")
+
+    monkeypatch.setattr(executors, "make", no_executor)
+    assert _plan(tmp_path, _sweep(tmp_path)) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("stage"))
+    for column in ("trials", "CPU-h", "GPU-h", "longest trial", "peak mem", "wall"):
+        assert column in header
+    cells = [line.split() for line in out.splitlines()]
+    rows = {c[0]: c for c in cells if c[:1] in (["train"], ["attack"], ["total"])}
+    assert rows["train"][1] == "1" and rows["attack"][1] == "2" and rows["total"][1] == "3"
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+    assert _plan(tmp_path, _sweep(tmp_path), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    stages = {r["stage"]: r for r in report["stages"]}
+    assert [stages[s]["trials"] for s in ("train", "attack", "diagnostic")] == [1, 2, 0]
+    for row in (*report["stages"][:2], report["total"]):
+        assert row["estimated"] == row["trials"]
+        assert row["cpu_hours"] > 0 and row["wall_s"] > 0 and row["longest_s"] > 0
+    # one worker: the attacks run after their train trial, one after the other
+    assert report["total"]["wall_s"] >= stages["train"]["longest_s"] + stages["attack"]["longest_s"]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+def test_warns_when_a_trial_will_exceed_its_timeout(tmp_path, caplog):
+    sweep = _sweep(tmp_path, attacks=[{"name": "pgd", "params": {"steps": 1_000_000}}],
+                   resources={"attack": {"timeout_min": 1}})
+    assert _plan(tmp_path, sweep) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    warned = [m for m in messages if "will exceed the attack timeout_min 1" in m]
+    assert len(warned) == 1 and "dnn on digits / pgd" in warned[0]
+    assert not any("train timeout_min" in m for m in messages)
+
+
+def test_second_plan_reads_the_cache(tmp_path, capsys, monkeypatch):
+    calls = []
+    real = calibration.calibrate_group
+
+    def counting(items, *args):
+        calls.append(len(items))
+        return real(items, *args)
+
+    monkeypatch.setattr(calibration, "calibrate_group", counting)
+    sweep = _sweep(tmp_path)
+    assert _plan(tmp_path, sweep, "--json") == 0
+    first = json.loads(capsys.readouterr().out)
+    assert sum(calls) == 3 and first["calibration"]["cached"] == 0
+    cached = _cache_files(tmp_path)
+    assert len(cached) == 3
+
+    calls.clear()
+    assert _plan(tmp_path, sweep, "--json") == 0
+    second = json.loads(capsys.readouterr().out)
+    assert calls == [] and second["calibration"]["cached"] == 3
+    assert _cache_files(tmp_path) == cached
+    assert second["total"]["cpu_hours"] == first["total"]["cpu_hours"]
+
+    # Another step count of the same attack is the same calibration (capped and scaled back).
+    assert _plan(tmp_path, _sweep(tmp_path, attacks=[{"name": "pgd", "params": {"steps": 7}}]), "--json") == 0
+    assert calls == []
+
+
+def test_missing_data_is_a_warning_and_calibrates_on_synthetic_tensors(tmp_path, capsys, caplog):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    data = {"dataset": "mnist", "data_root": str(empty), "train_size": None, "test_size": None}
+    sweep = _sweep(tmp_path, data=data, attacks=[{"name": "fgsm"}])
+    assert _plan(tmp_path, sweep) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("dataset 'mnist'" in m and "synthetic tensors" in m for m in messages)
+    assert any("not available on this machine" in m for m in messages)
+    out = capsys.readouterr().out
+    assert "total" in out and "have no estimate" not in out
+    assert list(empty.iterdir()) == []  # nothing downloaded or written there
+
+
+def test_schedule_waits_for_dependencies_and_uses_the_parallelism(tmp_path):
+    cfg = load_config(_sweep(tmp_path))
+    grid = launch.prepare(cfg)
+    seconds = {"train": 10.0, "attack": 5.0}
+    estimates = {t.trial_id: Estimate(seconds[t.stage], 100.0, t.stage) for t in grid.trials}
+    warnings: list[str] = []
+    one = schedule(cfg, grid, estimates, Slots(1, float("inf"), False), 0.0, warnings.append)
+    two = schedule(cfg, grid, estimates, Slots(2, float("inf"), False), 0.0, warnings.append)
+    assert one["total"]["wall_s"] == 20.0  # train, then two attacks in turn
+    assert two["total"]["wall_s"] == 15.0  # train, then both attacks at once
+    assert two["critical_path_s"] == 15.0 and warnings == []
+    assert two["stages"][1]["cpu_hours"] == pytest.approx(10 / 3600)
+
+
+def test_model_kinds_share_calibrations_across_entanglement_and_noise():
+    from qshield_dist.config import ModelSpec
+
+    a = ModelSpec(model="hqcnn", backbone="cnn_small", entanglement="full", noise_model="mixed").resolved(10)
+    b = ModelSpec(model="hqcnn", backbone="cnn_small", entanglement="none", noise_model="amplitude_damping")
+    b = b.resolved(10)
+    c = ModelSpec(model="hqcnn", backbone="cnn_small", projection="paper").resolved(10)
+    kind = plan_mod.model_kind
+    assert kind(a, "digits") == kind(b, "digits") == kind(b, "mnist")
+    assert plan_mod.model_kind(a, "digits") != plan_mod.model_kind(c, "digits")
+    assert plan_mod.model_kind(a, "digits") != plan_mod.model_kind(a, "cifar10")
