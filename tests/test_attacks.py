@@ -148,3 +148,18 @@ def test_apgd_on_a_stochastic_model_attacks_every_sample():
             return torch.stack([torch.nn.functional.nll_loss(model(inputs), y) for _ in range(200)]).mean()
 
     assert expected_loss(adv) > expected_loss(x) + 0.2  # 200 draws x 64 samples: the noise of the mean is ~0.05
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_config_is_json(trained, name):
+    """The row records what ran as JSON: every attack's config must serialize (Square's `eta`
+    is a method and once made AutoAttack's rows fail after their whole run)."""
+    import json
+
+    model, _, _ = trained
+    twin = model if ATTACKS[name].needs_twin else None
+    surrogate = CallCounter(model) if name == "transfer" else None
+    for version in (["standard", "rand", "fast"] if "autoattack" in name else [None]):
+        params = ATTACKS[name].params("digits", overrides={"version": version} if version else None)
+        attack = build_attack(name, CallCounter(model), params, 10, twin=twin, surrogate=surrogate)
+        assert json.loads(json.dumps(attack.attack_config))["attack"] == name

@@ -118,7 +118,8 @@ def describe(attack: Any, keys: tuple[str, ...]) -> dict[str, Any]:
     """The named attributes of a torchattacks attack that it has, as plain values."""
     out = {}
     for key in keys:
-        if hasattr(attack, key):
-            value = getattr(attack, key)
-            out[key] = value.item() if isinstance(value, torch.Tensor) else value
+        value = getattr(attack, key, None)
+        if value is None or callable(value):  # Square's `eta` is a method, FAB's a number
+            continue
+        out[key] = value.item() if isinstance(value, torch.Tensor) else value
     return out
