@@ -148,17 +148,22 @@ def test_controls_gain_source_from_intervals(tmp_path: Path) -> None:
     assert "gain mainly from **quantum branch**" in (tmp_path / "report" / "report.md").read_text()
 
 
+def _part(verdict: str, high: float) -> dict[str, Any]:
+    return {"verdict": verdict, "high": high}
+
+
 @pytest.mark.parametrize(
     "quantum,backbone,expected",
     [
-        ("more robust", "equal", "quantum branch"),
-        ("equal", "more robust", "backbone"),
-        ("more robust", "more robust", "both"),
-        ("equal", "equal", "no gain"),
-        ("undecided", "equal", "undecided"),
-        ("more robust", "undecided", "undecided"),
+        (_part("more robust", 0.2), _part("equal", 0.01), "quantum branch"),
+        (_part("more robust", 0.2), _part("undecided", -0.008), "quantum branch"),  # backbone part below 0
+        (_part("more robust", 0.2), _part("undecided", 0.05), "undecided"),  # backbone part could be a gain
+        (_part("equal", 0.015), _part("more robust", 0.1), "backbone"),
+        (_part("more robust", 0.2), _part("more robust", 0.1), "both"),
+        (_part("equal", 0.01), _part("less robust", -0.05), "no gain"),
+        (_part("undecided", 0.08), _part("equal", 0.01), "undecided"),
         (None, None, "no backbone-alone run"),
     ],
 )
-def test_gain_source_rule(quantum: str | None, backbone: str | None, expected: str) -> None:
-    assert gain_source(quantum, backbone) == expected
+def test_gain_source_rule(quantum: dict[str, Any] | None, backbone: dict[str, Any] | None, expected: str) -> None:
+    assert gain_source(quantum, backbone, margin=0.02) == expected

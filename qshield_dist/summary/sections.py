@@ -249,7 +249,7 @@ def worst_case_section(tables: Tables) -> Section:
 def controls_section(tables: Tables) -> Section:
     sec = Section("Controls: where does the gain come from?")
     c = tables.controls
-    gains = gain_sources(tables.paired)
+    gains = gain_sources(tables.paired, tables.margin)
     if not c.height and not gains.height:
         sec.add(
             "No control rows (control 'backbone_only' or 'equal_budget'):"
@@ -262,7 +262,8 @@ def controls_section(tables: Tables) -> Section:
         " equal-budget backbone = the backbone architecture trained alone for as many steps as the hybrid got."
         " Where the gain comes from is judged from paired intervals of worst-case robust accuracy:"
         " the quantum part (hybrid vs its backbone alone; it includes the fusion head) and the backbone part"
-        " (backbone alone vs the CNN), with the same rule as the verdicts; undecided where an interval says so."
+        " (backbone alone vs the CNN). A part is a gain when its verdict is 'more robust' and no gain when its"
+        f" whole interval lies below +{100 * tables.margin:g} pp; where an interval leaves it open, the answer is undecided."
     )
     for g in gains.iter_rows(named=True):
         lines = [f"- **{labels.get(g['vkey_h'], g['vkey_h'])}** (L-inf eps {eps_text(g['eps'])}): gain mainly from"

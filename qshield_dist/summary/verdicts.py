@@ -234,26 +234,32 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     return out.select(_CONTROL_COLUMNS)
 
 
-def gain_source(quantum: str | None, backbone: str | None) -> str:
-    """Where a hybrid's robustness gain over the CNN comes from, from two interval verdicts:
+def gain_source(quantum: dict[str, Any] | None, backbone: dict[str, Any] | None, margin: float) -> str:
+    """Where a hybrid's robustness gain over the CNN comes from, from two paired comparisons:
     the quantum part (hybrid vs its backbone alone; it includes the fusion head) and the
-    backbone part (backbone alone vs the CNN)."""
+    backbone part (backbone alone vs the CNN). A part is a gain when its verdict is 'more
+    robust', and no gain when its whole interval lies below +margin; anything else is open."""
     if quantum is None:
         return "no backbone-alone run"
-    q_gain, b_gain = quantum == "more robust", backbone == "more robust"
-    settled = ("equal", "less robust")
-    if q_gain and b_gain:
+
+    def part(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "none"
+        return "gain" if r["verdict"] == "more robust" else ("none" if r["high"] <= margin else "open")
+
+    q, b = part(quantum), part(backbone)
+    if q == "gain" and b == "gain":
         return "both"
-    if q_gain:
-        return "quantum branch" if backbone in (None, *settled) else "undecided"
-    if b_gain:
-        return "backbone" if quantum in settled else "undecided"
-    if quantum in settled and backbone in (None, *settled):
+    if q == "gain" and b == "none":
+        return "quantum branch"
+    if b == "gain" and q == "none":
+        return "backbone"
+    if q == "none" and b == "none":
         return "no gain"
     return "undecided"
 
 
-def gain_sources(paired: pl.DataFrame) -> pl.DataFrame:
+def gain_sources(paired: pl.DataFrame, margin: float) -> pl.DataFrame:
     """Per hybrid and budget: the quantum part, the backbone part and the equal-budget
     comparison, each as its paired verdict, and where the gain comes from (gain_source)."""
     parts: dict[tuple[str, float], dict[str, Any]] = {}
@@ -264,12 +270,11 @@ def gain_sources(paired: pl.DataFrame) -> pl.DataFrame:
             parts.setdefault((r["hybrid"], r["eps"]), {"vkey_h": r["hybrid"], "eps": r["eps"]})[part] = r
     rows = []
     for p in parts.values():
-        q, b = p.get("quantum"), p.get("backbone")
+        q, b, e = p.get("quantum"), p.get("backbone"), p.get("equal_budget")
         rows.append({
             "vkey_h": p["vkey_h"], "eps": p["eps"],
             "quantum": q["verdict"] if q else None, "backbone": b["verdict"] if b else None,
-            "equal_budget": p["equal_budget"]["verdict"] if "equal_budget" in p else None,
-            "source": gain_source(q["verdict"] if q else None, b["verdict"] if b else None),
+            "equal_budget": e["verdict"] if e else None, "source": gain_source(q, b, margin),
         })
     schema = {"vkey_h": pl.String, "eps": pl.Float64, "quantum": pl.String, "backbone": pl.String,
               "equal_budget": pl.String, "source": pl.String}
