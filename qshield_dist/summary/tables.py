@@ -374,10 +374,11 @@ def params_text(params: str | None) -> str:
         obj = json.loads(params)
     except json.JSONDecodeError:
         return params
-    def short(v: Any) -> str:
+    def short(key: str, v: Any) -> str:
         if isinstance(v, float):
-            # Fractions of 255 (8-bit steps, as eps is usually given) are shown as such.
-            on_255 = math.isclose(v * 255, round(v * 255), abs_tol=1e-6) and v != 0
+            # Pixel budgets in 8-bit steps (eps, step sizes) are shown as such: 32/255.
+            on_255 = key in ("eps", "alpha") and math.isclose(v * 255, round(v * 255), abs_tol=1e-6) and v != 0
             return f"{round(v * 255)}/255" if on_255 else f"{v:.4g}"
         return str(v)
-    return ", ".join(f"{k}={short(v)}" for k, v in obj.items())
+
+    return ", ".join(f"{k}={short(k, v)}" for k, v in obj.items())
