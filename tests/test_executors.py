@@ -1,4 +1,5 @@
-"""LocalExecutor with real worker processes and toy jobs that write files."""
+"""The executor contract, once for local, Ray and SLURM, on the same toy DAG; then
+LocalExecutor's own behaviour (worker processes, deaths, in-process) with toy jobs that write files."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import functools
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import cluster_fixtures as cf
-from qshield_dist.executors.base import Job, ProgressSink
+from qshield_dist.executors.base import Executor, Job, ProgressSink, Resources
 from qshield_dist.executors.local import LocalExecutor
 
 
@@ -27,42 +29,93 @@ class Recorder(ProgressSink):
         self.finished_keys[key] = status
 
 
+# Small enough for a SLURM array task; the SLURM executor packs the trials of a wave by it.
+TOY = Resources(cpus=1, mem_gb=0.5, timeout_min=10)
+
+
 def rec_job(out: Path, key: str, deps: tuple[str, ...] = (), sleep: float = 0.0, status: str = "ok") -> Job:
-    return Job(key, functools.partial(cf.record, str(out), key, sleep, status), deps)
+    return Job(key, functools.partial(cf.record, str(out), key, sleep, status), deps, TOY)
 
 
-def diamond(out: Path) -> list[Job]:
-    # t1, t2 (train) -> a1 needs t1, a2 needs t1+t2, a3 needs a2 (and a dep done earlier)
+def contract_dag(out: Path) -> list[Job]:
+    """t1, t2 (train; t2 records a failure), boom (raises: lost) -> a1 needs t1, a2 needs t1+t2,
+    a3 needs a2 and a job done in an earlier run; after-boom needs boom, after-after needs
+    after-boom and a1: both lost without running."""
     return [
         rec_job(out, "t1", sleep=0.3),
         rec_job(out, "t2", sleep=0.1, status="failed"),
+        Job("boom", functools.partial(cf.raise_error, str(out), "boom"), (), TOY),
         rec_job(out, "a1", ("t1",)),
         rec_job(out, "a2", ("t1", "t2")),
         rec_job(out, "a3", ("a2", "done-in-earlier-run")),
+        rec_job(out, "after-boom", ("boom",)),
+        rec_job(out, "after-after", ("after-boom", "a1")),
     ]
 
 
-def check_diamond(out: Path, result: dict[str, str]) -> None:
-    assert result == {"t1": "ok", "t2": "failed", "a1": "ok", "a2": "ok", "a3": "ok"}
-    times = {k: cf.start_end(out, k) for k in result}  # asserts each ran exactly once
+CONTRACT = {"t1": "ok", "t2": "failed", "boom": "lost", "a1": "ok", "a2": "ok", "a3": "ok",
+            "after-boom": "lost", "after-after": "lost"}
+NEVER_RAN = ("after-boom", "after-after")
+
+
+def check_contract(out: Path, result: dict[str, str], rec: Recorder) -> None:
+    """Statuses ok/failed/lost, every job reported finished once, each that ran ran once and
+    after its dependencies, an exception not retried, the dependents of a lost job lost
+    without running (nor reported started)."""
+    assert result == CONTRACT
+    assert rec.finished_keys == result  # Recorder fails on a second report
+    ran = [k for k in result if k not in NEVER_RAN]
+    times = {k: cf.start_end(out, k) for k in ran if k != "boom"}  # asserts each ran exactly once
+    assert len(cf.runs(out, "boom")) == 1  # an exception is not retried
     assert times["a1"][0] >= times["t1"][1]
     assert times["a2"][0] >= max(times["t1"][1], times["t2"][1])  # 'failed' still unblocks
     assert times["a3"][0] >= times["a2"][1]
+    for key in NEVER_RAN:
+        assert cf.runs(out, key) == [] and not (out / f"{key}.out").exists()
+    assert set(ran) <= set(rec.started_keys) <= set(ran)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_local_runs_dag_once_in_order(tmp_path: Path, workers: int) -> None:
+def _executor(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Executor:
+    if kind.startswith("local"):
+        return LocalExecutor(workers=int(kind.split("-")[1]))
+    if kind == "ray":
+        ray = pytest.importorskip("ray")
+        from ray import cloudpickle
+
+        from qshield_dist.executors.ray import RayExecutor
+
+        cloudpickle.register_pickle_by_value(cf)  # Ray workers do not have tests/ on sys.path
+        if ray.is_initialized():
+            ray.shutdown()
+        return RayExecutor(address="local", local_cpus=2)  # a private loopback cluster, stopped after
+    pytest.importorskip("submitit")
+    import cloudpickle  # submitit pickles with the standalone cloudpickle
+
+    from qshield_dist.executors.slurm import SlurmExecutor
+
+    request.getfixturevalue("slurm_cluster")
+    cloudpickle.register_pickle_by_value(cf)
+    return SlurmExecutor(folder=tmp_path / "submitit", partition="debug", poll_s=1.0, cpus_per_task=1, mem_gb=0.5)
+
+
+@pytest.mark.parametrize("kind", ["local-1", "local-2", "ray", pytest.param("slurm", marks=pytest.mark.slurm)])
+def test_executor_contract(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """One contract for every executor: the same DAG, the same statuses, each job once."""
+    out = tmp_path / "out"
+    out.mkdir()
+    ex: Any = _executor(kind, tmp_path, request)
     rec = Recorder()
-    result = LocalExecutor(workers=workers).run(diamond(tmp_path), rec)
-    check_diamond(tmp_path, result)
-    assert rec.finished_keys == result
-    assert sorted(rec.started_keys) == sorted(result)
+    result = ex.run(contract_dag(out), rec)
+    check_contract(out, result, rec)
+    if kind != "slurm":  # on SLURM the jobs run in the cluster's processes, not in ours
+        assert str(os.getpid()) not in {cf.runs(out, k)[0][2] for k in ("t1", "a1")}
 
 
 def test_local_in_process(tmp_path: Path) -> None:
-    result = LocalExecutor(workers=1, in_process=True).run(diamond(tmp_path))
-    check_diamond(tmp_path, result)
-    assert {cf.runs(tmp_path, k)[0][2] for k in result} == {str(os.getpid())}
+    rec = Recorder()
+    result = LocalExecutor(workers=1, in_process=True).run(contract_dag(tmp_path), rec)
+    check_contract(tmp_path, result, rec)
+    assert {cf.runs(tmp_path, k)[0][2] for k in ("t1", "t2", "a1", "a2", "a3")} == {str(os.getpid())}
 
 
 def test_local_schedules_as_soon_as_deps_finish(tmp_path: Path) -> None:
@@ -95,22 +148,6 @@ def test_local_runs_in_parallel_in_worker_processes(tmp_path: Path) -> None:
 def test_local_worker_threads_are_capped(tmp_path: Path) -> None:
     ex = LocalExecutor(workers=2)
     assert ex.threads == max(1, len(os.sched_getaffinity(0)) // 2)
-
-
-def test_local_lost_propagates_and_raise_is_not_retried(tmp_path: Path) -> None:
-    jobs = [
-        Job("boom", functools.partial(cf.raise_error, str(tmp_path), "boom")),
-        rec_job(tmp_path, "child", ("boom",)),
-        rec_job(tmp_path, "grandchild", ("child",)),
-        rec_job(tmp_path, "other"),
-    ]
-    rec = Recorder()
-    result = LocalExecutor(workers=2).run(jobs, rec)
-    assert result == {"boom": "lost", "child": "lost", "grandchild": "lost", "other": "ok"}
-    assert len(cf.runs(tmp_path, "boom")) == 1  # an exception is not retried
-    assert cf.runs(tmp_path, "child") == [] and cf.runs(tmp_path, "grandchild") == []
-    assert rec.finished_keys == result
-    assert "child" not in rec.started_keys
 
 
 def test_local_survives_sigkilled_worker(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""A real Ray cluster on loopback with token auth; RayExecutor against it.
+"""A real Ray cluster on loopback with token auth; RayExecutor against it (the executor
+contract itself, shared with local and SLURM, is test_executors.test_executor_contract).
 
 One head per module (starting one costs ~5 s). Clients that must be refused run in
 subprocesses (a process connects to Ray once), in parallel: each refusal takes Ray ~20 s
@@ -26,7 +27,7 @@ from ray import cloudpickle  # noqa: E402  (Ray pickles task args with its own c
 
 import cluster_fixtures as cf  # noqa: E402
 from qshield_dist import cluster  # noqa: E402
-from qshield_dist.executors.base import Job, ProgressSink, Resources  # noqa: E402
+from qshield_dist.executors.base import Job  # noqa: E402
 from qshield_dist.executors.ray import RayExecutor  # noqa: E402
 
 # Ray workers do not have tests/ on sys.path: ship the toy jobs by value.
@@ -142,38 +143,6 @@ def test_clients_need_the_right_token(head: cluster.RayNode, tmp_path: Path) -> 
         assert "Authentication token is missing or incorrect" in outs[name]
     # Token mode on but no token anywhere: Ray refuses before connecting.
     assert result["none-token-mode"].startswith("RESULT refused AuthenticationError")
-
-
-def test_ray_executor_runs_dag(connected: cluster.RayNode, tmp_path: Path) -> None:
-    out = str(tmp_path)
-
-    def job(key: str, deps: tuple[str, ...] = (), sleep: float = 0.0, status: str = "ok") -> Job:
-        return Job(key, functools.partial(cf.record, out, key, sleep, status), deps, Resources(cpus=1))
-
-    jobs = [
-        job("t1", sleep=0.3), job("t2", status="failed"),
-        job("a1", ("t1",)), job("a2", ("t1", "t2")), job("a3", ("a2", "earlier-run")),
-        Job("boom", functools.partial(cf.raise_error, out, "boom")),
-        job("after-boom", ("boom",)),
-    ]
-    finished: dict[str, str] = {}
-
-    class Sink(ProgressSink):
-        def finished(self, key: str, status: str) -> None:
-            finished[key] = status
-
-    result = RayExecutor(address=connected.address, token_file=connected.token_file).run(jobs, Sink())
-    assert result == {"t1": "ok", "t2": "failed", "a1": "ok", "a2": "ok", "a3": "ok",
-                      "boom": "lost", "after-boom": "lost"}
-    assert finished == result
-    times = {k: cf.start_end(tmp_path, k) for k in ("t1", "t2", "a1", "a2", "a3")}
-    assert times["a1"][0] >= times["t1"][1]
-    assert times["a2"][0] >= max(times["t1"][1], times["t2"][1])
-    assert times["a3"][0] >= times["a2"][1]
-    assert len(cf.runs(tmp_path, "boom")) == 1  # retry_exceptions=False
-    assert cf.runs(tmp_path, "after-boom") == []
-    # ran in Ray workers, not here
-    assert str(os.getpid()) not in {cf.runs(tmp_path, k)[0][2] for k in times}
 
 
 def test_ray_worker_sigkill_is_retried(connected: cluster.RayNode, tmp_path: Path) -> None:
