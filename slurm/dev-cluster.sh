@@ -10,10 +10,14 @@
 #                                  cluster) is left alone. With --state (or DEV_SLURM_STATE),
 #                                  each daemon *this call* started is appended to FILE as
 #                                  "name pid starttime"; a daemon that was running is not.
+#   slurm/dev-cluster.sh start-netns --state FILE [--dir DIR]
+#                                  a second, two-node cluster (see "Two nodes" below); prints
+#                                  its directory, whose cluster.env says how to reach it.
 #   slurm/dev-cluster.sh stop --state FILE
-#                                  stop exactly the daemons FILE lists (what one `start`
-#                                  started, by pid and start time), and the processes they
-#                                  spawned; nothing else. The test fixture's teardown.
+#                                  stop exactly the daemons FILE lists (what one `start` or
+#                                  `start-netns` started, by pid and start time), and the
+#                                  processes they spawned; delete the network namespaces and the
+#                                  directory it created; nothing else. The test fixtures' teardown.
 #   slurm/dev-cluster.sh stop      stop the cluster, whoever started it (by its pid files)
 #   slurm/dev-cluster.sh status    daemons and `sinfo`
 #
@@ -45,9 +49,28 @@
 # machine or changing what its name resolves to: the daemons then bind to (and are reached
 # at) the address `hostname` resolves to, and `start` warns that this is not loopback.
 #
+#   slurm/dev-cluster.sh max-array N
+#                                  set the running cluster's MaxArraySize (slurm.conf, then a
+#                                  restart of slurmctld, which keeps running and queued jobs;
+#                                  see cmd_max_array); prints the previous value, to set it
+#                                  back with.
+#
+# Two nodes (start-netns): slurmctld in one network namespace, two slurmd in one each, every
+# daemon in a UTS namespace named as its node (ctl, node1, node2), so `hostname` in a job, and
+# socket.gethostname() in a trial, say which node ran it. A bridge inside the controller's
+# namespace joins them on DEV_SLURM_NETNS_SUBNET.0/24 (default 10.217.0), with veth pairs to the
+# nodes' namespaces; no namespace has a route out, and nothing is added to this machine's own
+# network namespace: the daemons listen there on nothing. Each daemon has its own mount
+# namespace in which the cluster's hosts file is bind-mounted over /etc/hosts (node names ->
+# namespace addresses); /etc stays as it is. munged is shared with the one-node cluster (a unix
+# socket, reached from every network namespace) or started if none runs; no slurmdbd (no
+# sacct). Client commands run in the controller's namespace with the cluster's slurm.conf:
+#   . DIR/cluster.env; nsenter --net=/run/netns/$DEV_SLURM_CTL_NETNS env SLURM_CONF=$SLURM_CONF sbatch ...
+#
 # Environment: DEV_SLURM_MEM_MB (RealMemory, default: 3/4 of RAM), DEV_SLURM_CPUS (default nproc),
 # DEV_SLURM_WAIT_S (how long `start` waits for the node to be idle, default 60),
-# DEV_SLURM_STATE (the --state FILE).
+# DEV_SLURM_MAX_ARRAY (MaxArraySize written by `start`, default 100001), DEV_SLURM_STATE (the
+# --state FILE).
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
@@ -56,10 +79,13 @@ SPOOL_CTLD=/var/spool/slurmctld
 SPOOL_D=/var/spool/slurmd
 LOG_DIR=/var/log/slurm
 RUN_DIR=/run/slurm
+STATES=$RUN_DIR/states  # the --state files of the clusters running (see cmd_max_array)
 # The node's name and the name the daemons see as their hostname: it resolves to 127.0.0.1
 # on every system, unlike `hostname`.
 NODE=localhost
 WAIT_S=${DEV_SLURM_WAIT_S:-60}
+# MaxArraySize: array indices run 0..MAX_ARRAY-1, so one array holds at most MAX_ARRAY tasks.
+MAX_ARRAY=${DEV_SLURM_MAX_ARRAY:-100001}
 STATE=${DEV_SLURM_STATE:-}
 UTS=0  # 1: the daemons run in a UTS namespace named $NODE (decided by check_uts)
 ADDR=127.0.0.1  # where the daemons listen and are reached (check_uts)
@@ -100,16 +126,9 @@ cmd_install() {
     have_binaries || { log "install finished but binaries are missing"; exit 1; }
 }
 
-write_conf() {
-    local cpus mem_mb
-    cpus=${DEV_SLURM_CPUS:-$(nproc)}
-    mem_mb=${DEV_SLURM_MEM_MB:-$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 3 / 4}' /proc/meminfo)}
-    mkdir -p "$CONF_DIR" "$SPOOL_CTLD" "$SPOOL_D" "$LOG_DIR" "$RUN_DIR"
-    chmod 755 "$SPOOL_CTLD" "$SPOOL_D"
-    cat >"$CONF.tmp" <<EOF
-# Written by slurm/dev-cluster.sh: a one-node development cluster.
-ClusterName=dev
-SlurmctldHost=$NODE($ADDR)
+# What both clusters' slurm.conf say.
+conf_common() { # cpus mem_mb
+    cat <<EOF
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -118,15 +137,12 @@ MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=$ADDR
-AccountingStoragePort=6819
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Without a default, every job would get the whole node's memory and run alone.
-DefMemPerCPU=$((mem_mb / cpus))
-# Bind to the address of the daemons' hostname ($NODE: $ADDR) instead of 0.0.0.0;
-# slurmctld reads only NoCtldInAddrAny, the others NoInAddrAny (see the top of the script).
+DefMemPerCPU=$(($2 / $1))
+# Bind to the address of each daemon's hostname instead of 0.0.0.0; slurmctld reads only
+# NoCtldInAddrAny, the others NoInAddrAny (see the top of the script).
 CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 ReturnToService=2
 SchedulerType=sched/backfill
@@ -138,19 +154,39 @@ InactiveLimit=0
 Waittime=0
 SlurmctldPort=6817
 SlurmdPort=6818
+SlurmctldDebug=info
+SlurmdDebug=info
+EOF
+}
+
+write_conf() {
+    local cpus mem_mb
+    cpus=${DEV_SLURM_CPUS:-$(nproc)}
+    mem_mb=${DEV_SLURM_MEM_MB:-$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 3 / 4}' /proc/meminfo)}
+    mkdir -p "$CONF_DIR" "$SPOOL_CTLD" "$SPOOL_D" "$LOG_DIR" "$RUN_DIR"
+    chmod 755 "$SPOOL_CTLD" "$SPOOL_D"
+    {
+        cat <<EOF
+# Written by slurm/dev-cluster.sh: a one-node development cluster.
+ClusterName=dev
+SlurmctldHost=$NODE($ADDR)
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=$ADDR
+AccountingStoragePort=6819
+# (CommunicationParameters below: the daemons bind to $ADDR, the address of their hostname $NODE.)
 StateSaveLocation=$SPOOL_CTLD
 SlurmdSpoolDir=$SPOOL_D
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
 SlurmdPidFile=$RUN_DIR/slurmd.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-MaxArraySize=100001
+MaxArraySize=$MAX_ARRAY
 MaxJobCount=200000
 NodeName=$NODE NodeAddr=$ADDR NodeHostname=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+        conf_common "$cpus" "$mem_mb"
+    } >"$CONF.tmp"
     # No cgroup.conf: proctrack/linuxproc + task/none need no cgroups (containers often lack
     # a writable cgroup tree), and slurm 22.05 has no CgroupPlugin=disabled.
     mv "$CONF.tmp" "$CONF"
@@ -201,15 +237,18 @@ same_proc() { # pid starttime: still that process?
 
 # Wait for the pid file of a daemon this call launched, and note the daemon in $STATE: the
 # fixture stops what it started, and only that.
-started() { # name pidfile
+started() { # name pidfile [node]: a slurmd's line also names its node
     local pid="" start=""
     for _ in $(seq 100); do
         pid=$(daemon_pid "$1" "$2") && break
         sleep 0.1
     done
     start=$(proc_start "${pid:-0}") || { log "$1 did not come up (no live pid in $2); see $LOG_DIR"; exit 1; }
-    log "started $1 ($pid)"
-    if [[ -n $STATE ]]; then echo "$1 $pid $start" >>"$STATE"; fi
+    log "started $1 ($pid)${3:+ for $3}"
+    if [[ -n $STATE ]]; then
+        echo "$1 $pid $start${3:+ $3}" >>"$STATE"
+        grep -qxF "$STATE" "$STATES" 2>/dev/null || echo "$STATE" >>"$STATES"
+    fi
 }
 
 # Whether slurmctld, slurmdbd and slurmd can run with $NODE as their hostname (see the top).
@@ -420,10 +459,11 @@ descendants() { # pid -> "pid starttime comm" of each process below it, now
     done
 }
 
-# slurmd double-forks each job's slurmstepd, which is then no child of it; but only the one
-# slurmd (port 6818) can run at a time, so a slurmstepd that started after our slurmd is one
-# our slurmd started.
-steps_since() { # starttime -> "pid starttime comm" of those slurmstepd and what runs below them
+# slurmd double-forks each job's slurmstepd, which is then no child of it; but only one slurmd
+# (port 6818) can run in a network namespace at a time, so a slurmstepd that started after our
+# slurmd, in its network namespace, is one our slurmd started (a slurmd of the two-node
+# cluster runs in a namespace of its own: its jobs' steps are not the one-node cluster's).
+steps_since() { # starttime netns -> "pid starttime comm" of those slurmstepd and what runs below them
     local f comm pid start
     for f in /proc/[0-9]*/comm; do
         { read -r comm <"$f"; } 2>/dev/null || continue
@@ -432,17 +472,24 @@ steps_since() { # starttime -> "pid starttime comm" of those slurmstepd and what
         pid=${pid%/comm}
         start=$(proc_start "$pid") || continue
         [[ $start -ge $1 ]] || continue
+        [[ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" == "$2" ]] || continue
         echo "$pid $start slurmstepd"
         descendants "$pid"
     done
 }
 
+# The client commands of the cluster being stopped: the one-node cluster's as they are, the
+# two-node cluster's inside its controller's network namespace, with its slurm.conf (the
+# state file's "client NETNS CONF" line).
+CLIENT=()
+sl() { "${CLIENT[@]}" "$@"; }
+
 # Jobs still running on our slurmd (a test that failed half-way): scancel them while
 # slurmctld and slurmd are up, so SLURM ends them, with the node drained so that no pending
 # job starts in their place (`start` resumes a drained node).
-cancel_jobs_of() { # slurmd's starttime
+cancel_jobs_of() { # slurmd's starttime, netns, node
     local line pid start name cmd jobs=() steps=() alive
-    mapfile -t steps < <(steps_since "$1")
+    mapfile -t steps < <(steps_since "$1" "$2")
     for line in "${steps[@]}"; do
         read -r pid _ name <<<"$line"
         [[ $name == slurmstepd ]] || continue
@@ -452,12 +499,12 @@ cancel_jobs_of() { # slurmd's starttime
     [[ ${#jobs[@]} -gt 0 ]] || return 0
     # scancel takes an array task by its array name (12_3), not by its own job id (13).
     local names=()
-    mapfile -t names < <(squeue -h -o '%A %i' 2>/dev/null |
+    mapfile -t names < <(sl squeue -h -o '%A %i' 2>/dev/null |
         awk -v want=" ${jobs[*]} " 'index(want, " " $1 " ") {print $2}' | sort -u)
     [[ ${#names[@]} -gt 0 ]] || return 0
     log "cancelling the job(s) still running on our slurmd: ${names[*]}"
-    scontrol update NodeName="$NODE" State=DRAIN Reason="dev-cluster.sh stop" >/dev/null 2>&1 || true
-    scancel "${names[@]}" 2>/dev/null || true
+    sl scontrol update NodeName="$3" State=DRAIN Reason="dev-cluster.sh stop" >/dev/null 2>&1 || true
+    sl scancel "${names[@]}" 2>/dev/null || true
     for _ in $(seq 100); do
         alive=0
         for line in "${steps[@]}"; do
@@ -469,24 +516,35 @@ cancel_jobs_of() { # slurmd's starttime
     done
 }
 
-# Stop exactly what one `start` recorded in $STATE, newest first, by pid and start time.
+# Stop exactly what one `start` or `start-netns` recorded in $STATE, newest first, by pid and
+# start time; then delete the network namespaces and the directory it created.
 cmd_stop_recorded() {
     need_root
+    if [[ -f $STATES ]]; then
+        grep -vxF "$STATE" "$STATES" >"$STATES.tmp" || true
+        mv "$STATES.tmp" "$STATES"
+    fi
     if [[ ! -s $STATE ]]; then
         log "$STATE lists no daemon: nothing to stop"
         return 0
     fi
-    local line name pid start rc=0 lines=() kids=() slurmd_start=""
+    local line name pid start node ns rc=0 lines=() kids=() slurmds=()
     mapfile -t lines < <(tac "$STATE")
     for line in "${lines[@]}"; do
-        read -r name pid start <<<"$line"
+        read -r name pid start node <<<"$line"
+        if [[ $name == client ]]; then CLIENT=(nsenter "--net=/run/netns/$pid" env "SLURM_CONF=$start"); fi
+    done
+    for line in "${lines[@]}"; do
+        read -r name pid start node <<<"$line"
         if [[ $name == slurmd ]] && same_proc "$pid" "$start"; then
-            slurmd_start=$start
-            cancel_jobs_of "$start"
+            ns=$(readlink "/proc/$pid/ns/net")
+            slurmds+=("$start $ns")
+            cancel_jobs_of "$start" "$ns" "${node:-$NODE}"
         fi
     done
     for line in "${lines[@]}"; do
-        read -r name pid start <<<"$line"
+        read -r name pid start node <<<"$line"
+        case $name in client | netns | dir) continue ;; esac
         if ! same_proc "$pid" "$start"; then
             log "$name ($pid) is gone already"
             continue
@@ -495,11 +553,23 @@ cmd_stop_recorded() {
         mapfile -t -O "${#kids[@]}" kids < <(descendants "$pid")
         stop_pid "$pid" "$start" "$name" || rc=1
     done
-    # What is left of jobs our slurmd started (none, unless scancel could not end them).
-    if [[ -n $slurmd_start ]]; then mapfile -t -O "${#kids[@]}" kids < <(steps_since "$slurmd_start"); fi
+    # What is left of jobs our slurmds started (none, unless scancel could not end them).
+    for line in "${slurmds[@]}"; do
+        read -r start ns <<<"$line"
+        mapfile -t -O "${#kids[@]}" kids < <(steps_since "$start" "$ns")
+    done
     for line in "${kids[@]}"; do
         read -r pid start name <<<"$line"
         stop_pid "$pid" "$start" "$name" || rc=1
+    done
+    # Nothing runs in them now: deleting a namespace deletes its bridge and veth ends.
+    for line in "${lines[@]}"; do
+        read -r name pid _ <<<"$line"
+        if [[ $name == netns ]] && [[ -e /run/netns/$pid ]]; then
+            if ip netns del "$pid"; then log "deleted network namespace $pid"; else rc=1; fi
+        elif [[ $name == dir && -f $pid/cluster.env ]]; then
+            rm -rf "$pid" && log "removed $pid"
+        fi
     done
     return $rc
 }
@@ -538,20 +608,197 @@ lock() {
     flock 9
 }
 
-usage() { echo "usage: $0 {install|start [--state FILE]|stop [--state FILE]|status}" >&2; exit 2; }
+# -- two nodes in network namespaces --------------------------------------------------------
+
+NS_SUBNET=${DEV_SLURM_NETNS_SUBNET:-10.217.0}  # a /24 that exists only inside the namespaces
+NS_HOSTS=""  # the namespaces' /etc/hosts
+
+in_ns() { # netns hostname command...: run it in that network namespace, named hostname, with
+    # $NS_HOSTS as its /etc/hosts. nsenter and not `ip netns exec`, which remounts /sys and so
+    # hides /sys/fs/cgroup, without which slurmd 22.05 does not start; the mount namespace
+    # (unshare --mount: private propagation) keeps the bind mount of /etc/hosts to itself.
+    local ns=$1 host=$2
+    shift 2
+    # shellcheck disable=SC2016  # expanded by the inner sh
+    nsenter "--net=/run/netns/$ns" unshare --mount --uts \
+        sh -c 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"' "$NS_HOSTS" "$host" "$@" 9>&-
+}
+
+write_conf_netns() { # dir
+    local dir=$1 cpus mem_mb
+    cpus=${DEV_SLURM_CPUS:-$(nproc)}
+    mem_mb=${DEV_SLURM_MEM_MB:-$(awk '/MemTotal/ {printf "%d", $2 / 1024 / 4}' /proc/meminfo)}
+    {
+        cat <<EOF
+# Written by slurm/dev-cluster.sh start-netns: two nodes, each in its own network and UTS
+# namespace, and the controller in a third; they reach each other through a bridge inside the
+# controller's namespace, on $NS_SUBNET.0/24, which no other namespace has a route to.
+ClusterName=dev2
+SlurmctldHost=ctl($NS_SUBNET.1)
+# No slurmdbd: scontrol show job knows a job for MinJobAge seconds after it ended.
+AccountingStorageType=accounting_storage/none
+# Both nodes share this machine's CPUs and memory: the configured sizes win over the hardware's.
+SlurmdParameters=config_overrides
+# Job ids apart from the one-node cluster's: a job's /tmp/qshield-ray-<id> (slurm/run.sh) names one job.
+FirstJobId=1000000
+StateSaveLocation=$dir/ctld
+SlurmdSpoolDir=$dir/spool/%n
+SlurmctldPidFile=$dir/run/slurmctld.pid
+SlurmdPidFile=$dir/run/slurmd-%n.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
+NodeName=node1 NodeAddr=$NS_SUBNET.2 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+NodeName=node2 NodeAddr=$NS_SUBNET.3 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+EOF
+        conf_common "$cpus" "$mem_mb"
+    } >"$dir/slurm.conf"
+    chmod 644 "$dir/slurm.conf"
+}
+
+cmd_start_netns() {
+    need_root
+    [[ -n $STATE ]] || { log "start-netns needs --state FILE (what 'stop --state FILE' undoes)"; exit 2; }
+    have_binaries || cmd_install
+    local c
+    for c in ip nsenter unshare mount; do
+        command -v $c >/dev/null || { log "$c is not installed (iproute2 / util-linux)"; exit 77; }
+    done
+    : >>"$STATE"
+    local dir=${NETNS_DIR:-} tag ctl n1 n2 conf i ns state="" err
+    if [[ -z $dir ]]; then
+        dir=$(mktemp -d /tmp/qshield-slurm2-XXXXXX)
+        echo "dir $dir" >>"$STATE"
+    fi
+    mkdir -p "$dir"/{ctld,spool/node1,spool/node2,run,log}
+    conf=$dir/slurm.conf
+    NS_HOSTS=$dir/hosts
+    printf '127.0.0.1 localhost\n::1 localhost\n%s.1 ctl\n%s.2 node1\n%s.3 node2\n' \
+        "$NS_SUBNET" "$NS_SUBNET" "$NS_SUBNET" >"$NS_HOSTS"
+    chmod 644 "$NS_HOSTS"
+    # Names no namespace has yet (a stale one from a crashed run is left alone).
+    for _ in $(seq 20); do
+        tag=$(printf '%x%x' $$ $RANDOM)
+        [[ -e /run/netns/qsc-$tag || -e /run/netns/qs1-$tag || -e /run/netns/qs2-$tag ]] || break
+    done
+    ctl=qsc-$tag n1=qs1-$tag n2=qs2-$tag
+    for ns in "$ctl" "$n1" "$n2"; do
+        if ! err=$(ip netns add "$ns" 2>&1); then
+            log "cannot create a network namespace here (ip netns add: $err)"
+            exit 77
+        fi
+        echo "netns $ns" >>"$STATE"
+        ip -n "$ns" link set lo up
+    done
+    ip -n "$ctl" link add br0 type bridge
+    ip -n "$ctl" addr add "$NS_SUBNET.1/24" dev br0
+    ip -n "$ctl" link set br0 up
+    i=1
+    for ns in "$n1" "$n2"; do
+        ip -n "$ctl" link add "v$i" type veth peer name eth0 netns "$ns"
+        ip -n "$ctl" link set "v$i" master br0 up
+        ip -n "$ns" addr add "$NS_SUBNET.$((i + 1))/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        i=$((i + 1))
+    done
+    write_conf_netns "$dir"
+    echo "client $ctl $conf" >>"$STATE"
+    CLIENT=(nsenter "--net=/run/netns/$ctl" env "SLURM_CONF=$conf")
+    start_munge  # the one-node cluster's, if it runs: munged is reached by a unix socket
+    in_ns "$ctl" ctl env "SLURM_CONF=$conf" slurmctld -f "$conf"
+    started slurmctld "$dir/run/slurmctld.pid"
+    for _ in $(seq 50); do sl scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
+    in_ns "$n1" node1 env "SLURM_CONF=$conf" slurmd -f "$conf"
+    started slurmd "$dir/run/slurmd-node1.pid" node1
+    in_ns "$n2" node2 env "SLURM_CONF=$conf" slurmd -f "$conf"
+    started slurmd "$dir/run/slurmd-node2.pid" node2
+    cat >"$dir/cluster.env" <<EOF
+SLURM_CONF=$conf
+DEV_SLURM_CTL_NETNS=$ctl
+DEV_SLURM_NODE_NETNS="$n1 $n2"
+DEV_SLURM_NODES="node1 node2"
+DEV_SLURM_SUBNET=$NS_SUBNET.0/24
+EOF
+    for _ in $(seq $((WAIT_S * 2))); do
+        state=$(sl sinfo -h -N -o '%t' 2>/dev/null | tr -d '*~#!%$@^-' | sort -u | tr '\n' ' ')
+        if [[ $state == "idle " ]]; then
+            log "nodes node1 ($n1, $NS_SUBNET.2) and node2 ($n2, $NS_SUBNET.3) are idle; controller in $ctl ($NS_SUBNET.1)"
+            echo "$dir"
+            return 0
+        fi
+        sleep 0.5
+    done
+    log "the two nodes are not idle after ${WAIT_S}s (states: $state); see $dir/log"
+    tail -n 20 "$dir"/log/*.log >&2 || true
+    exit 1
+}
+
+# MaxArraySize needs a restart of slurmctld: `scontrol reconfigure` updates what `scontrol show
+# config` reports, but slurmctld 22.05 keeps the limit it validates arrays with in a static
+# variable set on the first array it sees (job_mgr.c, max_array_size), so after a reconfigure
+# it still accepts and refuses by the old value. A restart keeps queued and running jobs
+# (StateSaveLocation; slurmd keeps running); the new slurmctld takes the old one's line in the
+# state file of whoever started it (the STATES registry), so `stop --state` still stops it.
+cmd_max_array() { # N
+    need_root
+    [[ $1 =~ ^[0-9]+$ ]] || usage
+    local old pid start new_pid new_start f
+    old=$(scontrol show config 2>/dev/null | awk '$1 == "MaxArraySize" {print $3}')
+    [[ -n $old ]] || { log "no running cluster (scontrol show config failed)"; exit 1; }
+    pid=$(daemon_pid slurmctld $RUN_DIR/slurmctld.pid) || { log "no slurmctld of this script runs"; exit 1; }
+    start=$(proc_start "$pid")
+    sed -i "s/^MaxArraySize=.*/MaxArraySize=$1/" "$CONF"
+    grep -qx "MaxArraySize=$1" "$CONF" || { log "$CONF has no MaxArraySize line"; exit 1; }
+    check_uts
+    stop_pid "$pid" "$start" slurmctld
+    rm -f $RUN_DIR/slurmctld.pid
+    STATE="" as_node slurmctld
+    STATE="" started slurmctld $RUN_DIR/slurmctld.pid
+    new_pid=$(daemon_pid slurmctld $RUN_DIR/slurmctld.pid)
+    new_start=$(proc_start "$new_pid")
+    if [[ -f $STATES ]]; then
+        while read -r f; do
+            [[ -f $f ]] && sed -i "s/^slurmctld $pid $start\$/slurmctld $new_pid $new_start/" "$f"
+        done <"$STATES"
+    fi
+    for _ in $(seq 100); do
+        if [[ $(scontrol show config 2>/dev/null | awk '$1 == "MaxArraySize" {print $3}') == "$1" ]] &&
+            [[ $(node_state) =~ ^(idle|mix|alloc)$ ]]; then
+            log "MaxArraySize $old -> $1 (slurmctld restarted: $pid -> $new_pid)"
+            echo "$old"
+            return 0
+        fi
+        sleep 0.2
+    done
+    log "slurmctld did not come back with MaxArraySize=$1; see $LOG_DIR"
+    exit 1
+}
+
+usage() {
+    echo "usage: $0 {install|start [--state FILE]|start-netns --state FILE [--dir DIR]|stop [--state FILE]|status|max-array N}" >&2
+    exit 2
+}
 
 cmd=${1:-}
 [[ $# -gt 0 ]] && shift
+if [[ $cmd == max-array ]]; then
+    [[ $# -eq 1 ]] || usage
+    lock
+    cmd_max_array "$1"
+    exit 0
+fi
 while [[ $# -gt 0 ]]; do
     case $1 in
         --state) [[ $# -ge 2 ]] || usage; STATE=$2; shift 2 ;;
         --state=*) STATE=${1#--state=}; shift ;;
+        --dir) [[ $# -ge 2 && $cmd == start-netns ]] || usage; NETNS_DIR=$2; shift 2 ;;
         *) usage ;;
     esac
 done
 case $cmd in
     install) cmd_install ;;
     start) lock; cmd_start ;;
+    start-netns) lock; cmd_start_netns ;;
     stop) lock; if [[ -n $STATE ]]; then cmd_stop_recorded; else cmd_stop; fi ;;
     status) cmd_status ;;
     *) usage ;;

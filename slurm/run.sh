@@ -7,7 +7,9 @@
 # The #SBATCH lines below are defaults; options given to sbatch on the command line win.
 # One task per node: the first node runs the Ray head (and the driver), every other node a
 # Ray worker started with `srun -w NODE`. All Ray processes are stopped when the script
-# exits, also on failure or scancel (trap EXIT).
+# exits, also on failure or scancel (trap EXIT). Each node's address is what its name
+# resolves to there (getent); tests/test_slurm_cluster.py runs this on two nodes in network
+# namespaces (slurm/dev-cluster.sh start-netns).
 #
 # Environment:
 #   QSHIELD_PYTHON   python to use (default: `python` on PATH), e.g. .venv/bin/python
@@ -45,6 +47,7 @@ CPUS=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
 GPUS=$("$PY" -c 'import os; v = os.environ.get("CUDA_VISIBLE_DEVICES", ""); print(len([g for g in v.split(",") if g]) if v else 0)')
 
 RAY_DIR=${QSHIELD_RAY_DIR:-$HOME/.qshield/ray}/$SLURM_JOB_ID
+RAY_TMP=/tmp/qshield-ray-$SLURM_JOB_ID  # the head's session files (node-local)
 mkdir -p "$RAY_DIR"
 chmod 700 "$RAY_DIR" "$(dirname "$RAY_DIR")"
 TOKEN=$("$PY" -m qshield_dist.cluster token "$RAY_DIR/auth")
@@ -61,7 +64,7 @@ cleanup() {
     # SIGTERM: `python -m qshield_dist.cluster` stops its node (and srun forwards it).
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$RAY_DIR"
+    rm -rf "$RAY_DIR" "$RAY_TMP"
     exit $rc
 }
 trap cleanup EXIT
@@ -70,7 +73,7 @@ trap 'exit 130' INT
 
 log "job $SLURM_JOB_ID: nodes ${NODES[*]}; head $HEAD_NODE ($HEAD_IP); $CPUS cpus, $GPUS gpus per node"
 "$PY" -m qshield_dist.cluster head --token-file "$TOKEN" --ip "$HEAD_IP" --num-cpus "$CPUS" \
-    --num-gpus "$GPUS" --temp-dir "/tmp/qshield-ray-$SLURM_JOB_ID" --address-file "$RAY_DIR/address" &
+    --num-gpus "$GPUS" --temp-dir "$RAY_TMP" --address-file "$RAY_DIR/address" &
 PIDS+=($!)
 for _ in $(seq 180); do
     [[ -s $RAY_DIR/address ]] && break

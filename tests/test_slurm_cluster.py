@@ -1,5 +1,8 @@
 """SlurmExecutor and slurm/run.sh against a real one-node SLURM cluster (slurm/dev-cluster.sh,
-started by conftest's slurm_cluster fixture), and the cluster's daemons on loopback only."""
+started by conftest's slurm_cluster fixture) and a two-node one in network namespaces
+(dev-cluster.sh start-netns), and the clusters' daemons on loopback or inside their namespaces.
+What every executor must do (statuses, the lost rule, each job once) is
+test_executors.test_executor_contract; here: packing, arrays, afterok, scancel, requeue, sacct."""
 
 from __future__ import annotations
 
@@ -10,8 +13,12 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -20,10 +27,11 @@ import cloudpickle  # noqa: E402  (submitit pickles with the standalone cloudpic
 
 import cluster_fixtures as cf  # noqa: E402
 from qshield_dist.executors.base import Job, Resources  # noqa: E402
-from qshield_dist.executors.slurm import SlurmExecutor  # noqa: E402
+from qshield_dist.executors.slurm import SlurmExecutor, max_array_tasks, pack_jobs  # noqa: E402
+from qshield_dist.results import differing_trials, scan_done  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slurm
+DEV_CLUSTER = REPO / "slurm" / "dev-cluster.sh"
 # The SLURM job runs a fresh python that does not have tests/ on sys.path.
 cloudpickle.register_pickle_by_value(cf)
 
@@ -31,6 +39,7 @@ cloudpickle.register_pickle_by_value(cf)
 # The cluster's daemons, and the ports of the SLURM ones (whoever holds them).
 DAEMONS = {"slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd"}
 SLURM_PORTS = {6817, 6818, 6819}
+TEN_MINUTES = Resources(cpus=1, mem_gb=0.5, timeout_min=10)
 
 
 def listening_sockets(ss_output: str) -> list[tuple[set[str], str, int]]:
@@ -56,49 +65,13 @@ def on_loopback(addr: str) -> bool:
     return ip.is_loopback
 
 
-def test_daemons_listen_on_loopback_only(slurm_cluster: None) -> None:
-    """slurmctld, slurmd and slurmdbd on 127.0.0.1 (not 0.0.0.0, not the hostname's address);
-    munged and mariadbd on unix sockets, or on loopback if on TCP at all."""
-    if not shutil.which("ss"):
-        pytest.skip("ss (iproute2) is not installed")
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    ours = [(names, addr, port) for names, addr, port in listening_sockets(out)
-            if names & DAEMONS or port in SLURM_PORTS]
-    assert {"slurmctld", "slurmd", "slurmdbd"} <= set().union(*(n for n, _, _ in ours)), out
-    beyond = [(sorted(names), addr, port) for names, addr, port in ours if not on_loopback(addr)]
-    assert not beyond, f"listening beyond loopback: {beyond}\n{out}"
-
-
-COMPARED = ["trial_id", "stage", "status", "model", "attack", "clean_acc", "n_attacked", "n_success", "train_steps", "linf_max"]
-
-
-def smoke_rows(results: Path) -> list[dict]:
-    """The result rows of a smoke sweep, the columns every executor must agree on."""
-    import polars as pl
-
-    df = pl.read_parquet(str(results / "stage=*" / "*" / "*.parquet"), hive_partitioning=False)
-    return df.select(COMPARED).sort("trial_id").to_dicts()
-
-
-@pytest.fixture(scope="module")
-def local_smoke(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """The smoke sweep through the local executor: the reference the cluster runs must match."""
-    from qshield_dist import launch
-
-    root = tmp_path_factory.mktemp("local_smoke")
-    code = launch.main([str(REPO / "sweeps/smoke.yaml"), "--results", str(root / "results"), "--checkpoints", str(root / "ckpt")])
-    assert code == 0
-    return smoke_rows(root / "results")
-
-
 def job(out: Path, key: str, deps: tuple[str, ...] = (), fn=cf.record, stage: str = "train") -> Job:
-    return Job(key, functools.partial(fn, str(out), key), deps, Resources(cpus=1, mem_gb=0.5, timeout_min=10),
-               stage=stage)
+    return Job(key, functools.partial(fn, str(out), key), deps, TEN_MINUTES, stage=stage)
 
 
-def executor(tmp_path: Path) -> SlurmExecutor:
-    return SlurmExecutor(folder=tmp_path / "submitit", partition="debug", poll_s=1.0, time_min=10,
-                         cpus_per_task=1, mem_gb=0.5)
+def executor(tmp_path: Path, **kw: float) -> SlurmExecutor:
+    return SlurmExecutor(folder=tmp_path / "submitit", partition="debug", poll_s=1.0, cpus_per_task=1,
+                         mem_gb=0.5, **kw)
 
 
 def wait_file(path: Path, timeout: float = 90) -> str:
@@ -109,76 +82,272 @@ def wait_file(path: Path, timeout: float = 90) -> str:
     return path.read_text()
 
 
+def run_in_thread(ex: SlurmExecutor, jobs: list[Job]) -> tuple[threading.Thread, dict[str, str]]:
+    result: dict[str, str] = {}
+    runner = threading.Thread(target=lambda: result.update(ex.run(jobs)))
+    runner.start()
+    return runner, result
+
+
+def sacct_states(*array_ids: str, want: int, timeout: float = 30) -> list[str]:
+    """'JOBID|STATE' of every task of the arrays, once sacct has `want` in a final state
+    (slurmctld sends the records to slurmdbd asynchronously; a task may still be exiting when
+    its result is in)."""
+    deadline = time.time() + timeout
+    while True:
+        acct = sorted(subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(array_ids)],
+                                     capture_output=True, text=True).stdout.split())
+        final = [a for a in acct if a.split("|")[1] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED")]
+        if len(final) >= want or time.time() > deadline:
+            return acct
+        time.sleep(1)
+
+
+# -- two nodes in network namespaces ----------------------------------------------------------
+
+
+@dataclass
+class TwoNodes:
+    """A cluster `dev-cluster.sh start-netns` started: its slurm.conf and namespaces."""
+
+    dir: Path
+    conf: str
+    ctl_netns: str
+    node_netns: list[str]
+    subnet: ipaddress.IPv4Network
+    pids: list[int]
+
+    def client(self, *cmd: str) -> list[str]:
+        """A client command for this cluster: in the controller's namespace, with its conf."""
+        return ["nsenter", f"--net=/run/netns/{self.ctl_netns}", "env", f"SLURM_CONF={self.conf}", *cmd]
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _stop_recorded(state: Path) -> None:
+    """dev-cluster.sh stop --state: then nothing it recorded is left (processes, namespaces, dir)."""
+    lines = [line.split() for line in state.read_text().splitlines() if line.strip()] if state.exists() else []
+    proc = subprocess.run([str(DEV_CLUSTER), "stop", "--state", str(state)], capture_output=True, text=True,
+                          timeout=300)
+    alive = [f"{f[0]} ({f[1]})" for f in lines if f[0] in DAEMONS and _start_time(int(f[1])) == f[2]]
+    netns = [f[1] for f in lines if f[0] == "netns" and Path("/run/netns", f[1]).exists()]
+    dirs = [f[1] for f in lines if f[0] == "dir" and Path(f[1]).exists()]
+    assert proc.returncode == 0 and not alive and not netns and not dirs, (
+        f"stop --state {state} left {alive} {netns} {dirs}:\n{proc.stdout}{proc.stderr}")
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(slurm_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
+    """Two slurmd (node1, node2) and a slurmctld, each in its own network and UTS namespace,
+    joined by a bridge in the controller's namespace; munged is slurm_cluster's. Stops exactly
+    what it started and deletes its namespaces (and with them the bridge and veth pairs)."""
+    missing = [c for c in ("ip", "nsenter", "unshare", "mount") if not shutil.which(c)]
+    if missing:
+        pytest.skip(f"a two-node cluster in network namespaces needs {' '.join(missing)} (iproute2, util-linux)")
+    state = tmp_path_factory.mktemp("two_nodes") / "started"
+    proc = subprocess.run([str(DEV_CLUSTER), "start-netns", "--state", str(state)], capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0:
+        _stop_recorded(state)
+        if proc.returncode == 77:
+            pytest.skip(f"no two-node cluster: {proc.stderr.strip().splitlines()[-1]}")
+        pytest.fail(f"dev-cluster.sh start-netns failed:\n{proc.stdout}{proc.stderr[-3000:]}")
+    try:
+        root = Path(proc.stdout.split()[-1])
+        env = dict(line.split("=", 1) for line in (root / "cluster.env").read_text().splitlines() if "=" in line)
+        env = {k: v.strip('"') for k, v in env.items()}
+        pids = [int(f.split()[1]) for f in state.read_text().splitlines() if f.split()[0] in DAEMONS]
+        yield TwoNodes(root, env["SLURM_CONF"], env["DEV_SLURM_CTL_NETNS"], env["DEV_SLURM_NODE_NETNS"].split(),
+                       ipaddress.ip_network(env["DEV_SLURM_SUBNET"]), pids)
+    finally:
+        _stop_recorded(state)
+
+
+# -- daemons ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("cluster", ["one-node", pytest.param("two-node", marks=pytest.mark.netns)])
+def test_daemons_listen_on_loopback_only(cluster: str, request: pytest.FixtureRequest) -> None:
+    """One node: slurmctld, slurmd and slurmdbd on 127.0.0.1 (not 0.0.0.0, not the hostname's
+    address); munged and mariadbd on unix sockets, or on loopback if on TCP at all.
+    Two nodes: nothing in this machine's network namespace; in each of theirs, every listening
+    socket on loopback or on the namespaces' private subnet, which has no route out."""
+    request.getfixturevalue("slurm_cluster")
+    if not shutil.which("ss"):
+        pytest.skip("ss (iproute2) is not installed")
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    if cluster == "one-node":
+        ours = [(names, addr, port) for names, addr, port in listening_sockets(out)
+                if names & DAEMONS or port in SLURM_PORTS]
+        assert {"slurmctld", "slurmd", "slurmdbd"} <= set().union(*(n for n, _, _ in ours)), out
+        beyond = [(sorted(names), addr, port) for names, addr, port in ours if not on_loopback(addr)]
+        assert not beyond, f"listening beyond loopback: {beyond}\n{out}"
+        return
+    two: TwoNodes = request.getfixturevalue("two_node_cluster")
+    assert not [line for line in out.splitlines() if any(f"pid={p}," in line for p in two.pids)], out
+    for ns, daemon in [(two.ctl_netns, "slurmctld"), *((n, "slurmd") for n in two.node_netns)]:
+        inside = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "ss", "-ltnpH"], capture_output=True,
+                                text=True, check=True).stdout
+        sockets = listening_sockets(inside)
+        assert daemon in set().union(*(n for n, _, _ in sockets)), inside
+        beyond = [(sorted(names), addr, port) for names, addr, port in sockets
+                  if not (on_loopback(addr) or _in_subnet(addr, two.subnet))]
+        assert not beyond, f"{ns}: listening beyond loopback and {two.subnet}: {beyond}\n{inside}"
+        routes = subprocess.run(["ip", "-n", ns, "-4", "route"], capture_output=True, text=True).stdout
+        assert routes.strip() and all(line.startswith(str(two.subnet)) for line in routes.splitlines()), routes
+
+
+def _in_subnet(addr: str, subnet: ipaddress.IPv4Network) -> bool:
+    try:
+        return ipaddress.ip_address(addr) in subnet
+    except ValueError:
+        return False
+
+
+# -- packing, arrays, afterok -----------------------------------------------------------------
+
+
+def test_packing_fills_packs_to_the_target_and_keeps_waves_apart() -> None:
+    """Needs no cluster: best-fit decreasing into packs of the target; a pack never holds a
+    trial and its dependency (one wave at a time); the arrays split at the task limit."""
+    jobs = [Job(f"k{i}", print, (), Resources(timeout_min=t)) for i, t in enumerate([100, 10, 10, 25, 5, 5, 20])]
+    ex = SlurmExecutor("unused")
+    assert [[j.key for j in p] for p in pack_jobs(jobs, ex.minutes, 30)] == [
+        ["k0"], ["k1", "k6"], ["k2", "k5"], ["k3", "k4"]]
+    assert [ex.pack_time(p) for p in pack_jobs(jobs, ex.minutes, 30)] == [100, 30, 15, 30]
+    # a plan's durations: 1-minute trials, limits of 10 minutes each
+    ex = SlurmExecutor("unused", pack_minutes=30, durations={f"t{i}": 1.0 for i in range(70)})
+    train = [Job(f"t{i}", print, (), TEN_MINUTES) for i in range(70)]
+    attack = [Job(f"a{i}", print, (f"t{i}",), TEN_MINUTES) for i in range(5)]  # no plan: 10 min each
+    waves = ex.plan(train + attack, max_tasks=2)
+    assert [[(o, [len(p) for p in packs]) for o, packs in w] for w in waves] == [[(0, [30, 30]), (2, [10])],
+                                                                                 [(0, [3, 2])]]
+    assert ex.pack_time(waves[0][0][1][0]) == 60  # twice the 30 expected minutes, under the 300 of limits
+    assert ex.pack_time(waves[1][0][1][0]) == 30  # no plan for these: the sum of their limits
+    assert max_array_tasks("MaxArraySize            = 1001\nSchedulerParameters     = (null)\n") == 1001
+    assert max_array_tasks("MaxArraySize = 100001\nSchedulerParameters = bf_interval=5,max_array_tasks=500\n") == 500
+    assert max_array_tasks("MaxArraySize = 0\n") == 1  # arrays disabled: one plain job per pack
+
+
+@pytest.fixture
+def max_array_11(slurm_cluster: None) -> Iterator[int]:
+    """The running cluster with MaxArraySize=11 (array indices 0..10), set back afterwards
+    (each a restart of slurmctld: dev-cluster.sh max-array)."""
+    proc = subprocess.run([str(DEV_CLUSTER), "max-array", "11"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        yield 11
+    finally:
+        back = subprocess.run([str(DEV_CLUSTER), "max-array", proc.stdout.strip()], capture_output=True,
+                              text=True, timeout=120)
+        assert back.returncode == 0, back.stderr
+
+
+@pytest.mark.slurm
+def test_packed_sweep_splits_waves_into_arrays_of_max_array_size(max_array_11: int, tmp_path: Path) -> None:
+    """60 no-op trials, two per task (10-minute limits, 20-minute packs): wave 0's 22 packs
+    need two arrays of 11 (SLURM refuses a 12th index), each indexed from 0 with its offset,
+    and wave 1's array waits for both. Every trial ran exactly once, the trials of a pack in one
+    process: 0 lost, 0 duplicated."""
+    out = tmp_path / "out"
+    out.mkdir()
+    train = [job(out, f"t{i}") for i in range(44)]
+    attack = [job(out, f"a{i}", (f"t{i}", f"t{i + 22}"), stage="attack") for i in range(16)]
+    assert max_array_tasks() == max_array_11
+    ex = executor(tmp_path, pack_minutes=20)
+    result = ex.run(train + attack)
+    assert result == {j.key: "ok" for j in train + attack}
+    times = {j.key: cf.start_end(out, j.key) for j in train + attack}  # each exactly once
+    assert [(s.wave, s.offset, len(s.packs)) for s in ex.submitted] == [(0, 0, 11), (0, 11, 11), (1, 0, 8)]
+    first, second, third = ex.submitted
+    assert first.after == second.after == [] and third.after == [first.array_id, second.array_id]
+    assert sorted(k for s in ex.submitted for p in s.packs for k in p) == sorted(result)
+    assert min(times[a.key][0] for a in attack) >= max(times[t.key][1] for t in train)
+    for sub in ex.submitted:
+        for pack in sub.packs:
+            assert len(pack) == 2 and len({cf.runs(out, k)[0][2] for k in pack}) == 1, pack  # one task
+    scripts = "\n".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_submission.sh"))
+    assert len(re.findall(r"--array=0-10%\d+", scripts)) == 2 and re.search(r"--array=0-7%\d+", scripts)
+    assert f"--dependency=afterok:{first.array_id}:{second.array_id}" in scripts
+    # SLURM's own rule: indices 0..MaxArraySize-1, so 11 tasks is the most one array holds here.
+    refused = subprocess.run(["sbatch", "--parsable", "--hold", "--array=0-11", "-o", "/dev/null", "--wrap=true"],
+                             capture_output=True, text=True, timeout=60)
+    if refused.returncode == 0:  # do not leave a held job in the cluster's saved state
+        subprocess.run(["scancel", refused.stdout.strip().split(";")[0]], check=False)
+    assert refused.returncode != 0 and "Invalid job array specification" in refused.stderr
+    acct = sacct_states(first.array_id, second.array_id, third.array_id, want=30)
+    assert len(acct) == 30 and {a.split("|")[1] for a in acct} == {"COMPLETED"}, acct
+
+
+@pytest.mark.slurm
 def test_two_waves_afterok(slurm_cluster: None, tmp_path: Path) -> None:
+    """One trial per task (pack_minutes 0): an array per wave, the second after the first."""
     out = tmp_path / "out"
     out.mkdir()
     jobs = [job(out, "t0"), job(out, "t1"),
             job(out, "a0", ("t0",), stage="attack"), job(out, "a1", ("t1",), stage="attack"),
             job(out, "a2", ("t0", "t1"), stage="attack")]
-    ex = executor(tmp_path)
-    result = ex.run(jobs)
-    assert result == {k.key: "ok" for k in jobs}
-    times = {j.key: cf.start_end(out, j.key) for j in jobs}  # each ran exactly once
-    assert min(times[a][0] for a in ("a0", "a1", "a2")) >= max(times["t0"][1], times["t1"][1])
+    ex = executor(tmp_path, pack_minutes=0)
+    assert ex.run(jobs) == {k.key: "ok" for k in jobs}
     assert len(ex.array_ids) == 2
     first, second = ex.array_ids
     scripts = list((tmp_path / "submitit").rglob("*_submission.sh"))
     text = "\n".join(p.read_text() for p in scripts)
     assert f"--dependency=afterok:{first}" in text and "--array=0-2" in text, scripts
+    assert "--time=10" in text  # one 10-minute trial per task
     # the log folder is private
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
     # SLURM saw two arrays, both completed
     want = sorted([f"{first}_0|COMPLETED", f"{first}_1|COMPLETED", f"{second}_0|COMPLETED",
                    f"{second}_1|COMPLETED", f"{second}_2|COMPLETED"])
-    deadline = time.time() + 30  # slurmctld sends records to slurmdbd asynchronously
-    while True:
-        acct = sorted(subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", f"{first},{second}"],
-                                     capture_output=True, text=True).stdout.split())
-        if acct == want or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert acct == want
+    assert sacct_states(first, second, want=5) == want
 
 
-def test_scancel_task_is_lost_and_rest_completes(slurm_cluster: None, tmp_path: Path) -> None:
-    """Design: a cancelled task is 'lost' (not retried by us); its dependents are 'lost'
-    without running; the later wave, whose afterok can no longer hold, is resubmitted
-    without them, so every other job still runs."""
+@pytest.mark.slurm
+def test_cancelled_pack_keeps_its_finished_trials(slurm_cluster: None, tmp_path: Path) -> None:
+    """Design: scancel of a pack's task keeps the statuses its finished trials wrote; the
+    trials it had not finished are 'lost', their dependents 'lost' without running; the other
+    pack of the wave completes, and the later wave, whose afterok can no longer hold, is
+    resubmitted without the lost ones."""
     out = tmp_path / "out"
     out.mkdir()
-    jobs = [job(out, "t0", fn=cf.slurm_wait_for_release), job(out, "t1"),
-            job(out, "a0", ("t0",), stage="attack"), job(out, "a1", ("t1",), stage="attack"),
-            job(out, "a01", ("t0", "t1"), stage="attack")]
-    ex = executor(tmp_path)
-    import threading
-
-    result: dict[str, str] = {}
-    runner = threading.Thread(target=lambda: result.update(ex.run(jobs)))
-    runner.start()
-    task = wait_file(out / "t0.slurm").split()[0]
+    jobs = [job(out, "r0"), job(out, "w", fn=cf.slurm_wait_for_release), job(out, "r2"), job(out, "r3"),
+            job(out, "after-r0", ("r0",), stage="attack"), job(out, "after-r2", ("r2",), stage="attack"),
+            job(out, "after-r3", ("r3",), stage="attack")]
+    ex = executor(tmp_path, pack_minutes=30)  # wave 0: [r0, w, r2] and [r3]
+    runner, result = run_in_thread(ex, jobs)
+    task = wait_file(out / "w.slurm").split()[0]
     subprocess.run(["scancel", task], check=True)
     runner.join(timeout=180)
     assert not runner.is_alive()
-    assert result == {"t0": "lost", "t1": "ok", "a0": "lost", "a1": "ok", "a01": "lost"}
-    assert not (out / "t0.out").exists()
-    assert cf.runs(out, "a0") == [] and cf.runs(out, "a01") == []
-    assert len(cf.runs(out, "a1")) == 1
-    assert len(ex.array_ids) == 3  # train, attack (cancelled: afterok broken), attack again
+    assert ex.submitted[0].packs == [["r0", "w", "r2"], ["r3"]]
+    assert result == {"r0": "ok", "w": "lost", "r2": "lost", "r3": "ok",
+                      "after-r0": "ok", "after-r2": "lost", "after-r3": "ok"}
+    assert len(cf.runs(out, "r0")) == 1 and not (out / "w.out").exists()
+    assert cf.runs(out, "r2") == [] and cf.runs(out, "after-r2") == []
+    assert len(cf.runs(out, "after-r0")) == 1 and len(cf.runs(out, "after-r3")) == 1
+    assert len(ex.array_ids) == 3  # wave 0, wave 1 (cancelled: afterok broken), wave 1 again
 
 
-def test_preemption_requeues_through_checkpoint(slurm_cluster: None, tmp_path: Path) -> None:
-    """SIGUSR2 is what SLURM sends before a time-out or preemption: submitit calls
-    TrialRunner.checkpoint and requeues the task, which runs the trial again and succeeds."""
+@pytest.mark.slurm
+def test_requeued_pack_reruns_only_its_unfinished_trials(slurm_cluster: None, tmp_path: Path) -> None:
+    """SIGUSR2 is what SLURM sends before a time-out or preemption: submitit checkpoints the
+    pack (a FunctionSequence holding the results of the trials done) and requeues the task,
+    which skips r0 and r1, runs p again from the start, then r3 and r4."""
     out = tmp_path / "out"
     out.mkdir()
-    jobs = [job(out, "p", fn=cf.slurm_wait_for_release)]
-    ex = executor(tmp_path)
-    import threading
-
-    result: dict[str, str] = {}
-    runner = threading.Thread(target=lambda: result.update(ex.run(jobs)))
-    runner.start()
+    keys = ["r0", "r1", "p", "r3", "r4"]
+    jobs = [job(out, k, fn=cf.slurm_wait_for_release if k == "p" else cf.record) for k in keys]
+    ex = executor(tmp_path, pack_minutes=60)  # one pack of five 10-minute trials
+    runner, result = run_in_thread(ex, jobs)
     task = wait_file(out / "p.slurm").split()[0]
+    assert [len(cf.runs(out, k)) for k in keys] == [1, 1, 0, 0, 0]
     subprocess.run(["scancel", "--signal=USR2", task], check=True)
     deadline = time.time() + 150
     while len((out / "p.slurm").read_text().split()) < 2:  # the requeued run started
@@ -190,14 +359,32 @@ def test_preemption_requeues_through_checkpoint(slurm_cluster: None, tmp_path: P
         time.sleep(0.5)
     (out / "release").touch()
     runner.join(timeout=120)
-    assert result == {"p": "ok"}
-    assert (out / "p.slurm").read_text().split() == [task, task]  # same task id, run twice
-    assert len(cf.runs(out, "p")) == 1 and (out / "p.out").exists()
+    assert result == {k: "ok" for k in keys}
+    assert [s.packs for s in ex.submitted] == [[keys]]
+    assert (out / "p.slurm").read_text().split() == [task, task]  # same task, run twice
+    assert len((out / "p.pids").read_text().split()) == 2  # p started twice
+    pid = {k: cf.runs(out, k)[0][2] for k in keys}  # and every trial completed exactly once:
+    assert pid["r0"] == pid["r1"] != pid["p"] == pid["r3"] == pid["r4"]  # r0, r1 in the first run only
 
 
+# -- the launcher and slurm/run.sh --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke sweep's results through the local executor: the reference the clusters match."""
+    from qshield_dist import launch
+
+    root = tmp_path_factory.mktemp("local_smoke")
+    code = launch.main([str(REPO / "sweeps/smoke.yaml"), "--results", str(root / "results"), "--checkpoints", str(root / "ckpt")])
+    assert code == 0
+    return root / "results"
+
+
+@pytest.mark.slurm
 @pytest.mark.slow
-def test_submitit_executor_gives_the_local_rows(slurm_cluster: None, local_smoke: list[dict], tmp_path: Path) -> None:
-    """python -m qshield_dist.launch --executor slurm: job arrays per stage, afterok between them."""
+def test_submitit_executor_gives_the_local_rows(slurm_cluster: None, local_smoke: Path, tmp_path: Path) -> None:
+    """python -m qshield_dist.launch --executor slurm: packed job arrays per stage, afterok between them."""
     import yaml
 
     from qshield_dist import launch
@@ -208,27 +395,46 @@ def test_submitit_executor_gives_the_local_rows(slurm_cluster: None, local_smoke
     path.write_text(yaml.safe_dump(sweep))
     code = launch.main([str(path), "--executor", "slurm", "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt")])
     assert code == 0
-    assert smoke_rows(tmp_path / "results") == local_smoke
+    assert differing_trials(local_smoke, tmp_path / "results") == {}
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
 
 
-def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, local_smoke: list[dict], tmp_path: Path) -> None:
+def _run_sh_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, QSHIELD_PYTHON=sys.executable, QSHIELD_RAY_DIR=str(tmp_path / "ray"), **extra)
+    return {k: v for k, v in env.items() if not k.startswith("RAY_")}
+
+
+def processes_with(marker: str) -> dict[int, tuple[str, dict[str, str]]]:
+    """pid -> (name, environment) of each process whose command line holds `marker`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    env = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+                    found[int(entry.name)] = ((entry / "comm").read_text().strip(),
+                                              dict(e.split("=", 1) for e in env if "=" in e))
+            except OSError:
+                continue
+    return found
+
+
+def _ray_processes_gone(*markers: str) -> None:
+    for marker in markers:
+        left = processes_with(marker)
+        assert not left, f"processes left behind ({marker}): {[name for name, _ in left.values()]}"
+
+
+@pytest.mark.slurm
+def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, local_smoke: Path, tmp_path: Path) -> None:
     """sbatch slurm/run.sh: Ray head with token auth inside the allocation, the real sweep
     through `python -m qshield_dist.launch --executor ray`, everything stopped at the end."""
-    if not (REPO / "qshield_dist" / "launch.py").exists() or not (REPO / "sweeps" / "smoke.yaml").exists():
-        pytest.skip("qshield_dist/launch.py or sweeps/smoke.yaml not written yet")
-    import sys
-
-    from qshield_dist.results import scan_done
-
-    env = dict(os.environ, QSHIELD_PYTHON=sys.executable, QSHIELD_RAY_DIR=str(tmp_path / "ray"))
-    env = {k: v for k, v in env.items() if not k.startswith("RAY_")}
     results, log_file = tmp_path / "results", tmp_path / "run-%j.log"
     proc = subprocess.run(
         ["sbatch", "--parsable", f"--output={log_file}", "--cpus-per-task=2",
          str(REPO / "slurm/run.sh"), "sweeps/smoke.yaml", "--results", str(results),
          "--checkpoints", str(tmp_path / "ckpt")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
+        cwd=REPO, env=_run_sh_env(tmp_path), capture_output=True, text=True, timeout=60, check=True)
     job_id = proc.stdout.strip().split(";")[0]
     # poll (sbatch --wait backs off to 30 s between checks)
     deadline, state = time.time() + 600, ""
@@ -243,13 +449,58 @@ def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, local_smoke: list[d
     assert "ray head at 127.0.0.1:" in text and "9 ok, 0 failed, 0 lost" in text, text[-3000:]
     done = scan_done(results)
     assert len(done) == 9 and set(done.values()) == {"ok"}
-    assert smoke_rows(results) == local_smoke
+    assert differing_trials(local_smoke, results) == {}
     # the token directory is gone, and so is every process of the job's Ray cluster
     assert not (tmp_path / "ray" / job_id).exists()
-    marker = f"qshield-ray-{job_id}".encode()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                assert marker not in Path(f"/proc/{pid}/cmdline").read_bytes(), f"ray process {pid} left behind"
-            except OSError:
-                pass
+    _ray_processes_gone(f"qshield-ray-{job_id}")
+
+
+def _job_state(two: TwoNodes, job_id: str) -> dict[str, str]:
+    out = subprocess.run(two.client("scontrol", "-o", "show", "job", job_id), capture_output=True,
+                         text=True).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+@pytest.mark.slurm
+@pytest.mark.netns
+@pytest.mark.slow
+def test_run_sh_on_two_nodes(two_node_cluster: TwoNodes, local_smoke: Path, tmp_path: Path) -> None:
+    """sbatch --nodes=2 slurm/run.sh on the two-node cluster: the Ray head on node1, a worker on
+    node2 started by srun, both token-authenticated; trials on both nodes (the rows' host, which a
+    trial takes from its UTS namespace); rows identical to the local run's."""
+    two = two_node_cluster
+    results, log_file = tmp_path / "results", tmp_path / "run-%j.log"
+    proc = subprocess.run(
+        two.client("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", f"--output={log_file}",
+                   str(REPO / "slurm/run.sh"), "sweeps/smoke.yaml", "--results", str(results),
+                   "--checkpoints", str(tmp_path / "ckpt")),
+        cwd=REPO, env=_run_sh_env(tmp_path, SLURM_CONF=two.conf), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    head_ip = str(two.subnet.network_address + 2)  # node1
+    deadline, state, modes, token = time.time() + 600, {}, {}, ""
+    while time.time() < deadline:
+        state = _job_state(two, job_id)
+        if state.get("JobState") not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+            break
+        # While it runs: every Ray process of the job in token mode, the token on no command line.
+        modes.update({f"{name}:{pid}": env.get("RAY_AUTH_MODE", "")
+                      for pid, (name, env) in processes_with(head_ip).items()})
+        for path in (tmp_path / "ray").glob("*/auth/ray_auth_token"):
+            token = token or path.read_text()
+        if token:
+            _ray_processes_gone(token)
+        time.sleep(1)
+    text = Path(str(log_file).replace("%j", job_id)).read_text()
+    assert (state.get("JobState"), state.get("ExitCode")) == ("COMPLETED", "0:0"), text[-3000:]
+    assert "nodes node1 node2; head node1" in text and f"ray head at {head_ip}:" in text, text[-3000:]
+    assert "2/2 ray nodes up" in text and "9 ok, 0 failed, 0 lost" in text, text[-3000:]
+    assert token and modes and set(modes.values()) == {"token"}, modes
+    assert any(m.startswith("gcs_server") for m in modes) and any(m.startswith("raylet") for m in modes), modes
+    import polars as pl
+
+    rows = pl.read_parquet(str(results / "stage=*" / "*" / "*.parquet"), hive_partitioning=False)
+    assert set(rows["host"]) == {"node1", "node2"}, rows.group_by("host").len()
+    assert differing_trials(local_smoke, results) == {}
+    assert not (tmp_path / "ray" / job_id).exists()
+    _ray_processes_gone(f"qshield-ray-{job_id}", f"{head_ip}:")

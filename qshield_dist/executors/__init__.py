@@ -42,4 +42,6 @@ def make(cfg: SweepConfig) -> Executor:
         cpus_per_task=s.cpus_per_task,
         mem_gb=s.mem_gb,
         array_parallelism=s.array_parallelism,
+        pack_minutes=s.pack_minutes,
+        max_num_timeout=s.max_num_timeout,
     )

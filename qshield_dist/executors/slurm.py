@@ -1,35 +1,64 @@
-"""Run jobs on SLURM through submitit: one job array per dependency wave.
+"""Run jobs on SLURM through submitit: packs of trials as array tasks, arrays per dependency wave.
 
-* Wave k is one array (`executor.batch()`); it waits for wave k-1 with
-  `--dependency=afterok:<array id of wave k-1>`, so SLURM holds the whole DAG and nothing
-  waits on this driver between waves.
-* Each job runs inside `TrialRunner`, whose `checkpoint()` hands submitit the same call
-  again: on preemption or time-out (SIGUSR2 before the limit) submitit requeues the task,
-  and the trial resumes from the checkpoint cache. Trials are idempotent (atomic result
-  files), so a re-run is safe.
-* Waiting: every `poll_s` one `sacct` call (submitit's watcher) covers all arrays; a task
-  whose result pickle exists is done ('ok'/'failed' as its fn returned; an exception -> 'lost');
-  a task that ended without one (CANCELLED, FAILED, NODE_FAIL, OUT_OF_MEMORY, TIMEOUT after
-  too many requeues) is 'lost'. A pending array task cancelled before SLURM gave it its own
-  record never shows in sacct: one absent from both sacct and squeue for two polls is 'lost'.
-* afterok is never satisfied once a task of a wave is lost: the later arrays would pend
-  forever (DependencyNeverSatisfied). So when a wave has a loss, we let it finish, cancel the
-  later arrays (none of their tasks can have started) and resubmit what can still run: the
-  dependents of lost jobs are 'lost' without running, as the Executor contract says.
-* The submitit folder (pickles, logs) is created 0700: pickles carry the trial's inputs.
+* Packing. A trial that takes seconds costs SLURM more to schedule than to run, so the trials
+  of one dependency wave (never a trial and its dependency) are packed into array tasks of
+  about `pack_minutes` of expected work: best-fit decreasing on each trial's expected minutes,
+  `durations[key]` if given (e.g. from `launch --plan`), else its `Resources.timeout_min` (the
+  conservative estimate); a trial longer than the target runs alone. A task is one `Pack`,
+  submitit's `FunctionSequence`: it runs its trials in order and, being checkpointable, is
+  what SLURM requeues on preemption or time-out (USR2 before the limit): the pickled sequence
+  keeps the results of the trials already done, so the requeued task runs only the others.
+  Trials are idempotent anyway (each writes its own result file atomically).
+* A pack's time limit: twice its expected minutes, never less than its longest trial's own
+  limit and never more than the sum of its trials' limits (with the default estimates: that
+  sum). A pack that outruns it is requeued and carries on with its unfinished trials, up to
+  `max_num_timeout` times.
+* Arrays. One `executor.batch()` submits one `--array=0-(n-1)%p`. SLURM caps the array *index*
+  at MaxArraySize - 1 (and the task count at SchedulerParameters' max_array_tasks), read from
+  `scontrol show config`: a wave of more packs than that is split into several arrays, each
+  indexed from 0 again and recording the offset of its first pack in the wave (`submitted`).
+  Every array of wave k waits for all arrays of wave k-1 (`--dependency=afterok:A:B:...`), so
+  SLURM holds the whole DAG and nothing waits on this driver between waves; the wave's
+  `array_parallelism` is shared among its arrays in proportion to their sizes.
+* Statuses. Each trial writes its status ('ok', 'failed', or 'lost' when its fn raised) to the
+  run's status folder as it finishes: progress per trial, and the statuses of the finished
+  trials of a task that was later cancelled. An exception ends the trial, not the pack: its
+  siblings still run, and the pack then fails (non-zero exit), which breaks afterok.
+  Waiting: every `poll_s` one `sacct` call (submitit's watcher) covers all arrays; a task that
+  ended (result pickle, or a final SLURM state: CANCELLED, FAILED, NODE_FAIL, OUT_OF_MEMORY,
+  TIMEOUT after too many requeues) leaves its trials without a status 'lost'. A pending array
+  task cancelled before SLURM gave it its own record never shows in sacct: one absent from
+  both sacct and squeue for two polls has ended.
+* Losses. afterok is never satisfied once a task of a wave failed: the later arrays would pend
+  forever (DependencyNeverSatisfied). So when a wave has a failed task, we let it finish,
+  cancel the later arrays (none of their tasks can have started) and resubmit what can still
+  run; base.DependencyGraph decides what is lost: the dependents of a lost trial are lost
+  without running, as the Executor contract says.
+* The submitit folder (pickles, logs, statuses) is created 0700: pickles carry the trial's inputs.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import logging
+import math
 import os
+import re
 import subprocess
+import sys
+import tempfile
 import time
+import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from qshield_dist.executors.base import Executor, Job, ProgressSink, checked_status, topological_waves
+import submitit
+
+from qshield_dist.executors.base import (DependencyGraph, Executor, Job, ProgressSink, checked_status,
+                                         topological_waves)
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +66,131 @@ log = logging.getLogger(__name__)
 _ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING",
            "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED",
            "READY", "RESV_DEL_HOLD", "STOPPED"}
+_JOB_NAME = "qshield"
+_MIN_TRIAL_MINUTES = 1 / 60  # a trial costs at least a second (imports, its result file)
 
 
-class TrialRunner:
-    """The callable submitit runs; checkpointable, so SLURM preemption/time-out requeues."""
+class PackLost(RuntimeError):
+    """A pack ran every trial but some were lost: the task must fail so afterok breaks."""
 
-    def __init__(self, fn: Callable[[], str], key: str):
-        self.fn = fn
+
+class _Trial:
+    """One trial of a pack: runs fn and records its status; its exception is its own loss."""
+
+    def __init__(self, key: str, fn: Callable[[], str], status_dir: Path):
         self.key = key
+        self.fn = fn
+        self.status_dir = status_dir
 
     def __call__(self) -> str:
-        return self.fn()
+        try:
+            status = checked_status(self.key, self.fn())
+        except Exception:
+            print(f"trial {self.key} raised (lost):\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            status = "lost"
+        _write_status(self.status_dir, self.key, status)
+        return status
 
-    def checkpoint(self) -> Any:
-        import submitit
 
-        # Same call again: the trial itself resumes from its checkpoint cache.
-        return submitit.helpers.DelayedSubmission(self)
+class Pack(submitit.helpers.FunctionSequence):
+    """The callable of one array task: its trials, in order. A FunctionSequence, so a requeue
+    (checkpoint on USR2) resumes with the trials that had not finished."""
+
+    def __init__(self, trials: Sequence[_Trial]):
+        super().__init__()
+        self.keys = [t.key for t in trials]
+        for trial in trials:
+            self.add(trial)
+
+    def __call__(self) -> list[str]:  # type: ignore[override]
+        statuses = super().__call__()
+        lost = [key for key, st in zip(self.keys, statuses) if st == "lost"]
+        if lost:
+            raise PackLost(f"{len(lost)} of {len(statuses)} trial(s) lost: {', '.join(lost[:5])}")
+        return statuses
+
+
+def _status_name(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()[:24]
+
+
+def _write_status(status_dir: Path, key: str, status: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=status_dir, prefix=".tmp-")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(status)
+    os.replace(tmp, status_dir / _status_name(key))
+
+
+def pack_jobs(jobs: Sequence[Job], minutes: Callable[[Job], float], target: float) -> list[list[Job]]:
+    """Best-fit decreasing: packs of at most `target` expected minutes (a longer trial alone),
+    the fewest such for equal trials; each pack, and the list of packs, in the caller's order.
+    target <= 0: one trial per pack."""
+    if target <= 0:
+        return [[job] for job in jobs]
+    cost = [max(minutes(job), _MIN_TRIAL_MINUTES) for job in jobs]
+    eps = 1e-9 * target
+    free: list[tuple[float, int]] = []  # (minutes left, pack), sorted: bisect finds the best fit
+    packs: list[list[int]] = []
+    for i in sorted(range(len(jobs)), key=lambda i: -cost[i]):  # stable: ties keep their order
+        pos = bisect.bisect_left(free, (cost[i] - eps, -1))
+        if pos < len(free):
+            left, p = free.pop(pos)
+            packs[p].append(i)
+        else:
+            left, p = target, len(packs)
+            packs.append([i])
+        left -= cost[i]
+        if left > eps:
+            bisect.insort(free, (left, p))
+    ordered = sorted((sorted(p) for p in packs), key=lambda p: p[0])
+    return [[jobs[i] for i in p] for p in ordered]
+
+
+def split_arrays(n_packs: int, max_tasks: int) -> list[tuple[int, int]]:
+    """(offset, count) of each array for n_packs tasks, no array above max_tasks tasks."""
+    size = max(1, max_tasks)
+    return [(o, min(size, n_packs - o)) for o in range(0, n_packs, size)]
+
+
+def max_array_tasks(config: str | None = None) -> int:
+    """The most tasks one array may have: MaxArraySize (indices run 0..MaxArraySize-1, so an
+    array from index 0 holds MaxArraySize tasks; 0 disables arrays: 1, a plain job), lowered
+    by SchedulerParameters' max_array_tasks. From `scontrol show config` unless given (which
+    reports a MaxArraySize changed by `scontrol reconfigure` at once, though slurmctld 22.05
+    validates arrays by the old one until it restarts)."""
+    if config is None:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                                check=True, timeout=60).stdout
+    size = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.M)
+    limit = int(size.group(1)) if size else 1001  # SLURM's default
+    tasks = re.search(r"max_array_tasks=(\d+)", config)
+    if tasks:
+        limit = min(limit, int(tasks.group(1)))
+    return max(1, limit)
 
 
 @dataclass
-class _Wave:
-    jobs: list[Job]
-    array_id: str = ""
-    sub: dict[str, Any] = field(default_factory=dict)  # key -> submitit Job
+class _Task:
+    handle: Any  # submitit Job
+    keys: list[str]
+    ended: bool = False  # SLURM is done with it (result pickle or a final state)
+    broken: bool = False  # ended without success: afterok on its array fails
+    grace: int = 0  # polls waited for accounting or the result pickle to show up
+    lag: int = 0  # polls waited, once ended, for the statuses its trials wrote
+    announced: bool = False
+
+
+@dataclass
+class Submitted:
+    """One array: the wave it belongs to, its SLURM id, the offset of its first pack in the
+    wave's packs (task index i holds pack offset + i), and its packs' trial keys."""
+
+    wave: int
+    array_id: str
+    offset: int
+    packs: list[list[str]]
+    after: list[str] = field(default_factory=list)
+    tasks: list[_Task] = field(default_factory=list, repr=False)
 
 
 class SlurmExecutor(Executor):
@@ -69,11 +199,13 @@ class SlurmExecutor(Executor):
     def __init__(self, folder: str | os.PathLike[str], partition: str | None = None,
                  time_min: int | None = None, gpus_per_task: float | None = None,
                  cpus_per_task: int | None = None, mem_gb: float | None = None,
-                 array_parallelism: int = 64, max_num_timeout: int = 3, poll_s: float = 5.0,
-                 job_name: str = "qshield", additional_parameters: dict[str, Any] | None = None,
-                 python: str | None = None):
-        """Parameters left None come from the jobs' Resources (the largest in each wave).
-        max_num_timeout: requeues on time-out before a task counts as lost."""
+                 array_parallelism: int = 64, pack_minutes: float = 30.0,
+                 durations: Mapping[str, float] | None = None, max_num_timeout: int = 3,
+                 poll_s: float = 5.0):
+        """Parameters left None come from the jobs' Resources (the largest in each array).
+        pack_minutes: expected work per array task (0: one trial per task). durations: expected
+        minutes per job key (default: its Resources.timeout_min); also settable as an attribute
+        before run(). max_num_timeout: requeues on time-out before a task counts as ended."""
         self.folder = Path(folder)
         self.partition = partition
         self.time_min = time_min
@@ -81,35 +213,58 @@ class SlurmExecutor(Executor):
         self.cpus_per_task = cpus_per_task
         self.mem_gb = mem_gb
         self.array_parallelism = array_parallelism
+        self.pack_minutes = pack_minutes
+        self.durations: dict[str, float] = dict(durations or {})
         self.max_num_timeout = max_num_timeout
         self.poll_s = poll_s
-        self.job_name = job_name
-        self.additional_parameters = dict(additional_parameters or {})
-        self.python = python
         self.array_ids: list[str] = []  # every array submitted, in order (tests, logs)
+        self.submitted: list[Submitted] = []
+
+    # -- packing ------------------------------------------------------------------------
+
+    def minutes(self, job: Job) -> float:
+        """A job's expected minutes: durations[key], else its time limit."""
+        return float(self.durations.get(job.key, job.resources.timeout_min))
+
+    def pack_time(self, pack: Sequence[Job]) -> int:
+        """A pack's time limit in minutes (see the module docstring)."""
+        limits = [job.resources.timeout_min for job in pack]
+        expected = sum(self.minutes(job) for job in pack)
+        return int(min(sum(limits), max(max(limits), math.ceil(2 * expected))))
+
+    def plan(self, jobs: Sequence[Job], max_tasks: int) -> list[list[tuple[int, list[list[Job]]]]]:
+        """Per wave, its arrays as (offset, packs). Needs no SLURM (max_tasks given)."""
+        out = []
+        for wave in topological_waves(jobs):
+            packs = pack_jobs(wave, self.minutes, self.pack_minutes)
+            out.append([(o, packs[o:o + n]) for o, n in split_arrays(len(packs), max_tasks)])
+        return out
 
     # -- submission ---------------------------------------------------------------------
 
-    def sbatch_parameters(self, wave: Sequence[Job], after: str | None) -> dict[str, Any]:
-        """The parameters of wave's array, in submitit.SlurmExecutor's names (sbatch's, less the
-        dashes): those set here, else the largest request among the wave's jobs. `after`: the
-        array id the wave waits for. Needs no SLURM on this machine."""
-        res = [job.resources for job in wave]
+    def sbatch_parameters(self, packs: Sequence[Sequence[Job]] | Sequence[Job],
+                          after: str | Sequence[str] | None = None, parallelism: int | None = None) -> dict[str, Any]:
+        """The parameters of one array of `packs` (a flat list of jobs: one pack each), in
+        submitit.SlurmExecutor's names (sbatch's, less the dashes): those set here, else the
+        largest request among its jobs. `after`: the array id(s) it waits for. Needs no SLURM."""
+        groups = [[p] if isinstance(p, Job) else list(p) for p in packs]
+        res = [job.resources for pack in groups for job in pack]
         cpus = self.cpus_per_task or max(1, int(max(r.cpus for r in res) + 0.999))
         gpus = self.gpus_per_task if self.gpus_per_task is not None else max(r.gpus for r in res)
-        extra = dict(self.additional_parameters)
-        if after:
-            extra["dependency"] = f"afterok:{after}"
+        extra: dict[str, Any] = {}
+        deps = [after] if isinstance(after, str) else list(after or [])
+        if deps:
+            extra["dependency"] = "afterok:" + ":".join(deps)
             # A broken dependency should not pend forever if we are gone.
-            extra.setdefault("kill-on-invalid-dep", "yes")
+            extra["kill-on-invalid-dep"] = "yes"
         params: dict[str, Any] = {
-            "job_name": self.job_name,
-            "time": self.time_min or max(r.timeout_min for r in res),
+            "job_name": _JOB_NAME,
+            "time": self.time_min or max(self.pack_time(p) for p in groups),
             "cpus_per_task": cpus,
             "mem": _sbatch_mem(self.mem_gb or max(r.mem_gb for r in res)),
             "ntasks_per_node": 1,
             "nodes": 1,
-            "array_parallelism": self.array_parallelism,
+            "array_parallelism": parallelism or self.array_parallelism,
             "additional_parameters": extra,
         }
         if self.partition:
@@ -119,136 +274,164 @@ class SlurmExecutor(Executor):
             params["gpus_per_task"] = max(1, int(gpus + 0.999))
         return params
 
-    def _executor(self, wave: list[Job], after: str | None) -> Any:
-        import submitit
-
+    def _submit(self, waves: list[list[tuple[int, list[list[Job]]]]], status_dir: Path,
+                first_wave: int) -> list[list[Submitted]]:
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
-        # submitit.SlurmExecutor, not AutoExecutor(cluster="slurm"), which would only rename
-        # generic parameters to these. Its constructor fails without srun on PATH: only
-        # submitting needs SLURM, not sbatch_parameters.
-        ex = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=self.max_num_timeout,
-                                    **({"python": self.python} if self.python else {}))
-        ex.update_parameters(**self.sbatch_parameters(wave, after))
-        return ex
-
-    def _submit_waves(self, waves: list[list[Job]], progress: ProgressSink) -> list[_Wave]:
-        out: list[_Wave] = []
-        after: str | None = None
-        for jobs in waves:
-            ex = self._executor(jobs, after)
-            with ex.batch():
-                handles = [ex.submit(TrialRunner(job.fn, job.key)) for job in jobs]
-            wave = _Wave(jobs, str(handles[0].job_id).split("_")[0], {j.key: h for j, h in zip(jobs, handles)})
-            self.array_ids.append(wave.array_id)
-            log.info("submitted array %s: %d %s job(s)%s", wave.array_id, len(jobs),
-                     jobs[0].stage, f" after {after}" if after else "")
-            out.append(wave)
-            after = wave.array_id
+        out: list[list[Submitted]] = []
+        after: list[str] = []
+        for index, arrays in enumerate(waves, start=first_wave):
+            total = sum(len(packs) for _, packs in arrays)
+            mine: list[Submitted] = []
+            for offset, packs in arrays:
+                share = max(1, self.array_parallelism * len(packs) // total)
+                # submitit.SlurmExecutor, not AutoExecutor(cluster="slurm"), which would only
+                # rename generic parameters to these. Its constructor fails without srun on PATH.
+                ex = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=self.max_num_timeout)
+                ex.update_parameters(**self.sbatch_parameters(packs, after, share))
+                with ex.batch():
+                    handles = [ex.submit(Pack([_Trial(j.key, j.fn, status_dir) for j in p])) for p in packs]
+                sub = Submitted(index, str(handles[0].job_id).split("_")[0], offset,
+                                [[j.key for j in p] for p in packs], list(after),
+                                [_Task(h, [j.key for j in p]) for h, p in zip(handles, packs)])
+                log.info("submitted array %s: wave %d, packs %d-%d (%d trials)%s", sub.array_id, index,
+                         offset, offset + len(packs) - 1, sum(len(p) for p in packs),
+                         f" after {':'.join(after)}" if after else "")
+                self.array_ids.append(sub.array_id)
+                self.submitted.append(sub)
+                mine.append(sub)
+            out.append(mine)
+            after = [s.array_id for s in mine]
         return out
 
     # -- waiting ------------------------------------------------------------------------
 
     def run(self, jobs: Sequence[Job], progress: ProgressSink | None = None) -> dict[str, str]:
-        import submitit
-
         progress = progress or ProgressSink()
-        by_key = {job.key: job for job in jobs}
-        status: dict[str, str] = {}
+        graph = DependencyGraph(jobs)
+        if not jobs:
+            return {}
+        self._started: set[str] = set()
+        max_tasks = max_array_tasks()
+        run_dir = self.folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        status_dir = run_dir / "status"
+        status_dir.mkdir(parents=True)
+        for path in (self.folder, run_dir):
+            os.chmod(path, 0o700)
+        names = {_status_name(job.key): job.key for job in jobs}
+        log.info("slurm: %d job(s), packs of ~%g min, at most %d tasks per array", len(jobs),
+                 self.pack_minutes, max_tasks)
         remaining = list(jobs)
+        wave_no = 0
         while remaining:
-            waves = self._submit_waves(topological_waves(remaining), progress)
-            started: set[str] = set()
-            missing_polls: dict[str, int] = {}
-            lost_wave = -1
-            for index, wave in enumerate(waves):
-                while any(key not in status for key in wave.sub):
-                    self._poll(submitit, wave, status, started, missing_polls, progress)
-                    if any(key not in status for key in wave.sub):
-                        time.sleep(self.poll_s)
-                if any(status[key] == "lost" for key in wave.sub):
-                    lost_wave = index
+            waves = self._submit(self.plan(remaining, max_tasks), status_dir, wave_no)
+            broken_at = -1
+            for index, arrays in enumerate(waves):
+                tasks = [t for a in arrays for t in a.tasks]
+                while True:
+                    self._poll(tasks, arrays, graph, progress, status_dir, names)
+                    if all(t.ended and all(k in graph.status for k in t.keys) for t in tasks):
+                        break
+                    time.sleep(self.poll_s)
+                if any(t.broken for t in tasks):
+                    broken_at = index
                     break
-            if lost_wave < 0:
+            if broken_at < 0:
                 break
-            # afterok can no longer hold for the later arrays: cancel them and start over
-            # with what is left (dependents of lost jobs are lost without running).
-            later = [w.array_id for w in waves[lost_wave + 1:]]
+            # afterok can no longer hold for the later arrays: cancel them and start over with
+            # what is left (the graph has already made the dependents of lost jobs lost).
+            later = [a.array_id for arrays in waves[broken_at + 1:] for a in arrays]
             if later:
-                log.warning("a job of array %s was lost: cancelling arrays %s and resubmitting",
-                            waves[lost_wave].array_id, ", ".join(later))
+                log.warning("a task of array(s) %s failed: cancelling arrays %s and resubmitting",
+                            ", ".join(a.array_id for a in waves[broken_at]), ", ".join(later))
                 subprocess.run(["scancel", *later], check=False)
-            remaining = []
-            for wave in waves[lost_wave + 1:]:
-                for job in wave.jobs:
-                    if any(status.get(dep) == "lost" for dep in job.deps):
-                        status[job.key] = "lost"
-                        progress.finished(job.key, "lost")
-                    else:
-                        remaining.append(job)
-            # The transitive closure: a job whose dep just became lost is lost too.
-            changed = True
-            while changed:
-                changed = False
-                for job in list(remaining):
-                    if any(status.get(dep) == "lost" for dep in job.deps):
-                        remaining.remove(job)
-                        status[job.key] = "lost"
-                        progress.finished(job.key, "lost")
-                        changed = True
-        return {key: status[key] for key in by_key}
+            wave_no += broken_at + 1
+            remaining = [job for job in remaining if job.key not in graph.status]
+        return graph.statuses()
 
-    def _poll(self, submitit: Any, wave: _Wave, status: dict[str, str], started: set[str],
-              missing_polls: dict[str, int], progress: ProgressSink) -> None:
-        handles = [h for key, h in wave.sub.items() if key not in status]
-        if not handles:
-            return
-        handles[0].watcher.update()  # one sacct call for every registered array
+    def _poll(self, tasks: list[_Task], arrays: list[Submitted], graph: DependencyGraph,
+              progress: ProgressSink, status_dir: Path, names: dict[str, str]) -> None:
+        def finish(key: str, st: str) -> None:
+            if key in graph.status:
+                return
+            progress.finished(key, st)
+            for child in graph.finish(key, st)[1]:
+                progress.finished(child, "lost")
+
+        live = [t for t in tasks if not t.ended]
+        if live:
+            live[0].handle.watcher.update()  # one sacct call for every registered array
+        for name in os.listdir(status_dir):
+            key = names.get(name)
+            if key is not None and key not in graph.status:
+                try:
+                    st = (status_dir / name).read_text().strip()
+                except OSError:
+                    continue
+                self._announce([key], progress)
+                finish(key, checked_status(key, st))
         queued: set[str] | None = None
-        for key, handle in wave.sub.items():
-            if key in status:
-                continue
+        for task in live:
+            handle = task.handle
             state = handle.watcher.get_state(handle.job_id, mode="cache").split()[0].upper()
-            if state == "RUNNING" and key not in started:
-                started.add(key)
-                progress.started(key)
+            if state == "RUNNING" and not task.announced:
+                task.announced = True
+                self._announce([k for k in task.keys if k not in graph.status], progress)
             if handle.paths.result_pickle.exists():
-                st = self._outcome(key, handle)
+                outcome = self._outcome(task)
+                task.ended = True
+                if outcome is not None:  # success: every trial's status
+                    for key, st in zip(task.keys, outcome):
+                        finish(key, checked_status(key, st))
+                    continue
+                task.broken = True
             elif state in _ACTIVE:
                 continue
             elif state == "UNKNOWN":
                 if queued is None:
-                    queued = _squeue_ids(wave.array_id)
+                    queued = set().union(*(_squeue_ids(a.array_id) for a in arrays))
                 if handle.job_id in queued or _in_pending_range(handle.job_id, queued):
-                    missing_polls.pop(key, None)
+                    task.grace = 0
                     continue
-                missing_polls[key] = missing_polls.get(key, 0) + 1
-                if missing_polls[key] < 2:
+                task.grace += 1
+                if task.grace < 2:
                     continue
-                log.error("job %s (%s) left the queue without an accounting record: lost", key, handle.job_id)
-                st = "lost"
+                log.error("task %s left the queue without an accounting record", handle.job_id)
+                task.ended = task.broken = True
+            elif state == "COMPLETED" and task.grace < 3:
+                task.grace += 1  # its result pickle may lag behind on a shared filesystem
+                continue
             else:
-                # Finished without a result: cancelled, killed, node failure, out of memory.
-                # COMPLETED without a result pickle yet: the file may lag behind; wait.
-                if state == "COMPLETED" and missing_polls.get(key, 0) < 3:
-                    missing_polls[key] = missing_polls.get(key, 0) + 1
-                    continue
-                log.error("job %s (%s) ended %s: lost", key, handle.job_id, state)
-                st = "lost"
-            if key not in started:
-                started.add(key)
+                log.error("task %s ended %s", handle.job_id, state)
+                task.ended = task.broken = True
+        # An ended task's trials without a status never finished: lost, once the statuses they
+        # wrote have had two listings to show up (one may have preceded the task's end).
+        for task in tasks:
+            missing = [k for k in task.keys if k not in graph.status]
+            if task.ended and missing:
+                task.lag += 1
+                if task.lag >= 2:
+                    self._announce(missing, progress)
+                    log.error("task %s ended without finishing %d trial(s): lost", task.handle.job_id,
+                              len(missing))
+                    for key in missing:
+                        finish(key, "lost")
+
+    def _announce(self, keys: list[str], progress: ProgressSink) -> None:
+        for key in keys:
+            if key not in self._started:
+                self._started.add(key)
                 progress.started(key)
-            status[key] = st
-            progress.finished(key, st)
 
     @staticmethod
-    def _outcome(key: str, handle: Any) -> str:
+    def _outcome(task: _Task) -> list[str] | None:
+        """The pack's statuses from its result pickle, or None if it ended with an error."""
         try:
-            st = handle.result()
-        except Exception as exc:  # the fn raised, or submitit gave up (UncompletedJobError)
-            log.error("job %s (%s) lost: %s", key, handle.job_id, str(exc).strip().splitlines()[-1:] or exc)
-            return "lost"
-        return checked_status(key, st)
+            return list(task.handle.result())
+        except Exception as exc:  # PackLost, a crash, or submitit gave up (UncompletedJobError)
+            lines = str(exc).strip().splitlines()
+            log.error("task %s failed: %s", task.handle.job_id, lines[-1] if lines else type(exc).__name__)
+            return None
 
 
 def _sbatch_mem(gb: float) -> str:
