@@ -1,0 +1,154 @@
+"""SLURM at scale: many no-op trials through SlurmExecutor's packed arrays on the dev cluster.
+
+    python -m qshield_dist.bench.slurm_packing [--trials 2500] [--max-array 1001]
+        [--pack-minutes 30] [--trial-minutes 1] [--timeout-min 10]
+
+Starts the one-node dev cluster (slurm/dev-cluster.sh start --state FILE) with MaxArraySize
+--max-array (on a cluster that was running already: set with `dev-cluster.sh max-array` and set
+back afterwards), submits --trials no-op trials (one dependency wave; each trial appends one
+line to a shared log, so a trial run twice shows) with the executor told each takes
+--trial-minutes (as `launch --plan` would tell it) and a limit of --timeout-min, waits for them,
+and stops exactly the daemons it started. Prints one JSON object on stdout: arrays, tasks,
+trials, statuses, lost, duplicated (trials that ran more than once), missing (never ran), wall
+time from the first submission to the last result, and the time per trial and per task,
+scheduler included. Root only (the dev cluster's daemons); logs on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qshield_dist.executors.base import Job, Resources
+
+log = logging.getLogger("qshield_dist.bench.slurm_packing")
+DEV_CLUSTER = Path(__file__).resolve().parents[2] / "slurm" / "dev-cluster.sh"
+
+
+def noop_trial(log_path: str, key: str) -> str:
+    """A trial that does nothing but say it ran (O_APPEND: one atomic line per run)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, f"{key} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    return "ok"
+
+
+def _dev_cluster(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(DEV_CLUSTER), *args], capture_output=True, text=True, timeout=900,
+                          env=env)
+    for line in proc.stderr.splitlines():
+        log.info("%s", line)
+    return proc
+
+
+def measure(trials: int, max_array: int, pack_minutes: float, trial_minutes: float, timeout_min: int,
+            root: Path) -> dict[str, Any]:
+    """Run the trials on the (running) cluster; the figures as a dict."""
+    from qshield_dist.executors.slurm import SlurmExecutor, max_array_tasks
+
+    limit = max_array_tasks()
+    if limit != max_array:
+        raise RuntimeError(f"the cluster allows {limit} tasks per array, not {max_array}")
+    runs = root / "runs.log"
+    res = Resources(cpus=1, mem_gb=0.25, timeout_min=timeout_min)
+    keys = [f"noop{i:06d}" for i in range(trials)]
+    jobs = [Job(k, functools.partial(noop_trial, str(runs), k), (), res) for k in keys]
+    ex = SlurmExecutor(folder=root / "submitit", partition="debug", poll_s=1.0, cpus_per_task=1, mem_gb=0.25,
+                       array_parallelism=max(1, os.cpu_count() or 1) * 4, pack_minutes=pack_minutes,
+                       durations={k: trial_minutes for k in keys})
+    start = time.perf_counter()
+    statuses = ex.run(jobs)
+    wall = time.perf_counter() - start
+    ran = collections.Counter(line.split()[0] for line in runs.read_text().splitlines()) if runs.exists() else {}
+    tasks = sum(len(s.packs) for s in ex.submitted)
+    return {
+        "bench": "slurm_packing",
+        "trials": trials,
+        "max_array_size": max_array,
+        "pack_minutes": pack_minutes,
+        "trial_minutes_planned": trial_minutes,
+        "timeout_min": timeout_min,
+        "arrays": len(ex.submitted),
+        "array_tasks": [len(s.packs) for s in ex.submitted],
+        "array_offsets": [s.offset for s in ex.submitted],
+        "tasks": tasks,
+        "trials_per_task": round(trials / tasks, 2) if tasks else None,
+        "statuses": dict(collections.Counter(statuses.values())),
+        "lost": sum(st == "lost" for st in statuses.values()),
+        "duplicated": sum(n > 1 for n in ran.values()),
+        "missing": sum(k not in ran for k in keys),
+        "wall_s": round(wall, 1),
+        "per_trial_ms": round(1000 * wall / trials, 1),
+        "per_task_s": round(wall / tasks, 3) if tasks else None,
+        "cpus": os.cpu_count(),
+        "note": "wall time from the first sbatch to the last result, sacct polls (1 s) included",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qshield_dist.bench.slurm_packing",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=2500)
+    p.add_argument("--max-array", type=int, default=1001, help="the cluster's MaxArraySize")
+    p.add_argument("--pack-minutes", type=float, default=30.0)
+    p.add_argument("--trial-minutes", type=float, default=1.0, help="what the executor is told a trial takes")
+    p.add_argument("--timeout-min", type=int, default=10, help="each trial's time limit")
+    p.add_argument("--keep", action="store_true", help="keep the submitit folder (logs, pickles)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        log.error("the dev SLURM cluster needs root")
+        return 77
+    root = Path(tempfile.mkdtemp(prefix="qshield-bench-slurm-"))
+    state = root / "started"
+    env = dict(os.environ, DEV_SLURM_MAX_ARRAY=str(args.max_array))
+    restore: str | None = None
+    code = 1
+    try:
+        proc = _dev_cluster("start", "--state", str(state), env=env)
+        if proc.returncode != 0:
+            log.error("dev-cluster.sh start failed (%d)", proc.returncode)
+            return 1
+        from qshield_dist.executors.slurm import max_array_tasks
+
+        if max_array_tasks() != args.max_array:
+            # A cluster that was running (someone's) with another MaxArraySize: set it, set it back.
+            proc = _dev_cluster("max-array", str(args.max_array))
+            if proc.returncode != 0:
+                return 1
+            restore = proc.stdout.strip()
+        result = measure(args.trials, args.max_array, args.pack_minutes, args.trial_minutes, args.timeout_min, root)
+        sys.stdout.write(json.dumps(result) + "\n")
+        code = 0 if result["lost"] == result["duplicated"] == result["missing"] == 0 else 1
+    finally:
+        if restore is not None:
+            _dev_cluster("max-array", restore)
+        if state.exists() and state.read_text().strip():
+            proc = _dev_cluster("stop", "--state", str(state))
+            if proc.returncode != 0:
+                log.error("dev-cluster.sh stop --state %s failed: daemons may be left running", state)
+                code = 1
+        else:
+            log.info("the cluster was running before: left running")
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            log.info("kept %s", root)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
