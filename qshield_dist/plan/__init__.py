@@ -15,6 +15,10 @@ checkpoint directories and no executor is started.
   iterations scaled back linearly, Square and DeepFool at EARLY_STOP_FRACTION of their budget.
 - Schedule the grid at the configured parallelism, each trial after its dependencies.
 
+Times are an idle machine's: a single-threaded run counts its CPU time, so that other processes'
+load does not inflate the calibration; the table adds how much slower than that this machine
+ran while calibrating, and the wall time at that load.
+
 Absent data files: calibration on synthetic tensors of the dataset's shape (a warning; the data
 loading time is then missing). An unusable device (lightning.gpu on a login node): its hybrids
 are estimated from their backbone alone, the closest kind that runs here (a warning: a lower bound).
@@ -48,7 +52,8 @@ from qshield_dist.results import package_versions
 log = logging.getLogger("qshield_dist.plan")
 
 CHUNK = 5  # calibrations per worker task
-PLAN_VERSION = 1  # bump when what a calibration measures changes: older cache files are ignored
+# Bump when what a calibration measures changes: older cache files are then ignored.
+PLAN_VERSION = 2  # 2: a single-threaded run's time is its CPU time (an idle machine's)
 # (train, test) split sizes; the registry (datasets.py) does not record them.
 SPLITS = {"digits": (1437, 360), "mnist": (60000, 10000), "cifar10": (50000, 10000),
           "organamnist": (34561, 17778)}
@@ -288,7 +293,8 @@ def _shape(t: Trial) -> tuple[Any, ...]:
 
 
 def estimate(t: Trial, r: dict[str, Any], synthetic: bool) -> tuple[float, float]:
-    """(seconds, peak MB) of one trial from its group's calibration record."""
+    """(seconds, peak MB) of one trial from its group's calibration record (its `mem_mb` is the
+    intercept of peak RSS against the points in flight)."""
     n_train, n_test = split_sizes(t)
     mem = r["mem_mb"]
     if synthetic:  # the real splits will be in memory too (float32, plus a copy while loading)
@@ -299,17 +305,17 @@ def estimate(t: Trial, r: dict[str, Any], synthetic: bool) -> tuple[float, float
         steps = t.train.epochs * per_epoch
         steps = steps if t.train.max_steps is None else min(t.train.max_steps, steps)
         seconds = r["fixed_s"] + r["unit_s"] * steps + r["eval_s"] * n_test * r["eval_repeats"]
-        return seconds, mem + r["mem_unit_mb"] * (t.train.batch_size - r["in_flight"])
+        return seconds, mem + r["mem_unit_mb"] * t.train.batch_size
     repeats = t.eval.eval_repeats if r["stochastic"] else 1
     if isinstance(t, DiagnosticTrial):
         work = r["unit_s"] * r["inner_scale"] * t.eval.diagnostic_size
         seconds = r["fixed_s"] + work + r["eval_s"] * n_test * repeats
-        return seconds, mem + r["mem_unit_mb"] * max(0, t.eval.diagnostic_size - r["in_flight"])
+        return seconds, mem + r["mem_unit_mb"] * t.eval.diagnostic_size
     points = min(t.eval.attack_size, n_test)
     scale = _work(t.attack, t.params_dict, r["stochastic"]) / _work(t.attack, r["cal_params"], r["stochastic"])
     scale *= EARLY_STOP_FRACTION.get(t.attack, 1.0)
     seconds = r["fixed_s"] + r["unit_s"] * scale * points + r["eval_s"] * (n_test + points) * repeats
-    return seconds, mem + r["mem_unit_mb"] * max(0, min(points, t.eval.batch_size) - r["in_flight"])
+    return seconds, mem + r["mem_unit_mb"] * min(points, t.eval.batch_size)
 
 
 def run_plan(cfg: SweepConfig, grid: Grid, *, workers: int | None = None, out: Callable[[str], Any] = print,
@@ -349,10 +355,14 @@ def run_plan(cfg: SweepConfig, grid: Grid, *, workers: int | None = None, out: C
                 memo[key] = Estimate(*estimate(t, item.record, item.synthetic), item.label)
             estimates[t.trial_id] = memo[key]
     plan.report = schedule(cfg, grid, estimates, capacity(cfg, plan.warn), startup, plan.warn)
+    runs = [run for i in plan.items.values() if i.record for run in i.record.get("runs", ())]
+    idle = sum(run["total"] for run in runs)
     plan.report["calibration"] = {
         "items": len(plan.items), "cached": sum(i.cached for i in plan.items.values()),
         "seconds": round(cal_seconds, 1), "cache": str(root), "machine": machine(),
-        "plan_seconds": round(time.perf_counter() - start, 1),
+        # Estimates are for an idle machine; how much slower the calibration ran here, and when
+        "slowdown": sum(run.get("wall", run["total"]) for run in runs) / idle if idle else 1.0,
+        "load_average": os.getloadavg()[0], "plan_seconds": round(time.perf_counter() - start, 1),
     }
     plan.report["warnings"] = plan.warnings
     out(json.dumps(plan.report, indent=2, default=str) if as_json else render(plan.report))

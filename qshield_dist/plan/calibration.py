@@ -157,15 +157,19 @@ class CalibrationFailed(RuntimeError):
 
 def _run(t: Trial, ctx: Any, timer: list[float], n_train: int, n_test: int,
          labels: Any = None) -> dict[str, Any]:
-    """One timed run_trial; the row says how much of it was the scaled work (inner)."""
+    """One timed run_trial; the row says how much of it was the scaled work (inner). Times are
+    an idle machine's: the wall time divided by how much longer than its CPU time the run took
+    (other processes' load), at one thread; with more, the wall time as measured."""
     from qshield_dist.trial import run_trial
 
     _Data.n_train, _Data.n_test, _Data.labels = n_train, n_test, labels
     timer.clear()
     reset = _reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     status = run_trial(t, ctx)
-    total = time.perf_counter() - start
+    wall = time.perf_counter() - start
+    slowdown = max(1.0, wall / max(time.process_time() - cpu, 1e-9)) if t.threads == 1 else 1.0
+    total = wall / slowdown
     rows = read_rows(trial_path(Path(ctx.results_dir), t.stage, t.dataset, t.trial_id, failed=status != "ok"))
     row = rows[0]
     if status != "ok":
@@ -180,7 +184,8 @@ def _run(t: Trial, ctx: Any, timer: list[float], n_train: int, n_test: int,
     else:
         units = flight = t.eval.diagnostic_size
         inner, evals = sum(timer), row["n_test"] * r
-    return {"total": total, "inner": float(inner), "units": int(units), "eval_pts": int(evals),
+    return {"total": total, "wall": wall, "inner": float(inner) / slowdown, "units": int(units),
+            "eval_pts": int(evals),
             "in_flight": int(flight), "peak_mb": _peak_mb(), "peak_own": reset,
             "stochastic": bool(row["stochastic"]), "eval_repeats": r}
 
@@ -268,11 +273,12 @@ class _Group:
             n = min(batch, 16)
             x = torch.rand(n, info.channels, info.size, info.size)
             best = math.inf
+            clock = time.process_time if s.threads == 1 else time.perf_counter  # as _run's
             with fixed_numerics(s.threads):
                 for _ in range(2):
-                    start = time.perf_counter()
+                    start = clock()
                     predictions(model, x, 1, batch)
-                    best = min(best, time.perf_counter() - start)
+                    best = min(best, clock() - start)
             self.eval_cost[(key, batch)] = best / n
         return self.eval_cost[(key, batch)]
 
@@ -345,12 +351,12 @@ def calibrate_group(items: list[dict[str, Any]], data_root: str, real: dict[str,
 
 
 def warm_up() -> float:
-    """Worker initializer: the imports every trial's process pays once; returns their time."""
-    start = time.perf_counter()
+    """Worker initializer: the imports every trial's process pays once; returns their (CPU) time."""
+    start = time.process_time()
     import qshield_dist.attacks  # noqa: F401
     import qshield_dist.trial  # noqa: F401
 
-    warm_up.seconds = time.perf_counter() - start  # type: ignore[attr-defined]
+    warm_up.seconds = time.process_time() - start  # type: ignore[attr-defined]
     return warm_up.seconds  # type: ignore[attr-defined]
 
 

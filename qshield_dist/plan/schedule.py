@@ -259,6 +259,10 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"calibration: {c['items']} representative trials ({c['cached']} cached) in"
                      f" {c['seconds']:.0f} s on {c['machine']['host']} ({c['machine']['cpu']});"
                      f" cache {c['cache']}")
+    if c and c["slowdown"] > 1.1:
+        lines.append(f"times are an idle machine's: the calibration ran {c['slowdown']:.2f}x slower than its"
+                     f" CPU time here (load average {c['load_average']:.1f}); at that load the wall would be"
+                     f" about {_duration(total['wall_s'] * c['slowdown'])}")
     if report.get("warnings"):
         lines.append(f"{len(report['warnings'])} warning(s), logged above")
     return "\n".join(lines)
