@@ -27,17 +27,16 @@ CLI (used by slurm/run.sh):
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import ipaddress
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +80,9 @@ def new_token_file(directory: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
-def auth_env(token_file: str | os.PathLike[str] | None, loopback: bool = False,
-             base: Mapping[str, str] | None = None) -> dict[str, str]:
+def auth_env(
+    token_file: str | os.PathLike[str] | None, loopback: bool = False, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Environment for a Ray process (node or driver) of a token-authenticated cluster."""
     env = dict(os.environ if base is None else base)
     for var in _AUTH_VARS:
@@ -189,9 +189,18 @@ class RayNode:
         self.stop()
 
 
-def _start_node(args: list[str], *, address: str, node_ip: str, token_file: Path | None,
-                temp_dir: Path, head: bool, loopback: bool, wrap: Sequence[str] = (),
-                timeout: float = 90.0) -> RayNode:
+def _start_node(
+    args: list[str],
+    *,
+    address: str,
+    node_ip: str,
+    token_file: Path | None,
+    temp_dir: Path,
+    head: bool,
+    loopback: bool,
+    wrap: Sequence[str] = (),
+    timeout: float = 90.0,
+) -> RayNode:
     temp_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(temp_dir, 0o700)
     log_file = temp_dir / ("head.log" if head else f"worker-{node_ip}.log")
@@ -199,8 +208,12 @@ def _start_node(args: list[str], *, address: str, node_ip: str, token_file: Path
     cmd = [*wrap, *_ray_cli(), "start", "--block", *args]
     log.info("starting ray %s: %s", "head" if head else "worker", " ".join(cmd))
     proc = subprocess.Popen(
-        cmd, env=auth_env(token_file, loopback), stdout=handle, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
+        cmd,
+        env=auth_env(token_file, loopback),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     node = RayNode(proc, address, node_ip, token_file, temp_dir, log_file, head, handle)
     deadline = time.monotonic() + timeout
@@ -218,8 +231,9 @@ def _start_node(args: list[str], *, address: str, node_ip: str, token_file: Path
     raise TimeoutError(f"ray node did not start within {timeout:.0f}s:\n{tail}")
 
 
-def _common_args(node_ip: str, num_cpus: int | None, num_gpus: int | None,
-                 object_store_mb: int | None) -> list[str]:
+def _common_args(
+    node_ip: str, num_cpus: int | None, num_gpus: int | None, object_store_mb: int | None
+) -> list[str]:
     args = [f"--node-ip-address={node_ip}", "--disable-usage-stats"]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
@@ -230,10 +244,17 @@ def _common_args(node_ip: str, num_cpus: int | None, num_gpus: int | None,
     return args
 
 
-def start_head(token_file: str | os.PathLike[str] | None, *, node_ip: str = LOOPBACK,
-               port: int | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-               object_store_mb: int | None = 200, temp_dir: str | os.PathLike[str] | None = None,
-               timeout: float = 90.0) -> RayNode:
+def start_head(
+    token_file: str | os.PathLike[str] | None,
+    *,
+    node_ip: str = LOOPBACK,
+    port: int | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    object_store_mb: int | None = 200,
+    temp_dir: str | os.PathLike[str] | None = None,
+    timeout: float = 90.0,
+) -> RayNode:
     """Start a head node bound to `node_ip`; returns once it accepts connections.
 
     `token_file=None` starts a cluster without authentication (only for tests of that).
@@ -242,22 +263,40 @@ def start_head(token_file: str | os.PathLike[str] | None, *, node_ip: str = LOOP
     temp = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="qshield-ray-"))
     address = f"{node_ip}:{port}"
     args = [
-        "--head", f"--port={port}",
-        "--include-dashboard=false", "--dashboard-host=127.0.0.1",
+        "--head",
+        f"--port={port}",
+        "--include-dashboard=false",
+        "--dashboard-host=127.0.0.1",
         # Free ports so several clusters (tests, other users) can share a machine.
         f"--dashboard-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
         f"--temp-dir={temp}",
         *_common_args(node_ip, num_cpus, num_gpus, object_store_mb),
     ]
-    return _start_node(args, address=address, node_ip=node_ip, token_file=_opt_path(token_file),
-                       temp_dir=temp, head=True, loopback=is_loopback(node_ip), timeout=timeout)
+    return _start_node(
+        args,
+        address=address,
+        node_ip=node_ip,
+        token_file=_opt_path(token_file),
+        temp_dir=temp,
+        head=True,
+        loopback=is_loopback(node_ip),
+        timeout=timeout,
+    )
 
 
-def start_worker(address: str, token_file: str | os.PathLike[str] | None, *, node_ip: str,
-                 num_cpus: int | None = None, num_gpus: int | None = None,
-                 object_store_mb: int | None = 200, temp_dir: str | os.PathLike[str] | None = None,
-                 netns: str | None = None, timeout: float = 90.0) -> RayNode:
+def start_worker(
+    address: str,
+    token_file: str | os.PathLike[str] | None,
+    *,
+    node_ip: str,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    object_store_mb: int | None = 200,
+    temp_dir: str | os.PathLike[str] | None = None,
+    netns: str | None = None,
+    timeout: float = 90.0,
+) -> RayNode:
     """Start a worker node joining `address`; `netns` runs it inside that network namespace."""
     temp = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="qshield-ray-worker-"))
     args = [
@@ -268,9 +307,17 @@ def start_worker(address: str, token_file: str | os.PathLike[str] | None, *, nod
         *_common_args(node_ip, num_cpus, num_gpus, object_store_mb),
     ]
     wrap = ["ip", "netns", "exec", netns] if netns else []
-    return _start_node(args, address=address, node_ip=node_ip, token_file=_opt_path(token_file),
-                       temp_dir=temp, head=False, loopback=is_loopback(node_ip), wrap=wrap,
-                       timeout=timeout)
+    return _start_node(
+        args,
+        address=address,
+        node_ip=node_ip,
+        token_file=_opt_path(token_file),
+        temp_dir=temp,
+        head=False,
+        loopback=is_loopback(node_ip),
+        wrap=wrap,
+        timeout=timeout,
+    )
 
 
 def _opt_path(path: str | os.PathLike[str] | None) -> Path | None:
@@ -312,8 +359,11 @@ def _killpg(pgid: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qshield_dist.cluster", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m qshield_dist.cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("token", help="write a fresh token file in DIR, print its path")
     t.add_argument("dir")
@@ -341,16 +391,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if is_loopback(args.address) else 1
     ip = args.ip or socket.gethostbyname(socket.gethostname())
     if args.cmd == "head":
-        node = start_head(args.token_file, node_ip=ip, port=args.port, num_cpus=args.num_cpus,
-                          num_gpus=args.num_gpus, object_store_mb=args.object_store_mb,
-                          temp_dir=args.temp_dir)
+        node = start_head(
+            args.token_file,
+            node_ip=ip,
+            port=args.port,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            object_store_mb=args.object_store_mb,
+            temp_dir=args.temp_dir,
+        )
         if args.address_file:
             Path(args.address_file).write_text(node.address + "\n")
         print(node.address, flush=True)
     else:
-        node = start_worker(args.address, args.token_file, node_ip=ip, num_cpus=args.num_cpus,
-                            num_gpus=args.num_gpus, object_store_mb=args.object_store_mb,
-                            temp_dir=args.temp_dir)
+        node = start_worker(
+            args.address,
+            args.token_file,
+            node_ip=ip,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            object_store_mb=args.object_store_mb,
+            temp_dir=args.temp_dir,
+        )
     return _block_until_signal(node)
 
 

@@ -37,8 +37,6 @@ from qshield_dist.vocabulary import (
     SIMULATORS,
 )
 
-
-
 if TYPE_CHECKING:
     from qshield_dist.quantum.spec import CircuitSpec
 
@@ -109,13 +107,21 @@ class ModelSpec(_Strict):
 
         if self.model != "hqcnn" or self.qubits is None:
             raise ValueError(f"only a resolved hqcnn spec has a circuit (model '{self.model}')")
-        return CircuitSpec(self.qubits, self.depth, self.entanglement, self.encoding, self.noise_model, self.noise_strength)
+        return CircuitSpec(
+            self.qubits, self.depth, self.entanglement, self.encoding, self.noise_model, self.noise_strength
+        )
 
     @property
     def label(self) -> str:
         if self.model != "hqcnn":
             return self.model
-        parts = [f"hqcnn[{self.backbone}]", self.entanglement, f"d{self.depth}", self.encoding, f"{self.noise_model}{self.noise_strength:g}"]
+        parts = [
+            f"hqcnn[{self.backbone}]",
+            self.entanglement,
+            f"d{self.depth}",
+            self.encoding,
+            f"{self.noise_model}{self.noise_strength:g}",
+        ]
         parts += [self.fusion, f"grad={self.quantum_grad}", f"proj={self.projection}"]
         if self.simulator != "compiled":
             parts.append(f"{self.simulator}:{self.device}")
@@ -238,7 +244,9 @@ def _format(err: dict[str, Any], prefix: str, model_cls: type[BaseModel] | None 
     if err["type"] == "extra_forbidden" and model_cls is not None:
         owner: Any = model_cls
         for part in err["loc"][:-1]:
-            owner = owner.model_fields[part].annotation if part in getattr(owner, "model_fields", {}) else owner
+            owner = (
+                owner.model_fields[part].annotation if part in getattr(owner, "model_fields", {}) else owner
+            )
         allowed = ", ".join(getattr(owner, "model_fields", {}))
         return f"{where}: unknown key (value {err['input']!r}); allowed keys: {allowed}"
     msg = err["msg"].removeprefix("Value error, ")
@@ -257,7 +265,9 @@ def parse_models(cfg: SweepConfig) -> list[tuple[int, ModelSpec]]:
     specs: list[tuple[int, ModelSpec]] = []
     for i, entry in enumerate(cfg.models):
         if not isinstance(entry, dict):
-            raise ConfigError(f"models[{i}]: got {entry!r}: each model entry must be a mapping with a 'model' key")
+            raise ConfigError(
+                f"models[{i}]: got {entry!r}: each model entry must be a mapping with a 'model' key"
+            )
         for point in expand_axes(entry):
             specs.append((i, _validate(ModelSpec, point, f"models[{i}]")))
     return specs
@@ -268,7 +278,9 @@ def parse_attacks(cfg: SweepConfig) -> list[AttackSpec]:
     specs: list[AttackSpec] = []
     for i, entry in enumerate(cfg.attacks):
         if not isinstance(entry, dict):
-            raise ConfigError(f"attacks[{i}]: got {entry!r}: each attack entry must be a mapping with a 'name' key")
+            raise ConfigError(
+                f"attacks[{i}]: got {entry!r}: each attack entry must be a mapping with a 'name' key"
+            )
         base = _validate(AttackSpec, {**entry, "params": {}}, f"attacks[{i}]")
         params = entry.get("params") or {}
         if not isinstance(params, dict):
@@ -281,7 +293,9 @@ def parse_attacks(cfg: SweepConfig) -> list[AttackSpec]:
                 )
             for v in value if isinstance(value, list) else [value]:
                 if key == "eps" and not (isinstance(v, (int, float)) and 0 < v <= 1):
-                    raise ConfigError(f"attacks[{i}].params.eps: got {v!r}: must be a number in (0, 1] (pixel units)")
+                    raise ConfigError(
+                        f"attacks[{i}].params.eps: got {v!r}: must be a number in (0, 1] (pixel units)"
+                    )
                 if key in ("steps", "n_queries", "eot_iter") and not (isinstance(v, int) and v >= 1):
                     raise ConfigError(f"attacks[{i}].params.{key}: got {v!r}: must be an integer >= 1")
                 if key == "version" and v not in AUTOATTACK_VERSIONS:
@@ -326,7 +340,9 @@ def check_availability(spec: SweepSpec) -> list[str]:
         except FileNotFoundError as exc:
             problems.append(f"data.data_root: got '{cfg.data.data_root}': {exc}")
     # Only PennyLane QNodes run on a device; the compiled simulator is its own engine.
-    devices = sorted({m.device for m in spec.models if m.model == "hqcnn" and m.simulator == "qnode" and m.device})
+    devices = sorted(
+        {m.device for m in spec.models if m.model == "hqcnn" and m.simulator == "qnode" and m.device}
+    )
     if devices:
         import pennylane as qml
 
@@ -335,7 +351,9 @@ def check_availability(spec: SweepSpec) -> list[str]:
                 qml.device(name, wires=1)
             except Exception as exc:  # the plugin raises its own error types
                 extra = " (pip install 'qshield-dist[gpu]' on a CUDA node)" if name == "lightning.gpu" else ""
-                problems.append(f"models.device: got '{name}': not usable here{extra}: {exc}; allowed: {', '.join(DEVICES)}")
+                problems.append(
+                    f"models.device: got '{name}': not usable here{extra}: {exc}; allowed: {', '.join(DEVICES)}"
+                )
     return problems
 
 
@@ -356,7 +374,13 @@ def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
             " state-vector device (default.qubit, lightning.qubit, lightning.gpu); the compiled path and default.mixed are exact"
         )
     try:
-        check_fits(spec.circuit(), spec.simulator, spec.device, max(cfg.train.batch_size, cfg.eval.batch_size), trajectories=spec.trajectories)
+        check_fits(
+            spec.circuit(),
+            spec.simulator,
+            spec.device,
+            max(cfg.train.batch_size, cfg.eval.batch_size),
+            trajectories=spec.trajectories,
+        )
     except ValueError as exc:
         raise ConfigError(f"models[{index}].qubits: got {spec.qubits}: {exc}") from None
 

@@ -40,7 +40,9 @@ def _digits() -> tuple[Split, Split]:
     x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
     y = torch.tensor(bunch.target, dtype=torch.int64)
     # A fixed 80/20 split: the digits set has no official one.
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y.numpy(), random_state=0)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(y)), test_size=0.2, stratify=y.numpy(), random_state=0
+    )
     return Split(x[idx_train], y[idx_train]), Split(x[idx_test], y[idx_test])
 
 
@@ -90,7 +92,9 @@ def stratified_subset(split: Split, size: int | None, seed: int) -> Split:
         return split
     from sklearn.model_selection import train_test_split
 
-    idx, _ = train_test_split(np.arange(len(split.y)), train_size=size, stratify=split.y.numpy(), random_state=seed)
+    idx, _ = train_test_split(
+        np.arange(len(split.y)), train_size=size, stratify=split.y.numpy(), random_state=seed
+    )
     idx = np.sort(idx)
     return Split(split.x[idx], split.y[idx])
 

@@ -41,7 +41,10 @@ DATASETS: dict[str, DatasetInfo] = {
         3,
         32,
         10,
-        tuple(f"cifar-10-batches-py/{name}" for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+        tuple(
+            f"cifar-10-batches-py/{name}"
+            for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+        ),
     ),
     "organamnist": DatasetInfo("organamnist", 1, 28, 11, ("organamnist.npz",)),
 }

@@ -41,7 +41,12 @@ def _best(rows: list[dict[str, Any]], keep: Callable[[dict[str, Any]], bool]) ->
 def _compare(name: str, stronger: dict | None, weaker: dict | None, why: str, needs: str) -> dict[str, Any]:
     """Row for 'stronger should reach at least weaker's ASR'."""
     if stronger is None or weaker is None:
-        return {"diagnostic": name, "diagnostic_value": None, "diagnostic_pass": None, "details": json.dumps({"not_run": f"needs {needs}"})}
+        return {
+            "diagnostic": name,
+            "diagnostic_value": None,
+            "diagnostic_pass": None,
+            "details": json.dumps({"not_run": f"needs {needs}"}),
+        }
     gap = stronger["asr"] - weaker["asr"]
     tol = tolerance(stronger["asr"], stronger["n_attacked"], weaker["asr"], weaker["n_attacked"])
     return {
@@ -49,7 +54,12 @@ def _compare(name: str, stronger: dict | None, weaker: dict | None, why: str, ne
         "diagnostic_value": gap,
         "diagnostic_pass": gap >= -tol,
         "details": json.dumps(
-            {"rule": why, "tolerance": tol, "stronger": [stronger["attack"], stronger["asr"]], "weaker": [weaker["attack"], weaker["asr"]]}
+            {
+                "rule": why,
+                "tolerance": tol,
+                "stronger": [stronger["attack"], stronger["asr"]],
+                "weaker": [weaker["attack"], weaker["asr"]],
+            }
         ),
     }
 
@@ -57,19 +67,37 @@ def _compare(name: str, stronger: dict | None, weaker: dict | None, why: str, ne
 def compare_attacks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The checks that only compare attack results of one model."""
     linf = lambda r: r["threat_model"] == "linf"  # noqa: E731
-    iterative = _best(rows, lambda r: linf(r) and ATTACKS[r["attack"]].iterative and ATTACKS[r["attack"]].white_box)
+    iterative = _best(
+        rows, lambda r: linf(r) and ATTACKS[r["attack"]].iterative and ATTACKS[r["attack"]].white_box
+    )
     single = _best(rows, lambda r: r["attack"] == "fgsm")
     white = _best(rows, lambda r: linf(r) and ATTACKS[r["attack"]].white_box)
     black = _best(rows, lambda r: linf(r) and not ATTACKS[r["attack"]].white_box)
     adaptive = _best(rows, lambda r: r["attack"] in ADAPTIVE)
     # The paper suite is the paper's attacks with the paper's parameters: a standard-preset
     # PGD, or APGD with more steps, is already a stronger attack than the one the paper ran.
-    paper = _best(rows, lambda r: r["attack"] in PAPER_SUITE and r.get("attack_preset") == "paper" and _paper_params(r))
+    paper = _best(
+        rows, lambda r: r["attack"] in PAPER_SUITE and r.get("attack_preset") == "paper" and _paper_params(r)
+    )
     out = [
-        _compare("iterative_ge_single_step", iterative, single, "an iterative attack must reach at least FGSM's ASR", "fgsm and an iterative L-inf attack"),
-        _compare("whitebox_ge_blackbox", white, black, "white-box must reach at least black-box/transfer ASR", "a white-box and a black-box or transfer L-inf attack"),
+        _compare(
+            "iterative_ge_single_step",
+            iterative,
+            single,
+            "an iterative attack must reach at least FGSM's ASR",
+            "fgsm and an iterative L-inf attack",
+        ),
+        _compare(
+            "whitebox_ge_blackbox",
+            white,
+            black,
+            "white-box must reach at least black-box/transfer ASR",
+            "a white-box and a black-box or transfer L-inf attack",
+        ),
     ]
-    gap = _compare("adaptive_vs_paper_suite", adaptive, paper, "", "an adaptive attack and a paper-suite attack")
+    gap = _compare(
+        "adaptive_vs_paper_suite", adaptive, paper, "", "an adaptive attack and a paper-suite attack"
+    )
     if gap["diagnostic_value"] is not None:
         # Here the flag is raised the other way: adaptive attacks finding clearly more than
         # the paper's suite means the suite's numbers were masked.
@@ -82,14 +110,20 @@ def compare_attacks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         gap["details"] = json.dumps(details)
     out.append(gap)
     unreachable = sorted(
-        {r["attack"] for r in rows if r.get("status") == "ok" and not budget_reachable(json.loads(r["attack_params"] or "{}"))}
+        {
+            r["attack"]
+            for r in rows
+            if r.get("status") == "ok" and not budget_reachable(json.loads(r["attack_params"] or "{}"))
+        }
     )
     out.append(
         {
             "diagnostic": "attack_budget_reachable",
             "diagnostic_value": float(len(unreachable)),
             "diagnostic_pass": not unreachable,
-            "details": json.dumps({"rule": "steps x step size >= eps for iterative L-inf attacks", "unreachable": unreachable}),
+            "details": json.dumps(
+                {"rule": "steps x step size >= eps for iterative L-inf attacks", "unreachable": unreachable}
+            ),
         }
     )
     return out
@@ -131,14 +165,26 @@ def eps_sweep(
     for eps in eps_values:
         params = ATTACKS["apgd"].params("mnist", "standard", {"eps": eps, "steps": steps, "eot_iter": eot})
         torch.manual_seed(0)
-        adv = build_attack("apgd", CallCounter(target), params, n_classes, stochastic=stochastic)(x, y).detach()
+        adv = build_attack("apgd", CallCounter(target), params, n_classes, stochastic=stochastic)(
+            x, y
+        ).detach()
         asr[f"{eps:.4f}"] = float(_majority_wrong(model, adv, y, repeats).float().mean())
     top = asr[f"{eps_values[-1]:.4f}"]
     return {
         "diagnostic": "eps_sweep_reaches_1",
         "diagnostic_value": top,
         "diagnostic_pass": top >= 0.99 if eps_values[-1] >= 0.5 else None,
-        "details": json.dumps({"rule": "ASR at eps=0.5 (L-inf) >= 0.99", "attack": "apgd-ce", "gradient": "bpda" if bpda else "model", "steps": steps, "eot_iter": eot, "asr_by_eps": asr, "n": len(y)}),
+        "details": json.dumps(
+            {
+                "rule": "ASR at eps=0.5 (L-inf) >= 0.99",
+                "attack": "apgd-ce",
+                "gradient": "bpda" if bpda else "model",
+                "steps": steps,
+                "eot_iter": eot,
+                "asr_by_eps": asr,
+                "n": len(y),
+            }
+        ),
     }
 
 
@@ -148,7 +194,9 @@ def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return x.grad.detach().flatten(1)
 
 
-def gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calls: int = 5) -> list[dict[str, Any]]:
+def gradient_checks(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, calls: int = 5
+) -> list[dict[str, Any]]:
     """Input-gradient norm non-zero and stable across calls; for a hybrid, agreement with its
     differentiable twin (a low cosine means the real gradient hides part of the model)."""
     model.eval()
@@ -162,7 +210,12 @@ def gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calls: i
             "diagnostic_value": mean_norm,
             "diagnostic_pass": mean_norm > 1e-6 and spread < 0.1,
             "details": json.dumps(
-                {"rule": "mean input-gradient norm > 1e-6 and relative spread across calls < 0.1", "relative_spread": spread, "calls": calls, "n": len(y)}
+                {
+                    "rule": "mean input-gradient norm > 1e-6 and relative spread across calls < 0.1",
+                    "relative_spread": spread,
+                    "calls": calls,
+                    "n": len(y),
+                }
             ),
         }
     ]
@@ -174,7 +227,9 @@ def gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calls: i
                 "diagnostic": "gradient_matches_differentiable_twin",
                 "diagnostic_value": cos,
                 "diagnostic_pass": cos >= 0.9,
-                "details": json.dumps({"rule": "mean cosine(model gradient, BPDA twin gradient) >= 0.9", "n": len(y)}),
+                "details": json.dumps(
+                    {"rule": "mean cosine(model gradient, BPDA twin gradient) >= 0.9", "n": len(y)}
+                ),
             }
         )
     return rows
@@ -194,7 +249,9 @@ def batch_dependence(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         "diagnostic": "batch_independent",
         "diagnostic_value": diff,
         "diagnostic_pass": diff < 1e-4,
-        "details": json.dumps({"rule": "max |log-prob difference| of a sample across two batches < 1e-4", "n": half}),
+        "details": json.dumps(
+            {"rule": "max |log-prob difference| of a sample across two batches < 1e-4", "n": half}
+        ),
     }
 
 

@@ -175,7 +175,15 @@ def build_grid(spec: SweepSpec) -> Grid:
         for seed in cfg.seeds:
             for raw in spec.models:
                 model = raw.resolved(info.classes)
-                base = TrainTrial(dataset, model, cfg.train, seed, cfg.data.train_size, cfg.data.test_size, threads=cfg.threads)
+                base = TrainTrial(
+                    dataset,
+                    model,
+                    cfg.train,
+                    seed,
+                    cfg.data.train_size,
+                    cfg.data.test_size,
+                    threads=cfg.threads,
+                )
                 if model.model == "hqcnn" and model.init == "from_baseline":
                     baseline = add(_baseline_of(base, model.backbone))
                     base = replace(base, baseline_id=baseline.trial_id)
@@ -188,11 +196,20 @@ def build_grid(spec: SweepSpec) -> Grid:
                         # classical model or a full-gradient hybrid has nothing to replace
                         continue
                     params = ATTACKS[spec_a.name].params(dataset, spec_a.preset, spec_a.params)
-                    surrogate = add(_baseline_of(trial, params["surrogate"])) if spec_a.name == "transfer" else None
+                    surrogate = (
+                        add(_baseline_of(trial, params["surrogate"])) if spec_a.name == "transfer" else None
+                    )
                     for control in [None, *(controls if not needs_twin else [])]:
                         target = add(_equal_budget_baseline(trial)) if control == "equal_budget" else trial
                         a = AttackTrial(
-                            target, spec_a.name, spec_a.preset, tuple(sorted(params.items())), cfg.eval, control, surrogate, cfg.threads
+                            target,
+                            spec_a.name,
+                            spec_a.preset,
+                            tuple(sorted(params.items())),
+                            cfg.eval,
+                            control,
+                            surrogate,
+                            cfg.threads,
                         )
                         if a.trial_id not in attack:
                             attack[a.trial_id] = a
@@ -209,6 +226,10 @@ def _equal_budget_baseline(hybrid: TrainTrial) -> TrainTrial:
     """The hybrid's backbone architecture trained alone for as many optimizer steps as the
     hybrid got in total: its baseline pre-training plus its own run (same data, same batch)."""
     epochs = hybrid.train.epochs * (2 if hybrid.baseline_id else 1)
-    max_steps = hybrid.train.max_steps * 2 if hybrid.train.max_steps and hybrid.baseline_id else hybrid.train.max_steps
+    max_steps = (
+        hybrid.train.max_steps * 2
+        if hybrid.train.max_steps and hybrid.baseline_id
+        else hybrid.train.max_steps
+    )
     train = hybrid.train.model_copy(update={"epochs": epochs, "max_steps": max_steps})
     return replace(hybrid, model=ModelSpec(model=hybrid.model.backbone), train=train, baseline_id=None)

@@ -44,6 +44,7 @@ ATTACK_VERSION = 4  # 4: AutoAttack at its authors' strength; EOT only on stocha
 DIAGNOSTIC_VERSION = 4  # 4: its attack comparisons read attack version 4's rows
 STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic": DIAGNOSTIC_VERSION}
 
+
 def _model_columns() -> list[tuple[str, pa.DataType]]:
     """ModelSpec's fields as (column, Arrow type): the one list of a model's settings."""
     columns = []
@@ -131,8 +132,14 @@ COLUMNS = SCHEMA.names
 # the trial's spec: the same trial id gives the same values on every executor and machine
 # load (bit-identical on the same hardware and software). Tests compare rows without these.
 VOLATILE_COLUMNS = (
-    "sweep", "executor", "host", "versions", "created_at",
-    "attack_seconds", "train_seconds", "peak_rss_mb",
+    "sweep",
+    "executor",
+    "host",
+    "versions",
+    "created_at",
+    "attack_seconds",
+    "train_seconds",
+    "peak_rss_mb",
 )
 
 
@@ -199,7 +206,11 @@ def differing_trials(a: Path, b: Path) -> dict[str, list[str]]:
             cols: set[str] = set()
             for x, y in zip(left, right):
                 row_a, row_b = json.loads(x), json.loads(y)
-                cols |= {k for k in row_a.keys() | row_b.keys() if json.dumps(row_a.get(k)) != json.dumps(row_b.get(k))}
+                cols |= {
+                    k
+                    for k in row_a.keys() | row_b.keys()
+                    if json.dumps(row_a.get(k)) != json.dumps(row_b.get(k))
+                }
             diff[trial_id] = sorted(cols)
     return diff
 
@@ -269,7 +280,9 @@ def scan_done(results_dir: Path) -> dict[str, str]:
 MANIFEST = "manifest.json"
 
 
-def write_manifest(results_dir: Path, meta: dict[str, Any], trials: dict[str, dict[str, Any]], mode: int = 0o600) -> None:
+def write_manifest(
+    results_dir: Path, meta: dict[str, Any], trials: dict[str, dict[str, Any]], mode: int = 0o600
+) -> None:
     """The sweep's spec and its grid: `trials` maps every expected trial id to its stage,
     dataset and results version. `read_manifest` is its one reader."""
     manifest = {**meta, "expected_trials": trials}
@@ -294,7 +307,9 @@ def read_manifest(results_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str
         raise ManifestError(f"{MANIFEST} is not a JSON object")
     trials = manifest.pop("expected_trials", None)
     if not isinstance(trials, dict) or not all(isinstance(v, dict) for v in trials.values()):
-        raise ManifestError(f"{MANIFEST} has no 'expected_trials' mapping of trial id -> {{stage, dataset, version}}")
+        raise ManifestError(
+            f"{MANIFEST} has no 'expected_trials' mapping of trial id -> {{stage, dataset, version}}"
+        )
     return manifest, trials
 
 

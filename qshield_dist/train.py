@@ -48,7 +48,11 @@ def train_model(
     steps_per_epoch = len(y) // cfg.batch_size + (len(y) % cfg.batch_size >= 2)
     if steps_per_epoch == 0:
         raise ValueError(f"training needs at least 2 samples, got {len(y)}")
-    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    total = (
+        cfg.epochs * steps_per_epoch
+        if cfg.max_steps is None
+        else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    )
     start, steps, epoch = time.perf_counter(), 0, 0
     with tqdm(total=total, desc="train", unit="step", disable=not show_progress, leave=False) as bar:
         while steps < total:
@@ -91,13 +95,21 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any] | None:
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        bad = [k for k, v in blob["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = [
+            k for k, v in blob["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()
+        ]
         if bad:
             raise ValueError(f"non-finite weights in {bad[0]} (and {len(bad) - 1} more)")
         model.load_state_dict(blob["state_dict"])
         return dict(blob["meta"])
     except Exception as exc:  # truncated zip, bad pickle opcode, wrong keys, ...
         bad = path.with_name(path.name + f".corrupt-{int(time.time())}")
-        log.warning("checkpoint %s is unusable (%s: %s); moved to %s, retraining", path, type(exc).__name__, exc, bad.name)
+        log.warning(
+            "checkpoint %s is unusable (%s: %s); moved to %s, retraining",
+            path,
+            type(exc).__name__,
+            exc,
+            bad.name,
+        )
         path.replace(bad)
         return None

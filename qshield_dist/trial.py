@@ -26,16 +26,25 @@ from qshield_dist.attack_params import ATTACKS, budget_reachable
 from qshield_dist.attacks import CallCounter, build_attack
 from qshield_dist.data import Split, load
 from qshield_dist.datasets import DATASETS
-from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial, stable_hash
+from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial, stable_hash
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
-from qshield_dist.results import MODEL_COLUMNS, package_versions, read_rows, trial_log_path, trial_path, write_rows
+from qshield_dist.results import (
+    MODEL_COLUMNS,
+    package_versions,
+    read_rows,
+    trial_log_path,
+    trial_path,
+    write_rows,
+)
 from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
 from qshield_dist.trial_env import fixed_numerics, seed_everything, trial_log
 
 log = logging.getLogger(__name__)
 
-TRAIN_EVAL_REPEATS = 5  # clean accuracy of a stochastic model in the train row (attack rows use eval.eval_repeats)
+TRAIN_EVAL_REPEATS = (
+    5  # clean accuracy of a stochastic model in the train row (attack rows use eval.eval_repeats)
+)
 SUCCESS_RULE_SINGLE = "misclassified (deterministic model, 1 evaluation)"
 SUCCESS_RULE_MAJORITY = "misclassified in a strict majority of {r} evaluations"
 
@@ -64,7 +73,9 @@ def _peak_rss_mb() -> float:
 def _model_columns(trial: TrainTrial) -> dict[str, Any]:
     spec = trial.model
     cols = {k: getattr(spec, k) for k in MODEL_COLUMNS}
-    cols.update(dataset=trial.dataset, variant=spec.label, backbone=spec.backbone or spec.model, seed=trial.seed)
+    cols.update(
+        dataset=trial.dataset, variant=spec.label, backbone=spec.backbone or spec.model, seed=trial.seed
+    )
     return cols
 
 
@@ -72,7 +83,10 @@ def _model_facts(model: nn.Module) -> dict[str, Any]:
     """What the built model says of itself: stochastic outputs, and whether its noise is
     simulated exactly or by Pauli-twirled trajectories."""
     quantum = getattr(model, "quantum", None)
-    return {"stochastic": bool(getattr(model, "stochastic", False)), "noise_approx": getattr(quantum, "noise_approx", None)}
+    return {
+        "stochastic": bool(getattr(model, "stochastic", False)),
+        "noise_approx": getattr(quantum, "noise_approx", None),
+    }
 
 
 def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
@@ -108,7 +122,9 @@ def predictions(model: nn.Module, x: torch.Tensor, repeats: int, batch_size: int
     return torch.stack([predict(model, x, batch_size) for _ in range(repeats)])
 
 
-def train_or_load(trial: TrainTrial, ctx: RunContext, train: Split | None = None, allow_train: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+def train_or_load(
+    trial: TrainTrial, ctx: RunContext, train: Split | None = None, allow_train: bool = True
+) -> tuple[nn.Module, dict[str, Any]]:
     """The trained model of `trial`, from the checkpoint cache when it is valid. Only the
     train stage trains: later stages fail clearly rather than train a model out of place."""
     seed_everything(trial.seed)
@@ -118,7 +134,9 @@ def train_or_load(trial: TrainTrial, ctx: RunContext, train: Split | None = None
     if meta is not None:
         return model, meta
     if not allow_train:
-        raise FileNotFoundError(f"no usable checkpoint {path}: train trial {trial.trial_id} failed or has not run")
+        raise FileNotFoundError(
+            f"no usable checkpoint {path}: train trial {trial.trial_id} failed or has not run"
+        )
     if train is None:
         train, _ = _load_data(trial, ctx)
     init_steps = 0
@@ -127,10 +145,17 @@ def train_or_load(trial: TrainTrial, ctx: RunContext, train: Split | None = None
         baseline = Path(ctx.checkpoint_dir) / f"{trial.baseline_id}.pt"
         baseline_meta = load_checkpoint(baseline, Classifier(model.backbone))
         if baseline_meta is None:
-            raise FileNotFoundError(f"baseline checkpoint {baseline} is missing or unusable: its train trial must run (again) first")
+            raise FileNotFoundError(
+                f"baseline checkpoint {baseline} is missing or unusable: its train trial must run (again) first"
+            )
         init_steps = int(baseline_meta["train_steps"])
     stats = train_model(model, train.x, train.y, trial.train, trial.seed)
-    meta = {"train_seconds": stats.seconds, "train_epochs": stats.epochs, "train_steps": stats.steps, "init_steps": init_steps}
+    meta = {
+        "train_seconds": stats.seconds,
+        "train_epochs": stats.epochs,
+        "train_steps": stats.steps,
+        "init_steps": init_steps,
+    }
     Path(ctx.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=0o700 if ctx.private else 0o755)
     save_checkpoint(path, model, meta, ctx.file_mode)
     return model, meta
@@ -144,7 +169,9 @@ def _train_columns(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _clean_eval(model: nn.Module, test: Split, repeats: int, batch_size: int) -> tuple[torch.Tensor, dict[str, Any]]:
+def _clean_eval(
+    model: nn.Module, test: Split, repeats: int, batch_size: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Per-sample majority correctness and the clean-accuracy columns."""
     preds = predictions(model, test.x, repeats, batch_size)
     correct = preds == test.y
@@ -164,7 +191,10 @@ def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
     repeats = TRAIN_EVAL_REPEATS if getattr(model, "stochastic", False) else 1
     seed_everything(trial.seed)  # the same draws whether the model was trained now or loaded
     _, clean = _clean_eval(model, test, repeats, 512)
-    details = {"init_steps": meta.get("init_steps", 0), "total_train_steps": meta["train_steps"] + meta.get("init_steps", 0)}
+    details = {
+        "init_steps": meta.get("init_steps", 0),
+        "total_train_steps": meta["train_steps"] + meta.get("init_steps", 0),
+    }
     return [
         {
             **_base_row(trial, ctx),
@@ -198,9 +228,15 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     x, y = test.x[points[correct]], test.y[points[correct]]
 
     counter = CallCounter(model)
-    twin = CallCounter(model.differentiable_twin()) if definition.needs_twin and hasattr(model, "differentiable_twin") else None
+    twin = (
+        CallCounter(model.differentiable_twin())
+        if definition.needs_twin and hasattr(model, "differentiable_twin")
+        else None
+    )
     if definition.needs_twin and twin is None:
-        raise ValueError(f"{trial.attack} applies to hqcnn models (it needs a differentiable twin of the quantum branch)")
+        raise ValueError(
+            f"{trial.attack} applies to hqcnn models (it needs a differentiable twin of the quantum branch)"
+        )
     surrogate = None
     if trial.surrogate is not None:
         surrogate, _ = train_or_load(trial.surrogate, ctx, allow_train=False)
@@ -219,7 +255,11 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     seed_everything(trial.train.seed)
     start = time.perf_counter()
     batch = trial.eval.batch_size
-    adv = torch.cat([attack(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]).detach() if len(y) else x.clone()
+    adv = (
+        torch.cat([attack(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]).detach()
+        if len(y)
+        else x.clone()
+    )
     seconds = time.perf_counter() - start
 
     delta = (adv - x).flatten(1)
@@ -228,7 +268,9 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     in_range = bool(((adv >= -1e-6) & (adv <= 1 + 1e-6)).all())
     budget_ok = in_range and (definition.threat_model != "linf" or eps is None or linf <= eps + 1e-5)
 
-    wrong = predictions(model, adv, repeats, batch) != y if len(y) else torch.zeros(repeats, 0, dtype=torch.bool)
+    wrong = (
+        predictions(model, adv, repeats, batch) != y if len(y) else torch.zeros(repeats, 0, dtype=torch.bool)
+    )
     success = wrong.float().mean(0) > 0.5  # the project's success rule: a strict majority of evaluations
     n_points, n_attacked, n_success = len(points), len(y), int(success.sum())
     asr = n_success / n_attacked if n_attacked else float("nan")
@@ -247,7 +289,9 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         "attack": trial.attack,
         "attack_preset": trial.preset,
         "attack_params": json.dumps(params, sort_keys=True),
-        "attack_config": json.dumps(attack.attack_config, sort_keys=True),  # what ran (EOT, version, majority)
+        "attack_config": json.dumps(
+            attack.attack_config, sort_keys=True
+        ),  # what ran (EOT, version, majority)
         "threat_model": definition.threat_model,
         "eps": eps,
         "success_rule": SUCCESS_RULE_MAJORITY.format(r=repeats) if repeats > 1 else SUCCESS_RULE_SINGLE,
@@ -294,7 +338,9 @@ def shared_attack_set(n_test: int, size: int, seed: int) -> torch.Tensor:
     return _test_permutation(n_test, seed)[:size].sort().values
 
 
-def _clean(model: nn.Module, test: Split, trial: AttackTrial | DiagnosticTrial) -> tuple[torch.Tensor, dict[str, Any]]:
+def _clean(
+    model: nn.Module, test: Split, trial: AttackTrial | DiagnosticTrial
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Per-sample (majority-)correctness on the whole test set, seeded by the trial."""
     repeats = trial.eval.eval_repeats if getattr(model, "stochastic", False) else 1
     seed_everything(trial.train.seed)
@@ -326,8 +372,13 @@ def run_trial(trial: Trial, ctx: RunContext) -> str:
     root = Path(ctx.results_dir)
     ok_path = trial_path(root, trial.stage, trial.dataset, trial.trial_id)
     failed_path = trial_path(root, trial.stage, trial.dataset, trial.trial_id, failed=True)
-    with trial_log(trial_log_path(root, trial.trial_id), ctx.file_mode), fixed_numerics(trial.threads) as determinism:
-        log.info("trial %s (%s, %s) on %s: start", trial.trial_id, trial.stage, trial.dataset, socket.gethostname())
+    with (
+        trial_log(trial_log_path(root, trial.trial_id), ctx.file_mode),
+        fixed_numerics(trial.threads) as determinism,
+    ):
+        log.info(
+            "trial %s (%s, %s) on %s: start", trial.trial_id, trial.stage, trial.dataset, socket.gethostname()
+        )
         start = time.perf_counter()
         try:
             if isinstance(trial, TrainTrial):
@@ -339,9 +390,19 @@ def run_trial(trial: Trial, ctx: RunContext) -> str:
             status = "ok"
         except Exception as exc:  # recorded as a row: the sweep goes on
             log.exception("trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
-            rows = [{**_base_row(trial, ctx), "status": "failed", "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"}]
+            rows = [
+                {
+                    **_base_row(trial, ctx),
+                    "status": "failed",
+                    "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}",
+                }
+            ]
             if isinstance(trial, AttackTrial):
-                rows[0].update(attack=trial.attack, attack_preset=trial.preset, attack_params=json.dumps(trial.params_dict, sort_keys=True))
+                rows[0].update(
+                    attack=trial.attack,
+                    attack_preset=trial.preset,
+                    attack_params=json.dumps(trial.params_dict, sort_keys=True),
+                )
             status = "failed"
         log.info("trial %s: %s in %.1f s", trial.trial_id, status, time.perf_counter() - start)
     for row in rows:

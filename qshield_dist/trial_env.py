@@ -25,14 +25,22 @@ def fixed_numerics(threads: int) -> Iterator[str]:
     another order with another thread count), and deterministic kernels where torch has
     them. Yields the settings as JSON for the row; restores the previous ones afterwards."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at CUDA init
-    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    before = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
     torch.set_num_threads(threads)
     # warn_only: an op without a deterministic kernel (some CUDA backwards) warns, not fails.
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
-    settings = {"threads": threads, "deterministic_algorithms": "warn_only", "cudnn_benchmark": False,
-                "seeded": ["torch", "numpy", "random"]}
+    settings = {
+        "threads": threads,
+        "deterministic_algorithms": "warn_only",
+        "cudnn_benchmark": False,
+        "seeded": ["torch", "numpy", "random"],
+    }
     try:
         with threadpool_limits(limits=threads):
             yield json.dumps(settings, sort_keys=True)

@@ -22,8 +22,20 @@ DIGITS = DATASETS["digits"]
 REPO = Path(__file__).resolve().parents[1]
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster.sh"
 # What slurm/dev-cluster.sh and the tests run (its have_binaries, and the client commands).
-SLURM_COMMANDS = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd",
-                  "sbatch", "srun", "squeue", "sacct", "scancel", "scontrol", "sinfo")
+SLURM_COMMANDS = (
+    "slurmctld",
+    "slurmd",
+    "slurmdbd",
+    "munged",
+    "mariadbd",
+    "sbatch",
+    "srun",
+    "squeue",
+    "sacct",
+    "scancel",
+    "scontrol",
+    "sinfo",
+)
 
 log = logging.getLogger(__name__)
 _cluster_lines: list[str] = []  # what slurm_cluster started and stopped, for the summary
@@ -51,7 +63,9 @@ def trained_hqcnn(digits, baseline):
     def make(**fields):
         train, _ = digits
         torch.manual_seed(0)
-        model = build_model(ModelSpec(model="hqcnn", backbone="cnn_small", **fields).resolved(DIGITS.classes), DIGITS)
+        model = build_model(
+            ModelSpec(model="hqcnn", backbone="cnn_small", **fields).resolved(DIGITS.classes), DIGITS
+        )
         model.backbone.load_state_dict(baseline.backbone.state_dict())
         # The fusion MLP's BatchNorm needs ~20 steps before its running statistics are usable.
         train_model(model, train.x, train.y, TrainConfig(epochs=5), seed=0)
@@ -68,8 +82,11 @@ def _slurm_installed() -> bool:
     """Debian's SLURM packages are installed, whether or not their commands are on PATH."""
     if not shutil.which("dpkg-query"):
         return False
-    out = subprocess.run(["dpkg-query", "-W", "-f=${Status}\\n", "slurmctld", "slurmd", "slurm-client"],
-                         capture_output=True, text=True).stdout.split("\n")
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}\\n", "slurmctld", "slurmd", "slurm-client"],
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
     return sum(line.endswith(" installed") for line in out) == 3
 
 
@@ -84,20 +101,25 @@ def _start_time(pid: int) -> str | None:
 
 def _stop_started(state: Path) -> None:
     """Stop the daemons `dev-cluster.sh start --state` recorded in state, and only those."""
-    recorded = [line.split() for line in state.read_text().splitlines() if line.strip()] if state.exists() else []
+    recorded = (
+        [line.split() for line in state.read_text().splitlines() if line.strip()] if state.exists() else []
+    )
     if not recorded:
         _cluster_lines.append("slurm_cluster: started no daemon (the cluster was running): stopped none")
         log.info(_cluster_lines[-1])
         return
-    proc = subprocess.run([str(DEV_CLUSTER), "stop", "--state", str(state)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [str(DEV_CLUSTER), "stop", "--state", str(state)], capture_output=True, text=True, timeout=300
+    )
     for line in proc.stderr.splitlines():
         _cluster_lines.append(f"slurm_cluster teardown: {line}")
         log.info(_cluster_lines[-1])
     left = [f"{name} ({pid})" for name, pid, start in recorded if _start_time(int(pid)) == start]
     if proc.returncode != 0 or left:
-        raise RuntimeError(f"slurm/dev-cluster.sh stop --state {state} left running: {left or 'see below'}\n"
-                           f"{proc.stdout}{proc.stderr}")
+        raise RuntimeError(
+            f"slurm/dev-cluster.sh stop --state {state} left running: {left or 'see below'}\n"
+            f"{proc.stdout}{proc.stderr}"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -111,11 +133,14 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     if missing and _slurm_installed():
         pytest.skip(f"SLURM is installed but not on PATH: {' '.join(missing)} (under slurm/without-slurm?)")
     if missing and not shutil.which("apt-get"):
-        pytest.skip(f"SLURM is not installed ({' '.join(missing)} not on PATH) and there is no apt-get to install it")
+        pytest.skip(
+            f"SLURM is not installed ({' '.join(missing)} not on PATH) and there is no apt-get to install it"
+        )
     state = tmp_path_factory.mktemp("slurm_cluster") / "started"
     try:
-        proc = subprocess.run([str(DEV_CLUSTER), "start", "--state", str(state)], capture_output=True, text=True,
-                              timeout=900)
+        proc = subprocess.run(
+            [str(DEV_CLUSTER), "start", "--state", str(state)], capture_output=True, text=True, timeout=900
+        )
     except subprocess.TimeoutExpired:
         _stop_started(state)
         pytest.fail("slurm/dev-cluster.sh start did not finish in 15 minutes")
@@ -124,7 +149,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         _stop_started(state)
         tail = (proc.stdout + proc.stderr)[-2000:]
         if missing:
-            pytest.skip(f"could not install/start SLURM ({' '.join(missing)} not on PATH; no package mirror?):\n{tail}")
+            pytest.skip(
+                f"could not install/start SLURM ({' '.join(missing)} not on PATH; no package mirror?):\n{tail}"
+            )
         pytest.fail(f"slurm/dev-cluster.sh start failed:\n{tail}")
     missing = _missing_commands()
     if missing:  # installed, yet not on this PATH

@@ -58,7 +58,10 @@ def test_a_deterministic_model_gets_torchattacks_own_attack(trained, name):
     cls, fixed, overrides = SAME_AS_TORCHATTACKS[name]
     params = ATTACKS[name].params("digits", overrides=overrides)
     outs = []
-    for make in (lambda m: build_attack(name, m, params, 10, eval_repeats=5), lambda m: cls(m, **fixed, **params)):
+    for make in (
+        lambda m: build_attack(name, m, params, 10, eval_repeats=5),
+        lambda m: cls(m, **fixed, **params),
+    ):
         counter = CallCounter(model)
         torch.manual_seed(0)
         np.random.seed(0)  # One-Pixel's differential evolution draws from NumPy
@@ -87,7 +90,9 @@ def test_onepixel_changes_at_most_its_pixel_budget(trained):
 @pytest.mark.parametrize("name", ["cw", "deepfool"])
 def test_l2_attacks_stay_in_pixel_range(trained, name):
     model, x, y = trained
-    params = ATTACKS[name].params("digits", overrides={"steps": 10} if name == "deepfool" else {"binary_search_steps": 3})
+    params = ATTACKS[name].params(
+        "digits", overrides={"steps": 10} if name == "deepfool" else {"binary_search_steps": 3}
+    )
     adv = build_attack(name, CallCounter(model), params, 10)(x[:8], y[:8]).detach()
     assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
     assert torch.isfinite((adv - x[:8]).flatten(1).norm(dim=1)).all()
@@ -107,7 +112,9 @@ def test_standard_preset_reaches_eps():
     standard = ATTACKS["pgd"].params("mnist", "standard")
     assert paper["alpha"] * paper["steps"] < paper["eps"]  # the paper's budget cannot reach eps
     assert standard["alpha"] == pytest.approx(2.5 * standard["eps"] / standard["steps"])
-    assert ATTACKS["pgd"].params("mnist", "standard", {"steps": 40})["alpha"] == pytest.approx(2.5 * 32 / 255 / 40)
+    assert ATTACKS["pgd"].params("mnist", "standard", {"steps": 40})["alpha"] == pytest.approx(
+        2.5 * 32 / 255 / 40
+    )
 
 
 def test_an_attack_leaves_an_eval_mode_model_in_eval_mode(trained):
@@ -137,7 +144,9 @@ def test_apgd_on_a_stochastic_model_attacks_every_sample():
     model = NoisyLinear().eval()
     x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 10, (64,))
     params = ATTACKS["apgd"].params("mnist", "standard", {"eps": 0.25, "steps": 20, "eot_iter": 5})
-    assert params["best_loss"] and not ATTACKS["apgd"].params("mnist")["best_loss"]  # the paper's: torchattacks as is
+    assert (
+        params["best_loss"] and not ATTACKS["apgd"].params("mnist")["best_loss"]
+    )  # the paper's: torchattacks as is
     torch.manual_seed(1)
     adv = build_attack("apgd", CallCounter(model), params, 10, stochastic=True)(x, y)
     moved = (adv - x).flatten(1).abs().amax(dim=1)
@@ -147,7 +156,9 @@ def test_apgd_on_a_stochastic_model_attacks_every_sample():
         with torch.no_grad():
             return torch.stack([torch.nn.functional.nll_loss(model(inputs), y) for _ in range(200)]).mean()
 
-    assert expected_loss(adv) > expected_loss(x) + 0.2  # 200 draws x 64 samples: the noise of the mean is ~0.05
+    assert (
+        expected_loss(adv) > expected_loss(x) + 0.2
+    )  # 200 draws x 64 samples: the noise of the mean is ~0.05
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
@@ -159,7 +170,7 @@ def test_every_attack_config_is_json(trained, name):
     model, _, _ = trained
     twin = model if ATTACKS[name].needs_twin else None
     surrogate = CallCounter(model) if name == "transfer" else None
-    for version in (["standard", "rand", "fast"] if "autoattack" in name else [None]):
+    for version in ["standard", "rand", "fast"] if "autoattack" in name else [None]:
         params = ATTACKS[name].params("digits", overrides={"version": version} if version else None)
         attack = build_attack(name, CallCounter(model), params, 10, twin=twin, surrogate=surrogate)
         assert json.loads(json.dumps(attack.attack_config))["attack"] == name

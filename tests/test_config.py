@@ -34,10 +34,16 @@ def _with(path: str, value):
 
 BAD = [
     # (config, fragments the message must contain: key, value, allowed)
-    (_with("data.dataset", "imagenet"), ["data.dataset", "imagenet", "digits", "mnist", "cifar10", "organamnist"]),
+    (
+        _with("data.dataset", "imagenet"),
+        ["data.dataset", "imagenet", "digits", "mnist", "cifar10", "organamnist"],
+    ),
     (_with("models.0.model", "vit"), ["models[0].model", "vit", "cnn_small", "hqcnn"]),
     (_with("attacks.0.name", "boundary"), ["attacks[0].name", "boundary", "fgsm", "square"]),
-    (_with("models.1.device", "ibmq.heron"), ["models[1].device", "ibmq.heron", "default.mixed", "lightning.qubit"]),
+    (
+        _with("models.1.device", "ibmq.heron"),
+        ["models[1].device", "ibmq.heron", "default.mixed", "lightning.qubit"],
+    ),
     (_with("models.1.entanglement", "circle"), ["models[1].entanglement", "circle", "ring"]),
     (_with("models.1.noise_strength", 1.5), ["models[1].noise_strength", "1.5", "less than or equal to 1"]),
     (_with("models.1.depth", 0), ["models[1].depth", "0", "greater than or equal to 1"]),
@@ -49,13 +55,22 @@ BAD = [
     (_with("attacks.0.params", {"eps": 3}), ["attacks[0].params.eps", "3", "(0, 1]"]),
     (_with("train.learning_rate", 0.1), ["train.learning_rate", "0.1", "allowed keys", "lr"]),
     (_with("models.1.simulator", "qiskit"), ["models[1].simulator", "qiskit", "compiled", "qnode"]),
-    (_with("data.dataset", "mnist"), ["data.data_root", "MNIST/raw/train-images-idx3-ubyte", "python -m qshield_dist.data fetch mnist"]),
+    (
+        _with("data.dataset", "mnist"),
+        ["data.data_root", "MNIST/raw/train-images-idx3-ubyte", "python -m qshield_dist.data fetch mnist"],
+    ),
     (_with("models.1.qubits", 40), ["models[1].qubits", "40"]),
     (
-        _with("models.1", {"model": "hqcnn", "backbone": "cnn_small", "simulator": "qnode", "device": "default.qubit"}),
+        _with(
+            "models.1",
+            {"model": "hqcnn", "backbone": "cnn_small", "simulator": "qnode", "device": "default.qubit"},
+        ),
         ["models[1].trajectories", "default.qubit", "trajectories >= 1"],
     ),
-    (_with("models.1.trajectories", 16), ["models[1].trajectories", "16", "simulator: qnode", "default.qubit"]),
+    (
+        _with("models.1.trajectories", 16),
+        ["models[1].trajectories", "16", "simulator: qnode", "default.qubit"],
+    ),
 ]
 
 
@@ -66,7 +81,9 @@ def test_bad_input_exits_2_before_writing_anything(tmp_path, monkeypatch, caplog
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump(cfg))
     with caplog.at_level(logging.ERROR):
-        code = launch.main([str(sweep), "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt")])
+        code = launch.main(
+            [str(sweep), "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt")]
+        )
     assert code == 2
     message = caplog.text
     for fragment in fragments:
@@ -86,13 +103,23 @@ def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
     cfg = load_config("sweeps/quick.yaml")
     grid = build_grid(validate(cfg))
     models = [t.model for t in grid.train]
-    assert sorted(m.model for m in models) == ["cnn_small", "cnn_small", "dnn", "hqcnn", "hqcnn", "hqcnn", "hqcnn"]
+    assert sorted(m.model for m in models) == [
+        "cnn_small",
+        "cnn_small",
+        "dnn",
+        "hqcnn",
+        "hqcnn",
+        "hqcnn",
+        "hqcnn",
+    ]
     assert sorted(m.entanglement for m in models if m.model == "hqcnn") == ["full", "linear", "none", "star"]
     baseline = next(t for t in grid.train if t.model.model == "cnn_small" and t.train.epochs == 10)
     assert all(t.baseline_id == baseline.trial_id for t in grid.train if t.model.model == "hqcnn")
     # 6 models x 4 attacks, + 4 hybrids x 4 backbone-alone controls, + one equal-budget cnn_small x 4
     assert len(grid.attack) == 6 * 4 + 4 * 4 + 4
-    twin = next(t for t in grid.train if t.model.model == "cnn_small" and t.train.epochs == 20)  # equal budget:
+    twin = next(
+        t for t in grid.train if t.model.model == "cnn_small" and t.train.epochs == 20
+    )  # equal budget:
     assert twin.trial_id != baseline.trial_id  # 10 epochs of pre-training + 10 as a hybrid
     # ids are stable across parses and independent of paths
     again = build_grid(validate(load_config("sweeps/quick.yaml", {"results_dir": "/elsewhere"})))
@@ -105,6 +132,11 @@ def test_an_unknown_autoattack_version_is_refused_before_compute(tmp_path, caplo
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(sweep))
     with caplog.at_level(logging.ERROR):
-        assert launch.main([str(path), "--results", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")]) == 2
-    assert "attacks[0].params.version: got 'plus'" in caplog.text and "auto, standard, rand, fast" in caplog.text
+        assert (
+            launch.main([str(path), "--results", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")])
+            == 2
+        )
+    assert (
+        "attacks[0].params.version: got 'plus'" in caplog.text and "auto, standard, rand, fast" in caplog.text
+    )
     assert not (tmp_path / "r").exists()

@@ -98,7 +98,14 @@ def test_subsets_are_stratified_and_fixed():
     assert int(counts.max() - counts.min()) <= 2
 
 
-@pytest.mark.parametrize("name,expected", [("mnist", "MNIST/raw/train-images-idx3-ubyte"), ("cifar10", "cifar-10-batches-py/data_batch_1"), ("organamnist", "organamnist.npz")])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("mnist", "MNIST/raw/train-images-idx3-ubyte"),
+        ("cifar10", "cifar-10-batches-py/data_batch_1"),
+        ("organamnist", "organamnist.npz"),
+    ],
+)
 def test_missing_files_name_the_path_and_the_fetch_command(tmp_path, name, expected):
     with pytest.raises(DataMissingError) as err:
         data.load(name, tmp_path)

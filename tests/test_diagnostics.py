@@ -3,9 +3,8 @@ toy; the eps sweep reaches ASR 1 on every model family; controls and verdicts en
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 
 import pytest
 import torch
@@ -112,7 +111,16 @@ def test_batch_dependence_flag(baseline, digits):
 def test_eps_sweep_flag_is_raised_on_a_model_no_attack_can_move(digits):
     _, test = digits
     zeros = test.y == 0
-    row = diagnostics.eps_sweep(Constant(), test.x[zeros][:16], test.y[zeros][:16], 10, stochastic=False, repeats=1, eps_values=(0.5,), steps=10)
+    row = diagnostics.eps_sweep(
+        Constant(),
+        test.x[zeros][:16],
+        test.y[zeros][:16],
+        10,
+        stochastic=False,
+        repeats=1,
+        eps_values=(0.5,),
+        steps=10,
+    )
     assert row["diagnostic_value"] == 0.0 and not row["diagnostic_pass"]
 
 
@@ -130,7 +138,9 @@ def test_eps_sweep_reaches_asr_1_at_half_on_every_model(baseline, trained_hqcnn,
     stochastic = bool(getattr(model, "stochastic", False))
     assert stochastic == (kind == "hqcnn_paper")
     x, y = _correct(model, digits, n=32)
-    row = diagnostics.eps_sweep(model, x, y, 10, stochastic, repeats=3 if stochastic else 1, eps_values=(0.1, 0.5), steps=25)
+    row = diagnostics.eps_sweep(
+        model, x, y, 10, stochastic, repeats=3 if stochastic else 1, eps_values=(0.1, 0.5), steps=25
+    )
     details = json.loads(row["details"])
     assert details["gradient"] == ("bpda" if kind == "hqcnn_paper" else "model")
     assert row["diagnostic_pass"], details["asr_by_eps"]
@@ -142,16 +152,40 @@ def _attack_row(attack, asr, n=200, **params):
 
     preset = params.pop("preset", "paper")
     p = ATTACKS[attack].params("mnist", preset, overrides=params)
-    return {"status": "ok", "dataset": "mnist", "attack": attack, "attack_preset": preset, "asr": asr, "n_attacked": n,
-            "threat_model": ATTACKS[attack].threat_model, "attack_params": json.dumps(p)}
+    return {
+        "status": "ok",
+        "dataset": "mnist",
+        "attack": attack,
+        "attack_preset": preset,
+        "asr": asr,
+        "n_attacked": n,
+        "threat_model": ATTACKS[attack].threat_model,
+        "attack_params": json.dumps(p),
+    }
 
 
 def test_attack_comparison_flags_pass_and_fail():
-    honest = [_attack_row("fgsm", 0.4), _attack_row("apgd", 0.9), _attack_row("pgd", 0.9, alpha=0.05), _attack_row("square", 0.5), _attack_row("eot_pgd", 0.9, alpha=0.05)]
+    honest = [
+        _attack_row("fgsm", 0.4),
+        _attack_row("apgd", 0.9),
+        _attack_row("pgd", 0.9, alpha=0.05),
+        _attack_row("square", 0.5),
+        _attack_row("eot_pgd", 0.9, alpha=0.05),
+    ]
     checks = {r["diagnostic"]: r["diagnostic_pass"] for r in diagnostics.compare_attacks(honest)}
-    assert checks == {"iterative_ge_single_step": True, "whitebox_ge_blackbox": True, "adaptive_vs_paper_suite": True, "attack_budget_reachable": True}
+    assert checks == {
+        "iterative_ge_single_step": True,
+        "whitebox_ge_blackbox": True,
+        "adaptive_vs_paper_suite": True,
+        "attack_budget_reachable": True,
+    }
 
-    masked = [_attack_row("fgsm", 0.5), _attack_row("pgd", 0.2), _attack_row("square", 0.6), _attack_row("bpda_pgd", 0.9)]
+    masked = [
+        _attack_row("fgsm", 0.5),
+        _attack_row("pgd", 0.2),
+        _attack_row("square", 0.6),
+        _attack_row("bpda_pgd", 0.9),
+    ]
     checks = {r["diagnostic"]: r["diagnostic_pass"] for r in diagnostics.compare_attacks(masked)}
     # bpda_pgd (white-box, adaptive) keeps white >= black; the others are raised
     assert checks["adaptive_vs_paper_suite"] is False
@@ -161,11 +195,19 @@ def test_attack_comparison_flags_pass_and_fail():
     assert checks["iterative_ge_single_step"] is False and checks["whitebox_ge_blackbox"] is False
     assert checks["adaptive_vs_paper_suite"] is None  # not run: says so instead of passing
     # A standard-preset PGD is not the paper's suite: it counts on the adaptive side only.
-    mixed = [_attack_row("pgd", 0.2), _attack_row("pgd", 0.6, preset="standard"), _attack_row("eot_pgd", 0.6, preset="standard")]
+    mixed = [
+        _attack_row("pgd", 0.2),
+        _attack_row("pgd", 0.6, preset="standard"),
+        _attack_row("eot_pgd", 0.6, preset="standard"),
+    ]
     gap = next(r for r in diagnostics.compare_attacks(mixed) if r["diagnostic"] == "adaptive_vs_paper_suite")
     assert gap["diagnostic_pass"] is False and gap["diagnostic_value"] == pytest.approx(0.4)
     # Nor is a paper-preset attack whose parameters were overridden (APGD with 50 steps).
-    longer = [_attack_row("fgsm", 0.2), _attack_row("apgd", 0.6, steps=50), _attack_row("eot_pgd", 0.6, preset="standard")]
+    longer = [
+        _attack_row("fgsm", 0.2),
+        _attack_row("apgd", 0.6, steps=50),
+        _attack_row("eot_pgd", 0.6, preset="standard"),
+    ]
     gap = next(r for r in diagnostics.compare_attacks(longer) if r["diagnostic"] == "adaptive_vs_paper_suite")
     assert gap["diagnostic_pass"] is False and gap["diagnostic_value"] == pytest.approx(0.4)
 
@@ -180,19 +222,38 @@ def test_controls_and_diagnostics_end_to_end(tmp_path, monkeypatch):
         "name": "adaptive_tiny",
         "data": {"dataset": "digits", "train_size": 400, "test_size": 100},
         "train": {"epochs": 4},
-        "eval": {"attack_size": 24, "eval_repeats": 3, "controls": ["backbone_only"], "diagnostics": True, "diagnostic_size": 8},
-        "models": [{"model": "cnn_small"}, {"model": "hqcnn", "backbone": "cnn_small", "quantum_grad": "detached", "projection": "paper"}],
-        "attacks": [{"name": "fgsm"}, {"name": "pgd", "preset": "standard", "params": {"steps": 5}}, {"name": "bpda_pgd", "preset": "standard", "params": {"steps": 5}}],
+        "eval": {
+            "attack_size": 24,
+            "eval_repeats": 3,
+            "controls": ["backbone_only"],
+            "diagnostics": True,
+            "diagnostic_size": 8,
+        },
+        "models": [
+            {"model": "cnn_small"},
+            {"model": "hqcnn", "backbone": "cnn_small", "quantum_grad": "detached", "projection": "paper"},
+        ],
+        "attacks": [
+            {"name": "fgsm"},
+            {"name": "pgd", "preset": "standard", "params": {"steps": 5}},
+            {"name": "bpda_pgd", "preset": "standard", "params": {"steps": 5}},
+        ],
     }
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
     assert launch.main(["s.yaml"]) == 0
     import polars as pl
 
-    rows = pl.read_parquet(str(tmp_path / "results/adaptive_tiny/stage=attack/*/*.parquet"), hive_partitioning=False)
+    rows = pl.read_parquet(
+        str(tmp_path / "results/adaptive_tiny/stage=attack/*/*.parquet"), hive_partitioning=False
+    )
     assert sorted(rows.filter(pl.col("control") == "backbone_only")["attack"].to_list()) == ["fgsm", "pgd"]
-    diag = pl.read_parquet(str(tmp_path / "results/adaptive_tiny/stage=diagnostic/*/*.parquet"), hive_partitioning=False)
+    diag = pl.read_parquet(
+        str(tmp_path / "results/adaptive_tiny/stage=diagnostic/*/*.parquet"), hive_partitioning=False
+    )
     assert set(diag["model"]) == {"cnn_small", "hqcnn"}
-    assert {"eps_sweep_reaches_1", "gradient_nonzero_and_stable", "batch_independent"} <= set(diag["diagnostic"])
+    assert {"eps_sweep_reaches_1", "gradient_nonzero_and_stable", "batch_independent"} <= set(
+        diag["diagnostic"]
+    )
     assert summarize(["results/adaptive_tiny", "--out", "report", "--no-plots", "--format", "md,csv"]) == 0
     controls = pl.read_csv(next((tmp_path / "report").glob("controls.csv")))
     assert controls.height >= 2

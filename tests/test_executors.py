@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cluster_fixtures as cf
 import pytest
 
-import cluster_fixtures as cf
 from qshield_dist.executors.base import Executor, Job, ProgressSink, Resources
 from qshield_dist.executors.local import LocalExecutor
 
@@ -53,8 +53,16 @@ def contract_dag(out: Path) -> list[Job]:
     ]
 
 
-CONTRACT = {"t1": "ok", "t2": "failed", "boom": "lost", "a1": "ok", "a2": "ok", "a3": "ok",
-            "after-boom": "lost", "after-after": "lost"}
+CONTRACT = {
+    "t1": "ok",
+    "t2": "failed",
+    "boom": "lost",
+    "a1": "ok",
+    "a2": "ok",
+    "a3": "ok",
+    "after-boom": "lost",
+    "after-after": "lost",
+}
 NEVER_RAN = ("after-boom", "after-after")
 
 
@@ -95,10 +103,14 @@ def _executor(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Exec
 
     request.getfixturevalue("slurm_cluster")
     cloudpickle.register_pickle_by_value(cf)
-    return SlurmExecutor(folder=tmp_path / "submitit", partition="debug", poll_s=1.0, cpus_per_task=1, mem_gb=0.5)
+    return SlurmExecutor(
+        folder=tmp_path / "submitit", partition="debug", poll_s=1.0, cpus_per_task=1, mem_gb=0.5
+    )
 
 
-@pytest.mark.parametrize("kind", ["local-1", "local-2", "ray", pytest.param("slurm", marks=pytest.mark.slurm)])
+@pytest.mark.parametrize(
+    "kind", ["local-1", "local-2", "ray", pytest.param("slurm", marks=pytest.mark.slurm)]
+)
 def test_executor_contract(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """One contract for every executor: the same DAG, the same statuses, each job once."""
     out = tmp_path / "out"
@@ -191,8 +203,17 @@ def test_local_rejects_bad_workers() -> None:
 
 @pytest.mark.parametrize(
     "address,expected",
-    [("127.0.0.1", True), ("127.0.1.1:6379", True), ("localhost:8265", True), ("local", True), ("[::1]:6379", True),
-     ("::1", True), ("10.1.2.3:6379", False), ("node07", False), ("0.0.0.0", False)],
+    [
+        ("127.0.0.1", True),
+        ("127.0.1.1:6379", True),
+        ("localhost:8265", True),
+        ("local", True),
+        ("[::1]:6379", True),
+        ("::1", True),
+        ("10.1.2.3:6379", False),
+        ("node07", False),
+        ("0.0.0.0", False),
+    ],
 )
 def test_is_loopback_is_one_rule_for_python_and_run_sh(address: str, expected: bool) -> None:
     """Debian maps the hostname to 127.0.1.1: it is loopback too (the old rules disagreed)."""
@@ -202,5 +223,7 @@ def test_is_loopback_is_one_rule_for_python_and_run_sh(address: str, expected: b
     from qshield_dist.cluster import is_loopback
 
     assert is_loopback(address) is expected
-    cli = subprocess.run([sys.executable, "-m", "qshield_dist.cluster", "is-loopback", address], capture_output=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "qshield_dist.cluster", "is-loopback", address], capture_output=True
+    )
     assert (cli.returncode == 0) is expected

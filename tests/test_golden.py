@@ -37,7 +37,11 @@ SWEEP = {
         # the paper's code: a random projection on every call, a detached quantum branch
         {"model": "hqcnn", "backbone": "cnn_small", "projection": "paper", "quantum_grad": "detached"},
     ],
-    "attacks": [{"name": "fgsm"}, {"name": "pgd", "params": {"steps": 3}}, {"name": "square", "params": {"n_queries": 20}}],
+    "attacks": [
+        {"name": "fgsm"},
+        {"name": "pgd", "params": {"steps": 3}},
+        {"name": "square", "params": {"n_queries": 20}},
+    ],
 }
 
 
@@ -52,8 +56,12 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[s
     root = tmp_path_factory.mktemp("golden")
     ctx = RunContext(sweep="golden", results_dir=str(root / "results"), checkpoint_dir=str(root / "ckpt"))
     out: dict[str, dict[str, dict[str, Any]]] = {stage: {} for stage in STAGE_VERSIONS}
-    for trial in build_grid(validate(SweepConfig(**SWEEP))).trials:  # dependency order: train, attack, diagnostic
-        assert run_trial(trial, ctx) == "ok", read_rows(trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id, failed=True))
+    for trial in build_grid(
+        validate(SweepConfig(**SWEEP))
+    ).trials:  # dependency order: train, attack, diagnostic
+        assert run_trial(trial, ctx) == "ok", read_rows(
+            trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id, failed=True)
+        )
         for row in read_rows(trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id)):
             out[trial.stage][_label(row)] = {k: v for k, v in row.items() if k not in VOLATILE_COLUMNS}
     return out
@@ -68,13 +76,21 @@ def _differences(want: Any, got: Any, where: str) -> list[str]:
             pass
     if isinstance(want, dict) and isinstance(got, dict):
         # a column one side lacks counts as null: adding an empty column changes no result
-        return [d for k in sorted(want.keys() | got.keys()) for d in _differences(want.get(k), got.get(k), f"{where}.{k}")]
+        return [
+            d
+            for k in sorted(want.keys() | got.keys())
+            for d in _differences(want.get(k), got.get(k), f"{where}.{k}")
+        ]
     if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
         return [d for i, (a, b) in enumerate(zip(want, got)) for d in _differences(a, b, f"{where}[{i}]")]
     if isinstance(want, float) and isinstance(got, float):
         if math.isnan(want) and math.isnan(got):
             return []
-        return [] if math.isclose(want, got, rel_tol=FLOAT_TOLERANCE["rel"], abs_tol=FLOAT_TOLERANCE["abs"]) else [f"{where}: {want!r} -> {got!r}"]
+        return (
+            []
+            if math.isclose(want, got, rel_tol=FLOAT_TOLERANCE["rel"], abs_tol=FLOAT_TOLERANCE["abs"])
+            else [f"{where}: {want!r} -> {got!r}"]
+        )
     return [] if want == got else [f"{where}: {want!r} -> {got!r}"]
 
 
@@ -95,5 +111,6 @@ def test_golden_trial(stage: str, rows: dict[str, dict[str, dict[str, Any]]]) ->
     problems = _differences(golden["rows"], json.loads(json.dumps(current["rows"], default=str)), stage)
     assert not problems, (
         f"the {stage} golden trials changed while the {stage} version stayed {STAGE_VERSIONS[stage]}: if the change is meant, bump "
-        f"{stage.upper()}_VERSION in qshield_dist/results.py and regenerate the golden; differences:\n  " + "\n  ".join(problems[:20])
+        f"{stage.upper()}_VERSION in qshield_dist/results.py and regenerate the golden; differences:\n  "
+        + "\n  ".join(problems[:20])
     )

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qshield_dist.attacks import ATTACKS, BPDA, CallCounter, build_attack
-from qshield_dist.diagnostics import tolerance
 from qshield_dist.config import ModelSpec
 from qshield_dist.data import DATASETS
+from qshield_dist.diagnostics import tolerance
 from qshield_dist.models import build_model
 from qshield_dist.train import predict
 
@@ -88,7 +88,9 @@ def test_eot_pgd_reaches_at_least_plain_pgd_on_a_stochastic_model(digits, traine
     x, y = test.x[votes][:48], test.y[votes][:48]
 
     def asr(name: str) -> float:
-        params = ATTACKS[name].params("digits", "standard", {"eps": 0.1, "steps": 10} | ({"eot_iter": 8} if name == "eot_pgd" else {}))
+        params = ATTACKS[name].params(
+            "digits", "standard", {"eps": 0.1, "steps": 10} | ({"eot_iter": 8} if name == "eot_pgd" else {})
+        )
         torch.manual_seed(1)
         adv = build_attack(name, CallCounter(model), params, 10)(x, y).detach()
         wrong = torch.stack([predict(model, adv) != y for _ in range(5)]).float().mean(0) > 0.5
@@ -103,8 +105,12 @@ def test_fusion_gradient_is_finite_when_a_probability_underflows():
     from qshield_dist.models.hybrid import DynamicFusion
 
     fusion = DynamicFusion().eval()
-    logp_c = torch.log_softmax(torch.tensor([[200.0, 0.0, -200.0, 0.0]]).repeat(4, 1), dim=1).requires_grad_(True)
+    logp_c = torch.log_softmax(torch.tensor([[200.0, 0.0, -200.0, 0.0]]).repeat(4, 1), dim=1).requires_grad_(
+        True
+    )
     logp_q = torch.log_softmax(torch.zeros(4, 4), dim=1)
-    assert float(logp_c.detach().exp().min()) == 0.0  # exp underflows: sqrt(p) would have an infinite gradient
+    assert (
+        float(logp_c.detach().exp().min()) == 0.0
+    )  # exp underflows: sqrt(p) would have an infinite gradient
     fusion(logp_c, logp_q).sum().backward()
     assert torch.isfinite(logp_c.grad).all()

@@ -24,7 +24,19 @@ def _files(results: Path) -> list[Path]:
 
 
 def test_dry_run_lists_trials_and_writes_nothing(tmp_path, capsys):
-    assert launch.main(["sweeps/smoke.yaml", "--dry-run", "--results", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")]) == 0
+    assert (
+        launch.main(
+            [
+                "sweeps/smoke.yaml",
+                "--dry-run",
+                "--results",
+                str(tmp_path / "r"),
+                "--checkpoints",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "3 train, 6 attack, 0 diagnostic trials, 0 already done" in out
     assert "hqcnn[cnn_small] linear" in out and "/ pgd (paper)" in out
@@ -33,16 +45,31 @@ def test_dry_run_lists_trials_and_writes_nothing(tmp_path, capsys):
 
 def test_killed_launcher_resumes_without_duplicates(tmp_path):
     results, ckpt = tmp_path / "results", tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "qshield_dist.launch", "sweeps/smoke.yaml", "--results", str(results), "--checkpoints", str(ckpt)]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        "-m",
+        "qshield_dist.launch",
+        "sweeps/smoke.yaml",
+        "--results",
+        str(results),
+        "--checkpoints",
+        str(ckpt),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 300
     while len(_files(results)) < 3:  # some trials done, others not
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+        )
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = {p.name for p in _files(results)}
-    assert not [p for p in results.rglob("*") if p.name.startswith(".")], "no partial (temporary) file is left behind"
+    assert not [p for p in results.rglob("*") if p.name.startswith(".")], (
+        "no partial (temporary) file is left behind"
+    )
     assert len(first) < 9
 
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -87,7 +114,9 @@ def test_failed_trials_are_rows_and_retry_failed_reruns_them(tmp_path, monkeypat
 
     assert launch.main(["s.yaml"]) == 1
     rows = [r for p in Path("results/fails").rglob("*.parquet") for r in pq.read_table(p).to_pylist()]
-    by_dataset = {d: sorted(r["status"] for r in rows if r["dataset"] == d) for d in ("digits", "organamnist")}
+    by_dataset = {
+        d: sorted(r["status"] for r in rows if r["dataset"] == d) for d in ("digits", "organamnist")
+    }
     assert by_dataset == {"digits": ["ok", "ok"], "organamnist": ["failed", "failed"]}
     assert all("test_images" in r["error"] for r in rows if r["status"] == "failed")
 
@@ -106,8 +135,14 @@ def test_other_sweeps_in_the_same_directory_are_untouched(tmp_path, monkeypatch)
     other.parent.mkdir(parents=True)
     other.write_bytes(b"someone else's result")
     before = other.stat().st_mtime_ns
-    sweep = {"name": "mine", "results_dir": "results/mine", "data": {"dataset": "digits", "train_size": 100, "test_size": 40},
-             "train": {"epochs": 1}, "models": [{"model": "dnn"}], "attacks": []}
+    sweep = {
+        "name": "mine",
+        "results_dir": "results/mine",
+        "data": {"dataset": "digits", "train_size": 100, "test_size": 40},
+        "train": {"epochs": 1},
+        "models": [{"model": "dnn"}],
+        "attacks": [],
+    }
     Path("s.yaml").write_text(yaml.safe_dump(sweep))
     assert launch.main(["s.yaml"]) == 0
     assert other.read_bytes() == b"someone else's result" and other.stat().st_mtime_ns == before
@@ -122,8 +157,19 @@ def test_ctrl_c_stops_promptly_and_leaves_no_partial_file(tmp_path):
     sweep["train"]["epochs"] = 400  # a first trial of a minute or more: long enough to be interrupted
     path = tmp_path / "slow.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    cmd = [sys.executable, "-m", "qshield_dist.launch", str(path), "--results", str(results), "--checkpoints", str(tmp_path / "ckpt")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "qshield_dist.launch",
+        str(path),
+        "--results",
+        str(results),
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.time() + 120
         while "to run on local" not in (line := proc.stderr.readline()):
@@ -151,16 +197,20 @@ def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_th
     SLURM (submitit's executor, which needs srun, is made only to submit)."""
     import submitit
 
+    from qshield_dist import executors
     from qshield_dist.config import load_config
     from qshield_dist.executors.base import Job, Resources
-
-    from qshield_dist import executors
 
     overrides = {"executor": "slurm", "results_dir": str(tmp_path)}
     cfg = load_config("sweeps/smoke.yaml", overrides)
     attack_job = Job("a", print, (), Resources(cpus=2, gpus=0.25, mem_gb=8, timeout_min=30))
     params = executors.make(cfg).sbatch_parameters([attack_job], None)
-    assert (params["cpus_per_task"], params["mem"], params["time"], params["gpus_per_task"]) == (2, "8GB", 30, 1)
+    assert (params["cpus_per_task"], params["mem"], params["time"], params["gpus_per_task"]) == (
+        2,
+        "8GB",
+        30,
+        1,
+    )
     # names submitit.SlurmExecutor.update_parameters takes
     assert set(params) <= submitit.SlurmExecutor._valid_parameters()
 

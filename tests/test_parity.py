@@ -22,8 +22,17 @@ N_TRIALS = 25  # 5 train + 5 models x 4 attacks
 
 
 def launch(results: Path, *args: str, env: dict[str, str] | None = None) -> None:
-    cmd = [sys.executable, "-m", "qshield_dist.launch", "sweeps/parity.yaml", "--results", str(results),
-           "--checkpoints", str(results.parent / f"{results.name}-ckpt"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qshield_dist.launch",
+        "sweeps/parity.yaml",
+        "--results",
+        str(results),
+        "--checkpoints",
+        str(results.parent / f"{results.name}-ckpt"),
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = scan_done(results)
@@ -59,7 +68,9 @@ def test_every_executor_gives_the_reference_rows(how: str, reference: Path, tmp_
     else:
         pytest.importorskip("ray")
         # a private token-authenticated Ray cluster on loopback, stopped when the launcher exits
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"
+        }
         launch(results, "--executor", "ray", "--ray-address", "local", env=env)
     assert differing_trials(reference, results) == {}
 
@@ -89,12 +100,28 @@ def test_slurm_arrays_give_the_reference_rows(slurm_cluster: None, reference: Pa
     import yaml
 
     sweep = yaml.safe_load((REPO / "sweeps/parity.yaml").read_text())
-    sweep["slurm"] = {"partition": "debug", "time_min": 20, "cpus_per_task": 1, "mem_gb": 2, "folder": str(tmp_path / "submitit")}
+    sweep["slurm"] = {
+        "partition": "debug",
+        "time_min": 20,
+        "cpus_per_task": 1,
+        "mem_gb": 2,
+        "folder": str(tmp_path / "submitit"),
+    }
     path = tmp_path / "parity.yaml"
     path.write_text(yaml.safe_dump(sweep))
     results = tmp_path / "slurm"
-    cmd = [sys.executable, "-m", "qshield_dist.launch", str(path), "--executor", "slurm", "--results", str(results),
-           "--checkpoints", str(tmp_path / "ckpt")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qshield_dist.launch",
+        str(path),
+        "--executor",
+        "slurm",
+        "--results",
+        str(results),
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(scan_done(results)) == N_TRIALS
@@ -109,9 +136,24 @@ def test_sbatch_run_sh_gives_the_reference_rows(slurm_cluster: None, reference: 
     env |= {"QSHIELD_PYTHON": sys.executable, "QSHIELD_RAY_DIR": str(tmp_path / "ray")}
     results, log_file = tmp_path / "runsh", tmp_path / "run-%j.log"
     proc = subprocess.run(
-        ["sbatch", "--parsable", "--wait", f"--output={log_file}", "--cpus-per-task=2", str(REPO / "slurm/run.sh"),
-         "sweeps/parity.yaml", "--results", str(results), "--checkpoints", str(tmp_path / "ckpt")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+        [
+            "sbatch",
+            "--parsable",
+            "--wait",
+            f"--output={log_file}",
+            "--cpus-per-task=2",
+            str(REPO / "slurm/run.sh"),
+            "sweeps/parity.yaml",
+            "--results",
+            str(results),
+            "--checkpoints",
+            str(tmp_path / "ckpt"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     job_id = proc.stdout.strip().split(";")[0]
     text = Path(str(log_file).replace("%j", job_id)).read_text() if job_id else proc.stderr

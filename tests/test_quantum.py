@@ -21,6 +21,7 @@ from qshield_dist.quantum import (
     pauli_twirl,
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These tests run many tiny tensor ops, for which a second OpenMP thread only adds
@@ -181,7 +182,9 @@ def test_compiled_matches_default_mixed(entanglement, noise, depth, encoding):
 def _check_against_default_mixed(spec: CircuitSpec) -> None:
     seed = zlib.crc32(repr(spec).encode())  # stable across runs
     angles = _angles(spec, 3, seed)
-    weights = torch.randn(3, 2**spec.qubits, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    weights = torch.randn(
+        3, 2**spec.qubits, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     ref_p, ref_g = _probs_and_grad(QuantumLayer(spec, "qnode", "default.mixed"), angles, weights)
     for path in ("transfer", "density"):
         p, g = _probs_and_grad(QuantumLayer(spec, "compiled", compiled=path), angles, weights)
@@ -281,7 +284,9 @@ def test_amplitude_damping_trajectories_flag_the_approximation():
 
 
 def test_qnode_layer_pickles():
-    layer = QuantumLayer(CircuitSpec(2, noise_model="depolarizing"), "qnode", "default.qubit", trajectories=3, seed=1)
+    layer = QuantumLayer(
+        CircuitSpec(2, noise_model="depolarizing"), "qnode", "default.qubit", trajectories=3, seed=1
+    )
     clone = pickle.loads(pickle.dumps(layer))
     angles = _angles(CircuitSpec(2), 2, seed=0)
     assert clone(angles).shape == (2, 4)
@@ -319,7 +324,14 @@ def test_every_combination_runs_at_the_smallest_size():
 def test_compiled_probabilities_are_never_negative_in_float32():
     """Near-basis states make exact zeros that float32 rounding pushes below 0; a negative
     probability turns the hybrid's log-probabilities into NaN (it did, on real MNIST)."""
-    spec = CircuitSpec(qubits=4, depth=1, entanglement="none", encoding="enhanced_angle", noise_model="mixed", noise_strength=0.005)
+    spec = CircuitSpec(
+        qubits=4,
+        depth=1,
+        entanglement="none",
+        encoding="enhanced_angle",
+        noise_model="mixed",
+        noise_strength=0.005,
+    )
     torch.manual_seed(0)
     angles = torch.pi * torch.tanh(0.03 * torch.randn(20000, 12))
     probs = QuantumLayer(spec)(angles)

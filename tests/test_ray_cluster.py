@@ -23,9 +23,9 @@ from typing import Iterator
 import pytest
 
 ray = pytest.importorskip("ray")
+import cluster_fixtures as cf  # noqa: E402
 from ray import cloudpickle  # noqa: E402  (Ray pickles task args with its own copy)
 
-import cluster_fixtures as cf  # noqa: E402
 from qshield_dist import cluster  # noqa: E402
 from qshield_dist.executors.base import Job  # noqa: E402
 from qshield_dist.executors.ray import RayExecutor  # noqa: E402
@@ -102,8 +102,7 @@ def test_head_listens_only_on_loopback(head: cluster.RayNode) -> None:
     if out.returncode != 0:
         pytest.skip("ss not available")
     pids = _tree(head.pid)
-    ours = [line for line in out.stdout.splitlines()
-            if any(f"pid={p}," in line for p in pids)]
+    ours = [line for line in out.stdout.splitlines() if any(f"pid={p}," in line for p in pids)]
     port = head.address.rsplit(":", 1)[1]
     assert any(f":{port} " in line for line in ours), ours  # the GCS is among them
     local = [line.split()[3] for line in ours]
@@ -126,15 +125,23 @@ def test_clients_need_the_right_token(head: cluster.RayNode, tmp_path: Path) -> 
         "wrong": cluster.auth_env(wrong, loopback=True, base=base),
     }
     procs = {
-        name: subprocess.Popen([sys.executable, str(script), head.address], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            [sys.executable, str(script), head.address],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name, env in envs.items()
     }
     outs = {}
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
-        outs[name] = (stdout + stderr)
-    result = {name: next(line for line in out.splitlines() if line.startswith("RESULT")) for name, out in outs.items()}
+        outs[name] = stdout + stderr
+    result = {
+        name: next(line for line in out.splitlines() if line.startswith("RESULT"))
+        for name, out in outs.items()
+    }
     assert result["right"] == "RESULT connected 42"
     # No token / wrong token: the GCS rejects the RPCs; ray.init raises ConnectionError.
     assert result["none"].startswith("RESULT refused ConnectionError"), result["none"]
@@ -148,11 +155,14 @@ def test_clients_need_the_right_token(head: cluster.RayNode, tmp_path: Path) -> 
 def test_ray_worker_sigkill_is_retried(connected: cluster.RayNode, tmp_path: Path) -> None:
     out = str(tmp_path)
     jobs = [Job("victim", functools.partial(cf.wait_for_release, out, "victim"))]
-    jobs += [Job(f"j{i}", functools.partial(cf.record, out, f"j{i}", 0.05), ("victim",) if i % 2 else ())
-             for i in range(6)]
+    jobs += [
+        Job(f"j{i}", functools.partial(cf.record, out, f"j{i}", 0.05), ("victim",) if i % 2 else ())
+        for i in range(6)
+    ]
     result: dict[str, str] = {}
     runner = threading.Thread(
-        target=lambda: result.update(RayExecutor(address=connected.address, max_retries=2).run(jobs)))
+        target=lambda: result.update(RayExecutor(address=connected.address, max_retries=2).run(jobs))
+    )
     runner.start()
     pids = tmp_path / "victim.pids"
     deadline = time.time() + 60
@@ -232,8 +242,9 @@ def netns() -> Iterator[tuple[str, str, str]]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(netns: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[tuple[cluster.RayNode, cluster.RayNode]]:
+def two_nodes(
+    netns: tuple[str, str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[cluster.RayNode, cluster.RayNode]]:
     ns, host_ip, ns_ip = netns
     if ray.is_initialized():
         ray.shutdown()
@@ -241,8 +252,9 @@ def two_nodes(netns: tuple[str, str, str], tmp_path_factory: pytest.TempPathFact
     token = cluster.new_token_file(root / "auth")
     head = cluster.start_head(token, node_ip=host_ip, num_cpus=1, object_store_mb=80, temp_dir=root / "h")
     try:
-        worker = cluster.start_worker(head.address, token, node_ip=ns_ip, num_cpus=1, object_store_mb=80,
-                                      temp_dir=root / "w", netns=ns)
+        worker = cluster.start_worker(
+            head.address, token, node_ip=ns_ip, num_cpus=1, object_store_mb=80, temp_dir=root / "w", netns=ns
+        )
     except Exception:
         head.stop()
         raise
@@ -256,8 +268,9 @@ def two_nodes(netns: tuple[str, str, str], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.mark.netns
-def test_two_node_cluster_runs_on_both_nodes(two_nodes: tuple[cluster.RayNode, cluster.RayNode],
-                                             tmp_path: Path) -> None:
+def test_two_node_cluster_runs_on_both_nodes(
+    two_nodes: tuple[cluster.RayNode, cluster.RayNode], tmp_path: Path
+) -> None:
     head, worker = two_nodes
     ex = RayExecutor(address=head.address, token_file=head.token_file)
     ex.connect()
@@ -267,7 +280,9 @@ def test_two_node_cluster_runs_on_both_nodes(two_nodes: tuple[cluster.RayNode, c
         time.sleep(0.5)
     out = str(tmp_path)
     jobs = [Job(f"n{i}", functools.partial(cf.record_node, out, f"n{i}", 1.0)) for i in range(4)]
-    jobs.append(Job("after", functools.partial(cf.record_node, out, "after"), tuple(f"n{i}" for i in range(4))))
+    jobs.append(
+        Job("after", functools.partial(cf.record_node, out, "after"), tuple(f"n{i}" for i in range(4)))
+    )
     result = ex.run(jobs)
     assert result == {job.key: "ok" for job in jobs}
     ips = {cf.runs(tmp_path, f"n{i}")[0][3] for i in range(4)}
@@ -276,15 +291,24 @@ def test_two_node_cluster_runs_on_both_nodes(two_nodes: tuple[cluster.RayNode, c
 
 
 @pytest.mark.netns
-def test_worker_with_wrong_token_cannot_join(two_nodes: tuple[cluster.RayNode, cluster.RayNode],
-                                             netns: tuple[str, str, str], tmp_path: Path) -> None:
+def test_worker_with_wrong_token_cannot_join(
+    two_nodes: tuple[cluster.RayNode, cluster.RayNode], netns: tuple[str, str, str], tmp_path: Path
+) -> None:
     head, _ = two_nodes
     ns, _, ns_ip = netns
     bad = tmp_path / "bad"
     bad.write_text("f" * 64)
     bad.chmod(0o600)
     with pytest.raises((RuntimeError, TimeoutError)) as err:
-        node = cluster.start_worker(head.address, bad, node_ip=ns_ip, num_cpus=1, object_store_mb=80,
-                                    temp_dir=tmp_path / "w", netns=ns, timeout=90)
+        node = cluster.start_worker(
+            head.address,
+            bad,
+            node_ip=ns_ip,
+            num_cpus=1,
+            object_store_mb=80,
+            temp_dir=tmp_path / "w",
+            netns=ns,
+            timeout=90,
+        )
         node.stop()
     assert "uthenticat" in str(err.value) or "token" in str(err.value).lower(), str(err.value)[-2000:]

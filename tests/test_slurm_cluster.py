@@ -24,8 +24,8 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 import cloudpickle  # noqa: E402  (submitit pickles with the standalone cloudpickle)
-
 import cluster_fixtures as cf  # noqa: E402
+
 from qshield_dist.executors.base import Job, Resources  # noqa: E402
 from qshield_dist.executors.slurm import SlurmExecutor, max_array_tasks, pack_jobs  # noqa: E402
 from qshield_dist.results import differing_trials, scan_done  # noqa: E402
@@ -70,8 +70,9 @@ def job(out: Path, key: str, deps: tuple[str, ...] = (), fn=cf.record, stage: st
 
 
 def executor(tmp_path: Path, **kw: float) -> SlurmExecutor:
-    return SlurmExecutor(folder=tmp_path / "submitit", partition="debug", poll_s=1.0, cpus_per_task=1,
-                         mem_gb=0.5, **kw)
+    return SlurmExecutor(
+        folder=tmp_path / "submitit", partition="debug", poll_s=1.0, cpus_per_task=1, mem_gb=0.5, **kw
+    )
 
 
 def wait_file(path: Path, timeout: float = 90) -> str:
@@ -95,8 +96,13 @@ def sacct_states(*array_ids: str, want: int, timeout: float = 30) -> list[str]:
     its result is in)."""
     deadline = time.time() + timeout
     while True:
-        acct = sorted(subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(array_ids)],
-                                     capture_output=True, text=True).stdout.split())
+        acct = sorted(
+            subprocess.run(
+                ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(array_ids)],
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+        )
         final = [a for a in acct if a.split("|")[1] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED")]
         if len(final) >= want or time.time() > deadline:
             return acct
@@ -131,14 +137,18 @@ def _start_time(pid: int) -> str | None:
 
 def _stop_recorded(state: Path) -> None:
     """dev-cluster.sh stop --state: then nothing it recorded is left (processes, namespaces, dir)."""
-    lines = [line.split() for line in state.read_text().splitlines() if line.strip()] if state.exists() else []
-    proc = subprocess.run([str(DEV_CLUSTER), "stop", "--state", str(state)], capture_output=True, text=True,
-                          timeout=300)
+    lines = (
+        [line.split() for line in state.read_text().splitlines() if line.strip()] if state.exists() else []
+    )
+    proc = subprocess.run(
+        [str(DEV_CLUSTER), "stop", "--state", str(state)], capture_output=True, text=True, timeout=300
+    )
     alive = [f"{f[0]} ({f[1]})" for f in lines if f[0] in DAEMONS and _start_time(int(f[1])) == f[2]]
     netns = [f[1] for f in lines if f[0] == "netns" and Path("/run/netns", f[1]).exists()]
     dirs = [f[1] for f in lines if f[0] == "dir" and Path(f[1]).exists()]
     assert proc.returncode == 0 and not alive and not netns and not dirs, (
-        f"stop --state {state} left {alive} {netns} {dirs}:\n{proc.stdout}{proc.stderr}")
+        f"stop --state {state} left {alive} {netns} {dirs}:\n{proc.stdout}{proc.stderr}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +158,13 @@ def two_node_cluster(slurm_cluster: None, tmp_path_factory: pytest.TempPathFacto
     what it started and deletes its namespaces (and with them the bridge and veth pairs)."""
     missing = [c for c in ("ip", "nsenter", "unshare", "mount") if not shutil.which(c)]
     if missing:
-        pytest.skip(f"a two-node cluster in network namespaces needs {' '.join(missing)} (iproute2, util-linux)")
+        pytest.skip(
+            f"a two-node cluster in network namespaces needs {' '.join(missing)} (iproute2, util-linux)"
+        )
     state = tmp_path_factory.mktemp("two_nodes") / "started"
-    proc = subprocess.run([str(DEV_CLUSTER), "start-netns", "--state", str(state)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [str(DEV_CLUSTER), "start-netns", "--state", str(state)], capture_output=True, text=True, timeout=300
+    )
     if proc.returncode != 0:
         _stop_recorded(state)
         if proc.returncode == 77:
@@ -159,11 +172,19 @@ def two_node_cluster(slurm_cluster: None, tmp_path_factory: pytest.TempPathFacto
         pytest.fail(f"dev-cluster.sh start-netns failed:\n{proc.stdout}{proc.stderr[-3000:]}")
     try:
         root = Path(proc.stdout.split()[-1])
-        env = dict(line.split("=", 1) for line in (root / "cluster.env").read_text().splitlines() if "=" in line)
+        env = dict(
+            line.split("=", 1) for line in (root / "cluster.env").read_text().splitlines() if "=" in line
+        )
         env = {k: v.strip('"') for k, v in env.items()}
         pids = [int(f.split()[1]) for f in state.read_text().splitlines() if f.split()[0] in DAEMONS]
-        yield TwoNodes(root, env["SLURM_CONF"], env["DEV_SLURM_CTL_NETNS"], env["DEV_SLURM_NODE_NETNS"].split(),
-                       ipaddress.ip_network(env["DEV_SLURM_SUBNET"]), pids)
+        yield TwoNodes(
+            root,
+            env["SLURM_CONF"],
+            env["DEV_SLURM_CTL_NETNS"],
+            env["DEV_SLURM_NODE_NETNS"].split(),
+            ipaddress.ip_network(env["DEV_SLURM_SUBNET"]),
+            pids,
+        )
     finally:
         _stop_recorded(state)
 
@@ -183,8 +204,11 @@ def test_daemons_listen_on_loopback_only(cluster: str, request: pytest.FixtureRe
         pytest.skip("ss (iproute2) is not installed")
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     if cluster == "one-node":
-        ours = [(names, addr, port) for names, addr, port in listening_sockets(out)
-                if names & DAEMONS or port in SLURM_PORTS]
+        ours = [
+            (names, addr, port)
+            for names, addr, port in listening_sockets(out)
+            if names & DAEMONS or port in SLURM_PORTS
+        ]
         assert {"slurmctld", "slurmd", "slurmdbd"} <= set().union(*(n for n, _, _ in ours)), out
         beyond = [(sorted(names), addr, port) for names, addr, port in ours if not on_loopback(addr)]
         assert not beyond, f"listening beyond loopback: {beyond}\n{out}"
@@ -192,15 +216,21 @@ def test_daemons_listen_on_loopback_only(cluster: str, request: pytest.FixtureRe
     two: TwoNodes = request.getfixturevalue("two_node_cluster")
     assert not [line for line in out.splitlines() if any(f"pid={p}," in line for p in two.pids)], out
     for ns, daemon in [(two.ctl_netns, "slurmctld"), *((n, "slurmd") for n in two.node_netns)]:
-        inside = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "ss", "-ltnpH"], capture_output=True,
-                                text=True, check=True).stdout
+        inside = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{ns}", "ss", "-ltnpH"], capture_output=True, text=True, check=True
+        ).stdout
         sockets = listening_sockets(inside)
         assert daemon in set().union(*(n for n, _, _ in sockets)), inside
-        beyond = [(sorted(names), addr, port) for names, addr, port in sockets
-                  if not (on_loopback(addr) or _in_subnet(addr, two.subnet))]
+        beyond = [
+            (sorted(names), addr, port)
+            for names, addr, port in sockets
+            if not (on_loopback(addr) or _in_subnet(addr, two.subnet))
+        ]
         assert not beyond, f"{ns}: listening beyond loopback and {two.subnet}: {beyond}\n{inside}"
         routes = subprocess.run(["ip", "-n", ns, "-4", "route"], capture_output=True, text=True).stdout
-        assert routes.strip() and all(line.startswith(str(two.subnet)) for line in routes.splitlines()), routes
+        assert routes.strip() and all(line.startswith(str(two.subnet)) for line in routes.splitlines()), (
+            routes
+        )
 
 
 def _in_subnet(addr: str, subnet: ipaddress.IPv4Network) -> bool:
@@ -216,22 +246,33 @@ def _in_subnet(addr: str, subnet: ipaddress.IPv4Network) -> bool:
 def test_packing_fills_packs_to_the_target_and_keeps_waves_apart() -> None:
     """Needs no cluster: best-fit decreasing into packs of the target; a pack never holds a
     trial and its dependency (one wave at a time); the arrays split at the task limit."""
-    jobs = [Job(f"k{i}", print, (), Resources(timeout_min=t)) for i, t in enumerate([100, 10, 10, 25, 5, 5, 20])]
+    jobs = [
+        Job(f"k{i}", print, (), Resources(timeout_min=t)) for i, t in enumerate([100, 10, 10, 25, 5, 5, 20])
+    ]
     ex = SlurmExecutor("unused")
     assert [[j.key for j in p] for p in pack_jobs(jobs, ex.minutes, 30)] == [
-        ["k0"], ["k1", "k6"], ["k2", "k5"], ["k3", "k4"]]
+        ["k0"],
+        ["k1", "k6"],
+        ["k2", "k5"],
+        ["k3", "k4"],
+    ]
     assert [ex.pack_time(p) for p in pack_jobs(jobs, ex.minutes, 30)] == [100, 30, 15, 30]
     # a plan's durations: 1-minute trials, limits of 10 minutes each
     ex = SlurmExecutor("unused", pack_minutes=30, durations={f"t{i}": 1.0 for i in range(70)})
     train = [Job(f"t{i}", print, (), TEN_MINUTES) for i in range(70)]
     attack = [Job(f"a{i}", print, (f"t{i}",), TEN_MINUTES) for i in range(5)]  # no plan: 10 min each
     waves = ex.plan(train + attack, max_tasks=2)
-    assert [[(o, [len(p) for p in packs]) for o, packs in w] for w in waves] == [[(0, [30, 30]), (2, [10])],
-                                                                                 [(0, [3, 2])]]
+    assert [[(o, [len(p) for p in packs]) for o, packs in w] for w in waves] == [
+        [(0, [30, 30]), (2, [10])],
+        [(0, [3, 2])],
+    ]
     assert ex.pack_time(waves[0][0][1][0]) == 60  # twice the 30 expected minutes, under the 300 of limits
     assert ex.pack_time(waves[1][0][1][0]) == 30  # no plan for these: the sum of their limits
     assert max_array_tasks("MaxArraySize            = 1001\nSchedulerParameters     = (null)\n") == 1001
-    assert max_array_tasks("MaxArraySize = 100001\nSchedulerParameters = bf_interval=5,max_array_tasks=500\n") == 500
+    assert (
+        max_array_tasks("MaxArraySize = 100001\nSchedulerParameters = bf_interval=5,max_array_tasks=500\n")
+        == 500
+    )
     assert max_array_tasks("MaxArraySize = 0\n") == 1  # arrays disabled: one plain job per pack
 
 
@@ -244,8 +285,9 @@ def max_array_11(slurm_cluster: None) -> Iterator[int]:
     try:
         yield 11
     finally:
-        back = subprocess.run([str(DEV_CLUSTER), "max-array", proc.stdout.strip()], capture_output=True,
-                              text=True, timeout=120)
+        back = subprocess.run(
+            [str(DEV_CLUSTER), "max-array", proc.stdout.strip()], capture_output=True, text=True, timeout=120
+        )
         assert back.returncode == 0, back.stderr
 
 
@@ -276,8 +318,12 @@ def test_packed_sweep_splits_waves_into_arrays_of_max_array_size(max_array_11: i
     assert len(re.findall(r"--array=0-10%\d+", scripts)) == 2 and re.search(r"--array=0-7%\d+", scripts)
     assert f"--dependency=afterok:{first.array_id}:{second.array_id}" in scripts
     # SLURM's own rule: indices 0..MaxArraySize-1, so 11 tasks is the most one array holds here.
-    refused = subprocess.run(["sbatch", "--parsable", "--hold", "--array=0-11", "-o", "/dev/null", "--wrap=true"],
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        ["sbatch", "--parsable", "--hold", "--array=0-11", "-o", "/dev/null", "--wrap=true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if refused.returncode == 0:  # do not leave a held job in the cluster's saved state
         subprocess.run(["scancel", refused.stdout.strip().split(";")[0]], check=False)
     assert refused.returncode != 0 and "Invalid job array specification" in refused.stderr
@@ -290,9 +336,13 @@ def test_two_waves_afterok(slurm_cluster: None, tmp_path: Path) -> None:
     """One trial per task (pack_minutes 0): an array per wave, the second after the first."""
     out = tmp_path / "out"
     out.mkdir()
-    jobs = [job(out, "t0"), job(out, "t1"),
-            job(out, "a0", ("t0",), stage="attack"), job(out, "a1", ("t1",), stage="attack"),
-            job(out, "a2", ("t0", "t1"), stage="attack")]
+    jobs = [
+        job(out, "t0"),
+        job(out, "t1"),
+        job(out, "a0", ("t0",), stage="attack"),
+        job(out, "a1", ("t1",), stage="attack"),
+        job(out, "a2", ("t0", "t1"), stage="attack"),
+    ]
     ex = executor(tmp_path, pack_minutes=0)
     assert ex.run(jobs) == {k.key: "ok" for k in jobs}
     assert len(ex.array_ids) == 2
@@ -304,8 +354,15 @@ def test_two_waves_afterok(slurm_cluster: None, tmp_path: Path) -> None:
     # the log folder is private
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
     # SLURM saw two arrays, both completed
-    want = sorted([f"{first}_0|COMPLETED", f"{first}_1|COMPLETED", f"{second}_0|COMPLETED",
-                   f"{second}_1|COMPLETED", f"{second}_2|COMPLETED"])
+    want = sorted(
+        [
+            f"{first}_0|COMPLETED",
+            f"{first}_1|COMPLETED",
+            f"{second}_0|COMPLETED",
+            f"{second}_1|COMPLETED",
+            f"{second}_2|COMPLETED",
+        ]
+    )
     assert sacct_states(first, second, want=5) == want
 
 
@@ -317,9 +374,15 @@ def test_cancelled_pack_keeps_its_finished_trials(slurm_cluster: None, tmp_path:
     resubmitted without the lost ones."""
     out = tmp_path / "out"
     out.mkdir()
-    jobs = [job(out, "r0"), job(out, "w", fn=cf.slurm_wait_for_release), job(out, "r2"), job(out, "r3"),
-            job(out, "after-r0", ("r0",), stage="attack"), job(out, "after-r2", ("r2",), stage="attack"),
-            job(out, "after-r3", ("r3",), stage="attack")]
+    jobs = [
+        job(out, "r0"),
+        job(out, "w", fn=cf.slurm_wait_for_release),
+        job(out, "r2"),
+        job(out, "r3"),
+        job(out, "after-r0", ("r0",), stage="attack"),
+        job(out, "after-r2", ("r2",), stage="attack"),
+        job(out, "after-r3", ("r3",), stage="attack"),
+    ]
     ex = executor(tmp_path, pack_minutes=30)  # wave 0: [r0, w, r2] and [r3]
     runner, result = run_in_thread(ex, jobs)
     task = wait_file(out / "w.slurm").split()[0]
@@ -327,8 +390,15 @@ def test_cancelled_pack_keeps_its_finished_trials(slurm_cluster: None, tmp_path:
     runner.join(timeout=180)
     assert not runner.is_alive()
     assert ex.submitted[0].packs == [["r0", "w", "r2"], ["r3"]]
-    assert result == {"r0": "ok", "w": "lost", "r2": "lost", "r3": "ok",
-                      "after-r0": "ok", "after-r2": "lost", "after-r3": "ok"}
+    assert result == {
+        "r0": "ok",
+        "w": "lost",
+        "r2": "lost",
+        "r3": "ok",
+        "after-r0": "ok",
+        "after-r2": "lost",
+        "after-r3": "ok",
+    }
     assert len(cf.runs(out, "r0")) == 1 and not (out / "w.out").exists()
     assert cf.runs(out, "r2") == [] and cf.runs(out, "after-r2") == []
     assert len(cf.runs(out, "after-r0")) == 1 and len(cf.runs(out, "after-r3")) == 1
@@ -353,7 +423,9 @@ def test_requeued_pack_reruns_only_its_unfinished_trials(slurm_cluster: None, tm
     while len((out / "p.slurm").read_text().split()) < 2:  # the requeued run started
         assert time.time() < deadline and runner.is_alive(), "task was not requeued"
         # slurmctld holds a requeued job ~2 minutes (BeginTime); let it start now.
-        state = subprocess.run(["squeue", "-h", "-j", task, "-o", "%T %r"], capture_output=True, text=True).stdout
+        state = subprocess.run(
+            ["squeue", "-h", "-j", task, "-o", "%T %r"], capture_output=True, text=True
+        ).stdout
         if state.startswith("PENDING") and "BeginTime" in state:
             subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=False)
         time.sleep(0.5)
@@ -376,24 +448,50 @@ def local_smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qshield_dist import launch
 
     root = tmp_path_factory.mktemp("local_smoke")
-    code = launch.main([str(REPO / "sweeps/smoke.yaml"), "--results", str(root / "results"), "--checkpoints", str(root / "ckpt")])
+    code = launch.main(
+        [
+            str(REPO / "sweeps/smoke.yaml"),
+            "--results",
+            str(root / "results"),
+            "--checkpoints",
+            str(root / "ckpt"),
+        ]
+    )
     assert code == 0
     return root / "results"
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_submitit_executor_gives_the_local_rows(slurm_cluster: None, local_smoke: Path, tmp_path: Path) -> None:
+def test_submitit_executor_gives_the_local_rows(
+    slurm_cluster: None, local_smoke: Path, tmp_path: Path
+) -> None:
     """python -m qshield_dist.launch --executor slurm: packed job arrays per stage, afterok between them."""
     import yaml
 
     from qshield_dist import launch
 
     sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
-    sweep["slurm"] = {"partition": "debug", "time_min": 10, "cpus_per_task": 1, "mem_gb": 1, "folder": str(tmp_path / "submitit")}
+    sweep["slurm"] = {
+        "partition": "debug",
+        "time_min": 10,
+        "cpus_per_task": 1,
+        "mem_gb": 1,
+        "folder": str(tmp_path / "submitit"),
+    }
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    code = launch.main([str(path), "--executor", "slurm", "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt")])
+    code = launch.main(
+        [
+            str(path),
+            "--executor",
+            "slurm",
+            "--results",
+            str(tmp_path / "results"),
+            "--checkpoints",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     assert code == 0
     assert differing_trials(local_smoke, tmp_path / "results") == {}
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
@@ -412,8 +510,10 @@ def processes_with(marker: str) -> dict[int, tuple[str, dict[str, str]]]:
             try:
                 if marker.encode() in (entry / "cmdline").read_bytes():
                     env = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
-                    found[int(entry.name)] = ((entry / "comm").read_text().strip(),
-                                              dict(e.split("=", 1) for e in env if "=" in e))
+                    found[int(entry.name)] = (
+                        (entry / "comm").read_text().strip(),
+                        dict(e.split("=", 1) for e in env if "=" in e),
+                    )
             except OSError:
                 continue
     return found
@@ -431,16 +531,32 @@ def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, local_smoke: Path, 
     through `python -m qshield_dist.launch --executor ray`, everything stopped at the end."""
     results, log_file = tmp_path / "results", tmp_path / "run-%j.log"
     proc = subprocess.run(
-        ["sbatch", "--parsable", f"--output={log_file}", "--cpus-per-task=2",
-         str(REPO / "slurm/run.sh"), "sweeps/smoke.yaml", "--results", str(results),
-         "--checkpoints", str(tmp_path / "ckpt")],
-        cwd=REPO, env=_run_sh_env(tmp_path), capture_output=True, text=True, timeout=60, check=True)
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={log_file}",
+            "--cpus-per-task=2",
+            str(REPO / "slurm/run.sh"),
+            "sweeps/smoke.yaml",
+            "--results",
+            str(results),
+            "--checkpoints",
+            str(tmp_path / "ckpt"),
+        ],
+        cwd=REPO,
+        env=_run_sh_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     job_id = proc.stdout.strip().split(";")[0]
     # poll (sbatch --wait backs off to 30 s between checks)
     deadline, state = time.time() + 600, ""
     while time.time() < deadline:
-        state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job_id],
-                               capture_output=True, text=True).stdout.strip()
+        state = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job_id], capture_output=True, text=True
+        ).stdout.strip()
         if state and not state.startswith(("PENDING", "RUNNING", "COMPLETING")):
             break
         time.sleep(1)
@@ -456,8 +572,9 @@ def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, local_smoke: Path, 
 
 
 def _job_state(two: TwoNodes, job_id: str) -> dict[str, str]:
-    out = subprocess.run(two.client("scontrol", "-o", "show", "job", job_id), capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        two.client("scontrol", "-o", "show", "job", job_id), capture_output=True, text=True
+    ).stdout
     return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
@@ -471,10 +588,25 @@ def test_run_sh_on_two_nodes(two_node_cluster: TwoNodes, local_smoke: Path, tmp_
     two = two_node_cluster
     results, log_file = tmp_path / "results", tmp_path / "run-%j.log"
     proc = subprocess.run(
-        two.client("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", f"--output={log_file}",
-                   str(REPO / "slurm/run.sh"), "sweeps/smoke.yaml", "--results", str(results),
-                   "--checkpoints", str(tmp_path / "ckpt")),
-        cwd=REPO, env=_run_sh_env(tmp_path, SLURM_CONF=two.conf), capture_output=True, text=True, timeout=60)
+        two.client(
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--cpus-per-task=1",
+            f"--output={log_file}",
+            str(REPO / "slurm/run.sh"),
+            "sweeps/smoke.yaml",
+            "--results",
+            str(results),
+            "--checkpoints",
+            str(tmp_path / "ckpt"),
+        ),
+        cwd=REPO,
+        env=_run_sh_env(tmp_path, SLURM_CONF=two.conf),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
     head_ip = str(two.subnet.network_address + 2)  # node1
@@ -484,8 +616,12 @@ def test_run_sh_on_two_nodes(two_node_cluster: TwoNodes, local_smoke: Path, tmp_
         if state.get("JobState") not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
             break
         # While it runs: every Ray process of the job in token mode, the token on no command line.
-        modes.update({f"{name}:{pid}": env.get("RAY_AUTH_MODE", "")
-                      for pid, (name, env) in processes_with(head_ip).items()})
+        modes.update(
+            {
+                f"{name}:{pid}": env.get("RAY_AUTH_MODE", "")
+                for pid, (name, env) in processes_with(head_ip).items()
+            }
+        )
         for path in (tmp_path / "ray").glob("*/auth/ray_auth_token"):
             token = token or path.read_text()
         if token:
@@ -496,7 +632,9 @@ def test_run_sh_on_two_nodes(two_node_cluster: TwoNodes, local_smoke: Path, tmp_
     assert "nodes node1 node2; head node1" in text and f"ray head at {head_ip}:" in text, text[-3000:]
     assert "2/2 ray nodes up" in text and "9 ok, 0 failed, 0 lost" in text, text[-3000:]
     assert token and modes and set(modes.values()) == {"token"}, modes
-    assert any(m.startswith("gcs_server") for m in modes) and any(m.startswith("raylet") for m in modes), modes
+    assert any(m.startswith("gcs_server") for m in modes) and any(m.startswith("raylet") for m in modes), (
+        modes
+    )
     import polars as pl
 
     rows = pl.read_parquet(str(results / "stage=*" / "*" / "*.parquet"), hive_partitioning=False)

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from qshield_dist.summary.stats import compare, holm, mcnemar_exact, paired_interval, points_to_resolve, verdict
+from qshield_dist.summary.stats import (
+    compare,
+    holm,
+    mcnemar_exact,
+    paired_interval,
+    points_to_resolve,
+    verdict,
+)
 
 
 def test_mcnemar_exact_by_hand() -> None:
@@ -59,7 +66,11 @@ def test_hierarchical_interval_is_wider_when_seeds_disagree() -> None:
     same = [(rng.integers(0, 2, 200), rng.integers(0, 2, 200)) for _ in range(3)]
     base = [(a, a.copy()) for a, _ in same]
     # seeds that agree (no difference) against seeds whose differences are 0, +0.3 and -0.3
-    apart = [(base[0][0], base[0][1]), (np.ones(200), np.r_[np.zeros(60), np.ones(140)]), (np.r_[np.zeros(60), np.ones(140)], np.ones(200))]
+    apart = [
+        (base[0][0], base[0][1]),
+        (np.ones(200), np.r_[np.zeros(60), np.ones(140)]),
+        (np.r_[np.zeros(60), np.ones(140)], np.ones(200)),
+    ]
     low_same, high_same = paired_interval(base)
     low_apart, high_apart = paired_interval(apart)
     assert (low_same, high_same) == (0.0, 0.0)

@@ -305,8 +305,7 @@ def mismatches(parts: list[torchattacks.attack.Attack], version: str) -> list[st
         return [f"components {[g['name'] for g in got]}"]
     pairs = zip(AUTHORS[version], got)
     return [
-        f"{w['name']}.{k}: {g.get(k)!r} != {v!r}" for w, g in pairs
-         for k, v in w.items() if g.get(k) != v
+        f"{w['name']}.{k}: {g.get(k)!r} != {v!r}" for w, g in pairs for k, v in w.items() if g.get(k) != v
     ]
 
 

@@ -20,7 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qshield_dist.results import ATTACK_VERSION, SCHEMA_VERSION, STAGE_VERSIONS, read_manifest, rows_to_table, trial_path, write_manifest, write_rows
+from qshield_dist.results import (
+    ATTACK_VERSION,
+    SCHEMA_VERSION,
+    STAGE_VERSIONS,
+    read_manifest,
+    rows_to_table,
+    trial_path,
+    write_manifest,
+    write_rows,
+)
 from qshield_dist.summary.cli import default_out, main
 from qshield_dist.summary.render import tex_escape
 from qshield_dist.summary.report import Options, Summary, summarize
@@ -31,28 +40,88 @@ EPS = 32 / 255
 FGSM = json.dumps({"eps": EPS}, sort_keys=True)
 PGD = json.dumps({"alpha": 2 / 255, "eps": EPS, "random_start": True, "steps": 10}, sort_keys=True)
 HYBRID = {
-    "backbone": "cnn", "entanglement": "full", "depth": 1, "encoding": "enhanced_angle", "noise_model": "mixed", "noise_strength": 0.005,
-    "fusion": "dynamic", "quantum_grad": "full", "projection": "learned", "init": "from_baseline", "simulator": "compiled",
-    "device": "default.mixed", "trajectories": 0, "qubits": 4,
+    "backbone": "cnn",
+    "entanglement": "full",
+    "depth": 1,
+    "encoding": "enhanced_angle",
+    "noise_model": "mixed",
+    "noise_strength": 0.005,
+    "fusion": "dynamic",
+    "quantum_grad": "full",
+    "projection": "learned",
+    "init": "from_baseline",
+    "simulator": "compiled",
+    "device": "default.mixed",
+    "trajectories": 0,
+    "qubits": 4,
 }
 
 
-def _train(dataset: str, model: str, seed: int, clean: float, seconds: float, sweep: str = "t", **cols: Any) -> dict[str, Any]:
-    return {"sweep": sweep, "stage": "train", "status": "ok", "trial_id": f"T{dataset}{model}{cols.get('entanglement', '')}{seed}", "dataset": dataset,
-            "model": model, "variant": model, "seed": seed, "clean_acc": clean, "train_seconds": seconds, "train_steps": 100, **cols}
+def _train(
+    dataset: str, model: str, seed: int, clean: float, seconds: float, sweep: str = "t", **cols: Any
+) -> dict[str, Any]:
+    return {
+        "sweep": sweep,
+        "stage": "train",
+        "status": "ok",
+        "trial_id": f"T{dataset}{model}{cols.get('entanglement', '')}{seed}",
+        "dataset": dataset,
+        "model": model,
+        "variant": model,
+        "seed": seed,
+        "clean_acc": clean,
+        "train_seconds": seconds,
+        "train_steps": 100,
+        **cols,
+    }
 
 
-def _attack(dataset: str, model: str, attack: str, seed: int, n: int, succ: int, seconds: float, fwd: int, bwd: int,
-            params: str = FGSM, sweep: str = "t", **cols: Any) -> dict[str, Any]:
+def _attack(
+    dataset: str,
+    model: str,
+    attack: str,
+    seed: int,
+    n: int,
+    succ: int,
+    seconds: float,
+    fwd: int,
+    bwd: int,
+    params: str = FGSM,
+    sweep: str = "t",
+    **cols: Any,
+) -> dict[str, Any]:
     asr = succ / n if n else float("nan")
     return {
-        "sweep": sweep, "stage": "attack", "status": "ok",
+        "sweep": sweep,
+        "stage": "attack",
+        "status": "ok",
         "trial_id": f"A{dataset}{model}{cols.get('entanglement', '')}{cols.get('control') or ''}{attack}{seed}",
-        "train_id": f"T{dataset}{model}{seed}", "dataset": dataset, "model": model, "variant": model, "seed": seed, "attack": attack,
-        "attack_preset": "paper", "attack_params": params, "threat_model": "linf", "eps": EPS, "eval_repeats": 1,
-        "success_rule": "misclassified (deterministic model, 1 evaluation)", "stochastic": False, "clean_acc": 0.9, "n_attacked": n,
-        "n_success": succ, "asr": asr, "asr_worst": asr, "robust_acc": 0.9 * (1 - asr), "attack_seconds": seconds,
-        "forward_calls": fwd, "backward_calls": bwd, "forward_samples": fwd * 50, "backward_samples": bwd * 50, "budget_ok": True, **cols,
+        "train_id": f"T{dataset}{model}{seed}",
+        "dataset": dataset,
+        "model": model,
+        "variant": model,
+        "seed": seed,
+        "attack": attack,
+        "attack_preset": "paper",
+        "attack_params": params,
+        "threat_model": "linf",
+        "eps": EPS,
+        "eval_repeats": 1,
+        "success_rule": "misclassified (deterministic model, 1 evaluation)",
+        "stochastic": False,
+        "clean_acc": 0.9,
+        "n_attacked": n,
+        "n_success": succ,
+        "asr": asr,
+        "asr_worst": asr,
+        "robust_acc": 0.9 * (1 - asr),
+        "attack_seconds": seconds,
+        "forward_calls": fwd,
+        "backward_calls": bwd,
+        "forward_samples": fwd * 50,
+        "backward_samples": bwd * 50,
+        "budget_ok": True,
+        **cols,
     }
 
 
@@ -65,32 +134,88 @@ def build_results(root: Path) -> None:
     """mnist: cnn baseline, hqcnn-full, its backbone-only control; digits: cnn_small and a
     hybrid with a thin seed, a NaN row and a failed trial; a diagnostic; a manifest."""
     rows = [
-        _train("mnist", "cnn", 0, 0.99, 10.0), _train("mnist", "cnn", 1, 0.97, 30.0),
-        _train("mnist", "hqcnn", 0, 0.95, 100.0, **HYBRID), _train("mnist", "hqcnn", 1, 0.97, 300.0, **HYBRID),
+        _train("mnist", "cnn", 0, 0.99, 10.0),
+        _train("mnist", "cnn", 1, 0.97, 30.0),
+        _train("mnist", "hqcnn", 0, 0.95, 100.0, **HYBRID),
+        _train("mnist", "hqcnn", 1, 0.97, 300.0, **HYBRID),
         # cnn: fgsm ASR 0.5, 0.7; 4 s over 200 samples; 40 calls
-        _attack("mnist", "cnn", "fgsm", 0, 100, 50, 1.0, 10, 10), _attack("mnist", "cnn", "fgsm", 1, 100, 70, 3.0, 10, 10),
-        _attack("mnist", "cnn", "pgd", 0, 100, 80, 2.0, 10, 10, PGD), _attack("mnist", "cnn", "pgd", 1, 100, 80, 2.0, 10, 10, PGD),
+        _attack("mnist", "cnn", "fgsm", 0, 100, 50, 1.0, 10, 10),
+        _attack("mnist", "cnn", "fgsm", 1, 100, 70, 3.0, 10, 10),
+        _attack("mnist", "cnn", "pgd", 0, 100, 80, 2.0, 10, 10, PGD),
+        _attack("mnist", "cnn", "pgd", 1, 100, 80, 2.0, 10, 10, PGD),
         # hybrid: fgsm ASR 0.3, 0.4; 400 s over 200 samples; 80 calls
-        _attack("mnist", "hqcnn", "fgsm", 0, 100, 30, 100.0, 20, 20, **HYBRID), _attack("mnist", "hqcnn", "fgsm", 1, 100, 40, 300.0, 20, 20, **HYBRID),
-        _attack("mnist", "hqcnn", "pgd", 0, 100, 90, 100.0, 20, 20, PGD, **HYBRID), _attack("mnist", "hqcnn", "pgd", 1, 100, 90, 100.0, 20, 20, PGD, **HYBRID),
-        _attack("mnist", "hqcnn", "bpda_pgd", 0, 100, 95, 100.0, 20, 20, PGD, **HYBRID), _attack("mnist", "hqcnn", "bpda_pgd", 1, 100, 95, 100.0, 20, 20, PGD, **HYBRID),
+        _attack("mnist", "hqcnn", "fgsm", 0, 100, 30, 100.0, 20, 20, **HYBRID),
+        _attack("mnist", "hqcnn", "fgsm", 1, 100, 40, 300.0, 20, 20, **HYBRID),
+        _attack("mnist", "hqcnn", "pgd", 0, 100, 90, 100.0, 20, 20, PGD, **HYBRID),
+        _attack("mnist", "hqcnn", "pgd", 1, 100, 90, 100.0, 20, 20, PGD, **HYBRID),
+        _attack("mnist", "hqcnn", "bpda_pgd", 0, 100, 95, 100.0, 20, 20, PGD, **HYBRID),
+        _attack("mnist", "hqcnn", "bpda_pgd", 1, 100, 95, 100.0, 20, 20, PGD, **HYBRID),
         # the hybrid's own backbone, quantum branch removed: fgsm ASR 0.55
         _attack("mnist", "hqcnn", "fgsm", 0, 100, 55, 1.0, 10, 10, control="backbone_only", **HYBRID),
         _attack("mnist", "hqcnn", "fgsm", 1, 100, 55, 1.0, 10, 10, control="backbone_only", **HYBRID),
         _train("digits", "cnn_small", 0, 0.9, 5.0),
         _attack("digits", "cnn_small", "fgsm", 0, 50, 25, 1.0, 5, 5),
-        _train("digits", "hqcnn", 0, 0.8, 50.0, **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"}),
-        _attack("digits", "hqcnn", "fgsm", 0, 10, 2, 10.0, 5, 5, **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"}),  # thin seed
-        {**_attack("digits", "hqcnn", "pgd", 0, 0, 0, 1.0, 5, 5, PGD, **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"})},  # NaN ASR
+        _train(
+            "digits", "hqcnn", 0, 0.8, 50.0, **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"}
+        ),
+        _attack(
+            "digits",
+            "hqcnn",
+            "fgsm",
+            0,
+            10,
+            2,
+            10.0,
+            5,
+            5,
+            **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"},
+        ),  # thin seed
+        {
+            **_attack(
+                "digits",
+                "hqcnn",
+                "pgd",
+                0,
+                0,
+                0,
+                1.0,
+                5,
+                5,
+                PGD,
+                **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"},
+            )
+        },  # NaN ASR
     ]
     for row in rows:
         _write(root, row)
-    diag = {"sweep": "t", "stage": "diagnostic", "status": "ok", "trial_id": "Dmnist0", "dataset": "mnist", "model": "hqcnn", "seed": 0,
-            "diagnostic": "grad_norm_ratio", "diagnostic_value": 0.5, "diagnostic_pass": False, "details": '{"why": "test"}', **HYBRID}
+    diag = {
+        "sweep": "t",
+        "stage": "diagnostic",
+        "status": "ok",
+        "trial_id": "Dmnist0",
+        "dataset": "mnist",
+        "model": "hqcnn",
+        "seed": 0,
+        "diagnostic": "grad_norm_ratio",
+        "diagnostic_value": 0.5,
+        "diagnostic_pass": False,
+        "details": '{"why": "test"}',
+        **HYBRID,
+    }
     _write(root, diag)
-    failed = {"sweep": "t", "stage": "attack", "status": "failed", "trial_id": "Afail", "dataset": "digits", "model": "hqcnn", "variant": "hqcnn",
-              "seed": 0, "attack": "square", "error": "RuntimeError: simulator exploded\nTraceback (most recent call last): ...",
-              **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"}}
+    failed = {
+        "sweep": "t",
+        "stage": "attack",
+        "status": "failed",
+        "trial_id": "Afail",
+        "dataset": "digits",
+        "model": "hqcnn",
+        "variant": "hqcnn",
+        "seed": 0,
+        "attack": "square",
+        "error": "RuntimeError: simulator exploded\nTraceback (most recent call last): ...",
+        **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"},
+    }
     _write(root, failed, failed=True)
     expected = [r["trial_id"] for r in rows] + ["Dmnist0", "Afail", "Anever"]
     write_manifest(root, {"sweep": "t"}, {t: {"stage": "attack", "dataset": "digits"} for t in expected})
@@ -105,10 +230,15 @@ def summary(tmp_path_factory: pytest.TempPathFactory) -> Summary:
 
 def _cell(s: Summary, dataset: str, model: str, attack: str) -> dict[str, Any]:
     rob = s.tables.robustness.filter(
-        (pl.col("dataset") == dataset) & (pl.col("model") == model) & pl.col("control").is_null() & (pl.col("attack_label") == attack)
+        (pl.col("dataset") == dataset)
+        & (pl.col("model") == model)
+        & pl.col("control").is_null()
+        & (pl.col("attack_label") == attack)
     )
     assert rob.height == 1, rob
-    return s.tables.cost.filter(pl.col("vkey") == rob["vkey"][0], pl.col("attack_label") == attack).row(0, named=True)
+    return s.tables.cost.filter(pl.col("vkey") == rob["vkey"][0], pl.col("attack_label") == attack).row(
+        0, named=True
+    )
 
 
 def test_robustness_means_and_sample_std(summary: Summary) -> None:
@@ -126,7 +256,9 @@ def test_robustness_means_and_sample_std(summary: Summary) -> None:
     assert single["asr_std"] is None  # one seed: no sample std
     clean = summary.tables.clean.join(summary.tables.variants.select("vkey", "dataset", "model"), on="vkey")
     c = clean.filter((pl.col("dataset") == "mnist") & (pl.col("model") == "cnn")).row(0, named=True)
-    assert c["clean_mean"] == pytest.approx(0.98, **EXACT) and c["clean_std"] == pytest.approx(math.sqrt(0.0002), **EXACT)
+    assert c["clean_mean"] == pytest.approx(0.98, **EXACT) and c["clean_std"] == pytest.approx(
+        math.sqrt(0.0002), **EXACT
+    )
     clean = summary.tables.clean.join(summary.tables.variants.select("vkey", "control"), on="vkey")
     ctrl = clean.filter(pl.col("control") == "backbone_only").row(0, named=True)
     assert ctrl["clean_source"] == "attack rows" and ctrl["clean_mean"] == pytest.approx(0.9, **EXACT)
@@ -166,20 +298,38 @@ def test_controls_attribute_the_gain(summary: Summary) -> None:
 
 def test_paper_comparison(summary: Summary) -> None:
     p = summary.paper
+
     def row(model: str, metric: str, attack: str) -> dict[str, Any]:
-        return p.filter((pl.col("dataset") == "mnist") & (pl.col("paper_model") == model) & (pl.col("metric") == metric) & (pl.col("attack") == attack)).row(0, named=True)
+        return p.filter(
+            (pl.col("dataset") == "mnist")
+            & (pl.col("paper_model") == model)
+            & (pl.col("metric") == metric)
+            & (pl.col("attack") == attack)
+        ).row(0, named=True)
+
     acc = row("HQCNN-full", "accuracy", "")
-    assert acc["paper"] == pytest.approx(0.9906, **EXACT) and acc["diff"] == pytest.approx(0.96 - 0.9906, **EXACT)
+    assert acc["paper"] == pytest.approx(0.9906, **EXACT) and acc["diff"] == pytest.approx(
+        0.96 - 0.9906, **EXACT
+    )
     assert "backbone" not in acc["notes"] and "projection=learned" in acc["notes"]
     fgsm = row("CNN", "asr", "fgsm")
-    assert fgsm["paper"] == pytest.approx(0.4729, **EXACT) and fgsm["diff"] == pytest.approx(0.6 - 0.4729, **EXACT)
+    assert fgsm["paper"] == pytest.approx(0.4729, **EXACT) and fgsm["diff"] == pytest.approx(
+        0.6 - 0.4729, **EXACT
+    )
     assert fgsm["match"] == "exact"
     t = row("HQCNN-full", "attack_time_ratio_vs_cnn", "fgsm")
-    assert t["paper"] == pytest.approx(214.59 / 3.22, **EXACT) and t["diff"] == pytest.approx(100 - 214.59 / 3.22, **EXACT)
+    assert t["paper"] == pytest.approx(214.59 / 3.22, **EXACT) and t["diff"] == pytest.approx(
+        100 - 214.59 / 3.22, **EXACT
+    )
     tr = row("HQCNN-full", "train_time_ratio_vs_cnn", "")
-    assert tr["measured"] == pytest.approx(200 / 20, **EXACT) and tr["paper"] == pytest.approx(13049.79 / 194.95, **EXACT)
+    assert tr["measured"] == pytest.approx(200 / 20, **EXACT) and tr["paper"] == pytest.approx(
+        13049.79 / 194.95, **EXACT
+    )
     assert row("HQCNN-full", "asr", "bpda_pgd")["match"].startswith("no counterpart")
-    assert p.filter((pl.col("dataset") == "digits") & pl.col("match").str.contains("not in the paper")).height > 0
+    assert (
+        p.filter((pl.col("dataset") == "digits") & pl.col("match").str.contains("not in the paper")).height
+        > 0
+    )
     assert row("DNN", "asr", "square")["match"] == "not measured here"
 
 
@@ -203,7 +353,9 @@ def test_outputs_written(summary: Summary) -> None:
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<details>" in html
     rob = pl.read_csv(out / "robustness.csv")
-    assert rob.filter((pl.col("model") == "cnn") & (pl.col("attack_label") == "fgsm"))["asr_mean"][0] == pytest.approx(0.6, **EXACT)
+    assert rob.filter((pl.col("model") == "cnn") & (pl.col("attack_label") == "fgsm"))["asr_mean"][
+        0
+    ] == pytest.approx(0.6, **EXACT)
     names = {f.name for f in summary.figures}
     assert {"asr_mnist", "attack_time_mnist", "clean_vs_robust_mnist"} <= names
     assert (out / "plots" / "asr_mnist.png").stat().st_size > 1000
@@ -223,7 +375,12 @@ def test_pivot_and_tex_escape(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ bad input -> exit 2
 def test_missing_dir_subprocess(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "analysis" / "summarize.py"), str(tmp_path / "nope")], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "analysis" / "summarize.py"), str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -240,7 +397,9 @@ def test_empty_dir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert code == 2 and "no result files" in text
 
 
-def test_other_schema_version_is_set_aside_not_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_other_schema_version_is_set_aside_not_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A file of the grid written before a schema change is set aside, counted and named by reason."""
     build_results(tmp_path)
     table = rows_to_table([_train("mnist", "cnn", 5, 0.9, 1.0)])
@@ -251,7 +410,10 @@ def test_other_schema_version_is_set_aside_not_an_error(tmp_path: Path, caplog: 
     summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
     assert summary.results.set_aside == {f"schema version 1 (current {SCHEMA_VERSION})": 1}
     assert 5 not in summary.results.train["seed"].to_list()
-    assert "1 result row(s) set aside, not summarized: 1 schema version 1" in (tmp_path / "r" / "report.md").read_text()
+    assert (
+        "1 result row(s) set aside, not summarized: 1 schema version 1"
+        in (tmp_path / "r" / "report.md").read_text()
+    )
 
 
 def test_foreign_schema_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -259,7 +421,9 @@ def test_foreign_schema_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFi
     build_results(tmp_path)
     (tmp_path / "manifest.json").unlink()
     path = trial_path(tmp_path, "attack", "mnist", "Aold")
-    pq.write_table(pa.table({"schema_version": pa.array([0], pa.int32()), "sweep": ["t"], "asr": [0.5]}), path)
+    pq.write_table(
+        pa.table({"schema_version": pa.array([0], pa.int32()), "sweep": ["t"], "asr": [0.5]}), path
+    )
     summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
     assert summary.results.set_aside == {f"schema version 0 (current {SCHEMA_VERSION})": 1}
 
@@ -269,11 +433,16 @@ def test_rows_outside_the_grid_and_of_other_versions_are_set_aside(tmp_path: Pat
     build_results(tmp_path)
     _write(tmp_path, _attack("mnist", "cnn", "fgsm", 7, 100, 1, 1.0, 1, 1))  # not in the manifest
     old = rows_to_table([_attack("mnist", "cnn", "fgsm", 8, 100, 1, 1.0, 1, 1)])
-    old = old.set_column(old.schema.get_field_index("results_version"), "results_version", pa.array([ATTACK_VERSION - 1], pa.int32()))
+    old = old.set_column(
+        old.schema.get_field_index("results_version"),
+        "results_version",
+        pa.array([ATTACK_VERSION - 1], pa.int32()),
+    )
     pq.write_table(old, trial_path(tmp_path, "attack", "mnist", "Aolder"))
     summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
     assert summary.results.set_aside == {
-        "not in this sweep's grid": 1, f"attack version {ATTACK_VERSION - 1} (current {ATTACK_VERSION})": 1,
+        "not in this sweep's grid": 1,
+        f"attack version {ATTACK_VERSION - 1} (current {ATTACK_VERSION})": 1,
     }
     seeds = summary.results.attack.select("seed").collect()["seed"].to_list()
     assert 7 not in seeds and 8 not in seeds

@@ -57,7 +57,9 @@ print("clean")
 
 @pytest.mark.parametrize("path", ["expand", "dry_run", "summary"])
 def test_path_loads_neither_torch_nor_pennylane(path: str, tmp_path: Path) -> None:
-    body = {"expand": EXPAND, "dry_run": DRY_RUN, "summary": SUMMARY}[path].format(results=str(tmp_path / "results"))
+    body = {"expand": EXPAND, "dry_run": DRY_RUN, "summary": SUMMARY}[path].format(
+        results=str(tmp_path / "results")
+    )
     code = body + CHECK.format(heavy=HEAVY)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("clean"), proc.stderr[-3000:]

@@ -7,13 +7,23 @@ import torch
 import yaml
 
 from qshield_dist.attacks import ATTACKS
-
 from qshield_dist.config import load_config, validate
 from qshield_dist.grid import AttackTrial, build_grid
 from qshield_dist.results import scan_done, trial_log_path
 from qshield_dist.trial import RunContext, read_trial, run_trial
 
-METRICS = ["clean_acc", "n_attacked", "n_success", "asr", "robust_acc", "forward_calls", "backward_calls", "linf_max", "l2_mean", "train_steps"]
+METRICS = [
+    "clean_acc",
+    "n_attacked",
+    "n_success",
+    "asr",
+    "robust_acc",
+    "forward_calls",
+    "backward_calls",
+    "linf_max",
+    "l2_mean",
+    "train_steps",
+]
 
 
 def _grid(tmp_path, models, attacks, **extra):
@@ -49,14 +59,18 @@ def test_same_seed_gives_the_same_row(tmp_path):
 def test_models_of_different_clean_accuracy_answer_on_the_same_points(tmp_path):
     """The shared attack set: the same test indices for every model of a dataset and seed; a
     point a model gets wrong clean is not robust and not attacked; ASR stays the paper's."""
-    grid = _grid(tmp_path, [{"model": "cnn_small"}, {"model": "dnn"}], [{"name": "fgsm"}], train={"epochs": 1})
+    grid = _grid(
+        tmp_path, [{"model": "cnn_small"}, {"model": "dnn"}], [{"name": "fgsm"}], train={"epochs": 1}
+    )
     ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
     assert set(_run_all(grid, ctx).values()) == {"ok"}
     rows = {r["model"]: r for t in grid.attack for r in read_trial(ctx, t)}
     small, dnn = rows["cnn_small"], rows["dnn"]
     assert small["clean_acc"] != dnn["clean_acc"]
     assert small["point_correct"] != dnn["point_correct"]  # they get different points right...
-    assert small["point_index"] == dnn["point_index"] and len(small["point_index"]) == 24  # ...on the same points
+    assert (
+        small["point_index"] == dnn["point_index"] and len(small["point_index"]) == 24
+    )  # ...on the same points
     assert len(set(small["point_index"])) == 24 and all(0 <= i < 100 for i in small["point_index"])
     for r in (small, dnn):
         correct, broken = r["point_correct"], r["point_broken"]
@@ -72,14 +86,24 @@ def test_a_failing_trial_is_recorded_and_others_complete(tmp_path):
     # trial fails, and that is a row, not a crash.
     grid = _grid(tmp_path, [{"model": "cnn_small"}], [{"name": "fgsm"}])
     fgsm = grid.attack[0]
-    failing = AttackTrial(fgsm.train, "bpda_pgd", "paper", tuple(sorted(ATTACKS["bpda_pgd"].params("digits").items())), fgsm.eval)
+    failing = AttackTrial(
+        fgsm.train,
+        "bpda_pgd",
+        "paper",
+        tuple(sorted(ATTACKS["bpda_pgd"].params("digits").items())),
+        fgsm.eval,
+    )
     ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
     statuses = {t.trial_id: run_trial(t, ctx) for t in [*grid.train, failing, fgsm]}
     assert statuses == {grid.train[0].trial_id: "ok", failing.trial_id: "failed", fgsm.trial_id: "ok"}
     assert scan_done(ctx.results_dir)[failing.trial_id] == "failed"
     path = next((tmp_path / "results").rglob(f"{failing.trial_id}.failed.parquet"))
     row = pq.read_table(path).to_pylist()[0]
-    assert row["status"] == "failed" and "bpda_pgd applies to hqcnn" in row["error"] and row["attack"] == "bpda_pgd"
+    assert (
+        row["status"] == "failed"
+        and "bpda_pgd applies to hqcnn" in row["error"]
+        and row["attack"] == "bpda_pgd"
+    )
     # every trial has its own log; the failed one holds the traceback, and a rerun appends
     failed_log = trial_log_path(tmp_path / "results", failing.trial_id)
     text = failed_log.read_text()

@@ -17,30 +17,90 @@ from qshield_dist.summary.verdicts import gain_source
 
 EPS = 32 / 255
 HYBRID = {
-    "backbone": "cnn_small", "entanglement": "full", "depth": 1, "encoding": "enhanced_angle", "noise_model": "mixed",
-    "noise_strength": 0.005, "fusion": "dynamic", "quantum_grad": "full", "projection": "paper", "init": "from_baseline",
-    "simulator": "compiled", "device": "default.mixed", "trajectories": 0, "qubits": 4,
+    "backbone": "cnn_small",
+    "entanglement": "full",
+    "depth": 1,
+    "encoding": "enhanced_angle",
+    "noise_model": "mixed",
+    "noise_strength": 0.005,
+    "fusion": "dynamic",
+    "quantum_grad": "full",
+    "projection": "paper",
+    "init": "from_baseline",
+    "simulator": "compiled",
+    "device": "default.mixed",
+    "trajectories": 0,
+    "qubits": 4,
 }
 PAPER = {"fgsm": {"eps": EPS}, "pgd": {"alpha": 2 / 255, "eps": EPS, "random_start": True, "steps": 10}}
-APGD_STANDARD = {"best_loss": True, "eot_iter": 10, "eps": EPS, "loss": "ce", "n_restarts": 1, "rho": 0.75, "seed": 0, "steps": 50}
+APGD_STANDARD = {
+    "best_loss": True,
+    "eot_iter": 10,
+    "eps": EPS,
+    "loss": "ce",
+    "n_restarts": 1,
+    "rho": 0.75,
+    "seed": 0,
+    "steps": 50,
+}
 
 
-def _row(model: str, attack: str, correct: list[int], broken: set[int], *, threat: str = "linf", preset: str = "paper",
-         params: dict[str, Any] | None = None, stochastic: bool = False, evals: list[list[bool]] | None = None,
-         control: str | None = None, seed: int = 0, **cols: Any) -> dict[str, Any]:
+def _row(
+    model: str,
+    attack: str,
+    correct: list[int],
+    broken: set[int],
+    *,
+    threat: str = "linf",
+    preset: str = "paper",
+    params: dict[str, Any] | None = None,
+    stochastic: bool = False,
+    evals: list[list[bool]] | None = None,
+    control: str | None = None,
+    seed: int = 0,
+    **cols: Any,
+) -> dict[str, Any]:
     n = len(correct)
     hit = [bool(correct[i]) and i in broken for i in range(n)]
     n_att, n_succ = sum(correct), sum(hit)
     return {
-        "sweep": "v", "stage": "attack", "status": "ok", "trial_id": f"A{model}{control or ''}{attack}{preset}{seed}",
-        "train_id": f"T{model}{seed}", "dataset": "digits", "model": model, "control": control, "variant": model, "seed": seed,
-        "attack": attack, "attack_preset": preset, "attack_params": json.dumps(params or PAPER.get(attack, {}), sort_keys=True),
-        "threat_model": threat, "eps": EPS if threat == "linf" else None, "eval_repeats": 5 if stochastic else 1,
-        "stochastic": stochastic, "clean_acc": 0.9, "n_points": n, "n_attacked": n_att, "n_success": n_succ,
-        "asr": n_succ / n_att, "asr_worst": n_succ / n_att, "robust_acc": (n_att - n_succ) / n, "attack_seconds": 1.0,
-        "forward_calls": 1, "backward_calls": 1, "forward_samples": n, "backward_samples": n, "budget_ok": True,
-        "point_index": list(range(100, 100 + n)), "point_correct": [bool(c) for c in correct], "point_broken": hit,
-        "point_eval_wrong": evals, "results_version": STAGE_VERSIONS["attack"], "train_version": STAGE_VERSIONS["train"], **cols,
+        "sweep": "v",
+        "stage": "attack",
+        "status": "ok",
+        "trial_id": f"A{model}{control or ''}{attack}{preset}{seed}",
+        "train_id": f"T{model}{seed}",
+        "dataset": "digits",
+        "model": model,
+        "control": control,
+        "variant": model,
+        "seed": seed,
+        "attack": attack,
+        "attack_preset": preset,
+        "attack_params": json.dumps(params or PAPER.get(attack, {}), sort_keys=True),
+        "threat_model": threat,
+        "eps": EPS if threat == "linf" else None,
+        "eval_repeats": 5 if stochastic else 1,
+        "stochastic": stochastic,
+        "clean_acc": 0.9,
+        "n_points": n,
+        "n_attacked": n_att,
+        "n_success": n_succ,
+        "asr": n_succ / n_att,
+        "asr_worst": n_succ / n_att,
+        "robust_acc": (n_att - n_succ) / n,
+        "attack_seconds": 1.0,
+        "forward_calls": 1,
+        "backward_calls": 1,
+        "forward_samples": n,
+        "backward_samples": n,
+        "budget_ok": True,
+        "point_index": list(range(100, 100 + n)),
+        "point_correct": [bool(c) for c in correct],
+        "point_broken": hit,
+        "point_eval_wrong": evals,
+        "results_version": STAGE_VERSIONS["attack"],
+        "train_version": STAGE_VERSIONS["train"],
+        **cols,
     }
 
 
@@ -48,7 +108,9 @@ def _summarize(tmp_path: Path, rows: list[dict[str, Any]]) -> Summary:
     root = tmp_path / "results"
     for row in rows:
         write_rows(trial_path(root, "attack", "digits", row["trial_id"]), [row])
-    write_manifest(root, {"sweep": "v"}, {r["trial_id"]: {"stage": "attack", "dataset": "digits"} for r in rows})
+    write_manifest(
+        root, {"sweep": "v"}, {r["trial_id"]: {"stage": "attack", "dataset": "digits"} for r in rows}
+    )
     return summarize(root, tmp_path / "report", Options(plots=False, formats=("md", "csv"), proxies={}))
 
 
@@ -62,8 +124,12 @@ HYB_CORRECT = [1] * 10
 
 
 def _evals(broken: set[int], minority: set[int]) -> list[list[bool]]:
-    return [[True] * 3 + [False] * 2 if i in broken else ([True] * 2 + [False] * 3 if i in minority else [False] * 5)
-            for i in range(10)]
+    return [
+        [True] * 3 + [False] * 2
+        if i in broken
+        else ([True] * 2 + [False] * 3 if i in minority else [False] * 5)
+        for i in range(10)
+    ]
 
 
 def _base_rows() -> list[dict[str, Any]]:
@@ -78,13 +144,19 @@ def _base_rows() -> list[dict[str, Any]]:
 
 def test_worst_case_per_point_majority_rule_and_threat_models_apart(tmp_path: Path) -> None:
     s = _summarize(tmp_path, _base_rows())
-    worst = {(r["label"], r["attack_label"]): r for r in s.tables.worst_case.join(
-        s.tables.variants.select("vkey", "label"), on="vkey").iter_rows(named=True)}
+    worst = {
+        (r["label"], r["attack_label"]): r
+        for r in s.tables.worst_case.join(s.tables.variants.select("vkey", "label"), on="vkey").iter_rows(
+            named=True
+        )
+    }
     cnn = next(k for k in worst if k[0] == "cnn_small" and k[1] == "worst case")
     hyb = next(k for k in worst if k[0].startswith("hqcnn") and k[1] == "worst case")
     assert worst[cnn]["robust"] == pytest.approx(0.5)  # {4, 5, 6, 7, 8}; C&W's breaks are not counted
     assert worst[hyb]["robust"] == pytest.approx(0.8)  # all but 0 and 4: point 5 survives (minorities only)
-    assert worst[(cnn[0], "fgsm")]["robust"] == pytest.approx(0.6) and worst[(cnn[0], "pgd")]["robust"] == pytest.approx(0.7)
+    assert worst[(cnn[0], "fgsm")]["robust"] == pytest.approx(0.6) and worst[(cnn[0], "pgd")][
+        "robust"
+    ] == pytest.approx(0.7)
     assert worst[cnn]["n_points"] == 10 and worst[cnn]["n_seeds"] == 1
     assert not any(k[1] == "cw" for k in worst)  # L2 is reported beside, never in this table
 
@@ -100,13 +172,19 @@ def test_paired_comparison_and_verdict_by_hand(tmp_path: Path) -> None:
     assert r["low"] <= 0.3 <= r["high"] and r["low"] < 0  # 10 points: the interval includes 0
     assert r["verdict"] == "undecided" and r["provisional"]  # the paper's FGSM and PGD: not full strength
     (v,) = s.tables.verdicts.iter_rows(named=True)
-    assert v["category"] == "undecided" and "provisional" in v["verdict"] and "points per seed would resolve it" in v["verdict"]
+    assert (
+        v["category"] == "undecided"
+        and "provisional" in v["verdict"]
+        and "points per seed would resolve it" in v["verdict"]
+    )
     assert "more robust" not in v["verdict"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "[95% CI" in report and "10 points x 1 seed(s)" in report
 
 
-def _many(n: int, robust_a: int, robust_b: int, overlap: int) -> tuple[list[int], set[int], list[int], set[int]]:
+def _many(
+    n: int, robust_a: int, robust_b: int, overlap: int
+) -> tuple[list[int], set[int], list[int], set[int]]:
     """n points all correct; A robust on its first robust_a, B on its last robust_b (overlap shared)."""
     a_ok = set(range(robust_a))
     b_ok = set(range(robust_a - overlap, robust_a - overlap + robust_b))
@@ -140,11 +218,17 @@ def test_controls_gain_source_from_intervals(tmp_path: Path) -> None:
     rows = [
         _row("cnn_small", "fgsm", cb, bb),
         _row("hqcnn", "fgsm", ca, ba, **HYBRID),
-        _row("hqcnn", "fgsm", cb, bb, control="backbone_only", **HYBRID),  # the backbone alone: the CNN's robustness
+        _row(
+            "hqcnn", "fgsm", cb, bb, control="backbone_only", **HYBRID
+        ),  # the backbone alone: the CNN's robustness
     ]
     s = _summarize(tmp_path, rows)
     kinds = {r["kind"]: r["verdict"] for r in s.tables.paired.iter_rows(named=True)}
-    assert kinds == {"vs CNN": "more robust", "vs backbone alone": "more robust", "backbone alone vs CNN": "equal"}
+    assert kinds == {
+        "vs CNN": "more robust",
+        "vs backbone alone": "more robust",
+        "backbone alone vs CNN": "equal",
+    }
     assert "gain mainly from **quantum branch**" in (tmp_path / "report" / "report.md").read_text()
 
 
@@ -165,5 +249,7 @@ def _part(verdict: str, high: float) -> dict[str, Any]:
         (None, None, "no backbone-alone run"),
     ],
 )
-def test_gain_source_rule(quantum: dict[str, Any] | None, backbone: dict[str, Any] | None, expected: str) -> None:
+def test_gain_source_rule(
+    quantum: dict[str, Any] | None, backbone: dict[str, Any] | None, expected: str
+) -> None:
     assert gain_source(quantum, backbone, margin=0.02) == expected

@@ -30,7 +30,9 @@ def tiny(tmp_path: Path) -> Path:
 
 
 def _run(sweep: Path, tmp_path: Path, *extra: str) -> int:
-    return launch.main([str(sweep), "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt"), *extra])
+    return launch.main(
+        [str(sweep), "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt"), *extra]
+    )
 
 
 def _ids(results: Path, stage: str) -> set[str]:
@@ -41,7 +43,9 @@ def _checkpoint_times(ckpt: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in ckpt.glob("*.pt")}
 
 
-def test_attack_version_bump_reruns_attacks_only_train_bump_reruns_both(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attack_version_bump_reruns_attacks_only_train_bump_reruns_both(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     results, ckpt = tmp_path / "results", tmp_path / "ckpt"
     assert _run(tiny, tmp_path) == 0
     train0, attack0, ckpt0 = _ids(results, "train"), _ids(results, "attack"), _checkpoint_times(ckpt)
@@ -59,13 +63,17 @@ def test_attack_version_bump_reruns_attacks_only_train_bump_reruns_both(tiny: Pa
     old = STAGE_VERSIONS["attack"] - 1
     assert summary.results.set_aside == {f"attack version {old} (current {old + 1})": 6}
     used = set(summary.results.attack.select("trial_id").collect()["trial_id"])
-    skipped = set(summary.results.skipped.filter(pl.col("stage") == "attack")["trial_id"])  # e.g. nothing attacked
+    skipped = set(
+        summary.results.skipped.filter(pl.col("stage") == "attack")["trial_id"]
+    )  # e.g. nothing attacked
     assert used | skipped == attack1 - attack0
 
     monkeypatch.setitem(STAGE_VERSIONS, "train", STAGE_VERSIONS["train"] + 1)
     assert _run(tiny, tmp_path) == 0
     assert len(_ids(results, "train") - train1) == 3 and len(_ids(results, "attack") - attack1) == 6
-    assert len(_checkpoint_times(ckpt)) == 6, "new train ids train new checkpoints; the old ones are left alone"
+    assert len(_checkpoint_times(ckpt)) == 6, (
+        "new train ids train new checkpoints; the old ones are left alone"
+    )
 
     # --prune moves every file of the older versions aside, lists them, deletes nothing.
     before = {p.name for p in results.rglob("*.parquet")}
@@ -79,13 +87,20 @@ def test_attack_version_bump_reruns_attacks_only_train_bump_reruns_both(tiny: Pa
     assert len(listing) == 1 + len(moved)
     reasons = [line.split("\t")[1] for line in listing[1:]]
     old_train = STAGE_VERSIONS["train"] - 1
-    assert sorted(set(reasons)) == [f"attack version {old} (current {old + 1})", f"built on a model of train version {old_train} (current {old_train + 1})",
-                                    f"train version {old_train} (current {old_train + 1})"]
+    assert sorted(set(reasons)) == [
+        f"attack version {old} (current {old + 1})",
+        f"built on a model of train version {old_train} (current {old_train + 1})",
+        f"train version {old_train} (current {old_train + 1})",
+    ]
     assert (reasons.count(f"train version {old_train} (current {old_train + 1})"), len(reasons)) == (3, 15)
-    assert _run(tiny, tmp_path, "--prune") == 0 and len(list(tmp_path.glob("results.pruned-*"))) == 1  # nothing left to move
+    assert (
+        _run(tiny, tmp_path, "--prune") == 0 and len(list(tmp_path.glob("results.pruned-*"))) == 1
+    )  # nothing left to move
 
 
-def test_missing_trials_table_has_stage_and_dataset_from_the_launchers_manifest(tiny: Path, tmp_path: Path) -> None:
+def test_missing_trials_table_has_stage_and_dataset_from_the_launchers_manifest(
+    tiny: Path, tmp_path: Path
+) -> None:
     results = tmp_path / "results"
     assert _run(tiny, tmp_path) == 0
     _, trials = read_manifest(results)
@@ -93,4 +108,6 @@ def test_missing_trials_table_has_stage_and_dataset_from_the_launchers_manifest(
     removed = next(p for s, _, _, p in result_files(results) if s == "attack")
     removed.unlink()
     missing = summarize(results, tmp_path / "report", Options(plots=False, proxies={})).tables.missing
-    assert missing.to_dicts() == [{"trial_id": removed.name.removesuffix(".parquet"), "stage": "attack", "dataset": "digits"}]
+    assert missing.to_dicts() == [
+        {"trial_id": removed.name.removesuffix(".parquet"), "stage": "attack", "dataset": "digits"}
+    ]

@@ -25,9 +25,9 @@ import torch.nn as nn
 import torchattacks
 from torchattacks.attack import Attack
 
-from qshield_dist.vocabulary import AUTOATTACK_VERSIONS
 from qshield_dist.attacks.base import describe
 from qshield_dist.attacks.stochastic import StochasticAPGD, StochasticMultiAttack, StochasticSquare
+from qshield_dist.vocabulary import AUTOATTACK_VERSIONS
 
 VERSIONS = AUTOATTACK_VERSIONS
 AUTHORS_STEPS = 100
@@ -79,8 +79,15 @@ def components(
     apgd_t.n_target_classes = fab_t.n_target_classes = targets  # torchattacks: n_classes - 1
     queries = FAST_QUERIES if fast else SQUARE_QUERIES
     square = StochasticSquare(
-        model, n_queries=queries, n_restarts=1, p_init=0.8, loss="margin", resc_schedule=False,
-        stochastic=stochastic, repeats=repeats, **common,
+        model,
+        n_queries=queries,
+        n_restarts=1,
+        p_init=0.8,
+        loss="margin",
+        resc_schedule=False,
+        stochastic=stochastic,
+        repeats=repeats,
+        **common,
     )
     return [apgd_ce, apgd_t, fab_t, square]
 

@@ -21,8 +21,15 @@ def _emit(rows: Iterable[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qshield_dist.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="*", default=["all"], choices=["quantum", "scaling", "models", "draws", "dispatch", "summary", "all"])
-    parser.add_argument("--plot", default="benchmarks/qubit_scaling.png", help="where the qubit-scaling plot goes")
+    parser.add_argument(
+        "what",
+        nargs="*",
+        default=["all"],
+        choices=["quantum", "scaling", "models", "draws", "dispatch", "summary", "all"],
+    )
+    parser.add_argument(
+        "--plot", default="benchmarks/qubit_scaling.png", help="where the qubit-scaling plot goes"
+    )
     parser.add_argument("--no-ray", action="store_true", help="dispatch: skip the Ray measurement")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

@@ -45,8 +45,9 @@ def _rows(results: Path) -> list[dict[str, Any]]:
     return df.filter((pl.col("attack") == "autoattack") & pl.col("control").is_null()).to_dicts()
 
 
-def crosscheck(row: dict[str, Any], checkpoints: Path, data_root: str, spec: dict[str, Any], points: int,
-               seed: int) -> dict[str, Any]:
+def crosscheck(
+    row: dict[str, Any], checkpoints: Path, data_root: str, spec: dict[str, Any], points: int, seed: int
+) -> dict[str, Any]:
     from autoattack import AutoAttack  # the authors' package, from --autoattack
 
     info = DATASETS[row["dataset"]]
@@ -62,7 +63,9 @@ def crosscheck(row: dict[str, Any], checkpoints: Path, data_root: str, spec: dic
     config = json.loads(row.get("attack_config") or "{}")
     version = config.get("version") or ("rand" if row["stochastic"] else "standard")
     seed_everything(seed)
-    adversary = AutoAttack(model, norm="Linf", eps=row["eps"], version=version, device="cpu", seed=seed, verbose=False)
+    adversary = AutoAttack(
+        model, norm="Linf", eps=row["eps"], version=version, device="cpu", seed=seed, verbose=False
+    )
     adv = adversary.run_standard_evaluation(x, y, bs=len(y))
     repeats = int(row["eval_repeats"] or 1)
     seed_everything(seed)
@@ -73,9 +76,15 @@ def crosscheck(row: dict[str, Any], checkpoints: Path, data_root: str, spec: dic
     p1, p2 = sum(project) / n, sum(authors) / n
     se = math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n) or 1 / n
     return {
-        "bench": "autoattack_crosscheck", "variant": row["variant"], "seed": row["seed"], "version": version,
-        "points": n, "broken_project": sum(project), "broken_authors": sum(authors),
-        "difference_in_se": round((p1 - p2) / se, 3), "within_2_se": abs(p1 - p2) <= 2 * se,
+        "bench": "autoattack_crosscheck",
+        "variant": row["variant"],
+        "seed": row["seed"],
+        "version": version,
+        "points": n,
+        "broken_project": sum(project),
+        "broken_authors": sum(authors),
+        "difference_in_se": round((p1 - p2) / se, 3),
+        "within_2_se": abs(p1 - p2) <= 2 * se,
         "agree": sum(a == b for a, b in zip(project, authors)),
         "project_only": sum(a and not b for a, b in zip(project, authors)),
         "authors_only": sum(b and not a for a, b in zip(project, authors)),
@@ -84,7 +93,9 @@ def crosscheck(row: dict[str, Any], checkpoints: Path, data_root: str, spec: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qshield_dist.bench.crosscheck", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m qshield_dist.bench.crosscheck", description=__doc__.splitlines()[0]
+    )
     p.add_argument("results")
     p.add_argument("--checkpoints", required=True)
     p.add_argument("--autoattack", required=True, help="a checkout of fra31/auto-attack")
@@ -99,7 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     meta, _ = read_manifest(results)
     spec = meta["spec"]
     for row in _rows(results):
-        out = crosscheck(row, Path(args.checkpoints), args.data_root or spec["data"]["data_root"], spec, args.points, args.seed)
+        out = crosscheck(
+            row,
+            Path(args.checkpoints),
+            args.data_root or spec["data"]["data_root"],
+            spec,
+            args.points,
+            args.seed,
+        )
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()
     return 0

@@ -51,8 +51,14 @@ def local_dispatch(n_jobs: int = 2000, workers: int = 2) -> dict[str, Any]:
     result = ex.run(_jobs(n_jobs, _noop))
     wall = time.perf_counter() - start
     assert set(result.values()) == {"ok"}
-    return {"bench": "local_dispatch", "jobs": n_jobs, "workers": workers, "seconds": round(wall, 3),
-            "trials_per_s": round(n_jobs / wall, 1), "note": "includes starting the worker pool"}
+    return {
+        "bench": "local_dispatch",
+        "jobs": n_jobs,
+        "workers": workers,
+        "seconds": round(wall, 3),
+        "trials_per_s": round(n_jobs / wall, 1),
+        "note": "includes starting the worker pool",
+    }
 
 
 def ray_dispatch(n_jobs: int = 2000, cpus: int = 2) -> dict[str, Any]:
@@ -80,10 +86,15 @@ def ray_dispatch(n_jobs: int = 2000, cpus: int = 2) -> dict[str, Any]:
             if ray.is_initialized():
                 ray.shutdown()
             head.stop()
-    return {"bench": "ray_dispatch", "jobs": n_jobs, "cluster_cpus": cpus,
-            "cluster_start_s": round(startup, 2),
-            "seconds": round(wall, 3), "trials_per_s": round(n_jobs / wall, 1),
-            "note": "cluster start not counted; 1 CPU per job"}
+    return {
+        "bench": "ray_dispatch",
+        "jobs": n_jobs,
+        "cluster_cpus": cpus,
+        "cluster_start_s": round(startup, 2),
+        "seconds": round(wall, 3),
+        "trials_per_s": round(n_jobs / wall, 1),
+        "note": "cluster start not counted; 1 CPU per job",
+    }
 
 
 def local_efficiency(n_jobs: int = 8, job_cpu_s: float = 0.5) -> dict[str, Any]:
@@ -97,12 +108,18 @@ def local_efficiency(n_jobs: int = 8, job_cpu_s: float = 0.5) -> dict[str, Any]:
         ex.run(_jobs(n_jobs, fn))
         times[workers] = time.perf_counter() - start
     speedup = times[1] / times[2]
-    return {"bench": "local_efficiency", "jobs": n_jobs, "job_cpu_s": job_cpu_s,
-            "seconds_w1": round(times[1], 3), "seconds_w2": round(times[2], 3),
-            "ideal_seconds_w2": round(n_jobs * job_cpu_s / 2, 3),
-            "speedup": round(speedup, 3), "efficiency": round(speedup / 2, 3),
-            "note": "each run starts its own pool (spawn), counted in both",
-            "cpus_available": len(os.sched_getaffinity(0))}
+    return {
+        "bench": "local_efficiency",
+        "jobs": n_jobs,
+        "job_cpu_s": job_cpu_s,
+        "seconds_w1": round(times[1], 3),
+        "seconds_w2": round(times[2], 3),
+        "ideal_seconds_w2": round(n_jobs * job_cpu_s / 2, 3),
+        "speedup": round(speedup, 3),
+        "efficiency": round(speedup / 2, 3),
+        "note": "each run starts its own pool (spawn), counted in both",
+        "cpus_available": len(os.sched_getaffinity(0)),
+    }
 
 
 def scan_done_time(n_files: int = 100_000, failed_every: int = 20) -> dict[str, Any]:
@@ -125,9 +142,14 @@ def scan_done_time(n_files: int = 100_000, failed_every: int = 20) -> dict[str, 
             done = scan_done(root)
             runs.append(time.perf_counter() - start)
         assert len(done) == n_files
-    return {"bench": "scan_done", "files": n_files, "seconds_best": round(min(runs), 4),
-            "seconds_runs": [round(r, 4) for r in runs], "create_files_s": round(create, 2),
-            "note": "warm page cache (files just created)"}
+    return {
+        "bench": "scan_done",
+        "files": n_files,
+        "seconds_best": round(min(runs), 4),
+        "seconds_runs": [round(r, 4) for r in runs],
+        "create_files_s": round(create, 2),
+        "note": "warm page cache (files just created)",
+    }
 
 
 def run_all(n_jobs: int = 2000, n_files: int = 100_000, ray_bench: bool = True) -> list[dict[str, Any]]:

@@ -19,7 +19,9 @@ from qshield_dist.datasets import DATASETS
 from qshield_dist.models import build_model
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
+def _interleaved_medians(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
     """Median seconds per function, timed in alternating rounds (order flipped every round) so
     that drift on a shared machine (other jobs, clock changes) hits both sides alike; timing one
     model's block after the other's biased the ratio by up to 15% here."""
@@ -60,7 +62,9 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
 def train_step_ratio(backbone: str, batch: int = 128, repeats: int = 7) -> dict[str, Any]:
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     base, hybrid = _pair(backbone)
-    seconds = _interleaved_medians({"backbone": _train_step(base, x, y), "hqcnn": _train_step(hybrid, x, y)}, repeats)
+    seconds = _interleaved_medians(
+        {"backbone": _train_step(base, x, y), "hqcnn": _train_step(hybrid, x, y)}, repeats
+    )
     return {
         "name": f"train_step_ratio[{backbone}]",
         "batch": batch,
@@ -77,7 +81,9 @@ def pgd_ratio(backbone: str = "cnn_small", batch: int = 128, repeats: int = 5) -
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     params = ATTACKS["pgd"].params("mnist")
     out: dict[str, Any] = {"name": f"pgd10_ratio[{backbone}]", "batch": batch, "repeats": repeats}
-    counters = {name: CallCounter(model.eval()) for name, model in zip(("backbone", "hqcnn"), _pair(backbone))}
+    counters = {
+        name: CallCounter(model.eval()) for name, model in zip(("backbone", "hqcnn"), _pair(backbone))
+    }
     attacks = {name: build_attack("pgd", counter, params, 10) for name, counter in counters.items()}
     seconds = _interleaved_medians({name: (lambda a=a: a(x, y)) for name, a in attacks.items()}, repeats)
     for name, counter in counters.items():
@@ -112,9 +118,20 @@ def head_breakdown(batch: int = 128, repeats: int = 50) -> dict[str, Any]:
         },
         repeats,
     )
-    return {"name": "hqcnn_head_breakdown", "batch": batch, "repeats": repeats, "torch_threads": torch.get_num_threads(),
-            **{f"{part}_ms": 1e3 * sec for part, sec in seconds.items()}}
+    return {
+        "name": "hqcnn_head_breakdown",
+        "batch": batch,
+        "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
+        **{f"{part}_ms": 1e3 * sec for part, sec in seconds.items()},
+    }
 
 
 def run() -> list[dict[str, Any]]:
-    return [train_step_ratio("cnn_small", repeats=30), train_step_ratio("cnn", repeats=10), pgd_ratio("cnn_small", repeats=10), pgd_ratio("cnn", repeats=5), head_breakdown()]
+    return [
+        train_step_ratio("cnn_small", repeats=30),
+        train_step_ratio("cnn", repeats=10),
+        pgd_ratio("cnn_small", repeats=10),
+        pgd_ratio("cnn", repeats=5),
+        head_breakdown(),
+    ]

@@ -41,7 +41,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PAPER_SPEC = dict(qubits=4, depth=1, entanglement="full", encoding="enhanced_angle", noise_model="mixed", noise_strength=0.005)
+PAPER_SPEC = dict(
+    qubits=4,
+    depth=1,
+    entanglement="full",
+    encoding="enhanced_angle",
+    noise_model="mixed",
+    noise_strength=0.005,
+)
 TARGETS = {"project_us_per_sample_max": 15.0, "speedup_vs_broadcast_min": 45.0, "speedup_vs_loop_min": 1000.0}
 
 
@@ -105,7 +112,14 @@ def _compare_variants(
     angles32 = _angles(spec.n_angles, batch, seed, torch.float32)  # what the hybrid model feeds
     angles64 = angles32.double()
     reference = QuantumLayer(spec, "qnode", "default.mixed")(angles64).detach()
-    common = dict(name="quantum_layer", batch=batch, qubits=spec.qubits, spec=PAPER_SPEC, device=_device(), versions=_versions())
+    common = dict(
+        name="quantum_layer",
+        batch=batch,
+        qubits=spec.qubits,
+        spec=PAPER_SPEC,
+        device=_device(),
+        versions=_versions(),
+    )
     rows: list[dict[str, Any]] = []
 
     # 1. The authors' way: one QNode call per sample on NumPy angles, forward only.
@@ -119,7 +133,16 @@ def _compare_variants(
 
     sec, times = _median_seconds(loop, loop_repeats)
     err = (torch.stack([torch.as_tensor(p) for p in loop_out]) - reference).abs().max().item()
-    rows.append({**common, "variant": "per_sample_loop", "pass": "forward", "us_per_sample": sec / batch * 1e6, "max_abs_err": err, "repeats": loop_repeats})
+    rows.append(
+        {
+            **common,
+            "variant": "per_sample_loop",
+            "pass": "forward",
+            "us_per_sample": sec / batch * 1e6,
+            "max_abs_err": err,
+            "repeats": loop_repeats,
+        }
+    )
 
     # 2. PennyLane broadcasting over the batch, backprop through default.mixed.
     # 3. This project's compiled layer (transfer matrix at 4 qubits).
@@ -258,8 +281,13 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_delta_bytes": peak - base,
         "memory_method": mem_method,
         "estimate_bytes": estimate_bytes(
-            spec, point["simulator"], point.get("device", "default.mixed"), batch,
-            trajectories=point.get("trajectories", 0), grad=grad, compiled=point.get("compiled", "auto"),
+            spec,
+            point["simulator"],
+            point.get("device", "default.mixed"),
+            batch,
+            trajectories=point.get("trajectories", 0),
+            grad=grad,
+            compiled=point.get("compiled", "auto"),
         ),
         "path": layer.path,
         "noise_approx": layer.noise_approx,
@@ -290,19 +318,49 @@ def scaling_points(
     for n in compiled_qubits:
         b = _compiled_batch(n)
         reps = 5 if n <= 8 else 3
-        points.append(dict(variant="compiled", qubits=n, batch=b, simulator="compiled", noise_model="mixed", grad=True, repeats=reps))
-        points.append(dict(variant="compiled_density", qubits=n, batch=b, simulator="compiled", compiled="density", noise_model="mixed", grad=True, repeats=reps))
+        points.append(
+            dict(
+                variant="compiled",
+                qubits=n,
+                batch=b,
+                simulator="compiled",
+                noise_model="mixed",
+                grad=True,
+                repeats=reps,
+            )
+        )
+        points.append(
+            dict(
+                variant="compiled_density",
+                qubits=n,
+                batch=b,
+                simulator="compiled",
+                compiled="density",
+                noise_model="mixed",
+                grad=True,
+                repeats=reps,
+            )
+        )
     for n in lightning_qubits:
         b = _lightning_batch(n)
         base = dict(qubits=n, batch=b, simulator="qnode", device="lightning.qubit", grad=False, repeats=3)
         points.append(dict(base, variant="lightning_noiseless", noise_model="none"))
-        points.append(dict(base, variant=f"lightning_trajectories_K{trajectories}", noise_model="mixed", trajectories=trajectories))
+        points.append(
+            dict(
+                base,
+                variant=f"lightning_trajectories_K{trajectories}",
+                noise_model="mixed",
+                trajectories=trajectories,
+            )
+        )
     for p in points:
         p["threads"] = threads
     return points
 
 
-def qubit_scaling(points: list[dict[str, Any]] | None = None, timeout_s: float = 300.0) -> list[dict[str, Any]]:
+def qubit_scaling(
+    points: list[dict[str, Any]] | None = None, timeout_s: float = 300.0
+) -> list[dict[str, Any]]:
     """Run each point in its own Python subprocess; a failed or timed-out point becomes a row
     with an `error` field instead of stopping the sweep."""
     rows = []
@@ -313,10 +371,18 @@ def qubit_scaling(points: list[dict[str, Any]] | None = None, timeout_s: float =
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:
-                raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+                raise RuntimeError(
+                    proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+                )
             rows.append(json.loads(lines[-1]))
         except Exception as exc:  # timeout, OOM kill, device missing: record, keep going
-            rows.append({"name": "quantum_scaling", **{k: point[k] for k in ("variant", "qubits", "batch")}, "error": str(exc)[:300]})
+            rows.append(
+                {
+                    "name": "quantum_scaling",
+                    **{k: point[k] for k in ("variant", "qubits", "batch")},
+                    "error": str(exc)[:300],
+                }
+            )
     return rows
 
 
@@ -330,7 +396,9 @@ def plot_scaling(rows: list[dict[str, Any]], path: str) -> str:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     variants = sorted({r["variant"] for r in rows if "error" not in r and r.get("name") == "quantum_scaling"})
     for v in variants:
-        pts = sorted((r for r in rows if r.get("variant") == v and "error" not in r), key=lambda r: r["qubits"])
+        pts = sorted(
+            (r for r in rows if r.get("variant") == v and "error" not in r), key=lambda r: r["qubits"]
+        )
         q = [r["qubits"] for r in pts]
         label = f"{v} ({pts[0]['pass']})"
         ax_t.semilogy(q, [r["us_per_sample"] for r in pts], "o-", label=label)
@@ -340,7 +408,10 @@ def plot_scaling(rows: list[dict[str, Any]], path: str) -> str:
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=7)
-    fig.suptitle("QShield circuit: full entanglement, enhanced_angle, depth 1; batch shrinks with n (see rows)", fontsize=9)
+    fig.suptitle(
+        "QShield circuit: full entanglement, enhanced_angle, depth 1; batch shrinks with n (see rows)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

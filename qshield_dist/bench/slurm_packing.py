@@ -47,15 +47,15 @@ def noop_trial(log_path: str, key: str) -> str:
 
 
 def _dev_cluster(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(DEV_CLUSTER), *args], capture_output=True, text=True, timeout=900,
-                          env=env)
+    proc = subprocess.run([str(DEV_CLUSTER), *args], capture_output=True, text=True, timeout=900, env=env)
     for line in proc.stderr.splitlines():
         log.info("%s", line)
     return proc
 
 
-def measure(trials: int, max_array: int, pack_minutes: float, trial_minutes: float, timeout_min: int,
-            root: Path) -> dict[str, Any]:
+def measure(
+    trials: int, max_array: int, pack_minutes: float, trial_minutes: float, timeout_min: int, root: Path
+) -> dict[str, Any]:
     """Run the trials on the (running) cluster; the figures as a dict."""
     from qshield_dist.executors.slurm import SlurmExecutor, max_array_tasks
 
@@ -66,13 +66,24 @@ def measure(trials: int, max_array: int, pack_minutes: float, trial_minutes: flo
     res = Resources(cpus=1, mem_gb=0.25, timeout_min=timeout_min)
     keys = [f"noop{i:06d}" for i in range(trials)]
     jobs = [Job(k, functools.partial(noop_trial, str(runs), k), (), res) for k in keys]
-    ex = SlurmExecutor(folder=root / "submitit", partition="debug", poll_s=1.0, cpus_per_task=1, mem_gb=0.25,
-                       array_parallelism=max(1, os.cpu_count() or 1) * 4, pack_minutes=pack_minutes,
-                       durations={k: trial_minutes for k in keys})
+    ex = SlurmExecutor(
+        folder=root / "submitit",
+        partition="debug",
+        poll_s=1.0,
+        cpus_per_task=1,
+        mem_gb=0.25,
+        array_parallelism=max(1, os.cpu_count() or 1) * 4,
+        pack_minutes=pack_minutes,
+        durations={k: trial_minutes for k in keys},
+    )
     start = time.perf_counter()
     statuses = ex.run(jobs)
     wall = time.perf_counter() - start
-    ran = collections.Counter(line.split()[0] for line in runs.read_text().splitlines()) if runs.exists() else {}
+    ran = (
+        collections.Counter(line.split()[0] for line in runs.read_text().splitlines())
+        if runs.exists()
+        else {}
+    )
     tasks = sum(len(s.packs) for s in ex.submitted)
     return {
         "bench": "slurm_packing",
@@ -99,8 +110,9 @@ def measure(trials: int, max_array: int, pack_minutes: float, trial_minutes: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qshield_dist.bench.slurm_packing",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m qshield_dist.bench.slurm_packing", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--trials", type=int, default=2500)
     p.add_argument("--max-array", type=int, default=1001, help="the cluster's MaxArraySize")
     p.add_argument("--pack-minutes", type=float, default=30.0)
@@ -130,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0:
                 return 1
             restore = proc.stdout.strip()
-        result = measure(args.trials, args.max_array, args.pack_minutes, args.trial_minutes, args.timeout_min, root)
+        result = measure(
+            args.trials, args.max_array, args.pack_minutes, args.trial_minutes, args.timeout_min, root
+        )
         sys.stdout.write(json.dumps(result) + "\n")
         code = 0 if result["lost"] == result["duplicated"] == result["missing"] == 0 else 1
     finally:

@@ -44,9 +44,22 @@ def _variants() -> pl.DataFrame:
     for ent in ENTANGLEMENTS:
         for depth in DEPTHS:
             for p in NOISE:
-                q = {"backbone": "cnn", "entanglement": ent, "depth": depth, "encoding": "enhanced_angle", "noise_model": "mixed",
-                     "noise_strength": p, "fusion": "dynamic", "quantum_grad": "full", "projection": "learned", "init": "from_baseline",
-                     "simulator": "compiled", "device": "default.mixed", "trajectories": 0, "qubits": 4}
+                q = {
+                    "backbone": "cnn",
+                    "entanglement": ent,
+                    "depth": depth,
+                    "encoding": "enhanced_angle",
+                    "noise_model": "mixed",
+                    "noise_strength": p,
+                    "fusion": "dynamic",
+                    "quantum_grad": "full",
+                    "projection": "learned",
+                    "init": "from_baseline",
+                    "simulator": "compiled",
+                    "device": "default.mixed",
+                    "trajectories": 0,
+                    "qubits": 4,
+                }
                 rows.append({"model": "hqcnn", **q})
                 rows.append({"model": "hqcnn", "control": "backbone_only", **q})
     return pl.DataFrame(rows, infer_schema_length=None).with_row_index("v")
@@ -56,7 +69,10 @@ def _to_arrow(df: pl.DataFrame) -> pa.Table:
     """A frame with a subset of the columns -> a table of exactly SCHEMA (others null)."""
     n = df.height
     table = df.to_arrow()
-    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type) for f in SCHEMA]
+    cols = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+        for f in SCHEMA
+    ]
     return pa.Table.from_arrays(cols, schema=SCHEMA)
 
 
@@ -72,12 +88,16 @@ def _write_chunks(root: Path, stage: str, df: pl.DataFrame, rows_per_file: int, 
     return n_files
 
 
-def write_synthetic(root: Path, n_rows: int = 1_000_000, rows_per_file: int = 1000, seed: int = 0) -> dict[str, Any]:
+def write_synthetic(
+    root: Path, n_rows: int = 1_000_000, rows_per_file: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Write a synthetic sweep of exactly `n_rows` rows under `root`; returns what it wrote."""
     rng = np.random.default_rng(seed)
     variants = _variants()
     attacks = pl.DataFrame({"attack": list(ATTACKS), "a": range(len(ATTACKS))})
-    combos = variants.join(attacks, how="cross").filter((pl.col("attack") != "bpda_pgd") | (pl.col("model") == "hqcnn"))
+    combos = variants.join(attacks, how="cross").filter(
+        (pl.col("attack") != "bpda_pgd") | (pl.col("model") == "hqcnn")
+    )
     combos = pl.concat([combos.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS])
     trained = variants.filter(pl.col("control").is_null())
     hybrids = variants.filter((pl.col("model") == "hqcnn") & pl.col("control").is_null())
@@ -88,9 +108,15 @@ def write_synthetic(root: Path, n_rows: int = 1_000_000, rows_per_file: int = 10
 
     common = {"schema_version": SCHEMA_VERSION, "sweep": "bench", "status": "ok"}
     attack = combos.join(seeds, how="cross")
-    train = pl.concat([trained.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS]).join(seeds, how="cross")
-    diag = pl.concat([hybrids.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS]).join(seeds, how="cross")
-    diag = pl.concat([diag.with_columns(pl.lit(name).alias("diagnostic")) for name in ("grad_norm_ratio", "bpda_gap")])
+    train = pl.concat([trained.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS]).join(
+        seeds, how="cross"
+    )
+    diag = pl.concat([hybrids.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS]).join(
+        seeds, how="cross"
+    )
+    diag = pl.concat(
+        [diag.with_columns(pl.lit(name).alias("diagnostic")) for name in ("grad_norm_ratio", "bpda_gap")]
+    )
     attack = attack.head(n_rows - train.height - diag.height - n_failed)
 
     n = attack.height
@@ -106,11 +132,19 @@ def write_synthetic(root: Path, n_rows: int = 1_000_000, rows_per_file: int = 10
     attack = attack.with_columns(
         pl.lit("attack").alias("stage"),
         (pl.lit("A") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"),
-        (pl.lit("T") + pl.col("dataset") + pl.col("v").cast(pl.String) + "_" + pl.col("seed").cast(pl.String)).alias("train_id"),
+        (
+            pl.lit("T")
+            + pl.col("dataset")
+            + pl.col("v").cast(pl.String)
+            + "_"
+            + pl.col("seed").cast(pl.String)
+        ).alias("train_id"),
         pl.col("model").alias("variant"),
         pl.lit("paper").alias("attack_preset"),
         pl.col("attack").replace_strict(params).alias("attack_params"),
-        pl.col("attack").replace_strict({a: d.threat_model for a, d in ATTACKS.items()}).alias("threat_model"),
+        pl.col("attack")
+        .replace_strict({a: d.threat_model for a, d in ATTACKS.items()})
+        .alias("threat_model"),
         pl.lit(32 / 255).alias("eps"),
         pl.lit(1, pl.Int32).alias("eval_repeats"),
         pl.lit("misclassified (deterministic model, 1 evaluation)").alias("success_rule"),
@@ -131,7 +165,13 @@ def write_synthetic(root: Path, n_rows: int = 1_000_000, rows_per_file: int = 10
     )
     train = train.with_columns(
         pl.lit("train").alias("stage"),
-        (pl.lit("T") + pl.col("dataset") + pl.col("v").cast(pl.String) + "_" + pl.col("seed").cast(pl.String)).alias("trial_id"),
+        (
+            pl.lit("T")
+            + pl.col("dataset")
+            + pl.col("v").cast(pl.String)
+            + "_"
+            + pl.col("seed").cast(pl.String)
+        ).alias("trial_id"),
         pl.col("model").alias("variant"),
         pl.Series("clean_acc", rng.uniform(0.85, 0.99, train.height)),
         pl.lit(256).alias("n_test"),
@@ -152,23 +192,38 @@ def write_synthetic(root: Path, n_rows: int = 1_000_000, rows_per_file: int = 10
     files += _write_chunks(root, "train", train.drop("v"), rows_per_file, "part-")
     files += _write_chunks(root, "diagnostic", diag.drop("v"), rows_per_file, "part-")
     failed = attack.head(n_failed).with_columns(
-        (pl.lit("F") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"), pl.lit("failed").alias("status"),
+        (pl.lit("F") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"),
+        pl.lit("failed").alias("status"),
         pl.lit("RuntimeError: synthetic failure\nTraceback ...").alias("error"),
     )
     for i, row in enumerate(failed.iter_slices(1)):
         folder = root / "stage=attack" / f"dataset={row['dataset'][0]}"
         pq.write_table(_to_arrow(row.drop("v", "a")), folder / f"F{i}.failed.parquet")
     files += n_failed
-    ids = pl.concat([attack.select("trial_id", "stage", "dataset"), train.select("trial_id", "stage", "dataset"), diag.select("trial_id", "stage", "dataset"),
-                     failed.select("trial_id", "stage", "dataset")])
+    ids = pl.concat(
+        [
+            attack.select("trial_id", "stage", "dataset"),
+            train.select("trial_id", "stage", "dataset"),
+            diag.select("trial_id", "stage", "dataset"),
+            failed.select("trial_id", "stage", "dataset"),
+        ]
+    )
     expected = {t: {"stage": s, "dataset": d} for t, s, d in ids.iter_rows()}
     expected.update({f"Amissing{i}": {"stage": "attack", "dataset": "mnist"} for i in range(20)})
     write_manifest(root, {"sweep": "bench"}, expected)
     total = attack.height + train.height + diag.height + n_failed
-    return {"rows": total, "files": files, "rows_per_file": rows_per_file, "seeds": n_seeds, "manifest_trials": len(expected)}
+    return {
+        "rows": total,
+        "files": files,
+        "rows_per_file": rows_per_file,
+        "seeds": n_seeds,
+        "manifest_trials": len(expected),
+    }
 
 
-def bench_summary(n_rows: int = 1_000_000, rows_per_file: int = 1000, plots: bool = True, workdir: str | None = None) -> dict[str, Any]:
+def bench_summary(
+    n_rows: int = 1_000_000, rows_per_file: int = 1000, plots: bool = True, workdir: str | None = None
+) -> dict[str, Any]:
     """Time the summary of a synthetic sweep: tables only, then with plots. JSON-able dict."""
     from qshield_dist.summary.report import Options, summarize
 

@@ -88,8 +88,10 @@ class LocalExecutor(Executor):
         self._started = ctx.SimpleQueue()  # a fresh one: a killed worker may hold the old one's lock
         self._started_keys: set[str] = set()
         return cf.ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=ctx,
-            initializer=_init_worker, initargs=(self.threads, self._started),
+            max_workers=self.workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(self.threads, self._started),
         )
 
     def _drain_started(self) -> set[str]:
@@ -212,8 +214,9 @@ class LocalExecutor(Executor):
         time.sleep(0.05)  # let the dead pool's manager thread finish tearing down
         return self._new_pool()
 
-    def _charge(self, key: str, attempts: dict[str, int], ready: list[str],
-                finish: Callable[[str, str], None]) -> None:
+    def _charge(
+        self, key: str, attempts: dict[str, int], ready: list[str], finish: Callable[[str, str], None]
+    ) -> None:
         attempts[key] += 1
         if attempts[key] <= self.max_retries:
             log.warning("job %s killed its worker (%d time(s)); retrying", key, attempts[key])

@@ -18,7 +18,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from qshield_dist.executors.base import DependencyGraph, Executor, Job, ProgressSink, checked_status, topological_waves
+from qshield_dist.executors.base import (
+    DependencyGraph,
+    Executor,
+    Job,
+    ProgressSink,
+    checked_status,
+    topological_waves,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +38,14 @@ def _run_job(fn: Callable[[], str], *_deps: Any) -> str:
 class RayExecutor(Executor):
     name = "ray"
 
-    def __init__(self, address: str = "auto", max_retries: int = 3, token_file: str | os.PathLike[str] | None = None,
-                 local_cpus: int | None = None, shutdown: bool = False):
+    def __init__(
+        self,
+        address: str = "auto",
+        max_retries: int = 3,
+        token_file: str | os.PathLike[str] | None = None,
+        local_cpus: int | None = None,
+        shutdown: bool = False,
+    ):
         """address: 'auto' (the cluster this node belongs to / RAY_ADDRESS), 'host:port', or
         'local' (start a private loopback cluster for this run, with `local_cpus`).
         shutdown: disconnect from the cluster when run() returns."""
@@ -69,8 +82,7 @@ class RayExecutor(Executor):
 
                 ray_constants.ENABLE_RAY_CLUSTER = False
         log.info("connecting to ray at %s", address)
-        ray.init(address=address, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
     def close(self) -> None:
         import ray
@@ -124,8 +136,9 @@ class RayExecutor(Executor):
 
         pending = list(refs.values())
         while pending:
-            done, pending = ray.wait(pending, num_returns=min(len(pending), 64), timeout=0.5,
-                                     fetch_local=True)
+            done, pending = ray.wait(
+                pending, num_returns=min(len(pending), 64), timeout=0.5, fetch_local=True
+            )
             for ref in done:
                 key = key_of[ref]
                 if key in graph.status:

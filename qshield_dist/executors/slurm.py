@@ -57,15 +57,35 @@ from typing import Any, Callable, Mapping, Sequence
 
 import submitit
 
-from qshield_dist.executors.base import (DependencyGraph, Executor, Job, ProgressSink, checked_status,
-                                         topological_waves)
+from qshield_dist.executors.base import (
+    DependencyGraph,
+    Executor,
+    Job,
+    ProgressSink,
+    checked_status,
+    topological_waves,
+)
 
 log = logging.getLogger(__name__)
 
 # States in which a task may still run (or run again).
-_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING",
-           "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED",
-           "READY", "RESV_DEL_HOLD", "STOPPED"}
+_ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "COMPLETING",
+    "CONFIGURING",
+    "RESIZING",
+    "SUSPENDED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "PREEMPTED",
+    "READY",
+    "RESV_DEL_HOLD",
+    "STOPPED",
+}
 _JOB_NAME = "qshield"
 _MIN_TRIAL_MINUTES = 1 / 60  # a trial costs at least a second (imports, its result file)
 
@@ -159,8 +179,9 @@ def max_array_tasks(config: str | None = None) -> int:
     reports a MaxArraySize changed by `scontrol reconfigure` at once, though slurmctld 22.05
     validates arrays by the old one until it restarts)."""
     if config is None:
-        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
-                                check=True, timeout=60).stdout
+        config = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
     size = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.M)
     limit = int(size.group(1)) if size else 1001  # SLURM's default
     tasks = re.search(r"max_array_tasks=(\d+)", config)
@@ -196,12 +217,20 @@ class Submitted:
 class SlurmExecutor(Executor):
     name = "slurm"
 
-    def __init__(self, folder: str | os.PathLike[str], partition: str | None = None,
-                 time_min: int | None = None, gpus_per_task: float | None = None,
-                 cpus_per_task: int | None = None, mem_gb: float | None = None,
-                 array_parallelism: int = 64, pack_minutes: float = 30.0,
-                 durations: Mapping[str, float] | None = None, max_num_timeout: int = 3,
-                 poll_s: float = 5.0):
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        partition: str | None = None,
+        time_min: int | None = None,
+        gpus_per_task: float | None = None,
+        cpus_per_task: int | None = None,
+        mem_gb: float | None = None,
+        array_parallelism: int = 64,
+        pack_minutes: float = 30.0,
+        durations: Mapping[str, float] | None = None,
+        max_num_timeout: int = 3,
+        poll_s: float = 5.0,
+    ):
         """Parameters left None come from the jobs' Resources (the largest in each array).
         pack_minutes: expected work per array task (0: one trial per task). durations: expected
         minutes per job key (default: its Resources.timeout_min); also settable as an attribute
@@ -237,13 +266,17 @@ class SlurmExecutor(Executor):
         out = []
         for wave in topological_waves(jobs):
             packs = pack_jobs(wave, self.minutes, self.pack_minutes)
-            out.append([(o, packs[o:o + n]) for o, n in split_arrays(len(packs), max_tasks)])
+            out.append([(o, packs[o : o + n]) for o, n in split_arrays(len(packs), max_tasks)])
         return out
 
     # -- submission ---------------------------------------------------------------------
 
-    def sbatch_parameters(self, packs: Sequence[Sequence[Job]] | Sequence[Job],
-                          after: str | Sequence[str] | None = None, parallelism: int | None = None) -> dict[str, Any]:
+    def sbatch_parameters(
+        self,
+        packs: Sequence[Sequence[Job]] | Sequence[Job],
+        after: str | Sequence[str] | None = None,
+        parallelism: int | None = None,
+    ) -> dict[str, Any]:
         """The parameters of one array of `packs` (a flat list of jobs: one pack each), in
         submitit.SlurmExecutor's names (sbatch's, less the dashes): those set here, else the
         largest request among its jobs. `after`: the array id(s) it waits for. Needs no SLURM."""
@@ -274,8 +307,9 @@ class SlurmExecutor(Executor):
             params["gpus_per_task"] = max(1, int(gpus + 0.999))
         return params
 
-    def _submit(self, waves: list[list[tuple[int, list[list[Job]]]]], status_dir: Path,
-                first_wave: int) -> list[list[Submitted]]:
+    def _submit(
+        self, waves: list[list[tuple[int, list[list[Job]]]]], status_dir: Path, first_wave: int
+    ) -> list[list[Submitted]]:
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
         out: list[list[Submitted]] = []
@@ -291,12 +325,23 @@ class SlurmExecutor(Executor):
                 ex.update_parameters(**self.sbatch_parameters(packs, after, share))
                 with ex.batch():
                     handles = [ex.submit(Pack([_Trial(j.key, j.fn, status_dir) for j in p])) for p in packs]
-                sub = Submitted(index, str(handles[0].job_id).split("_")[0], offset,
-                                [[j.key for j in p] for p in packs], list(after),
-                                [_Task(h, [j.key for j in p]) for h, p in zip(handles, packs)])
-                log.info("submitted array %s: wave %d, packs %d-%d (%d trials)%s", sub.array_id, index,
-                         offset, offset + len(packs) - 1, sum(len(p) for p in packs),
-                         f" after {':'.join(after)}" if after else "")
+                sub = Submitted(
+                    index,
+                    str(handles[0].job_id).split("_")[0],
+                    offset,
+                    [[j.key for j in p] for p in packs],
+                    list(after),
+                    [_Task(h, [j.key for j in p]) for h, p in zip(handles, packs)],
+                )
+                log.info(
+                    "submitted array %s: wave %d, packs %d-%d (%d trials)%s",
+                    sub.array_id,
+                    index,
+                    offset,
+                    offset + len(packs) - 1,
+                    sum(len(p) for p in packs),
+                    f" after {':'.join(after)}" if after else "",
+                )
                 self.array_ids.append(sub.array_id)
                 self.submitted.append(sub)
                 mine.append(sub)
@@ -319,8 +364,12 @@ class SlurmExecutor(Executor):
         for path in (self.folder, run_dir):
             os.chmod(path, 0o700)
         names = {_status_name(job.key): job.key for job in jobs}
-        log.info("slurm: %d job(s), packs of ~%g min, at most %d tasks per array", len(jobs),
-                 self.pack_minutes, max_tasks)
+        log.info(
+            "slurm: %d job(s), packs of ~%g min, at most %d tasks per array",
+            len(jobs),
+            self.pack_minutes,
+            max_tasks,
+        )
         remaining = list(jobs)
         wave_no = 0
         while remaining:
@@ -340,17 +389,27 @@ class SlurmExecutor(Executor):
                 break
             # afterok can no longer hold for the later arrays: cancel them and start over with
             # what is left (the graph has already made the dependents of lost jobs lost).
-            later = [a.array_id for arrays in waves[broken_at + 1:] for a in arrays]
+            later = [a.array_id for arrays in waves[broken_at + 1 :] for a in arrays]
             if later:
-                log.warning("a task of array(s) %s failed: cancelling arrays %s and resubmitting",
-                            ", ".join(a.array_id for a in waves[broken_at]), ", ".join(later))
+                log.warning(
+                    "a task of array(s) %s failed: cancelling arrays %s and resubmitting",
+                    ", ".join(a.array_id for a in waves[broken_at]),
+                    ", ".join(later),
+                )
                 subprocess.run(["scancel", *later], check=False)
             wave_no += broken_at + 1
             remaining = [job for job in remaining if job.key not in graph.status]
         return graph.statuses()
 
-    def _poll(self, tasks: list[_Task], arrays: list[Submitted], graph: DependencyGraph,
-              progress: ProgressSink, status_dir: Path, names: dict[str, str]) -> None:
+    def _poll(
+        self,
+        tasks: list[_Task],
+        arrays: list[Submitted],
+        graph: DependencyGraph,
+        progress: ProgressSink,
+        status_dir: Path,
+        names: dict[str, str],
+    ) -> None:
         def finish(key: str, st: str) -> None:
             if key in graph.status:
                 return
@@ -412,8 +471,9 @@ class SlurmExecutor(Executor):
                 task.lag += 1
                 if task.lag >= 2:
                     self._announce(missing, progress)
-                    log.error("task %s ended without finishing %d trial(s): lost", task.handle.job_id,
-                              len(missing))
+                    log.error(
+                        "task %s ended without finishing %d trial(s): lost", task.handle.job_id, len(missing)
+                    )
                     for key in missing:
                         finish(key, "lost")
 
@@ -442,8 +502,9 @@ def _sbatch_mem(gb: float) -> str:
 def _squeue_ids(array_id: str) -> set[str]:
     """Ids of the array's tasks still in the queue, one per task (`-r`), e.g. {'12_3'}."""
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-j", array_id, "-o", "%i"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("squeue failed: %s", exc)
         return {"?"}  # unknown: treat as still queued
@@ -460,7 +521,7 @@ def _in_pending_range(job_id: str, queued: set[str]) -> bool:
     base, _, task = job_id.partition("_")
     for item in queued:
         if item.startswith(f"{base}_[") and task.isdigit():
-            for part in item[len(base) + 2:].rstrip("]").split("%")[0].split(","):
+            for part in item[len(base) + 2 :].rstrip("]").split("%")[0].split(","):
                 lo, _, hi = part.partition("-")
                 if lo.isdigit() and int(lo) <= int(task) <= int(hi or lo):
                     return True

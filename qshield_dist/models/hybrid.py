@@ -146,7 +146,11 @@ class HQCNN(nn.Module):
         self.quantum_grad = quantum_grad
         self.input_noise = input_noise
         self.stochastic = (
-            (projection == "paper" and circuit.encoding == "enhanced_angle" and n_classes < 3 * circuit.qubits)
+            (
+                projection == "paper"
+                and circuit.encoding == "enhanced_angle"
+                and n_classes < 3 * circuit.qubits
+            )
             or input_noise > 0
             or bool(getattr(self.quantum, "stochastic", False))
         )

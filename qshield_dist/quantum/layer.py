@@ -26,9 +26,9 @@ import pennylane as qml
 import torch
 
 from qshield_dist.quantum.circuits import circuit_ops, encoding_ops, probs_qfunc
-from qshield_dist.quantum.spec import CircuitSpec
 from qshield_dist.quantum.encoding import _encoding_stages, encoded_factors, kron_factors, pauli_vector
 from qshield_dist.quantum.memory import compiled_path, density_chunk
+from qshield_dist.quantum.spec import CircuitSpec
 from qshield_dist.quantum.superop import (
     _heisenberg,
     _Program,

@@ -16,6 +16,7 @@ MIXED_SHARES: tuple[tuple[str, float], ...] = (
     ("phase_damping", 0.3),
 )
 
+
 @dataclass(frozen=True)
 class CircuitSpec:
     """Everything that defines the circuit; hashable, so it keys the compiled caches."""

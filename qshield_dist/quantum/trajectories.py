@@ -24,9 +24,7 @@ def pauli_twirl(channel: qml.operation.Channel) -> torch.Tensor:
     if len(channel.wires) != 1:
         raise ValueError(f"Pauli twirl implemented for one-qubit channels, got {channel}")
     kraus = kraus_operators(channel)
-    probs = torch.stack(
-        [sum(torch.abs(torch.trace(p.conj().T @ k)) ** 2 for k in kraus) / 4 for p in PAULIS]
-    )
+    probs = torch.stack([sum(torch.abs(torch.trace(p.conj().T @ k)) ** 2 for k in kraus) / 4 for p in PAULIS])
     return probs / probs.sum()
 
 

@@ -34,18 +34,46 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="summarize.py", description="Summarize a QShield sweep's results: robustness and cost tables, paper comparison, plots, HTML report.")
-    p.add_argument("results", nargs="?", default=DEFAULT_RESULTS, help=f"results directory (default {DEFAULT_RESULTS})")
-    p.add_argument("--out", help="report directory (default reports/<name of RESULTS_DIR>, e.g. reports/quick)")
-    p.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)} (default all)")
-    p.add_argument("--pivot", action="store_true", help="robustness tables with attacks in rows instead of columns")
+    p = _Parser(
+        prog="summarize.py",
+        description="Summarize a QShield sweep's results: robustness and cost tables, paper comparison, plots, HTML report.",
+    )
+    p.add_argument(
+        "results", nargs="?", default=DEFAULT_RESULTS, help=f"results directory (default {DEFAULT_RESULTS})"
+    )
+    p.add_argument(
+        "--out", help="report directory (default reports/<name of RESULTS_DIR>, e.g. reports/quick)"
+    )
+    p.add_argument(
+        "--format",
+        default=",".join(FORMATS),
+        help=f"comma-separated subset of {','.join(FORMATS)} (default all)",
+    )
+    p.add_argument(
+        "--pivot", action="store_true", help="robustness tables with attacks in rows instead of columns"
+    )
     p.add_argument("--sweep", help="summarize only this sweep (required when the directory mixes several)")
-    p.add_argument("--min-samples", type=int, default=20, help="flag seeds that attacked fewer samples than this (default 20)")
-    p.add_argument("--margin", type=float, default=0.02, help="robust-accuracy band within which two variants are 'equal' (default 0.02 = 2 pp)")
+    p.add_argument(
+        "--min-samples",
+        type=int,
+        default=20,
+        help="flag seeds that attacked fewer samples than this (default 20)",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.02,
+        help="robust-accuracy band within which two variants are 'equal' (default 0.02 = 2 pp)",
+    )
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--no-svg", action="store_true", help="PNG figures only")
-    p.add_argument("--paper-proxy", action="append", default=[], metavar="MEASURED=PAPER",
-                   help="compare a dataset with a paper dataset it stands in for, e.g. digits=mnist (marked 'proxy dataset')")
+    p.add_argument(
+        "--paper-proxy",
+        action="append",
+        default=[],
+        metavar="MEASURED=PAPER",
+        help="compare a dataset with a paper dataset it stands in for, e.g. digits=mnist (marked 'proxy dataset')",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -63,10 +91,20 @@ def _options(args: argparse.Namespace) -> Options:
     for item in args.paper_proxy:
         measured, sep, paper = item.partition("=")
         if not sep or paper not in PAPER_DATASETS:
-            raise SummaryError(f"--paper-proxy: got '{item}': expected MEASURED=PAPER with PAPER one of {', '.join(PAPER_DATASETS)}")
+            raise SummaryError(
+                f"--paper-proxy: got '{item}': expected MEASURED=PAPER with PAPER one of {', '.join(PAPER_DATASETS)}"
+            )
         proxies[measured] = paper
-    return Options(formats=formats, pivot=args.pivot, min_samples=args.min_samples, margin=args.margin, plots=not args.no_plots,
-                   svg=not args.no_svg, sweep=args.sweep, proxies=proxies)
+    return Options(
+        formats=formats,
+        pivot=args.pivot,
+        min_samples=args.min_samples,
+        margin=args.margin,
+        plots=not args.no_plots,
+        svg=not args.no_svg,
+        sweep=args.sweep,
+        proxies=proxies,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI promises no traceback
-        log.error("internal error: %s: %s (run with -v for the traceback)", type(exc).__name__, exc, exc_info=verbose)
+        log.error(
+            "internal error: %s: %s (run with -v for the traceback)",
+            type(exc).__name__,
+            exc,
+            exc_info=verbose,
+        )
         return 1
     return 0

@@ -12,9 +12,7 @@ that are merely unusable (NaN metrics) are set aside in `Results.skipped` and re
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +23,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qshield_dist.results import MODEL_COLUMNS, SCHEMA, SCHEMA_VERSION, STAGE_VERSIONS, ManifestError, read_manifest, result_files, stored_versions
+from qshield_dist.results import (
+    MODEL_COLUMNS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STAGE_VERSIONS,
+    ManifestError,
+    read_manifest,
+    result_files,
+    stored_versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +43,42 @@ ATTACK_KEYS: tuple[str, ...] = ("attack", "attack_preset", "attack_params")
 STAGES: tuple[str, ...] = ("train", "attack", "diagnostic")
 
 _COMMON = (
-    "schema_version", "results_version", "train_version", "stage", "sweep", "trial_id", "train_id", "status",
-    "variant", "variant_id", "seed", *VARIANT_KEYS,
+    "schema_version",
+    "results_version",
+    "train_version",
+    "stage",
+    "sweep",
+    "trial_id",
+    "train_id",
+    "status",
+    "variant",
+    "variant_id",
+    "seed",
+    *VARIANT_KEYS,
 )
 STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
     "train": (*_COMMON, "clean_acc", "n_test", "train_seconds", "train_steps", "train_epochs", "stochastic"),
     "attack": (
-        *_COMMON, *ATTACK_KEYS, "threat_model", "eps", "eval_repeats", "success_rule", "stochastic", "clean_acc",
-        "n_points", "n_attacked", "n_success", "asr", "asr_worst", "robust_acc", "attack_seconds", "forward_calls",
-        "backward_calls", "forward_samples", "backward_samples", "budget_ok",
+        *_COMMON,
+        *ATTACK_KEYS,
+        "threat_model",
+        "eps",
+        "eval_repeats",
+        "success_rule",
+        "stochastic",
+        "clean_acc",
+        "n_points",
+        "n_attacked",
+        "n_success",
+        "asr",
+        "asr_worst",
+        "robust_acc",
+        "attack_seconds",
+        "forward_calls",
+        "backward_calls",
+        "forward_samples",
+        "backward_samples",
+        "budget_ok",
     ),
     "diagnostic": (*_COMMON, "diagnostic", "diagnostic_value", "diagnostic_pass", "details"),
     "failed": (*_COMMON, *ATTACK_KEYS, "error"),
@@ -164,7 +198,9 @@ def _lazy(files: list[str], kind: str) -> pl.LazyFrame:
     columns = list(STAGE_COLUMNS[kind])
     if not files:
         return pl.from_arrow(SCHEMA.empty_table().select(columns)).lazy()  # type: ignore[union-attr]
-    scan = pl.scan_parquet(files, hive_partitioning=True, hive_schema={"stage": pl.String, "dataset": pl.String})
+    scan = pl.scan_parquet(
+        files, hive_partitioning=True, hive_schema={"stage": pl.String, "dataset": pl.String}
+    )
     return scan.select(columns)
 
 
@@ -188,7 +224,11 @@ def _read_manifest(root: Path) -> tuple[dict[str, Any] | None, str | None, tuple
     try:
         manifest, trials = read_manifest(root)
     except ManifestError as exc:
-        return None, f"{exc}: the current grid is not known, so every result file is summarized and missing trials are not listed", None
+        return (
+            None,
+            f"{exc}: the current grid is not known, so every result file is summarized and missing trials are not listed",
+            None,
+        )
     joined = (
         _SEP.join(trials),
         _SEP.join(str(t.get("stage") or "") for t in trials.values()),
@@ -197,7 +237,9 @@ def _read_manifest(root: Path) -> tuple[dict[str, Any] | None, str | None, tuple
     return manifest, None, joined
 
 
-def _start_manifest_job(root: Path) -> Future[tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]]:
+def _start_manifest_job(
+    root: Path,
+) -> Future[tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]]:
     """Parse manifest.json in a forked process while the files are listed: json.loads holds
     the GIL for the whole parse (1.6 s for a million trials)."""
     executor: Any
@@ -210,7 +252,9 @@ def _start_manifest_job(root: Path) -> Future[tuple[dict[str, Any] | None, str |
     return job
 
 
-def _resolve_manifest(job: Future[Any], notes: list[str]) -> tuple[dict[str, Any] | None, pl.DataFrame | None]:
+def _resolve_manifest(
+    job: Future[Any], notes: list[str]
+) -> tuple[dict[str, Any] | None, pl.DataFrame | None]:
     try:
         manifest, note, joined = job.result()
     except Exception as exc:  # a dead worker must not sink the report: the grid check is skipped, and said so
@@ -220,7 +264,11 @@ def _resolve_manifest(job: Future[Any], notes: list[str]) -> tuple[dict[str, Any
     if joined is None:
         return manifest, None
     expected = pl.DataFrame({"trial_id": [joined[0]], "stage": [joined[1]], "dataset": [joined[2]]})
-    expected = expected.select(pl.all().str.split(_SEP)).explode(pl.all()).with_columns(pl.col("stage", "dataset").replace("", None))
+    expected = (
+        expected.select(pl.all().str.split(_SEP))
+        .explode(pl.all())
+        .with_columns(pl.col("stage", "dataset").replace("", None))
+    )
     return manifest, expected.filter(pl.col("trial_id") != "")
 
 
@@ -232,11 +280,15 @@ def _choose_sweep(counts_by_kind: list[pl.DataFrame], sweep: str | None) -> tupl
             counts[str(name)] = counts.get(str(name), 0) + n
     if sweep is not None:
         if sweep not in counts:
-            raise SummaryError(f"--sweep {sweep}: no rows of that sweep here; sweeps found: {', '.join(sorted(counts)) or 'none'}")
+            raise SummaryError(
+                f"--sweep {sweep}: no rows of that sweep here; sweeps found: {', '.join(sorted(counts)) or 'none'}"
+            )
         return sweep, len(counts) > 1
     if len(counts) > 1:
         listed = ", ".join(f"{k} ({v} rows)" for k, v in sorted(counts.items()))
-        raise SummaryError(f"rows of several sweeps are mixed here: {listed}; summarize one with --sweep NAME")
+        raise SummaryError(
+            f"rows of several sweeps are mixed here: {listed}; summarize one with --sweep NAME"
+        )
     return next(iter(counts)), False
 
 
@@ -254,12 +306,24 @@ def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, p
     """The set-aside rows with their reason (a query for attack rows, collected later)."""
     reasons = [pl.when(_nonfinite(c)).then(pl.lit(f"{c} is NaN/null")) for c in ATTACK_METRICS]
     reasons.append(pl.when(pl.col("n_attacked").fill_null(0) <= 0).then(pl.lit("n_attacked = 0")))
-    cols = ("dataset", "trial_id", "variant", "seed", *VARIANT_KEYS[1:])  # keys: to tie a skipped row to its variant
+    cols = (
+        "dataset",
+        "trial_id",
+        "variant",
+        "seed",
+        *VARIANT_KEYS[1:],
+    )  # keys: to tie a skipped row to its variant
     bad_attack = attack.filter(bad_attack_row()).select(
-        pl.lit("attack").alias("stage"), *cols, "attack", pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason")
+        pl.lit("attack").alias("stage"),
+        *cols,
+        "attack",
+        pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"),
     )
     bad_train = train.filter(_nonfinite("clean_acc")).select(
-        pl.lit("train").alias("stage"), *cols, pl.lit(None, pl.String).alias("attack"), pl.lit("clean_acc is NaN/null").alias("reason")
+        pl.lit("train").alias("stage"),
+        *cols,
+        pl.lit(None, pl.String).alias("attack"),
+        pl.lit("clean_acc is NaN/null").alias("reason"),
     )
     return bad_attack, bad_train
 
@@ -289,8 +353,16 @@ def _scan(
         kept = {k: _in_grid(lf, grid) for k, lf in lazy.items()}
         versions = [lf.select(pl.col("schema_version").unique()) for lf in lazy.values()]
         sweeps = [lf.group_by("sweep").len() for lf in kept.values()]
-        stale = [lf.filter(~pl.col("trial_id").is_in(grid.implode())).group_by(_stale_reason().alias("reason")).len()
-                 for lf in lazy.values()] if grid is not None else []
+        stale = (
+            [
+                lf.filter(~pl.col("trial_id").is_in(grid.implode()))
+                .group_by(_stale_reason().alias("reason"))
+                .len()
+                for lf in lazy.values()
+            ]
+            if grid is not None
+            else []
+        )
         queries = [*versions, *sweeps, *(kept[k] for k in ("train", "diagnostic", "failed")), *stale]
         all_files = [f for v in by_kind.values() for f in v]
         try:
@@ -298,7 +370,9 @@ def _scan(
         except Exception as exc:  # polars raises several error types for files of another schema
             log.debug("scan failed: %s", exc)
             out = None
-        if out is not None and all((v["schema_version"] == SCHEMA_VERSION).all() for v in out[: len(by_kind)]):
+        if out is not None and all(
+            (v["schema_version"] == SCHEMA_VERSION).all() for v in out[: len(by_kind)]
+        ):
             for counts in out[2 * len(by_kind) + 3 :]:
                 for reason, n in counts.iter_rows():
                     set_aside[reason] = set_aside.get(reason, 0) + n
@@ -321,7 +395,9 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
     """
     root = Path(root)
     if not root.exists():
-        raise SummaryError(f"results directory {root} does not exist (run the sweep first, or pass RESULTS_DIR)")
+        raise SummaryError(
+            f"results directory {root} does not exist (run the sweep first, or pass RESULTS_DIR)"
+        )
     if not root.is_dir():
         raise SummaryError(f"{root} is not a directory")
     # A big sweep's manifest is tens of MB of JSON: parse it while the files are listed.
@@ -329,29 +405,39 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
     files, failed_files, superseded = _list_files(root)
     n_files = sum(map(len, files.values())) + len(failed_files)
     if n_files == 0:
-        raise SummaryError(f"no result files under {root} (expected stage=*/dataset=*/*.parquet): has the sweep run?")
+        raise SummaryError(
+            f"no result files under {root} (expected stage=*/dataset=*/*.parquet): has the sweep run?"
+        )
     unknown = sorted(s for s in files if s not in STAGES and files[s])
     notes: list[str] = []
     if unknown:
         notes.append(f"ignored result files of unknown stages: {', '.join(unknown)}")
     if superseded:
-        notes.append(f"{superseded} failed result file(s) ignored: the same trial also has an ok file (a successful retry)")
+        notes.append(
+            f"{superseded} failed result file(s) ignored: the same trial also has an ok file (a successful retry)"
+        )
 
     by_kind = {**{s: files[s] for s in STAGES}, "failed": failed_files}
     manifest, expected = _resolve_manifest(manifest_job, notes)
     if manifest is not None and sweep is not None and manifest.get("sweep") not in (None, sweep):
-        notes.append(f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{sweep}': the grid is not checked")
+        notes.append(
+            f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{sweep}': the grid is not checked"
+        )
         manifest = expected = None
     grid = expected["trial_id"] if expected is not None else None
     set_aside: dict[str, int] = {}
     by_kind, out = _scan(by_kind, grid, set_aside)
     if set_aside:
-        notes.append(f"{sum(set_aside.values())} result row(s) set aside, not summarized: {_reasons(set_aside)} (`launch --prune` moves their files)")
+        notes.append(
+            f"{sum(set_aside.values())} result row(s) set aside, not summarized: {_reasons(set_aside)} (`launch --prune` moves their files)"
+        )
     small = ["train", "diagnostic", "failed"]
     n = len(by_kind)
     counts = out[n : 2 * n]
     if not any(c.height for c in counts):
-        raise SummaryError(f"no result row under {root} belongs to the current grid of its manifest ({_reasons(set_aside)}): rerun the sweep")
+        raise SummaryError(
+            f"no result row under {root} belongs to the current grid of its manifest ({_reasons(set_aside)}): rerun the sweep"
+        )
     chosen, several = _choose_sweep(counts, sweep)
     frames = dict(zip(small, out[2 * n :]))
     attack = _in_grid(_lazy(by_kind["attack"], "attack"), grid)
@@ -363,16 +449,28 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
     (skipped_attack,) = collect([bad_attack], by_kind["attack"])
     skipped = pl.concat([skipped_attack, bad_train])
     train = frames["train"].filter(~_nonfinite("clean_acc"))
-    n_attack_ok = dict(out[n + list(by_kind).index("attack")].iter_rows()).get(chosen, 0) - skipped_attack.height
+    n_attack_ok = (
+        dict(out[n + list(by_kind).index("attack")].iter_rows()).get(chosen, 0) - skipped_attack.height
+    )
     if n_attack_ok == 0 and train.height + frames["diagnostic"].height == 0:
         raise SummaryError(
             f"nothing to summarize in {root} (sweep {chosen}): {frames['failed'].height} failed trial(s), "
             f"{skipped.height} row(s) with NaN/null metrics"
         )
     return Results(
-        root=root, sweep=chosen, train=train, attack=attack.filter(~bad_attack_row()), diagnostic=frames["diagnostic"],
-        failed=frames["failed"], skipped=skipped, manifest=manifest, expected=expected, n_files=n_files,
-        set_aside=set_aside, notes=notes, attack_files=by_kind["attack"],
+        root=root,
+        sweep=chosen,
+        train=train,
+        attack=attack.filter(~bad_attack_row()),
+        diagnostic=frames["diagnostic"],
+        failed=frames["failed"],
+        skipped=skipped,
+        manifest=manifest,
+        expected=expected,
+        n_files=n_files,
+        set_aside=set_aside,
+        notes=notes,
+        attack_files=by_kind["attack"],
     )
 
 

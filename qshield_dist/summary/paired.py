@@ -18,7 +18,6 @@ so two models can be compared point by point:
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import polars as pl
@@ -28,8 +27,17 @@ from qshield_dist.summary import stats
 from qshield_dist.summary.load import VARIANT_KEYS, Results, collect
 
 POINT_COLUMNS = (
-    *VARIANT_KEYS, "seed", "attack", "attack_preset", "attack_params", "threat_model", "eps", "stochastic",
-    "point_index", "point_correct", "point_broken",
+    *VARIANT_KEYS,
+    "seed",
+    "attack",
+    "attack_preset",
+    "attack_params",
+    "threat_model",
+    "eps",
+    "stochastic",
+    "point_index",
+    "point_correct",
+    "point_broken",
 )
 WORST_CASE = "linf"  # the threat model whose attacks form the per-point worst case
 # (kind, the hybrid's side, the other side) of every comparison the report makes
@@ -42,7 +50,9 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
     files = res.attack_files
     if not files:
         return pl.DataFrame(schema={"vkey": pl.String, "point_index": pl.Int32})
-    scan = pl.scan_parquet(files, hive_partitioning=False).select(*POINT_COLUMNS, "trial_id", "sweep", "status")
+    scan = pl.scan_parquet(files, hive_partitioning=False).select(
+        *POINT_COLUMNS, "trial_id", "sweep", "status"
+    )
     scan = scan.filter((pl.col("sweep") == res.sweep) & (pl.col("status") == "ok"))
     if res.expected is not None:
         scan = scan.filter(pl.col("trial_id").is_in(res.expected["trial_id"].implode()))
@@ -51,7 +61,8 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
         return pl.DataFrame(schema={"vkey": pl.String, "point_index": pl.Int32})
     rows = rows.join(
         settings.select("dataset", "attack", "attack_preset", "attack_params", "attack_label"),
-        on=["dataset", "attack", "attack_preset", "attack_params"], how="left",
+        on=["dataset", "attack", "attack_preset", "attack_params"],
+        how="left",
     )
     strong = [
         ATTACKS[a].full_strength(p, _params(js), bool(s)) if a in ATTACKS else False
@@ -59,8 +70,18 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
     ]
     return (
         rows.with_columns(vkey, pl.Series("full_strength", strong, pl.Boolean))
-        .select("vkey", "dataset", "seed", "attack_label", "threat_model", "eps", "full_strength",
-                "point_index", "point_correct", "point_broken")
+        .select(
+            "vkey",
+            "dataset",
+            "seed",
+            "attack_label",
+            "threat_model",
+            "eps",
+            "full_strength",
+            "point_index",
+            "point_correct",
+            "point_broken",
+        )
         .explode("point_index", "point_correct", "point_broken")
     )
 
@@ -88,23 +109,42 @@ def _seed_pairs(a: pl.DataFrame, b: pl.DataFrame) -> list[tuple[list[int], list[
 
 def _pairs_of(variants: pl.DataFrame, baselines: dict[str, str]) -> list[dict[str, Any]]:
     """Every comparison of the report: (kind, dataset, vkey_a, vkey_b, hybrid vkey)."""
-    by = {(r["dataset"], r["model"], r["control"]): r for r in variants.iter_rows(named=True)
-          if r["entanglement"] is None}
+    by = {
+        (r["dataset"], r["model"], r["control"]): r
+        for r in variants.iter_rows(named=True)
+        if r["entanglement"] is None
+    }
     same = [k for k in VARIANT_KEYS if k != "control"]
     out = []
-    for h in variants.filter((pl.col("model") == "hqcnn") & pl.col("control").is_null()).iter_rows(named=True):
+    for h in variants.filter((pl.col("model") == "hqcnn") & pl.col("control").is_null()).iter_rows(
+        named=True
+    ):
         base = by.get((h["dataset"], baselines.get(h["dataset"]), None))
         alone = variants.filter(pl.col("control") == "backbone_only")
         alone = next((r for r in alone.iter_rows(named=True) if all(r[k] == h[k] for k in same)), None)
         budget = by.get((h["dataset"], h["backbone"], "equal_budget"))
-        for kind, a, b in (("vs CNN", h, base), ("vs backbone alone", h, alone),
-                           ("vs equal-budget backbone", h, budget), ("backbone alone vs CNN", alone, base)):
+        for kind, a, b in (
+            ("vs CNN", h, base),
+            ("vs backbone alone", h, alone),
+            ("vs equal-budget backbone", h, budget),
+            ("backbone alone vs CNN", alone, base),
+        ):
             if a is not None and b is not None:
-                out.append({"kind": kind, "dataset": h["dataset"], "a": a["vkey"], "b": b["vkey"], "hybrid": h["vkey"]})
+                out.append(
+                    {
+                        "kind": kind,
+                        "dataset": h["dataset"],
+                        "a": a["vkey"],
+                        "b": b["vkey"],
+                        "hybrid": h["vkey"],
+                    }
+                )
     return out
 
 
-def comparisons(points: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, str], margin: float) -> pl.DataFrame:
+def comparisons(
+    points: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, str], margin: float
+) -> pl.DataFrame:
     """One row per comparison and L-inf budget: robust accuracies, the paired difference A - B
     with its 95% interval, McNemar's p (Holm-adjusted over the whole report), the verdict."""
     rows: list[dict[str, Any]] = []
@@ -124,27 +164,60 @@ def comparisons(points: pl.DataFrame, variants: pl.DataFrame, baselines: dict[st
                 if not pairs:
                     continue
                 res = stats.compare(pairs)
-                strong = sorted(set(a.filter(pl.col("full_strength") & pl.col("attack_label").is_in(attacks))["attack_label"]))
-                rows.append({
-                    **pair, "eps": eps, "attacks": ", ".join(attacks), "full_strength": ", ".join(strong),
-                    "n_points": res.n_points, "n_seeds": res.n_seeds,
-                    "robust_a": sum(sum(x) for x, _ in pairs) / sum(len(x) for x, _ in pairs),
-                    "robust_b": sum(sum(y) for _, y in pairs) / sum(len(y) for _, y in pairs),
-                    "diff": res.diff, "low": res.low, "high": res.high,
-                    "per_seed": ", ".join(f"{d:+.1%}" for d in res.per_seed),
-                    "a_only": res.a_only, "b_only": res.b_only, "p_value": res.p_value,
-                    "points_needed": stats.points_to_resolve(pairs),
-                })
+                strong = sorted(
+                    set(
+                        a.filter(pl.col("full_strength") & pl.col("attack_label").is_in(attacks))[
+                            "attack_label"
+                        ]
+                    )
+                )
+                rows.append(
+                    {
+                        **pair,
+                        "eps": eps,
+                        "attacks": ", ".join(attacks),
+                        "full_strength": ", ".join(strong),
+                        "n_points": res.n_points,
+                        "n_seeds": res.n_seeds,
+                        "robust_a": sum(sum(x) for x, _ in pairs) / sum(len(x) for x, _ in pairs),
+                        "robust_b": sum(sum(y) for _, y in pairs) / sum(len(y) for _, y in pairs),
+                        "diff": res.diff,
+                        "low": res.low,
+                        "high": res.high,
+                        "per_seed": ", ".join(f"{d:+.1%}" for d in res.per_seed),
+                        "a_only": res.a_only,
+                        "b_only": res.b_only,
+                        "p_value": res.p_value,
+                        "points_needed": stats.points_to_resolve(pairs),
+                    }
+                )
     schema = {
-        "kind": pl.String, "dataset": pl.String, "a": pl.String, "b": pl.String, "hybrid": pl.String,
-        "eps": pl.Float64, "attacks": pl.String, "full_strength": pl.String, "n_points": pl.Int64,
-        "n_seeds": pl.Int64, "robust_a": pl.Float64, "robust_b": pl.Float64, "diff": pl.Float64,
-        "low": pl.Float64, "high": pl.Float64, "per_seed": pl.String, "a_only": pl.Int64, "b_only": pl.Int64,
-        "p_value": pl.Float64, "points_needed": pl.Float64,
+        "kind": pl.String,
+        "dataset": pl.String,
+        "a": pl.String,
+        "b": pl.String,
+        "hybrid": pl.String,
+        "eps": pl.Float64,
+        "attacks": pl.String,
+        "full_strength": pl.String,
+        "n_points": pl.Int64,
+        "n_seeds": pl.Int64,
+        "robust_a": pl.Float64,
+        "robust_b": pl.Float64,
+        "diff": pl.Float64,
+        "low": pl.Float64,
+        "high": pl.Float64,
+        "per_seed": pl.String,
+        "a_only": pl.Int64,
+        "b_only": pl.Int64,
+        "p_value": pl.Float64,
+        "points_needed": pl.Float64,
     }
     out = pl.DataFrame(rows, schema=schema)
     holm = stats.holm(out["p_value"].to_list())
-    verdicts = [stats.verdict(r["low"], r["high"], p, margin) for r, p in zip(out.iter_rows(named=True), holm)]
+    verdicts = [
+        stats.verdict(r["low"], r["high"], p, margin) for r, p in zip(out.iter_rows(named=True), holm)
+    ]
     return out.with_columns(
         pl.Series("p_holm", holm, pl.Float64),
         pl.Series("verdict", verdicts, pl.String),
@@ -155,23 +228,35 @@ def comparisons(points: pl.DataFrame, variants: pl.DataFrame, baselines: dict[st
 def worst_case_table(points: pl.DataFrame) -> pl.DataFrame:
     """Per variant and L-inf budget: robust accuracy under each attack and under all of them
     at once (per point), mean over seeds; n = points per seed."""
-    schema = {"vkey": pl.String, "eps": pl.Float64, "attack_label": pl.String, "robust": pl.Float64,
-              "n_points": pl.Int64, "n_seeds": pl.Int64}
+    schema = {
+        "vkey": pl.String,
+        "eps": pl.Float64,
+        "attack_label": pl.String,
+        "robust": pl.Float64,
+        "n_points": pl.Int64,
+        "n_seeds": pl.Int64,
+    }
     if not points.height:
         return pl.DataFrame(schema=schema)
     linf = points.filter(pl.col("threat_model") == WORST_CASE)
     per_point = pl.col("point_correct") & ~pl.col("point_broken")
-    each = linf.group_by("vkey", "eps", "attack_label", "seed").agg(per_point.mean().alias("r"), pl.len().alias("n"))
+    each = linf.group_by("vkey", "eps", "attack_label", "seed").agg(
+        per_point.mean().alias("r"), pl.len().alias("n")
+    )
     worst = (
         linf.group_by("vkey", "eps", "seed", "point_index")
         .agg((pl.col("point_correct").all() & ~pl.col("point_broken").any()).alias("robust"))
-        .group_by("vkey", "eps", "seed").agg(pl.col("robust").mean().alias("r"), pl.len().alias("n"))
+        .group_by("vkey", "eps", "seed")
+        .agg(pl.col("robust").mean().alias("r"), pl.len().alias("n"))
         .with_columns(pl.lit("worst case").alias("attack_label"))
     )
     both = pl.concat([each, worst.select(each.columns)])
     return (
         both.group_by("vkey", "eps", "attack_label")
-        .agg(pl.col("r").mean().alias("robust"), pl.col("n").max().cast(pl.Int64).alias("n_points"),
-             pl.col("seed").n_unique().cast(pl.Int64).alias("n_seeds"))
+        .agg(
+            pl.col("r").mean().alias("robust"),
+            pl.col("n").max().cast(pl.Int64).alias("n_points"),
+            pl.col("seed").n_unique().cast(pl.Int64).alias("n_seeds"),
+        )
         .select(list(schema))
     )

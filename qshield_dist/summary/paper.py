@@ -26,8 +26,13 @@ from qshield_dist.summary.verdicts import HYBRID
 PAPER_DATASETS = {"mnist": "MNIST", "organamnist": "OrganAMNIST", "cifar10": "CIFAR-10"}
 # The paper's HQCNN configuration, as the project's settings (see paper-protocol.md).
 PAPER_HYBRID = {
-    "backbone": "cnn", "encoding": "enhanced_angle", "noise_model": "mixed", "noise_strength": 0.005,
-    "fusion": "dynamic", "projection": "paper", "quantum_grad": "detached",
+    "backbone": "cnn",
+    "encoding": "enhanced_angle",
+    "noise_model": "mixed",
+    "noise_strength": 0.005,
+    "fusion": "dynamic",
+    "projection": "paper",
+    "quantum_grad": "detached",
 }
 _WHY = {
     "backbone": "paper backbone is ResNet-18 ('cnn')",
@@ -35,8 +40,18 @@ _WHY = {
     "quantum_grad": "paper's quantum branch passes no gradient to the input",
 }
 COLUMNS = [
-    "dataset", "paper_dataset", "label", "paper_model", "metric", "attack", "measured", "n", "paper", "diff",
-    "match", "notes",
+    "dataset",
+    "paper_dataset",
+    "label",
+    "paper_model",
+    "metric",
+    "attack",
+    "measured",
+    "n",
+    "paper",
+    "diff",
+    "match",
+    "notes",
 ]
 
 
@@ -52,7 +67,9 @@ def load_paper() -> pl.DataFrame:
         overrides = {"entanglement": pl.String, "attack": pl.String, "value": pl.Float64}
         df = pl.read_csv(p, schema_overrides=overrides)
     return df.with_columns(
-        pl.when(pl.col("unit") == "percent").then(pl.col("value") / 100).otherwise(pl.col("value"))
+        pl.when(pl.col("unit") == "percent")
+        .then(pl.col("value") / 100)
+        .otherwise(pl.col("value"))
         .alias("value"),
         pl.col("entanglement").fill_null(""),
         pl.col("attack").fill_null(""),
@@ -111,8 +128,16 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
     def matched(v: dict[str, Any]) -> str:
         return "proxy dataset" if v["dataset"] in proxies else "exact"
 
-    def add(v: dict[str, Any], pds: str | None, pmodel: str | None, metric: str, attack: str,
-            measured: float | None, extra: list[str], size: str = "") -> None:
+    def add(
+        v: dict[str, Any],
+        pds: str | None,
+        pmodel: str | None,
+        metric: str,
+        attack: str,
+        measured: float | None,
+        extra: list[str],
+        size: str = "",
+    ) -> None:
         published = by_key.get((pds, pmodel, metric, attack)) if pds and pmodel else None
         if pds is None:
             match = f"no counterpart: dataset {v['dataset']} is not in the paper"
@@ -125,16 +150,26 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
             match = matched(v)
             seen.add((pds, pmodel, metric, attack))
         notes = (_setting_notes(v) if pmodel else []) + extra
-        rows.append({
-            "dataset": v["dataset"], "paper_dataset": PAPER_DATASETS.get(pds or "", None),
-            "label": v["label"], "paper_model": pmodel, "metric": metric, "attack": attack,
-            "measured": measured, "n": size, "paper": published,
-            "diff": None if measured is None or published is None else measured - published, "match": match,
-            "notes": "; ".join(notes),
-        })
+        rows.append(
+            {
+                "dataset": v["dataset"],
+                "paper_dataset": PAPER_DATASETS.get(pds or "", None),
+                "label": v["label"],
+                "paper_model": pmodel,
+                "metric": metric,
+                "attack": attack,
+                "measured": measured,
+                "n": size,
+                "paper": published,
+                "diff": None if measured is None or published is None else measured - published,
+                "match": match,
+                "notes": "; ".join(notes),
+            }
+        )
 
     base_train = {
-        r["dataset"]: r["train_seconds"] for r in variants.iter_rows(named=True)
+        r["dataset"]: r["train_seconds"]
+        for r in variants.iter_rows(named=True)
         if baselines.get(r["dataset"]) == r["model"] and r["control"] is None
     }
     cost_by = tables.cost.partition_by("vkey", as_dict=True)
@@ -189,11 +224,22 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
         if (r["dataset"], r["paper_model"], r["metric"], r["attack"]) in seen:
             continue
         measured_name = next((d for d, p in proxies.items() if p == r["dataset"]), r["dataset"])
-        rows.append({
-            "dataset": measured_name, "paper_dataset": r["paper_dataset"], "label": None,
-            "paper_model": r["paper_model"], "metric": r["metric"], "attack": r["attack"], "measured": None,
-            "n": "", "paper": r["value"], "diff": None, "match": "not measured here", "notes": "",
-        })
+        rows.append(
+            {
+                "dataset": measured_name,
+                "paper_dataset": r["paper_dataset"],
+                "label": None,
+                "paper_model": r["paper_model"],
+                "metric": r["metric"],
+                "attack": r["attack"],
+                "measured": None,
+                "n": "",
+                "paper": r["value"],
+                "diff": None,
+                "match": "not measured here",
+                "notes": "",
+            }
+        )
     schema = {c: pl.String for c in COLUMNS}
     schema |= {"measured": pl.Float64, "paper": pl.Float64, "diff": pl.Float64}
     return pl.DataFrame(rows, schema=schema)

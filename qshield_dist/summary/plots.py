@@ -71,8 +71,17 @@ def _finish(fig: Any, out: Path, name: str, title: str, caption: str, svg: bool)
 
 
 def _grouped_bars(
-    tables: Tables, dataset: str, value: str, err: str | None, out: Path, name: str, title: str, ylabel: str,
-    log_y: bool, svg: bool, scale: float = 1.0,
+    tables: Tables,
+    dataset: str,
+    value: str,
+    err: str | None,
+    out: Path,
+    name: str,
+    title: str,
+    ylabel: str,
+    log_y: bool,
+    svg: bool,
+    scale: float = 1.0,
 ) -> Figure:
     import matplotlib.pyplot as plt
 
@@ -115,7 +124,9 @@ def _asr_vs(
     import matplotlib.pyplot as plt
 
     cells = tables.cost.filter(
-        (pl.col("dataset") == dataset) & (pl.col("model") == HYBRID) & pl.col("control").is_null()
+        (pl.col("dataset") == dataset)
+        & (pl.col("model") == HYBRID)
+        & pl.col("control").is_null()
         & pl.col(axis).is_not_null()
     )
     values = cells[axis].unique().to_list()
@@ -133,8 +144,17 @@ def _asr_vs(
         order = None
         cells = cells.with_columns(pl.col(axis).cast(pl.Float64).alias("_x"))
     # Other hybrid settings that vary are averaged over (said in the caption).
-    settings = ("entanglement", "depth", "noise_model", "noise_strength", "encoding", "fusion",
-                "quantum_grad", "projection", "backbone")
+    settings = (
+        "entanglement",
+        "depth",
+        "noise_model",
+        "noise_strength",
+        "encoding",
+        "fusion",
+        "quantum_grad",
+        "projection",
+        "backbone",
+    )
     others = [c for c in settings if c != axis and cells[c].n_unique() > 1]
     line = (
         cells.group_by("attack_label", "attack_rank", "_x")
@@ -181,8 +201,13 @@ def _clean_vs_robust(tables: Tables, dataset: str, out: Path, svg: bool) -> Figu
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for r in pts.iter_rows(named=True):
         ax.scatter(r["clean_mean"] * 100, r["robust_mean"] * 100, s=25)
-        ax.annotate(f"{r['label']} ({r['attack_label']})", (r["clean_mean"] * 100, r["robust_mean"] * 100),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            f"{r['label']} ({r['attack_label']})",
+            (r["clean_mean"] * 100, r["robust_mean"] * 100),
+            fontsize=6,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("robust accuracy under the strongest attack (%)")
     ax.set_title(f"Clean vs robust accuracy - {dataset}")
@@ -206,11 +231,35 @@ def make_plots(tables: Tables, out: Path, svg: bool = True) -> tuple[list[Figure
     figures: list[Figure] = []
     skipped: list[str] = []
     for dataset in tables.cost["dataset"].unique().sort().to_list():
-        figures.append(_grouped_bars(tables, dataset, "asr_mean", "asr_std", out, f"asr_{dataset}",
-                                     "Attack success rate", "ASR (%)", False, svg, scale=100.0))
-        figures.append(_grouped_bars(tables, dataset, "sec_per_sample", None, out, f"attack_time_{dataset}",
-                                     "Attack time per attacked sample", "seconds per sample (log)", True,
-                                     svg))
+        figures.append(
+            _grouped_bars(
+                tables,
+                dataset,
+                "asr_mean",
+                "asr_std",
+                out,
+                f"asr_{dataset}",
+                "Attack success rate",
+                "ASR (%)",
+                False,
+                svg,
+                scale=100.0,
+            )
+        )
+        figures.append(
+            _grouped_bars(
+                tables,
+                dataset,
+                "sec_per_sample",
+                None,
+                out,
+                f"attack_time_{dataset}",
+                "Attack time per attacked sample",
+                "seconds per sample (log)",
+                True,
+                svg,
+            )
+        )
         for axis in ("noise_strength", "entanglement", "depth"):
             fig = _asr_vs(tables, dataset, axis, out, svg, skipped)
             if fig is not None:

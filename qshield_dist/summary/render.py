@@ -97,9 +97,21 @@ def render_md(title: str, sections: list[Section], figure_dir: str) -> str:
 
 # ---------------------------------------------------------------- LaTeX
 _TEX = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-    "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "†": r"\dag{}",
-    "×": r"$\times$", "≥": r"$\geq$", "->": r"$\rightarrow$",
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "†": r"\dag{}",
+    "×": r"$\times$",
+    "≥": r"$\geq$",
+    "->": r"$\rightarrow$",
 }
 _TEX_TABLE = str.maketrans({k: v for k, v in _TEX.items() if len(k) == 1})
 
@@ -116,9 +128,13 @@ def render_tex(tables: Iterable[TextTable]) -> str:
     ]
     for t in tables:
         out += [
-            r"\begin{table}[ht]", r"\centering\scriptsize", f"\\caption{{{tex_escape(t.title)}}}",
-            r"\begin{tabular}{" + "l" * len(t.headers) + "}", r"\toprule",
-            " & ".join(tex_escape(h) for h in t.headers) + r" \\", r"\midrule",
+            r"\begin{table}[ht]",
+            r"\centering\scriptsize",
+            f"\\caption{{{tex_escape(t.title)}}}",
+            r"\begin{tabular}{" + "l" * len(t.headers) + "}",
+            r"\toprule",
+            " & ".join(tex_escape(h) for h in t.headers) + r" \\",
+            r"\midrule",
         ]
         out += [" & ".join(tex_escape(c) for c in r) + r" \\" for r in t.rows]
         out += [r"\bottomrule", r"\end{tabular}"]
@@ -188,8 +204,9 @@ def write_csvs(out: Path, tables: Tables, paper: pl.DataFrame) -> list[Path]:
         "robustness": tables.robustness.join(labels, on="vkey", how="left").sort(order),
         "cost": tables.cost.join(labels, on="vkey", how="left").sort(order),
         "verdicts": tables.verdicts,
-        "paired": tables.paired.join(labels.rename({"vkey": "a", "label": "label_a"}), on="a", how="left")
-        .join(labels.rename({"vkey": "b", "label": "label_b"}), on="b", how="left"),
+        "paired": tables.paired.join(
+            labels.rename({"vkey": "a", "label": "label_a"}), on="a", how="left"
+        ).join(labels.rename({"vkey": "b", "label": "label_b"}), on="b", how="left"),
         "worst_case": tables.worst_case.join(labels, on="vkey", how="left"),
         "controls": tables.controls.join(labels.rename({"vkey": "vkey_h"}), on="vkey_h", how="left"),
         "diagnostics": tables.diagnostics.join(labels, on="vkey", how="left"),

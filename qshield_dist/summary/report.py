@@ -18,8 +18,15 @@ from qshield_dist.summary.paper import compare
 from qshield_dist.summary.plots import Figure, make_plots
 from qshield_dist.summary.render import Section, render_html, render_md, render_tex, write_csvs
 from qshield_dist.summary.sections import (
-    controls_section, cost_section, diagnostics_section, figures_section, honesty_section, paper_section,
-    robustness_section, verdict_section, worst_case_section,
+    controls_section,
+    cost_section,
+    diagnostics_section,
+    figures_section,
+    honesty_section,
+    paper_section,
+    robustness_section,
+    verdict_section,
+    worst_case_section,
 )
 from qshield_dist.summary.tables import Tables, build_tables
 
@@ -57,8 +64,15 @@ def _console(summary: Summary) -> None:
     log.info(
         "sweep %s: %d files; %d train, %d attack, %d diagnostic rows used;"
         " %d failed, %d skipped (NaN), %d missing, %d thin seeds",
-        res.sweep, res.n_files, res.train.height, int(t.robustness["n_rows"].sum() or 0),
-        res.diagnostic.height, t.failed.height, t.skipped.height, t.missing.height, t.low_samples.height,
+        res.sweep,
+        res.n_files,
+        res.train.height,
+        int(t.robustness["n_rows"].sum() or 0),
+        res.diagnostic.height,
+        t.failed.height,
+        t.skipped.height,
+        t.missing.height,
+        t.low_samples.height,
     )
     for v in t.verdicts["verdict"]:
         log.info("verdict: %s", v)
@@ -67,7 +81,11 @@ def _console(summary: Summary) -> None:
 
 
 def _write(
-    out: Path, title: str, sections: list[Section], tables: Tables, paper: pl.DataFrame,
+    out: Path,
+    title: str,
+    sections: list[Section],
+    tables: Tables,
+    paper: pl.DataFrame,
     formats: tuple[str, ...],
 ) -> list[Path]:
     """The formats asked for, under `out`: report.md, tables.tex, report.html, one CSV per frame."""
@@ -98,8 +116,13 @@ def summarize(results_dir: str | Path, out_dir: str | Path, options: Options | N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections = [
-        verdict_section(tables), worst_case_section(tables), robustness_section(tables, options.pivot), cost_section(tables),
-        paper_section(paper, options.proxies), controls_section(tables), diagnostics_section(tables),
+        verdict_section(tables),
+        worst_case_section(tables),
+        robustness_section(tables, options.pivot),
+        cost_section(tables),
+        paper_section(paper, options.proxies),
+        controls_section(tables),
+        diagnostics_section(tables),
         honesty_section(tables, res),
     ]
     figures: list[Figure] = []

@@ -10,11 +10,11 @@ from typing import Any
 
 import polars as pl
 
+from qshield_dist.results import trial_log_path
 from qshield_dist.summary.load import Results
 from qshield_dist.summary.plots import Figure
 from qshield_dist.summary.render import Section, TextTable, num, pct, pm, ratio
 from qshield_dist.summary.tables import Tables, params_text
-from qshield_dist.results import trial_log_path
 from qshield_dist.summary.verdicts import comparison_text, eps_text, gain_sources, variant_cost_drivers
 
 LOW = "†"  # marks a cell with a seed below the sample threshold
@@ -87,8 +87,14 @@ def _settings_caption(tables: Tables, dataset: str) -> str:
 def _settings_table(tables: Tables, dataset: str) -> TextTable:
     s = tables.attacks.filter(pl.col("dataset") == dataset).sort("attack_rank")
     rows = [
-        [r["attack_label"], r["attack_preset"], r["threat_model"] or "", params_text(r["attack_params"]),
-         r["success_rule"] or "", r["eval_repeats"]]
+        [
+            r["attack_label"],
+            r["attack_preset"],
+            r["threat_model"] or "",
+            params_text(r["attack_params"]),
+            r["success_rule"] or "",
+            r["eval_repeats"],
+        ]
         for r in s.iter_rows(named=True)
     ]
     headers = ["attack", "preset", "threat", "parameters", "success rule", "max eval repeats"]
@@ -115,15 +121,36 @@ def cost_section(tables: Tables) -> Section:
         )
         base = tables.baselines.get(dataset, "none")
         rows = [
-            [r["attack_label"], r["label"], num(r["sec_per_sample"]), num(r["fwd_calls_per_sample"]),
-             num(r["bwd_calls_per_sample"]), num(r["fwd_evals_per_sample"]), num(r["bwd_evals_per_sample"]),
-             ratio(r["time_ratio"]), ratio(r["calls_ratio"]), ratio(r["per_call_ratio"]),
-             r["cost_driver"] or "-", f"s={r['n_seeds']}, n={r['n_attacked']}"]
+            [
+                r["attack_label"],
+                r["label"],
+                num(r["sec_per_sample"]),
+                num(r["fwd_calls_per_sample"]),
+                num(r["bwd_calls_per_sample"]),
+                num(r["fwd_evals_per_sample"]),
+                num(r["bwd_evals_per_sample"]),
+                ratio(r["time_ratio"]),
+                ratio(r["calls_ratio"]),
+                ratio(r["per_call_ratio"]),
+                r["cost_driver"] or "-",
+                f"s={r['n_seeds']}, n={r['n_attacked']}",
+            ]
             for r in cells.iter_rows(named=True)
         ]
-        headers = ["attack", "model", "s/sample", "fwd calls/sample", "bwd calls/sample", "fwd evals/sample",
-                   "bwd evals/sample", f"time ratio vs {base}", "calls ratio", "time/call ratio",
-                   "cost driver", "seeds, samples"]
+        headers = [
+            "attack",
+            "model",
+            "s/sample",
+            "fwd calls/sample",
+            "bwd calls/sample",
+            "fwd evals/sample",
+            "bwd evals/sample",
+            f"time ratio vs {base}",
+            "calls ratio",
+            "time/call ratio",
+            "cost driver",
+            "seeds, samples",
+        ]
         sec.add(TextTable(f"Attack cost - {dataset}", headers, rows, _settings_caption(tables, dataset)))
         is_base = (pl.col("model") == base) & pl.col("control").is_null()
         compared = cells.filter(~is_base & pl.col("time_ratio").is_not_null())
@@ -166,15 +193,38 @@ def paper_section(paper: pl.DataFrame, proxies: dict[str, str]) -> Section:
         return sec
     not_measured = paper.filter(pl.col("match") == "not measured here")
     no_counterpart = paper.filter(pl.col("match").str.starts_with("no counterpart"))
-    shown = paper.filter((pl.col("match") != "not measured here") & ~pl.col("match").str.starts_with("no counterpart"))
+    shown = paper.filter(
+        (pl.col("match") != "not measured here") & ~pl.col("match").str.starts_with("no counterpart")
+    )
     rows = [
-        [r["dataset"], r["label"] or "-", r["paper_model"] or "-", r["metric"], r["attack"] or "-",
-         _paper_cell(r["metric"], r["measured"]), r["n"] or "-", _paper_cell(r["metric"], r["paper"]),
-         _paper_cell(r["metric"], r["diff"], True), r["match"], r["notes"] or ""]
+        [
+            r["dataset"],
+            r["label"] or "-",
+            r["paper_model"] or "-",
+            r["metric"],
+            r["attack"] or "-",
+            _paper_cell(r["metric"], r["measured"]),
+            r["n"] or "-",
+            _paper_cell(r["metric"], r["paper"]),
+            _paper_cell(r["metric"], r["diff"], True),
+            r["match"],
+            r["notes"] or "",
+        ]
         for r in shown.iter_rows(named=True)
     ]
-    headers = ["dataset", "model", "paper model", "metric", "attack", "measured", "seeds, samples", "paper", "diff",
-               "match", "notes"]
+    headers = [
+        "dataset",
+        "model",
+        "paper model",
+        "metric",
+        "attack",
+        "measured",
+        "seeds, samples",
+        "paper",
+        "diff",
+        "match",
+        "notes",
+    ]
     if rows:
         sec.add(TextTable("Measured vs published", headers, rows))
     if no_counterpart.height:
@@ -229,20 +279,37 @@ def worst_case_section(tables: Tables) -> Section:
         " [s = seeds, n = points per seed]. Minimum-norm (C&W, DeepFool: L2) and One-Pixel (L0) attacks are"
         " in the robustness table, never mixed into this worst case."
     )
-    labels = _label_map(tables)
-    attacks = tables.attacks.filter(pl.col("threat_model") == "linf").sort("attack_rank")["attack_label"].unique(
-        maintain_order=True).to_list()
+    attacks = (
+        tables.attacks.filter(pl.col("threat_model") == "linf")
+        .sort("attack_rank")["attack_label"]
+        .unique(maintain_order=True)
+        .to_list()
+    )
     cols = [*attacks, "worst case"]
     for (eps,), grp in w.sort("eps").group_by("eps", maintain_order=True):
         cells = {(r["vkey"], r["attack_label"]): r for r in grp.iter_rows(named=True)}
-        vkeys = tables.variants.filter(pl.col("vkey").is_in(grp["vkey"].implode())).sort("dataset", "family", "label")
+        vkeys = tables.variants.filter(pl.col("vkey").is_in(grp["vkey"].implode())).sort(
+            "dataset", "family", "label"
+        )
         rows = []
         for v in vkeys.iter_rows(named=True):
             worst = cells.get((v["vkey"], "worst case"))
             size = f"s={worst['n_seeds']}, n={worst['n_points']}" if worst else "-"
-            rows.append([v["dataset"], v["label"], *[pct(cells[(v["vkey"], c)]["robust"]) if (v["vkey"], c) in cells
-                                                     else "-" for c in cols], size])
-        sec.add(TextTable(f"Robust accuracy under L-inf eps {eps_text(eps)}", ["dataset", "model", *cols, "seeds, points"], rows))
+            rows.append(
+                [
+                    v["dataset"],
+                    v["label"],
+                    *[pct(cells[(v["vkey"], c)]["robust"]) if (v["vkey"], c) in cells else "-" for c in cols],
+                    size,
+                ]
+            )
+        sec.add(
+            TextTable(
+                f"Robust accuracy under L-inf eps {eps_text(eps)}",
+                ["dataset", "model", *cols, "seeds, points"],
+                rows,
+            )
+        )
     return sec
 
 
@@ -266,23 +333,50 @@ def controls_section(tables: Tables) -> Section:
         f" whole interval lies below +{100 * tables.margin:g} pp; where an interval leaves it open, the answer is undecided."
     )
     for g in gains.iter_rows(named=True):
-        lines = [f"- **{labels.get(g['vkey_h'], g['vkey_h'])}** (L-inf eps {eps_text(g['eps'])}): gain mainly from"
-                 f" **{g['source']}**."]
-        for r in tables.paired.filter((pl.col("hybrid") == g["vkey_h"]) & (pl.col("eps") == g["eps"])
-                                      & (pl.col("kind") != "vs CNN")).iter_rows(named=True):
+        lines = [
+            f"- **{labels.get(g['vkey_h'], g['vkey_h'])}** (L-inf eps {eps_text(g['eps'])}): gain mainly from"
+            f" **{g['source']}**."
+        ]
+        for r in tables.paired.filter(
+            (pl.col("hybrid") == g["vkey_h"]) & (pl.col("eps") == g["eps"]) & (pl.col("kind") != "vs CNN")
+        ).iter_rows(named=True):
             lines.append(f"  - {r['kind']}: {comparison_text(r, labels)}")
         sec.add("\n".join(lines))
     if c.height:
         rows = [
-            [r["dataset"], labels.get(r["vkey_h"], r["vkey_h"]), r["attack_label"], pct(r["asr_hybrid"]),
-             pct(r["asr_backbone_only"]), pct(r["asr_equal_budget"]), pct(r["asr_baseline"]),
-             pct(r["gain_backbone"]), pct(r["gain_quantum"]), f"s={r['n_seeds']}, n={r['n_attacked']}"]
+            [
+                r["dataset"],
+                labels.get(r["vkey_h"], r["vkey_h"]),
+                r["attack_label"],
+                pct(r["asr_hybrid"]),
+                pct(r["asr_backbone_only"]),
+                pct(r["asr_equal_budget"]),
+                pct(r["asr_baseline"]),
+                pct(r["gain_backbone"]),
+                pct(r["gain_quantum"]),
+                f"s={r['n_seeds']}, n={r['n_attacked']}",
+            ]
             for r in c.iter_rows(named=True)
         ]
-        headers = ["dataset", "hybrid", "attack", "ASR hybrid %", "ASR backbone alone %",
-                   "ASR equal-budget backbone %", "ASR baseline %", "gain: backbone (pp)", "gain: quantum (pp)",
-                   "hybrid: seeds, samples"]
-        sec.add(TextTable("Hybrid vs its backbone alone, per attack (mean ASR over seeds; point estimates)", headers, rows))
+        headers = [
+            "dataset",
+            "hybrid",
+            "attack",
+            "ASR hybrid %",
+            "ASR backbone alone %",
+            "ASR equal-budget backbone %",
+            "ASR baseline %",
+            "gain: backbone (pp)",
+            "gain: quantum (pp)",
+            "hybrid: seeds, samples",
+        ]
+        sec.add(
+            TextTable(
+                "Hybrid vs its backbone alone, per attack (mean ASR over seeds; point estimates)",
+                headers,
+                rows,
+            )
+        )
     return sec
 
 
@@ -297,17 +391,31 @@ def diagnostics_section(tables: Tables) -> Section:
     per_variant = d.join(tables.variants.select("vkey", "dataset"), on="vkey", how="left")
     per_variant = per_variant.sort("dataset", "vkey", "diagnostic")
     rows = [
-        [r["dataset"] or "", labels.get(r["vkey"], r["vkey"]), r["diagnostic"] or "",
-         "PASS" if r["n_pass"] == r["n"] else "FAIL", f"{r['n_pass']}/{r['n']}",
-         f"{num(r['value_mean'])} ± {num(r['value_std'])}", (r["details"] or "")[:120]]
+        [
+            r["dataset"] or "",
+            labels.get(r["vkey"], r["vkey"]),
+            r["diagnostic"] or "",
+            "PASS" if r["n_pass"] == r["n"] else "FAIL",
+            f"{r['n_pass']}/{r['n']}",
+            f"{num(r['value_mean'])} ± {num(r['value_std'])}",
+            (r["details"] or "")[:120],
+        ]
         for r in per_variant.iter_rows(named=True)
     ]
-    headers = ["dataset", "model", "diagnostic", "result", "seeds passed", "value mean ± std",
-               "details (first seed)"]
+    headers = [
+        "dataset",
+        "model",
+        "diagnostic",
+        "result",
+        "seeds passed",
+        "value mean ± std",
+        "details (first seed)",
+    ]
     sec.add(TextTable("Diagnostics per variant", headers, rows))
     n_fail = d.filter(pl.col("n_pass") < pl.col("n")).height
     sec.add(
-        f"{n_fail} of {d.height} (variant, diagnostic) checks fail on at least one seed." if n_fail
+        f"{n_fail} of {d.height} (variant, diagnostic) checks fail on at least one seed."
+        if n_fail
         else f"All {d.height} (variant, diagnostic) checks pass on every seed."
     )
     return sec
@@ -325,13 +433,33 @@ def honesty_section(tables: Tables, res: Results) -> Section:
     sec.add(f"Failed trials: {f.height}." + (" Their error text:" if f.height else ""))
     if f.height:
         rows = [
-            [r["stage"] or "", r["dataset"] or "", r["variant"] or "", r["attack"] or "-", r["seed"],
-             r["trial_id"], r["error_line"], str(trial_log_path(res.root, r["trial_id"]))]
+            [
+                r["stage"] or "",
+                r["dataset"] or "",
+                r["variant"] or "",
+                r["attack"] or "-",
+                r["seed"],
+                r["trial_id"],
+                r["error_line"],
+                str(trial_log_path(res.root, r["trial_id"])),
+            ]
             for r in f.sort("stage", "dataset", "trial_id").iter_rows(named=True)
         ]
-        headers = ["stage", "dataset", "variant", "attack", "seed", "trial",
-                   "error (first line; full text in failed.csv)", "log"]
-        sec.add(TextTable("Failed trials", headers, rows, "Each trial's log (every run of it) is in its log file."))
+        headers = [
+            "stage",
+            "dataset",
+            "variant",
+            "attack",
+            "seed",
+            "trial",
+            "error (first line; full text in failed.csv)",
+            "log",
+        ]
+        sec.add(
+            TextTable(
+                "Failed trials", headers, rows, "Each trial's log (every run of it) is in its log file."
+            )
+        )
     m = tables.missing
     if res.expected is not None:
         sec.add(f"Missing grid points (in manifest.json's expected_trials, no result file): {m.height}.")
@@ -358,8 +486,15 @@ def honesty_section(tables: Tables, res: Results) -> Section:
     )
     if s.height:
         rows = [
-            [r["stage"], r["dataset"] or "", r["variant"] or "", r["attack"] or "-", r["seed"], r["trial_id"],
-             r["reason"]]
+            [
+                r["stage"],
+                r["dataset"] or "",
+                r["variant"] or "",
+                r["attack"] or "-",
+                r["seed"],
+                r["trial_id"],
+                r["reason"],
+            ]
             for r in s.iter_rows(named=True)
         ]
         headers = ["stage", "dataset", "variant", "attack", "seed", "trial", "reason"]

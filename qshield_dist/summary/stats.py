@@ -59,7 +59,9 @@ def _as_pairs(seeds: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tupl
     return pairs
 
 
-def paired_interval(seeds: Sequence[tuple[Sequence[int], Sequence[int]]], seed: int = 0) -> tuple[float, float]:
+def paired_interval(
+    seeds: Sequence[tuple[Sequence[int], Sequence[int]]], seed: int = 0
+) -> tuple[float, float]:
     """95% bootstrap interval of the mean difference A - B (see the module docstring)."""
     pairs = _as_pairs(seeds)
     rng = np.random.default_rng(seed)
@@ -68,19 +70,32 @@ def paired_interval(seeds: Sequence[tuple[Sequence[int], Sequence[int]]], seed: 
         if np.all(a - b == (a - b)[0]):  # every resample equals the sample
             return float((a - b)[0]), float((a - b)[0])
         res = stats.bootstrap(
-            (a, b), lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis), paired=True,
-            vectorized=True, n_resamples=N_RESAMPLES, confidence_level=1 - ALPHA, method="percentile", rng=rng,
+            (a, b),
+            lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis),
+            paired=True,
+            vectorized=True,
+            n_resamples=N_RESAMPLES,
+            confidence_level=1 - ALPHA,
+            method="percentile",
+            rng=rng,
         )
         return float(res.confidence_interval.low), float(res.confidence_interval.high)
     diffs = [a - b for a, b in pairs]
 
     def resampled(seed_index: np.ndarray) -> float:
         # one inner resample of points for every seed the outer resample drew
-        return float(np.mean([np.mean(rng.choice(diffs[int(i)], size=len(diffs[int(i)]))) for i in seed_index]))
+        return float(
+            np.mean([np.mean(rng.choice(diffs[int(i)], size=len(diffs[int(i)]))) for i in seed_index])
+        )
 
     res = stats.bootstrap(
-        (np.arange(len(diffs)),), resampled, vectorized=False, n_resamples=N_RESAMPLES,
-        confidence_level=1 - ALPHA, method="percentile", rng=rng,
+        (np.arange(len(diffs)),),
+        resampled,
+        vectorized=False,
+        n_resamples=N_RESAMPLES,
+        confidence_level=1 - ALPHA,
+        method="percentile",
+        rng=rng,
     )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -92,8 +107,17 @@ def compare(seeds: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Paired:
     a_only = int(sum(np.sum((a == 1) & (b == 0)) for a, b in pairs))
     b_only = int(sum(np.sum((a == 0) & (b == 1)) for a, b in pairs))
     low, high = paired_interval(seeds)
-    return Paired(len(pairs[0][0]), len(pairs), float(np.mean(per_seed)), low, high, per_seed, a_only, b_only,
-                  mcnemar_exact(a_only, b_only))
+    return Paired(
+        len(pairs[0][0]),
+        len(pairs),
+        float(np.mean(per_seed)),
+        low,
+        high,
+        per_seed,
+        a_only,
+        b_only,
+        mcnemar_exact(a_only, b_only),
+    )
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -116,7 +140,9 @@ def points_to_resolve(seeds: Sequence[tuple[Sequence[int], Sequence[int]]]) -> f
         return math.inf
     if sd == 0:
         return float(len(d))  # every point moved the same way: already as resolved as it gets
-    n = TTestPower().solve_power(effect_size=abs(mean) / sd, alpha=ALPHA, power=POWER, alternative="two-sided")
+    n = TTestPower().solve_power(
+        effect_size=abs(mean) / sd, alpha=ALPHA, power=POWER, alternative="two-sided"
+    )
     return float(math.ceil(n))
 
 

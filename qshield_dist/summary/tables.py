@@ -26,14 +26,32 @@ from qshield_dist.attack_params import ATTACKS
 from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
 from qshield_dist.summary.paired import comparisons, load_points, worst_case_table
 from qshield_dist.summary.verdicts import (
-    BACKBONE_ONLY, EQUAL_BUDGET, HYBRID, baseline_rows, controls, cost_drivers, interval_verdicts, pick_baselines,
+    BACKBONE_ONLY,
+    EQUAL_BUDGET,
+    HYBRID,
+    baseline_rows,
+    controls,
+    cost_drivers,
+    interval_verdicts,
+    pick_baselines,
 )
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {
-    "entanglement": "{}", "depth": "d{}", "encoding": "{}", "noise_model": "{}", "noise_strength": "p={:g}",
-    "fusion": "{}", "quantum_grad": "grad={}", "projection": "proj={}", "init": "init={}", "simulator": "{}",
-    "device": "{}", "trajectories": "traj={}", "qubits": "q={}", "input_noise": "input_noise={:g}",
+    "entanglement": "{}",
+    "depth": "d{}",
+    "encoding": "{}",
+    "noise_model": "{}",
+    "noise_strength": "p={:g}",
+    "fusion": "{}",
+    "quantum_grad": "grad={}",
+    "projection": "proj={}",
+    "init": "init={}",
+    "simulator": "{}",
+    "device": "{}",
+    "trajectories": "traj={}",
+    "qubits": "q={}",
+    "input_noise": "input_noise={:g}",
 }
 # Columns in registry order: the paper's eight attacks, then the adaptive ones.
 _ATTACK_ORDER = {name: i for i, name in enumerate(ATTACKS)}
@@ -82,8 +100,9 @@ def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
     present = [f.select(VARIANT_KEYS).unique() for f in frames if f.height]
     keys = pl.concat(present, how="vertical_relaxed").unique()
     hybrid = keys.filter(pl.col("entanglement").is_not_null())
-    varying = [c for c in _LABEL_FORMAT
-               if c == "entanglement" or (hybrid.height and hybrid[c].n_unique() > 1)]
+    varying = [
+        c for c in _LABEL_FORMAT if c == "entanglement" or (hybrid.height and hybrid[c].n_unique() > 1)
+    ]
     labels = []
     for row in keys.iter_rows(named=True):
         if row["entanglement"] is None:
@@ -95,9 +114,12 @@ def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
     return (
         keys.with_columns(_vkey(), pl.Series("label", labels, pl.String))
         .with_columns(
-            pl.when(pl.col("control").is_not_null()).then(pl.lit("control"))
-            .when(pl.col("model") == HYBRID).then(pl.lit("hybrid"))
-            .otherwise(pl.lit("classical")).alias("family")
+            pl.when(pl.col("control").is_not_null())
+            .then(pl.lit("control"))
+            .when(pl.col("model") == HYBRID)
+            .then(pl.lit("hybrid"))
+            .otherwise(pl.lit("classical"))
+            .alias("family")
         )
         .sort("dataset", "family", "label")
     )
@@ -115,8 +137,10 @@ def attack_settings(attack: pl.DataFrame) -> pl.DataFrame:
     settings = (
         attack.group_by(["dataset", *ATTACK_KEYS])
         .agg(
-            pl.col("threat_model").first(), pl.col("eps").first(),
-            pl.col("success_rule").explode().unique().sort().str.join(" / "), pl.col("eval_repeats").max(),
+            pl.col("threat_model").first(),
+            pl.col("eps").first(),
+            pl.col("success_rule").explode().unique().sort().str.join(" / "),
+            pl.col("eval_repeats").max(),
         )
         .with_columns(
             order=pl.col("attack").replace_strict(
@@ -175,12 +199,15 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
         # Equal-budget baselines are trained as plain backbones (model 'cnn_small', more
         # epochs); their attack rows carry control 'equal_budget', linked by train_id.
         "equal_budget": a.filter(pl.col("control") == EQUAL_BUDGET)
-        .select(pl.col("train_id").alias("trial_id"), pl.col("control").alias("_control")).unique("trial_id"),
+        .select(pl.col("train_id").alias("trial_id"), pl.col("control").alias("_control"))
+        .unique("trial_id"),
         # A hybrid's backbone alone has no train row (it is attacked through its hybrid's
         # checkpoint): it takes the clean accuracy its attack rows measured.
         "clean_fallback": a.filter(pl.col("control") == BACKBONE_ONLY)
-        .group_by([*VARIANT_KEYS, "seed"]).agg(pl.col("clean_acc").mean()),
-        "ids": a.select("trial_id") if (res.root / "manifest.json").exists()
+        .group_by([*VARIANT_KEYS, "seed"])
+        .agg(pl.col("clean_acc").mean()),
+        "ids": a.select("trial_id")
+        if (res.root / "manifest.json").exists()
         else a.select("trial_id").head(0),
     }
 
@@ -191,7 +218,8 @@ def _train_rows(train: pl.DataFrame, equal_budget: pl.DataFrame) -> pl.DataFrame
         return train
     return (
         train.join(equal_budget, on="trial_id", how="left")
-        .with_columns(pl.coalesce("_control", "control").alias("control")).drop("_control")
+        .with_columns(pl.coalesce("_control", "control").alias("control"))
+        .drop("_control")
     )
 
 
@@ -208,8 +236,10 @@ def _clean(train: pl.DataFrame, fallback: pl.DataFrame) -> pl.DataFrame:
         .agg(**agg, train_seconds=pl.col("train_seconds").mean(), train_steps=pl.col("train_steps").mean())
         .with_columns(_vkey(), pl.lit("train rows").alias("clean_source"))
     )
-    from_attack = fallback.group_by(VARIANT_KEYS).agg(**agg).with_columns(
-        _vkey(), pl.lit("attack rows").alias("clean_source")
+    from_attack = (
+        fallback.group_by(VARIANT_KEYS)
+        .agg(**agg)
+        .with_columns(_vkey(), pl.lit("attack rows").alias("clean_source"))
     )
     from_attack = from_attack.filter(~pl.col("vkey").is_in(from_train["vkey"].implode()))
     out = pl.concat([from_train, from_attack], how="diagonal_relaxed")
@@ -225,7 +255,8 @@ def _robustness(cells: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     settings = attack_settings(agg)
     rob = agg.drop("threat_model", "eps", "success_rule", "eval_repeats").join(
         settings.select("dataset", *ATTACK_KEYS, "attack_label", "attack_rank", "threat_model", "eps"),
-        on=["dataset", *ATTACK_KEYS], how="left",
+        on=["dataset", *ATTACK_KEYS],
+        how="left",
     )
     return rob, settings
 
@@ -248,8 +279,11 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         pl.when(calls > 0).then(pl.col("attack_seconds") / calls).alias("sec_per_call"),
     )
     base = baseline_rows(cost, baselines).select(
-        "dataset", "attack_label", pl.col("model").alias("baseline"),
-        pl.col("sec_per_sample").alias("_b_sps"), pl.col("calls_per_sample").alias("_b_cps"),
+        "dataset",
+        "attack_label",
+        pl.col("model").alias("baseline"),
+        pl.col("sec_per_sample").alias("_b_sps"),
+        pl.col("calls_per_sample").alias("_b_cps"),
         pl.col("sec_per_call").alias("_b_spc"),
     )
     cost = cost.join(base, on=["dataset", "attack_label"], how="left").with_columns(
@@ -268,10 +302,17 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
 def _diagnostics(res: Results) -> pl.DataFrame:
     d = res.diagnostic
     if not d.height:
-        return pl.DataFrame(schema={
-            "vkey": pl.String, "diagnostic": pl.String, "n": pl.UInt32, "n_pass": pl.UInt32,
-            "value_mean": pl.Float64, "value_std": pl.Float64, "details": pl.String,
-        })
+        return pl.DataFrame(
+            schema={
+                "vkey": pl.String,
+                "diagnostic": pl.String,
+                "n": pl.UInt32,
+                "n_pass": pl.UInt32,
+                "value_mean": pl.Float64,
+                "value_std": pl.Float64,
+                "details": pl.String,
+            }
+        )
     return (
         d.group_by([*VARIANT_KEYS, "diagnostic"])
         .agg(
@@ -374,10 +415,13 @@ def params_text(params: str | None) -> str:
         obj = json.loads(params)
     except json.JSONDecodeError:
         return params
+
     def short(key: str, v: Any) -> str:
         if isinstance(v, float):
             # Pixel budgets in 8-bit steps (eps, step sizes) are shown as such: 32/255.
-            on_255 = key in ("eps", "alpha") and math.isclose(v * 255, round(v * 255), abs_tol=1e-6) and v != 0
+            on_255 = (
+                key in ("eps", "alpha") and math.isclose(v * 255, round(v * 255), abs_tol=1e-6) and v != 0
+            )
             return f"{round(v * 255)}/255" if on_255 else f"{v:.4g}"
         return str(v)
 

@@ -28,6 +28,7 @@ def uncontrolled() -> pl.Expr:
     """Rows of the models themselves, not of a control."""
     return pl.col("control").is_null()
 
+
 # What drives a cost ratio (values of the cost table's `cost_driver` column).
 CALLS = "number of calls (defence)"
 PER_CALL = "time per call (model/simulator)"
@@ -68,15 +69,25 @@ def baseline_rows(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         schema={"dataset": pl.String, "model": pl.String},
     )
     # The baseline is a classical model: its variant columns besides model are null.
-    return rob.filter(uncontrolled()).join(base, on=["dataset", "model"], how="semi").unique(
-        ["dataset", "attack_label"], keep="first"
+    return (
+        rob.filter(uncontrolled())
+        .join(base, on=["dataset", "model"], how="semi")
+        .unique(["dataset", "attack_label"], keep="first")
     )
 
 
 # ---------------------------------------------------------------- verdicts
 _VERDICT_SCHEMA = {
-    "dataset": pl.String, "vkey": pl.String, "label": pl.String, "baseline": pl.String, "eps": pl.Float64,
-    "category": pl.String, "provisional": pl.Boolean, "diff": pl.Float64, "low": pl.Float64, "high": pl.Float64,
+    "dataset": pl.String,
+    "vkey": pl.String,
+    "label": pl.String,
+    "baseline": pl.String,
+    "eps": pl.Float64,
+    "category": pl.String,
+    "provisional": pl.Boolean,
+    "diff": pl.Float64,
+    "low": pl.Float64,
+    "high": pl.Float64,
     "verdict": pl.String,
 }
 
@@ -93,8 +104,11 @@ def eps_text(eps: float) -> str:
 
 def comparison_text(r: dict[str, Any], labels: dict[str, str]) -> str:
     """One paired comparison as a sentence: the verdict, its numbers, and what it rests on."""
-    how = "paired bootstrap over points, one seed" if r["n_seeds"] == 1 else (
-        f"hierarchical bootstrap over {r['n_seeds']} seeds, then points; per seed {r['per_seed']}")
+    how = (
+        "paired bootstrap over points, one seed"
+        if r["n_seeds"] == 1
+        else (f"hierarchical bootstrap over {r['n_seeds']} seeds, then points; per seed {r['per_seed']}")
+    )
     text = (
         f"{labels.get(r['a'], r['a'])} vs {labels.get(r['b'], r['b'])} ({r['dataset']}): **{r['verdict']}**"
         + (" (provisional: no full-strength attack)" if r["provisional"] else "")
@@ -105,7 +119,11 @@ def comparison_text(r: dict[str, Any], labels: dict[str, str]) -> str:
     )
     if r["verdict"] == "undecided":
         n = r["points_needed"]
-        text += "; no difference observed" if math.isinf(n) else f"; about {int(n)} points per seed would resolve it"
+        text += (
+            "; no difference observed"
+            if math.isinf(n)
+            else f"; about {int(n)} points per seed would resolve it"
+        )
     if r["full_strength"]:
         text += f"; full strength: {r['full_strength']}"
     return text
@@ -128,17 +146,28 @@ def interval_verdicts(
         head = {"dataset": v["dataset"], "vkey": v["vkey"], "label": v["label"]}
         found = by_hybrid.get(v["vkey"], [])
         if not found:
-            text = f"{v['label']} ({v['dataset']}): no L-inf attack in common with a CNN baseline: no verdict."
+            text = (
+                f"{v['label']} ({v['dataset']}): no L-inf attack in common with a CNN baseline: no verdict."
+            )
             rows.append({**head, "category": "no comparison", "verdict": text})
         for r in found:
             text = comparison_text(r, labels)
             n_failed, n_skipped = n_failed_by.get(v["vkey"], 0), n_skipped_by.get(v["vkey"], 0)
             if n_failed or n_skipped:
                 text += f"; not covered: {n_failed} failed trial(s), {n_skipped} attack row(s) skipped for NaN metrics"
-            rows.append({
-                **head, "baseline": labels.get(r["b"], r["b"]), "eps": r["eps"], "category": r["verdict"],
-                "provisional": r["provisional"], "diff": r["diff"], "low": r["low"], "high": r["high"], "verdict": text,
-            })
+            rows.append(
+                {
+                    **head,
+                    "baseline": labels.get(r["b"], r["b"]),
+                    "eps": r["eps"],
+                    "category": r["verdict"],
+                    "provisional": r["provisional"],
+                    "diff": r["diff"],
+                    "low": r["low"],
+                    "high": r["high"],
+                    "verdict": text,
+                }
+            )
     return pl.DataFrame(rows, schema=_VERDICT_SCHEMA)
 
 
@@ -155,10 +184,14 @@ def cost_drivers(cost: pl.DataFrame) -> pl.DataFrame:
     baseline itself, else CALLS or PER_CALL."""
     calls, per_call = pl.col("calls_ratio").log().abs(), pl.col("per_call_ratio").log().abs()
     return cost.with_columns(
-        pl.when(pl.col("time_ratio").is_null()).then(pl.lit(None, pl.String))
-        .when((pl.col("model") == pl.col("baseline")) & uncontrolled()).then(pl.lit("(baseline)"))
-        .when(_more_calls(calls, per_call, ties_to_calls=True)).then(pl.lit(CALLS))
-        .otherwise(pl.lit(PER_CALL)).alias("cost_driver"),
+        pl.when(pl.col("time_ratio").is_null())
+        .then(pl.lit(None, pl.String))
+        .when((pl.col("model") == pl.col("baseline")) & uncontrolled())
+        .then(pl.lit("(baseline)"))
+        .when(_more_calls(calls, per_call, ties_to_calls=True))
+        .then(pl.lit(CALLS))
+        .otherwise(pl.lit(PER_CALL))
+        .alias("cost_driver"),
     )
 
 
@@ -178,8 +211,10 @@ def variant_cost_drivers(compared: pl.DataFrame) -> pl.DataFrame:
     ]
     calls, per_call = pl.col("calls"), pl.col("per_call")
     driver = (
-        pl.when((calls == 0) & (per_call == 0)).then(pl.lit(_SAME_COST))
-        .when(_more_calls(calls, per_call, ties_to_calls=False)).then(pl.lit(CALLS))
+        pl.when((calls == 0) & (per_call == 0))
+        .then(pl.lit(_SAME_COST))
+        .when(_more_calls(calls, per_call, ties_to_calls=False))
+        .then(pl.lit(CALLS))
         .otherwise(pl.lit(PER_CALL))
     )
     return (
@@ -191,8 +226,17 @@ def variant_cost_drivers(compared: pl.DataFrame) -> pl.DataFrame:
 
 # ---------------------------------------------------------------- controls: where the gain comes from
 _CONTROL_COLUMNS = [
-    "dataset", "attack_label", "vkey_h", "asr_hybrid", "asr_backbone_only", "asr_equal_budget",
-    "asr_baseline", "gain_backbone", "gain_quantum", "n_seeds", "n_attacked",
+    "dataset",
+    "attack_label",
+    "vkey_h",
+    "asr_hybrid",
+    "asr_backbone_only",
+    "asr_equal_budget",
+    "asr_baseline",
+    "gain_backbone",
+    "gain_quantum",
+    "n_seeds",
+    "n_attacked",
 ]
 
 
@@ -214,12 +258,24 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     same_variant = [k for k in VARIANT_KEYS if k != "control"]
     ctrl = ctrl.select(*same_variant, "attack_label", pl.col("asr_mean").alias("asr_backbone_only"))
     eq = eq.select(
-        "dataset", pl.col("model").alias("backbone"), "attack_label", pl.col("asr_mean").alias("asr_equal_budget"),
+        "dataset",
+        pl.col("model").alias("backbone"),
+        "attack_label",
+        pl.col("asr_mean").alias("asr_equal_budget"),
     ).unique(["dataset", "backbone", "attack_label"])
-    base = baseline_rows(rob, baselines).select("dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline"))
+    base = baseline_rows(rob, baselines).select(
+        "dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline")
+    )
     out = (
-        hyb.select(*same_variant, "vkey", "attack_label", "attack_rank", "n_seeds", "n_attacked",
-                   asr_hybrid=pl.col("asr_mean"))
+        hyb.select(
+            *same_variant,
+            "vkey",
+            "attack_label",
+            "attack_rank",
+            "n_seeds",
+            "n_attacked",
+            asr_hybrid=pl.col("asr_mean"),
+        )
         .join(ctrl, on=[*same_variant, "attack_label"], how="left", nulls_equal=True)
         .join(eq, on=["dataset", "backbone", "attack_label"], how="left")
         .join(base, on=["dataset", "attack_label"], how="left")
@@ -264,18 +320,32 @@ def gain_sources(paired: pl.DataFrame, margin: float) -> pl.DataFrame:
     comparison, each as its paired verdict, and where the gain comes from (gain_source)."""
     parts: dict[tuple[str, float], dict[str, Any]] = {}
     for r in paired.iter_rows(named=True):
-        part = {"vs backbone alone": "quantum", "backbone alone vs CNN": "backbone",
-                "vs equal-budget backbone": "equal_budget"}.get(r["kind"])
+        part = {
+            "vs backbone alone": "quantum",
+            "backbone alone vs CNN": "backbone",
+            "vs equal-budget backbone": "equal_budget",
+        }.get(r["kind"])
         if part:
             parts.setdefault((r["hybrid"], r["eps"]), {"vkey_h": r["hybrid"], "eps": r["eps"]})[part] = r
     rows = []
     for p in parts.values():
         q, b, e = p.get("quantum"), p.get("backbone"), p.get("equal_budget")
-        rows.append({
-            "vkey_h": p["vkey_h"], "eps": p["eps"],
-            "quantum": q["verdict"] if q else None, "backbone": b["verdict"] if b else None,
-            "equal_budget": e["verdict"] if e else None, "source": gain_source(q, b, margin),
-        })
-    schema = {"vkey_h": pl.String, "eps": pl.Float64, "quantum": pl.String, "backbone": pl.String,
-              "equal_budget": pl.String, "source": pl.String}
+        rows.append(
+            {
+                "vkey_h": p["vkey_h"],
+                "eps": p["eps"],
+                "quantum": q["verdict"] if q else None,
+                "backbone": b["verdict"] if b else None,
+                "equal_budget": e["verdict"] if e else None,
+                "source": gain_source(q, b, margin),
+            }
+        )
+    schema = {
+        "vkey_h": pl.String,
+        "eps": pl.Float64,
+        "quantum": pl.String,
+        "backbone": pl.String,
+        "equal_budget": pl.String,
+        "source": pl.String,
+    }
     return pl.DataFrame(rows, schema=schema)
