@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,11 +25,19 @@ from typing import TYPE_CHECKING, Sequence
 from tqdm import tqdm
 
 from qshield_dist import executors
+from qshield_dist.attack_params import budget_reachable
 from qshield_dist.config import ConfigError, SweepConfig, check_availability, load_config, validate
 from qshield_dist.executors.base import Executor, Job, ProgressSink
-from qshield_dist.grid import AttackTrial, Grid, Trial, TrainTrial, build_grid
-from qshield_dist.attack_params import budget_reachable
-from qshield_dist.results import STAGE_VERSIONS, move_aside, package_versions, result_files, scan_done, stale_reason, write_manifest
+from qshield_dist.grid import AttackTrial, Grid, TrainTrial, Trial, build_grid
+from qshield_dist.results import (
+    STAGE_VERSIONS,
+    move_aside,
+    package_versions,
+    result_files,
+    scan_done,
+    stale_reason,
+    write_manifest,
+)
 
 if TYPE_CHECKING:
     from qshield_dist.trial import RunContext
@@ -63,12 +72,6 @@ class BarProgress(ProgressSink):
         self.bar.close()
 
 
-def make_executor(cfg: SweepConfig, args: argparse.Namespace, results_dir: Path) -> Executor:
-    """TEMPORARY shim for tests/test_launch.py while it moves to executors.make."""
-    update = {"executor": args.executor or cfg.executor, "workers": args.workers or cfg.workers, "results_dir": str(results_dir)}
-    return executors.make(cfg.model_copy(update=update))
-
-
 def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> list[Job]:
     from qshield_dist.trial import run_trial  # torch: only once something runs
 
@@ -95,7 +98,9 @@ def dry_run_table(grid: Grid, done: dict[str, str]) -> str:
         what = train.model.label
         if isinstance(t, AttackTrial):
             what += f" / {t.attack} ({t.preset})" + (f" [{t.control}]" if t.control else "")
-        lines.append(f"{t.trial_id:18} {t.stage:7} {done.get(t.trial_id, 'todo'):8} {t.dataset:12} {train.seed:>4}  {what}")
+        lines.append(
+            f"{t.trial_id:18} {t.stage:7} {done.get(t.trial_id, 'todo'):8} {t.dataset:12} {train.seed:>4}  {what}"
+        )
     return "\n".join(lines)
 
 
@@ -103,7 +108,11 @@ def stale_files(results_dir: Path, grid: Grid) -> dict[Path, str]:
     """Result files of trials that are not in the grid at the current versions, with why.
     Resume never reuses them (their ids are not the grid's); the summary sets them aside."""
     expected = {t.trial_id for t in grid.trials}
-    return {path: stale_reason(stage, path) for stage, trial_id, _, path in result_files(results_dir) if trial_id not in expected}
+    return {
+        path: stale_reason(stage, path)
+        for stage, trial_id, _, path in result_files(results_dir)
+        if trial_id not in expected
+    }
 
 
 def _count_reasons(stale: dict[Path, str]) -> str:
@@ -115,12 +124,17 @@ def _count_reasons(stale: dict[Path, str]) -> str:
 
 def manifest_trials(grid: Grid) -> dict[str, dict[str, object]]:
     """What the summary needs of every expected trial: stage, dataset and results version."""
-    return {t.trial_id: {"stage": t.stage, "dataset": t.dataset, "version": STAGE_VERSIONS[t.stage]} for t in grid.trials}
+    return {
+        t.trial_id: {"stage": t.stage, "dataset": t.dataset, "version": STAGE_VERSIONS[t.stage]}
+        for t in grid.trials
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m qshield_dist.launch", description="Run a QShield sweep.")
-    p.add_argument("sweep", nargs="?", default="sweeps/quick.yaml", help="sweep YAML (default sweeps/quick.yaml)")
+    p.add_argument(
+        "sweep", nargs="?", default="sweeps/quick.yaml", help="sweep YAML (default sweeps/quick.yaml)"
+    )
     p.add_argument("--results", help="results directory (default results/<sweep name>)")
     p.add_argument("--checkpoints", help="checkpoint cache directory (default from the YAML: checkpoints)")
     p.add_argument("--data-root", help="dataset directory (overrides data.data_root)")
@@ -129,13 +143,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ray-address", help="ray executor: 'auto' or host:port of a running cluster")
     p.add_argument("--dry-run", action="store_true", help="print the trials and run nothing")
     p.add_argument(
-        "--plan", action="store_true",
+        "--plan",
+        action="store_true",
         help="estimate time and memory per stage from a short calibration on this machine, write no result, run no sweep",
     )
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     p.add_argument("--retry-failed", action="store_true", help="also re-run trials recorded as failed")
     p.add_argument(
-        "--prune", action="store_true",
+        "--prune",
+        action="store_true",
         help="move result files of other versions or outside this grid to RESULTS.pruned-<time>/ (nothing is deleted), then exit",
     )
     p.add_argument("-v", "--verbose", action="store_true")
@@ -163,12 +179,21 @@ def _warn_unreachable_budgets(grid: Grid) -> None:
             p = t.params_dict
             log.warning(
                 "%s (%s preset): %d steps x %.4f cannot reach eps %.4f, so it may be weaker than FGSM;"
-                " 'preset: standard' uses a step of 2.5 x eps / steps", t.attack, t.preset, p["steps"], p["alpha"], p["eps"],
+                " 'preset: standard' uses a step of 2.5 x eps / steps",
+                t.attack,
+                t.preset,
+                p["steps"],
+                p["alpha"],
+                p["eps"],
             )
 
 
 def run_sweep(
-    cfg: SweepConfig, executor: Executor | None = None, *, retry_failed: bool = False, grid: Grid | None = None
+    cfg: SweepConfig,
+    executor: Executor | None = None,
+    *,
+    retry_failed: bool = False,
+    grid: Grid | None = None,
 ) -> dict[str, str]:
     """Run what is missing of a sweep; returns trial id -> 'ok', 'failed' or 'lost' for every
     trial of its grid (a trial done before keeps its recorded status). `executor` defaults to
@@ -180,14 +205,22 @@ def run_sweep(
     if stale:
         log.warning(
             "%d result files in %s are not this grid at the current versions (%s): not reused, set aside by the"
-            " summary; --prune moves them", len(stale), results_dir, _count_reasons(stale),
+            " summary; --prune moves them",
+            len(stale),
+            results_dir,
+            _count_reasons(stale),
         )
     finished = {k for k, v in done.items() if v == "ok" or (v == "failed" and not retry_failed)}
     todo = [t for t in grid.trials if t.trial_id not in finished]
     mode = 0o700 if cfg.private else 0o755
     results_dir.mkdir(parents=True, exist_ok=True, mode=mode)
     Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=mode)
-    meta = {"sweep": cfg.name, "spec": cfg.model_dump(), "versions": package_versions(), "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "sweep": cfg.name,
+        "spec": cfg.model_dump(),
+        "versions": package_versions(),
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     write_manifest(results_dir, meta, manifest_trials(grid), 0o600 if cfg.private else 0o644)
     from qshield_dist.trial import RunContext
 
@@ -202,8 +235,15 @@ def run_sweep(
     )
     log.info(
         "sweep %s: %d trials (%d train, %d attack, %d diagnostic), %d already done, %d to run on %s -> %s",
-        cfg.name, len(grid.trials), len(grid.train), len(grid.attack), len(grid.diagnostic),
-        len(grid.trials) - len(todo), len(todo), ctx.executor, results_dir,
+        cfg.name,
+        len(grid.trials),
+        len(grid.train),
+        len(grid.attack),
+        len(grid.diagnostic),
+        len(grid.trials) - len(todo),
+        len(todo),
+        ctx.executor,
+        results_dir,
     )
     previously_failed = sum(done.get(t.trial_id) == "failed" and not retry_failed for t in grid.trials)
     if previously_failed:
@@ -221,20 +261,37 @@ def run_sweep(
     counts = {s: sum(statuses[t.trial_id] == s for t in todo) for s in ("ok", "failed", "lost")}
     log.info(
         "done in %.1f s: %d ok, %d failed, %d lost; results in %s (summarize: python analysis/summarize.py %s)",
-        time.perf_counter() - start, counts["ok"], counts["failed"], counts["lost"], results_dir, results_dir,
+        time.perf_counter() - start,
+        counts["ok"],
+        counts["failed"],
+        counts["lost"],
+        results_dir,
+        results_dir,
     )
     if counts["failed"]:
         log.warning("failed trials are recorded as rows; re-run them with --retry-failed")
     return {t.trial_id: statuses[t.trial_id] for t in grid.trials}
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers: got {args.workers}: must be an integer >= 1")
-        overrides = {"results_dir": args.results, "checkpoint_dir": args.checkpoints, "executor": args.executor, "workers": args.workers}
+        overrides = {
+            "results_dir": args.results,
+            "checkpoint_dir": args.checkpoints,
+            "executor": args.executor,
+            "workers": args.workers,
+        }
         cfg = load_config(args.sweep, overrides)
         update = {}
         if args.data_root:
@@ -255,7 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("nothing to prune in %s", results_dir)
             return 0
         dest = move_aside(results_dir, stale, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        log.info("moved %d result files to %s (%s); the list is %s", len(stale), dest, _count_reasons(stale), dest / "moved.tsv")
+        log.info(
+            "moved %d result files to %s (%s); the list is %s",
+            len(stale),
+            dest,
+            _count_reasons(stale),
+            dest / "moved.tsv",
+        )
         return 0
     if args.plan:
         from qshield_dist.plan import run_plan  # torch only if something must be calibrated
@@ -265,8 +328,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         done = scan_done(results_dir)
         print(dry_run_table(grid, done))
-        print(f"{len(grid.train)} train, {len(grid.attack)} attack, {len(grid.diagnostic)} diagnostic trials, {sum(t.trial_id in done for t in grid.trials)} already done")
+        print(
+            f"{len(grid.train)} train, {len(grid.attack)} attack, {len(grid.diagnostic)} diagnostic trials, {sum(t.trial_id in done for t in grid.trials)} already done"
+        )
         return 0
+    # A kill (SIGTERM: scancel, timeout, a job scheduler) takes the path of Ctrl-C, so the
+    # executor stops its workers instead of leaving them running the sweep's trials unowned.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         statuses = run_sweep(cfg, retry_failed=args.retry_failed, grid=grid)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 import yaml
 
@@ -149,9 +150,19 @@ def test_other_sweeps_in_the_same_directory_are_untouched(tmp_path, monkeypatch)
     assert oct(Path("results/mine").stat().st_mode & 0o777) == "0o700"
 
 
-def test_ctrl_c_stops_promptly_and_leaves_no_partial_file(tmp_path):
-    """SIGINT to the launcher alone (as a scheduler sends it) stops the running trial too,
-    rather than waiting for it, and leaves only complete result files."""
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_stops_promptly_leaves_no_worker_and_no_partial_file(tmp_path, sig):
+    """SIGINT or SIGTERM to the launcher alone (as a scheduler or `timeout` sends it) stops the
+    running trial too, rather than waiting for it or leaving its worker running unowned, and
+    leaves only complete result files."""
     results = tmp_path / "results"
     sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
     sweep["train"]["epochs"] = 400  # a first trial of a minute or more: long enough to be interrupted
@@ -175,10 +186,13 @@ def test_ctrl_c_stops_promptly_and_leaves_no_partial_file(tmp_path):
         while "to run on local" not in (line := proc.stderr.readline()):
             assert line and time.time() < deadline, "launcher never started its trials"
         time.sleep(3)  # inside the first training trial
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         start = time.time()
         assert proc.wait(timeout=60) == 130
         assert time.time() - start < 15, "the launcher waited for the running trial instead of stopping it"
+        while _group_alive(proc.pid) and time.time() - start < 30:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "a worker outlived the launcher"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # never leave a worker behind, pass or fail

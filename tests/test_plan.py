@@ -77,8 +77,11 @@ def test_plan_prints_stage_rows_and_writes_nothing(tmp_path, capsys, monkeypatch
 
 
 def test_warns_when_a_trial_will_exceed_its_timeout(tmp_path, caplog):
-    sweep = _sweep(tmp_path, attacks=[{"name": "pgd", "params": {"steps": 1_000_000}}],
-                   resources={"attack": {"timeout_min": 1}})
+    sweep = _sweep(
+        tmp_path,
+        attacks=[{"name": "pgd", "params": {"steps": 1_000_000}}],
+        resources={"attack": {"timeout_min": 1}},
+    )
     assert _plan(tmp_path, sweep) == 0
     messages = [r.getMessage() for r in caplog.records]
     warned = [m for m in messages if "will exceed the attack timeout_min 1" in m]

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from qshield_dist.config import ModelSpec, SweepConfig
 from qshield_dist.datasets import DATASETS, check_available
-from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, Trial, TrainTrial, stable_hash
+from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, TrainTrial, Trial, stable_hash
 from qshield_dist.plan import calibration as cal
 from qshield_dist.plan.schedule import Estimate, capacity, render, schedule
 from qshield_dist.results import package_versions
@@ -55,8 +55,12 @@ CHUNK = 5  # calibrations per worker task
 # Bump when what a calibration measures changes: older cache files are then ignored.
 PLAN_VERSION = 2  # 2: a single-threaded run's time is its CPU time (an idle machine's)
 # (train, test) split sizes; the registry (datasets.py) does not record them.
-SPLITS = {"digits": (1437, 360), "mnist": (60000, 10000), "cifar10": (50000, 10000),
-          "organamnist": (34561, 17778)}
+SPLITS = {
+    "digits": (1437, 360),
+    "mnist": (60000, 10000),
+    "cifar10": (50000, 10000),
+    "organamnist": (34561, 17778),
+}
 # Attacks that stop a point at its first success: the share of their budget they used on the
 # trained models of quick.yaml (digits). Square: 0.25-0.47 of its queries per model, 0.35 over
 # all; DeepFool: 0.33 (cnn_small) and 0.10 (HQCNN) of its steps. One-Pixel (ASR 0 there) and
@@ -93,8 +97,16 @@ def model_kind(spec: ModelSpec, dataset: str) -> tuple[Any, ...]:
     info = DATASETS[dataset]
     kind: tuple[Any, ...] = (spec.model, info.channels, info.size)
     if spec.model == "hqcnn":
-        kind += (spec.backbone, spec.simulator, spec.device, spec.qubits, spec.trajectories, spec.projection,
-                 spec.input_noise > 0, spec.depth if spec.simulator == "qnode" else None)
+        kind += (
+            spec.backbone,
+            spec.simulator,
+            spec.device,
+            spec.qubits,
+            spec.trajectories,
+            spec.projection,
+            spec.input_noise > 0,
+            spec.depth if spec.simulator == "qnode" else None,
+        )
     return kind
 
 
@@ -183,11 +195,27 @@ def _cache_key(item: Item) -> str:
         scaled = cal.scaled_attack(t, first, trains)
     else:
         scaled = cal.scaled_diagnostic(t, first, trains)
-    policy = ("FIRST_UNITS", "MAX_UNITS", "TARGET_S", "TRAIN_TEST_POINTS", "ITERATION_CAPS", "SHRINK_EPS",
-              "REAL_PARAMS", "EARLY_STOP")
+    policy = (
+        "FIRST_UNITS",
+        "MAX_UNITS",
+        "TARGET_S",
+        "TRAIN_TEST_POINTS",
+        "ITERATION_CAPS",
+        "SHRINK_EPS",
+        "REAL_PARAMS",
+        "EARLY_STOP",
+    )
     sizes = {k: getattr(cal, k) for k in policy}
-    return stable_hash({"plan": PLAN_VERSION, "trial": scaled.trial_id, "synthetic": item.synthetic,
-                        "sizes": sizes, "machine": machine(), "versions": package_versions()})
+    return stable_hash(
+        {
+            "plan": PLAN_VERSION,
+            "trial": scaled.trial_id,
+            "synthetic": item.synthetic,
+            "sizes": sizes,
+            "machine": machine(),
+            "versions": package_versions(),
+        }
+    )
 
 
 def collect_items(plan: Plan, grid: Grid, usable: dict[str, bool], real: dict[str, bool]) -> dict[str, Any]:
@@ -242,8 +270,11 @@ def calibrate(plan: Plan, todo: list[Item], workers: int | None = None) -> float
     # Chunks of a few items, so that the workers stay busy until the end; each chunk makes its
     # own (cheap) checkpoints.
     ordered = sorted(groups.items(), key=lambda kv: "cnn" not in kv[0])  # ResNet-18 kinds first: the longest
-    tasks = [[{"key": i.key, "trial": i.trial, "trains": i.trains} for i in g[k : k + CHUNK]]
-             for _, g in ordered for k in range(0, len(g), CHUNK)]
+    tasks = [
+        [{"key": i.key, "trial": i.trial, "trains": i.trains} for i in g[k : k + CHUNK]]
+        for _, g in ordered
+        for k in range(0, len(g), CHUNK)
+    ]
     by_key = {i.key: i for i in todo}
     real = {name: not any(i.synthetic for i in todo if i.trial.dataset == name) for name in DATASETS}
     workers = _workers(plan.cfg, len(tasks)) if workers is None else workers
@@ -312,14 +343,22 @@ def estimate(t: Trial, r: dict[str, Any], synthetic: bool) -> tuple[float, float
         seconds = r["fixed_s"] + work + r["eval_s"] * n_test * repeats
         return seconds, mem + r["mem_unit_mb"] * t.eval.diagnostic_size
     points = min(t.eval.attack_size, n_test)
-    scale = _work(t.attack, t.params_dict, r["stochastic"]) / _work(t.attack, r["cal_params"], r["stochastic"])
+    scale = _work(t.attack, t.params_dict, r["stochastic"]) / _work(
+        t.attack, r["cal_params"], r["stochastic"]
+    )
     scale *= EARLY_STOP_FRACTION.get(t.attack, 1.0)
     seconds = r["fixed_s"] + r["unit_s"] * scale * points + r["eval_s"] * (n_test + points) * repeats
     return seconds, mem + r["mem_unit_mb"] * min(points, t.eval.batch_size)
 
 
-def run_plan(cfg: SweepConfig, grid: Grid, *, workers: int | None = None, out: Callable[[str], Any] = print,
-             as_json: bool = False) -> dict[str, Any]:
+def run_plan(
+    cfg: SweepConfig,
+    grid: Grid,
+    *,
+    workers: int | None = None,
+    out: Callable[[str], Any] = print,
+    as_json: bool = False,
+) -> dict[str, Any]:
     """Calibrate (or read the cache), extrapolate every trial, schedule, print the table."""
     start = time.perf_counter()
     plan = Plan(cfg)
@@ -330,8 +369,10 @@ def run_plan(cfg: SweepConfig, grid: Grid, *, workers: int | None = None, out: C
             real[name] = True
         except FileNotFoundError:
             real[name] = False
-            plan.warn(f"dataset '{name}' is not in {cfg.data.data_root}: calibrated on synthetic tensors of its"
-                      " shape; the time to load it is not in the estimate")
+            plan.warn(
+                f"dataset '{name}' is not in {cfg.data.data_root}: calibrated on synthetic tensors of its"
+                " shape; the time to load it is not in the estimate"
+            )
     usable = _usable_devices(plan, grid)
     group_of = collect_items(plan, grid, usable, real)
     root = cache_dir()
@@ -342,8 +383,10 @@ def run_plan(cfg: SweepConfig, grid: Grid, *, workers: int | None = None, out: C
     startup = _startup(root, startup)
     for item in plan.items.values():
         if item.record and "error" in item.record:
-            plan.warn(f"calibration of {item.label} failed ({item.record['error']}): its trials are not in the"
-                      " totals")
+            plan.warn(
+                f"calibration of {item.label} failed ({item.record['error']}): its trials are not in the"
+                " totals"
+            )
     estimates: dict[str, Estimate] = {}
     memo: dict[Any, Estimate] = {}  # trials that differ only in what costs nothing share one
     for t in grid.trials:
@@ -358,11 +401,15 @@ def run_plan(cfg: SweepConfig, grid: Grid, *, workers: int | None = None, out: C
     runs = [run for i in plan.items.values() if i.record for run in i.record.get("runs", ())]
     idle = sum(run["total"] for run in runs)
     plan.report["calibration"] = {
-        "items": len(plan.items), "cached": sum(i.cached for i in plan.items.values()),
-        "seconds": round(cal_seconds, 1), "cache": str(root), "machine": machine(),
+        "items": len(plan.items),
+        "cached": sum(i.cached for i in plan.items.values()),
+        "seconds": round(cal_seconds, 1),
+        "cache": str(root),
+        "machine": machine(),
         # Estimates are for an idle machine; how much slower the calibration ran here, and when
         "slowdown": sum(run.get("wall", run["total"]) for run in runs) / idle if idle else 1.0,
-        "load_average": os.getloadavg()[0], "plan_seconds": round(time.perf_counter() - start, 1),
+        "load_average": os.getloadavg()[0],
+        "plan_seconds": round(time.perf_counter() - start, 1),
     }
     plan.report["warnings"] = plan.warnings
     out(json.dumps(plan.report, indent=2, default=str) if as_json else render(plan.report))
@@ -382,16 +429,19 @@ def _usable_devices(plan: Plan, grid: Grid) -> dict[str, bool]:
             except Exception:  # the plugin raises its own error types
                 usable[name] = False
                 n = sum(t.model.device == name for t in grid.train)
-                plan.warn(f"device '{name}' is not usable here: its {n} hybrids' trials are estimated from"
-                          " their backbone alone (the closest kind that runs here): a lower bound, without the"
-                          f" circuit and a stochastic model's repeated draws; run --plan where {name} works")
+                plan.warn(
+                    f"device '{name}' is not usable here: its {n} hybrids' trials are estimated from"
+                    " their backbone alone (the closest kind that runs here): a lower bound, without the"
+                    f" circuit and a stochastic model's repeated draws; run --plan where {name} works"
+                )
     return usable
 
 
 def _startup(root: Path, measured: float | None) -> float:
     """Seconds a fresh trial process spends on its imports (cached per machine and versions)."""
-    name = "startup-" + stable_hash({"plan": PLAN_VERSION, "machine": machine(),
-                                     "versions": package_versions()})
+    name = "startup-" + stable_hash(
+        {"plan": PLAN_VERSION, "machine": machine(), "versions": package_versions()}
+    )
     if measured is not None:
         _store(root, name, {"seconds": measured})
         return measured

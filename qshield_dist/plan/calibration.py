@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from qshield_dist.datasets import DATASETS
-from qshield_dist.grid import AttackTrial, DiagnosticTrial, Trial, TrainTrial
+from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial
 from qshield_dist.results import read_rows, trial_path
 
 FIRST_UNITS = {"train": 1, "attack": 2, "diagnostic": 2}  # steps / points of the first run
@@ -41,8 +41,10 @@ TARGET_BATCH = 2  # a checkpoint an attack or a hybrid's training starts from: o
 def calibration_params(attack: str, params: dict[str, Any]) -> dict[str, Any]:
     if attack in REAL_PARAMS:
         return dict(params)
-    p = {k: min(v, ITERATION_CAPS[k]) if k in ITERATION_CAPS and isinstance(v, int) else v
-         for k, v in params.items()}
+    p = {
+        k: min(v, ITERATION_CAPS[k]) if k in ITERATION_CAPS and isinstance(v, int) else v
+        for k, v in params.items()
+    }
     if attack in EARLY_STOP and "eps" in p:
         p["eps"] = p["eps"] * SHRINK_EPS
     return p
@@ -65,13 +67,22 @@ def target(t: TrainTrial, trains: dict[str, TrainTrial]) -> TrainTrial:
 def scaled_attack(a: AttackTrial, points: int, trains: dict[str, TrainTrial]) -> AttackTrial:
     surrogate = target(a.surrogate, trains) if a.surrogate else None
     params = tuple(sorted(calibration_params(a.attack, a.params_dict).items()))
-    return replace(a, train=target(a.train, trains), surrogate=surrogate, params=params,
-                   eval=a.eval.model_copy(update={"attack_size": points}))
+    return replace(
+        a,
+        train=target(a.train, trains),
+        surrogate=surrogate,
+        params=params,
+        eval=a.eval.model_copy(update={"attack_size": points}),
+    )
 
 
 def scaled_diagnostic(d: DiagnosticTrial, points: int, trains: dict[str, TrainTrial]) -> DiagnosticTrial:
-    return replace(d, train=target(d.train, trains), attack_ids=(),
-                   eval=d.eval.model_copy(update={"diagnostic_size": points}))
+    return replace(
+        d,
+        train=target(d.train, trains),
+        attack_ids=(),
+        eval=d.eval.model_copy(update={"diagnostic_size": points}),
+    )
 
 
 class _Data:
@@ -82,8 +93,14 @@ class _Data:
     labels: Any = None
 
 
-def _loader(name: str, root: Any, train_size: Any = None, test_size: Any = None, download: bool = False,
-            subset_seed: int = 0) -> tuple[Any, Any]:
+def _loader(
+    name: str,
+    root: Any,
+    train_size: Any = None,
+    test_size: Any = None,
+    download: bool = False,
+    subset_seed: int = 0,
+) -> tuple[Any, Any]:
     import torch
 
     from qshield_dist.data import Split, load
@@ -114,7 +131,9 @@ def _patched(real: dict[str, bool], timer: list[float]) -> Iterator[float]:
     from qshield_dist import trial as trial_mod
 
     if not hasattr(trial_mod, "load") or not hasattr(diagnostics, "eps_sweep"):
-        raise RuntimeError("plan: trial.load or diagnostics.eps_sweep moved; update plan.calibration._patched")
+        raise RuntimeError(
+            "plan: trial.load or diagnostics.eps_sweep moved; update plan.calibration._patched"
+        )
     real_sweep = diagnostics.eps_sweep
     defaults = inspect.signature(real_sweep).parameters
     eps_values, steps = defaults["eps_values"].default, defaults["steps"].default
@@ -155,8 +174,9 @@ class CalibrationFailed(RuntimeError):
     pass
 
 
-def _run(t: Trial, ctx: Any, timer: list[float], n_train: int, n_test: int,
-         labels: Any = None) -> dict[str, Any]:
+def _run(
+    t: Trial, ctx: Any, timer: list[float], n_train: int, n_test: int, labels: Any = None
+) -> dict[str, Any]:
     """One timed run_trial; the row says how much of it was the scaled work (inner). Times are
     an idle machine's: the wall time divided by how much longer than its CPU time the run took
     (other processes' load), at one thread; with more, the wall time as measured."""
@@ -180,14 +200,26 @@ def _run(t: Trial, ctx: Any, timer: list[float], n_train: int, n_test: int,
         evals = row["n_test"] * r
     elif t.stage == "attack":
         units = row["n_attacked"]
-        inner, evals, flight = row["attack_seconds"], (row["n_test"] + units) * r, min(units, t.eval.batch_size)
+        inner, evals, flight = (
+            row["attack_seconds"],
+            (row["n_test"] + units) * r,
+            min(units, t.eval.batch_size),
+        )
     else:
         units = flight = t.eval.diagnostic_size
         inner, evals = sum(timer), row["n_test"] * r
-    return {"total": total, "wall": wall, "inner": float(inner) / slowdown, "units": int(units),
-            "eval_pts": int(evals),
-            "in_flight": int(flight), "peak_mb": _peak_mb(), "peak_own": reset,
-            "stochastic": bool(row["stochastic"]), "eval_repeats": r}
+    return {
+        "total": total,
+        "wall": wall,
+        "inner": float(inner) / slowdown,
+        "units": int(units),
+        "eval_pts": int(evals),
+        "in_flight": int(flight),
+        "peak_mb": _peak_mb(),
+        "peak_own": reset,
+        "stochastic": bool(row["stochastic"]),
+        "eval_repeats": r,
+    }
 
 
 def _next(run: dict[str, Any], stage: str) -> int | None:
@@ -213,14 +245,23 @@ def _fit(runs: list[dict[str, Any]], eval_s: float) -> dict[str, Any]:
     outer = [max(0.0, r["total"] - r["inner"] - eval_s * r["eval_pts"]) for r in runs]
     mem_unit = 0.0
     if len(runs) == 2 and last["in_flight"] > runs[0]["in_flight"]:
-        mem_unit = max(0.0, (last["peak_mb"] - runs[0]["peak_mb"]) / (last["in_flight"] - runs[0]["in_flight"]))
+        mem_unit = max(
+            0.0, (last["peak_mb"] - runs[0]["peak_mb"]) / (last["in_flight"] - runs[0]["in_flight"])
+        )
     # The least overhead: a process's first run also pays its one-time warm-up, which a sweep's
     # worker pays once, not per trial.
-    return {"fixed_s": min(outer) + w0, "unit_s": slope, "eval_s": eval_s,
-            "mem_mb": max(r["peak_mb"] for r in runs) - mem_unit * last["in_flight"], "mem_unit_mb": mem_unit,
-            "in_flight": last["in_flight"], "stochastic": last["stochastic"],
-            "eval_repeats": last["eval_repeats"],
-            "peak_own": all(r["peak_own"] for r in runs), "runs": runs}
+    return {
+        "fixed_s": min(outer) + w0,
+        "unit_s": slope,
+        "eval_s": eval_s,
+        "mem_mb": max(r["peak_mb"] for r in runs) - mem_unit * last["in_flight"],
+        "mem_unit_mb": mem_unit,
+        "in_flight": last["in_flight"],
+        "stochastic": last["stochastic"],
+        "eval_repeats": last["eval_repeats"],
+        "peak_own": all(r["peak_own"] for r in runs),
+        "runs": runs,
+    }
 
 
 class _Group:
@@ -306,8 +347,10 @@ class _Group:
             runs.append(_run(s, self.ctx, self.timer, base.train.batch_size, n, labels))
             n = _next(runs[-1], "attack") if len(runs) == 1 else None
         key = "backbone" if a.control == "backbone_only" else "model"
-        return {**_fit(runs, self.forward_cost(model, base, a.eval.batch_size, key)),
-                "cal_params": calibration_params(a.attack, a.params_dict)}
+        return {
+            **_fit(runs, self.forward_cost(model, base, a.eval.batch_size, key)),
+            "cal_params": calibration_params(a.attack, a.params_dict),
+        }
 
     def diagnostic(self, d: DiagnosticTrial, sweep_scale: float) -> dict[str, Any]:
         base = self.ensure(d.train)
@@ -323,7 +366,9 @@ class _Group:
         return {**_fit(runs, eval_s), "inner_scale": sweep_scale}
 
 
-def calibrate_group(items: list[dict[str, Any]], data_root: str, real: dict[str, bool]) -> list[dict[str, Any]]:
+def calibrate_group(
+    items: list[dict[str, Any]], data_root: str, real: dict[str, bool]
+) -> list[dict[str, Any]]:
     """Calibrate `items` (one model kind: {'key', 'trial', 'trains'}) -> one record per item,
     {'error': ...} where a calibration failed."""
     from qshield_dist.trial import RunContext
@@ -331,15 +376,22 @@ def calibrate_group(items: list[dict[str, Any]], data_root: str, real: dict[str,
     timer: list[float] = []
     out = []
     with tempfile.TemporaryDirectory(prefix="qshield-plan-") as tmp, _patched(real, timer) as sweep_scale:
-        ctx = RunContext(sweep="plan", results_dir=f"{tmp}/results", checkpoint_dir=f"{tmp}/checkpoints",
-                         data_root=data_root, executor="plan")
+        ctx = RunContext(
+            sweep="plan",
+            results_dir=f"{tmp}/results",
+            checkpoint_dir=f"{tmp}/checkpoints",
+            data_root=data_root,
+            executor="plan",
+        )
         trains: dict[str, TrainTrial] = {}
         for item in items:
             trains.update(item["trains"])
         group = _Group(ctx, timer, trains)
         how: dict[str, Callable[[Any], dict[str, Any]]] = {
-            "train": group.train, "attack": group.attack,
-            "diagnostic": lambda d: group.diagnostic(d, sweep_scale)}
+            "train": group.train,
+            "attack": group.attack,
+            "diagnostic": lambda d: group.diagnostic(d, sweep_scale),
+        }
         for item in items:
             start = time.perf_counter()
             try:
@@ -360,6 +412,7 @@ def warm_up() -> float:
     return warm_up.seconds  # type: ignore[attr-defined]
 
 
-def calibrate_in_worker(items: list[dict[str, Any]], data_root: str,
-                        real: dict[str, bool]) -> tuple[float, list[dict[str, Any]]]:
+def calibrate_in_worker(
+    items: list[dict[str, Any]], data_root: str, real: dict[str, bool]
+) -> tuple[float, list[dict[str, Any]]]:
     return getattr(warm_up, "seconds", 0.0), calibrate_group(items, data_root, real)

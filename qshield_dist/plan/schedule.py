@@ -78,16 +78,24 @@ def capacity(cfg: SweepConfig, warn: Callable[[str], None]) -> Slots:
         return Slots(cfg.workers, math.inf, False, slowdown=slowdown, note=note)
     if cfg.executor == "slurm":
         p = cfg.slurm.array_parallelism
-        return Slots(p, math.inf, False, waves=True, trial_start=True,
-                     note=f"slurm: {p} array tasks at once per wave, queue waits not included")
+        return Slots(
+            p,
+            math.inf,
+            False,
+            waves=True,
+            trial_start=True,
+            note=f"slurm: {p} array tasks at once per wave, queue waits not included",
+        )
     found = _ray_cluster(cfg)
     if found:
         note = f"ray: the cluster at {cfg.ray.address}: {found[0]:g} CPUs, {found[1]:g} GPUs"
         return Slots(*found, True, note=note)
     need_gpus = max(cfg.resources.train.gpus, cfg.resources.attack.gpus)
     gpus = max(need_gpus, 1.0)
-    warn(f"ray cluster at '{cfg.ray.address}' not reachable from here: wall time assumes a cluster of this"
-         f" machine's {cpus} CPUs and {gpus:g} GPU(s); run --plan on the cluster to use its real size")
+    warn(
+        f"ray cluster at '{cfg.ray.address}' not reachable from here: wall time assumes a cluster of this"
+        f" machine's {cpus} CPUs and {gpus:g} GPU(s); run --plan on the cluster to use its real size"
+    )
     return Slots(float(cpus), gpus, True, note=f"ray (assumed): {cpus} CPUs, {gpus:g} GPU(s)")
 
 
@@ -95,8 +103,13 @@ def _resources(cfg: SweepConfig, stage: str) -> Resources:
     return cfg.resources.train if stage == "train" else cfg.resources.attack
 
 
-def _simulate(trials: list[Trial], seconds: dict[str, float], need: Callable[[Trial], tuple[float, float]],
-              slots: Slots, t0: float) -> tuple[dict[str, float], dict[str, float]]:
+def _simulate(
+    trials: list[Trial],
+    seconds: dict[str, float],
+    need: Callable[[Trial], tuple[float, float]],
+    slots: Slots,
+    t0: float,
+) -> tuple[dict[str, float], dict[str, float]]:
     """List-schedule `trials` (deps among them first) from time t0 -> (start, end) per trial."""
     index = {t.trial_id: t for t in trials}
     waiting = {t.trial_id: sum(d in index for d in t.deps) for t in trials}
@@ -145,12 +158,22 @@ def _waves(grid: Grid) -> list[list[Trial]]:
     return [waves[k] for k in sorted(waves)]
 
 
-def schedule(cfg: SweepConfig, grid: Grid, estimates: dict[str, Estimate], slots: Slots, startup: float,
-             warn: Callable[[str], None]) -> dict[str, Any]:
+def schedule(
+    cfg: SweepConfig,
+    grid: Grid,
+    estimates: dict[str, Estimate],
+    slots: Slots,
+    startup: float,
+    warn: Callable[[str], None],
+) -> dict[str, Any]:
     """Per-stage rows and a total: trials, CPU-hours, GPU-hours, longest trial, peak memory, wall."""
     per_trial = startup if slots.trial_start else 0.0
-    seconds = {t.trial_id: estimates[t.trial_id].seconds * slots.slowdown + per_trial
-               if t.trial_id in estimates else 0.0 for t in grid.trials}
+    seconds = {
+        t.trial_id: estimates[t.trial_id].seconds * slots.slowdown + per_trial
+        if t.trial_id in estimates
+        else 0.0
+        for t in grid.trials
+    }
 
     def need(t: Trial) -> tuple[float, float]:
         if not slots.per_trial:
@@ -190,31 +213,53 @@ def schedule(cfg: SweepConfig, grid: Grid, estimates: dict[str, Estimate], slots
             if e.mem_mb > mem_gb * 1024:
                 over_mem.setdefault(e.item, []).append(e.mem_mb)
         for item, values in over_time.items():
-            warn(f"{len(values)} {stage} trial(s) ({item}) will exceed the {stage} timeout_min {limit_min}:"
-                 f" estimated up to {_duration(max(values))}")
+            warn(
+                f"{len(values)} {stage} trial(s) ({item}) will exceed the {stage} timeout_min {limit_min}:"
+                f" estimated up to {_duration(max(values))}"
+            )
         for item, values in over_mem.items():
-            warn(f"{len(values)} {stage} trial(s) ({item}) will exceed the {stage} mem_gb {mem_gb:g}:"
-                 f" estimated peak {max(values) / 1024:.1f} GB")
+            warn(
+                f"{len(values)} {stage} trial(s) ({item}) will exceed the {stage} mem_gb {mem_gb:g}:"
+                f" estimated peak {max(values) / 1024:.1f} GB"
+            )
         hours = sum(seconds[t.trial_id] for t in known) / 3600
-        rows.append({
-            "stage": stage, "trials": len(trials), "estimated": len(known),
-            "cpu_hours": hours * max(res.cpus, cfg.threads), "gpu_hours": hours * res.gpus,
-            "longest_s": seconds[longest.trial_id] if longest else 0.0,
-            "longest": estimates[longest.trial_id].item if longest else None,
-            "peak_mem_mb": max((estimates[t.trial_id].mem_mb for t in known), default=0.0),
-            "wall_s": _span(trials, start, end),
-            "over_timeout": sum(map(len, over_time.values())), "over_mem": sum(map(len, over_mem.values())),
-        })
+        rows.append(
+            {
+                "stage": stage,
+                "trials": len(trials),
+                "estimated": len(known),
+                "cpu_hours": hours * max(res.cpus, cfg.threads),
+                "gpu_hours": hours * res.gpus,
+                "longest_s": seconds[longest.trial_id] if longest else 0.0,
+                "longest": estimates[longest.trial_id].item if longest else None,
+                "peak_mem_mb": max((estimates[t.trial_id].mem_mb for t in known), default=0.0),
+                "wall_s": _span(trials, start, end),
+                "over_timeout": sum(map(len, over_time.values())),
+                "over_mem": sum(map(len, over_mem.values())),
+            }
+        )
     total = {
-        "stage": "total", "trials": len(grid.trials), "estimated": sum(r["estimated"] for r in rows),
-        "cpu_hours": sum(r["cpu_hours"] for r in rows), "gpu_hours": sum(r["gpu_hours"] for r in rows),
+        "stage": "total",
+        "trials": len(grid.trials),
+        "estimated": sum(r["estimated"] for r in rows),
+        "cpu_hours": sum(r["cpu_hours"] for r in rows),
+        "gpu_hours": sum(r["gpu_hours"] for r in rows),
         "longest_s": max(r["longest_s"] for r in rows),
         "longest": max(rows, key=lambda r: r["longest_s"])["longest"],
-        "peak_mem_mb": max(r["peak_mem_mb"] for r in rows), "wall_s": max(end.values(), default=t0),
-        "over_timeout": sum(r["over_timeout"] for r in rows), "over_mem": sum(r["over_mem"] for r in rows),
+        "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
+        "wall_s": max(end.values(), default=t0),
+        "over_timeout": sum(r["over_timeout"] for r in rows),
+        "over_mem": sum(r["over_mem"] for r in rows),
     }
-    return {"sweep": cfg.name, "executor": cfg.executor, "parallelism": slots.note, "startup_s": startup,
-            "critical_path_s": t0 + max(critical.values(), default=0.0), "stages": rows, "total": total}
+    return {
+        "sweep": cfg.name,
+        "executor": cfg.executor,
+        "parallelism": slots.note,
+        "startup_s": startup,
+        "critical_path_s": t0 + max(critical.values(), default=0.0),
+        "stages": rows,
+        "total": total,
+    }
 
 
 def _span(trials: list[Trial], start: dict[str, float], end: dict[str, float]) -> float:
@@ -238,9 +283,11 @@ def _hours(h: float) -> str:
 
 def render(report: dict[str, Any]) -> str:
     """The plan as a table, like --dry-run's."""
-    lines = [f"plan for sweep {report['sweep']} ({report['parallelism']})",
-             f"{'stage':11} {'trials':>8} {'CPU-h':>10} {'GPU-h':>10} {'longest trial':>14}  {'peak mem':>9}"
-             f" {'wall':>10}"]
+    lines = [
+        f"plan for sweep {report['sweep']} ({report['parallelism']})",
+        f"{'stage':11} {'trials':>8} {'CPU-h':>10} {'GPU-h':>10} {'longest trial':>14}  {'peak mem':>9}"
+        f" {'wall':>10}",
+    ]
     for r in [*report["stages"], report["total"]]:
         mem = f"{r['peak_mem_mb'] / 1024:.1f} GB" if r["estimated"] else "-"
         longest = _duration(r["longest_s"]) if r["estimated"] else "-"
@@ -252,17 +299,23 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"{total['trials'] - total['estimated']:,} trials have no estimate (see the warnings)")
     if total["longest"]:
         lines.append(f"longest: {total['longest']}")
-    lines.append(f"wall includes {_duration(report['startup_s'])} of process start-up; with unlimited"
-                 f" parallelism (the critical path): {_duration(report['critical_path_s'])}")
+    lines.append(
+        f"wall includes {_duration(report['startup_s'])} of process start-up; with unlimited"
+        f" parallelism (the critical path): {_duration(report['critical_path_s'])}"
+    )
     c = report.get("calibration")
     if c:
-        lines.append(f"calibration: {c['items']} representative trials ({c['cached']} cached) in"
-                     f" {c['seconds']:.0f} s on {c['machine']['host']} ({c['machine']['cpu']});"
-                     f" cache {c['cache']}")
+        lines.append(
+            f"calibration: {c['items']} representative trials ({c['cached']} cached) in"
+            f" {c['seconds']:.0f} s on {c['machine']['host']} ({c['machine']['cpu']});"
+            f" cache {c['cache']}"
+        )
     if c and c["slowdown"] > 1.1:
-        lines.append(f"times are an idle machine's: the calibration ran {c['slowdown']:.2f}x slower than its"
-                     f" CPU time here (load average {c['load_average']:.1f}); at that load the wall would be"
-                     f" about {_duration(total['wall_s'] * c['slowdown'])}")
+        lines.append(
+            f"times are an idle machine's: the calibration ran {c['slowdown']:.2f}x slower than its"
+            f" CPU time here (load average {c['load_average']:.1f}); at that load the wall would be"
+            f" about {_duration(total['wall_s'] * c['slowdown'])}"
+        )
     if report.get("warnings"):
         lines.append(f"{len(report['warnings'])} warning(s), logged above")
     return "\n".join(lines)
