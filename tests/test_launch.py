@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from qshield_dist import launch

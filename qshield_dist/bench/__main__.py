@@ -1,7 +1,9 @@
 """python -m qshield_dist.bench [quantum|models|draws|dispatch|summary|all] [--plot PNG]
 
 Prints one JSON object per measurement on stdout (logs go to stderr). The figures kept in
-benchmarks/RESULTS.md come from this command.
+benchmarks/RESULTS.md come from this command, and from the two that take their own arguments:
+`python -m qshield_dist.bench.slurm_packing` (a dev cluster) and `python -m
+qshield_dist.bench.crosscheck` (the project's AutoAttack against its authors' code).
 """
 
 from __future__ import annotations

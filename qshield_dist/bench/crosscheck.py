@@ -26,11 +26,12 @@ from typing import Any
 import polars as pl
 import torch
 
-from qshield_dist.config import ModelSpec
+from qshield_dist.config import SweepConfig, validate
 from qshield_dist.data import load
 from qshield_dist.datasets import DATASETS
+from qshield_dist.grid import AttackTrial, build_grid
 from qshield_dist.models import build_model
-from qshield_dist.results import MODEL_COLUMNS, read_manifest
+from qshield_dist.results import read_manifest
 from qshield_dist.train import load_checkpoint
 from qshield_dist.trial import predictions
 from qshield_dist.trial_env import seed_everything
@@ -46,12 +47,18 @@ def _rows(results: Path) -> list[dict[str, Any]]:
 
 
 def crosscheck(
-    row: dict[str, Any], checkpoints: Path, data_root: str, spec: dict[str, Any], points: int, seed: int
+    row: dict[str, Any],
+    trial: AttackTrial,
+    checkpoints: Path,
+    data_root: str,
+    spec: dict[str, Any],
+    points: int,
+    seed: int,
 ) -> dict[str, Any]:
     from autoattack import AutoAttack  # the authors' package, from --autoattack
 
     info = DATASETS[row["dataset"]]
-    model = build_model(ModelSpec(**{k: row[k] for k in MODEL_COLUMNS}), info)
+    model = build_model(trial.train.model, info)
     if load_checkpoint(checkpoints / f"{row['train_id']}.pt", model) is None:
         raise FileNotFoundError(f"no checkpoint {row['train_id']}.pt under {checkpoints}")
     model.eval()
@@ -109,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     meta, _ = read_manifest(results)
     spec = meta["spec"]
+    # the trial (its model spec) from the sweep's own grid, as the launcher resolved it
+    grid = build_grid(validate(SweepConfig.model_validate(spec)))
+    trials = {t.trial_id: t for t in grid.attack}
     for row in _rows(results):
         out = crosscheck(
             row,
+            trials[row["trial_id"]],
             Path(args.checkpoints),
             args.data_root or spec["data"]["data_root"],
             spec,
