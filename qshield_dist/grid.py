@@ -11,6 +11,7 @@ so checkpoints are shared between sweeps and re-running a sweep finds what is do
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
@@ -28,9 +29,36 @@ def _current_version(stage: str) -> Any:
     return field(default_factory=lambda: STAGE_VERSIONS[stage])
 
 
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def stable_hash(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+_PLACEHOLDER = "\x00train id\x00"  # JSON-escaped to a string no trial id can contain
+_PLACEHOLDER_JSON = json.dumps(_PLACEHOLDER)
+
+
+def _attack_identity(key: tuple[Any, ...], train_id: str) -> dict[str, Any]:
+    version, threads, attack, preset, params, eval_cfg, control, surrogate = key
+    return {
+        "version": version,
+        "threads": threads,
+        "train": train_id,
+        "attack": attack,
+        "preset": preset,
+        "params": dict(params),
+        "eval": eval_cfg.model_dump(exclude={"controls", "diagnostics"}),
+        "control": control,
+        "surrogate": surrogate,
+    }
+
+
+@functools.lru_cache(maxsize=4096)
+def _attack_template(key: tuple[Any, ...]) -> str:
+    return canonical_json(_attack_identity(key, _PLACEHOLDER))
 
 
 @dataclass(frozen=True)
@@ -63,7 +91,7 @@ class TrainTrial:
     def trial_id(self) -> str:
         return "T" + stable_hash(self.identity())
 
-    @property
+    @cached_property
     def deps(self) -> tuple[str, ...]:
         return (self.baseline_id,) if self.baseline_id else ()
 
@@ -91,21 +119,27 @@ class AttackTrial:
 
     @cached_property
     def trial_id(self) -> str:
-        return "A" + stable_hash(
-            {
-                "version": self.version,
-                "threads": self.threads,
-                "train": self.train.trial_id,
-                "attack": self.attack,
-                "preset": self.preset,
-                "params": self.params_dict,
-                "eval": self.eval.model_dump(exclude={"controls", "diagnostics"}),
-                "control": self.control,
-                "surrogate": self.surrogate.trial_id if self.surrogate else None,
-            }
+        # The hash of _attack_identity(key, model's id), with the JSON of everything but the
+        # model's id made once per attack configuration, not once per trial (a paper-scale grid
+        # has about 10^6 attack trials, and `--plan` must expand one in seconds).
+        surrogate = self.surrogate.trial_id if self.surrogate else None
+        key = (
+            self.version,
+            self.threads,
+            self.attack,
+            self.preset,
+            self.params,
+            self.eval,
+            self.control,
+            surrogate,
         )
+        try:
+            blob = _attack_template(key).replace(_PLACEHOLDER_JSON, json.dumps(self.train.trial_id))
+        except TypeError:  # a parameter value that cannot be a cache key (a list): no shortcut
+            blob = canonical_json(_attack_identity(key, self.train.trial_id))
+        return "A" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    @property
+    @cached_property
     def deps(self) -> tuple[str, ...]:
         return tuple(t.trial_id for t in (self.train, self.surrogate) if t is not None)
 
@@ -137,7 +171,7 @@ class DiagnosticTrial:
             }
         )
 
-    @property
+    @cached_property
     def deps(self) -> tuple[str, ...]:
         return (self.train.trial_id, *self.attack_ids)
 

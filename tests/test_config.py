@@ -92,6 +92,44 @@ def test_bad_input_exits_2_before_writing_anything(tmp_path, monkeypatch, caplog
     assert not (tmp_path / "ckpt").exists()
 
 
+DUPLICATED = """\
+name: twice
+data: {dataset: digits, train_size: 100, test_size: 50}
+seeds: [0]
+models:
+  - model: hqcnn
+    backbone: cnn_small
+    entanglement: full
+    backbone: dnn
+attacks:
+  - name: fgsm
+"""
+
+
+@pytest.mark.parametrize(
+    "text,fragments",
+    [
+        (
+            DUPLICATED.replace("backbone: dnn", "noise_model: mixed"),
+            ["'seeds' given twice", "lines 3 and 11", "[0, 1, 2]"],
+        ),
+        (DUPLICATED, ["'backbone' given twice", "lines 6 and 8", "'dnn'"]),
+    ],
+    ids=["top level", "inside a models entry"],
+)
+def test_a_key_given_twice_is_refused_naming_it(tmp_path, monkeypatch, caplog, text, fragments):
+    """PyYAML keeps the last of two equal keys without a word; the launcher refuses the file."""
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(text if "dnn" in text else text + "seeds: [0, 1, 2]\n")
+    with caplog.at_level(logging.ERROR):
+        code = launch.main([str(sweep), "--results", str(tmp_path / "results")])
+    assert code == 2
+    for fragment in fragments:
+        assert fragment in caplog.text, f"{fragment!r} missing from: {caplog.text}"
+    assert not (tmp_path / "results").exists()
+
+
 def test_bad_cli_workers_and_missing_file(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert launch.main([str(tmp_path / "nope.yaml")]) == 2
@@ -140,3 +178,20 @@ def test_an_unknown_autoattack_version_is_refused_before_compute(tmp_path, caplo
         "attacks[0].params.version: got 'plus'" in caplog.text and "auto, standard, rand, fast" in caplog.text
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_attack_ids_from_the_cached_template_equal_the_plain_hash(monkeypatch):
+    """Attack ids serialize their configuration once per attack (a template with the model's id
+    spliced in); the result must be the hash of the full identity, as computed without it."""
+    from qshield_dist import grid as grid_module
+
+    spec = validate(load_config("sweeps/quick.yaml"))
+    fast = [t.trial_id for t in build_grid(spec).attack]
+
+    def no_template(key):
+        raise TypeError("unhashable")
+
+    monkeypatch.setattr(grid_module, "_attack_template", no_template)
+    plain = [t.trial_id for t in build_grid(spec).attack]
+    assert len(set(fast)) == len(fast) > 40
+    assert fast == plain

@@ -8,6 +8,7 @@ one before). O(N log N) in the number of trials.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import os
@@ -112,6 +113,11 @@ def _simulate(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """List-schedule `trials` (deps among them first) from time t0 -> (start, end) per trial."""
     index = {t.trial_id: t for t in trials}
+    # what each trial holds while it runs; a request larger than the cluster runs alone
+    held = {}
+    for t in trials:
+        c, g = need(t)
+        held[t.trial_id] = (min(c, slots.cpus), min(g, slots.gpus))
     waiting = {t.trial_id: sum(d in index for d in t.deps) for t in trials}
     children: dict[str, list[str]] = {}
     for t in trials:
@@ -130,8 +136,7 @@ def _simulate(
     while True:
         for queue in ready.values():
             while queue:
-                c, g = need(index[queue[0]])
-                c, g = min(c, slots.cpus), min(g, slots.gpus)  # a request larger than the cluster runs alone
+                c, g = held[queue[0]]
                 if c > free_c + 1e-9 or g > free_g + 1e-9:
                     break
                 key = queue.popleft()
@@ -141,8 +146,8 @@ def _simulate(
         if not running:
             return start, end
         now, key = heapq.heappop(running)
-        c, g = need(index[key])
-        free_c, free_g = free_c + min(c, slots.cpus), free_g + min(g, slots.gpus)
+        c, g = held[key]
+        free_c, free_g = free_c + c, free_g + g
         for child in children.get(key, ()):
             waiting[child] -= 1
             if not waiting[child]:
@@ -175,11 +180,15 @@ def schedule(
         for t in grid.trials
     }
 
-    def need(t: Trial) -> tuple[float, float]:
+    @functools.cache
+    def stage_need(stage: str, threads: int) -> tuple[float, float]:
         if not slots.per_trial:
             return 1.0, 0.0
-        res = _resources(cfg, t.stage)
-        return max(res.cpus, t.threads), res.gpus
+        res = _resources(cfg, stage)
+        return max(res.cpus, threads), res.gpus
+
+    def need(t: Trial) -> tuple[float, float]:
+        return stage_need(t.stage, t.threads)
 
     # The launcher's own imports, then (local, Ray) each worker's before its first trial.
     t0 = startup * (1 if slots.trial_start else 2)
