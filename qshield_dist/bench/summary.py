@@ -88,6 +88,13 @@ def _write_chunks(root: Path, stage: str, df: pl.DataFrame, rows_per_file: int, 
     return n_files
 
 
+def _train_key() -> pl.Expr:
+    """A synthetic train trial's id: one per dataset, variant and seed."""
+    return (
+        pl.lit("T") + pl.col("dataset") + pl.col("v").cast(pl.String) + "_" + pl.col("seed").cast(pl.String)
+    )
+
+
 def write_synthetic(
     root: Path, n_rows: int = 1_000_000, rows_per_file: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
@@ -132,13 +139,7 @@ def write_synthetic(
     attack = attack.with_columns(
         pl.lit("attack").alias("stage"),
         (pl.lit("A") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"),
-        (
-            pl.lit("T")
-            + pl.col("dataset")
-            + pl.col("v").cast(pl.String)
-            + "_"
-            + pl.col("seed").cast(pl.String)
-        ).alias("train_id"),
+        _train_key().alias("train_id"),
         pl.col("model").alias("variant"),
         pl.lit("paper").alias("attack_preset"),
         pl.col("attack").replace_strict(params).alias("attack_params"),
@@ -165,13 +166,7 @@ def write_synthetic(
     )
     train = train.with_columns(
         pl.lit("train").alias("stage"),
-        (
-            pl.lit("T")
-            + pl.col("dataset")
-            + pl.col("v").cast(pl.String)
-            + "_"
-            + pl.col("seed").cast(pl.String)
-        ).alias("trial_id"),
+        _train_key().alias("trial_id"),
         pl.col("model").alias("variant"),
         pl.Series("clean_acc", rng.uniform(0.85, 0.99, train.height)),
         pl.lit(256).alias("n_test"),

@@ -27,6 +27,7 @@ from scipy import stats
 ALPHA = 0.05
 POWER = 0.8
 N_RESAMPLES = 4000
+_PERCENTILE_BOOTSTRAP = {"n_resamples": N_RESAMPLES, "confidence_level": 1 - ALPHA, "method": "percentile"}
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,7 @@ def paired_interval(
             lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis),
             paired=True,
             vectorized=True,
-            n_resamples=N_RESAMPLES,
-            confidence_level=1 - ALPHA,
-            method="percentile",
+            **_PERCENTILE_BOOTSTRAP,
             rng=rng,
         )
         return float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -92,9 +91,7 @@ def paired_interval(
         (np.arange(len(diffs)),),
         resampled,
         vectorized=False,
-        n_resamples=N_RESAMPLES,
-        confidence_level=1 - ALPHA,
-        method="percentile",
+        **_PERCENTILE_BOOTSTRAP,
         rng=rng,
     )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
