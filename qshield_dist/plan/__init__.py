@@ -7,9 +7,9 @@ checkpoint directories and no executor is started.
   real `run_trial` on a scaled-down copy (plan/calibration.py), at two sizes where the first is
   quick, so that time = fixed overhead + per-unit cost x units + per-point cost of the clean
   evaluations (units: optimizer steps, attacked points, diagnostic points), with each run's
-  peak RSS. A model kind is what makes cost differ: model, backbone, simulator and device,
-  qubits, trajectories, projection, input noise, image shape (channels, size); entanglement,
-  noise, fusion, encoding and (compiled) depth variants share one calibration.
+  peak RSS. A model kind (plan/kinds.py) is what makes cost differ: model, backbone, simulator
+  and device, qubits, trajectories, projection, input noise, image shape (channels, size);
+  entanglement, noise, fusion, encoding and (compiled) depth variants share one calibration.
 - Extrapolate each trial from its kind: steps from its train config and split size, attacked
   points from attack_size (every point assumed clean-correct: an upper bound), capped attack
   iterations scaled back linearly, Square and DeepFool at EARLY_STOP_FRACTION of their budget.
@@ -38,14 +38,15 @@ import os
 import platform
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from qshield_dist.config import ModelSpec, SweepConfig
+from qshield_dist.config import SweepConfig
 from qshield_dist.datasets import DATASETS, check_available
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, TrainTrial, Trial, stable_hash
 from qshield_dist.plan import calibration as cal
+from qshield_dist.plan.kinds import Item, _group, _shape, _trains_of, _with_standins, model_kind
 from qshield_dist.plan.schedule import Estimate, capacity, render, schedule
 from qshield_dist.results import package_versions
 
@@ -85,53 +86,6 @@ def machine() -> dict[str, str]:
     return {"host": socket.gethostname(), "cpu": cpu, "cpus": str(len(os.sched_getaffinity(0)))}
 
 
-def _standin(spec: ModelSpec, usable: dict[str, bool]) -> ModelSpec:
-    """A hybrid on a device this machine lacks is estimated from its backbone alone, the closest
-    kind that runs here (a lower bound: without the circuit and a stochastic model's draws)."""
-    if spec.model == "hqcnn" and spec.simulator == "qnode" and not usable.get(spec.device, True):
-        return ModelSpec(model=spec.backbone)
-    return spec
-
-
-def model_kind(spec: ModelSpec, dataset: str) -> tuple[Any, ...]:
-    info = DATASETS[dataset]
-    kind: tuple[Any, ...] = (spec.model, info.channels, info.size)
-    if spec.model == "hqcnn":
-        kind += (
-            spec.backbone,
-            spec.simulator,
-            spec.device,
-            spec.qubits,
-            spec.trajectories,
-            spec.projection,
-            spec.input_noise > 0,
-            spec.depth if spec.simulator == "qnode" else None,
-        )
-    return kind
-
-
-@dataclass
-class Item:
-    """One calibration: the representative of every trial of its group."""
-
-    stage: str
-    trial: Trial  # the representative, its hybrid's backbone where the hybrid's device is unusable
-    trains: dict[str, TrainTrial]
-    synthetic: bool
-    key: str = ""
-    record: dict[str, Any] | None = None
-    cached: bool = False
-
-    @property
-    def label(self) -> str:
-        t = self.trial
-        train = t if isinstance(t, TrainTrial) else t.train
-        what = f"{train.model.label.split(' ')[0]} on {t.dataset}"
-        if isinstance(t, AttackTrial):
-            what += f" / {t.attack} ({t.preset})" + (f" [{t.control}]" if t.control else "")
-        return f"{t.stage}: {what}"
-
-
 @dataclass
 class Plan:
     cfg: SweepConfig
@@ -142,48 +96,6 @@ class Plan:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         log.warning("%s", message)
-
-
-def _group(t: Trial, usable: dict[str, bool], kinds: dict[Any, tuple[Any, ...]]) -> tuple[Any, ...]:
-    """What a trial's cost depends on; `kinds` memoizes the model kind per train trial and control."""
-    train = t if isinstance(t, TrainTrial) else t.train
-    control = getattr(t, "control", None) == "backbone_only"
-    kind = kinds.get((train.trial_id, control))
-    if kind is None:
-        spec = _standin(train.model, usable)
-        # the hybrid's backbone alone is what a backbone_only control attacks
-        spec = ModelSpec(model=spec.backbone) if control and spec.model == "hqcnn" else spec
-        kind = kinds[(train.trial_id, control)] = model_kind(spec, t.dataset)
-    if isinstance(t, AttackTrial):
-        surrogate = model_kind(t.surrogate.model, t.dataset) if t.surrogate else None
-        return ("attack", kind, t.attack, t.preset, surrogate)
-    return (t.stage, kind)
-
-
-def _with_standins(t: Trial, usable: dict[str, bool]) -> Trial:
-    train = t if isinstance(t, TrainTrial) else t.train
-    spec = _standin(train.model, usable)
-    if spec is train.model:
-        return t
-    backbone = replace(train, model=spec, baseline_id=None)
-    if isinstance(t, TrainTrial):
-        return backbone
-    if isinstance(t, AttackTrial):
-        return replace(t, train=backbone, control=None)
-    return replace(t, train=backbone)
-
-
-def _trains_of(t: Trial, by_id: dict[str, TrainTrial]) -> dict[str, TrainTrial]:
-    todo = [t if isinstance(t, TrainTrial) else t.train]
-    if isinstance(t, AttackTrial) and t.surrogate:
-        todo.append(t.surrogate)
-    out: dict[str, TrainTrial] = {}
-    while todo:
-        train = todo.pop()
-        out[train.trial_id] = train
-        if train.baseline_id:
-            todo.append(by_id[train.baseline_id])
-    return out
 
 
 def _cache_key(item: Item) -> str:
@@ -310,17 +222,6 @@ def split_sizes(t: Trial) -> tuple[int, int]:
     train = t if isinstance(t, TrainTrial) else t.train
     full_train, full_test = SPLITS.get(t.dataset, (10000, 2000))
     return min(train.train_size or full_train, full_train), min(train.test_size or full_test, full_test)
-
-
-def _shape(t: Trial) -> tuple[Any, ...]:
-    """Everything `estimate` reads of a trial besides its group and dataset."""
-    train = t if isinstance(t, TrainTrial) else t.train
-    sizes = (train.train_size, train.test_size)
-    if isinstance(t, TrainTrial):
-        return (*sizes, t.train.epochs, t.train.batch_size, t.train.max_steps)
-    if isinstance(t, AttackTrial):
-        return (*sizes, t.attack, t.params, t.eval.attack_size, t.eval.batch_size, t.eval.eval_repeats)
-    return (*sizes, t.eval.diagnostic_size, t.eval.eval_repeats)
 
 
 def estimate(t: Trial, r: dict[str, Any], synthetic: bool) -> tuple[float, float]:

@@ -1,11 +1,13 @@
 """Summaries of a results directory: tables, paper comparison, plots, an honest report.
 
-Data flow, each module importing only the ones before it: load.py (lazy Polars scans of
-the hive-partitioned Parquet files, validation) -> verdicts.py (every judgement: baselines,
-verdicts, cost drivers, controls) -> tables.py (robustness, attack cost, diagnostics,
-honesty; assembles the judged tables) -> paper.py (published numbers beside the measured
-ones) and plots.py -> render.py (TextTable, Section, number formats; Markdown, CSV,
-LaTeX, self-contained HTML) -> sections.py (one function per report section) -> report.py
+Data flow, each module importing only the ones before it: current_grid.py (manifest.json's
+grid; what is set aside from it) -> load.py (lazy Polars scans of the hive-partitioned
+Parquet files, validation) -> verdicts.py (every judgement: baselines, verdicts, cost
+drivers, controls) -> tables.py (robustness, attack cost, diagnostics, honesty; assembles
+the judged tables) -> paper.py (published numbers beside the measured ones) and plots.py
+-> render.py (TextTable, Section, number formats; Markdown, CSV, LaTeX, self-contained
+HTML) -> sections.py (one function per report section) -> sections_verdicts.py (the
+sections of the paired judgements: verdicts, worst case, controls) -> report.py
 (`summarize()`, the pipeline). cli.py is the command line (`python analysis/summarize.py`).
 """
 

@@ -4,7 +4,8 @@ Files are listed once in Python (cheap: names only) so each stage is scanned laz
 its own with only the columns it needs; `.failed.parquet` files are scanned separately.
 Only the sweep's current grid is summarized: files of trials that manifest.json does not
 list (another results version, an older schema, a grid point removed from the sweep) are
-set aside and counted by reason in `Results.set_aside`, never mixed in and never an error.
+set aside and counted by reason in `Results.set_aside` (current_grid.py), never mixed in and
+never an error.
 Everything that makes a summary impossible (missing or empty directory, unreadable files,
 several sweeps mixed without --sweep) raises SummaryError with a message for a person; rows
 that are merely unusable (NaN metrics) are set aside in `Results.skipped` and reported.
@@ -13,8 +14,6 @@ that are merely unusable (NaN metrics) are set aside in `Results.skipped` and re
 from __future__ import annotations
 
 import logging
-import multiprocessing
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qshield_dist.results import (
-    MODEL_COLUMNS,
-    SCHEMA,
-    SCHEMA_VERSION,
-    STAGE_VERSIONS,
-    ManifestError,
-    read_manifest,
-    result_files,
-    stored_versions,
+from qshield_dist.results import MODEL_COLUMNS, SCHEMA, SCHEMA_VERSION, result_files
+from qshield_dist.summary.current_grid import (
+    reasons_text,
+    resolve_manifest,
+    schema_problem,
+    set_aside_files,
+    stale_reason,
+    start_manifest_job,
 )
 
 log = logging.getLogger(__name__)
@@ -126,39 +124,6 @@ def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], int]:
     return ok, [p for t, p in failed.items() if t not in ok_ids], superseded
 
 
-def _set_aside(by_kind: dict[str, list[str]], keep: Any, set_aside: dict[str, int]) -> dict[str, list[str]]:
-    """Split every kind's files by `keep(path)` (None: keep, else the reason); the rows of the
-    others are counted by their reason."""
-    kept: dict[str, list[str]] = {}
-    for kind, files in by_kind.items():
-        kept[kind] = []
-        for path in files:
-            reason = keep(path)
-            if reason is None:
-                kept[kind].append(path)
-                continue
-            try:
-                rows = pq.read_metadata(path).num_rows
-            except (OSError, pa.ArrowException):
-                rows = 1
-            set_aside[reason] = set_aside.get(reason, 0) + rows
-    return kept
-
-
-def _schema_problem(path: str) -> str | None:
-    """Why a file cannot be read as the current schema, or None if it can."""
-    try:
-        found = {f.name: f.type for f in pq.read_schema(path)}
-        schema = stored_versions(Path(path)).get("schema_version")
-    except (OSError, pa.ArrowException) as exc:
-        return f"unreadable Parquet ({type(exc).__name__})"
-    if schema != SCHEMA_VERSION:
-        return f"schema version {schema if schema is not None else '?'} (current {SCHEMA_VERSION})"
-    if any(found.get(f.name) != f.type for f in SCHEMA):
-        return f"other columns than schema version {SCHEMA_VERSION} (written by an unreleased build?)"
-    return None
-
-
 def _diagnose(files: list[str]) -> str:
     """Why a set of files cannot be read as one dataset: per-file schema and version."""
     expected = {f.name: f.type for f in SCHEMA}
@@ -212,64 +177,6 @@ def collect(queries: list[pl.LazyFrame], files: list[str]) -> list[pl.DataFrame]
     except Exception as exc:  # polars raises several error types for bad files; all mean "bad input"
         log.debug("scan failed: %s", exc)
         raise SummaryError(_diagnose(files)) from None
-
-
-_SEP = "\x1f"  # joins trial ids for the trip between processes (ids are hex hashes)
-
-
-def _read_manifest(root: Path) -> tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]:
-    """The manifest (without its trial list), a note when it is absent or unusable
-    (tolerated: a sweep may predate it), and its trials as three joined strings (ids, stages,
-    datasets): cheap to send back from a worker process."""
-    try:
-        manifest, trials = read_manifest(root)
-    except ManifestError as exc:
-        return (
-            None,
-            f"{exc}: the current grid is not known, so every result file is summarized and missing trials are not listed",
-            None,
-        )
-    joined = (
-        _SEP.join(trials),
-        _SEP.join(str(t.get("stage") or "") for t in trials.values()),
-        _SEP.join(str(t.get("dataset") or "") for t in trials.values()),
-    )
-    return manifest, None, joined
-
-
-def _start_manifest_job(
-    root: Path,
-) -> Future[tuple[dict[str, Any] | None, str | None, tuple[str, str, str] | None]]:
-    """Parse manifest.json in a forked process while the files are listed: json.loads holds
-    the GIL for the whole parse (1.6 s for a million trials)."""
-    executor: Any
-    if "fork" in multiprocessing.get_all_start_methods() and (root / "manifest.json").exists():
-        executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
-    else:
-        executor = ThreadPoolExecutor(max_workers=1)
-    job = executor.submit(_read_manifest, root)
-    executor.shutdown(wait=False)
-    return job
-
-
-def _resolve_manifest(
-    job: Future[Any], notes: list[str]
-) -> tuple[dict[str, Any] | None, pl.DataFrame | None]:
-    try:
-        manifest, note, joined = job.result()
-    except Exception as exc:  # a dead worker must not sink the report: the grid check is skipped, and said so
-        manifest, note, joined = None, f"manifest.json could not be read ({type(exc).__name__}: {exc})", None
-    if note:
-        notes.append(note)
-    if joined is None:
-        return manifest, None
-    expected = pl.DataFrame({"trial_id": [joined[0]], "stage": [joined[1]], "dataset": [joined[2]]})
-    expected = (
-        expected.select(pl.all().str.split(_SEP))
-        .explode(pl.all())
-        .with_columns(pl.col("stage", "dataset").replace("", None))
-    )
-    return manifest, expected.filter(pl.col("trial_id") != "")
 
 
 def _choose_sweep(counts_by_kind: list[pl.DataFrame], sweep: str | None) -> tuple[str, bool]:
@@ -328,19 +235,6 @@ def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, p
     return bad_attack, bad_train
 
 
-def _stale_reason() -> pl.Expr:
-    """Why a row outside the manifest's grid is stale, for a person (launch --prune says the same)."""
-    current = pl.col("stage").replace_strict(STAGE_VERSIONS, default=None, return_dtype=pl.Int32)
-    train = STAGE_VERSIONS["train"]
-    return (
-        pl.when(pl.col("results_version") != current)
-        .then(pl.format("{} version {} (current {})", "stage", "results_version", current))
-        .when(pl.col("train_version") != train)
-        .then(pl.format("built on a model of train version {} (current {})", "train_version", pl.lit(train)))
-        .otherwise(pl.lit("not in this sweep's grid"))
-    )
-
-
 def _scan(
     by_kind: dict[str, list[str]], grid: pl.Series | None, set_aside: dict[str, int]
 ) -> tuple[dict[str, list[str]], list[pl.DataFrame]]:
@@ -356,7 +250,7 @@ def _scan(
         stale = (
             [
                 lf.filter(~pl.col("trial_id").is_in(grid.implode()))
-                .group_by(_stale_reason().alias("reason"))
+                .group_by(stale_reason().alias("reason"))
                 .len()
                 for lf in lazy.values()
             ]
@@ -379,7 +273,7 @@ def _scan(
             return by_kind, out[: 2 * len(by_kind) + 3]
         if attempt == 1:
             break
-        by_kind = _set_aside(by_kind, _schema_problem, set_aside)
+        by_kind = set_aside_files(by_kind, schema_problem, set_aside)
     raise SummaryError(_diagnose(all_files))
 
 
@@ -401,7 +295,7 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
     if not root.is_dir():
         raise SummaryError(f"{root} is not a directory")
     # A big sweep's manifest is tens of MB of JSON: parse it while the files are listed.
-    manifest_job = _start_manifest_job(root)
+    manifest_job = start_manifest_job(root)
     files, failed_files, superseded = _list_files(root)
     n_files = sum(map(len, files.values())) + len(failed_files)
     if n_files == 0:
@@ -418,7 +312,7 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         )
 
     by_kind = {**{s: files[s] for s in STAGES}, "failed": failed_files}
-    manifest, expected = _resolve_manifest(manifest_job, notes)
+    manifest, expected = resolve_manifest(manifest_job, notes)
     if manifest is not None and sweep is not None and manifest.get("sweep") not in (None, sweep):
         notes.append(
             f"manifest.json belongs to sweep '{manifest.get('sweep')}', not '{sweep}': the grid is not checked"
@@ -429,14 +323,14 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
     by_kind, out = _scan(by_kind, grid, set_aside)
     if set_aside:
         notes.append(
-            f"{sum(set_aside.values())} result row(s) set aside, not summarized: {_reasons(set_aside)} (`launch --prune` moves their files)"
+            f"{sum(set_aside.values())} result row(s) set aside, not summarized: {reasons_text(set_aside)} (`launch --prune` moves their files)"
         )
     small = ["train", "diagnostic", "failed"]
     n = len(by_kind)
     counts = out[n : 2 * n]
     if not any(c.height for c in counts):
         raise SummaryError(
-            f"no result row under {root} belongs to the current grid of its manifest ({_reasons(set_aside)}): rerun the sweep"
+            f"no result row under {root} belongs to the current grid of its manifest ({reasons_text(set_aside)}): rerun the sweep"
         )
     chosen, several = _choose_sweep(counts, sweep)
     frames = dict(zip(small, out[2 * n :]))
@@ -472,7 +366,3 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         notes=notes,
         attack_files=by_kind["attack"],
     )
-
-
-def _reasons(counts: dict[str, int]) -> str:
-    return "; ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"

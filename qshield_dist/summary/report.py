@@ -1,7 +1,8 @@
 """The whole summary pipeline: load -> tables -> paper comparison -> plots -> sections -> files.
 
 `summarize()` assembles; the tables are built in tables.py (judged in verdicts.py), the
-sections in sections.py and the Markdown, CSV, LaTeX and HTML in render.py.
+sections in sections.py and sections_verdicts.py, and the Markdown, CSV, LaTeX and HTML in
+render.py.
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ from qshield_dist.summary.paper import compare
 from qshield_dist.summary.plots import Figure, make_plots
 from qshield_dist.summary.render import Section, render_html, render_md, render_tex, write_csvs
 from qshield_dist.summary.sections import (
-    controls_section,
     cost_section,
     diagnostics_section,
     figures_section,
     honesty_section,
     paper_section,
     robustness_section,
-    verdict_section,
-    worst_case_section,
 )
+from qshield_dist.summary.sections_verdicts import controls_section, verdict_section, worst_case_section
 from qshield_dist.summary.tables import Tables, build_tables
 
 log = logging.getLogger(__name__)
