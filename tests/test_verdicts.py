@@ -182,6 +182,19 @@ def test_paired_comparison_and_verdict_by_hand(tmp_path: Path) -> None:
     assert "[95% CI" in report and "10 points x 1 seed(s)" in report
 
 
+def test_bpda_attacks_count_on_the_side_that_has_them(tmp_path: Path) -> None:
+    """BPDA exists only for the hybrid (its gradient is hidden); the CNN's plain attacks already
+    take its true gradient. The hybrid's worst case includes BPDA's break of point 1 (and point
+    5's third minority is still no break): robust 7 of 10, not the 8 of the attacks both got."""
+    bpda = _row("hqcnn", "bpda_pgd", HYB_CORRECT, {1}, stochastic=True, evals=_evals({1}, {5}), **HYBRID)
+    s = _summarize(tmp_path, [*_base_rows(), bpda])
+    (r,) = s.tables.paired.filter(s.tables.paired["kind"] == "vs CNN").iter_rows(named=True)
+    assert r["attacks"] == "fgsm, pgd (the first also bpda_pgd)"
+    assert (r["robust_a"], r["robust_b"], r["diff"]) == pytest.approx((0.7, 0.5, 0.2))
+    # robust under the hybrid only: 2, 3, 9; under the CNN only: 4 (both lose 1)
+    assert (r["a_only"], r["b_only"]) == (3, 1)
+
+
 def _many(
     n: int, robust_a: int, robust_b: int, overlap: int
 ) -> tuple[list[int], set[int], list[int], set[int]]:

@@ -9,8 +9,12 @@ so two models can be compared point by point:
   misclassified in a strict majority of one attack's evaluations; a minority of draws under
   several attacks never adds up to a break. Only L-inf attacks at one eps form such an
   ensemble; minimum-norm attacks (C&W, DeepFool: L2) and One-Pixel (L0) are reported beside it.
-- A comparison of two variants uses only the attacks both of them got, and only their common
-  seeds; the statistics are stats.py's (paired bootstrap, McNemar, Holm over the report).
+- A comparison of two variants uses the attacks both of them got, and only their common seeds;
+  each side adds the attacks through a differentiable twin (BPDA) that only it got: they exist
+  for a model whose gradient is hidden (a detached quantum branch), where they are the adaptive
+  form of the plain attacks, which the other model already takes on its true gradient. Leaving
+  them out would compare a masked model's weakest attacks with the other's strongest. The
+  statistics are stats.py's (paired bootstrap, McNemar, Holm over the report).
 - The verdict comes from the interval (stats.verdict) and is provisional unless at least one
   of those attacks ran at full strength (attack_params: AttackDef.full_strength).
 """
@@ -40,6 +44,7 @@ POINT_COLUMNS = (
     "point_broken",
 )
 WORST_CASE = "linf"  # the threat model whose attacks form the per-point worst case
+TWIN_ATTACKS = tuple(name for name, a in ATTACKS.items() if a.needs_twin)  # BPDA: hidden gradients only
 # (kind, the hybrid's side, the other side) of every comparison the report makes
 KINDS = ("vs CNN", "vs backbone alone", "vs equal-budget backbone", "backbone alone vs CNN")
 
@@ -74,6 +79,7 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
             "vkey",
             "dataset",
             "seed",
+            "attack",
             "attack_label",
             "threat_model",
             "eps",
@@ -90,10 +96,14 @@ def _params(text: str | None) -> dict[str, Any]:
     return json.loads(text or "{}")
 
 
-def _robust(points: pl.DataFrame, attacks: list[str]) -> pl.DataFrame:
+def _twin_labels(points: pl.DataFrame) -> set[str]:
+    return set(points.filter(pl.col("attack").is_in(TWIN_ATTACKS))["attack_label"])
+
+
+def _robust(points: pl.DataFrame, attacks: set[str]) -> pl.DataFrame:
     """Per (seed, point): robust under every attack in `attacks` (the worst case)."""
     return (
-        points.filter(pl.col("attack_label").is_in(attacks))
+        points.filter(pl.col("attack_label").is_in(sorted(attacks)))
         .group_by("seed", "point_index")
         .agg((pl.col("point_correct").all() & ~pl.col("point_broken").any()).alias("robust"))
     )
@@ -157,25 +167,31 @@ def comparisons(
                 continue
             for eps in sorted(set(a_all["eps"].drop_nulls()) & set(b_all["eps"].drop_nulls())):
                 a, b = a_all.filter(pl.col("eps") == eps), b_all.filter(pl.col("eps") == eps)
-                attacks = sorted(set(a["attack_label"]) & set(b["attack_label"]))
+                common = set(a["attack_label"]) & set(b["attack_label"])
+                a_attacks, b_attacks = common | _twin_labels(a), common | _twin_labels(b)
                 seeds = sorted(set(a["seed"]) & set(b["seed"]))
                 a, b = a.filter(pl.col("seed").is_in(seeds)), b.filter(pl.col("seed").is_in(seeds))
-                pairs = _seed_pairs(_robust(a, attacks), _robust(b, attacks)) if attacks and seeds else []
+                pairs = _seed_pairs(_robust(a, a_attacks), _robust(b, b_attacks)) if common and seeds else []
                 if not pairs:
                     continue
                 res = stats.compare(pairs)
                 strong = sorted(
                     set(
-                        a.filter(pl.col("full_strength") & pl.col("attack_label").is_in(attacks))[
+                        a.filter(pl.col("full_strength") & pl.col("attack_label").is_in(a_attacks))[
                             "attack_label"
                         ]
                     )
                 )
+                attacks = ", ".join(sorted(common))
+                if a_attacks - common:
+                    attacks += f" (the first also {', '.join(sorted(a_attacks - common))})"
+                if b_attacks - common:
+                    attacks += f" (the second also {', '.join(sorted(b_attacks - common))})"
                 rows.append(
                     {
                         **pair,
                         "eps": eps,
-                        "attacks": ", ".join(attacks),
+                        "attacks": attacks,
                         "full_strength": ", ".join(strong),
                         "n_points": res.n_points,
                         "n_seeds": res.n_seeds,

@@ -20,7 +20,8 @@ def verdict_section(tables: Tables) -> Section:
     sec.add(
         "One line per HQCNN variant against its dataset's CNN baseline. Both answer on the same test"
         " points (the shared attack set); a point counts as robust when it is classified correctly clean"
-        " and no L-inf attack at that budget broke it (the worst case over the attacks both models got;"
+        " and no L-inf attack at that budget broke it (the worst case over the attacks both models got,"
+        " plus the BPDA attacks only a model with a hidden gradient gets;"
         " for a stochastic model an attack breaks a point when it is misclassified in a strict majority of"
         " that attack's evaluations). The verdict comes from the 95% interval of the paired difference,"
         f" never from the point estimate: more robust (above 0) / less robust (below 0), each also needing"
