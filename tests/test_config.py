@@ -110,7 +110,7 @@ attacks:
     "text,fragments",
     [
         (
-            DUPLICATED.replace("backbone: dnn", "noise_model: mixed"),
+            DUPLICATED.replace("backbone: dnn", "noise_model: mixed") + "seeds: [0, 1, 2]\n",
             ["'seeds' given twice", "lines 3 and 11", "[0, 1, 2]"],
         ),
         (DUPLICATED, ["'backbone' given twice", "lines 6 and 8", "'dnn'"]),
@@ -121,7 +121,7 @@ def test_a_key_given_twice_is_refused_naming_it(tmp_path, monkeypatch, caplog, t
     """PyYAML keeps the last of two equal keys without a word; the launcher refuses the file."""
     monkeypatch.chdir(tmp_path)
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(text if "dnn" in text else text + "seeds: [0, 1, 2]\n")
+    sweep.write_text(text)
     with caplog.at_level(logging.ERROR):
         code = launch.main([str(sweep), "--results", str(tmp_path / "results")])
     assert code == 2
