@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -145,14 +144,11 @@ def test_local_schedules_as_soon_as_deps_finish(tmp_path: Path) -> None:
 
 def test_local_runs_in_parallel_in_worker_processes(tmp_path: Path) -> None:
     jobs = [rec_job(tmp_path, f"j{i}", sleep=0.5) for i in range(4)]
-    start = time.monotonic()
     result = LocalExecutor(workers=2).run(jobs)
-    wall = time.monotonic() - start
     assert set(result.values()) == {"ok"}
     pids = {cf.runs(tmp_path, f"j{i}")[0][2] for i in range(4)}
     assert str(os.getpid()) not in pids and 1 <= len(pids) <= 2
-    assert wall < 4 * 0.5 + 1.5  # serial would be >= 2 s of sleeping plus spawn cost
-    # overlap: some two jobs ran at the same time
+    # Parallel, asserted by overlap rather than wall time (a loaded machine slows both)
     spans = sorted(cf.start_end(tmp_path, f"j{i}") for i in range(4))
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
 

@@ -191,8 +191,9 @@ class LocalExecutor(Executor):
                 ready.extend(k for k in broken if k not in started_now)  # were queued: free
                 if len(ran) == 1:
                     # It ran alone (or beside queued jobs only): it killed its worker.
+                    # Its retry runs alone too, so a second death is again its own.
                     self._charge(ran[0], attempts, ready, finish)
-                    suspects.discard(ran[0])
+                    suspects.add(ran[0])
                 else:
                     log.warning("a worker died running %s; re-running them one at a time", ", ".join(ran))
                     suspects.update(ran)
