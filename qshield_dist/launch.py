@@ -14,6 +14,7 @@ The same sweep as a library call, for a notebook or a Ray Tune driver:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import signal
@@ -28,7 +29,7 @@ from qshield_dist import executors
 from qshield_dist.attack_params import budget_reachable
 from qshield_dist.config import ConfigError, SweepConfig, check_availability, load_config, validate
 from qshield_dist.executors.base import Executor, Job, ProgressSink
-from qshield_dist.grid import AttackTrial, Grid, TrainTrial, Trial, build_grid
+from qshield_dist.grid import AttackTrial, Grid, TrainTrial, Trial, build_grid, many_objects
 from qshield_dist.results import (
     STAGE_VERSIONS,
     move_aside,
@@ -283,6 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # A plan, a dry run or a prune only reads the grid, for seconds: no cyclic garbage
+    # collection at all then (trials are acyclic, and each scan of 10^6 of them takes a second).
+    with many_objects() if args.plan or args.dry_run or args.prune else contextlib.nullcontext():
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers: got {args.workers}: must be an integer >= 1")

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from qshield_dist.config import SweepConfig
 from qshield_dist.datasets import DATASETS, check_available
-from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, TrainTrial, Trial, stable_hash
+from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, TrainTrial, Trial, many_objects, stable_hash
 from qshield_dist.plan import calibration as cal
 from qshield_dist.plan.kinds import Item, _group, _shape, _trains_of, _with_standins, model_kind
 from qshield_dist.plan.schedule import Estimate, capacity, render, schedule
@@ -252,6 +252,21 @@ def estimate(t: Trial, r: dict[str, Any], synthetic: bool) -> tuple[float, float
     return seconds, mem + r["mem_unit_mb"] * min(points, t.eval.batch_size)
 
 
+def _estimates(plan: Plan, grid: Grid, group_of: dict[str, Any]) -> dict[str, Estimate]:
+    """Each trial's estimate from its group's calibration (none where that failed)."""
+    estimates: dict[str, Estimate] = {}
+    memo: dict[Any, Estimate] = {}  # trials that differ only in what costs nothing share one
+    for t in grid.trials:
+        group = group_of[t.trial_id]
+        item = plan.items[group]
+        if item.record and "error" not in item.record:
+            key = (group, t.dataset, _shape(t))
+            if key not in memo:
+                memo[key] = Estimate(*estimate(t, item.record, item.synthetic), item.label)
+            estimates[t.trial_id] = memo[key]
+    return estimates
+
+
 def run_plan(
     cfg: SweepConfig,
     grid: Grid,
@@ -275,7 +290,8 @@ def run_plan(
                 " shape; the time to load it is not in the estimate"
             )
     usable = _usable_devices(plan, grid)
-    group_of = collect_items(plan, grid, usable, real)
+    with many_objects():
+        group_of = collect_items(plan, grid, usable, real)
     root = cache_dir()
     todo = [i for i in plan.items.values() if not _load_cache(i, root)]
     cal_start = time.perf_counter()
@@ -288,17 +304,9 @@ def run_plan(
                 f"calibration of {item.label} failed ({item.record['error']}): its trials are not in the"
                 " totals"
             )
-    estimates: dict[str, Estimate] = {}
-    memo: dict[Any, Estimate] = {}  # trials that differ only in what costs nothing share one
-    for t in grid.trials:
-        group = group_of[t.trial_id]
-        item = plan.items[group]
-        if item.record and "error" not in item.record:
-            key = (group, t.dataset, _shape(t))
-            if key not in memo:
-                memo[key] = Estimate(*estimate(t, item.record, item.synthetic), item.label)
-            estimates[t.trial_id] = memo[key]
-    plan.report = schedule(cfg, grid, estimates, capacity(cfg, plan.warn), startup, plan.warn)
+    with many_objects():
+        estimates = _estimates(plan, grid, group_of)
+        plan.report = schedule(cfg, grid, estimates, capacity(cfg, plan.warn), startup, plan.warn)
     runs = [run for i in plan.items.values() if i.record for run in i.record.get("runs", ())]
     idle = sum(run["total"] for run in runs)
     plan.report["calibration"] = {

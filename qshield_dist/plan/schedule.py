@@ -12,6 +12,7 @@ import functools
 import heapq
 import math
 import os
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 from qshield_dist.config import SweepConfig
 from qshield_dist.executors.base import Resources
-from qshield_dist.grid import Grid, Trial
+from qshield_dist.grid import Grid
 
 STAGES = ("train", "attack", "diagnostic")
 
@@ -105,61 +106,62 @@ def _resources(cfg: SweepConfig, stage: str) -> Resources:
 
 
 def _simulate(
-    trials: list[Trial],
-    seconds: dict[str, float],
-    need: Callable[[Trial], tuple[float, float]],
+    order: list[int],
+    seconds: array,
+    deps: list[list[int]] | None,
+    held: list[tuple[float, float]],
+    stage: list[str],
     slots: Slots,
     t0: float,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """List-schedule `trials` (deps among them first) from time t0 -> (start, end) per trial."""
-    index = {t.trial_id: t for t in trials}
-    # what each trial holds while it runs; a request larger than the cluster runs alone
-    held = {}
-    for t in trials:
-        c, g = need(t)
-        held[t.trial_id] = (min(c, slots.cpus), min(g, slots.gpus))
-    waiting = {t.trial_id: sum(d in index for d in t.deps) for t in trials}
-    children: dict[str, list[str]] = {}
-    for t in trials:
-        for d in t.deps:
-            if d in index:
-                children.setdefault(d, []).append(t.trial_id)
+    start: array,
+    end: array,
+) -> None:
+    """List-schedule the trials `order` (indices) from time t0, each after its `deps` (all among
+    `order`; None: every dependency was done before t0), filling `start` and `end`. Integer
+    indices and lists: a paper-scale grid has about 10^6 trials."""
+    waiting = [0] * len(seconds)
+    children: dict[int, list[int]] = {}
+    for i in order if deps is not None else ():
+        waiting[i] = len(deps[i])
+        for d in deps[i]:
+            children.setdefault(d, []).append(i)
     ready = {s: deque() for s in STAGES}  # one queue per resource shape: a big request blocks only its own
-    for t in trials:
-        if not waiting[t.trial_id]:
-            ready[t.stage].append(t.trial_id)
+    for i in order:
+        if not waiting[i]:
+            ready[stage[i]].append(i)
+    queues = list(ready.values())
     free_c, free_g = slots.cpus, slots.gpus
-    start: dict[str, float] = {}
-    end: dict[str, float] = {}
-    running: list[tuple[float, str]] = []
+    running: list[tuple[float, int]] = []
     now = t0
     while True:
-        for queue in ready.values():
+        for queue in queues:
             while queue:
                 c, g = held[queue[0]]
                 if c > free_c + 1e-9 or g > free_g + 1e-9:
                     break
-                key = queue.popleft()
+                i = queue.popleft()
                 free_c, free_g = free_c - c, free_g - g
-                start[key], end[key] = now, now + seconds[key]
-                heapq.heappush(running, (end[key], key))
+                start[i] = now
+                end[i] = now + seconds[i]
+                heapq.heappush(running, (end[i], i))
         if not running:
-            return start, end
-        now, key = heapq.heappop(running)
-        c, g = held[key]
+            return
+        now, i = heapq.heappop(running)
+        c, g = held[i]
         free_c, free_g = free_c + c, free_g + g
-        for child in children.get(key, ()):
+        for child in children.get(i, ()):
             waiting[child] -= 1
             if not waiting[child]:
-                ready[index[child].stage].append(child)
+                ready[stage[child]].append(child)
 
 
-def _waves(grid: Grid) -> list[list[Trial]]:
-    level: dict[str, int] = {}
-    waves: dict[int, list[Trial]] = {}
-    for t in grid.trials:  # grid order is topological: a dependency comes before its dependents
-        level[t.trial_id] = max((level[d] + 1 for d in t.deps if d in level), default=0)
-        waves.setdefault(level[t.trial_id], []).append(t)
+def _waves(deps: list[list[int]]) -> list[list[int]]:
+    """Trial indices by dependency depth (grid order is topological: a dependency comes first)."""
+    level = [0] * len(deps)
+    waves: dict[int, list[int]] = {}
+    for i, ds in enumerate(deps):
+        level[i] = max((level[d] + 1 for d in ds), default=0)
+        waves.setdefault(level[i], []).append(i)
     return [waves[k] for k in sorted(waves)]
 
 
@@ -172,77 +174,80 @@ def schedule(
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
     """Per-stage rows and a total: trials, CPU-hours, GPU-hours, longest trial, peak memory, wall."""
+    trials = grid.trials
+    pos = {t.trial_id: i for i, t in enumerate(trials)}
+    deps = [[pos[d] for d in t.deps if d in pos] for t in trials]
+    stage = [t.stage for t in trials]
+    est = [estimates.get(t.trial_id) for t in trials]
     per_trial = startup if slots.trial_start else 0.0
-    seconds = {
-        t.trial_id: estimates[t.trial_id].seconds * slots.slowdown + per_trial
-        if t.trial_id in estimates
-        else 0.0
-        for t in grid.trials
-    }
+    # C doubles, not 10^6 float objects to make and free
+    seconds = array("d", (e.seconds * slots.slowdown + per_trial if e else 0.0 for e in est))
 
     @functools.cache
-    def stage_need(stage: str, threads: int) -> tuple[float, float]:
+    def need(stage: str, threads: int) -> tuple[float, float]:
+        """What a trial holds while it runs; a request larger than the cluster runs alone."""
         if not slots.per_trial:
             return 1.0, 0.0
         res = _resources(cfg, stage)
-        return max(res.cpus, threads), res.gpus
+        return min(max(res.cpus, threads), slots.cpus), min(res.gpus, slots.gpus)
 
-    def need(t: Trial) -> tuple[float, float]:
-        return stage_need(t.stage, t.threads)
-
+    held = [need(t.stage, t.threads) for t in trials]
     # The launcher's own imports, then (local, Ray) each worker's before its first trial.
     t0 = startup * (1 if slots.trial_start else 2)
+    start, end = array("d", [t0]) * len(trials), array("d", [t0]) * len(trials)
     if slots.waves:
-        start, end, now = {}, {}, t0
-        for wave in _waves(grid):
-            s, e = _simulate(wave, seconds, need, slots, now)
-            start.update(s)
-            end.update(e)
-            now = max(e.values(), default=now)
+        now = t0
+        for wave in _waves(deps):
+            _simulate(wave, seconds, None, held, stage, slots, now, start, end)
+            now = max((end[i] for i in wave), default=now)
     else:
-        start, end = _simulate(grid.trials, seconds, need, slots, t0)
-    critical: dict[str, float] = {}
-    for t in grid.trials:
-        before = max((critical[d] for d in t.deps if d in critical), default=0.0)
-        critical[t.trial_id] = before + seconds[t.trial_id]
+        _simulate(list(range(len(trials))), seconds, deps, held, stage, slots, t0, start, end)
+    critical = array("d", seconds)
+    for i, ds in enumerate(deps):
+        if ds:
+            critical[i] += max([critical[d] for d in ds])
     rows = []
-    for stage in STAGES:
-        trials = [t for t in grid.trials if t.stage == stage]
-        res = _resources(cfg, stage)
+    first = 0
+    for name, stage_trials in zip(STAGES, (grid.train, grid.attack, grid.diagnostic)):
+        span = range(first, first + len(stage_trials))  # grid.trials is train, attack, diagnostic
+        first = span.stop
+        res = _resources(cfg, name)
         limit_min = cfg.slurm.time_min if cfg.executor == "slurm" and cfg.slurm.time_min else res.timeout_min
         mem_gb = cfg.slurm.mem_gb if cfg.executor == "slurm" and cfg.slurm.mem_gb else res.mem_gb
-        known = [t for t in trials if t.trial_id in estimates]
-        longest = max(known, key=lambda t: seconds[t.trial_id], default=None)
+        known = [i for i in span if est[i] is not None]
+        longest = max(known, key=seconds.__getitem__, default=None)
         over_time: dict[str, list[float]] = {}
         over_mem: dict[str, list[float]] = {}
-        for t in known:
-            e = estimates[t.trial_id]
-            if seconds[t.trial_id] > limit_min * 60:
-                over_time.setdefault(e.item, []).append(seconds[t.trial_id])
+        for i in known:
+            e = est[i]
+            if seconds[i] > limit_min * 60:
+                over_time.setdefault(e.item, []).append(seconds[i])
             if e.mem_mb > mem_gb * 1024:
                 over_mem.setdefault(e.item, []).append(e.mem_mb)
         for item, values in over_time.items():
             warn(
-                f"{len(values)} {stage} trial(s) ({item}) will exceed the {stage} timeout_min {limit_min}:"
+                f"{len(values)} {name} trial(s) ({item}) will exceed the {name} timeout_min {limit_min}:"
                 f" estimated up to {_duration(max(values))}"
             )
         for item, values in over_mem.items():
             warn(
-                f"{len(values)} {stage} trial(s) ({item}) will exceed the {stage} mem_gb {mem_gb:g}:"
+                f"{len(values)} {name} trial(s) ({item}) will exceed the {name} mem_gb {mem_gb:g}:"
                 f" estimated peak {max(values) / 1024:.1f} GB"
             )
-        hours = sum(seconds[t.trial_id] for t in known) / 3600
+        hours = sum(seconds[i] for i in known) / 3600
         rows.append(
             {
-                "stage": stage,
-                "trials": len(trials),
+                "stage": name,
+                "trials": len(span),
                 "estimated": len(known),
                 "cpu_hours": hours * max(res.cpus, cfg.threads),
                 "gpu_hours": hours * res.gpus,
-                "longest_s": seconds[longest.trial_id] if longest else 0.0,
-                "longest": estimates[longest.trial_id].item if longest else None,
-                "peak_mem_mb": max((estimates[t.trial_id].mem_mb for t in known), default=0.0),
-                "wall_s": _span(trials, start, end),
+                "longest_s": seconds[longest] if longest is not None else 0.0,
+                "longest": est[longest].item if longest is not None else None,
+                "peak_mem_mb": max((est[i].mem_mb for i in known), default=0.0),
+                "wall_s": max(end[span.start : span.stop]) - min(start[span.start : span.stop])
+                if span
+                else 0.0,
                 "over_timeout": sum(map(len, over_time.values())),
                 "over_mem": sum(map(len, over_mem.values())),
             }
@@ -256,7 +261,7 @@ def schedule(
         "longest_s": max(r["longest_s"] for r in rows),
         "longest": max(rows, key=lambda r: r["longest_s"])["longest"],
         "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
-        "wall_s": max(end.values(), default=t0),
+        "wall_s": max(end, default=t0),
         "over_timeout": sum(r["over_timeout"] for r in rows),
         "over_mem": sum(r["over_mem"] for r in rows),
     }
@@ -265,15 +270,10 @@ def schedule(
         "executor": cfg.executor,
         "parallelism": slots.note,
         "startup_s": startup,
-        "critical_path_s": t0 + max(critical.values(), default=0.0),
+        "critical_path_s": t0 + max(critical, default=0.0),
         "stages": rows,
         "total": total,
     }
-
-
-def _span(trials: list[Trial], start: dict[str, float], end: dict[str, float]) -> float:
-    """From the first start of a stage's trials to their last end (stages overlap)."""
-    return max(end[t.trial_id] for t in trials) - min(start[t.trial_id] for t in trials) if trials else 0.0
 
 
 def _duration(s: float) -> str:
