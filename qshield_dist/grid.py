@@ -228,10 +228,6 @@ class Grid:
         return [*self.train, *self.attack, *self.diagnostic]
 
 
-def _baseline_of(trial: TrainTrial, name: str) -> TrainTrial:
-    return replace(trial, model=ModelSpec(model=name), baseline_id=None)
-
-
 def build_grid(spec: SweepSpec) -> Grid:
     """Expand a validated sweep into trials (config.validate has done every check)."""
     with many_objects():
@@ -243,42 +239,56 @@ def _expand(spec: SweepSpec) -> Grid:
     train: dict[str, TrainTrial] = {}
     attack: dict[str, AttackTrial] = {}
     own_attacks: dict[str, list[str]] = {}  # train id -> its uncontrolled attack trials (diagnostics)
+    # Every train trial shares the sweep's train config, sizes and threads: a backbone or
+    # surrogate trained alone is determined by (dataset, seed, architecture), and an equal-budget
+    # control also by whether the hybrid was pre-trained. Made once each, not once per hybrid.
+    alone: dict[tuple[Any, ...], TrainTrial] = {}
 
     def add(trial: TrainTrial) -> TrainTrial:
         return train.setdefault(trial.trial_id, trial)
 
+    def train_trial(dataset: str, model: ModelSpec, seed: int, baseline_id: str | None = None) -> TrainTrial:
+        sizes = (cfg.data.train_size, cfg.data.test_size)
+        return TrainTrial(dataset, model, cfg.train, seed, *sizes, baseline_id, threads=cfg.threads)
+
+    def trained_alone(dataset: str, seed: int, name: str) -> TrainTrial:
+        key = (dataset, seed, name)
+        if key not in alone:
+            alone[key] = add(train_trial(dataset, ModelSpec(model=name), seed))
+        return alone[key]
+
+    def equal_budget(hybrid: TrainTrial) -> TrainTrial:
+        key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, hybrid.baseline_id is not None)
+        if key not in alone:
+            alone[key] = add(_equal_budget_baseline(hybrid))
+        return alone[key]
+
     for dataset in cfg.datasets:
         info = DATASETS[dataset]
+        attacks = []
+        for a in spec.attacks:
+            params = ATTACKS[a.name].params(dataset, a.preset, a.params)
+            attacks.append((a, ATTACKS[a.name].needs_twin, params, tuple(sorted(params.items()))))
         for seed in cfg.seeds:
             for raw in spec.models:
                 model = raw.resolved(info.classes)
-                base = TrainTrial(
-                    dataset,
-                    model,
-                    cfg.train,
-                    seed,
-                    cfg.data.train_size,
-                    cfg.data.test_size,
-                    threads=cfg.threads,
-                )
+                baseline_id = None
                 if model.model == "hqcnn" and model.init == "from_baseline":
-                    baseline = add(_baseline_of(base, model.backbone))
-                    base = replace(base, baseline_id=baseline.trial_id)
-                trial = add(base)
+                    baseline_id = trained_alone(dataset, seed, model.backbone).trial_id
+                trial = add(train_trial(dataset, model, seed, baseline_id))
                 controls = cfg.eval.controls if model.model == "hqcnn" else []
-                for spec_a in spec.attacks:
-                    needs_twin = ATTACKS[spec_a.name].needs_twin
+                for spec_a, needs_twin, params, resolved in attacks:
                     if needs_twin and not (model.model == "hqcnn" and model.quantum_grad == "detached"):
                         # BPDA replaces a detached quantum branch's gradient by its twin's; a
                         # classical model or a full-gradient hybrid has nothing to replace
                         continue
-                    params = ATTACKS[spec_a.name].params(dataset, spec_a.preset, spec_a.params)
-                    resolved = tuple(sorted(params.items()))
                     surrogate = (
-                        add(_baseline_of(trial, params["surrogate"])) if spec_a.name == "transfer" else None
+                        trained_alone(dataset, seed, params["surrogate"])
+                        if spec_a.name == "transfer"
+                        else None
                     )
                     for control in [None, *(controls if not needs_twin else [])]:
-                        target = add(_equal_budget_baseline(trial)) if control == "equal_budget" else trial
+                        target = equal_budget(trial) if control == "equal_budget" else trial
                         a = AttackTrial(
                             target,
                             spec_a.name,
