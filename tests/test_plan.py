@@ -156,3 +156,33 @@ def test_model_kinds_share_calibrations_across_entanglement_and_noise():
     assert kind(a, "digits") == kind(b, "digits") == kind(b, "mnist")
     assert plan_mod.model_kind(a, "digits") != plan_mod.model_kind(c, "digits")
     assert plan_mod.model_kind(a, "digits") != plan_mod.model_kind(a, "cifar10")
+
+
+def test_every_kind_quicker_than_the_target_is_calibrated_at_two_sizes():
+    """One run only bounds the cost per point from above; a kind whose first run took over
+    half a second once got none, and its estimate jumped by 13-19x between calibrations."""
+
+    def first(inner: float, total: float) -> dict:
+        return {"inner": inner, "total": total, "units": 2}
+
+    slow_setup = calibration._next(first(inner=0.3, total=0.7), "attack")  # Square on a CNN
+    assert slow_setup is not None and slow_setup > 2
+    expensive = calibration._next(first(inner=0.6, total=0.8), "attack")  # DeepFool: 0.3 s a point
+    assert expensive is not None and 2 < expensive <= calibration.MAX_UNITS["attack"]
+    assert calibration._next(first(inner=calibration.TARGET_S, total=1.2), "attack") is None
+    runs = [
+        {**first(0.3, 0.7), "eval_pts": 0, "in_flight": 2, "peak_mb": 100.0, "peak_own": True},
+        {
+            "inner": 0.35,
+            "total": 0.75,
+            "units": 6,
+            "eval_pts": 0,
+            "in_flight": 6,
+            "peak_mb": 100.0,
+            "peak_own": True,
+        },
+    ]
+    for run in runs:
+        run.update(stochastic=False, eval_repeats=1)
+    fit = calibration._fit(runs, eval_s=0.0)
+    assert fit["unit_s"] == pytest.approx(0.0125)  # the slope, not 0.3 / 2 per point

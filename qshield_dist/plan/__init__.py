@@ -54,7 +54,7 @@ log = logging.getLogger("qshield_dist.plan")
 
 CHUNK = 5  # calibrations per worker task
 # Bump when what a calibration measures changes: older cache files are then ignored.
-PLAN_VERSION = 2  # 2: a single-threaded run's time is its CPU time (an idle machine's)
+PLAN_VERSION = 3  # 2: a single-threaded run's time is its CPU time; 3: every kind under TARGET_S runs twice
 # (train, test) split sizes; the registry (datasets.py) does not record them.
 SPLITS = {
     "digits": (1437, 360),
