@@ -27,7 +27,7 @@ from qshield_dist.results import STAGE_VERSIONS
 V = TypeVar("V")
 
 
-class cached_property(Generic[V]):  # noqa: N801 (used as functools.cached_property is)
+class cached_property(Generic[V]):  # named as the functools one it replaces
     """functools.cached_property without its lock, as it is from Python 3.12: before that the
     lock costs microseconds on each first access, and a paper-scale grid has 10^6 trials."""
 
