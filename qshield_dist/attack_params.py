@@ -6,6 +6,8 @@ themselves are built in `qshield_dist.attacks`.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -197,3 +199,24 @@ def budget_reachable(params: dict[str, Any]) -> bool:
 
 PAPER_SUITE = ("fgsm", "pgd", "apgd", "vmifgsm", "cw", "deepfool", "onepixel", "square")
 ADAPTIVE = ("eot_pgd", "bpda_pgd", "bpda_apgd", "bpda_autoattack", "transfer", "autoattack")
+
+
+def params_text(params: str | None) -> str:
+    """attack_params JSON -> 'k=v, ...' with short floats, for captions."""
+    if not params:
+        return ""
+    try:
+        obj = json.loads(params)
+    except json.JSONDecodeError:
+        return params
+
+    def short(key: str, v: Any) -> str:
+        if isinstance(v, float):
+            # Pixel budgets in 8-bit steps (eps, step sizes) are shown as such: 32/255.
+            on_255 = (
+                key in ("eps", "alpha") and math.isclose(v * 255, round(v * 255), abs_tol=1e-6) and v != 0
+            )
+            return f"{round(v * 255)}/255" if on_255 else f"{v:.4g}"
+        return str(v)
+
+    return ", ".join(f"{k}={short(k, v)}" for k, v in obj.items())

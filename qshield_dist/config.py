@@ -36,6 +36,7 @@ from qshield_dist.vocabulary import (
     QUANTUM_GRADS,
     SIMULATORS,
 )
+from qshield_dist.yaml_loader import DuplicateKeyError, load_yaml
 
 if TYPE_CHECKING:
     from qshield_dist.quantum.spec import CircuitSpec
@@ -385,33 +386,14 @@ def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
         raise ConfigError(f"models[{index}].qubits: got {spec.qubits}: {exc}") from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
-    silently: `seeds: [0]` then `seeds: [0, 1, 2]` would run three seeds without a word)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                first, again = seen[key].start_mark.line + 1, key_node.start_mark.line + 1
-                value = self.construct_object(value_node, deep=True)
-                raise ConfigError(
-                    f"key '{key}' given twice in one mapping (lines {first} and {again}; the second "
-                    f"has value {value!r}): allowed is one value per key; for several values use a list"
-                )
-            seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
     """Read and validate a sweep file (no compute, nothing written)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file: got '{path}': no such file")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except ConfigError as exc:
+        raw = load_yaml(path.read_text())
+    except DuplicateKeyError as exc:
         raise ConfigError(f"sweep file '{path}': {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"sweep file '{path}': not valid YAML: {exc}") from None

@@ -147,3 +147,15 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def fixed_permutation(n_test: int, seed: int) -> torch.Tensor:
+    """The test set's order for a seed, the same in every trial of that seed."""
+    return torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))
+
+
+def shared_attack_set(n_test: int, size: int, seed: int) -> torch.Tensor:
+    """The test indices every model of a dataset and seed is attacked on: the first `size` of a
+    fixed-seed permutation of the test set, whatever the model gets right, so that two models
+    answer on the same points and can be compared pair by pair."""
+    return fixed_permutation(n_test, seed)[:size].sort().values

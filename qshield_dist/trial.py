@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import resource
 import socket
 import time
 import traceback
@@ -24,11 +23,12 @@ import torch.nn as nn
 from qshield_dist import diagnostics
 from qshield_dist.attack_params import ATTACKS, budget_reachable
 from qshield_dist.attacks import CallCounter, build_attack
-from qshield_dist.data import Split, load
+from qshield_dist.data import Split, fixed_permutation, load, shared_attack_set
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial, stable_hash
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
+from qshield_dist.peak_memory import max_rss_bytes
 from qshield_dist.results import (
     MODEL_COLUMNS,
     package_versions,
@@ -64,10 +64,6 @@ class RunContext:
     @property
     def file_mode(self) -> int:
         return 0o600 if self.private else 0o644
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _model_columns(trial: TrainTrial) -> dict[str, Any]:
@@ -327,17 +323,6 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     return [row]
 
 
-def _test_permutation(n_test: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))
-
-
-def shared_attack_set(n_test: int, size: int, seed: int) -> torch.Tensor:
-    """The test indices every model of a dataset and seed is attacked on: the first `size` of a
-    fixed-seed permutation of the test set, whatever the model gets right, so that two models
-    answer on the same points and can be compared pair by pair."""
-    return _test_permutation(n_test, seed)[:size].sort().values
-
-
 def _clean(
     model: nn.Module, test: Split, trial: AttackTrial | DiagnosticTrial
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -354,7 +339,7 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, An
     stochastic = bool(getattr(model, "stochastic", False))
     majority, clean = _clean(model, test, trial)
     # The first correctly classified points in the shared attack set's order: the attacked points.
-    order = _test_permutation(len(test.y), trial.train.seed)
+    order = fixed_permutation(len(test.y), trial.train.seed)
     idx = order[majority[order]][:size].sort().values
     x, y = test.x[idx], test.y[idx]
     attack_rows = diagnostics.read_attack_rows(ctx.results_dir, trial.dataset, trial.attack_ids)
@@ -406,7 +391,7 @@ def run_trial(trial: Trial, ctx: RunContext) -> str:
             status = "failed"
         log.info("trial %s: %s in %.1f s", trial.trial_id, status, time.perf_counter() - start)
     for row in rows:
-        row["peak_rss_mb"] = _peak_rss_mb()
+        row["peak_rss_mb"] = max_rss_bytes() / 2**20
         row["determinism"] = determinism
     write_rows(ok_path if status == "ok" else failed_path, rows, ctx.file_mode)
     if status == "ok":

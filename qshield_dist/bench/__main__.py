@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
         _emit(quantum.compare_variants())
     if "scaling" in todo:
-        from qshield_dist.bench import quantum
+        from qshield_dist.bench import quantum, quantum_plot
 
         rows = quantum.qubit_scaling(quantum.scaling_points())
         _emit(rows)
-        quantum.plot_scaling(rows, args.plot)
+        quantum_plot.plot_scaling(rows, args.plot)
     if "models" in todo:
         from qshield_dist.bench import models
 

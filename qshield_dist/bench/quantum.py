@@ -12,7 +12,7 @@
   2..20 qubits, forward only (lightning's adjoint method cannot differentiate qml.probs, and
   the 2^n projector workaround is useless at large n). Batches shrink at large n; every row
   says which batch it used.
-- `plot_scaling(rows, path)`: PNG of both panels (time, memory).
+- `bench/quantum_plot.py`: `plot_scaling(rows, path)`, a PNG of both panels (time, memory).
 
 Memory is the point subprocess's peak resident set (VmHWM, reset through /proc/self/clear_refs
 after imports and input creation) minus its resident set at that moment: what the layer's
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import time
 from typing import Any, Callable, Iterable
 
 import torch
+
+from qshield_dist.peak_memory import max_rss_bytes, peak_bytes, reset_peak, status_bytes
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +193,6 @@ def _compare_variants(
 # --- qubit scaling: one subprocess per point ------------------------------------------------
 
 
-def _status_bytes(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def compare_variants(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
     """The three variants side by side (see `_compare_variants`); torch's thread count is
     restored afterwards so later benchmarks in the same process are not pinned to one."""
@@ -217,23 +207,14 @@ def _memory_baseline() -> tuple[int, str]:
     """Reset the kernel's peak-RSS counter (VmHWM) where allowed, so the peak read afterwards
     belongs to the measured work and not to import-time transients; else fall back to the
     ru_maxrss high-water mark (then small points can read 0: below the import peak)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        current = _status_bytes("VmRSS")
-        if current is not None:
-            return current, "VmHWM-after-reset minus VmRSS-before"
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss delta"
+    current = status_bytes("VmRSS") if reset_peak() else None
+    if current is not None:
+        return current, "VmHWM-after-reset minus VmRSS-before"
+    return max_rss_bytes(), "ru_maxrss delta"
 
 
 def _memory_peak(method: str) -> int:
-    if method.startswith("VmHWM"):
-        peak = _status_bytes("VmHWM")
-        if peak is not None:
-            return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_bytes() if method.startswith("VmHWM") else max_rss_bytes()
 
 
 def run_point(point: dict[str, Any]) -> dict[str, Any]:
@@ -384,38 +365,6 @@ def qubit_scaling(
                 }
             )
     return rows
-
-
-def plot_scaling(rows: list[dict[str, Any]], path: str) -> str:
-    """Write a two-panel PNG (us/sample, peak RSS delta vs qubits) and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    variants = sorted({r["variant"] for r in rows if "error" not in r and r.get("name") == "quantum_scaling"})
-    for v in variants:
-        pts = sorted(
-            (r for r in rows if r.get("variant") == v and "error" not in r), key=lambda r: r["qubits"]
-        )
-        q = [r["qubits"] for r in pts]
-        label = f"{v} ({pts[0]['pass']})"
-        ax_t.semilogy(q, [r["us_per_sample"] for r in pts], "o-", label=label)
-        ax_m.semilogy(q, [max(r["peak_rss_delta_bytes"], 4096) / 2**20 for r in pts], "o-", label=label)
-    ax_t.set(xlabel="qubits", ylabel="us / sample (median)", title="time per sample")
-    ax_m.set(xlabel="qubits", ylabel="peak RSS increase (MiB)", title="peak memory added (VmHWM delta)")
-    for ax in (ax_t, ax_m):
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=7)
-    fig.suptitle(
-        "QShield circuit: full entanglement, enhanced_angle, depth 1; batch shrinks with n (see rows)",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

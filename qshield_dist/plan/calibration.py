@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
-import resource
 import tempfile
 import time
 from contextlib import contextmanager
@@ -23,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial
+from qshield_dist.peak_memory import peak_bytes, reset_peak
 from qshield_dist.results import read_rows, trial_path
 
 FIRST_UNITS = {"train": 1, "attack": 2, "diagnostic": 2}  # steps / points of the first run
@@ -154,22 +153,6 @@ def _patched(real: dict[str, bool], timer: list[float]) -> Iterator[float]:
         trial_mod.load, diagnostics.eps_sweep, _Data.labels = saved, real_sweep, None
 
 
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (Linux: /proc/self/clear_refs), so that a run's peak is its own."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    try:
-        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since the process started
-
-
 class CalibrationFailed(RuntimeError):
     pass
 
@@ -184,7 +167,7 @@ def _run(
 
     _Data.n_train, _Data.n_test, _Data.labels = n_train, n_test, labels
     timer.clear()
-    reset = _reset_peak()
+    reset = reset_peak()
     start, cpu = time.perf_counter(), time.process_time()
     status = run_trial(t, ctx)
     wall = time.perf_counter() - start
@@ -215,7 +198,7 @@ def _run(
         "units": int(units),
         "eval_pts": int(evals),
         "in_flight": int(flight),
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_bytes() / 2**20,
         "peak_own": reset,
         "stochastic": bool(row["stochastic"]),
         "eval_repeats": r,

@@ -16,7 +16,8 @@ from typing import Any
 
 import polars as pl
 
-from qshield_dist.summary.tables import Tables, params_text
+from qshield_dist.attack_params import params_text
+from qshield_dist.summary.tables import Tables
 from qshield_dist.summary.verdicts import HYBRID
 
 log = logging.getLogger(__name__)

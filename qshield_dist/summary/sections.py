@@ -12,11 +12,12 @@ from typing import Any
 
 import polars as pl
 
+from qshield_dist.attack_params import params_text
 from qshield_dist.results import trial_log_path
 from qshield_dist.summary.load import Results
 from qshield_dist.summary.plots import Figure
 from qshield_dist.summary.render import Section, TextTable, num, pct, pm, ratio
-from qshield_dist.summary.tables import Tables, params_text
+from qshield_dist.summary.tables import Tables
 from qshield_dist.summary.verdicts import variant_cost_drivers
 
 LOW = "†"  # marks a cell with a seed below the sample threshold
