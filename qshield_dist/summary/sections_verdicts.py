@@ -26,9 +26,10 @@ def verdict_section(tables: Tables) -> Section:
         " that attack's evaluations). The verdict comes from the 95% interval of the paired difference,"
         f" never from the point estimate: more robust (above 0) / less robust (below 0), each also needing"
         f" the Holm-adjusted McNemar p < 0.05 over this report's comparisons; equal (inside ±{100 * tables.margin:g} pp);"
-        " undecided otherwise. Provisional: no attack behind it ran at full strength"
-        " (APGD standard >= 50 steps with EOT on a stochastic model, AutoAttack at its published strength,"
-        " EOT-PGD, BPDA or transfer with a reachable budget)."
+        " undecided otherwise. Provisional: a model's worst case lacks AutoAttack at its authors' strength in"
+        " the form that model needs (standard on a deterministic model, rand on a stochastic one, through BPDA"
+        " where the quantum branch's gradient is detached); the verdict names what it lacks. Failed diagnostics"
+        " of either model (suite_vs_autoattack, restart_sensitivity, ...) are named beside it."
     )
     if not tables.verdicts.height:
         sec.add("No HQCNN variant in these results.")
