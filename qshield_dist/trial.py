@@ -23,6 +23,7 @@ import torch.nn as nn
 from qshield_dist import diagnostics
 from qshield_dist.attack_params import ATTACKS, PAPER_EPS, budget_reachable
 from qshield_dist.attacks import AutoAttack, CallCounter, build_attack
+from qshield_dist.attacks.autoattack import sanity_checks
 from qshield_dist.attacks.base import strict_majority
 from qshield_dist.attacks.streams import PointStreams
 from qshield_dist.data import Split, fixed_permutation, load, shared_attack_set
@@ -250,6 +251,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         surrogate=surrogate,
     )
 
+    checks = sanity_checks(counter.model, x, y) if isinstance(attack, AutoAttack) and len(y) else None
     seed_everything(trial.train.seed)
     start = time.perf_counter()
     batch = trial.eval.batch_size
@@ -327,6 +329,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
                 "surrogate_forward_samples": surrogate.forward_samples if surrogate else 0,
                 "init_steps": meta.get("init_steps", 0),
                 "budget_reachable": budget_reachable(params),
+                "autoattack_checks": checks,
             }
         ),
     }

@@ -14,6 +14,7 @@ import torch
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.attacks import CallCounter, build_attack
+from qshield_dist.attacks.autoattack import sanity_checks
 from qshield_dist.attacks.streams import PointStreams
 from qshield_dist.data import load
 from qshield_dist.results import STAGE_VERSIONS, trial_path, write_manifest, write_rows
@@ -272,7 +273,10 @@ def _attack_rows(model_name: str, model: torch.nn.Module, x, y, cols: dict[str, 
         if name == "autoattack":
             for i, w, source in zip(attacked, wrong, attack.sources()):
                 by[i] = source if w else None
-        extra = {"point_broken_by": by} if name == "autoattack" else {}
+        extra = {}
+        if name == "autoattack":
+            checks = sanity_checks(model, x[ok], y[ok])
+            extra = {"point_broken_by": by, "details": json.dumps({"autoattack_checks": checks})}
         rows.append(
             _row(
                 model_name,
@@ -319,6 +323,39 @@ def test_autoattack_breaks_what_the_suite_leaves_and_the_report_says_which_compo
     assert "suite_vs_autoattack (apgd-t)" in after["flags"] and "failed diagnostics" in after["verdict"]
     diag = s.tables.diagnostics.filter(pl.col("diagnostic") == "suite_vs_autoattack")
     assert sorted(diag["n_pass"].to_list()) == [0, 1]
+    report = (tmp_path / "all" / "report" / "report.md").read_text()
+    assert (
+        "sanity checks (randomness over 5 passes, softmax output, autograd calls at inference) pass on all 2"
+        in report
+    )
+
+
+def test_a_tripped_autoattack_sanity_check_is_said_before_the_verdicts(tmp_path: Path) -> None:
+    ca, ba, cb, bb = _many(40, 20, 10, 5)
+    checks = {"randomized": False, "probability_output": True, "dynamic": False}
+    aa = ATTACKS["autoattack"].params("digits")
+    rows = [
+        _row("cnn_small", "autoattack", cb, bb, params=aa, details=json.dumps({"autoattack_checks": {}})),
+        _row(
+            "hqcnn",
+            "autoattack",
+            ca,
+            ba,
+            params=aa,
+            details=json.dumps({"autoattack_checks": checks}),
+            **HYBRID,
+        ),
+    ]
+    s = _summarize(tmp_path, rows)
+    report = (tmp_path / "report" / "report.md").read_text()
+    verdicts = report.index("hqcnn[cnn_small] full vs cnn_small")
+    assert (
+        0
+        < report.index("AutoAttack's sanity checks fail** on: hqcnn[cnn_small] full (probability_output)")
+        < verdicts
+    )
+    (v,) = s.tables.verdicts.iter_rows(named=True)
+    assert "autoattack_sanity (probability_output)" in v["flags"]
 
 
 def test_equal_within_the_margin_and_not_past_it(tmp_path: Path) -> None:
@@ -369,3 +406,30 @@ def test_gain_source_rule(
     quantum: dict[str, Any] | None, backbone: dict[str, Any] | None, expected: str
 ) -> None:
     assert gain_source(quantum, backbone, margin=0.02) == expected
+
+
+def test_an_attack_missing_on_one_seed_makes_the_comparison_incomplete(tmp_path: Path) -> None:
+    """Two seeds; the hybrid's PGD failed on seed 1 and its FGSM on seed 1 overstepped its
+    budget. main 49c6f05 compared seed 1 on whatever was left (its worst case silently fell back
+    to fewer attacks); now the verdict is 'incomplete' and names what is missing, and seed 1's
+    worst case uses only what both sides completed there."""
+    correct = [1] * 10
+    rows = []
+    for seed in (0, 1):
+        rows += [
+            _row("cnn_small", "fgsm", correct, {0, 1}, seed=seed),
+            _row("cnn_small", "pgd", correct, {2, 3}, seed=seed),
+            _row("cnn_small", "apgd", correct, {4}, seed=seed, preset="standard", params=APGD_STANDARD),
+            _row("hqcnn", "fgsm", correct, {0}, seed=seed, budget_ok=seed == 0, **HYBRID),
+            _row("hqcnn", "apgd", correct, {4}, seed=seed, preset="standard", params=APGD_STANDARD, **HYBRID),
+        ]
+    rows.append(_row("hqcnn", "pgd", correct, {2}, seed=0, **HYBRID))
+    s = _summarize(tmp_path, rows)
+    (r,) = s.tables.paired.iter_rows(named=True)
+    assert r["verdict"] == "incomplete" and r["missing_b"] is None
+    assert r["missing_a"] == "fgsm (seed 1); pgd (seed 1)"
+    # seed 0: all three attacks, hybrid robust on 7, CNN on 5; seed 1: apgd only, both robust on 9
+    assert (r["robust_a"], r["robust_b"]) == pytest.approx(((7 + 9) / 20, (5 + 9) / 20))
+    (v,) = s.tables.verdicts.iter_rows(named=True)
+    assert v["category"] == "incomplete" and "fgsm (seed 1); pgd (seed 1)" in v["missing"]
+    assert "(missing: hqcnn[cnn_small] full: fgsm (seed 1); pgd (seed 1))" in v["verdict"]

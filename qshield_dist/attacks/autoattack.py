@@ -20,6 +20,7 @@ with random starts drawn per point (streams.py).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -93,6 +94,45 @@ def components(
         **common,
     )
     return [apgd_ce, apgd_t, fab_t, square]
+
+
+# ---------------------------------------------------------------- the authors' sanity checks
+# fra31/auto-attack (autoattack/checks.py) runs these before any number and warns: a model whose
+# output moves between passes needs version 'rand'; a probability output (softmax) flattens the
+# CE gradient; a forward pass that calls autograd itself is a dynamic defence AutoAttack may
+# underestimate. Here they are flags in the row, shown before the verdicts.
+_AUTOGRAD_CALLS = ("grad", "backward", "_make_grads")
+
+
+def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: int = 5) -> dict[str, bool]:
+    """{'randomized', 'probability_output', 'dynamic'}, each True when the check trips, with the
+    authors' thresholds (1e-4 between passes of L2-normalized outputs, 1e-5 for a distribution)."""
+    with torch.no_grad():
+        outs = [model(x) for _ in range(passes)]
+    correct = [int((o.argmax(1) == y).sum()) for o in outs]
+    unit = [o / (o.norm(dim=1, keepdim=True) + 1e-10) for o in outs]
+    moved = max(
+        (float((a - b).norm(dim=1).max()) for i, a in enumerate(unit) for b in unit[i + 1 :]), default=0.0
+    )
+    out = outs[0]
+    probability = bool(out.max() < 1 + 1e-5 and out.min() > -1e-5 and ((out.sum(-1) - 1).abs() < 1e-5).all())
+    calls = []
+
+    def trace(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name in _AUTOGRAD_CALLS:
+            calls.append(frame.f_code.co_name)
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        model(x)
+    finally:
+        sys.settrace(previous)
+    return {
+        "randomized": len(set(correct)) > 1 or moved > 1e-4,
+        "probability_output": probability,
+        "dynamic": bool(calls),
+    }
 
 
 def component_name(attack: Attack) -> str:

@@ -77,6 +77,7 @@ STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
         "forward_samples",
         "backward_samples",
         "budget_ok",
+        "details",
     ),
     "diagnostic": (*_COMMON, "diagnostic", "diagnostic_value", "diagnostic_pass", "details"),
     "failed": (*_COMMON, *ATTACK_KEYS, "error"),

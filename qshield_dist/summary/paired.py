@@ -46,6 +46,7 @@ POINT_COLUMNS = (
     "point_correct",
     "point_broken",
     "point_broken_by",
+    "budget_ok",
 )
 WORST_CASE = "linf"  # the threat model whose attacks form the per-point worst case
 TWIN_ATTACKS = tuple(name for name, a in ATTACKS.items() if a.needs_twin)  # BPDA: hidden gradients only
@@ -63,7 +64,10 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
     scan = pl.scan_parquet(files, hive_partitioning=False).select(
         *POINT_COLUMNS, "trial_id", "sweep", "status"
     )
-    scan = scan.filter((pl.col("sweep") == res.sweep) & (pl.col("status") == "ok"))
+    # An attack that overstepped its budget does not count: its points are missing, not broken.
+    scan = scan.filter(
+        (pl.col("sweep") == res.sweep) & (pl.col("status") == "ok") & pl.col("budget_ok").fill_null(False)
+    )
     if res.expected is not None:
         scan = scan.filter(pl.col("trial_id").is_in(res.expected["trial_id"].implode()))
     (rows,) = collect([scan.filter(pl.col("point_index").list.len() > 0)], files)
@@ -131,13 +135,40 @@ def _twin_labels(points: pl.DataFrame) -> set[str]:
     return set(points.filter(pl.col("attack").is_in(TWIN_ATTACKS))["attack_label"])
 
 
-def _robust(points: pl.DataFrame, attacks: set[str]) -> pl.DataFrame:
-    """Per (seed, point): robust under every attack in `attacks` (the worst case)."""
+def _robust(points: pl.DataFrame, used: pl.DataFrame) -> pl.DataFrame:
+    """Per (seed, point): robust under every attack `used` lists for that seed (the worst case)."""
     return (
-        points.filter(pl.col("attack_label").is_in(sorted(attacks)))
+        points.join(used, on=["seed", "attack_label"], how="semi")
         .group_by("seed", "point_index")
         .agg((pl.col("point_correct").all() & ~pl.col("point_broken").any()).alias("robust"))
     )
+
+
+def _missing(want: set[str], have: dict[int, set[str]], seeds: list[int]) -> str | None:
+    """'pgd (seed 1); autoattack (seeds 0, 1)' for the attacks of `want` a side lacks per seed."""
+    gaps: dict[str, list[int]] = {}
+    for seed in seeds:
+        for label in sorted(want - have.get(seed, set())):
+            gaps.setdefault(label, []).append(seed)
+    return (
+        "; ".join(
+            f"{label} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))})" for label, s in gaps.items()
+        )
+        or None
+    )
+
+
+def _labels_by_seed(points: pl.DataFrame) -> dict[int, set[str]]:
+    pairs = points.select("seed", "attack_label").unique()
+    out: dict[int, set[str]] = {}
+    for seed, label in pairs.iter_rows():
+        out.setdefault(seed, set()).add(label)
+    return out
+
+
+def _used(seeds: list[int], labels: dict[int, set[str]]) -> pl.DataFrame:
+    rows = [(s, label) for s in seeds for label in sorted(labels[s])]
+    return pl.DataFrame(rows, schema={"seed": pl.Int32, "attack_label": pl.String}, orient="row")
 
 
 def _seed_pairs(a: pl.DataFrame, b: pl.DataFrame) -> list[tuple[list[int], list[int]]]:
@@ -198,26 +229,40 @@ def comparisons(
                 continue
             for eps in sorted(set(a_all["eps"].drop_nulls()) & set(b_all["eps"].drop_nulls())):
                 a, b = a_all.filter(pl.col("eps") == eps), b_all.filter(pl.col("eps") == eps)
-                common = set(a["attack_label"]) & set(b["attack_label"])
-                a_attacks, b_attacks = common | _twin_labels(a), common | _twin_labels(b)
-                seeds = sorted(set(a["seed"]) & set(b["seed"]))
-                a, b = a.filter(pl.col("seed").is_in(seeds)), b.filter(pl.col("seed").is_in(seeds))
-                pairs = _seed_pairs(_robust(a, a_attacks), _robust(b, b_attacks)) if common and seeds else []
+                # Expected: every plain attack either side got, and each side's own BPDA attacks.
+                # Per seed, the worst case uses only what both sides completed (with budget_ok);
+                # what a side lacks on a seed makes the comparison incomplete, never silently smaller.
+                twin_a, twin_b = _twin_labels(a), _twin_labels(b)
+                common = (set(a["attack_label"]) | set(b["attack_label"])) - twin_a - twin_b
+                have_a, have_b = _labels_by_seed(a), _labels_by_seed(b)
+                seeds = sorted(have_a.keys() | have_b.keys())
+                missing_a = _missing(common | twin_a, have_a, seeds)
+                missing_b = _missing(common | twin_b, have_b, seeds)
+                both = [s for s in seeds if s in have_a and s in have_b]
+                used_a = _used(
+                    both, {s: (have_a[s] & have_b[s] & common) | (have_a[s] & twin_a) for s in both}
+                )
+                used_b = _used(
+                    both, {s: (have_a[s] & have_b[s] & common) | (have_b[s] & twin_b) for s in both}
+                )
+                pairs = _seed_pairs(_robust(a, used_a), _robust(b, used_b)) if used_a.height else []
                 if not pairs:
                     continue
                 res = stats.compare(pairs)
                 attacks = ", ".join(sorted(common))
-                if a_attacks - common:
-                    attacks += f" (the first also {', '.join(sorted(a_attacks - common))})"
-                if b_attacks - common:
-                    attacks += f" (the second also {', '.join(sorted(b_attacks - common))})"
+                if twin_a:
+                    attacks += f" (the first also {', '.join(sorted(twin_a))})"
+                if twin_b:
+                    attacks += f" (the second also {', '.join(sorted(twin_b))})"
                 rows.append(
                     {
                         **pair,
                         "eps": eps,
                         "attacks": attacks,
-                        "lacks_a": _lacks(a, a_attacks),
-                        "lacks_b": _lacks(b, b_attacks),
+                        "lacks_a": _lacks(a, common | twin_a),
+                        "lacks_b": _lacks(b, common | twin_b),
+                        "missing_a": missing_a,
+                        "missing_b": missing_b,
                         "n_points": res.n_points,
                         "n_seeds": res.n_seeds,
                         "robust_a": sum(sum(x) for x, _ in pairs) / sum(len(x) for x, _ in pairs),
@@ -242,6 +287,8 @@ def comparisons(
         "attacks": pl.String,
         "lacks_a": pl.String,
         "lacks_b": pl.String,
+        "missing_a": pl.String,
+        "missing_b": pl.String,
         "n_points": pl.Int64,
         "n_seeds": pl.Int64,
         "robust_a": pl.Float64,
@@ -258,7 +305,8 @@ def comparisons(
     out = pl.DataFrame(rows, schema=schema)
     holm = stats.holm(out["p_value"].to_list())
     verdicts = [
-        stats.verdict(r["low"], r["high"], p, margin) for r, p in zip(out.iter_rows(named=True), holm)
+        "incomplete" if r["missing_a"] or r["missing_b"] else stats.verdict(r["low"], r["high"], p, margin)
+        for r, p in zip(out.iter_rows(named=True), holm)
     ]
     return out.with_columns(
         pl.Series("p_holm", holm, pl.Float64),

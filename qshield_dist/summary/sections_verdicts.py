@@ -7,6 +7,8 @@ and where a hybrid's gain comes from (its controls). The other sections are in s
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 
 from qshield_dist.summary.render import Section, TextTable, pct
@@ -31,10 +33,29 @@ def verdict_section(tables: Tables) -> Section:
         " where the quantum branch's gradient is detached); the verdict names what it lacks. Failed diagnostics"
         " of either model (suite_vs_autoattack, restart_sensitivity, ...) are named beside it."
     )
+    sec.add(sanity_text(tables))
     if not tables.verdicts.height:
         sec.add("No HQCNN variant in these results.")
     sec.add(*[f"- {v}" for v in tables.verdicts["verdict"]])
     return sec
+
+
+def sanity_text(tables: Tables) -> str:
+    """AutoAttack's own sanity checks, said before any verdict."""
+    checks = tables.diagnostics.filter(pl.col("diagnostic") == "autoattack_sanity")
+    if not checks.height:
+        return "AutoAttack's sanity checks: no AutoAttack row in these results."
+    labels = label_map(tables)
+    failed = [
+        f"{labels.get(r['vkey'], r['vkey'])} ({json.loads(r['details'])['responsible']})"
+        for r in checks.filter(pl.col("n_pass") < pl.col("n")).iter_rows(named=True)
+    ]
+    if not failed:
+        return (
+            f"AutoAttack's sanity checks (randomness over 5 passes, softmax output, autograd calls at"
+            f" inference) pass on all {checks.height} models it attacked."
+        )
+    return "**AutoAttack's sanity checks fail** on: " + "; ".join(failed) + "."
 
 
 def worst_case_section(tables: Tables) -> Section:

@@ -22,7 +22,13 @@ import polars as pl
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
-from qshield_dist.summary.paired import autoattack_gaps, comparisons, load_points, worst_case_table
+from qshield_dist.summary.paired import (
+    AUTOATTACKS,
+    autoattack_gaps,
+    comparisons,
+    load_points,
+    worst_case_table,
+)
 from qshield_dist.summary.verdicts import (
     BACKBONE_ONLY,
     EQUAL_BUDGET,
@@ -188,6 +194,10 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
             backward_calls=pl.col("backward_calls").sum(),
             forward_samples=pl.col("forward_samples").sum(),
             backward_samples=pl.col("backward_samples").sum(),
+        ),
+        # AutoAttack's own sanity checks, one set per AutoAttack row (few rows).
+        "autoattack_checks": a.filter(pl.col("attack").is_in(AUTOATTACKS)).select(
+            *VARIANT_KEYS, "seed", "attack", "stochastic", "details"
         ),
         # Thin seeds and budget violations: few rows, listed one by one.
         "flags": a.filter(
@@ -356,6 +366,39 @@ def _gap_diagnostics(gaps: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=DIAGNOSTIC_SCHEMA)
 
 
+def _sanity_diagnostics(rows: pl.DataFrame) -> pl.DataFrame:
+    """AutoAttack's sanity checks (attacks/autoattack.sanity_checks) as `autoattack_sanity` rows
+    of the diagnostics table: a softmax output, autograd calls in the forward pass, or an output
+    that moves between passes of a model the sweep calls deterministic (so AutoAttack ran its
+    'standard' version where 'rand' was needed) each fail it."""
+    by_vkey: dict[str, list[set[str]]] = {}
+    for r in rows.with_columns(_vkey()).iter_rows(named=True):
+        checks = json.loads(r["details"] or "{}").get("autoattack_checks") or {}
+        tripped = {k for k in ("probability_output", "dynamic") if checks.get(k)}
+        if checks.get("randomized") and not r["stochastic"]:
+            tripped.add("randomized but evaluated as deterministic")
+        by_vkey.setdefault(r["vkey"], []).append(tripped)
+    out = [
+        {
+            "vkey": vkey,
+            "diagnostic": "autoattack_sanity",
+            "n": len(runs),
+            "n_pass": sum(not t for t in runs),
+            "value_mean": None,
+            "value_std": None,
+            "details": json.dumps(
+                {
+                    "rule": "AutoAttack's checks: no softmax output, no autograd calls at inference, and no"
+                    " randomness in a model evaluated as deterministic",
+                    "responsible": ", ".join(sorted(set().union(*runs))) or None,
+                }
+            ),
+        }
+        for vkey, runs in by_vkey.items()
+    ]
+    return pl.DataFrame(out, schema=DIAGNOSTIC_SCHEMA)
+
+
 def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
     """Trials the manifest's grid expects (key `expected_trials`) with no result file."""
     schema = {"trial_id": pl.String, "stage": pl.String, "dataset": pl.String}
@@ -413,7 +456,8 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
     points = load_points(res, settings, _vkey())
     paired = comparisons(points, variants, baselines, margin)
     gaps = autoattack_gaps(points)
-    diagnostics = pl.concat([_diagnostics(res), _gap_diagnostics(gaps)])
+    checks = _sanity_diagnostics(got["autoattack_checks"])
+    diagnostics = pl.concat([_diagnostics(res), _gap_diagnostics(gaps), checks])
     return Tables(
         variants=variants,
         attacks=settings,

@@ -87,6 +87,7 @@ _VERDICT_SCHEMA = {
     "category": pl.String,
     "provisional": pl.Boolean,
     "lacks": pl.String,  # provisional: what each side's worst case lacks
+    "missing": pl.String,  # incomplete: the attacks a side lacks on a seed
     "flags": pl.String,  # failed diagnostics of either model
     "diff": pl.Float64,
     "low": pl.Float64,
@@ -105,10 +106,11 @@ def eps_text(eps: float) -> str:
     return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{eps:.4g}"
 
 
-def lacks_text(r: dict[str, Any], labels: dict[str, str]) -> str:
-    """What a provisional comparison's worst cases lack, per side ('' when nothing)."""
+def sides_text(r: dict[str, Any], labels: dict[str, str], what: str) -> str:
+    """`what` ('lacks': AutoAttack a worst case lacks; 'missing': attacks missing on a seed) per
+    side of a comparison, named: '' when neither side has any."""
     return "; ".join(
-        f"{labels.get(r[side], r[side])}: {r[f'lacks_{side}']}" for side in ("a", "b") if r[f"lacks_{side}"]
+        f"{labels.get(r[side], r[side])}: {r[f'{what}_{side}']}" for side in ("a", "b") if r[f"{what}_{side}"]
     )
 
 
@@ -121,7 +123,8 @@ def comparison_text(r: dict[str, Any], labels: dict[str, str]) -> str:
     )
     text = (
         f"{labels.get(r['a'], r['a'])} vs {labels.get(r['b'], r['b'])} ({r['dataset']}): **{r['verdict']}**"
-        + (f" (provisional: no {lacks_text(r, labels)})" if r["provisional"] else "")
+        + (f" (provisional: no {sides_text(r, labels, 'lacks')})" if r["provisional"] else "")
+        + (f" (missing: {sides_text(r, labels, 'missing')})" if r["verdict"] == "incomplete" else "")
         + f"; robust accuracy {r['robust_a']:.1%} vs {r['robust_b']:.1%} under the worst case over"
         f" {r['attacks']} (L-inf eps {eps_text(r['eps'])}; {r['n_points']} points x {r['n_seeds']} seed(s)),"
         f" difference {_pct(r['diff'])} [95% CI {_pct(r['low'])}, {_pct(r['high'])}] ({how});"
@@ -192,7 +195,8 @@ def interval_verdicts(
                     "eps": r["eps"],
                     "category": r["verdict"],
                     "provisional": r["provisional"],
-                    "lacks": lacks_text(r, labels) or None,
+                    "lacks": sides_text(r, labels, "lacks") or None,
+                    "missing": sides_text(r, labels, "missing") or None,
                     "flags": flags or None,
                     "diff": r["diff"],
                     "low": r["low"],
@@ -333,6 +337,8 @@ def gain_source(quantum: dict[str, Any] | None, backbone: dict[str, Any] | None,
     def part(r: dict[str, Any] | None) -> str:
         if r is None:
             return "none"
+        if r["verdict"] == "incomplete":
+            return "open"
         return "gain" if r["verdict"] == "more robust" else ("none" if r["high"] <= margin else "open")
 
     q, b = part(quantum), part(backbone)
