@@ -167,7 +167,7 @@ def test_deterministic_path_is_torchattacks(points, name):
     )
 
 
-def test_autoattack_sequence_keeps_a_sample_in_play_until_the_majority_says_broken(points):
+def test_autoattack_sequence_never_drops_a_sample_on_draws(points):
     """AutoAttack 'rand' (what 'auto' picks here) at a small eps, so that some samples survive."""
     model, x, y = points
     params = {"eps": 0.03, "version": "auto", "seed": 0}
@@ -191,6 +191,39 @@ def test_autoattack_sequence_on_a_deterministic_model_is_torchattacks(points):
         x[:16],
         y[:16],
     )
+
+
+def test_no_attack_stops_on_draws(points):
+    """On a stochastic model every sample gets the whole budget: Square scores all its queries on
+    every sample, and every component of AutoAttack's sequence attacks every sample, broken or
+    not. main 49c6f05 stopped a sample at the first strict majority of lucky draws, which fresh
+    draws then often reversed (the ASR came out low)."""
+    model, x, y = points
+    counter = CallCounter(model)
+    square = StochasticSquare(counter, stochastic=True, repeats=REPEATS, **{**SQUARE, "eps": 0.3})
+    torch.manual_seed(0)
+    adv = square(x, y)
+    # the initial point, every query, and the restart's final scoring, each on REPEATS draws
+    assert counter.forward_samples == (SQUARE["n_queries"] + 2) * REPEATS * len(x)
+    with torch.no_grad():
+        assert (model(adv).argmax(1) != y).any()  # at eps 0.3 it does break points: budget spent anyway
+
+    seen = []
+
+    class Everything(torchattacks.attack.Attack):
+        def __init__(self, model, by):
+            super().__init__("Everything", model)
+            self.by = by
+
+        def forward(self, images, labels):
+            seen.append(len(images))
+            return images + self.by
+
+    multi = StochasticMultiAttack(
+        [Everything(model, 5.0), Everything(model, -5.0)], stochastic=True, repeats=5
+    )
+    multi(x, y)
+    assert seen == [len(x), len(x)]  # the first breaks every sample; the second still attacks them all
 
 
 def test_stochastic_multiattack_returns_the_best_point_for_a_sample_never_broken():

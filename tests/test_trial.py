@@ -203,3 +203,24 @@ def test_a_points_outcome_does_not_depend_on_the_batch_size(tmp_path):
     broken = [sum(v[0]) for v in outcomes[0].values()]
     assert any(0 < b < 40 for b in broken)
     assert any(v[1] and any(v[1]) for v in outcomes[0].values())
+
+
+def test_the_majority_rule_decides_point_broken_from_each_evaluation(tmp_path):
+    """A stochastic model (Gaussian input noise) through run_attack: every point's
+    `point_broken` is the strict majority of its `point_eval_wrong`, n_success counts them, and
+    the rule is what decides (some points are wrong on some draws and right on others)."""
+    model = {"model": "hqcnn", "backbone": "cnn_small", "input_noise": 0.4, "entanglement": "full"}
+    grid = _grid(tmp_path, [model], [{"name": "fgsm", "params": {"eps": 0.06}}], eval={"attack_size": 100})
+    ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
+    assert set(_run_all(grid, ctx).values()) == {"ok"}
+    (row,) = read_trial(ctx, grid.attack[0])
+    assert row["stochastic"] and row["eval_repeats"] == 5
+    split = 0
+    for correct, broken, evals in zip(row["point_correct"], row["point_broken"], row["point_eval_wrong"]):
+        if not correct:
+            assert not broken and evals == []
+            continue
+        assert len(evals) == 5 and broken == (2 * sum(evals) > 5)
+        split += 0 < sum(evals) < 5
+    assert split > 0  # draws disagree on some points: the rule, not one draw, decides them
+    assert row["n_success"] == sum(row["point_broken"])

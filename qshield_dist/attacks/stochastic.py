@@ -3,10 +3,14 @@
 torchattacks decides "already fooled" from one forward pass. On a model whose output is random
 (the paper-mode HQCNN: a fresh random projection per call) that single draw is a coin flip:
 attacks skip samples that are not broken, stop searching at points that are not broken, and
-return clean images. The classes below apply the project's success rule instead: a point is
-broken when a strict majority of `repeats` (the sweep's eval_repeats) draws misclassify it.
-Their scores average the same draws (EOT). On a deterministic model (`stochastic=False`) every
-override hands back to torchattacks' own method: outputs and call counts are unchanged.
+return clean images. The classes below score every candidate on `repeats` (the sweep's
+eval_repeats) draws (EOT) and never stop on draws: Square, One-Pixel and AutoAttack's sequence
+spend their whole budget and keep the best candidate, which the trial then judges on fresh
+draws by the project's rule (broken when a strict majority of the draws misclassify it).
+Stopping at the first majority of lucky draws kept points that fresh draws call unbroken, so
+the ASR came out low. DeepFool, a minimum-norm attack, stops at the majority boundary by design.
+On a deterministic model (`stochastic=False`) every override hands back to torchattacks' own
+method: outputs and call counts are unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from qshield_dist.attacks.base import (
     majority_margin,
     per_draw_margins,
     per_draw_xent,
-    strict_majority,
 )
 from qshield_dist.attacks.streams import PerPointStarts, active_streams
 
@@ -52,17 +55,21 @@ class StochasticSquare(MajorityRule, torchattacks.Square):
     def margin_and_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # torchattacks scores a query by one forward pass: a lucky draw both accepts a worse
         # square and ends the search as "fooled". Here the loss is the mean over the draws (EOT
-        # over queries) and the margin is <= 0 only when a strict majority of them is fooled.
+        # over queries), and the search never ends on draws (the margin it stops on stays
+        # positive): it spends its whole budget and keeps the lowest-loss point, which the trial
+        # then judges on fresh draws. Stopping at the first majority of lucky draws kept points
+        # that fresh draws call unbroken, biasing the ASR low (issue 24).
         if not self.stochastic:
             return super().margin_and_loss(x, y)
         out = self.take_draws(x, self.repeats)
-        margins = per_draw_margins(out, y, self.targeted)
         if self.loss == "ce":
             xent = per_draw_xent(out, y)
             loss = xent if self.targeted else -xent
         else:
-            loss = margins
-        return majority_margin(margins), loss.mean(0)
+            loss = per_draw_margins(out, y, self.targeted)
+        loss = loss.mean(0)
+        # A constant positive margin: finite, since torchattacks mixes margins as 0 * margin.
+        return torch.ones_like(loss), loss
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         streams = active_streams()
@@ -82,8 +89,8 @@ class StochasticSquare(MajorityRule, torchattacks.Square):
             return super().perturb(x, y)
         # torchattacks attacks only the samples one forward pass classifies correctly and keeps a
         # restart's point only where one forward pass is fooled: the rest come back clean. Here
-        # every sample is attacked, and a restart's point is kept when the majority rule calls it
-        # broken or it lowers the expected loss of the point kept so far.
+        # every sample is attacked by every restart, and a restart's point is kept when it lowers
+        # the expected loss of the point kept so far.
         if y is None:
             raise ValueError("StochasticSquare needs labels")
         self.init_hyperparam(x)
@@ -91,18 +98,13 @@ class StochasticSquare(MajorityRule, torchattacks.Square):
         torch.random.manual_seed(self.seed)
         torch.cuda.random.manual_seed(self.seed)
         adv = x.clone()
-        margin_best = torch.full((len(x),), float("inf"), device=x.device)
-        loss_best = margin_best.clone()
+        loss_best = torch.full((len(x),), float("inf"), device=x.device)
         for _ in range(self.n_restarts):
-            todo = (margin_best > 0).nonzero().flatten()
-            if todo.numel() == 0:
-                break
-            _, adv_curr = self.attack_single_run(x[todo], y[todo])
+            _, adv_curr = self.attack_single_run(x, y)
             with torch.no_grad():
-                margin, loss = self.margin_and_loss(adv_curr, y[todo])
-            keep = (margin <= 0) | (loss < loss_best[todo])
-            idx = todo[keep]
-            adv[idx], margin_best[idx], loss_best[idx] = adv_curr[keep], margin[keep], loss[keep]
+                _, loss = self.margin_and_loss(adv_curr, y)
+            keep = loss < loss_best
+            adv[keep], loss_best[keep] = adv_curr[keep], loss[keep]
         return adv
 
 
@@ -159,12 +161,12 @@ class StochasticOnePixel(MajorityRule, torchattacks.OnePixel):
         return torch.cat(probs).cpu().numpy()
 
     def _attack_success(self, image: torch.Tensor, label: torch.Tensor, delta) -> bool:
+        # torchattacks ends the evolution when one forward pass's argmax flips; on a stochastic
+        # model it never ends on draws: the evolution spends its budget, the trial judges the
+        # best candidate on fresh draws.
         if not self.stochastic:
             return super()._attack_success(image, label, delta)
-        # torchattacks ends the evolution when one forward pass's argmax flips.
-        with torch.no_grad():
-            pred = self.take_draws(self._perturb(image, delta), self.repeats).argmax(-1)
-        return bool(strict_majority(pred == label if self.targeted else pred != label)[0])
+        return False
 
 
 class StochasticMultiAttack(MajorityRule, torchattacks.MultiAttack):
@@ -178,12 +180,12 @@ class StochasticMultiAttack(MajorityRule, torchattacks.MultiAttack):
         self.sources = torch.empty(0, dtype=torch.long)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # As torchattacks: each component attacks the samples still in play, a sample leaves
-        # play once broken, and an unbroken sample comes back clean. torchattacks decides
-        # "broken" on one forward pass; on a stochastic model (repeats > 1) that is a coin flip,
-        # so there a sample stays in play until the majority rule calls it broken, and one never
-        # broken comes back at the highest expected loss (mean cross-entropy over the draws) any
-        # component reached. On a deterministic model `judge` is that one forward pass.
+        # As torchattacks on a deterministic model: each component attacks the samples still in
+        # play, a sample leaves play once one forward pass (`judge`) misclassifies it, and an
+        # unbroken sample comes back clean. On a stochastic model, deciding "broken" on draws
+        # would end a sample's attack on lucky draws: there every component attacks every
+        # sample, and the image kept is the one of highest expected loss (mean cross-entropy
+        # over the draws); the trial judges it on fresh draws.
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
         final = images.clone()
@@ -197,9 +199,10 @@ class StochasticMultiAttack(MajorityRule, torchattacks.MultiAttack):
                 break
             adv = attack(images[todo], labels[todo])
             wrong, loss = self.judge(adv, labels[todo])
-            keep = wrong | (loss > best[todo]) if self.stochastic else wrong
+            keep = loss > best[todo] if self.stochastic else wrong
             final[todo[keep]], best[todo[keep]], sources[todo[keep]] = adv[keep], loss[keep], k
-            broken[todo[wrong]] = True
+            if not self.stochastic:
+                broken[todo[wrong]] = True
             records.append(int((~broken).sum()))
         if self._accumulate_multi_atk_records:
             self._update_multi_atk_records(records)
