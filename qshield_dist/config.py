@@ -30,6 +30,7 @@ from qshield_dist.vocabulary import (
     ENTANGLEMENTS,
     EXECUTORS,
     FUSIONS,
+    GRADIENT_MASKING_CHECKS,
     INITS,
     MODELS,
     NOISE_MODELS,
@@ -166,14 +167,15 @@ class EvalConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     eval_repeats: int = Field(5, ge=1)  # evaluations per sample for stochastic models
     controls: tuple[Literal[CONTROLS], ...] = ()  # a tuple: EvalConfig is hashable (grid caches by it)
-    # true: every check; or the names of some (restart_sensitivity alone costs K APGD runs)
+    # true: the gradient-masking checks; or a list of check names (restart_sensitivity, which
+    # costs K full APGD runs, runs only when listed)
     diagnostics: bool | tuple[Literal[DIAGNOSTICS], ...] = False
     diagnostic_size: int = Field(64, ge=2)  # correctly classified samples the gradient checks use
 
     @property
     def diagnostic_names(self) -> tuple[str, ...]:
         if self.diagnostics is True:
-            return DIAGNOSTICS
+            return GRADIENT_MASKING_CHECKS
         return self.diagnostics or ()
 
 
