@@ -12,6 +12,7 @@ import pytest
 
 from qshield_dist.results import STAGE_VERSIONS, trial_path, write_manifest, write_rows
 from qshield_dist.summary.report import Options, Summary, summarize
+from qshield_dist.summary.sections_verdicts import VERDICT_TABLE
 from qshield_dist.summary.stats import mcnemar_exact
 from qshield_dist.summary.verdicts import gain_source
 
@@ -178,8 +179,15 @@ def test_paired_comparison_and_verdict_by_hand(tmp_path: Path) -> None:
         and "points per seed would resolve it" in v["verdict"]
     )
     assert "more robust" not in v["verdict"]
-    report = (tmp_path / "report" / "report.md").read_text()
-    assert "[95% CI" in report and "10 points x 1 seed(s)" in report
+    (table,) = [t for sec in s.sections for t in sec.tables if t.title == VERDICT_TABLE]
+    (row,) = [dict(zip(table.headers, r)) for r in table.rows]
+    assert (row["robust acc %"], row["points"], row["verdict"]) == (
+        "80.0 vs 50.0",
+        "10",
+        "undecided · provisional",
+    )
+    assert row["difference, pp [95% CI]"].startswith("+30.0 [-") and row["to resolve"].startswith("≈ ")
+    assert row["attacks (worst case)"] == "fgsm, pgd; no full-strength attack"
 
 
 def test_bpda_attacks_count_on_the_side_that_has_them(tmp_path: Path) -> None:
@@ -242,7 +250,11 @@ def test_controls_gain_source_from_intervals(tmp_path: Path) -> None:
         "vs backbone alone": "more robust",
         "backbone alone vs CNN": "equal",
     }
-    assert "gain mainly from **quantum branch**" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert (
+        "the gain comes mainly from the quantum branch (with its fusion head) (quantum part: more robust;"
+        in report
+    )
 
 
 def _part(verdict: str, high: float) -> dict[str, Any]:
