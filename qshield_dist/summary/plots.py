@@ -291,7 +291,7 @@ def _forest(
         handles.append(
             Line2D([], [], color="#777777", marker="o", markerfacecolor="white", label="provisional")
         )
-    handles.append(Line2D([], [], color="#dddddd", linewidth=8, label=f"equal band (+-{margin:g} pp)"))
+    handles.append(Line2D([], [], color="#dddddd", linewidth=8, label=f"equal band (±{margin:g} pp)"))
     ax.legend(
         handles=handles,
         loc="lower left",
@@ -306,7 +306,7 @@ def _forest(
     n_seeds = ", ".join(str(n) for n in sorted(set(paired["n_seeds"])))
     caption = (
         "Difference of worst-case robust accuracy (A - B, percentage points) on the shared attack set, with its"
-        f" 95% paired bootstrap interval; grey band: within +-{margin:g} pp the two count as equal."
+        f" 95% paired bootstrap interval; grey band: within ±{margin:g} pp the two count as equal."
         f" Points per seed: {n_points}; seeds: {n_seeds}. Colour: the verdict; a hollow marker: provisional."
     )
     return _finish(fig, out, name, title, caption, svg, topic)
