@@ -16,14 +16,6 @@ PAPER_EPS = {"mnist": 32 / 255, "digits": 32 / 255, "organamnist": 8 / 255, "cif
 CW_SEARCH_STEPS = {"mnist": 10, "digits": 10, "organamnist": 8, "cifar10": 8}
 
 
-# full_strength rules: (preset, resolved params, the model is stochastic) -> bool
-StrengthRule = Callable[[str, dict[str, Any], bool], bool]
-
-
-def _never(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
-    return False
-
-
 @dataclass(frozen=True)
 class AttackDef:
     name: str
@@ -33,12 +25,7 @@ class AttackDef:
     defaults: Callable[[str], dict[str, Any]]  # dataset -> the paper's parameters
     # BPDA: needs the model's differentiable twin, so it applies to hqcnn models only
     needs_twin: bool = False
-    strength: StrengthRule = _never
-
-    def full_strength(self, preset: str, params: dict[str, Any], stochastic: bool) -> bool:
-        """Is this run an attack at full strength (what the report's verdicts may rest on),
-        rather than the paper's budget or a smoke run?"""
-        return self.strength(preset, params, stochastic)
+    autoattack: bool = False  # the AutoAttack suite (plain or through BPDA)
 
     def params(
         self, dataset: str, preset: str = "paper", overrides: dict[str, Any] | None = None
@@ -79,42 +66,6 @@ def _apgd(d: str, steps: int, eot: int) -> dict[str, Any]:
     }
 
 
-def _eot_where_random(params: dict[str, Any], stochastic: bool) -> bool:
-    return not stochastic or params.get("eot_iter", 1) > 1
-
-
-def _apgd_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
-    # The paper's 10-step APGD does not count; on a stochastic model EOT and best_loss (attack
-    # every sample) are part of the strength.
-    return (
-        preset == "standard"
-        and params["steps"] >= 50
-        and _eot_where_random(params, stochastic)
-        and (params["best_loss"] or not stochastic)
-    )
-
-
-def _bpda_apgd_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
-    return params["steps"] >= 50 and _eot_where_random(params, stochastic)
-
-
-def _autoattack_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
-    # The published protocol: standard for deterministic models, rand for randomized ones
-    # (auto picks the right one); fast is a smoke run.
-    version = params["version"]
-    if version in ("standard", "rand"):
-        return version == ("rand" if stochastic else "standard")
-    return version == "auto"
-
-
-def _pgd_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
-    return budget_reachable(params) and ("eot_iter" not in params or _eot_where_random(params, stochastic))
-
-
-def _transfer_full(preset: str, params: dict[str, Any], stochastic: bool) -> bool:
-    return preset == "standard" and budget_reachable(params)
-
-
 def _autoattack(d: str) -> dict[str, Any]:
     return {"eps": _eps(d), "version": "auto", "seed": 0}
 
@@ -132,7 +83,6 @@ ATTACKS: dict[str, AttackDef] = {
             # best_loss: on a stochastic model, attack every sample and keep the highest-loss
             # iterate (the standard preset); False is torchattacks' and so the paper's behaviour.
             lambda d: {**_apgd(d, 10, 1), "best_loss": False},
-            strength=_apgd_full,
         ),
         AttackDef(
             "vmifgsm",
@@ -171,23 +121,56 @@ ATTACKS: dict[str, AttackDef] = {
             },
         ),
         # version: auto (rand on a stochastic model, else standard) | standard | rand | fast
-        AttackDef("autoattack", "linf", True, True, _autoattack, strength=_autoattack_full),
-        AttackDef("eot_pgd", "linf", True, True, lambda d: {**_pgd(d), "eot_iter": 10}, strength=_pgd_full),
-        AttackDef("bpda_pgd", "linf", True, True, _pgd, needs_twin=True, strength=_pgd_full),
+        AttackDef("autoattack", "linf", True, True, _autoattack, autoattack=True),
+        AttackDef("eot_pgd", "linf", True, True, lambda d: {**_pgd(d), "eot_iter": 10}),
+        AttackDef("bpda_pgd", "linf", True, True, _pgd, needs_twin=True),
         # APGD and AutoAttack through BPDA, EOT over draws on a stochastic model: adaptive to both
         # defences of the paper-mode model at once (a detached quantum branch, a random output)
-        AttackDef("bpda_apgd", "linf", True, True, lambda d: _apgd(d, 100, 20), True, _bpda_apgd_full),
-        AttackDef("bpda_autoattack", "linf", True, True, _autoattack, True, _autoattack_full),
+        AttackDef("bpda_apgd", "linf", True, True, lambda d: _apgd(d, 100, 20), needs_twin=True),
+        AttackDef("bpda_autoattack", "linf", True, True, _autoattack, needs_twin=True, autoattack=True),
         AttackDef(
             "transfer",
             "linf",
             True,
             False,
             lambda d: {**_pgd(d), "surrogate": "cnn", "base": "pgd"},
-            strength=_transfer_full,
         ),
     ]
 }
+
+
+# ---------------------------------------------------------------- when a verdict may rest on a worst case
+# The one rule (issue 23): a model's worst case is final only when it includes AutoAttack at its
+# authors' strength, in the form the model needs: `standard` on a deterministic model, `rand` on a
+# stochastic one, and through BPDA (`bpda_autoattack`) where the quantum branch's gradient is
+# detached. Anything less (APGD alone, even with restarts, the paper's suite) leaves the verdict
+# provisional: on the quick sweep's hybrids one APGD start under-reported by up to 10% of the points.
+
+
+def needed_autoattack(stochastic: bool, detached: bool) -> str:
+    """What a model's worst case must include, as the report names it."""
+    name = "bpda_autoattack" if detached else "autoattack"
+    return f"{name} ({'rand' if stochastic else 'standard'})"
+
+
+def autoattack_at_authors_strength(params: dict[str, Any], stochastic: bool) -> bool:
+    """AutoAttack's published protocol: standard for a deterministic model, rand for a randomized
+    one (`auto` picks the right one); `fast` is a smoke run."""
+    version = params.get("version")
+    if version in ("standard", "rand"):
+        return version == ("rand" if stochastic else "standard")
+    return version == "auto"
+
+
+def completes_worst_case(name: str, params: dict[str, Any], stochastic: bool, detached: bool) -> bool:
+    """Does this attack run make its model's worst case one a verdict may rest on?"""
+    attack = ATTACKS.get(name)
+    return (
+        attack is not None
+        and attack.autoattack
+        and attack.needs_twin == detached
+        and autoattack_at_authors_strength(params, stochastic)
+    )
 
 
 def budget_reachable(params: dict[str, Any]) -> bool:

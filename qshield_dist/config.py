@@ -25,6 +25,7 @@ from qshield_dist.vocabulary import (
     BACKBONES,
     CONTROLS,
     DEVICES,
+    DIAGNOSTICS,
     ENCODINGS,
     ENTANGLEMENTS,
     EXECUTORS,
@@ -165,8 +166,15 @@ class EvalConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     eval_repeats: int = Field(5, ge=1)  # evaluations per sample for stochastic models
     controls: tuple[Literal[CONTROLS], ...] = ()  # a tuple: EvalConfig is hashable (grid caches by it)
-    diagnostics: bool = False
-    diagnostic_size: int = Field(64, ge=2)  # correctly classified samples the diagnostics use
+    # true: every check; or the names of some (restart_sensitivity alone costs K APGD runs)
+    diagnostics: bool | tuple[Literal[DIAGNOSTICS], ...] = False
+    diagnostic_size: int = Field(64, ge=2)  # correctly classified samples the gradient checks use
+
+    @property
+    def diagnostic_names(self) -> tuple[str, ...]:
+        if self.diagnostics is True:
+            return DIAGNOSTICS
+        return self.diagnostics or ()
 
 
 class StageResources(_Strict):

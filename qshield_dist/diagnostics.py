@@ -21,9 +21,13 @@ import torch.nn.functional as F
 
 from qshield_dist.attack_params import ADAPTIVE, ATTACKS, PAPER_SUITE, budget_reachable
 from qshield_dist.attacks import BPDA, CallCounter, build_attack
+from qshield_dist.attacks.autoattack import AUTHORS_EOT, AUTHORS_STEPS
+from qshield_dist.attacks.base import strict_majority
+from qshield_dist.attacks.streams import PointStreams
 from qshield_dist.results import read_rows, trial_path
 
 EPS_SWEEP = (8 / 255, 16 / 255, 32 / 255, 64 / 255, 0.25, 0.5)
+RESTART_STARTS = 5  # independent APGD starts of restart_sensitivity (AutoAttack's custom default)
 
 
 def tolerance(p1: float, n1: int, p2: float, n2: int) -> float:
@@ -138,8 +142,14 @@ def _paper_params(row: dict[str, Any]) -> bool:
 def _majority_wrong(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        wrong = torch.stack([model(x).argmax(1) != y for _ in range(repeats)])
-    return wrong.float().mean(0) > 0.5
+        return strict_majority(torch.stack([model(x).argmax(1) != y for _ in range(repeats)]))
+
+
+def _gradient_target(model: nn.Module) -> tuple[nn.Module, bool]:
+    """What a gradient attack should differentiate: a detached quantum branch is attacked through
+    BPDA (its own forward, its differentiable twin's gradient)."""
+    bpda = getattr(model, "quantum_grad", "full") == "detached" and hasattr(model, "differentiable_twin")
+    return (BPDA(model, model.differentiable_twin()) if bpda else model), bpda
 
 
 def eps_sweep(
@@ -160,8 +170,7 @@ def eps_sweep(
     hides part of it (gradient_matches_differentiable_twin measures that)."""
     asr = {}
     eot = 10 if stochastic else 1
-    bpda = getattr(model, "quantum_grad", "full") == "detached" and hasattr(model, "differentiable_twin")
-    target = BPDA(model, model.differentiable_twin()) if bpda else model
+    target, bpda = _gradient_target(model)
     for eps in eps_values:
         params = ATTACKS["apgd"].params("mnist", "standard", {"eps": eps, "steps": steps, "eot_iter": eot})
         torch.manual_seed(0)
@@ -183,6 +192,64 @@ def eps_sweep(
                 "eot_iter": eot,
                 "asr_by_eps": asr,
                 "n": len(y),
+            }
+        ),
+    }
+
+
+def restart_sensitivity(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    eps: float,
+    stochastic: bool,
+    repeats: int,
+    seed: int,
+    batch_size: int,
+    starts: int = RESTART_STARTS,
+    steps: int = AUTHORS_STEPS,
+) -> dict[str, Any]:
+    """K independent starts of APGD-CE (AutoAttack's component: 100 steps, EOT over 20 draws on a
+    stochastic model, through BPDA for a detached quantum branch) on the attacked points of the
+    shared set, each start from its own per-point streams. It fails when the union of the starts
+    breaks significantly more points than one start does: d = broken by some start - the mean
+    over starts, per point, and mean(d) > 2 standard errors. On such a model a single APGD run
+    is a lottery, and what one attack reports depends on its random start."""
+    target, bpda = _gradient_target(model)
+    eot = AUTHORS_EOT if stochastic else 1
+    params = ATTACKS["apgd"].params("mnist", "standard", {"eps": eps, "steps": steps, "eot_iter": eot})
+    broken = []
+    for start in range(starts):
+        attack = build_attack("apgd", CallCounter(target), params, n_classes, stochastic=stochastic)
+        with PointStreams(seed, start):
+            adv = [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+        broken.append(_majority_wrong(model, torch.cat(adv).detach(), y, repeats) if len(y) else y.bool())
+    hits = torch.stack(broken)  # (starts, n)
+    d = hits.any(0).double() - hits.double().mean(0)
+    n = len(y)
+    mean = float(d.mean()) if n else 0.0
+    se = float(d.std() / math.sqrt(n)) if n > 1 else float("nan")
+    per_start = hits.sum(1).tolist()
+    return {
+        "diagnostic": "restart_sensitivity",
+        "diagnostic_value": mean,
+        "diagnostic_pass": mean <= 0 or mean <= 2 * se,
+        "details": json.dumps(
+            {
+                "rule": "the union of K independent APGD starts must not break more points than one start"
+                " by more than 2 standard errors (paired)",
+                "starts": starts,
+                "broken_per_start": per_start,
+                "broken_by_any_start": int(hits.any(0).sum()),
+                "spread": max(per_start) - min(per_start),
+                "n": n,
+                "se": se,
+                "attack": "apgd-ce",
+                "steps": steps,
+                "eot_iter": eot,
+                "eps": eps,
+                "gradient": "bpda" if bpda else "model",
             }
         ),
     }

@@ -32,16 +32,19 @@ from qshield_dist.config import ModelSpec
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # the columns below; an older file is set aside by the summary, never an error
+SCHEMA_VERSION = (
+    3  # the columns below (3: point_broken_by); an older file is set aside by the summary, never an error
+)
 
 # What each stage computes. A trial's id hashes its stage's version, so a bump re-runs that
 # stage and everything after it (an attack id hashes its train id), never what comes before.
 # Bump in the same commit as a change that alters what the stage computes; tests/golden/
 # holds one golden trial per stage that fails when numbers move while the version does not.
 TRAIN_VERSION = 2
-ATTACK_VERSION = 4  # 4: AutoAttack at its authors' strength; EOT only on stochastic models; Square, DeepFool,
-# One-Pixel and AutoAttack's sequence judge success by the majority rule; the row's attack_config
-DIAGNOSTIC_VERSION = 4  # 4: its attack comparisons read attack version 4's rows
+# Attack 5: random starts drawn per point (attacks/streams.py), so a point's outcome does not depend on
+# its batch; Square runs point by point; AutoAttack's rows record which component broke each point.
+ATTACK_VERSION = 5
+DIAGNOSTIC_VERSION = 5  # 5: restart_sensitivity and suite_vs_autoattack; reads attack version 5's rows
 STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic": DIAGNOSTIC_VERSION}
 
 
@@ -113,6 +116,8 @@ SCHEMA = pa.schema(
         ("point_index", pa.list_(pa.int32())),  # test-set index
         ("point_correct", pa.list_(pa.bool_())),  # correct when clean (a majority of evaluations)
         ("point_broken", pa.list_(pa.bool_())),  # the attack succeeded (never for a clean-wrong point)
+        # AutoAttack: the component that broke the point (apgd-ce, apgd-t, fab-t, square, ...)
+        ("point_broken_by", pa.list_(pa.string())),
         ("point_eval_wrong", pa.list_(pa.list_(pa.bool_()))),  # stochastic models: each evaluation's outcome
         ("train_seconds", pa.float64()),
         ("train_epochs", pa.int32()),

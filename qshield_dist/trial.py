@@ -21,8 +21,10 @@ import torch
 import torch.nn as nn
 
 from qshield_dist import diagnostics
-from qshield_dist.attack_params import ATTACKS, budget_reachable
-from qshield_dist.attacks import CallCounter, build_attack
+from qshield_dist.attack_params import ATTACKS, PAPER_EPS, budget_reachable
+from qshield_dist.attacks import AutoAttack, CallCounter, build_attack
+from qshield_dist.attacks.base import strict_majority
+from qshield_dist.attacks.streams import PointStreams
 from qshield_dist.data import Split, fixed_permutation, load, shared_attack_set
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial, stable_hash
@@ -172,7 +174,7 @@ def _clean_eval(
     preds = predictions(model, test.x, repeats, batch_size)
     correct = preds == test.y
     per_repeat = correct.float().mean(1)
-    majority = correct.float().mean(0) > 0.5
+    majority = strict_majority(correct)
     return majority, {
         "n_test": len(test.y),
         "clean_acc": float(per_repeat.mean()),
@@ -251,11 +253,15 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     seed_everything(trial.train.seed)
     start = time.perf_counter()
     batch = trial.eval.batch_size
-    adv = (
-        torch.cat([attack(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]).detach()
-        if len(y)
-        else x.clone()
-    )
+    pieces, sources = [], []
+    # Every point draws its random starts from its own stream (attacks/streams.py): its outcome
+    # does not depend on the batch size or on its batch-mates.
+    with PointStreams(trial.train.seed, params.get("seed", 0)):
+        for i in range(0, len(y), batch):
+            pieces.append(attack(x[i : i + batch], y[i : i + batch]).detach())
+            if isinstance(attack, AutoAttack):
+                sources += attack.sources()
+    adv = torch.cat(pieces) if pieces else x.clone()
     seconds = time.perf_counter() - start
 
     delta = (adv - x).flatten(1)
@@ -267,14 +273,17 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     wrong = (
         predictions(model, adv, repeats, batch) != y if len(y) else torch.zeros(repeats, 0, dtype=torch.bool)
     )
-    success = wrong.float().mean(0) > 0.5  # the project's success rule: a strict majority of evaluations
+    success = strict_majority(wrong)  # the project's success rule
     n_points, n_attacked, n_success = len(points), len(y), int(success.sum())
     asr = n_success / n_attacked if n_attacked else float("nan")
     broken = torch.zeros(n_points, dtype=torch.bool)
     broken[correct] = success
     eval_wrong: list[list[bool]] = [[] for _ in range(n_points)]
-    for i, w in zip(torch.nonzero(correct).flatten().tolist(), wrong.T.tolist()):
+    broken_by: list[str | None] = [None] * n_points
+    for j, (i, w) in enumerate(zip(torch.nonzero(correct).flatten().tolist(), wrong.T.tolist())):
         eval_wrong[i] = w
+        if sources and success[j]:
+            broken_by[i] = sources[j]
     calls = [c for c in (counter, twin) if c is not None]
     row = {
         **_base_row(trial, ctx),
@@ -310,6 +319,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         "point_correct": correct.tolist(),
         "point_broken": broken.tolist(),
         "point_eval_wrong": eval_wrong if repeats > 1 else None,
+        "point_broken_by": broken_by if isinstance(attack, AutoAttack) else None,
         "details": json.dumps(
             {
                 "control": trial.control,
@@ -333,23 +343,44 @@ def _clean(
 
 
 def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, Any]]:
+    wanted = trial.eval.diagnostic_names
     size = trial.eval.diagnostic_size
     _, test = _load_data(trial.train, ctx)
     model, meta = train_or_load(trial.train, ctx, allow_train=False)
     stochastic = bool(getattr(model, "stochastic", False))
     majority, clean = _clean(model, test, trial)
+    repeats = clean["eval_repeats"]
+    classes = DATASETS[trial.dataset].classes
     # The first correctly classified points in the shared attack set's order: the attacked points.
     order = fixed_permutation(len(test.y), trial.train.seed)
     idx = order[majority[order]][:size].sort().values
     x, y = test.x[idx], test.y[idx]
     attack_rows = diagnostics.read_attack_rows(ctx.results_dir, trial.dataset, trial.attack_ids)
     checks = diagnostics.compare_attacks(attack_rows)
-    repeats = clean["eval_repeats"]
-    checks.append(diagnostics.eps_sweep(model, x, y, DATASETS[trial.dataset].classes, stochastic, repeats))
-    checks += diagnostics.gradient_checks(model, x, y)
-    checks.append(diagnostics.batch_dependence(model, test.x[: 2 * size]))
+    if "eps_sweep_reaches_1" in wanted:
+        checks.append(diagnostics.eps_sweep(model, x, y, classes, stochastic, repeats))
+    if {"gradient_nonzero_and_stable", "gradient_matches_differentiable_twin"} & set(wanted):
+        checks += diagnostics.gradient_checks(model, x, y)
+    if "batch_independent" in wanted:
+        checks.append(diagnostics.batch_dependence(model, test.x[: 2 * size]))
+    if "restart_sensitivity" in wanted:
+        points = shared_attack_set(len(test.y), trial.eval.attack_size, trial.train.seed)
+        attacked = points[majority[points]]
+        checks.append(
+            diagnostics.restart_sensitivity(
+                model,
+                test.x[attacked],
+                test.y[attacked],
+                classes,
+                PAPER_EPS[trial.dataset],
+                stochastic,
+                repeats,
+                trial.train.seed,
+                trial.eval.batch_size,
+            )
+        )
     base = {**_base_row(trial, ctx), **clean, **_train_columns(meta), "status": "ok", **_model_facts(model)}
-    return [{**base, **check} for check in checks]
+    return [{**base, **check} for check in checks if check["diagnostic"] in wanted]
 
 
 def run_trial(trial: Trial, ctx: RunContext) -> str:

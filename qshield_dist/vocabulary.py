@@ -34,4 +34,16 @@ ATTACK_PRESETS = ("paper", "standard")
 # fast (ten-step components for smoke runs; recorded as fast, never reported as AutoAttack)
 AUTOATTACK_VERSIONS = ("auto", "standard", "rand", "fast")
 CONTROLS = ("backbone_only", "equal_budget")
+# The checks a diagnostic trial can run (`eval.diagnostics: true` runs them all, or list some).
+DIAGNOSTICS = (
+    "iterative_ge_single_step",
+    "whitebox_ge_blackbox",
+    "adaptive_vs_paper_suite",
+    "attack_budget_reachable",
+    "eps_sweep_reaches_1",
+    "gradient_nonzero_and_stable",
+    "gradient_matches_differentiable_twin",
+    "batch_independent",
+    "restart_sensitivity",
+)
 EXECUTORS = ("local", "ray", "slurm")

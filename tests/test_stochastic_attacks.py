@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchattacks
 
-from qshield_dist.attack_params import ATTACKS
+from qshield_dist.attack_params import ATTACKS, completes_worst_case, needed_autoattack
 from qshield_dist.attacks import (
     AutoAttack,
     CallCounter,
@@ -347,23 +347,31 @@ def test_eot_only_where_there_is_randomness(points):
         assert counted[False] < counted[True]
 
 
-def test_full_strength_flags():
-    def full(name, preset="standard", stochastic=True, **overrides):
-        attack = ATTACKS[name]
-        return attack.full_strength(preset, attack.params("mnist", preset, overrides), stochastic)
+def test_only_autoattack_at_its_authors_strength_completes_a_worst_case():
+    """The one rule of attack_params: a worst case is final with AutoAttack at its authors'
+    strength, in the form the model needs; APGD, even at 100 steps with EOT, is not enough."""
 
-    assert not full("apgd", "paper") and not full("apgd")  # the paper's 10 steps do not count
-    assert full("apgd", steps=100, eot_iter=20) and not full("apgd", steps=100)
-    assert full("apgd", steps=100, stochastic=False)
-    assert full("autoattack") and full("autoattack", version="rand")
-    assert not full("autoattack", version="fast")
-    # the published protocol for the model at hand: standard if deterministic, rand if random
-    assert full("autoattack", version="standard", stochastic=False)
-    assert not full("autoattack", version="standard")
-    assert not full("autoattack", version="rand", stochastic=False)
-    assert full("bpda_apgd") and full("bpda_autoattack") and full("eot_pgd") and full("bpda_pgd")
-    assert not full("eot_pgd", "paper")  # 10 steps of 2/255 cannot reach 32/255
-    assert full("transfer") and not full("transfer", "paper") and not full("fgsm") and not full("square")
+    def completes(name, stochastic=False, detached=False, **overrides):
+        params = ATTACKS[name].params("mnist", "standard", overrides)
+        return completes_worst_case(name, params, stochastic, detached)
+
+    assert completes("autoattack") and completes("autoattack", stochastic=True)  # version auto
+    assert completes("autoattack", version="standard") and not completes("autoattack", version="rand")
+    assert completes("autoattack", True, version="rand") and not completes(
+        "autoattack", True, version="standard"
+    )
+    assert not completes("autoattack", version="fast") and not completes("autoattack", True, version="fast")
+    # a detached quantum branch needs AutoAttack through BPDA, and only there
+    assert not completes("autoattack", detached=True) and completes("bpda_autoattack", detached=True)
+    assert not completes("bpda_autoattack") and completes("bpda_autoattack", True, True)
+    for name in ("apgd", "bpda_apgd", "eot_pgd", "pgd", "square", "transfer", "fgsm"):
+        assert (
+            not completes(name, steps=100)
+            if "steps" in ATTACKS[name].defaults("mnist")
+            else not completes(name)
+        )
+    assert needed_autoattack(False, False) == "autoattack (standard)"
+    assert needed_autoattack(True, True) == "bpda_autoattack (rand)"
     assert {n for n, a in ATTACKS.items() if a.needs_twin} == {"bpda_pgd", "bpda_apgd", "bpda_autoattack"}
 
 

@@ -8,8 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
+import torch
 
+from qshield_dist.attack_params import ATTACKS
+from qshield_dist.attacks import CallCounter, build_attack
+from qshield_dist.attacks.streams import PointStreams
+from qshield_dist.data import load
 from qshield_dist.results import STAGE_VERSIONS, trial_path, write_manifest, write_rows
 from qshield_dist.summary.report import Options, Summary, summarize
 from qshield_dist.summary.sections_verdicts import VERDICT_TABLE
@@ -187,7 +193,9 @@ def test_paired_comparison_and_verdict_by_hand(tmp_path: Path) -> None:
         "undecided · provisional",
     )
     assert row["difference, pp [95% CI]"].startswith("+30.0 [-") and row["to resolve"].startswith("≈ ")
-    assert row["attacks (worst case)"] == "fgsm, pgd; no full-strength attack"
+    assert row["attacks (worst case)"] == (
+        "fgsm, pgd; lacks hqcnn[cnn_small] full: autoattack (rand); cnn_small: autoattack (standard)"
+    )
 
 
 def test_bpda_attacks_count_on_the_side_that_has_them(tmp_path: Path) -> None:
@@ -212,9 +220,11 @@ def _many(
     return [1] * n, set(range(n)) - a_ok, [1] * n, set(range(n)) - b_ok
 
 
-def test_full_strength_attack_and_a_decided_verdict(tmp_path: Path) -> None:
+def test_apgd_alone_decides_nothing_for_good(tmp_path: Path) -> None:
     """400 points, the hybrid robust on 240, the CNN on 120 (60 shared): far beyond the
-    interval's width, and APGD at the standard preset makes it not provisional."""
+    interval's width, so the interval says more robust; but APGD at the standard preset is not
+    AutoAttack, so the verdict is provisional and names what each side lacks (main 49c6f05
+    called this final)."""
     ca, ba, cb, bb = _many(400, 240, 120, 60)
     rows = [
         _row("cnn_small", "apgd", cb, bb, preset="standard", params=APGD_STANDARD),
@@ -223,7 +233,102 @@ def test_full_strength_attack_and_a_decided_verdict(tmp_path: Path) -> None:
     s = _summarize(tmp_path, rows)
     (r,) = s.tables.paired.iter_rows(named=True)
     assert r["diff"] == pytest.approx(0.3) and r["low"] > 0.2 and r["high"] < 0.4
-    assert r["verdict"] == "more robust" and not r["provisional"] and r["full_strength"] == "apgd[standard]"
+    assert r["verdict"] == "more robust" and r["provisional"]
+    assert (r["lacks_a"], r["lacks_b"]) == ("autoattack (rand)", "autoattack (standard)")
+    (v,) = s.tables.verdicts.iter_rows(named=True)
+    assert v["provisional"] and v["lacks"].endswith("autoattack (rand); cnn_small: autoattack (standard)")
+    assert "provisional: no " in v["verdict"]
+
+
+class _Linear(torch.nn.Module):
+    """A linear classifier on the digits, returning log-probabilities of its logits x temperature.
+    At a temperature of 10^4 the log-softmax saturates: the cross-entropy gradient underflows
+    to zero, so every CE attack (FGSM, PGD, APGD-CE) is blind, while AutoAttack's targeted DLR
+    loss (APGD-T) is scale-free and breaks it: gradient masking in its simplest form."""
+
+    stochastic = False
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, temperature: float):
+        super().__init__()
+        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.temperature * self.linear(x.flatten(1)), dim=1)
+
+
+SUITE = (("fgsm", "paper", {}), ("pgd", "paper", {}), ("apgd", "standard", {"steps": 50, "n_restarts": 2}))
+
+
+def _attack_rows(model_name: str, model: torch.nn.Module, x, y, cols: dict[str, Any]) -> list[dict[str, Any]]:
+    """The suite and AutoAttack on `model`, run as run_attack runs them, as result rows."""
+    with torch.no_grad():
+        correct = (model(x).argmax(1) == y).tolist()
+    ok = torch.tensor(correct)
+    rows = []
+    for name, preset, overrides in (*SUITE, ("autoattack", "paper", {})):
+        params = ATTACKS[name].params("digits", preset, overrides)
+        attack = build_attack(name, CallCounter(model), params, 10)
+        with PointStreams(0, params.get("seed", 0)):
+            adv = attack(x[ok], y[ok])
+        with torch.no_grad():
+            wrong = (model(adv).argmax(1) != y[ok]).tolist()
+        attacked = [i for i, c in enumerate(correct) if c]
+        broken = {i for i, w in zip(attacked, wrong) if w}
+        by = [None] * len(correct)
+        if name == "autoattack":
+            for i, w, source in zip(attacked, wrong, attack.sources()):
+                by[i] = source if w else None
+        extra = {"point_broken_by": by} if name == "autoattack" else {}
+        rows.append(
+            _row(
+                model_name,
+                name,
+                [int(c) for c in correct],
+                broken,
+                preset=preset,
+                params=params,
+                **cols,
+                **extra,
+            )
+        )
+    return rows
+
+
+def test_autoattack_breaks_what_the_suite_leaves_and_the_report_says_which_component(tmp_path: Path) -> None:
+    """The toy on which the suite without AutoAttack leaves points AutoAttack breaks: against the
+    same classifier unsaturated, the saturated one looks far more robust under FGSM, PGD and APGD
+    (provisional); with AutoAttack both are broken alike, the verdict is final and not "more
+    robust", and suite_vs_autoattack fails on the saturated model, naming APGD-T."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, test = load("digits", str(tmp_path), None, None, False)
+    clf = LogisticRegression(max_iter=300).fit(train.x.flatten(1).numpy(), train.y.numpy())
+    weight, bias = (
+        torch.tensor(clf.coef_, dtype=torch.float32),
+        torch.tensor(clf.intercept_, dtype=torch.float32),
+    )
+    x, y = test.x[:64], test.y[:64]
+    plain = _attack_rows("cnn_small", _Linear(weight, bias, 1.0).eval(), x, y, {})
+    saturated = _attack_rows("hqcnn", _Linear(weight, bias, 1e4).eval(), x, y, HYBRID)
+    suite_only = [r for r in plain + saturated if r["attack"] != "autoattack"]
+
+    (before,) = _summarize(tmp_path / "suite", suite_only).tables.verdicts.iter_rows(named=True)
+    assert before["category"] == "more robust" and before["provisional"]
+
+    s = _summarize(tmp_path / "all", plain + saturated)
+    (after,) = s.tables.verdicts.iter_rows(named=True)
+    assert not after["provisional"] and after["category"] != "more robust"
+    gaps = {r["vkey"].split("|")[1]: r for r in s.tables.autoattack.iter_rows(named=True)}
+    assert not gaps["hqcnn"]["passed"] and gaps["hqcnn"]["responsible"] == "apgd-t"
+    assert gaps["hqcnn"]["rest_only"] == 0 and gaps["hqcnn"]["autoattack_only"] > 50
+    assert gaps["cnn_small"]["passed"]  # APGD already finds what AutoAttack finds on the plain model
+    assert "suite_vs_autoattack (apgd-t)" in after["flags"] and "failed diagnostics" in after["verdict"]
+    diag = s.tables.diagnostics.filter(pl.col("diagnostic") == "suite_vs_autoattack")
+    assert sorted(diag["n_pass"].to_list()) == [0, 1]
 
 
 def test_equal_within_the_margin_and_not_past_it(tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ torchattacks' `AutoAttack` keeps its components at their class defaults, 10 iter
 
 `auto` picks `rand` on a stochastic model and `standard` otherwise. `fast` is not AutoAttack:
 the same choice with 10-iteration components and 500 Square queries, for smoke runs; the row
-records the version that ran. On a stochastic model the sequence is `StochasticMultiAttack`
-(a sample stays in play until the majority rule calls it broken), APGD is `StochasticAPGD` and
-Square `StochasticSquare`; on a deterministic model EOT is 1 and everything is torchattacks'.
+records the version that ran. The sequence is `StochasticMultiAttack`, which records the
+component that broke each point (the row's `point_broken_by`); on a stochastic model a sample
+stays in play until the majority rule calls it broken, APGD is `StochasticAPGD` and Square
+`StochasticSquare`; on a deterministic model EOT is 1 and the components are torchattacks',
+with random starts drawn per point (streams.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn as nn
 import torchattacks
 from torchattacks.attack import Attack
 
+from qshield_dist.attacks import streams
 from qshield_dist.attacks.base import describe
 from qshield_dist.attacks.stochastic import StochasticAPGD, StochasticMultiAttack, StochasticSquare
 from qshield_dist.vocabulary import AUTOATTACK_VERSIONS
@@ -63,7 +66,7 @@ def components(
 ) -> list[Attack]:
     """The component attacks of `suite` ('standard' or 'rand') with the authors' parameters."""
     steps = FAST_STEPS if fast else AUTHORS_STEPS
-    apgd = StochasticAPGD if stochastic else torchattacks.APGD
+    apgd = StochasticAPGD if stochastic else streams.APGD
     common = {"norm": "Linf", "eps": eps, "seed": seed}
     if suite == "rand":
         eot = AUTHORS_EOT if stochastic else 1  # EOT only where there is randomness
@@ -74,8 +77,8 @@ def components(
     targets = min(AUTHORS_TARGETS, n_classes - 1)  # fewer classes than 10: every other class
     apgd_ce = apgd(model, steps=steps, n_restarts=1, loss="ce", eot_iter=1, rho=0.75, **common)
     per_class = {"n_restarts": 1, "n_classes": n_classes, **common}
-    apgd_t = torchattacks.APGDT(model, steps=steps, eot_iter=1, rho=0.75, **per_class)
-    fab_t = torchattacks.FAB(model, steps=steps, multi_targeted=True, **per_class)
+    apgd_t = streams.APGDT(model, steps=steps, eot_iter=1, rho=0.75, **per_class)
+    fab_t = streams.FAB(model, steps=steps, multi_targeted=True, **per_class)
     apgd_t.n_target_classes = fab_t.n_target_classes = targets  # torchattacks: n_classes - 1
     queries = FAST_QUERIES if fast else SQUARE_QUERIES
     square = StochasticSquare(
@@ -145,3 +148,9 @@ class AutoAttack(Attack):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images, labels = images.clone().detach().to(self.device), labels.clone().detach().to(self.device)
         return self._autoattack(images, labels)
+
+    def sources(self) -> list[str | None]:
+        """Per sample of the last call, the component whose image it returned (the first that
+        broke the sample, or on a stochastic model the highest-loss one); None: clean."""
+        names = [component_name(a) for a in self.components]
+        return [names[k] if k >= 0 else None for k in self._autoattack.sources.tolist()]

@@ -20,6 +20,7 @@ import torchattacks
 from torchattacks.attack import Attack
 
 from qshield_dist.attack_params import ATTACKS
+from qshield_dist.attacks import streams
 from qshield_dist.attacks.adaptive import BPDA
 from qshield_dist.attacks.autoattack import AutoAttack
 from qshield_dist.attacks.cw import CWBinarySearch
@@ -39,14 +40,14 @@ def _build(name: str, model: nn.Module, p: dict[str, Any], n_classes: int, stoch
     if name == "fgsm":
         return torchattacks.FGSM(model, eps=p["eps"])
     if name in ("pgd", "bpda_pgd"):
-        return torchattacks.PGD(model, **p)
+        return streams.PGD(model, **p)
     if name == "apgd":
-        apgd = StochasticAPGD if stochastic and p["best_loss"] else torchattacks.APGD
+        apgd = StochasticAPGD if stochastic and p["best_loss"] else streams.APGD
         return apgd(model, norm="Linf", **{k: v for k, v in p.items() if k != "best_loss"})
     if name == "bpda_apgd":
-        return (StochasticAPGD if stochastic else torchattacks.APGD)(model, norm="Linf", **p)
+        return (StochasticAPGD if stochastic else streams.APGD)(model, norm="Linf", **p)
     if name == "vmifgsm":
-        return torchattacks.VMIFGSM(model, **p)
+        return streams.VMIFGSM(model, **p)
     if name == "cw":
         return CWBinarySearch(model, **p)
     if name == "deepfool":
@@ -60,7 +61,7 @@ def _build(name: str, model: nn.Module, p: dict[str, Any], n_classes: int, stoch
         # (APGD-CE and APGD-DLR with EOT over 20 draws); 'auto' picks it on a stochastic model.
         return AutoAttack(model, p["eps"], p["version"], n_classes, p["seed"], **rule)
     if name == "eot_pgd":
-        return torchattacks.EOTPGD(model, **p)
+        return streams.EOTPGD(model, **p)
     raise KeyError(f"attack: got '{name}'; allowed: {', '.join(ATTACKS)}")
 
 

@@ -22,9 +22,10 @@ from qshield_dist.attacks.base import (
     per_draw_xent,
     strict_majority,
 )
+from qshield_dist.attacks.streams import PerPointStarts, active_streams
 
 
-class StochasticAPGD(torchattacks.APGD):
+class StochasticAPGD(PerPointStarts, torchattacks.APGD):
     """APGD for a randomized model (`best_loss: true`, the standard preset): every sample is
     attacked and the highest-loss iterate is returned. torchattacks' APGD (the paper's) skips a
     sample that one random forward pass already gets wrong and returns, for the others, the last
@@ -40,7 +41,9 @@ class StochasticAPGD(torchattacks.APGD):
 class StochasticSquare(MajorityRule, torchattacks.Square):
     """Square with each query scored on `repeats` draws. Overrides `margin_and_loss` (the one
     place a query is scored) and `perturb` (a short loop around torchattacks' own
-    `attack_single_run`)."""
+    `attack_single_run`). Under per-point streams (streams.py) it runs point by point:
+    torchattacks draws one square per iteration for the whole batch, so a point's search
+    would otherwise depend on its batch-mates."""
 
     def __init__(self, model: torch.nn.Module, *, stochastic: bool = False, repeats: int = 1, **kwargs):
         super().__init__(model, **kwargs)
@@ -62,6 +65,19 @@ class StochasticSquare(MajorityRule, torchattacks.Square):
         return majority_margin(margins), loss.mean(0)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        streams = active_streams()
+        if streams is None or len(x) <= 1:
+            return self._perturb(x, y)
+        if y is None:
+            raise ValueError("Square needs labels under per-point streams")
+        out = []
+        for i in range(len(x)):
+            # Both torchattacks' perturb and ours reseed the global generator from self.seed.
+            self.seed = streams.seed_for(x[i])
+            out.append(self._perturb(x[i : i + 1], y[i : i + 1]))
+        return torch.cat(out)
+
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if not self.stochastic:
             return super().perturb(x, y)
         # torchattacks attacks only the samples one forward pass classifies correctly and keeps a
@@ -152,36 +168,40 @@ class StochasticOnePixel(MajorityRule, torchattacks.OnePixel):
 
 
 class StochasticMultiAttack(MajorityRule, torchattacks.MultiAttack):
-    """MultiAttack (AutoAttack's sequence) whose in-play decision is the majority rule.
-    Overrides `forward`, the loop that makes that decision."""
+    """MultiAttack (AutoAttack's sequence) whose in-play decision is the majority rule, and
+    which records which component produced each returned image (`sources`: the component's
+    index, -1 for a clean image). Overrides `forward`, the loop that makes that decision."""
 
     def __init__(self, attacks: list, *, stochastic: bool = False, repeats: int = 1, verbose: bool = False):
         super().__init__(attacks, verbose=verbose)
         self.set_rule(stochastic, repeats)
+        self.sources = torch.empty(0, dtype=torch.long)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not self.stochastic:
-            return super().forward(images, labels)
-        # torchattacks drops a sample from play once one forward pass misclassifies its point and
-        # returns the clean image for a sample no attack fooled. Here a sample stays in play until
-        # the majority rule calls it broken; one never broken comes back at the highest expected
-        # loss (mean cross-entropy over the draws) any attack reached.
+        # As torchattacks: each component attacks the samples still in play, a sample leaves
+        # play once broken, and an unbroken sample comes back clean. torchattacks decides
+        # "broken" on one forward pass; on a stochastic model (repeats > 1) that is a coin flip,
+        # so there a sample stays in play until the majority rule calls it broken, and one never
+        # broken comes back at the highest expected loss (mean cross-entropy over the draws) any
+        # component reached. On a deterministic model `judge` is that one forward pass.
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
         final = images.clone()
         broken = torch.zeros(len(images), dtype=torch.bool, device=images.device)
         best = torch.full((len(images),), -float("inf"), device=images.device)
+        sources = torch.full((len(images),), -1, dtype=torch.long, device=images.device)
         records = [len(images)]
-        for attack in self.attacks:
+        for k, attack in enumerate(self.attacks):
             todo = (~broken).nonzero().flatten()
             if todo.numel() == 0:
                 break
             adv = attack(images[todo], labels[todo])
             wrong, loss = self.judge(adv, labels[todo])
-            keep = wrong | (loss > best[todo])
-            final[todo[keep]], best[todo[keep]] = adv[keep], loss[keep]
+            keep = wrong | (loss > best[todo]) if self.stochastic else wrong
+            final[todo[keep]], best[todo[keep]], sources[todo[keep]] = adv[keep], loss[keep], k
             broken[todo[wrong]] = True
             records.append(int((~broken).sum()))
         if self._accumulate_multi_atk_records:
             self._update_multi_atk_records(records)
+        self.sources = sources
         return final

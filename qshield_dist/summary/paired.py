@@ -15,18 +15,21 @@ so two models can be compared point by point:
   form of the plain attacks, which the other model already takes on its true gradient. Leaving
   them out would compare a masked model's weakest attacks with the other's strongest. The
   statistics are stats.py's (paired bootstrap, McNemar, Holm over the report).
-- The verdict comes from the interval (stats.verdict) and is provisional unless at least one
-  of those attacks ran at full strength (attack_params: AttackDef.full_strength).
+- The verdict comes from the interval (stats.verdict) and is provisional unless each side's
+  worst case includes AutoAttack at its authors' strength in the form that side needs
+  (attack_params.completes_worst_case: standard / rand, through BPDA for a detached branch);
+  `lacks_a` / `lacks_b` name what is missing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import polars as pl
 
-from qshield_dist.attack_params import ATTACKS
+from qshield_dist.attack_params import ATTACKS, completes_worst_case, needed_autoattack
 from qshield_dist.summary import stats
 from qshield_dist.summary.load import VARIANT_KEYS, Results, collect
 
@@ -42,6 +45,7 @@ POINT_COLUMNS = (
     "point_index",
     "point_correct",
     "point_broken",
+    "point_broken_by",
 )
 WORST_CASE = "linf"  # the threat model whose attacks form the per-point worst case
 TWIN_ATTACKS = tuple(name for name, a in ATTACKS.items() if a.needs_twin)  # BPDA: hidden gradients only
@@ -51,7 +55,8 @@ KINDS = ("vs CNN", "vs backbone alone", "vs equal-budget backbone", "backbone al
 
 def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataFrame:
     """One row per (attack row, point): vkey, dataset, seed, attack_label, threat model, eps,
-    whether the attack ran at full strength, the point, correct clean, broken."""
+    whether the run completes its model's worst case (an AutoAttack at the authors' strength),
+    the point, correct clean, broken, and the AutoAttack component that broke it."""
     files = res.attack_files
     if not files:
         return pl.DataFrame(schema={"vkey": pl.String, "point_index": pl.Int32})
@@ -69,12 +74,20 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
         on=["dataset", "attack", "attack_preset", "attack_params"],
         how="left",
     )
-    strong = [
-        ATTACKS[a].full_strength(p, _params(js), bool(s)) if a in ATTACKS else False
-        for a, p, js, s in rows.select("attack", "attack_preset", "attack_params", "stochastic").iter_rows()
+    rows = rows.with_columns(
+        vkey,
+        _detached().alias("detached"),
+        # Only AutoAttack rows name a component: the others get a list of nulls, to explode alike.
+        pl.col("point_broken_by").fill_null(
+            pl.col("point_broken").list.eval(pl.when(False).then(pl.element().cast(pl.String)))
+        ),
+    )
+    complete = [
+        completes_worst_case(a, _params(js), bool(s), d)
+        for a, js, s, d in rows.select("attack", "attack_params", "stochastic", "detached").iter_rows()
     ]
     return (
-        rows.with_columns(vkey, pl.Series("full_strength", strong, pl.Boolean))
+        rows.with_columns(pl.Series("completes", complete, pl.Boolean))
         .select(
             "vkey",
             "dataset",
@@ -83,13 +96,31 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
             "attack_label",
             "threat_model",
             "eps",
-            "full_strength",
+            "stochastic",
+            "detached",
+            "completes",
             "point_index",
             "point_correct",
             "point_broken",
+            "point_broken_by",
         )
-        .explode("point_index", "point_correct", "point_broken")
+        .explode("point_index", "point_correct", "point_broken", "point_broken_by")
     )
+
+
+def _detached() -> pl.Expr:
+    """The attacked model hides its quantum branch's gradient (a backbone-alone control does not)."""
+    return (pl.col("quantum_grad") == "detached").fill_null(False) & pl.col("control").ne_missing(
+        "backbone_only"
+    )
+
+
+def _lacks(side: pl.DataFrame, attacks: set[str]) -> str | None:
+    """What this side's worst case lacks before a verdict may rest on it (None: nothing)."""
+    used = side.filter(pl.col("attack_label").is_in(sorted(attacks)))
+    if used["completes"].any():
+        return None
+    return needed_autoattack(bool(used["stochastic"].any()), bool(used["detached"].any()))
 
 
 def _params(text: str | None) -> dict[str, Any]:
@@ -175,13 +206,6 @@ def comparisons(
                 if not pairs:
                     continue
                 res = stats.compare(pairs)
-                strong = sorted(
-                    set(
-                        a.filter(pl.col("full_strength") & pl.col("attack_label").is_in(a_attacks))[
-                            "attack_label"
-                        ]
-                    )
-                )
                 attacks = ", ".join(sorted(common))
                 if a_attacks - common:
                     attacks += f" (the first also {', '.join(sorted(a_attacks - common))})"
@@ -192,7 +216,8 @@ def comparisons(
                         **pair,
                         "eps": eps,
                         "attacks": attacks,
-                        "full_strength": ", ".join(strong),
+                        "lacks_a": _lacks(a, a_attacks),
+                        "lacks_b": _lacks(b, b_attacks),
                         "n_points": res.n_points,
                         "n_seeds": res.n_seeds,
                         "robust_a": sum(sum(x) for x, _ in pairs) / sum(len(x) for x, _ in pairs),
@@ -215,7 +240,8 @@ def comparisons(
         "hybrid": pl.String,
         "eps": pl.Float64,
         "attacks": pl.String,
-        "full_strength": pl.String,
+        "lacks_a": pl.String,
+        "lacks_b": pl.String,
         "n_points": pl.Int64,
         "n_seeds": pl.Int64,
         "robust_a": pl.Float64,
@@ -237,7 +263,7 @@ def comparisons(
     return out.with_columns(
         pl.Series("p_holm", holm, pl.Float64),
         pl.Series("verdict", verdicts, pl.String),
-        (pl.col("full_strength") == "").alias("provisional"),
+        (pl.col("lacks_a").is_not_null() | pl.col("lacks_b").is_not_null()).alias("provisional"),
     )
 
 
@@ -276,3 +302,67 @@ def worst_case_table(points: pl.DataFrame) -> pl.DataFrame:
         )
         .select(list(schema))
     )
+
+
+AUTOATTACKS = tuple(name for name, a in ATTACKS.items() if a.autoattack)
+_GAP_SCHEMA = {
+    "vkey": pl.String,
+    "eps": pl.Float64,
+    "n_seeds": pl.Int64,
+    "n_points": pl.Int64,
+    "autoattack_only": pl.Int64,  # points AutoAttack broke and no other attack did
+    "rest_only": pl.Int64,  # points another attack broke and AutoAttack did not
+    "diff": pl.Float64,  # (autoattack_only - rest_only) / n_points
+    "se": pl.Float64,
+    "passed": pl.Boolean,
+    "responsible": pl.String,  # the component behind most of autoattack_only
+    "components": pl.String,  # autoattack_only by component: "apgd-t 5, fab-t 1"
+}
+
+
+def autoattack_gaps(points: pl.DataFrame) -> pl.DataFrame:
+    """suite_vs_autoattack, per variant and L-inf budget with both an AutoAttack row and other
+    L-inf attacks: does AutoAttack break significantly more points than the worst case of the
+    variant's other attacks? Paired on the shared points (seeds pooled): d = broken by
+    AutoAttack - broken by the rest; it fails when mean(d) exceeds 2 standard errors. Also
+    counts, per AutoAttack component, the points it broke beyond the rest of the suite."""
+    if not points.height:
+        return pl.DataFrame(schema=_GAP_SCHEMA)
+    is_aa = pl.col("attack").is_in(AUTOATTACKS)
+    broken = pl.col("point_broken") & pl.col("point_correct")
+    per_point = (
+        points.filter(pl.col("threat_model") == WORST_CASE)
+        .group_by("vkey", "eps", "seed", "point_index")
+        .agg(
+            aa=(is_aa & broken).any(),
+            rest=(~is_aa & broken).any(),
+            has_aa=is_aa.any(),
+            has_rest=(~is_aa).any(),
+            by=pl.col("point_broken_by").filter(is_aa & broken).first(),
+        )
+        .filter(pl.col("has_aa") & pl.col("has_rest"))
+    )
+    rows = []
+    for (vkey, eps), grp in per_point.group_by("vkey", "eps", maintain_order=True):
+        d = grp["aa"].cast(pl.Int8) - grp["rest"].cast(pl.Int8)
+        n = len(d)
+        mean = float(d.mean())
+        se = float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+        beyond = grp.filter(pl.col("aa") & ~pl.col("rest"))["by"].fill_null("?").value_counts(sort=True)
+        counts = [(str(c), int(k)) for c, k in beyond.iter_rows()]
+        rows.append(
+            {
+                "vkey": vkey,
+                "eps": eps,
+                "n_seeds": grp["seed"].n_unique(),
+                "n_points": n,
+                "autoattack_only": int((grp["aa"] & ~grp["rest"]).sum()),
+                "rest_only": int((grp["rest"] & ~grp["aa"]).sum()),
+                "diff": mean,
+                "se": se,
+                "passed": mean <= 0 or mean <= 2 * se,
+                "responsible": counts[0][0] if counts else None,
+                "components": ", ".join(f"{c} {k}" for c, k in counts),
+            }
+        )
+    return pl.DataFrame(rows, schema=_GAP_SCHEMA)

@@ -4,15 +4,14 @@ worst-case robust accuracy behind them.
 Each formats what paired.py and verdicts.py judged. A comparison is one table row, the same
 in the verdicts and in the controls (`_comparison_row`): the two models, their worst-case
 robust accuracy, the paired difference with its interval, the verdict as badges, the attacks
-it rests on, what would resolve it and the failed diagnostics of either model. Columns the
-judgement adds only when it has something to say are read when present: `lacks` (what a
-provisional verdict lacks) and `missing` (what an incomplete one misses). The other sections
+it rests on and what a provisional one lacks (verdicts.lacks_text), what would resolve it, and
+the failed diagnostics of either model (verdicts.failed_checks). A verdict's `missing` (what an
+incomplete one misses) and `not_covered` are shown when its frame has them. The other sections
 are in sections.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -23,7 +22,14 @@ from qshield_dist.summary.plots import Figure
 from qshield_dist.summary.render import BADGE_SEP, Section, TextTable, pct, size
 from qshield_dist.summary.sections import label_map
 from qshield_dist.summary.tables import Tables
-from qshield_dist.summary.verdicts import eps_text, gain_sources, gain_text
+from qshield_dist.summary.verdicts import (
+    eps_text,
+    failed_checks,
+    flags_text,
+    gain_sources,
+    gain_text,
+    lacks_text,
+)
 
 VERDICT_TABLE = "Each hybrid against its CNN baseline"
 CONTROL_TABLE = "Each hybrid against its controls"
@@ -39,41 +45,23 @@ def _how_to_read(tables: Tables) -> str:
         " interval. The verdict comes from the interval, never from the point estimate: more robust or less"
         " robust when it excludes 0 and the Holm-adjusted McNemar p < 0.05 over this report's comparisons;"
         f" equal when it lies inside ±{100 * tables.margin:g} pp; undecided otherwise, with the points per seed"
-        " that would likely resolve it (power 0.8). Provisional: no attack behind it ran at full strength."
-        " Flags: the failed gradient-masking diagnostics of either model."
+        " that would likely resolve it (power 0.8). Provisional: a model's worst case lacks AutoAttack at its"
+        " authors' strength in the form that model needs (standard on a deterministic model, rand on a"
+        " stochastic one, through BPDA where the quantum branch's gradient is detached); the attacks cell says"
+        " what it lacks. Flags: the failed diagnostics of either model (suite_vs_autoattack names the"
+        " AutoAttack component behind it)."
     )
 
 
-def _component(details: str | None) -> str | None:
-    """The AutoAttack component a diagnostic names in its details (key `component`), if any."""
-    try:
-        parsed = json.loads(details or "")
-    except ValueError:
-        return None
-    return parsed.get("component") if isinstance(parsed, dict) else None
-
-
-def _flags(tables: Tables) -> dict[str, list[str]]:
-    """vkey -> its diagnostics that failed on some seed, e.g. 'suite_vs_autoattack (apgd-t)'."""
-    out: dict[str, list[str]] = {}
-    failing = tables.diagnostics.filter(pl.col("n_pass") < pl.col("n")).sort("diagnostic")
-    for r in failing.iter_rows(named=True):
-        component = _component(r["details"])
-        out.setdefault(r["vkey"], []).append(r["diagnostic"] + (f" ({component})" if component else ""))
-    return out
-
-
 def _comparison_row(
-    r: dict[str, Any], labels: dict[str, str], flags: dict[str, list[str]], many_eps: bool
+    r: dict[str, Any], labels: dict[str, str], checks: dict[str, str], many_eps: bool
 ) -> list[str]:
     """One paired comparison (a row of tables.paired, with the verdict frame's columns where
-    it is a verdict) as table cells."""
+    it is a verdict) as table cells; `checks` is verdicts.failed_checks."""
     badges = [r["verdict"]] + (["provisional"] if r["provisional"] else [])
     attacks = r["attacks"]
-    if r.get("lacks"):
-        attacks += f"; lacks {r['lacks']}"
-    elif r["provisional"]:
-        attacks += "; no full-strength attack"
+    if r["provisional"]:
+        attacks += f"; lacks {lacks_text(r, labels)}"
     if r.get("missing"):
         attacks += f"; missing {r['missing']}"
     diff = f"{100 * r['diff']:+.1f} [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
@@ -85,7 +73,7 @@ def _comparison_row(
     if r["verdict"] == "undecided":
         n = r["points_needed"]
         resolve = "no difference observed" if math.isinf(n) else f"≈ {int(n)} points per seed"
-    flagged = [f"{labels.get(v, v)}: {f}" for v in (r["a"], r["b"]) for f in flags.get(v, [])]
+    flagged = [flags_text(r, labels, checks)]
     if r.get("not_covered"):
         flagged.append(f"not covered: {r['not_covered']}")
     return [
@@ -99,7 +87,7 @@ def _comparison_row(
         points,
         resolve,
         f"{r['p_value']:.3g} (Holm {r['p_holm']:.3g})",
-        "; ".join(flagged) or "-",
+        "; ".join(f for f in flagged if f) or "-",
     ]
 
 
@@ -132,7 +120,7 @@ def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
     v = tables.verdicts
     if not v.height:
         return sec.add("No HQCNN variant in these results.")
-    labels, flags = label_map(tables), _flags(tables)
+    labels, checks = label_map(tables), failed_checks(tables.diagnostics)
     paired = {
         (r["a"], r["eps"]): r for r in tables.paired.filter(pl.col("kind") == "vs CNN").iter_rows(named=True)
     }
@@ -145,10 +133,10 @@ def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
             cells += ["no L-inf attack in common with a CNN baseline", "-", "-", "-", "-"]
             rows.append([verdict["dataset"], *([None] if many_eps else []), *cells])
             continue
-        # The verdict frame's columns (the category, what it lacks or misses) take precedence.
-        judged = {**r, **{k: x for k, x in verdict.items() if k in ("lacks", "missing", "not_covered")}}
+        # The verdict frame's category and what it adds (what it misses, what it does not cover).
+        judged = {**r, **{k: x for k, x in verdict.items() if k in ("missing", "not_covered")}}
         judged["verdict"] = verdict["category"]
-        rows.append([verdict["dataset"], *_comparison_row(judged, labels, flags, many_eps)])
+        rows.append([verdict["dataset"], *_comparison_row(judged, labels, checks, many_eps)])
     caption = _budget_note(tables.paired) + _how_to_read(tables)
     sec.add(TextTable(VERDICT_TABLE, ["dataset", *_headers(many_eps)], rows, caption, badges="verdict"))
     return sec.add(*figures)
@@ -163,7 +151,7 @@ def controls_section(tables: Tables, figures: list[Figure]) -> Section:
             "No control rows (control 'backbone_only' or 'equal_budget'):"
             " the gain cannot be attributed to the quantum branch or the backbone."
         )
-    labels, flags = label_map(tables), _flags(tables)
+    labels, checks = label_map(tables), failed_checks(tables.diagnostics)
     sec.add(
         "backbone alone = the hybrid's own trained backbone with the quantum branch removed;"
         " equal-budget backbone = the backbone architecture trained alone for as many steps as the hybrid got."
@@ -186,7 +174,7 @@ def controls_section(tables: Tables, figures: list[Figure]) -> Section:
     if controls.height:
         many_eps = controls["eps"].n_unique() > 1
         rows = [
-            [r["kind"], *_comparison_row(r, labels, flags, many_eps)] for r in controls.iter_rows(named=True)
+            [r["kind"], *_comparison_row(r, labels, checks, many_eps)] for r in controls.iter_rows(named=True)
         ]
         caption = _budget_note(controls) + "How to read it: as the verdicts' table."
         sec.add(

@@ -15,13 +15,14 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import polars as pl
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
-from qshield_dist.summary.paired import comparisons, load_points, worst_case_table
+from qshield_dist.summary.paired import autoattack_gaps, comparisons, load_points, worst_case_table
 from qshield_dist.summary.verdicts import (
     BACKBONE_ONLY,
     EQUAL_BUDGET,
@@ -67,7 +68,8 @@ class Tables:
     paired: pl.DataFrame  # every paired comparison (paired.comparisons)
     worst_case: pl.DataFrame  # robust accuracy per L-inf attack and over all of them, per point
     controls: pl.DataFrame
-    diagnostics: pl.DataFrame
+    diagnostics: pl.DataFrame  # the diagnostic rows, and suite_vs_autoattack from `autoattack`
+    autoattack: pl.DataFrame  # per variant and budget: AutoAttack against the rest of its suite
     failed: pl.DataFrame
     missing: pl.DataFrame
     low_samples: pl.DataFrame
@@ -296,20 +298,21 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     return cost_drivers(cost).drop("_b_sps", "_b_cps", "_b_spc")
 
 
+DIAGNOSTIC_SCHEMA = {
+    "vkey": pl.String,
+    "diagnostic": pl.String,
+    "n": pl.UInt32,
+    "n_pass": pl.UInt32,
+    "value_mean": pl.Float64,
+    "value_std": pl.Float64,
+    "details": pl.String,
+}
+
+
 def _diagnostics(res: Results) -> pl.DataFrame:
     d = res.diagnostic
     if not d.height:
-        return pl.DataFrame(
-            schema={
-                "vkey": pl.String,
-                "diagnostic": pl.String,
-                "n": pl.UInt32,
-                "n_pass": pl.UInt32,
-                "value_mean": pl.Float64,
-                "value_std": pl.Float64,
-                "details": pl.String,
-            }
-        )
+        return pl.DataFrame(schema=DIAGNOSTIC_SCHEMA)
     return (
         d.group_by([*VARIANT_KEYS, "diagnostic"])
         .agg(
@@ -322,6 +325,35 @@ def _diagnostics(res: Results) -> pl.DataFrame:
         .with_columns(_vkey())
         .select("vkey", "diagnostic", "n", "n_pass", "value_mean", "value_std", "details")
     )
+
+
+def _gap_diagnostics(gaps: pl.DataFrame) -> pl.DataFrame:
+    """suite_vs_autoattack as rows of the diagnostics table (its seeds pooled: all pass or none)."""
+    rows = [
+        {
+            "vkey": g["vkey"],
+            "diagnostic": "suite_vs_autoattack",
+            "n": g["n_seeds"],
+            "n_pass": g["n_seeds"] if g["passed"] else 0,
+            "value_mean": g["diff"],
+            "value_std": None,
+            "details": json.dumps(
+                {
+                    "rule": "AutoAttack must not break more points than the rest of the suite by more than"
+                    " 2 standard errors (paired on the shared points)",
+                    "eps": g["eps"],
+                    "points": g["n_points"],
+                    "autoattack_only": g["autoattack_only"],
+                    "rest_only": g["rest_only"],
+                    "se": g["se"],
+                    "responsible": g["responsible"],
+                    "beyond_rest_by_component": g["components"],
+                }
+            ),
+        }
+        for g in gaps.iter_rows(named=True)
+    ]
+    return pl.DataFrame(rows, schema=DIAGNOSTIC_SCHEMA)
 
 
 def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
@@ -380,17 +412,20 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
     notes = res.notes + notes
     points = load_points(res, settings, _vkey())
     paired = comparisons(points, variants, baselines, margin)
+    gaps = autoattack_gaps(points)
+    diagnostics = pl.concat([_diagnostics(res), _gap_diagnostics(gaps)])
     return Tables(
         variants=variants,
         attacks=settings,
         clean=clean,
         robustness=rob,
         cost=_cost(rob, baselines),
-        verdicts=interval_verdicts(paired, variants, failed, skipped),
+        verdicts=interval_verdicts(paired, variants, failed, skipped, diagnostics),
         paired=paired,
         worst_case=worst_case_table(points),
         controls=controls(rob, baselines),
-        diagnostics=_diagnostics(res),
+        diagnostics=diagnostics,
+        autoattack=gaps,
         failed=failed,
         missing=missing,
         low_samples=low,

@@ -11,6 +11,7 @@ tables.py can call it.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -85,6 +86,8 @@ _VERDICT_SCHEMA = {
     "eps": pl.Float64,
     "category": pl.String,
     "provisional": pl.Boolean,
+    "lacks": pl.String,  # provisional: what each side's worst case lacks
+    "flags": pl.String,  # failed diagnostics of either model
     "diff": pl.Float64,
     "low": pl.Float64,
     "high": pl.Float64,
@@ -103,6 +106,13 @@ def eps_text(eps: float) -> str:
     return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{eps:.4g}"
 
 
+def lacks_text(r: dict[str, Any], labels: dict[str, str]) -> str:
+    """What a provisional comparison's worst cases lack, per side ('' when nothing)."""
+    return "; ".join(
+        f"{labels.get(r[side], r[side])}: {r[f'lacks_{side}']}" for side in ("a", "b") if r[f"lacks_{side}"]
+    )
+
+
 def comparison_text(r: dict[str, Any], labels: dict[str, str]) -> str:
     """One paired comparison as a sentence: the verdict, its numbers, and what it rests on."""
     how = (
@@ -112,7 +122,7 @@ def comparison_text(r: dict[str, Any], labels: dict[str, str]) -> str:
     )
     text = (
         f"{labels.get(r['a'], r['a'])} vs {labels.get(r['b'], r['b'])} ({r['dataset']}): **{r['verdict']}**"
-        + (" (provisional: no full-strength attack)" if r["provisional"] else "")
+        + (f" (provisional: no {lacks_text(r, labels)})" if r["provisional"] else "")
         + f"; robust accuracy {r['robust_a']:.1%} vs {r['robust_b']:.1%} under the worst case over"
         f" {r['attacks']} (L-inf eps {eps_text(r['eps'])}; {r['n_points']} points x {r['n_seeds']} seed(s)),"
         f" difference {_pct(r['diff'])} [95% CI {_pct(r['low'])}, {_pct(r['high'])}] ({how});"
@@ -125,20 +135,42 @@ def comparison_text(r: dict[str, Any], labels: dict[str, str]) -> str:
             if math.isinf(n)
             else f"; about {int(n)} points per seed would resolve it"
         )
-    if r["full_strength"]:
-        text += f"; full strength: {r['full_strength']}"
     return text
 
 
+def failed_checks(diagnostics: pl.DataFrame) -> dict[str, str]:
+    """vkey -> its failed diagnostics, named (suite_vs_autoattack with its component), for the
+    flags shown beside a verdict."""
+    out: dict[str, list[str]] = {}
+    for d in diagnostics.filter(pl.col("n_pass") < pl.col("n")).iter_rows(named=True):
+        name = d["diagnostic"]
+        details = json.loads(d["details"] or "{}")
+        if details.get("responsible"):
+            name += f" ({details['responsible']})"
+        out.setdefault(d["vkey"], []).append(name)
+    return {k: ", ".join(sorted(set(v))) for k, v in out.items()}
+
+
+def flags_text(r: dict[str, Any], labels: dict[str, str], checks: dict[str, str]) -> str:
+    """The failed diagnostics (`failed_checks`) of a comparison's two models ('' when none)."""
+    return "; ".join(f"{labels.get(k, k)}: {checks[k]}" for k in (r["a"], r["b"]) if k in checks)
+
+
 def interval_verdicts(
-    paired: pl.DataFrame, variants: pl.DataFrame, failed: pl.DataFrame, skipped: pl.DataFrame
+    paired: pl.DataFrame,
+    variants: pl.DataFrame,
+    failed: pl.DataFrame,
+    skipped: pl.DataFrame,
+    diagnostics: pl.DataFrame,
 ) -> pl.DataFrame:
     """One verdict per hybrid variant (and L-inf budget) against its dataset's CNN baseline,
     from the paired interval of worst-case robust accuracy (paired.py), never from a point
-    estimate; what failed or was skipped is said, since the verdict does not cover it."""
+    estimate; what failed or was skipped is said, since the verdict does not cover it, and so
+    are the failed diagnostics of either model (`flags`)."""
     labels = dict(zip(variants["vkey"], variants["label"]))
     n_failed_by = dict(failed.group_by("vkey").len().iter_rows())
     n_skipped_by = dict(skipped.filter(pl.col("stage") == "attack").group_by("vkey").len().iter_rows())
+    checks = failed_checks(diagnostics)
     by_hybrid = {}
     for r in paired.filter(pl.col("kind") == "vs CNN").iter_rows(named=True):
         by_hybrid.setdefault(r["a"], []).append(r)
@@ -158,6 +190,9 @@ def interval_verdicts(
             if n_failed or n_skipped:
                 not_covered = f"{n_failed} failed trial(s), {n_skipped} attack row(s) skipped for NaN metrics"
                 text += f"; not covered: {not_covered}"
+            flags = flags_text(r, labels, checks)
+            if flags:
+                text += f"; failed diagnostics: {flags}"
             rows.append(
                 {
                     **head,
@@ -165,6 +200,8 @@ def interval_verdicts(
                     "eps": r["eps"],
                     "category": r["verdict"],
                     "provisional": r["provisional"],
+                    "lacks": lacks_text(r, labels) or None,
+                    "flags": flags or None,
                     "diff": r["diff"],
                     "low": r["low"],
                     "high": r["high"],
