@@ -81,10 +81,9 @@ def spread(mean: float | None, std: float | None, n_seeds: int) -> str:
     return pct(mean) if n_seeds <= 1 else f"{pct(mean)} ± {pct(std)}"
 
 
-def size(n_seeds: int, n: int | None = None) -> str:
+def size(n_seeds: int, n: int) -> str:
     """Seeds and samples of a cell: 'n=190'; 's=2, n=198' with several seeds."""
-    parts = ([f"s={n_seeds}"] if n_seeds > 1 else []) + ([f"n={n}"] if n is not None else [])
-    return ", ".join(parts) or "-"
+    return (f"s={n_seeds}, " if n_seeds > 1 else "") + f"n={n}"
 
 
 def num(x: float | None, digits: int = 3) -> str:
