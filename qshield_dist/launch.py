@@ -17,11 +17,12 @@ import argparse
 import contextlib
 import functools
 import logging
+import math
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, TextIO
 
 from tqdm import tqdm
 
@@ -47,16 +48,52 @@ log = logging.getLogger("qshield_dist.launch")
 
 
 class BarProgress(ProgressSink):
-    """A live bar: done, failed, running, ETA."""
+    """Progress of the trials: done, failed, lost, running, ETA. On a terminal, a live tqdm
+    bar; in a log file (the stream is not a terminal), one log line every LOG_EVERY_S seconds
+    or every tenth of the trials, whichever comes first, and one at the end: a bar's
+    carriage-return frames would fill the file (about 50 KB for the quick sweep)."""
 
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
+    LOG_EVERY_S = 60.0
+    LOG_LINES = 10  # lines for the trials' count, besides the ones that time adds
+
+    def __init__(self, total: int, stream: TextIO | None = None):
+        stream = stream or sys.stderr
+        self.total = total
         self.running: set[str] = set()
-        self.failed = self.lost = 0
+        self.done = self.failed = self.lost = 0
+        self.bar = (
+            tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True, file=stream)
+            if stream.isatty()
+            else None
+        )
+        self.start = self.logged_at = time.monotonic()
+        self.logged_done = 0
+        self.every = max(1, math.ceil(total / self.LOG_LINES))
 
     def _refresh(self) -> None:
-        self.bar.set_postfix(failed=self.failed, lost=self.lost, running=len(self.running), refresh=False)
-        self.bar.refresh()
+        if self.bar is not None:
+            self.bar.set_postfix(failed=self.failed, lost=self.lost, running=len(self.running), refresh=False)
+            self.bar.refresh()
+        elif (
+            self.done - self.logged_done >= self.every
+            or time.monotonic() - self.logged_at >= self.LOG_EVERY_S
+        ):
+            self._log()
+
+    def _log(self) -> None:
+        elapsed = time.monotonic() - self.start
+        eta = tqdm.format_interval(elapsed / self.done * (self.total - self.done)) if self.done else "?"
+        log.info(
+            "trials: %d/%d done (%d failed, %d lost), %d running, %s elapsed, ETA %s",
+            self.done,
+            self.total,
+            self.failed,
+            self.lost,
+            len(self.running),
+            tqdm.format_interval(elapsed),
+            eta,
+        )
+        self.logged_at, self.logged_done = time.monotonic(), self.done
 
     def started(self, key: str) -> None:
         self.running.add(key)
@@ -64,13 +101,18 @@ class BarProgress(ProgressSink):
 
     def finished(self, key: str, status: str) -> None:
         self.running.discard(key)
+        self.done += 1
         self.failed += status == "failed"
         self.lost += status == "lost"
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
         self._refresh()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.logged_done != self.done or self.done == 0:
+            self._log()
 
 
 def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> list[Job]:

@@ -231,3 +231,56 @@ def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_th
     cfg = load_config("sweeps/smoke.yaml", {**overrides, "slurm": {"cpus_per_task": 4, "mem_gb": 16}})
     params = executors.make(cfg).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"]) == (4, "16GB")
+
+
+_PROGRESS = """
+import logging
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+from qshield_dist.launch import BarProgress
+progress = BarProgress(60)
+for i in range(60):
+    progress.started(str(i))
+    progress.finished(str(i), "failed" if i % 7 == 0 else "ok")
+progress.close()
+"""
+
+
+def _progress_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_progress_in_a_log_file_is_a_few_lines(tmp_path):
+    """stderr a file: periodic log lines, no carriage-return frames (tqdm wrote 155 of them,
+    about 50 KB, for the quick sweep)."""
+    log_file = tmp_path / "sweep.log"
+    with log_file.open("w") as stderr:
+        subprocess.run([sys.executable, "-c", _PROGRESS], stderr=stderr, env=_progress_env(), check=True)
+    text = log_file.read_text()
+    assert "\r" not in text and len(text.encode()) < 5000
+    lines = [line for line in text.splitlines() if "trials:" in line]
+    assert 2 <= len(lines) <= 11, text
+    assert "trials: 60/60 done (9 failed, 0 lost), 0 running" in lines[-1]
+
+
+def test_progress_on_a_terminal_is_a_live_bar(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns
+    proc = subprocess.Popen([sys.executable, "-c", _PROGRESS], stderr=child, env=_progress_env())
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(parent, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(parent)
+    assert proc.wait() == 0
+    assert b"\r" in out and b"60/60" in out and b"trials: 60/60 done" not in out

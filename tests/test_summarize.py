@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -359,8 +360,13 @@ def test_outputs_written(summary: Summary) -> None:
     names = {f.name for f in summary.figures}
     assert {"asr_mnist", "attack_time_mnist", "clean_vs_robust_mnist"} <= names
     assert (out / "plots" / "asr_mnist.png").stat().st_size > 1000
-    plot_notes = [b for s in summary.sections if s.title == "Figures" for b in s.blocks if isinstance(b, str)]
-    assert any("ASR vs depth (mnist): skipped" in n for n in plot_notes)
+    plot_notes = [
+        b for s in summary.sections if s.title == "Robustness" for b in s.blocks if isinstance(b, str)
+    ]
+    assert any("figure ASR vs depth (mnist): skipped" in n for n in plot_notes)
+    # one seed: the value and n, no "± n/a" and no "s=1"
+    assert "| cnn_small | 90.00 | 50.00 [n=50] | 45.00 |" in md
+    assert "± n/a" not in md and not re.search(r"\bs=1\b", md)
 
 
 def test_pivot_and_tex_escape(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from qshield_dist.attacks.streams import PointStreams
 from qshield_dist.data import load
 from qshield_dist.results import STAGE_VERSIONS, trial_path, write_manifest, write_rows
 from qshield_dist.summary.report import Options, Summary, summarize
+from qshield_dist.summary.sections_verdicts import VERDICT_TABLE
 from qshield_dist.summary.stats import mcnemar_exact
 from qshield_dist.summary.verdicts import gain_source
 
@@ -185,8 +186,17 @@ def test_paired_comparison_and_verdict_by_hand(tmp_path: Path) -> None:
         and "points per seed would resolve it" in v["verdict"]
     )
     assert "more robust" not in v["verdict"]
-    report = (tmp_path / "report" / "report.md").read_text()
-    assert "[95% CI" in report and "10 points x 1 seed(s)" in report
+    (table,) = [t for sec in s.sections for t in sec.tables if t.title == VERDICT_TABLE]
+    (row,) = [dict(zip(table.headers, r)) for r in table.rows]
+    assert (row["robust acc %"], row["points"], row["verdict"]) == (
+        "80.0 vs 50.0",
+        "10",
+        "undecided · provisional",
+    )
+    assert row["difference, pp [95% CI]"].startswith("+30.0 [-") and row["to resolve"].startswith("≈ ")
+    assert row["attacks (worst case)"] == (
+        "fgsm, pgd; lacks hqcnn[cnn_small] full: autoattack (rand); cnn_small: autoattack (standard)"
+    )
 
 
 def test_bpda_attacks_count_on_the_side_that_has_them(tmp_path: Path) -> None:
@@ -348,7 +358,7 @@ def test_a_tripped_autoattack_sanity_check_is_said_before_the_verdicts(tmp_path:
     ]
     s = _summarize(tmp_path, rows)
     report = (tmp_path / "report" / "report.md").read_text()
-    verdicts = report.index("hqcnn[cnn_small] full vs cnn_small")
+    verdicts = report.index(VERDICT_TABLE)
     assert (
         0
         < report.index("AutoAttack's sanity checks fail** on: hqcnn[cnn_small] full (probability_output)")
@@ -382,7 +392,11 @@ def test_controls_gain_source_from_intervals(tmp_path: Path) -> None:
         "vs backbone alone": "more robust",
         "backbone alone vs CNN": "equal",
     }
-    assert "gain mainly from **quantum branch**" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert (
+        "the gain comes mainly from the quantum branch (with its fusion head) (quantum part: more robust;"
+        in report
+    )
 
 
 def _part(verdict: str, high: float) -> dict[str, Any]:

@@ -119,10 +119,10 @@ def _detached() -> pl.Expr:
     )
 
 
-def _lacks(side: pl.DataFrame, attacks: set[str]) -> str | None:
-    """What this side's worst case lacks before a verdict may rest on it (None: nothing)."""
-    used = side.filter(pl.col("attack_label").is_in(sorted(attacks)))
-    if used["completes"].any():
+def _lacks(used: pl.DataFrame) -> str | None:
+    """What the worst case made of these rows lacks before a verdict may rest on it (None:
+    nothing): every seed's worst case must include the AutoAttack the model needs."""
+    if used.group_by("seed").agg(pl.col("completes").any())["completes"].all():
         return None
     return needed_autoattack(bool(used["stochastic"].any()), bool(used["detached"].any()))
 
@@ -259,8 +259,8 @@ def comparisons(
                         **pair,
                         "eps": eps,
                         "attacks": attacks,
-                        "lacks_a": _lacks(a, common | twin_a),
-                        "lacks_b": _lacks(b, common | twin_b),
+                        "lacks_a": _lacks(a.join(used_a, on=["seed", "attack_label"], how="semi")),
+                        "lacks_b": _lacks(b.join(used_b, on=["seed", "attack_label"], how="semi")),
                         "missing_a": missing_a,
                         "missing_b": missing_b,
                         "n_points": res.n_points,

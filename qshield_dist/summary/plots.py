@@ -1,8 +1,9 @@
 """Figures of the report (matplotlib, Agg backend): PNG always, SVG when asked.
 
-Every figure carries a caption naming the attacks with their preset and parameters, the
-number of seeds and of attacked samples, and what the error bars are. A figure whose axis
-would hold a single value is skipped with a note instead of drawn.
+The first is the forest plot of the paired verdicts (forest_vs_cnn), then the controls' one.
+Every figure carries a caption naming the attacks (their settings are in the report's
+attack-settings table), the number of seeds and of attacked samples, and what the error bars
+are. A figure whose axis would hold a single value is skipped with a note instead of drawn.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 
 import polars as pl
 
-from qshield_dist.attack_params import params_text
 from qshield_dist.summary.tables import Tables
-from qshield_dist.summary.verdicts import HYBRID
+from qshield_dist.summary.verdicts import HYBRID, eps_text
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,16 @@ class Figure:
     title: str
     caption: str
     png: bytes  # kept for the self-contained HTML
+    topic: str  # the report section it illustrates: verdicts, controls, robustness or cost
+    dataset: str | None = None  # set when it shows one dataset: it goes beside that dataset's tables
 
 
 def _attack_caption(tables: Tables, dataset: str, attack_labels: list[str]) -> str:
+    """The attacks by name, in the registry's order; their settings are in one table."""
     settings = tables.attacks.filter(
         (pl.col("dataset") == dataset) & pl.col("attack_label").is_in(attack_labels)
     )
-    return "; ".join(
-        f"{r['attack_label']} (preset {r['attack_preset']}: {params_text(r['attack_params'])})"
-        for r in settings.sort("attack_rank").iter_rows(named=True)
-    )
+    return ", ".join(settings.sort("attack_rank")["attack_label"])
 
 
 def _counts(cells: pl.DataFrame, unit: str = "bar") -> str:
@@ -54,7 +54,16 @@ def _counts(cells: pl.DataFrame, unit: str = "bar") -> str:
 SVG_MAX_ARTISTS = 300  # beyond this many bars/points an SVG is slow to write and to open: PNG only
 
 
-def _finish(fig: Any, out: Path, name: str, title: str, caption: str, svg: bool) -> Figure:
+def _finish(
+    fig: Any,
+    out: Path,
+    name: str,
+    title: str,
+    caption: str,
+    svg: bool,
+    topic: str,
+    dataset: str | None = None,
+) -> Figure:
     import matplotlib.pyplot as plt
 
     # The caption goes under the axes; bbox_inches="tight" grows the canvas to hold it.
@@ -68,7 +77,7 @@ def _finish(fig: Any, out: Path, name: str, title: str, caption: str, svg: bool)
     if svg and artists <= SVG_MAX_ARTISTS:
         fig.savefig(out / f"{name}.svg", format="svg", bbox_inches="tight")
     plt.close(fig)
-    return Figure(name, title, caption, buf.getvalue())
+    return Figure(name, title, caption, buf.getvalue(), topic, dataset)
 
 
 def _grouped_bars(
@@ -82,6 +91,7 @@ def _grouped_bars(
     ylabel: str,
     log_y: bool,
     svg: bool,
+    topic: str,
     scale: float = 1.0,
 ) -> Figure:
     import matplotlib.pyplot as plt
@@ -116,7 +126,7 @@ def _grouped_bars(
     else:
         bars = "pooled over seeds: total seconds / total attacked samples"
     caption = f"{dataset}. {_counts(cells)}; {bars}. Attacks: {_attack_caption(tables, dataset, attacks)}."
-    return _finish(fig, out, name, title, caption, svg)
+    return _finish(fig, out, name, title, caption, svg, topic, dataset)
 
 
 def _asr_vs(
@@ -181,7 +191,8 @@ def _asr_vs(
         f"{dataset}. Mean ASR over seeds, {avg}; {_counts(cells, 'cell averaged into a point')}."
         f" Attacks: {_attack_caption(tables, dataset, attacks)}."
     )
-    return _finish(fig, out, f"asr_vs_{axis}_{dataset}", f"ASR vs {axis} - {dataset}", caption, svg)
+    name, title = f"asr_vs_{axis}_{dataset}", f"ASR vs {axis} - {dataset}"
+    return _finish(fig, out, name, title, caption, svg, "robustness", dataset)
 
 
 def _clean_vs_robust(tables: Tables, dataset: str, out: Path, svg: bool) -> Figure | None:
@@ -220,7 +231,85 @@ def _clean_vs_robust(tables: Tables, dataset: str, out: Path, svg: bool) -> Figu
         f" Attacks: {_attack_caption(tables, dataset, attacks)}."
     )
     title = f"Clean vs robust accuracy - {dataset}"
-    return _finish(fig, out, f"clean_vs_robust_{dataset}", title, caption, svg)
+    return _finish(fig, out, f"clean_vs_robust_{dataset}", title, caption, svg, "robustness", dataset)
+
+
+# A verdict's colour, as the HTML page's badges show it.
+VERDICT_COLOURS = {
+    "more robust": "#1a7f37",
+    "less robust": "#c62828",
+    "equal": "#1f5fa8",
+    "undecided": "#b26a00",
+    "incomplete": "#6a3fa0",
+}
+
+
+def _forest(
+    tables: Tables, paired: pl.DataFrame, out: Path, name: str, title: str, topic: str, svg: bool
+) -> Figure | None:
+    """The paired differences A - B of worst-case robust accuracy with their 95% intervals,
+    one line per comparison, grouped by dataset (and budget), sorted by the difference; the
+    +-margin band within which two models count as equal, and zero, marked."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
+
+    if not paired.height:
+        return None
+    labels = dict(zip(tables.variants["vkey"], tables.variants["label"]))
+    many_eps = paired["eps"].n_unique() > 1
+    ticks: list[str] = []  # top to bottom; group headers are bold
+    lines: list[tuple[float, dict[str, Any]]] = []
+    headers: list[float] = []
+    for (dataset, eps), grp in paired.sort("dataset", "eps").group_by("dataset", "eps", maintain_order=True):
+        headers.append(len(ticks))
+        ticks.append(f"{dataset}" + (f", L-inf eps {eps_text(eps)}" if many_eps else ""))
+        for r in grp.sort("diff", descending=True).iter_rows(named=True):
+            lines.append((len(ticks), r))
+            ticks.append(f"{labels.get(r['a'], r['a'])} vs {labels.get(r['b'], r['b'])}")
+    fig, ax = plt.subplots(figsize=(10.0, 1.1 + 0.3 * len(ticks)))
+    margin = 100 * tables.margin
+    ax.axvspan(-margin, margin, color="#dddddd", zorder=0)
+    ax.axvline(0, color="#444444", linewidth=0.8, zorder=1)
+    right = blended_transform_factory(ax.transAxes, ax.transData)
+    for y, r in lines:
+        colour = VERDICT_COLOURS.get(r["verdict"], "#777777")
+        diff, low, high = 100 * r["diff"], 100 * r["low"], 100 * r["high"]
+        ax.plot([low, high], [y, y], color=colour, linewidth=2, zorder=2)
+        face = "white" if r["provisional"] else colour
+        ax.plot([diff], [y], marker="o", color=colour, markerfacecolor=face, markersize=7, zorder=3)
+        text = f"{diff:+.1f} [{low:+.1f}, {high:+.1f}]"
+        ax.text(1.01, y, text, transform=right, va="center", fontsize=8, color=colour)
+    ax.set_yticks(range(len(ticks)), ticks, fontsize=8)
+    for i in headers:
+        ax.get_yticklabels()[i].set_fontweight("bold")
+    ax.set_ylim(len(ticks) - 0.5, -0.5)
+    ax.set_xlabel("difference in worst-case robust accuracy, A - B (percentage points)")
+    present = [v for v in VERDICT_COLOURS if v in set(paired["verdict"])]
+    handles = [Line2D([], [], color=VERDICT_COLOURS[v], marker="o", label=v) for v in present]
+    if paired["provisional"].any():
+        handles.append(
+            Line2D([], [], color="#777777", marker="o", markerfacecolor="white", label="provisional")
+        )
+    handles.append(Line2D([], [], color="#dddddd", linewidth=8, label=f"equal band (±{margin:g} pp)"))
+    ax.legend(
+        handles=handles,
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0),
+        ncol=len(handles),
+        fontsize=7,
+        frameon=False,
+    )
+    ax.set_title(title, loc="left", pad=22, fontsize=10)
+    fig.tight_layout()
+    n_points = ", ".join(str(n) for n in sorted(set(paired["n_points"])))
+    n_seeds = ", ".join(str(n) for n in sorted(set(paired["n_seeds"])))
+    caption = (
+        "Difference of worst-case robust accuracy (A - B, percentage points) on the shared attack set, with its"
+        f" 95% paired bootstrap interval; grey band: within ±{margin:g} pp the two count as equal."
+        f" Points per seed: {n_points}; seeds: {n_seeds}. Colour: the verdict; a hollow marker: provisional."
+    )
+    return _finish(fig, out, name, title, caption, svg, topic)
 
 
 def make_plots(tables: Tables, out: Path, svg: bool = True) -> tuple[list[Figure], list[str]]:
@@ -231,6 +320,19 @@ def make_plots(tables: Tables, out: Path, svg: bool = True) -> tuple[list[Figure
     out.mkdir(parents=True, exist_ok=True)
     figures: list[Figure] = []
     skipped: list[str] = []
+    vs_cnn = tables.paired["kind"] == "vs CNN"
+    for name, title, topic, rows in (
+        ("forest_vs_cnn", "Each hybrid against its CNN baseline", "verdicts", tables.paired.filter(vs_cnn)),
+        (
+            "forest_controls",
+            "Where the gain comes from: the controls",
+            "controls",
+            tables.paired.filter(~vs_cnn),
+        ),
+    ):
+        fig = _forest(tables, rows, out, name, title, topic, svg)
+        if fig is not None:
+            figures.append(fig)
     for dataset in tables.cost["dataset"].unique().sort().to_list():
         figures.append(
             _grouped_bars(
@@ -244,6 +346,7 @@ def make_plots(tables: Tables, out: Path, svg: bool = True) -> tuple[list[Figure
                 "ASR (%)",
                 False,
                 svg,
+                "robustness",
                 scale=100.0,
             )
         )
@@ -259,6 +362,7 @@ def make_plots(tables: Tables, out: Path, svg: bool = True) -> tuple[list[Figure
                 "seconds per sample (log)",
                 True,
                 svg,
+                "cost",
             )
         )
         for axis in ("noise_strength", "entanglement", "depth"):

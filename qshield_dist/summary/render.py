@@ -1,17 +1,16 @@
-"""Rendering: the report's blocks (TextTable, Section), the number formatters, and the
-Markdown, LaTeX (booktabs), self-contained HTML and CSV writers.
+"""The report's blocks (TextTable, Section), the number formats, and the Markdown, LaTeX
+(booktabs) and CSV writers; the HTML page is html_page.py's.
 
-Display tables are built once as plain text grids (TextTable) and rendered three ways, so
-the Markdown, LaTeX and HTML always show the same numbers; the CSV files hold the raw,
+Display tables are built once as plain text grids (TextTable) and rendered in every format,
+so the Markdown, LaTeX and HTML always show the same numbers; the CSV files hold the raw,
 unrounded long-form frames. `Section` lives here, not in sections.py, because the
-renderers walk it: sections.py builds Sections, render.py only reads them.
+renderers walk it: sections.py builds Sections, the renderers only read them.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,6 +20,14 @@ import polars as pl
 from qshield_dist.summary.plots import Figure
 from qshield_dist.summary.tables import Tables
 
+BADGE_SEP = " · "  # between the badges of one cell ("undecided · provisional")
+
+
+def anchor(title: str) -> str:
+    """A heading's anchor as GitHub makes it (lower case, punctuation dropped, spaces to
+    hyphens), so the Markdown's links and the HTML's ids are the same."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
 
 @dataclass
 class TextTable:
@@ -28,10 +35,15 @@ class TextTable:
     headers: list[str]
     rows: list[list[Any]]
     caption: str = ""
+    badges: str | None = None  # the header of the column whose cells are badges (BADGE_SEP between them)
 
     def __post_init__(self) -> None:
         # Cells come from nullable columns; one place turns None into a visible dash.
         self.rows = [["-" if c is None else str(c) for c in r] for r in self.rows]
+
+    @property
+    def anchor(self) -> str:
+        return anchor(self.title)
 
 
 @dataclass
@@ -50,6 +62,10 @@ class Section:
     def tables(self) -> list[TextTable]:
         return [b for b in self.blocks if isinstance(b, TextTable)]
 
+    @property
+    def anchor(self) -> str:
+        return anchor(self.title)
+
 
 # ---------------------------------------------------------------- number formatting
 def _missing(x: float | None) -> bool:
@@ -60,9 +76,14 @@ def pct(x: float | None, digits: int = 2) -> str:
     return "n/a" if _missing(x) else f"{100 * x:.{digits}f}"
 
 
-def pm(mean: float | None, std: float | None) -> str:
-    """'mean ± std' in percent; std is n/a with a single seed (ddof=1)."""
-    return f"{pct(mean)} ± {pct(std)}"
+def spread(mean: float | None, std: float | None, n_seeds: int) -> str:
+    """'mean ± std' in percent over seeds; the mean alone with one seed (no sample std)."""
+    return pct(mean) if n_seeds <= 1 else f"{pct(mean)} ± {pct(std)}"
+
+
+def size(n_seeds: int, n: int) -> str:
+    """Seeds and samples of a cell: 'n=190'; 's=2, n=198' with several seeds."""
+    return (f"s={n_seeds}, " if n_seeds > 1 else "") + f"n={n}"
 
 
 def num(x: float | None, digits: int = 3) -> str:
@@ -78,8 +99,9 @@ def _md_cell(x: str) -> str:
     return x.replace("|", "\\|").replace("\n", " ")
 
 
-def render_md(title: str, sections: list[Section], figure_dir: str) -> str:
-    out = [f"# {title}", ""]
+def render_md(title: str, stamp: str, sections: list[Section], figure_dir: str) -> str:
+    contents = " · ".join(f"[{sec.title}](#{sec.anchor})" for sec in sections)
+    out = [f"# {title}", "", stamp, "", f"Contents: {contents}", ""]
     for sec in sections:
         out += [f"## {sec.title}", ""]
         for b in sec.blocks:
@@ -111,6 +133,8 @@ _TEX = {
     "†": r"\dag{}",
     "×": r"$\times$",
     "≥": r"$\geq$",
+    "≈": r"$\approx$",
+    "·": r"$\cdot$",
     "->": r"$\rightarrow$",
 }
 _TEX_TABLE = str.maketrans({k: v for k, v in _TEX.items() if len(k) == 1})
@@ -141,54 +165,6 @@ def render_tex(tables: Iterable[TextTable]) -> str:
         if t.caption:
             out += [r"\par\smallskip\parbox{\linewidth}{\scriptsize " + tex_escape(t.caption) + "}"]
         out += [r"\end{table}", ""]
-    return "\n".join(out)
-
-
-# ---------------------------------------------------------------- HTML
-_CSS = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:110em}"
-    "table{border-collapse:collapse;margin:.5em 0 1em;font-size:.85em}\n"
-    "th,td{border-top:1px solid #ccc;border-bottom:1px solid #ccc;padding:.2em .5em;"
-    "text-align:left;vertical-align:top}th{background:#f3f3f3}\n"
-    "caption{caption-side:top;font-weight:bold;text-align:left}p.cap{font-size:.8em;color:#444}"
-    "img{max-width:100%}figure{margin:1em 0}"
-)
-
-
-def _html_block(b: str | TextTable | Figure) -> list[str]:
-    e = html.escape
-    if isinstance(b, str):
-        return [f"<p>{e(b).replace('**', '')}</p>"]
-    if isinstance(b, TextTable):
-        out = [f"<table><caption>{e(b.title)}</caption><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.headers)]
-        out[0] += "</tr>"
-        out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b.rows]
-        out.append("</table>" + (f"<p class='cap'>{e(b.caption)}</p>" if b.caption else ""))
-        return out
-    data = base64.b64encode(b.png).decode()
-    return [
-        f"<figure><img alt='{e(b.title)}' src='data:image/png;base64,{data}'>"
-        f"<figcaption class='cap'>{e(b.caption)}</figcaption></figure>"
-    ]
-
-
-def render_html(title: str, sections: list[Section], failed: pl.DataFrame) -> str:
-    e = html.escape
-    out = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"
-    ]
-    for sec in sections:
-        out.append(f"<h2>{e(sec.title)}</h2>")
-        for b in sec.blocks:
-            out += _html_block(b)
-        # The full error text is too long for the tables: folded away under the honesty section.
-        if sec.title.startswith("Honesty") and failed.height:
-            out.append("<details><summary>Full error text of failed trials</summary>")
-            for r in failed.iter_rows(named=True):
-                out.append(f"<h4>{e(r['trial_id'])}</h4><pre>{e(r['error'] or '')}</pre>")
-            out.append("</details>")
-    out.append("</body></html>")
     return "\n".join(out)
 
 

@@ -1,8 +1,9 @@
 """The whole summary pipeline: load -> tables -> paper comparison -> plots -> sections -> files.
 
 `summarize()` assembles; the tables are built in tables.py (judged in verdicts.py), the
-sections in sections.py and sections_verdicts.py, and the Markdown, CSV, LaTeX and HTML in
-render.py.
+sections in sections.py and sections_verdicts.py, the Markdown, CSV and LaTeX in render.py
+and the HTML page in html_page.py. The report opens with the verdicts (a table, then their
+forest plot) and where the gains come from; the measurements behind them follow.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from pathlib import Path
 
 import polars as pl
 
+from qshield_dist.summary.html_page import render_html
 from qshield_dist.summary.load import Results, load_results
 from qshield_dist.summary.paper import compare
 from qshield_dist.summary.plots import Figure, make_plots
-from qshield_dist.summary.render import Section, render_html, render_md, render_tex, write_csvs
+from qshield_dist.summary.render import Section, render_md, render_tex, write_csvs
 from qshield_dist.summary.sections import (
     cost_section,
     diagnostics_section,
-    figures_section,
     honesty_section,
     paper_section,
     robustness_section,
@@ -82,6 +83,7 @@ def _console(summary: Summary) -> None:
 def _write(
     out: Path,
     title: str,
+    stamp: str,
     sections: list[Section],
     tables: Tables,
     paper: pl.DataFrame,
@@ -91,7 +93,7 @@ def _write(
     written: list[Path] = []
     if "md" in formats:
         path = out / "report.md"
-        path.write_text(render_md(title, sections, "plots"))
+        path.write_text(render_md(title, stamp, sections, "plots"))
         written.append(path)
     if "tex" in formats:
         path = out / "tables.tex"
@@ -99,7 +101,7 @@ def _write(
         written.append(path)
     if "html" in formats:
         path = out / "report.html"
-        path.write_text(render_html(title, sections, tables.failed))
+        path.write_text(render_html(title, stamp, sections, tables.failed))
         written.append(path)
     if "csv" in formats:
         written += write_csvs(out, tables, paper)
@@ -114,25 +116,28 @@ def summarize(results_dir: str | Path, out_dir: str | Path, options: Options | N
     paper = compare(tables, options.proxies)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sections = [
-        verdict_section(tables),
-        worst_case_section(tables),
-        robustness_section(tables, options.pivot),
-        cost_section(tables),
-        paper_section(paper, options.proxies),
-        controls_section(tables),
-        diagnostics_section(tables),
-        honesty_section(tables, res),
-    ]
     figures: list[Figure] = []
+    skipped: list[str] = []
     if options.plots:
         figures, skipped = make_plots(tables, out / "plots", options.svg)
-        sections.insert(3, figures_section(figures, skipped))
+
+    def about(topic: str) -> list[Figure]:
+        return [f for f in figures if f.topic == topic]
+
+    sections = [
+        verdict_section(tables, about("verdicts")),
+        controls_section(tables, about("controls")),
+        worst_case_section(tables),
+        diagnostics_section(tables),
+        robustness_section(tables, options.pivot, about("robustness"), skipped),
+        cost_section(tables, about("cost")),
+        paper_section(paper, options.proxies),
+        honesty_section(tables, res),
+    ]
     title = f"QShield sweep '{res.sweep}' - summary of {res.root}"
     now = dt.datetime.now(dt.timezone.utc)
     stamp = f"Generated {now:%Y-%m-%d %H:%M UTC} from {res.n_files} result files."
-    sections[0].blocks.insert(0, stamp)
-    written = _write(out, title, sections, tables, paper, options.formats)
+    written = _write(out, title, stamp, sections, tables, paper, options.formats)
     summary = Summary(res, tables, paper, sections, figures, written)
     _console(summary)
     reports = ", ".join(p.name for p in written if p.suffix != ".csv")

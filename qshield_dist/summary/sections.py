@@ -1,9 +1,9 @@
-"""The report's sections, one function each: tables and their frames in, a Section out.
+"""The report's sections, one function each: tables, their frames and figures in, a Section out.
 
 Sections choose what to show and word it; the judgements they show (verdicts, cost
-drivers, where a gain comes from) are made in verdicts.py and only formatted here. The
-sections of the paired judgements (verdicts, worst-case robust accuracy, controls) are in
-sections_verdicts.py.
+drivers, where a gain comes from) are made in verdicts.py and only formatted here. A
+figure goes beside the tables of its dataset. The sections of the paired judgements
+(verdicts, controls, worst-case robust accuracy) are in sections_verdicts.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from qshield_dist.attack_params import params_text
 from qshield_dist.results import trial_log_path
 from qshield_dist.summary.load import Results
 from qshield_dist.summary.plots import Figure
-from qshield_dist.summary.render import Section, TextTable, num, pct, pm, ratio
+from qshield_dist.summary.render import Section, TextTable, num, pct, ratio, size, spread
 from qshield_dist.summary.tables import Tables
 from qshield_dist.summary.verdicts import variant_cost_drivers
 
@@ -29,15 +29,18 @@ def label_map(tables: Tables) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- robustness
-def robustness_section(tables: Tables, pivot: bool) -> Section:
+def robustness_section(tables: Tables, pivot: bool, figures: list[Figure], skipped: list[str]) -> Section:
+    """Per dataset: ASR and robust accuracy per attack, the attack settings, the figures;
+    then the notes on the figures skipped."""
     sec = Section("Robustness")
     sec.add(
-        "Each cell: mean ± sample std (ddof=1; n/a with one seed) over seeds, in percent;"
-        " [s = seeds, n = attacked samples summed over seeds]. "
+        "Each cell: mean ± sample std (ddof=1) over seeds, in percent; with one seed, the value alone;"
+        " [s = seeds when more than one, n = attacked samples summed over seeds]. "
         "ASR = successful / attacked (correctly classified) samples, the paper's metric;"
         " robust accuracy = correct clean and not broken, over the shared attack set (the same points for every model). "
         f"{LOW} = a seed of this cell attacked fewer than {tables.min_samples} samples"
-        " (kept in the mean, listed under Honesty)."
+        " (kept in the mean, listed under Honesty). Attacks by name; their settings are in the attack-settings"
+        " table under each robustness table."
     )
     clean = {r["vkey"]: r for r in tables.clean.iter_rows(named=True)}
 
@@ -46,11 +49,15 @@ def robustness_section(tables: Tables, pivot: bool) -> Section:
         if c is None:
             return "n/a"
         source = "" if c["clean_source"] == "train rows" else " (attack rows)"
-        return f"{pm(c['clean_mean'], c['clean_std'])} [s={c['clean_seeds']}]" + source
+        seeds = f" [s={c['clean_seeds']}]" if c["clean_seeds"] > 1 else ""
+        return spread(c["clean_mean"], c["clean_std"], c["clean_seeds"]) + seeds + source
 
     def asr_cell(r: dict[str, Any]) -> str:
         low = LOW if r["n_low"] else ""
-        return f"{pm(r['asr_mean'], r['asr_std'])} [s={r['n_seeds']}, n={r['n_attacked']}]{low}"
+        return f"{spread(r['asr_mean'], r['asr_std'], r['n_seeds'])} [{size(r['n_seeds'], r['n_attacked'])}]{low}"
+
+    def robust_cell(r: dict[str, Any]) -> str:
+        return spread(r["robust_mean"], r["robust_std"], r["n_seeds"])
 
     for dataset in tables.variants["dataset"].unique().sort().to_list():
         variants = tables.variants.filter(pl.col("dataset") == dataset)
@@ -65,7 +72,7 @@ def robustness_section(tables: Tables, pivot: bool) -> Section:
                 row = [v["label"], clean_cell(v["vkey"])]
                 for a in attacks:
                     r = lookup.get((v["vkey"], a))
-                    row += ["-", "-"] if r is None else [asr_cell(r), pm(r["robust_mean"], r["robust_std"])]
+                    row += ["-", "-"] if r is None else [asr_cell(r), robust_cell(r)]
                 rows.append(row)
         else:
             headers = ["attack", "model", "clean acc %", "ASR %", "robust acc %"]
@@ -73,19 +80,11 @@ def robustness_section(tables: Tables, pivot: bool) -> Section:
                 for v in variants.iter_rows(named=True):
                     r = lookup.get((v["vkey"], a))
                     if r is not None:
-                        robust = pm(r["robust_mean"], r["robust_std"])
-                        rows.append([a, v["label"], clean_cell(v["vkey"]), asr_cell(r), robust])
-        sec.add(TextTable(f"Robustness - {dataset}", headers, rows, _settings_caption(tables, dataset)))
+                        rows.append([a, v["label"], clean_cell(v["vkey"]), asr_cell(r), robust_cell(r)])
+        sec.add(TextTable(f"Robustness - {dataset}", headers, rows))
         sec.add(_settings_table(tables, dataset))
-    return sec
-
-
-def _settings_caption(tables: Tables, dataset: str) -> str:
-    s = tables.attacks.filter(pl.col("dataset") == dataset).sort("attack_rank")
-    return "Attacks: " + "; ".join(
-        f"{r['attack_label']} = {r['attack']} preset {r['attack_preset']} ({params_text(r['attack_params'])})"
-        for r in s.iter_rows(named=True)
-    )
+        sec.add(*[f for f in figures if f.dataset == dataset])
+    return sec.add(*[f"- figure {s}" for s in skipped])
 
 
 def _settings_table(tables: Tables, dataset: str) -> TextTable:
@@ -106,7 +105,7 @@ def _settings_table(tables: Tables, dataset: str) -> TextTable:
 
 
 # ---------------------------------------------------------------- cost
-def cost_section(tables: Tables) -> Section:
+def cost_section(tables: Tables, figures: list[Figure]) -> Section:
     sec = Section("Attack cost")
     sec.add(
         "Per attacked sample, pooled over seeds (total seconds / total attacked samples)."
@@ -137,7 +136,7 @@ def cost_section(tables: Tables) -> Section:
                 ratio(r["calls_ratio"]),
                 ratio(r["per_call_ratio"]),
                 r["cost_driver"] or "-",
-                f"s={r['n_seeds']}, n={r['n_attacked']}",
+                size(r["n_seeds"], r["n_attacked"]),
             ]
             for r in cells.iter_rows(named=True)
         ]
@@ -155,7 +154,7 @@ def cost_section(tables: Tables) -> Section:
             "cost driver",
             "seeds, samples",
         ]
-        sec.add(TextTable(f"Attack cost - {dataset}", headers, rows, _settings_caption(tables, dataset)))
+        sec.add(TextTable(f"Attack cost - {dataset}", headers, rows))
         is_base = (pl.col("model") == base) & pl.col("control").is_null()
         compared = cells.filter(~is_base & pl.col("time_ratio").is_not_null())
         verdicts = dict(variant_cost_drivers(compared).select("vkey", "verdict").iter_rows())
@@ -167,6 +166,7 @@ def cost_section(tables: Tables) -> Section:
             ]
             head = f"**{labels[vkey]}** ({dataset}) vs {base}: "
             sec.add(head + "; ".join(parts) + f" -> {verdicts[vkey]}.")
+        sec.add(*[f for f in figures if f.dataset == dataset])
     return sec
 
 
@@ -267,7 +267,7 @@ def diagnostics_section(tables: Tables) -> Section:
             r["diagnostic"] or "",
             "PASS" if r["n_pass"] == r["n"] else "FAIL",
             f"{r['n_pass']}/{r['n']}",
-            f"{num(r['value_mean'])} ± {num(r['value_std'])}",
+            num(r["value_mean"]) if r["n"] <= 1 else f"{num(r['value_mean'])} ± {num(r['value_std'])}",
             (r["details"] or "")[:120],
         ]
         for r in per_variant.iter_rows(named=True)
@@ -278,10 +278,10 @@ def diagnostics_section(tables: Tables) -> Section:
         "diagnostic",
         "result",
         "seeds passed",
-        "value mean ± std",
+        "value (mean ± std over seeds)",
         "details (first seed)",
     ]
-    sec.add(TextTable("Diagnostics per variant", headers, rows))
+    sec.add(TextTable("Diagnostics per variant", headers, rows, badges="result"))
     n_fail = d.filter(pl.col("n_pass") < pl.col("n")).height
     sec.add(
         f"{n_fail} of {d.height} (variant, diagnostic) checks fail on at least one seed."
@@ -289,11 +289,6 @@ def diagnostics_section(tables: Tables) -> Section:
         else f"All {d.height} (variant, diagnostic) checks pass on every seed."
     )
     return sec
-
-
-# ---------------------------------------------------------------- figures
-def figures_section(figures: list[Figure], skipped: list[str]) -> Section:
-    return Section("Figures").add(*figures, *[f"- {s}" for s in skipped])
 
 
 # ---------------------------------------------------------------- honesty

@@ -1,50 +1,155 @@
-"""The report's sections of the paired judgements: verdicts, worst-case robust accuracy, controls.
+"""The report's sections of the paired judgements: the verdicts, the controls and the
+worst-case robust accuracy behind them.
 
-Each formats what paired.py and verdicts.py judged: every hybrid against its dataset's CNN
-baseline, robust accuracy on the shared attack set under the worst case of the L-inf attacks,
-and where a hybrid's gain comes from (its controls). The other sections are in sections.py.
+Each formats what paired.py and verdicts.py judged. A comparison is one table row, the same
+in the verdicts and in the controls (`_comparison_row`): the two models, their worst-case
+robust accuracy, the paired difference with its interval, the verdict as badges, the attacks
+it rests on and what a provisional one lacks (verdicts.sides_text), what would resolve it, and
+the failed diagnostics of either model (verdicts.failed_checks). A verdict's `missing` (what an
+incomplete one misses) and `not_covered` are shown when its frame has them. The other sections
+are in sections.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 import polars as pl
 
-from qshield_dist.summary.render import Section, TextTable, pct
+from qshield_dist.summary.paired import KINDS
+from qshield_dist.summary.plots import Figure
+from qshield_dist.summary.render import BADGE_SEP, Section, TextTable, pct, size
 from qshield_dist.summary.sections import label_map
 from qshield_dist.summary.tables import Tables
-from qshield_dist.summary.verdicts import comparison_text, eps_text, gain_sources
+from qshield_dist.summary.verdicts import (
+    eps_text,
+    failed_checks,
+    flags_text,
+    gain_sources,
+    gain_text,
+    sides_text,
+)
+
+VERDICT_TABLE = "Each hybrid against its CNN baseline"
+CONTROL_TABLE = "Each hybrid against its controls"
 
 
-def verdict_section(tables: Tables) -> Section:
-    sec = Section("Verdicts")
-    sec.add(
-        "One line per HQCNN variant against its dataset's CNN baseline. Both answer on the same test"
-        " points (the shared attack set); a point counts as robust when it is classified correctly clean"
-        " and no L-inf attack at that budget broke it (the worst case over the attacks both models got,"
-        " plus the BPDA attacks only a model with a hidden gradient gets;"
-        " for a stochastic model an attack breaks a point when it is misclassified in a strict majority of"
-        " that attack's evaluations). The verdict comes from the 95% interval of the paired difference,"
-        f" never from the point estimate: more robust (above 0) / less robust (below 0), each also needing"
-        f" the Holm-adjusted McNemar p < 0.05 over this report's comparisons; equal (inside ±{100 * tables.margin:g} pp);"
-        " undecided otherwise. Provisional: a model's worst case lacks AutoAttack at its authors' strength in"
-        " the form that model needs (standard on a deterministic model, rand on a stochastic one, through BPDA"
-        " where the quantum branch's gradient is detached); the verdict names what it lacks. Failed diagnostics"
-        " of either model (suite_vs_autoattack, restart_sensitivity, ...) are named beside it."
+def _how_to_read(tables: Tables) -> str:
+    return (
+        "**How to read this.** Both models answer on the same test points (the shared attack set); a point is"
+        " robust when it is classified correctly clean and no L-inf attack at that budget broke it (the worst"
+        " case over the attacks named; a stochastic model is broken when misclassified in a strict majority of"
+        " one attack's evaluations; BPDA attacks count for the model whose gradient is hidden). The difference"
+        " is the first model's minus the second's, in percentage points, with its 95% paired bootstrap"
+        " interval. The verdict comes from the interval, never from the point estimate: more robust or less"
+        " robust when it excludes 0 and the Holm-adjusted McNemar p < 0.05 over this report's comparisons;"
+        f" equal when it lies inside ±{100 * tables.margin:g} pp; undecided otherwise, with the points per seed"
+        " that would likely resolve it (power 0.8). Provisional: a model's worst case lacks AutoAttack at its"
+        " authors' strength in the form that model needs (standard on a deterministic model, rand on a"
+        " stochastic one, through BPDA where the quantum branch's gradient is detached); the attacks cell says"
+        " what it lacks. Flags: the failed diagnostics of either model (suite_vs_autoattack names the"
+        " AutoAttack component behind it)."
     )
-    sec.add(sanity_text(tables))
-    if not tables.verdicts.height:
-        sec.add("No HQCNN variant in these results.")
-    sec.add(*[f"- {v}" for v in tables.verdicts["verdict"]])
-    return sec
+
+
+def _comparison_row(
+    r: dict[str, Any], labels: dict[str, str], checks: dict[str, str], many_eps: bool
+) -> list[str]:
+    """One paired comparison (a row of tables.paired, with the verdict frame's columns where
+    it is a verdict) as table cells; `checks` is verdicts.failed_checks."""
+    badges = [r["verdict"]] + (["provisional"] if r["provisional"] else [])
+    attacks = r["attacks"]
+    if r["provisional"]:
+        attacks += f"; lacks {sides_text(r, labels, 'lacks')}"
+    if sides_text(r, labels, "missing"):
+        attacks += f"; missing {sides_text(r, labels, 'missing')}"
+    diff = f"{100 * r['diff']:+.1f} [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
+    points = str(r["n_points"])
+    if r["n_seeds"] > 1:
+        diff += f"; per seed {r['per_seed']}"
+        points += f" × {r['n_seeds']} seeds"
+    resolve = "-"
+    if r["verdict"] == "undecided":
+        n = r["points_needed"]
+        resolve = "no difference observed" if math.isinf(n) else f"≈ {int(n)} points per seed"
+    flagged = [flags_text(r, labels, checks)]
+    if r.get("not_covered"):
+        flagged.append(f"not covered: {r['not_covered']}")
+    return [
+        *([eps_text(r["eps"])] if many_eps else []),
+        labels.get(r["a"], r["a"]),
+        labels.get(r["b"], r["b"]),
+        f"{100 * r['robust_a']:.1f} vs {100 * r['robust_b']:.1f}",
+        diff,
+        BADGE_SEP.join(badges),
+        attacks,
+        points,
+        resolve,
+        f"{r['p_value']:.3g} (Holm {r['p_holm']:.3g})",
+        "; ".join(f for f in flagged if f) or "-",
+    ]
+
+
+_COMPARISON_HEADERS = [
+    "model",
+    "vs",
+    "robust acc %",
+    "difference, pp [95% CI]",
+    "verdict",
+    "attacks (worst case)",
+    "points",
+    "to resolve",
+    "McNemar p",
+    "flags",
+]
+
+
+def _headers(many_eps: bool) -> list[str]:
+    return (["L-inf eps"] if many_eps else []) + _COMPARISON_HEADERS
+
+
+def _budget_note(paired: pl.DataFrame) -> str:
+    eps = paired["eps"].unique().to_list()
+    return f"All at L-inf eps {eps_text(eps[0])}. " if len(eps) == 1 else ""
+
+
+def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
+    """The verdicts as one table, then their forest plot."""
+    sec = Section("Verdicts")
+    if sanity_text(tables):
+        sec.add(sanity_text(tables))
+    v = tables.verdicts
+    if not v.height:
+        return sec.add("No HQCNN variant in these results.")
+    labels, checks = label_map(tables), failed_checks(tables.diagnostics)
+    paired = {
+        (r["a"], r["eps"]): r for r in tables.paired.filter(pl.col("kind") == "vs CNN").iter_rows(named=True)
+    }
+    many_eps = v["eps"].drop_nulls().n_unique() > 1
+    rows = []
+    for verdict in v.iter_rows(named=True):
+        r = paired.get((verdict["vkey"], verdict["eps"]))
+        if r is None:
+            cells = [labels.get(verdict["vkey"], verdict["vkey"]), "-", "-", "-", "no comparison"]
+            cells += ["no L-inf attack in common with a CNN baseline", "-", "-", "-", "-"]
+            rows.append([verdict["dataset"], *([None] if many_eps else []), *cells])
+            continue
+        # The verdict frame's category, and what its verdict does not cover.
+        judged = {**r, "not_covered": verdict["not_covered"]}
+        judged["verdict"] = verdict["category"]
+        rows.append([verdict["dataset"], *_comparison_row(judged, labels, checks, many_eps)])
+    caption = _budget_note(tables.paired) + _how_to_read(tables)
+    sec.add(TextTable(VERDICT_TABLE, ["dataset", *_headers(many_eps)], rows, caption, badges="verdict"))
+    return sec.add(*figures)
 
 
 def sanity_text(tables: Tables) -> str:
-    """AutoAttack's own sanity checks, said before any verdict."""
+    """AutoAttack's own sanity checks, said before any verdict ('' without an AutoAttack row)."""
     checks = tables.diagnostics.filter(pl.col("diagnostic") == "autoattack_sanity")
     if not checks.height:
-        return "AutoAttack's sanity checks: no AutoAttack row in these results."
+        return ""
     labels = label_map(tables)
     failed = [
         f"{labels.get(r['vkey'], r['vkey'])} ({json.loads(r['details'])['responsible']})"
@@ -58,63 +163,16 @@ def sanity_text(tables: Tables) -> str:
     return "**AutoAttack's sanity checks fail** on: " + "; ".join(failed) + "."
 
 
-def worst_case_section(tables: Tables) -> Section:
-    sec = Section("Worst-case robust accuracy")
-    w = tables.worst_case
-    if not w.height:
-        sec.add("No per-point outcomes in these results (attack rows older than the shared attack set?).")
-        return sec
-    sec.add(
-        "Robust accuracy on the shared attack set (correct clean and not broken), in percent, per L-inf"
-        " attack and under all of them at once, point by point (worst case); mean over seeds."
-        " [s = seeds, n = points per seed]. Minimum-norm (C&W, DeepFool: L2) and One-Pixel (L0) attacks are"
-        " in the robustness table, never mixed into this worst case."
-    )
-    attacks = (
-        tables.attacks.filter(pl.col("threat_model") == "linf")
-        .sort("attack_rank")["attack_label"]
-        .unique(maintain_order=True)
-        .to_list()
-    )
-    cols = [*attacks, "worst case"]
-    for (eps,), grp in w.sort("eps").group_by("eps", maintain_order=True):
-        cells = {(r["vkey"], r["attack_label"]): r for r in grp.iter_rows(named=True)}
-        vkeys = tables.variants.filter(pl.col("vkey").is_in(grp["vkey"].implode())).sort(
-            "dataset", "family", "label"
-        )
-        rows = []
-        for v in vkeys.iter_rows(named=True):
-            worst = cells.get((v["vkey"], "worst case"))
-            size = f"s={worst['n_seeds']}, n={worst['n_points']}" if worst else "-"
-            rows.append(
-                [
-                    v["dataset"],
-                    v["label"],
-                    *[pct(cells[(v["vkey"], c)]["robust"]) if (v["vkey"], c) in cells else "-" for c in cols],
-                    size,
-                ]
-            )
-        sec.add(
-            TextTable(
-                f"Robust accuracy under L-inf eps {eps_text(eps)}",
-                ["dataset", "model", *cols, "seeds, points"],
-                rows,
-            )
-        )
-    return sec
-
-
-def controls_section(tables: Tables) -> Section:
+def controls_section(tables: Tables, figures: list[Figure]) -> Section:
     sec = Section("Controls: where does the gain come from?")
     c = tables.controls
     gains = gain_sources(tables.paired, tables.margin)
     if not c.height and not gains.height:
-        sec.add(
+        return sec.add(
             "No control rows (control 'backbone_only' or 'equal_budget'):"
             " the gain cannot be attributed to the quantum branch or the backbone."
         )
-        return sec
-    labels = label_map(tables)
+    labels, checks = label_map(tables), failed_checks(tables.diagnostics)
     sec.add(
         "backbone alone = the hybrid's own trained backbone with the quantum branch removed;"
         " equal-budget backbone = the backbone architecture trained alone for as many steps as the hybrid got."
@@ -122,17 +180,28 @@ def controls_section(tables: Tables) -> Section:
         " the quantum part (hybrid vs its backbone alone; it includes the fusion head) and the backbone part"
         " (backbone alone vs the CNN). A part is a gain when its verdict is 'more robust' and no gain when its"
         f" whole interval lies below +{100 * tables.margin:g} pp; where an interval leaves it open, the answer is undecided."
+        " The table reads as the verdicts' table does."
     )
     for g in gains.iter_rows(named=True):
-        lines = [
-            f"- **{labels.get(g['vkey_h'], g['vkey_h'])}** (L-inf eps {eps_text(g['eps'])}): gain mainly from"
-            f" **{g['source']}**."
+        sec.add(
+            f"- **{labels.get(g['vkey_h'], g['vkey_h'])}** (L-inf eps {eps_text(g['eps'])}): {gain_text(g)}"
+        )
+    kind_order = {k: i for i, k in enumerate(KINDS)}
+    controls = (
+        tables.paired.filter(pl.col("kind") != "vs CNN")
+        .with_columns(pl.col("kind").replace_strict(kind_order, return_dtype=pl.Int64).alias("_order"))
+        .sort("dataset", "hybrid", "eps", "_order")
+    )
+    if controls.height:
+        many_eps = controls["eps"].n_unique() > 1
+        rows = [
+            [r["kind"], *_comparison_row(r, labels, checks, many_eps)] for r in controls.iter_rows(named=True)
         ]
-        for r in tables.paired.filter(
-            (pl.col("hybrid") == g["vkey_h"]) & (pl.col("eps") == g["eps"]) & (pl.col("kind") != "vs CNN")
-        ).iter_rows(named=True):
-            lines.append(f"  - {r['kind']}: {comparison_text(r, labels)}")
-        sec.add("\n".join(lines))
+        caption = _budget_note(controls) + "How to read it: as the verdicts' table."
+        sec.add(
+            TextTable(CONTROL_TABLE, ["comparison", *_headers(many_eps)], rows, caption, badges="verdict")
+        )
+    sec.add(*figures)
     if c.height:
         rows = [
             [
@@ -145,7 +214,7 @@ def controls_section(tables: Tables) -> Section:
                 pct(r["asr_baseline"]),
                 pct(r["gain_backbone"]),
                 pct(r["gain_quantum"]),
-                f"s={r['n_seeds']}, n={r['n_attacked']}",
+                size(r["n_seeds"], r["n_attacked"]),
             ]
             for r in c.iter_rows(named=True)
         ]
@@ -165,6 +234,52 @@ def controls_section(tables: Tables) -> Section:
             TextTable(
                 "Hybrid vs its backbone alone, per attack (mean ASR over seeds; point estimates)",
                 headers,
+                rows,
+            )
+        )
+    return sec
+
+
+def worst_case_section(tables: Tables) -> Section:
+    sec = Section("Worst-case robust accuracy")
+    w = tables.worst_case
+    if not w.height:
+        sec.add("No per-point outcomes in these results (attack rows older than the shared attack set?).")
+        return sec
+    sec.add(
+        "Robust accuracy on the shared attack set (correct clean and not broken), in percent, per L-inf"
+        " attack and under all of them at once, point by point (worst case); mean over seeds."
+        " [s = seeds when more than one, n = points per seed]. Minimum-norm (C&W, DeepFool: L2) and One-Pixel"
+        " (L0) attacks are in the robustness table, never mixed into this worst case."
+    )
+    attacks = (
+        tables.attacks.filter(pl.col("threat_model") == "linf")
+        .sort("attack_rank")["attack_label"]
+        .unique(maintain_order=True)
+        .to_list()
+    )
+    cols = [*attacks, "worst case"]
+    for (eps,), grp in w.sort("eps").group_by("eps", maintain_order=True):
+        cells = {(r["vkey"], r["attack_label"]): r for r in grp.iter_rows(named=True)}
+        vkeys = tables.variants.filter(pl.col("vkey").is_in(grp["vkey"].implode())).sort(
+            "dataset", "family", "label"
+        )
+        rows = []
+        for v in vkeys.iter_rows(named=True):
+            worst = cells.get((v["vkey"], "worst case"))
+            points = size(worst["n_seeds"], worst["n_points"]) if worst else "-"
+            rows.append(
+                [
+                    v["dataset"],
+                    v["label"],
+                    *[pct(cells[(v["vkey"], c)]["robust"]) if (v["vkey"], c) in cells else "-" for c in cols],
+                    points,
+                ]
+            )
+        sec.add(
+            TextTable(
+                f"Robust accuracy under L-inf eps {eps_text(eps)}",
+                ["dataset", "model", *cols, "seeds, points"],
                 rows,
             )
         )

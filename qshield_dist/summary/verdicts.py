@@ -93,6 +93,7 @@ _VERDICT_SCHEMA = {
     "low": pl.Float64,
     "high": pl.Float64,
     "verdict": pl.String,
+    "not_covered": pl.String,  # failed trials and skipped rows of the hybrid the verdict does not cover
 }
 
 
@@ -153,6 +154,11 @@ def failed_checks(diagnostics: pl.DataFrame) -> dict[str, str]:
     return {k: ", ".join(sorted(set(v))) for k, v in out.items()}
 
 
+def flags_text(r: dict[str, Any], labels: dict[str, str], checks: dict[str, str]) -> str:
+    """The failed diagnostics (`failed_checks`) of a comparison's two models ('' when none)."""
+    return "; ".join(f"{labels.get(k, k)}: {checks[k]}" for k in (r["a"], r["b"]) if k in checks)
+
+
 def interval_verdicts(
     paired: pl.DataFrame,
     variants: pl.DataFrame,
@@ -183,9 +189,11 @@ def interval_verdicts(
         for r in found:
             text = comparison_text(r, labels)
             n_failed, n_skipped = n_failed_by.get(v["vkey"], 0), n_skipped_by.get(v["vkey"], 0)
+            not_covered = None
             if n_failed or n_skipped:
-                text += f"; not covered: {n_failed} failed trial(s), {n_skipped} attack row(s) skipped for NaN metrics"
-            flags = "; ".join(f"{labels.get(k, k)}: {checks[k]}" for k in (r["a"], r["b"]) if k in checks)
+                not_covered = f"{n_failed} failed trial(s), {n_skipped} attack row(s) skipped for NaN metrics"
+                text += f"; not covered: {not_covered}"
+            flags = flags_text(r, labels, checks)
             if flags:
                 text += f"; failed diagnostics: {flags}"
             rows.append(
@@ -202,6 +210,7 @@ def interval_verdicts(
                     "low": r["low"],
                     "high": r["high"],
                     "verdict": text,
+                    "not_covered": not_covered,
                 }
             )
     return pl.DataFrame(rows, schema=_VERDICT_SCHEMA)
@@ -351,6 +360,30 @@ def gain_source(quantum: dict[str, Any] | None, backbone: dict[str, Any] | None,
     if q == "none" and b == "none":
         return "no gain"
     return "undecided"
+
+
+_GAIN_TEXT = {
+    "both": "the gain comes from both the quantum branch and the backbone",
+    "quantum branch": "the gain comes mainly from the quantum branch (with its fusion head)",
+    "backbone": "the gain comes mainly from the backbone, not from the quantum branch",
+    "no gain": "neither the quantum branch nor the backbone is a gain",
+    "undecided": "where the gain comes from is undecided",
+    "no backbone-alone run": "where the gain comes from cannot be said: there is no backbone-alone run",
+}
+
+
+def gain_text(g: dict[str, Any]) -> str:
+    """A row of `gain_sources` as a sentence: where the gain comes from, then each part's verdict."""
+    parts = [
+        f"{name}: {g[key]}"
+        for name, key in (
+            ("quantum part", "quantum"),
+            ("backbone part", "backbone"),
+            ("against the equal-budget backbone", "equal_budget"),
+        )
+        if g[key]
+    ]
+    return _GAIN_TEXT[g["source"]] + (f" ({'; '.join(parts)})" if parts else "") + "."
 
 
 def gain_sources(paired: pl.DataFrame, margin: float) -> pl.DataFrame:

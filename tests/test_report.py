@@ -1,0 +1,166 @@
+"""The report's layout on a small fixture (tests/report_fixture.py): the same numbers as before
+its redesign, the verdicts as a table whose cells show what the judgement says (what a
+provisional verdict lacks, the failed diagnostics of either model, what an incomplete one
+misses), the controls as the same table and in sentences, and no noise."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import polars as pl
+import pytest
+from report_fixture import normalised
+
+from qshield_dist.summary.html_page import render_html
+from qshield_dist.summary.render import TextTable
+from qshield_dist.summary.report import Options, Summary, summarize
+from qshield_dist.summary.sections_verdicts import CONTROL_TABLE, VERDICT_TABLE, verdict_section
+from qshield_dist.summary.verdicts import gain_text
+
+GOLDEN = Path(__file__).parent / "golden" / "report"
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+# Numbers the new report says and the old one did not, each with why.
+NEW_NUMBERS = {"0.8": "the power behind 'to resolve', now said once in 'How to read this'"}
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory: pytest.TempPathFactory) -> Summary:
+    from report_fixture import build
+
+    root = tmp_path_factory.mktemp("report")
+    build(root / "results")
+    return summarize(root / "results", root / "report", Options(formats=("md", "csv", "html"), svg=False))
+
+
+def _out(summary: Summary) -> Path:
+    return summary.results.root.parent / "report"
+
+
+def _table(summary: Summary, title: str) -> list[dict[str, str]]:
+    (table,) = [t for sec in summary.sections for t in sec.tables if t.title == title]
+    return [dict(zip(table.headers, r)) for r in table.rows]
+
+
+def test_same_numbers_as_before_the_redesign(summary: Summary) -> None:
+    """tests/golden/report/ is what main ac438fa wrote for this fixture (report_fixture.py's
+    command). Every CSV keeps its columns and the numbers in each of their cells (columns may
+    be added); the Markdown holds the same set of numbers (the old one repeated some)."""
+    out = _out(summary)
+    for golden in sorted(GOLDEN.glob("*.csv")):
+        old = pl.read_csv(golden, infer_schema=False)
+        new = pl.read_csv(out / golden.name, infer_schema=False)
+        assert new.columns[: old.width] == old.columns, golden.name
+        # Some frames come from a group_by without an order: compare their rows as a sorted list.
+        old, new = old.sort(old.columns, nulls_last=True), new.sort(old.columns, nulls_last=True)
+        for column in old.columns:
+            numbers = [NUMBER.findall(x or "") for x in old[column]]
+            assert [NUMBER.findall(x or "") for x in new[column]] == numbers, (golden.name, column)
+    old_md = set(NUMBER.findall((GOLDEN / "report.md").read_text()))
+    new_md = set(NUMBER.findall(normalised((out / "report.md").read_text(), summary.results.root)))
+    assert old_md - new_md == set()
+    assert new_md - old_md == set(NEW_NUMBERS)
+
+
+def test_the_report_opens_with_the_verdict_table_and_its_forest_plot(summary: Summary) -> None:
+    verdicts = summary.sections[0]
+    assert verdicts.title == "Verdicts"
+    # AutoAttack's sanity checks are said first, in one line, then the table and its plot
+    assert verdicts.blocks[0].startswith("AutoAttack's sanity checks")  # type: ignore[union-attr]
+    assert isinstance(verdicts.blocks[1], TextTable) and verdicts.blocks[1].title == VERDICT_TABLE
+    assert verdicts.blocks[2].name == "forest_vs_cnn"  # type: ignore[union-attr]
+    assert (_out(summary) / "plots" / "forest_vs_cnn.png").stat().st_size > 10_000
+    rows = {r["model"]: r for r in _table(summary, VERDICT_TABLE)}
+    full = rows["hqcnn[cnn_small] full"]
+    assert (full["vs"], full["robust acc %"], full["verdict"], full["points"]) == (
+        "cnn_small",
+        "32.0 vs 20.0",
+        "more robust",
+        "200",
+    )
+    assert full["difference, pp [95% CI]"] == "+12.0 [+7.5, +16.5]" and full["to resolve"] == "-"
+    assert full["attacks (worst case)"] == "apgd[standard], autoattack, fgsm, pgd"
+    # its failed diagnostics, suite_vs_autoattack with the component behind it
+    assert full["flags"] == "hqcnn[cnn_small] full: grad_norm_ratio, suite_vs_autoattack (apgd-t)"
+    star = rows["hqcnn[cnn_small] star"]
+    # its AutoAttack trial failed: incomplete (the CNN's worst case then lacks AutoAttack too)
+    assert star["verdict"] == "incomplete · provisional" and star["to resolve"] == "-"
+    assert star["attacks (worst case)"] == (
+        "apgd[standard], autoattack, fgsm, pgd; lacks hqcnn[cnn_small] star: autoattack (standard);"
+        " cnn_small: autoattack (standard); missing hqcnn[cnn_small] star: autoattack (seed 0)"
+    )
+    assert star["flags"] == "not covered: 1 failed trial(s), 0 attack row(s) skipped for NaN metrics"
+    mnist = rows["hqcnn[cnn] full"]
+    assert mnist["verdict"] == "undecided · provisional" and mnist["points"] == "100 × 2 seeds"
+    assert mnist["difference, pp [95% CI]"] == "+2.5 [-2.0, +8.0]; per seed +6.0%, -1.0%"
+    html = (_out(summary) / "report.html").read_text()
+    assert html.count("How to read this") == 1
+    assert "<span class='badge undecided'>undecided</span><span class='badge provisional'>" in html
+
+
+def test_no_noise(summary: Summary) -> None:
+    md = (_out(summary) / "report.md").read_text()
+    assert "± n/a" not in md and not re.search(r"\bs=1\b", md)
+    assert "| cnn_small | 95.00 | 39.47 [n=190] | 57.50 |" in md  # one seed: the value and n
+    assert "| cnn | 97.50 ± 0.71 [s=2] | 33.33 ± 1.43 [s=2, n=198] | 66.00 ± 1.41 |" in md
+    assert "mainly from **undecided" not in md and "mainly from undecided" not in md
+    # attack parameters once per dataset: in its attack-settings table
+    assert md.count("alpha=2/255") == 2 and md.count("n_restarts=1") == 1
+
+
+def test_controls_as_a_table_and_sentences(summary: Summary) -> None:
+    md = (_out(summary) / "report.md").read_text()
+    assert (
+        "- **hqcnn[cnn_small] full** (L-inf eps 32/255): where the gain comes from is undecided (quantum part:"
+        " more robust; backbone part: undecided; against the equal-budget backbone: more robust)." in md
+    )  # backbone alone 21.0% vs the CNN's 20.0%: +1.0 pp [+0.0, +2.5] leaves it open
+    assert "- **hqcnn[cnn_small] star** (L-inf eps 32/255): where the gain comes from cannot be said" in md
+    rows = _table(summary, CONTROL_TABLE)
+    assert [(r["comparison"], r["verdict"]) for r in rows] == [
+        ("vs backbone alone", "more robust"),
+        ("vs equal-budget backbone", "more robust"),
+        ("backbone alone vs CNN", "undecided"),
+        ("vs equal-budget backbone", "incomplete · provisional"),
+    ]
+    assert rows[0]["flags"] == "hqcnn[cnn_small] full: grad_norm_ratio, suite_vs_autoattack (apgd-t)"
+    assert rows[3]["attacks (worst case)"].endswith(
+        "; lacks hqcnn[cnn_small] star: autoattack (standard);"
+        " cnn_small [equal_budget]: autoattack (standard); missing hqcnn[cnn_small] star: autoattack (seed 0)"
+    )
+    assert rows[2]["model"] == "hqcnn[cnn_small] full [backbone_only]" and rows[2]["to resolve"].startswith(
+        "≈"
+    )
+
+
+@pytest.mark.parametrize(
+    "source,sentence",
+    [
+        ("both", "the gain comes from both the quantum branch and the backbone"),
+        ("quantum branch", "the gain comes mainly from the quantum branch (with its fusion head)"),
+        ("backbone", "the gain comes mainly from the backbone, not from the quantum branch"),
+        ("no gain", "neither the quantum branch nor the backbone is a gain"),
+        ("undecided", "where the gain comes from is undecided"),
+        ("no backbone-alone run", "where the gain comes from cannot be said: there is no backbone-alone run"),
+    ],
+)
+def test_every_gain_source_reads_as_a_sentence(source: str, sentence: str) -> None:
+    g = {"source": source, "quantum": "more robust", "backbone": "undecided", "equal_budget": None}
+    assert gain_text(g) == sentence + " (quantum part: more robust; backbone part: undecided)."
+    g = {"source": source, "quantum": None, "backbone": None, "equal_budget": None}
+    assert gain_text(g) == sentence + "."
+
+
+def test_what_an_incomplete_verdict_misses_is_shown(summary: Summary) -> None:
+    """The star hybrid's AutoAttack trial failed: its verdict is incomplete, the badge says so and
+    the attacks cell names what is missing."""
+    t = summary.tables
+    section = verdict_section(t, [])
+    table = next(b for b in section.blocks if isinstance(b, TextTable))
+    rows = {r[1]: dict(zip(table.headers, r)) for r in table.rows}
+    assert rows["hqcnn[cnn_small] star"]["verdict"] == "incomplete · provisional"
+    assert rows["hqcnn[cnn_small] star"]["attacks (worst case)"].endswith(
+        "; missing hqcnn[cnn_small] star: autoattack (seed 0)"
+    )
+    assert rows["hqcnn[cnn_small] full"]["verdict"] == "more robust"
+    html = render_html("t", "stamp", [section], t.failed)
+    assert "<span class='badge incomplete'>incomplete</span>" in html
