@@ -338,6 +338,9 @@ def test_autoattack_breaks_what_the_suite_leaves_and_the_report_says_which_compo
         "sanity checks (randomness over 5 passes, softmax output, autograd calls at inference) pass on all 2"
         in report
     )
+    # per model, the points each AutoAttack component broke beyond the rest of the suite
+    (line,) = [x for x in report.splitlines() if x.startswith("| hqcnn") and "FAIL (apgd-t)" in x]
+    assert f"| {gaps['hqcnn']['autoattack_only']} | apgd-t {gaps['hqcnn']['autoattack_only']} | 0 |" in line
 
 
 def test_a_tripped_autoattack_sanity_check_is_said_before_the_verdicts(tmp_path: Path) -> None:

@@ -186,6 +186,7 @@ def write_csvs(out: Path, tables: Tables, paper: pl.DataFrame) -> list[Path]:
         "worst_case": tables.worst_case.join(labels, on="vkey", how="left"),
         "controls": tables.controls.join(labels.rename({"vkey": "vkey_h"}), on="vkey_h", how="left"),
         "diagnostics": tables.diagnostics.join(labels, on="vkey", how="left"),
+        "autoattack_vs_suite": tables.autoattack.join(labels, on="vkey", how="left"),
         "paper_comparison": paper,
         "failed": tables.failed,
         "missing": tables.missing,

@@ -283,4 +283,44 @@ def worst_case_section(tables: Tables) -> Section:
                 rows,
             )
         )
-    return sec
+    return sec.add(_autoattack_table(tables))
+
+
+AUTOATTACK_TABLE = "AutoAttack against the rest of the suite"
+
+
+def _autoattack_table(tables: Tables) -> TextTable:
+    """Per model: the points only AutoAttack broke, by the component that broke them (the row's
+    point_broken_by), the points only the rest broke, and suite_vs_autoattack's result."""
+    labels = label_map(tables)
+    rows = [
+        [
+            labels.get(g["vkey"], g["vkey"]),
+            eps_text(g["eps"]),
+            size(g["n_seeds"], g["n_points"]),
+            g["autoattack_only"],
+            g["components"] or "-",
+            g["rest_only"],
+            f"{100 * g['diff']:+.1f} ± {200 * g['se']:.1f}"
+            if g["se"] == g["se"]
+            else f"{100 * g['diff']:+.1f}",
+            "pass" if g["passed"] else f"FAIL ({g['responsible']})",
+        ]
+        for g in tables.autoattack.iter_rows(named=True)
+    ]
+    headers = [
+        "model",
+        "L-inf eps",
+        "points",
+        "broken by AutoAttack only",
+        "by component",
+        "broken by the rest only",
+        "difference, pp ± 2 SE",
+        "suite_vs_autoattack",
+    ]
+    caption = (
+        "Points AutoAttack broke that no other L-inf attack of the model's suite broke, by the AutoAttack"
+        " component that broke them, and the reverse; suite_vs_autoattack fails when AutoAttack breaks more"
+        " than the rest by over 2 standard errors (paired on the shared points, seeds pooled)."
+    )
+    return TextTable(AUTOATTACK_TABLE, headers, rows, caption)
