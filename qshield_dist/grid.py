@@ -257,11 +257,16 @@ def _expand(spec: SweepSpec) -> Grid:
             alone[key] = add(train_trial(dataset, ModelSpec(model=name), seed))
         return alone[key]
 
-    def equal_budget(hybrid: TrainTrial) -> TrainTrial:
-        key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, hybrid.baseline_id is not None)
+    def equal_budget(hybrid: TrainTrial) -> tuple[TrainTrial, str | None]:
+        """The hybrid's equal-budget backbone and its control label. A hybrid trained from
+        scratch got no more steps than its backbone alone: that backbone is its own equal-budget
+        control, attacked once, as itself (control None)."""
+        if hybrid.baseline_id is None:
+            return trained_alone(hybrid.dataset, hybrid.seed, hybrid.model.backbone), None
+        key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, True)
         if key not in alone:
             alone[key] = add(_equal_budget_baseline(hybrid))
-        return alone[key]
+        return alone[key], "equal_budget"
 
     for dataset in cfg.datasets:
         info = DATASETS[dataset]
@@ -288,7 +293,9 @@ def _expand(spec: SweepSpec) -> Grid:
                         else None
                     )
                     for control in [None, *(controls if not needs_twin else [])]:
-                        target = equal_budget(trial) if control == "equal_budget" else trial
+                        target = trial
+                        if control == "equal_budget":
+                            target, control = equal_budget(trial)
                         a = AttackTrial(
                             target,
                             spec_a.name,
@@ -311,13 +318,9 @@ def _expand(spec: SweepSpec) -> Grid:
 
 
 def _equal_budget_baseline(hybrid: TrainTrial) -> TrainTrial:
-    """The hybrid's backbone architecture trained alone for as many optimizer steps as the
-    hybrid got in total: its baseline pre-training plus its own run (same data, same batch)."""
-    epochs = hybrid.train.epochs * (2 if hybrid.baseline_id else 1)
-    max_steps = (
-        hybrid.train.max_steps * 2
-        if hybrid.train.max_steps and hybrid.baseline_id
-        else hybrid.train.max_steps
-    )
-    train = hybrid.train.model_copy(update={"epochs": epochs, "max_steps": max_steps})
+    """The backbone architecture of a hybrid started from its baseline, trained alone for as many
+    optimizer steps as the hybrid got in total: the baseline's pre-training plus the hybrid's own
+    run (same data, same batch), so twice the epochs (and step cap)."""
+    max_steps = hybrid.train.max_steps * 2 if hybrid.train.max_steps else None
+    train = hybrid.train.model_copy(update={"epochs": hybrid.train.epochs * 2, "max_steps": max_steps})
     return replace(hybrid, model=ModelSpec(model=hybrid.model.backbone), train=train, baseline_id=None)

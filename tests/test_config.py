@@ -164,6 +164,25 @@ def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in grid.trials]
 
 
+def test_a_hybrid_from_scratch_has_its_backbone_as_equal_budget_control_attacked_once(tmp_path):
+    """init: scratch gives the hybrid no more training than its backbone alone: that backbone is
+    its equal-budget control. main 49c6f05 attacked the same trained model a second time under
+    control 'equal_budget' (same train id, other attack ids)."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: s\neval: {controls: [equal_budget]}\n"
+        "models: [{model: cnn_small}, {model: hqcnn, backbone: cnn_small, init: [scratch, from_baseline]}]\n"
+        "attacks: [{name: fgsm}]\n"
+    )
+    grid = build_grid(validate(load_config(path)))
+    backbone = [t for t in grid.train if t.model.model == "cnn_small"]
+    assert sorted(t.train.epochs for t in backbone) == [10, 20]  # the plain one; the from_baseline's control
+    attacked = [(a.train.trial_id, a.control) for a in grid.attack]
+    assert len(attacked) == len(set(t for t, _ in attacked)) == 4  # every trained model attacked once
+    (control,) = [a for a in grid.attack if a.control == "equal_budget"]
+    assert control.train.train.epochs == 20
+
+
 def test_an_unknown_autoattack_version_is_refused_before_compute(tmp_path, caplog):
     sweep = yaml.safe_load(open("sweeps/smoke.yaml"))
     sweep["attacks"] = [{"name": "autoattack", "params": {"version": "plus"}}]

@@ -21,7 +21,7 @@ from qshield_dist.results import STAGE_VERSIONS, trial_path, write_manifest, wri
 from qshield_dist.summary.report import Options, Summary, summarize
 from qshield_dist.summary.sections_verdicts import VERDICT_TABLE
 from qshield_dist.summary.stats import mcnemar_exact
-from qshield_dist.summary.verdicts import gain_source
+from qshield_dist.summary.verdicts import gain_source, gain_sources
 
 EPS = 32 / 255
 HYBRID = {
@@ -450,3 +450,18 @@ def test_an_attack_missing_on_one_seed_makes_the_comparison_incomplete(tmp_path:
     (v,) = s.tables.verdicts.iter_rows(named=True)
     assert v["category"] == "incomplete" and "fgsm (seed 1); pgd (seed 1)" in v["missing"]
     assert "(missing: hqcnn[cnn_small] full: fgsm (seed 1); pgd (seed 1))" in v["verdict"]
+
+
+def test_a_hybrid_from_scratch_is_compared_with_its_backbone_once_and_that_is_its_equal_budget_control(
+    tmp_path: Path,
+) -> None:
+    ca, ba, cb, bb = _many(400, 240, 120, 60)
+    rows = [
+        _row("cnn_small", "fgsm", cb, bb),
+        _row("hqcnn", "fgsm", ca, ba, **{**HYBRID, "init": "scratch"}),
+    ]
+    s = _summarize(tmp_path, rows)
+    (r,) = s.tables.paired.iter_rows(named=True)  # no second, identical "vs equal-budget" comparison
+    assert r["kind"] == "vs CNN" and r["equal_budget"]
+    (g,) = gain_sources(s.tables.paired, 0.02).iter_rows(named=True)
+    assert g["equal_budget"] == r["verdict"] == "more robust"

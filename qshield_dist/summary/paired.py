@@ -194,11 +194,14 @@ def _pairs_of(variants: pl.DataFrame, baselines: dict[str, str]) -> list[dict[st
         base = by.get((h["dataset"], baselines.get(h["dataset"]), None))
         alone = variants.filter(pl.col("control") == "backbone_only")
         alone = next((r for r in alone.iter_rows(named=True) if all(r[k] == h[k] for k in same)), None)
-        budget = by.get((h["dataset"], h["backbone"], "equal_budget"))
+        # a hybrid trained from scratch had its backbone's budget: the backbone alone is its control
+        budget = by.get((h["dataset"], h["backbone"], None if h["init"] == "scratch" else "equal_budget"))
+        # ... and when that backbone is the CNN baseline itself, "vs CNN" is that comparison too
+        same_budget = budget is not None and budget is base
         for kind, a, b in (
             ("vs CNN", h, base),
             ("vs backbone alone", h, alone),
-            ("vs equal-budget backbone", h, budget),
+            ("vs equal-budget backbone", h, None if same_budget else budget),
             ("backbone alone vs CNN", alone, base),
         ):
             if a is not None and b is not None:
@@ -209,6 +212,8 @@ def _pairs_of(variants: pl.DataFrame, baselines: dict[str, str]) -> list[dict[st
                         "a": a["vkey"],
                         "b": b["vkey"],
                         "hybrid": h["vkey"],
+                        "equal_budget": kind == "vs equal-budget backbone"
+                        or (kind == "vs CNN" and same_budget),
                     }
                 )
     return out
@@ -301,6 +306,7 @@ def comparisons(
         "b_only": pl.Int64,
         "p_value": pl.Float64,
         "points_needed": pl.Float64,
+        "equal_budget": pl.Boolean,  # also (or only) the hybrid's equal-budget comparison
     }
     out = pl.DataFrame(rows, schema=schema)
     holm = stats.holm(out["p_value"].to_list())

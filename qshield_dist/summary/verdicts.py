@@ -294,7 +294,8 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     hyb = rob.filter((pl.col("model") == HYBRID) & uncontrolled())
     ctrl = rob.filter(pl.col("control") == BACKBONE_ONLY)
     eq = rob.filter(pl.col("control") == EQUAL_BUDGET)
-    if not hyb.height or not (ctrl.height or eq.height):
+    scratch = hyb.filter(pl.col("init") == "scratch").height
+    if not hyb.height or not (ctrl.height or eq.height or scratch):
         kind = {"asr": pl.Float64, "gai": pl.Float64, "n_s": pl.UInt32, "n_a": pl.Int64}
         schema = {c: kind.get(c[:3], pl.String) for c in _CONTROL_COLUMNS}
         return pl.DataFrame(schema=schema)
@@ -302,12 +303,20 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     # the two meet on the other variant columns (null meeting null, as in the string vkey).
     same_variant = [k for k in VARIANT_KEYS if k != "control"]
     ctrl = ctrl.select(*same_variant, "attack_label", pl.col("asr_mean").alias("asr_backbone_only"))
-    eq = eq.select(
-        "dataset",
-        pl.col("model").alias("backbone"),
-        "attack_label",
-        pl.col("asr_mean").alias("asr_equal_budget"),
-    ).unique(["dataset", "backbone", "attack_label"])
+    # A hybrid from its baseline: the backbone trained alone for both runs (control equal_budget);
+    # a hybrid from scratch got its backbone's budget: the backbone trained alone (no control).
+    alone = rob.filter(uncontrolled() & (pl.col("model") != HYBRID)).with_columns(init=pl.lit("scratch"))
+    eq = (
+        pl.concat([eq.with_columns(init=pl.lit("from_baseline")), alone], how="diagonal_relaxed")
+        .select(
+            "dataset",
+            "init",
+            pl.col("model").alias("backbone"),
+            "attack_label",
+            pl.col("asr_mean").alias("asr_equal_budget"),
+        )
+        .unique(["dataset", "init", "backbone", "attack_label"])
+    )
     base = baseline_rows(rob, baselines).select(
         "dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline")
     )
@@ -322,7 +331,7 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
             asr_hybrid=pl.col("asr_mean"),
         )
         .join(ctrl, on=[*same_variant, "attack_label"], how="left", nulls_equal=True)
-        .join(eq, on=["dataset", "backbone", "attack_label"], how="left")
+        .join(eq, on=["dataset", "init", "backbone", "attack_label"], how="left")
         .join(base, on=["dataset", "attack_label"], how="left")
         .filter(pl.col("asr_backbone_only").is_not_null() | pl.col("asr_equal_budget").is_not_null())
         .with_columns(
@@ -391,11 +400,12 @@ def gain_sources(paired: pl.DataFrame, margin: float) -> pl.DataFrame:
     comparison, each as its paired verdict, and where the gain comes from (gain_source)."""
     parts: dict[tuple[str, float], dict[str, Any]] = {}
     for r in paired.iter_rows(named=True):
-        part = {
-            "vs backbone alone": "quantum",
-            "backbone alone vs CNN": "backbone",
-            "vs equal-budget backbone": "equal_budget",
-        }.get(r["kind"])
+        # a hybrid from scratch whose backbone is the CNN: its "vs CNN" is its equal-budget comparison
+        part = (
+            "equal_budget"
+            if r["equal_budget"]
+            else {"vs backbone alone": "quantum", "backbone alone vs CNN": "backbone"}.get(r["kind"])
+        )
         if part:
             parts.setdefault((r["hybrid"], r["eps"]), {"vkey_h": r["hybrid"], "eps": r["eps"]})[part] = r
     rows = []
