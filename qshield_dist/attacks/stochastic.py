@@ -10,10 +10,13 @@ draws by the project's rule (broken when a strict majority of the draws misclass
 Stopping at the first majority of lucky draws kept points that fresh draws call unbroken, so
 the ASR came out low. DeepFool, a minimum-norm attack, stops at the majority boundary by design.
 On a deterministic model (`stochastic=False`) every override hands back to torchattacks' own
-method: outputs and call counts are unchanged.
+method (outputs and call counts unchanged), except that under per-point streams (streams.py)
+Square draws each point's squares from the point's own stream.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +45,10 @@ class StochasticAPGD(PerPointStarts, torchattacks.APGD):
 
 
 class StochasticSquare(MajorityRule, torchattacks.Square):
-    """Square with each query scored on `repeats` draws. Overrides `margin_and_loss` (the one
-    place a query is scored) and `perturb` (a short loop around torchattacks' own
-    `attack_single_run`). Under per-point streams (streams.py) it runs point by point:
-    torchattacks draws one square per iteration for the whole batch, so a point's search
-    would otherwise depend on its batch-mates."""
+    """Square with each query scored on `repeats` draws, and under per-point streams with each
+    point's own random search. Overrides `margin_and_loss` (the one place a query is scored),
+    `perturb` (a short loop around `attack_single_run`) and, under streams, the L-inf
+    `attack_single_run`."""
 
     def __init__(self, model: torch.nn.Module, *, stochastic: bool = False, repeats: int = 1, **kwargs):
         super().__init__(model, **kwargs)
@@ -71,20 +73,65 @@ class StochasticSquare(MajorityRule, torchattacks.Square):
         # A constant positive margin: finite, since torchattacks mixes margins as 0 * margin.
         return torch.ones_like(loss), loss
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def attack_single_run(self, x: torch.Tensor, y: torch.Tensor):
         streams = active_streams()
-        if streams is None or len(x) <= 1:
-            return self._perturb(x, y)
-        if y is None:
-            raise ValueError("Square needs labels under per-point streams")
-        out = []
-        for i in range(len(x)):
-            # Both torchattacks' perturb and ours reseed the global generator from self.seed.
-            self.seed = streams.seed_for(x[i])
-            out.append(self._perturb(x[i : i + 1], y[i : i + 1]))
-        return torch.cat(out)
+        if streams is None or self.norm != "Linf":
+            return super().attack_single_run(x, y)
+        return self._per_point_linf_run(x, y, streams)
 
-    def _perturb(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    @torch.no_grad()
+    def _per_point_linf_run(
+        self, x: torch.Tensor, y: torch.Tensor, streams
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """torchattacks' L-inf `attack_single_run` with every point's randomness its own. There
+        one square per iteration (position and sign) is drawn for the whole batch, so a point's
+        search depends on its batch-mates; here each point draws its square from its own stream,
+        all its draws up front (the same uniform numbers torchattacks turns into squares), and
+        the points stay batched. Same schedule, acceptance rule and budget."""
+        c, h, w = x.shape[1:]
+        n_features = c * h * w
+        draws = []
+        for row in x:
+            g = torch.Generator(device=x.device)
+            g.manual_seed(streams.seed_for(row))
+            # per query: the square's row and column (uniform, floored), then one sign per channel
+            draws.append(torch.rand(c * w + self.n_queries * (2 + c), generator=g, device=x.device))
+        u = torch.stack(draws)
+        stripes = torch.sign(2 * u[:, : c * w] - 1).view(-1, c, 1, w)
+        u = u[:, c * w :].view(len(x), self.n_queries, 2 + c)
+        x_best = torch.clamp(x + self.eps * stripes, 0.0, 1.0)
+        margin_min, loss_min = self.margin_and_loss(x_best, y)
+        n_queries = torch.ones(len(x), device=x.device)
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
+        for i_iter in range(self.n_queries):
+            idx = (margin_min > 0.0).nonzero().flatten()
+            if len(idx) == 0:
+                break
+            p = self.p_selection(i_iter)
+            s = max(int(round(math.sqrt(p * n_features / c))), 1)
+            draw = u[idx, i_iter]
+            vh = ((h - s) * draw[:, 0]).long().view(-1, 1, 1)
+            vw = ((w - s) * draw[:, 1]).long().view(-1, 1, 1)
+            square = ((rows.view(1, h, 1) >= vh) & (rows.view(1, h, 1) < vh + s)) & (
+                (cols.view(1, 1, w) >= vw) & (cols.view(1, 1, w) < vw + s)
+            )
+            signs = torch.sign(2 * draw[:, 2:] - 1).view(-1, c, 1, 1)
+            x_curr, x_best_curr = x[idx], x_best[idx]
+            x_new = x_best_curr + 2.0 * self.eps * signs * square.unsqueeze(1)
+            x_new = torch.clamp(torch.min(torch.max(x_new, x_curr - self.eps), x_curr + self.eps), 0.0, 1.0)
+            margin, loss = self.margin_and_loss(x_new, y[idx])
+            improved = loss < loss_min[idx]
+            loss_min[idx] = torch.where(improved, loss, loss_min[idx])
+            accept = improved | (margin <= 0.0)
+            margin_min[idx] = torch.where(accept, margin, margin_min[idx])
+            x_best[idx] = torch.where(accept.view(-1, 1, 1, 1), x_new, x_best_curr)
+            n_queries[idx] += 1.0
+            if bool((margin_min <= 0.0).all()):
+                break
+        return n_queries, x_best
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if not self.stochastic:
             return super().perturb(x, y)
         # torchattacks attacks only the samples one forward pass classifies correctly and keeps a
