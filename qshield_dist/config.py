@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.datasets import DATASETS, check_available
-from qshield_dist.executors.base import Resources
 from qshield_dist.vocabulary import (
     ATTACK_PRESETS,
     AUTOATTACK_VERSIONS,
@@ -167,6 +166,16 @@ class EvalConfig(_Strict):
     controls: tuple[Literal[CONTROLS], ...] = ()  # a tuple: EvalConfig is hashable (grid caches by it)
     diagnostics: bool = False
     diagnostic_size: int = Field(64, ge=2)  # correctly classified samples the diagnostics use
+
+
+class Resources(_Strict):
+    """What one trial of a stage asks of the machine that runs it (`resources.train`,
+    `resources.attack`); the launcher hands these values to the executor."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)  # fractions allowed on Ray (0.25 -> four trials share one GPU)
+    mem_gb: float = Field(4.0, gt=0)
+    timeout_min: int = Field(240, ge=1)
 
 
 class StageResources(_Strict):
