@@ -11,10 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-# L-inf budgets from the paper, per dataset (digits shares MNIST's 28x28 1-channel setting).
-PAPER_EPS = {"mnist": 32 / 255, "digits": 32 / 255, "organamnist": 8 / 255, "cifar10": 2 / 255}
-CW_SEARCH_STEPS = {"mnist": 10, "digits": 10, "organamnist": 8, "cifar10": 8}
-
+from qshield_dist.datasets import DATASETS
 
 # full_strength rules: (preset, resolved params, the model is stochastic) -> bool
 StrengthRule = Callable[[str, dict[str, Any], bool], bool]
@@ -60,7 +57,7 @@ class AttackDef:
 
 
 def _eps(dataset: str) -> float:
-    return PAPER_EPS[dataset]
+    return DATASETS[dataset].paper_eps
 
 
 def _pgd(d: str) -> dict[str, Any]:
@@ -151,7 +148,7 @@ ATTACKS: dict[str, AttackDef] = {
                 "kappa": 0.0,
                 "steps": 5,
                 "lr": 0.05,
-                "binary_search_steps": CW_SEARCH_STEPS[d],
+                "binary_search_steps": DATASETS[d].cw_search_steps,
             },
         ),
         AttackDef("deepfool", "l2", True, True, lambda d: {"steps": 50, "overshoot": 0.05}),

@@ -23,6 +23,7 @@ from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
 from qshield_dist.results import STAGE_VERSIONS
+from qshield_dist.vocabulary import EQUAL_BUDGET
 
 V = TypeVar("V")
 
@@ -288,7 +289,7 @@ def _expand(spec: SweepSpec) -> Grid:
                         else None
                     )
                     for control in [None, *(controls if not needs_twin else [])]:
-                        target = equal_budget(trial) if control == "equal_budget" else trial
+                        target = equal_budget(trial) if control == EQUAL_BUDGET else trial
                         a = AttackTrial(
                             target,
                             spec_a.name,

@@ -29,6 +29,14 @@ import polars as pl
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.summary import stats
 from qshield_dist.summary.load import VARIANT_KEYS, Results, collect
+from qshield_dist.vocabulary import (
+    BACKBONE_ALONE_VS_CNN,
+    BACKBONE_ONLY,
+    EQUAL_BUDGET,
+    VS_BACKBONE_ALONE,
+    VS_CNN,
+    VS_EQUAL_BUDGET,
+)
 
 POINT_COLUMNS = (
     *VARIANT_KEYS,
@@ -45,8 +53,6 @@ POINT_COLUMNS = (
 )
 WORST_CASE = "linf"  # the threat model whose attacks form the per-point worst case
 TWIN_ATTACKS = tuple(name for name, a in ATTACKS.items() if a.needs_twin)  # BPDA: hidden gradients only
-# (kind, the hybrid's side, the other side) of every comparison the report makes
-KINDS = ("vs CNN", "vs backbone alone", "vs equal-budget backbone", "backbone alone vs CNN")
 
 
 def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataFrame:
@@ -130,14 +136,14 @@ def _pairs_of(variants: pl.DataFrame, baselines: dict[str, str]) -> list[dict[st
         named=True
     ):
         base = by.get((h["dataset"], baselines.get(h["dataset"]), None))
-        alone = variants.filter(pl.col("control") == "backbone_only")
+        alone = variants.filter(pl.col("control") == BACKBONE_ONLY)
         alone = next((r for r in alone.iter_rows(named=True) if all(r[k] == h[k] for k in same)), None)
-        budget = by.get((h["dataset"], h["backbone"], "equal_budget"))
+        budget = by.get((h["dataset"], h["backbone"], EQUAL_BUDGET))
         for kind, a, b in (
-            ("vs CNN", h, base),
-            ("vs backbone alone", h, alone),
-            ("vs equal-budget backbone", h, budget),
-            ("backbone alone vs CNN", alone, base),
+            (VS_CNN, h, base),
+            (VS_BACKBONE_ALONE, h, alone),
+            (VS_EQUAL_BUDGET, h, budget),
+            (BACKBONE_ALONE_VS_CNN, alone, base),
         ):
             if a is not None and b is not None:
                 out.append(

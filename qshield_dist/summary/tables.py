@@ -23,8 +23,6 @@ from qshield_dist.attack_params import ATTACKS
 from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
 from qshield_dist.summary.paired import comparisons, load_points, worst_case_table
 from qshield_dist.summary.verdicts import (
-    BACKBONE_ONLY,
-    EQUAL_BUDGET,
     HYBRID,
     baseline_rows,
     controls,
@@ -32,6 +30,7 @@ from qshield_dist.summary.verdicts import (
     interval_verdicts,
     pick_baselines,
 )
+from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {
