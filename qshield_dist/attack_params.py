@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qshield_dist.datasets import DATASETS
+from qshield_dist.vocabulary import AUTOATTACK_VERSIONS, BACKBONES
 
 # full_strength rules: (preset, resolved params, the model is stochastic) -> bool
 StrengthRule = Callable[[str, dict[str, Any], bool], bool]
@@ -31,6 +32,8 @@ class AttackDef:
     # BPDA: needs the model's differentiable twin, so it applies to hqcnn models only
     needs_twin: bool = False
     strength: StrengthRule = _never
+    # the values a string parameter may take (config validates the others by their type)
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def full_strength(self, preset: str, params: dict[str, Any], stochastic: bool) -> bool:
         """Is this run an attack at full strength (what the report's verdicts may rest on),
@@ -116,6 +119,10 @@ def _autoattack(d: str) -> dict[str, Any]:
     return {"eps": _eps(d), "version": "auto", "seed": 0}
 
 
+_APGD_LOSSES = {"loss": ("ce", "dlr")}  # torchattacks' APGD
+_AUTOATTACK_VERSIONS = {"version": AUTOATTACK_VERSIONS}
+
+
 ATTACKS: dict[str, AttackDef] = {
     a.name: a
     for a in [
@@ -130,6 +137,7 @@ ATTACKS: dict[str, AttackDef] = {
             # iterate (the standard preset); False is torchattacks' and so the paper's behaviour.
             lambda d: {**_apgd(d, 10, 1), "best_loss": False},
             strength=_apgd_full,
+            choices=_APGD_LOSSES,
         ),
         AttackDef(
             "vmifgsm",
@@ -166,15 +174,42 @@ ATTACKS: dict[str, AttackDef] = {
                 "loss": "margin",
                 "seed": 0,
             },
+            choices={"loss": ("margin", "ce")},
         ),
         # version: auto (rand on a stochastic model, else standard) | standard | rand | fast
-        AttackDef("autoattack", "linf", True, True, _autoattack, strength=_autoattack_full),
+        AttackDef(
+            "autoattack",
+            "linf",
+            True,
+            True,
+            _autoattack,
+            strength=_autoattack_full,
+            choices=_AUTOATTACK_VERSIONS,
+        ),
         AttackDef("eot_pgd", "linf", True, True, lambda d: {**_pgd(d), "eot_iter": 10}, strength=_pgd_full),
         AttackDef("bpda_pgd", "linf", True, True, _pgd, needs_twin=True, strength=_pgd_full),
         # APGD and AutoAttack through BPDA, EOT over draws on a stochastic model: adaptive to both
         # defences of the paper-mode model at once (a detached quantum branch, a random output)
-        AttackDef("bpda_apgd", "linf", True, True, lambda d: _apgd(d, 100, 20), True, _bpda_apgd_full),
-        AttackDef("bpda_autoattack", "linf", True, True, _autoattack, True, _autoattack_full),
+        AttackDef(
+            "bpda_apgd",
+            "linf",
+            True,
+            True,
+            lambda d: _apgd(d, 100, 20),
+            needs_twin=True,
+            strength=_bpda_apgd_full,
+            choices=_APGD_LOSSES,
+        ),
+        AttackDef(
+            "bpda_autoattack",
+            "linf",
+            True,
+            True,
+            _autoattack,
+            needs_twin=True,
+            strength=_autoattack_full,
+            choices=_AUTOATTACK_VERSIONS,
+        ),
         AttackDef(
             "transfer",
             "linf",
@@ -182,6 +217,8 @@ ATTACKS: dict[str, AttackDef] = {
             False,
             lambda d: {**_pgd(d), "surrogate": "cnn", "base": "pgd"},
             strength=_transfer_full,
+            # the surrogate is a classical model trained alone; the base attack takes PGD's parameters
+            choices={"surrogate": BACKBONES, "base": ("pgd", "fgsm")},
         ),
     ]
 }

@@ -36,12 +36,17 @@ SCHEMA_VERSION = 2  # the columns below; an older file is set aside by the summa
 
 # What each stage computes. A trial's id hashes its stage's version, so a bump re-runs that
 # stage and everything after it (an attack id hashes its train id), never what comes before.
-# Bump in the same commit as a change that alters what the stage computes; tests/golden/
-# holds one golden trial per stage that fails when numbers move while the version does not.
-TRAIN_VERSION = 2
-ATTACK_VERSION = 4  # 4: AutoAttack at its authors' strength; EOT only on stochastic models; Square, DeepFool,
-# One-Pixel and AutoAttack's sequence judge success by the majority rule; the row's attack_config
-DIAGNOSTIC_VERSION = 4  # 4: its attack comparisons read attack version 4's rows
+# Bump in the same commit as a change that alters what the stage computes, or a default that
+# ids leave out (grid.py hashes only what differs from its default); tests/golden/ holds one
+# golden trial per stage that fails when numbers move while the version does not.
+# "Canonical ids" (train 3, attack 5, diagnostic 5): every id changed (numbers in one spelling,
+# only what differs from its default, no diagnostic_size in attack ids, eval_repeats only for
+# stochastic models), the numbers did not.
+TRAIN_VERSION = 3  # 3: canonical ids
+ATTACK_VERSION = 5  # 4: AutoAttack at its authors' strength; EOT only on stochastic models; Square, DeepFool,
+# One-Pixel and AutoAttack's sequence judge success by the majority rule; the row's attack_config.
+# 5: canonical ids
+DIAGNOSTIC_VERSION = 5  # 4: its attack comparisons read attack version 4's rows; 5: canonical ids
 STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic": DIAGNOSTIC_VERSION}
 
 
