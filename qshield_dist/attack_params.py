@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# L-inf budgets from the paper, per dataset (digits shares MNIST's 28x28 1-channel setting).
-PAPER_EPS = {"mnist": 32 / 255, "digits": 32 / 255, "organamnist": 8 / 255, "cifar10": 2 / 255}
-CW_SEARCH_STEPS = {"mnist": 10, "digits": 10, "organamnist": 8, "cifar10": 8}
+from qshield_dist.datasets import DATASETS
+from qshield_dist.vocabulary import AUTOATTACK_VERSIONS, BACKBONES
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,8 @@ class AttackDef:
     # BPDA: needs the model's differentiable twin, so it applies to hqcnn models only
     needs_twin: bool = False
     autoattack: bool = False  # the AutoAttack suite (plain or through BPDA)
+    # the values a string parameter may take (config validates the others by their type)
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def params(
         self, dataset: str, preset: str = "paper", overrides: dict[str, Any] | None = None
@@ -47,7 +48,7 @@ class AttackDef:
 
 
 def _eps(dataset: str) -> float:
-    return PAPER_EPS[dataset]
+    return DATASETS[dataset].paper_eps
 
 
 def _pgd(d: str) -> dict[str, Any]:
@@ -70,6 +71,10 @@ def _autoattack(d: str) -> dict[str, Any]:
     return {"eps": _eps(d), "version": "auto", "seed": 0}
 
 
+_APGD_LOSSES = {"loss": ("ce", "dlr")}  # torchattacks' APGD
+_AUTOATTACK_VERSIONS = {"version": AUTOATTACK_VERSIONS}
+
+
 ATTACKS: dict[str, AttackDef] = {
     a.name: a
     for a in [
@@ -83,6 +88,7 @@ ATTACKS: dict[str, AttackDef] = {
             # best_loss: on a stochastic model, attack every sample and keep the highest-loss
             # iterate (the standard preset); False is torchattacks' and so the paper's behaviour.
             lambda d: {**_apgd(d, 10, 1), "best_loss": False},
+            choices=_APGD_LOSSES,
         ),
         AttackDef(
             "vmifgsm",
@@ -101,7 +107,7 @@ ATTACKS: dict[str, AttackDef] = {
                 "kappa": 0.0,
                 "steps": 5,
                 "lr": 0.05,
-                "binary_search_steps": CW_SEARCH_STEPS[d],
+                "binary_search_steps": DATASETS[d].cw_search_steps,
             },
         ),
         AttackDef("deepfool", "l2", True, True, lambda d: {"steps": 50, "overshoot": 0.05}),
@@ -119,21 +125,43 @@ ATTACKS: dict[str, AttackDef] = {
                 "loss": "margin",
                 "seed": 0,
             },
+            choices={"loss": ("margin", "ce")},
         ),
         # version: auto (rand on a stochastic model, else standard) | standard | rand | fast
-        AttackDef("autoattack", "linf", True, True, _autoattack, autoattack=True),
+        AttackDef(
+            "autoattack", "linf", True, True, _autoattack, autoattack=True, choices=_AUTOATTACK_VERSIONS
+        ),
         AttackDef("eot_pgd", "linf", True, True, lambda d: {**_pgd(d), "eot_iter": 10}),
         AttackDef("bpda_pgd", "linf", True, True, _pgd, needs_twin=True),
         # APGD and AutoAttack through BPDA, EOT over draws on a stochastic model: adaptive to both
         # defences of the paper-mode model at once (a detached quantum branch, a random output)
-        AttackDef("bpda_apgd", "linf", True, True, lambda d: _apgd(d, 100, 20), needs_twin=True),
-        AttackDef("bpda_autoattack", "linf", True, True, _autoattack, needs_twin=True, autoattack=True),
+        AttackDef(
+            "bpda_apgd",
+            "linf",
+            True,
+            True,
+            lambda d: _apgd(d, 100, 20),
+            needs_twin=True,
+            choices=_APGD_LOSSES,
+        ),
+        AttackDef(
+            "bpda_autoattack",
+            "linf",
+            True,
+            True,
+            _autoattack,
+            needs_twin=True,
+            autoattack=True,
+            choices=_AUTOATTACK_VERSIONS,
+        ),
         AttackDef(
             "transfer",
             "linf",
             True,
             False,
             lambda d: {**_pgd(d), "surrogate": "cnn", "base": "pgd"},
+            # the surrogate is a classical model trained alone; the base attack takes PGD's parameters
+            choices={"surrogate": BACKBONES, "base": ("pgd", "fgsm")},
         ),
     ]
 }

@@ -8,20 +8,21 @@ A sweep file looks like sweeps/quick.yaml. Any field of a `models` entry, `data.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.datasets import DATASETS, check_available
-from qshield_dist.executors.base import Resources
+from qshield_dist.quantum.spec import CircuitSpec
+from qshield_dist.randomness import hybrid_is_stochastic
 from qshield_dist.vocabulary import (
     ATTACK_PRESETS,
-    AUTOATTACK_VERSIONS,
     BACKBONES,
     CONTROLS,
     DEVICES,
@@ -39,9 +40,6 @@ from qshield_dist.vocabulary import (
     SIMULATORS,
 )
 from qshield_dist.yaml_loader import DuplicateKeyError, load_yaml
-
-if TYPE_CHECKING:
-    from qshield_dist.quantum.spec import CircuitSpec
 
 
 class ConfigError(ValueError):
@@ -80,11 +78,12 @@ class ModelSpec(_Strict):
                 raise ValueError(f"'{given[0]}' applies only to model 'hqcnn' (model is '{self.model}')")
         return self
 
-    def resolved(self, n_classes: int) -> "ModelSpec":
-        """Fill hybrid defaults: the project's sound settings (see README: paper vs sound)."""
+    def resolved_defaults(self, n_classes: int) -> dict[str, Any]:
+        """What `resolved` fills in where a field is left out: for a hybrid, the project's sound
+        settings (see README: paper vs sound); nothing for a classical model."""
         if self.model != "hqcnn":
-            return self
-        defaults = dict(
+            return {}
+        return dict(
             backbone="cnn",
             entanglement="full",
             depth=1,
@@ -101,13 +100,29 @@ class ModelSpec(_Strict):
             init="from_baseline",
             input_noise=0.0,
         )
+
+    def resolved(self, n_classes: int) -> "ModelSpec":
+        """Every field a hybrid leaves out filled with its default (resolved_defaults)."""
+        if self.model != "hqcnn":
+            return self
+        defaults = self.resolved_defaults(n_classes)
         values = {k: v if v is not None else defaults.get(k) for k, v in self.model_dump().items()}
-        return ModelSpec(**values)
+        return type(self)(**values)
+
+    def stochastic(self, n_classes: int) -> bool:
+        """Does the built model draw fresh randomness on every call (a resolved spec)?"""
+        return self.model == "hqcnn" and hybrid_is_stochastic(
+            self.circuit(),
+            n_classes,
+            projection=self.projection,
+            input_noise=self.input_noise,
+            simulator=self.simulator,
+            device=self.device,
+            trajectories=self.trajectories,
+        )
 
     def circuit(self) -> CircuitSpec:
         """The hybrid's circuit: the one place a CircuitSpec is made from a model spec."""
-        from qshield_dist.quantum.spec import CircuitSpec
-
         if self.model != "hqcnn" or self.qubits is None:
             raise ValueError(f"only a resolved hqcnn spec has a circuit (model '{self.model}')")
         return CircuitSpec(
@@ -166,7 +181,7 @@ class EvalConfig(_Strict):
     attack_size: int = Field(256, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_repeats: int = Field(5, ge=1)  # evaluations per sample for stochastic models
-    controls: tuple[Literal[CONTROLS], ...] = ()  # a tuple: EvalConfig is hashable (grid caches by it)
+    controls: tuple[Literal[CONTROLS], ...] = ()
     # true: the gradient-masking checks; or a list of check names (restart_sensitivity, which
     # costs K full APGD runs, runs only when listed)
     diagnostics: bool | tuple[Literal[DIAGNOSTICS], ...] = False
@@ -177,6 +192,16 @@ class EvalConfig(_Strict):
         if self.diagnostics is True:
             return GRADIENT_MASKING_CHECKS
         return self.diagnostics or ()
+
+
+class Resources(_Strict):
+    """What one trial of a stage asks of the machine that runs it (`resources.train`,
+    `resources.attack`); the launcher hands these values to the executor."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)  # fractions allowed on Ray (0.25 -> four trials share one GPU)
+    mem_gb: float = Field(4.0, gt=0)
+    timeout_min: int = Field(240, ge=1)
 
 
 class StageResources(_Strict):
@@ -284,8 +309,34 @@ def parse_models(cfg: SweepConfig) -> list[tuple[int, ModelSpec]]:
     return specs
 
 
+def _typed_param(value: Any, default: Any, choices: tuple[str, ...] | None) -> tuple[Any, str | None]:
+    """An attack parameter's value in its default's type, or None and what is allowed: a bool
+    where the default is one, an integer where it is an int (an integral float such as 5e1
+    counts as that integer), a finite number (as a float) where it is a float, a string from
+    `choices` where there are any."""
+    if isinstance(default, bool):
+        return (value, None) if isinstance(value, bool) else (None, "must be true or false")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        return None, "must be an integer" + (", not a string" if isinstance(value, str) else "")
+    if isinstance(default, float):
+        if is_number and math.isfinite(value):
+            return float(value), None
+        return None, "must be a finite number" + (", not a string" if isinstance(value, str) else "")
+    if not isinstance(value, str):
+        return None, "must be a string" + (f"; allowed: {', '.join(choices)}" if choices else "")
+    if choices and value not in choices:
+        return None, f"allowed: {', '.join(choices)}"
+    return value, None
+
+
 def parse_attacks(cfg: SweepConfig) -> list[AttackSpec]:
-    """Attack entries -> one AttackSpec per point of their parameter axes."""
+    """Attack entries -> one AttackSpec per point of their parameter axes. Each parameter is
+    typed by the attack's own default for it (attack_params), before any compute."""
     specs: list[AttackSpec] = []
     for i, entry in enumerate(cfg.attacks):
         if not isinstance(entry, dict):
@@ -296,24 +347,26 @@ def parse_attacks(cfg: SweepConfig) -> list[AttackSpec]:
         params = entry.get("params") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"attacks[{i}].params: got {params!r}: must be a mapping of parameter -> value")
-        allowed = ATTACKS[base.name].defaults("mnist")
+        definition = ATTACKS[base.name]
+        defaults = definition.defaults(next(iter(DATASETS)))  # the keys and types of every dataset's
+        typed: dict[str, Any] = {}
         for key, value in params.items():
-            if key not in allowed:
+            if key not in defaults:
                 raise ConfigError(
-                    f"attacks[{i}].params.{key}: got {value!r}: unknown parameter for '{base.name}'; allowed: {', '.join(allowed)}"
+                    f"attacks[{i}].params.{key}: got {value!r}: unknown parameter for '{base.name}'; allowed: {', '.join(defaults)}"
                 )
-            for v in value if isinstance(value, list) else [value]:
-                if key == "eps" and not (isinstance(v, (int, float)) and 0 < v <= 1):
-                    raise ConfigError(
-                        f"attacks[{i}].params.eps: got {v!r}: must be a number in (0, 1] (pixel units)"
-                    )
-                if key in ("steps", "n_queries", "eot_iter") and not (isinstance(v, int) and v >= 1):
-                    raise ConfigError(f"attacks[{i}].params.{key}: got {v!r}: must be an integer >= 1")
-                if key == "version" and v not in AUTOATTACK_VERSIONS:
-                    raise ConfigError(
-                        f"attacks[{i}].params.version: got {v!r}: unknown AutoAttack version; allowed: {', '.join(AUTOATTACK_VERSIONS)}"
-                    )
-        for point in expand_axes(params) if params else [{}]:
+            values = []
+            for raw in value if isinstance(value, list) else [value]:
+                v, problem = _typed_param(raw, defaults[key], definition.choices.get(key))
+                if problem is None and key == "eps" and not 0 < v <= 1:
+                    problem = "must be a number in (0, 1] (pixel units)"
+                if problem is None and key in ("steps", "n_queries", "eot_iter") and v < 1:
+                    problem = "must be an integer >= 1"
+                if problem is not None:
+                    raise ConfigError(f"attacks[{i}].params.{key}: got {raw!r}: {problem}")
+                values.append(v)
+            typed[key] = values if isinstance(value, list) else values[0]
+        for point in expand_axes(typed) if typed else [{}]:
             specs.append(AttackSpec(name=base.name, preset=base.preset, params=point))
     return specs
 

@@ -37,7 +37,8 @@ def _digits() -> tuple[Split, Split]:
 
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
+    size = DATASETS["digits"].size
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     y = torch.tensor(bunch.target, dtype=torch.int64)
     # A fixed 80/20 split: the digits set has no official one.
     idx_train, idx_test = train_test_split(

@@ -19,10 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from pydantic import BaseModel
+
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
 from qshield_dist.results import STAGE_VERSIONS
+from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET
 
 V = TypeVar("V")
 
@@ -63,38 +66,119 @@ def _current_version(stage: str) -> Any:
     return field(default_factory=lambda: STAGE_VERSIONS[stage])
 
 
+# --- ids ---------------------------------------------------------------------------------------
+# A trial's id hashes the canonical JSON of what determines its result. Canonical: one spelling
+# per value (`1`, `1.0` and `1e0` are one number; a boolean is never a number), and only what
+# differs from its default (a config field added later at its default changes no id). The other
+# side of that rule: changing a default changes what existing ids mean, so it needs a version
+# bump (results.py), like any change to what a stage computes.
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})  # already canonical
+_SCALARS = _PLAIN | {float}
+
+
+def canonical(obj: Any) -> Any:
+    """`obj` with every integral float as an int, tuples as lists (dict keys as given)."""
+    # (leaves of a plain type are taken as they are without a call: ids of 10^6 trials)
+    if isinstance(obj, dict):
+        return {k: v if v.__class__ in _PLAIN else canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [v if v.__class__ in _PLAIN else canonical(v) for v in obj]
+    if isinstance(obj, float):
+        return int(obj) if obj.is_integer() else obj
+    return obj
+
+
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(canonical(obj), sort_keys=True, separators=(",", ":"), default=str)
 
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Are `a` and `b` one value for an id (1 and 1.0 are; True and 1 are not)?"""
+    if a.__class__ is b.__class__ and a.__class__ in _SCALARS:
+        return a == b
+    if isinstance(a, (dict, list, tuple)) or isinstance(b, (dict, list, tuple)):
+        return canonical_json(a) == canonical_json(b)
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+_NO_DEFAULT = object()  # one value for an id with nothing but itself
+
+
+def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `values` that differ from `defaults` (a key without a default stays)."""
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key, _NO_DEFAULT)
+        # _same_value, its usual case inlined: one scalar type on both sides
+        if value.__class__ is default.__class__ and value.__class__ in _SCALARS:
+            if value != default:
+                out[key] = value
+        elif not _same_value(value, default):
+            out[key] = value
+    return out
+
+
+@functools.cache
+def _fields(cls: type[BaseModel]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """A config model's field names, and their defaults (required fields have none)."""
+    fields = cls.model_fields
+    defaults = {n: f.get_default(call_default_factory=True) for n, f in fields.items() if not f.is_required()}
+    return tuple(fields), defaults
+
+
+@functools.cache  # keyed by a class, a model name and a class count: no two differ yet compare equal
+def _model_defaults(cls: type[ModelSpec], model: str, n_classes: int) -> dict[str, Any]:
+    """A resolved model spec's defaults: its class's, then what `resolved` fills in."""
+    return {**_fields(cls)[1], **cls(model=model).resolved_defaults(n_classes)}
+
+
+def changed_fields(
+    model: BaseModel, defaults: dict[str, Any] | None = None, exclude: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """A config model's fields that differ from `defaults` (default: its class's field
+    defaults), less `exclude`: what an id hashes of it."""
+    names, class_defaults = _fields(type(model))
+    values = {name: getattr(model, name) for name in names if name not in exclude}
+    return _changed(values, class_defaults if defaults is None else defaults)
+
+
+def model_identity(model: ModelSpec, n_classes: int) -> dict[str, Any]:
+    """What an id hashes of a resolved model spec: its name and the fields that differ from
+    their resolved defaults."""
+    return changed_fields(model, _model_defaults(type(model), model.model, n_classes))
+
+
+def _given(**entries: Any) -> dict[str, Any]:
+    """The entries that are not None (an identity's optional parts)."""
+    return {k: v for k, v in entries.items() if v is not None}
+
+
+# EvalConfig fields that decide which trials exist, not what one computes.
+_EVAL_NOT_RESULTS = frozenset({"controls", "diagnostics"})
+# What an attack trial does not read: the diagnostics' sample.
+_EVAL_NOT_ATTACK = _EVAL_NOT_RESULTS | {"diagnostic_size"}
+# Read only for a stochastic model (evaluations per point).
+_EVAL_STOCHASTIC_ONLY = frozenset({"eval_repeats"})
+
+
+def _eval_identity(eval_cfg: EvalConfig, exclude: frozenset[str], stochastic: bool) -> dict[str, Any]:
+    return changed_fields(eval_cfg, exclude=exclude if stochastic else exclude | _EVAL_STOCHASTIC_ONLY)
+
+
 _PLACEHOLDER = "\x00train id\x00"  # JSON-escaped to a string no trial id can contain
 _PLACEHOLDER_JSON = json.dumps(_PLACEHOLDER)
-
-
-def _attack_identity(key: tuple[Any, ...], train_id: str) -> dict[str, Any]:
-    version, threads, attack, preset, params, eval_cfg, control, surrogate = key
-    return {
-        "version": version,
-        "threads": threads,
-        "train": train_id,
-        "attack": attack,
-        "preset": preset,
-        "params": dict(params),
-        "eval": eval_cfg.model_dump(exclude={"controls", "diagnostics"}),
-        "control": control,
-        "surrogate": surrogate,
-    }
-
-
-@functools.lru_cache(maxsize=4096)
-def _attack_template(key: tuple[Any, ...]) -> tuple[str, str]:
-    """The identity's JSON before and after the model's id."""
-    before, after = canonical_json(_attack_identity(key, _PLACEHOLDER)).split(_PLACEHOLDER_JSON)
-    return before, after
+# Attack id templates (the identity's JSON before and after the model's id), keyed by the
+# identity of the trial's params and eval objects (shared by every trial of one attack
+# configuration in a grid) and the exact repr of its other parts: never by ==, under which
+# 1 == 1.0 == True. Each entry holds those objects, so their ids cannot be reused while it lives.
+_TEMPLATES: dict[tuple[Any, ...], tuple[tuple[Any, ...], str, str]] = {}
+_TEMPLATES_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -111,16 +195,15 @@ class TrainTrial:
     stage: str = field(default="train", init=False)
 
     def identity(self) -> dict[str, Any]:
+        classes = DATASETS[self.dataset].classes
         return {
             "version": self.version,
             "threads": self.threads,
             "dataset": self.dataset,
-            "train_size": self.train_size,
-            "test_size": self.test_size,
-            "model": self.model.model_dump(),
-            "train": self.train.model_dump(),
             "seed": self.seed,
-            "baseline": self.baseline_id,
+            "model": model_identity(self.model, classes),
+            "train": changed_fields(self.train),
+            **_given(train_size=self.train_size, test_size=self.test_size, baseline=self.baseline_id),
         }
 
     @cached_property
@@ -130,6 +213,11 @@ class TrainTrial:
     @cached_property
     def deps(self) -> tuple[str, ...]:
         return (self.baseline_id,) if self.baseline_id else ()
+
+    @cached_property
+    def stochastic(self) -> bool:
+        """Does the trained model draw fresh randomness on every call (randomness.py)?"""
+        return self.model.stochastic(DATASETS[self.dataset].classes)
 
 
 @dataclass(frozen=True)
@@ -153,28 +241,52 @@ class AttackTrial:
     def params_dict(self) -> dict[str, Any]:
         return dict(self.params)
 
+    @property
+    def target_stochastic(self) -> bool:
+        """Is the model under attack stochastic? A backbone_only control attacks the hybrid's
+        classical backbone alone (trial._attack_target)."""
+        return self.train.stochastic and self.control != BACKBONE_ONLY
+
+    def identity(self, train_id: str) -> dict[str, Any]:
+        """What determines the attack's result, with `train_id` as the model's id."""
+        paper = ATTACKS[self.attack].params(self.dataset, self.preset)
+        return {
+            "version": self.version,
+            "threads": self.threads,
+            "train": train_id,
+            "attack": self.attack,
+            "preset": self.preset,
+            "params": _changed(dict(self.params), paper),
+            "eval": _eval_identity(self.eval, _EVAL_NOT_ATTACK, self.target_stochastic),
+            **_given(control=self.control, surrogate=self.surrogate.trial_id if self.surrogate else None),
+        }
+
     @cached_property
     def trial_id(self) -> str:
-        # The hash of _attack_identity(key, model's id), with the JSON of everything but the
-        # model's id made once per attack configuration, not once per trial (a paper-scale grid
-        # has about 10^6 attack trials, and `--plan` must expand one in seconds).
+        # The hash of identity(model's id), with the JSON of everything but the model's id made
+        # once per attack configuration, not once per trial (a paper-scale grid has about 10^6
+        # attack trials, and `--plan` must expand one in seconds).
         surrogate = self.surrogate.trial_id if self.surrogate else None
         key = (
-            self.version,
-            self.threads,
+            id(self.params),
+            id(self.eval),
+            repr(self.version),
+            repr(self.threads),
             self.attack,
             self.preset,
-            self.params,
-            self.eval,
+            self.train.dataset,
+            self.train.stochastic and self.control != BACKBONE_ONLY,  # target_stochastic
             self.control,
             surrogate,
         )
-        try:
-            before, after = _attack_template(key)
-            # A train id is a letter and hex digits: its JSON is itself in quotes
-            blob = f'{before}"{self.train.trial_id}"{after}'
-        except TypeError:  # a parameter value that cannot be a cache key (a list): no shortcut
-            blob = canonical_json(_attack_identity(key, self.train.trial_id))
+        entry = _TEMPLATES.get(key)
+        if entry is None:
+            if len(_TEMPLATES) >= _TEMPLATES_MAX:
+                _TEMPLATES.clear()
+            before, after = canonical_json(self.identity(_PLACEHOLDER)).split(_PLACEHOLDER_JSON)
+            entry = _TEMPLATES[key] = ((self.params, self.eval), before, after)
+        # A train id is a letter and hex digits: its JSON is itself in quotes
+        blob = f'{entry[1]}"{self.train.trial_id}"{entry[2]}'
         return "A" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @cached_property
@@ -197,17 +309,18 @@ class DiagnosticTrial:
     def dataset(self) -> str:
         return self.train.dataset
 
+    def identity(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "threads": self.threads,
+            "train": self.train.trial_id,
+            "attacks": sorted(self.attack_ids),
+            "eval": _eval_identity(self.eval, _EVAL_NOT_RESULTS, self.train.stochastic),
+        }
+
     @cached_property
     def trial_id(self) -> str:
-        return "D" + stable_hash(
-            {
-                "version": self.version,
-                "threads": self.threads,
-                "train": self.train.trial_id,
-                "attacks": sorted(self.attack_ids),
-                "eval": self.eval.model_dump(exclude={"controls"}),
-            }
-        )
+        return "D" + stable_hash(self.identity())
 
     @cached_property
     def deps(self) -> tuple[str, ...]:
@@ -266,7 +379,7 @@ def _expand(spec: SweepSpec) -> Grid:
         key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, True)
         if key not in alone:
             alone[key] = add(_equal_budget_baseline(hybrid))
-        return alone[key], "equal_budget"
+        return alone[key], EQUAL_BUDGET
 
     for dataset in cfg.datasets:
         info = DATASETS[dataset]
@@ -274,9 +387,9 @@ def _expand(spec: SweepSpec) -> Grid:
         for a in spec.attacks:
             params = ATTACKS[a.name].params(dataset, a.preset, a.params)
             attacks.append((a, ATTACKS[a.name].needs_twin, params, tuple(sorted(params.items()))))
+        models = [raw.resolved(info.classes) for raw in spec.models]
         for seed in cfg.seeds:
-            for raw in spec.models:
-                model = raw.resolved(info.classes)
+            for model in models:
                 baseline_id = None
                 if model.model == "hqcnn" and model.init == "from_baseline":
                     baseline_id = trained_alone(dataset, seed, model.backbone).trial_id
@@ -294,7 +407,7 @@ def _expand(spec: SweepSpec) -> Grid:
                     )
                     for control in [None, *(controls if not needs_twin else [])]:
                         target = trial
-                        if control == "equal_budget":
+                        if control == EQUAL_BUDGET:
                             target, control = equal_budget(trial)
                         a = AttackTrial(
                             target,

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from qshield_dist import executors
 from qshield_dist.attack_params import budget_reachable
 from qshield_dist.config import ConfigError, SweepConfig, check_availability, load_config, validate
-from qshield_dist.executors.base import Executor, Job, ProgressSink
+from qshield_dist.executors import Executor, Job, ProgressSink
 from qshield_dist.grid import AttackTrial, Grid, TrainTrial, Trial, build_grid, many_objects
 from qshield_dist.results import (
     STAGE_VERSIONS,
@@ -126,12 +126,26 @@ def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> lis
                 key=trial.trial_id,
                 fn=functools.partial(run_trial, trial, ctx),
                 deps=trial.deps,
-                # a trial runs `threads` intra-op threads: reserve at least that many CPUs
-                resources=res.model_copy(update={"cpus": max(res.cpus, trial.threads)}),
                 stage=trial.stage,
+                # a trial runs `threads` intra-op threads: reserve at least that many CPUs
+                cpus=max(res.cpus, trial.threads),
+                gpus=res.gpus,
+                mem_gb=res.mem_gb,
+                timeout_min=res.timeout_min,
             )
         )
     return jobs
+
+
+def make_executor(cfg: SweepConfig) -> Executor:
+    """The executor the sweep names, built from its section's plain values."""
+    if cfg.executor == "local":
+        params: dict[str, object] = {"workers": cfg.workers}
+    elif cfg.executor == "ray":
+        params = cfg.ray.model_dump()
+    else:
+        params = {**cfg.slurm.model_dump(), "folder": cfg.slurm.folder or str(cfg.results_path / ".submitit")}
+    return executors.make(cfg.executor, **params)
 
 
 def dry_run_table(grid: Grid, done: dict[str, str]) -> str:
@@ -240,7 +254,7 @@ def run_sweep(
 ) -> dict[str, str]:
     """Run what is missing of a sweep; returns trial id -> 'ok', 'failed' or 'lost' for every
     trial of its grid (a trial done before keeps its recorded status). `executor` defaults to
-    the one the config names (executors.make)."""
+    the one the config names (make_executor)."""
     grid = grid or prepare(cfg)
     results_dir = cfg.results_path
     done = scan_done(results_dir)
@@ -294,7 +308,7 @@ def run_sweep(
     statuses = {t.trial_id: done[t.trial_id] for t in grid.trials if t.trial_id in finished}
     if not todo:
         return statuses
-    executor = executor or executors.make(cfg)
+    executor = executor or make_executor(cfg)
     progress = BarProgress(len(todo))
     start = time.perf_counter()
     try:

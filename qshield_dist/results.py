@@ -38,13 +38,18 @@ SCHEMA_VERSION = (
 
 # What each stage computes. A trial's id hashes its stage's version, so a bump re-runs that
 # stage and everything after it (an attack id hashes its train id), never what comes before.
-# Bump in the same commit as a change that alters what the stage computes; tests/golden/
-# holds one golden trial per stage that fails when numbers move while the version does not.
-TRAIN_VERSION = 2
-# Attack 5: random starts drawn per point (attacks/streams.py), so a point's outcome does not depend on
-# its batch; Square runs point by point; AutoAttack's rows record which component broke each point.
-ATTACK_VERSION = 5
-DIAGNOSTIC_VERSION = 5  # 5: restart_sensitivity and suite_vs_autoattack; reads attack version 5's rows
+# Bump in the same commit as a change that alters what the stage computes, or a default that
+# ids leave out (grid.py hashes only what differs from its default); tests/golden/ holds one
+# golden trial per stage that fails when numbers move while the version does not.
+TRAIN_VERSION = 3  # 3: canonical ids (numbers in one spelling, only what differs from its default)
+# Attack 4: AutoAttack at its authors' strength; EOT only on stochastic models; the row's attack_config.
+# 5: canonical ids (no diagnostic_size; eval_repeats only for stochastic models).
+# 6: random starts drawn per point (attacks/streams.py), so a point's outcome does not depend on its
+# batch; no attack stops on draws of a stochastic model; AutoAttack's rows record which component
+# broke each point and its sanity checks.
+ATTACK_VERSION = 6
+# 5: canonical ids; 6: restart_sensitivity, selectable checks; reads attack version 6's rows
+DIAGNOSTIC_VERSION = 6
 STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic": DIAGNOSTIC_VERSION}
 
 

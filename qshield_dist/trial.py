@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from qshield_dist import diagnostics
-from qshield_dist.attack_params import ATTACKS, PAPER_EPS, budget_reachable
+from qshield_dist.attack_params import ATTACKS, budget_reachable
 from qshield_dist.attacks import AutoAttack, CallCounter, build_attack
 from qshield_dist.attacks.autoattack import sanity_checks
 from qshield_dist.attacks.base import strict_majority
@@ -375,7 +375,7 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, An
                 test.x[attacked],
                 test.y[attacked],
                 classes,
-                PAPER_EPS[trial.dataset],
+                DATASETS[trial.dataset].paper_eps,
                 stochastic,
                 repeats,
                 trial.train.seed,

@@ -33,7 +33,17 @@ ATTACK_PRESETS = ("paper", "standard")
 # AutoAttack's `version`: auto (rand on a stochastic model, else standard) | the authors' two |
 # fast (ten-step components for smoke runs; recorded as fast, never reported as AutoAttack)
 AUTOATTACK_VERSIONS = ("auto", "standard", "rand", "fast")
-CONTROLS = ("backbone_only", "equal_budget")
+# Controls of a hybrid: its own backbone with the quantum branch removed, and the backbone
+# trained alone for the hybrid's whole budget.
+BACKBONE_ONLY = "backbone_only"
+EQUAL_BUDGET = "equal_budget"
+CONTROLS = (BACKBONE_ONLY, EQUAL_BUDGET)
+# The paired comparisons the report makes, as (hybrid's side) vs (other side).
+VS_CNN = "vs CNN"
+VS_BACKBONE_ALONE = "vs backbone alone"
+VS_EQUAL_BUDGET = "vs equal-budget backbone"
+BACKBONE_ALONE_VS_CNN = "backbone alone vs CNN"
+COMPARISON_KINDS = (VS_CNN, VS_BACKBONE_ALONE, VS_EQUAL_BUDGET, BACKBONE_ALONE_VS_CNN)
 # The checks a diagnostic trial can run. `eval.diagnostics: true` runs the gradient-masking
 # checks; restart_sensitivity (K full APGD runs) runs only when named.
 GRADIENT_MASKING_CHECKS = (

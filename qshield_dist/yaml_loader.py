@@ -1,11 +1,16 @@
-"""yaml.safe_load that refuses a key given twice in one mapping.
+"""yaml.safe_load that reads numbers as YAML 1.2 does and refuses a key given twice.
 
-PyYAML keeps the last one silently: `seeds: [0]` then `seeds: [0, 1, 2]` would run three seeds
-without a word. config.load_config turns the error into a ConfigError naming the sweep file.
+- PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: `1e-2`, `1e0` and
+  `1.0e5` were strings, and `alpha: 1e-2` reached the attack as the text "1e-2". Here every
+  YAML 1.2 float is a float (the 1.1 forms, ints and the rest are read as before).
+- PyYAML keeps the last of two equal keys silently: `seeds: [0]` then `seeds: [0, 1, 2]` would
+  run three seeds without a word. config.load_config turns the error into a ConfigError naming
+  the sweep file.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -15,7 +20,7 @@ class DuplicateKeyError(ValueError):
     pass
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, value_node in node.value:
@@ -31,5 +36,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2's core-schema float. Tried after PyYAML's own resolvers (add_implicit_resolver
+# appends, on a copy of SafeLoader's table), so an int stays an int.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeyLoader)
+    return yaml.load(text, Loader=_Loader)

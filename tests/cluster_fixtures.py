@@ -16,6 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# What a toy job asks for (Job's resource fields): small enough for a SLURM array task; the
+# SLURM executor packs the trials of a wave by its time limit.
+TOY = {"cpus": 1, "gpus": 0, "mem_gb": 0.5, "timeout_min": 10}
+
 
 def _append(path: Path, line: str) -> int:
     """Append one line (O_APPEND: atomic for short writes); return the line count after."""

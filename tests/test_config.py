@@ -4,13 +4,18 @@ the value given and what is allowed, and no result or checkpoint file written.""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from qshield_dist import launch
-from qshield_dist.config import load_config, validate
+from qshield_dist.config import load_config, parse_attacks, validate
 from qshield_dist.grid import build_grid
+
+REPO = Path(__file__).resolve().parents[1]
 
 GOOD = {
     "name": "bad",
@@ -199,18 +204,81 @@ def test_an_unknown_autoattack_version_is_refused_before_compute(tmp_path, caplo
     assert not (tmp_path / "r").exists()
 
 
-def test_attack_ids_from_the_cached_template_equal_the_plain_hash(monkeypatch):
+def test_attack_ids_from_the_cached_template_equal_the_plain_hash():
     """Attack ids serialize their configuration once per attack (a template with the model's id
     spliced in); the result must be the hash of the full identity, as computed without it."""
-    from qshield_dist import grid as grid_module
+    from qshield_dist.grid import stable_hash
 
-    spec = validate(load_config("sweeps/quick.yaml"))
-    fast = [t.trial_id for t in build_grid(spec).attack]
+    for sweep in ("sweeps/quick.yaml", "sweeps/adaptive.yaml"):
+        attacks = build_grid(validate(load_config(sweep))).attack
+        fast = [t.trial_id for t in attacks]
+        plain = ["A" + stable_hash(t.identity(t.train.trial_id)) for t in attacks]
+        assert len(set(fast)) == len(fast) > 40
+        assert fast == plain
 
-    def no_template(key):
-        raise TypeError("unhashable")
 
-    monkeypatch.setattr(grid_module, "_attack_template", no_template)
-    plain = [t.trial_id for t in build_grid(spec).attack]
-    assert len(set(fast)) == len(fast) > 40
-    assert fast == plain
+TYPED = """\
+name: typed
+data: {{dataset: digits, train_size: 100, test_size: 50}}
+models: [{{model: cnn_small}}, {{model: hqcnn, backbone: cnn_small}}]
+attacks:
+  - name: {attack}
+    params: {params}
+"""
+
+
+def _dry_run(tmp_path, attack: str, params: str) -> subprocess.CompletedProcess:
+    sweep = tmp_path / "typed.yaml"
+    sweep.write_text(TYPED.format(attack=attack, params=params))
+    command = [
+        sys.executable,
+        "-m",
+        "qshield_dist.launch",
+        str(sweep),
+        "--dry-run",
+        "--results",
+        str(tmp_path / "r"),
+    ]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
+    """PyYAML (YAML 1.1) read `1e-2` as the string '1e-2'; it is the number 0.01."""
+    proc = _dry_run(tmp_path, "pgd", "{alpha: 1e-2, eps: 1.0e-1, steps: 1e1}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (attack,) = parse_attacks(load_config(tmp_path / "typed.yaml"))
+    assert attack.params == {"alpha": 0.01, "eps": 0.1, "steps": 10}
+    assert isinstance(attack.params["steps"], int) and isinstance(attack.params["alpha"], float)
+
+
+def test_a_quoted_number_exits_2_before_any_compute(tmp_path):
+    proc = _dry_run(tmp_path, "pgd", '{alpha: "1e-2"}')
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "attacks[0].params.alpha: got '1e-2': must be a finite number, not a string" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "attack,params,fragments",
+    [
+        ("pgd", "{steps: 2.5}", ["attacks[0].params.steps: got 2.5", "must be an integer"]),
+        ("pgd", "{steps: [3, '4']}", ["attacks[0].params.steps: got '4'", "must be an integer"]),
+        ("pgd", "{random_start: 1}", ["attacks[0].params.random_start: got 1", "true or false"]),
+        ("fgsm", "{eps: true}", ["attacks[0].params.eps: got True", "must be a finite number"]),
+        ("fgsm", "{eps: .nan}", ["attacks[0].params.eps: got nan", "must be a finite number"]),
+        ("square", "{loss: hinge}", ["attacks[0].params.loss: got 'hinge'", "allowed: margin, ce"]),
+        ("apgd", "{loss: 3}", ["attacks[0].params.loss: got 3", "must be a string; allowed: ce, dlr"]),
+        (
+            "transfer",
+            "{surrogate: vit}",
+            ["attacks[0].params.surrogate: got 'vit'", "allowed: cnn, cnn_small, dnn"],
+        ),
+    ],
+)
+def test_attack_parameters_take_their_defaults_type(tmp_path, caplog, attack, params, fragments):
+    sweep = tmp_path / "typed.yaml"
+    sweep.write_text(TYPED.format(attack=attack, params=params))
+    with caplog.at_level(logging.ERROR):
+        assert launch.main([str(sweep), "--dry-run", "--results", str(tmp_path / "r")]) == 2
+    for fragment in fragments:
+        assert fragment in caplog.text, f"{fragment!r} missing from: {caplog.text}"

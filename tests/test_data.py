@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qshield_dist import data
-from qshield_dist.datasets import DataMissingError
+from qshield_dist.datasets import DATASETS, DataMissingError
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -85,6 +85,10 @@ def test_digits_is_embedded_real_data_resized():
     train, test = data.load("digits")
     assert train.x.shape[1:] == (1, 28, 28)
     assert len(train.y) + len(test.y) == 1797
+    # what the registry says of it (the plan's estimates read the split sizes there)
+    info = DATASETS["digits"]
+    assert (len(train.y), len(test.y), info.classes) == (info.train_size, info.test_size, 10)
+    assert train.x.shape[1:] == (info.channels, info.size, info.size)
     assert 0.0 <= float(train.x.min()) and float(train.x.max()) <= 1.0
     assert torch.bincount(test.y).min() >= 30  # stratified 20% split
 

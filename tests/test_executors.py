@@ -11,7 +11,7 @@ from typing import Any
 import cluster_fixtures as cf
 import pytest
 
-from qshield_dist.executors.base import Executor, Job, ProgressSink, Resources
+from qshield_dist.executors.base import DependencyGraph, Executor, Job, ProgressSink, topological_waves
 from qshield_dist.executors.local import LocalExecutor
 
 
@@ -28,12 +28,8 @@ class Recorder(ProgressSink):
         self.finished_keys[key] = status
 
 
-# Small enough for a SLURM array task; the SLURM executor packs the trials of a wave by it.
-TOY = Resources(cpus=1, mem_gb=0.5, timeout_min=10)
-
-
 def rec_job(out: Path, key: str, deps: tuple[str, ...] = (), sleep: float = 0.0, status: str = "ok") -> Job:
-    return Job(key, functools.partial(cf.record, str(out), key, sleep, status), deps, TOY)
+    return Job(key, functools.partial(cf.record, str(out), key, sleep, status), deps, **cf.TOY)
 
 
 def contract_dag(out: Path) -> list[Job]:
@@ -43,7 +39,7 @@ def contract_dag(out: Path) -> list[Job]:
     return [
         rec_job(out, "t1", sleep=0.3),
         rec_job(out, "t2", sleep=0.1, status="failed"),
-        Job("boom", functools.partial(cf.raise_error, str(out), "boom"), (), TOY),
+        Job("boom", functools.partial(cf.raise_error, str(out), "boom"), (), **cf.TOY),
         rec_job(out, "a1", ("t1",)),
         rec_job(out, "a2", ("t1", "t2")),
         rec_job(out, "a3", ("a2", "done-in-earlier-run")),
@@ -164,8 +160,8 @@ def test_local_survives_sigkilled_worker(tmp_path: Path) -> None:
     do its dependents; jobs that were running beside a death are re-run, never lost."""
     out = str(tmp_path)
     jobs = [
-        Job("once", functools.partial(cf.die_once, out, "once")),
-        Job("always", functools.partial(cf.die_always, out, "always")),
+        Job("once", functools.partial(cf.die_once, out, "once"), **cf.TOY),
+        Job("always", functools.partial(cf.die_always, out, "always"), **cf.TOY),
         rec_job(tmp_path, "after-once", ("once",)),
         rec_job(tmp_path, "after-always", ("always",)),
         *[rec_job(tmp_path, f"bystander{i}", sleep=0.2) for i in range(3)],
@@ -190,6 +186,43 @@ def test_local_rejects_cycle(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cycle"):
         LocalExecutor(workers=1).run(jobs)
     assert cf.runs(tmp_path, "a") == []
+
+
+def _jobs(deps: dict[str, tuple[str, ...]]) -> list[Job]:
+    return [Job(key, print, d, **cf.TOY) for key, d in deps.items()]
+
+
+def test_waves_and_the_dependency_graph_without_an_executor() -> None:
+    """base.py's graph on graphlib: waves by longest path, in the order given; deps outside the
+    jobs count as done; a lost job's dependents are lost at once (also one still waiting for
+    another dependency); a job may finish before its dependency does (a SLURM poll sees
+    whatever status files exist); a cycle is named."""
+    jobs = _jobs({"b": ("a",), "a": (), "c": ("b", "earlier-run"), "d": (), "e": ("a", "d"), "f": ("e", "c")})
+    assert [[j.key for j in wave] for wave in topological_waves(jobs)] == [
+        ["a", "d"],
+        ["b", "e"],
+        ["c"],
+        ["f"],
+    ]
+
+    graph = DependencyGraph(jobs)
+    assert graph.ready() == ["a", "d"]
+    assert graph.finish("a", "ok") == (["b"], [])
+    assert graph.finish("b", "lost") == ([], ["c", "f"])  # f still waits for e: lost all the same
+    assert graph.finish("d", "ok") == (["e"], [])
+    assert graph.finish("e", "ok") == ([], [])
+    assert graph.statuses() == {"b": "lost", "a": "ok", "c": "lost", "d": "ok", "e": "ok", "f": "lost"}
+
+    early = DependencyGraph(_jobs({"x": (), "y": ("x",), "z": ("y",)}))
+    assert early.finish("y", "ok") == (["x"], [])  # y's status came first
+    assert early.finish("x", "ok") == (["z"], [])
+    assert early.finish("z", "failed") == ([], [])
+    assert early.statuses() == {"x": "ok", "y": "ok", "z": "failed"}
+
+    with pytest.raises(ValueError, match="dependency cycle: .*p.*q"):
+        DependencyGraph(_jobs({"p": ("q",), "q": ("p",), "r": ()}))
+    with pytest.raises(ValueError, match="duplicate"):
+        topological_waves(_jobs({"p": ()}) * 2)
 
 
 def test_local_rejects_bad_workers() -> None:

@@ -114,3 +114,52 @@ def test_fusion_gradient_is_finite_when_a_probability_underflows():
     )  # exp underflows: sqrt(p) would have an infinite gradient
     fusion(logp_c, logp_q).sum().backward()
     assert torch.isfinite(logp_c.grad).all()
+
+
+SIMULATION = [  # (simulator, device, trajectories, noise_model)
+    ("compiled", "default.mixed", 0, "mixed"),
+    ("qnode", "default.mixed", 0, "mixed"),
+    ("qnode", "default.qubit", 2, "mixed"),  # Monte-Carlo trajectories
+    ("qnode", "default.qubit", 0, "none"),
+    ("qnode", "default.qubit", 2, "none"),  # noiseless: trajectories ignored
+]
+
+
+@pytest.mark.parametrize("simulator,device,trajectories,noise_model", SIMULATION)
+def test_the_torch_free_rule_says_which_models_are_stochastic(simulator, device, trajectories, noise_model):
+    """ModelSpec.stochastic (what the grid uses, without torch) agrees with the built model's
+    `stochastic`, and that with what its draws show, for every setting that can
+    make a model random: the paper projection (enhanced_angle, fewer classes than angles),
+    input noise, trajectories."""
+    from qshield_dist.models.classic import Classifier
+
+    x = torch.rand(2, 1, 28, 28)
+    for projection in ("paper", "learned"):
+        for encoding in ("angle", "enhanced_angle"):
+            for qubits in (3, 4):  # enhanced_angle: 9 or 12 angles for 10 classes
+                for input_noise in (0.0, 0.1):
+                    spec = ModelSpec(
+                        model="hqcnn",
+                        backbone="cnn_small",
+                        projection=projection,
+                        encoding=encoding,
+                        qubits=qubits,
+                        input_noise=input_noise,
+                        simulator=simulator,
+                        device=device,
+                        trajectories=trajectories,
+                        noise_model=noise_model,
+                        noise_strength=0.3,  # trajectories whose draws differ visibly
+                    ).resolved(INFO.classes)
+                    torch.manual_seed(0)
+                    model = build_model(spec, INFO).eval()
+                    said = spec.stochastic(INFO.classes)
+                    assert model.stochastic is said, spec
+                    with torch.no_grad():
+                        draws = model.draws(x, 8)  # eight draws: all equal only if nothing is random
+                    # (batched PennyLane runs may differ in the last bits between equal copies)
+                    varies = not all(torch.allclose(d, draws[0], rtol=0, atol=1e-5) for d in draws)
+                    assert varies is said, spec
+                    assert Classifier(model.backbone).stochastic is False  # a backbone_only control
+    expected = (projection, encoding, qubits, input_noise)  # the last combination: all four apply
+    assert expected == ("learned", "enhanced_angle", 4, 0.1)

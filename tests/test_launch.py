@@ -211,14 +211,13 @@ def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_th
     SLURM (submitit's executor, which needs srun, is made only to submit)."""
     import submitit
 
-    from qshield_dist import executors
     from qshield_dist.config import load_config
-    from qshield_dist.executors.base import Job, Resources
+    from qshield_dist.executors.base import Job
 
     overrides = {"executor": "slurm", "results_dir": str(tmp_path)}
     cfg = load_config("sweeps/smoke.yaml", overrides)
-    attack_job = Job("a", print, (), Resources(cpus=2, gpus=0.25, mem_gb=8, timeout_min=30))
-    params = executors.make(cfg).sbatch_parameters([attack_job], None)
+    attack_job = Job("a", print, (), cpus=2, gpus=0.25, mem_gb=8, timeout_min=30)
+    params = launch.make_executor(cfg).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"], params["time"], params["gpus_per_task"]) == (
         2,
         "8GB",
@@ -229,7 +228,7 @@ def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_th
     assert set(params) <= submitit.SlurmExecutor._valid_parameters()
 
     cfg = load_config("sweeps/smoke.yaml", {**overrides, "slurm": {"cpus_per_task": 4, "mem_gb": 16}})
-    params = executors.make(cfg).sbatch_parameters([attack_job], None)
+    params = launch.make_executor(cfg).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"]) == (4, "16GB")
 
 

@@ -154,9 +154,9 @@ def test_clients_need_the_right_token(head: cluster.RayNode, tmp_path: Path) -> 
 
 def test_ray_worker_sigkill_is_retried(connected: cluster.RayNode, tmp_path: Path) -> None:
     out = str(tmp_path)
-    jobs = [Job("victim", functools.partial(cf.wait_for_release, out, "victim"))]
+    jobs = [Job("victim", functools.partial(cf.wait_for_release, out, "victim"), **cf.TOY)]
     jobs += [
-        Job(f"j{i}", functools.partial(cf.record, out, f"j{i}", 0.05), ("victim",) if i % 2 else ())
+        Job(f"j{i}", functools.partial(cf.record, out, f"j{i}", 0.05), ("victim",) if i % 2 else (), **cf.TOY)
         for i in range(6)
     ]
     result: dict[str, str] = {}
@@ -192,7 +192,7 @@ def test_private_local_cluster(tmp_path: Path) -> None:
     if ray.is_initialized():
         ray.shutdown()
     ex = RayExecutor(address="local", local_cpus=1)
-    result = ex.run([Job("x", functools.partial(cf.record, str(tmp_path), "x"))])
+    result = ex.run([Job("x", functools.partial(cf.record, str(tmp_path), "x"), **cf.TOY)])
     assert result == {"x": "ok"}
     assert not ray.is_initialized() and ex._private_head is None
 
@@ -279,9 +279,14 @@ def test_two_node_cluster_runs_on_both_nodes(
         assert time.time() < deadline, "the namespace worker never joined"
         time.sleep(0.5)
     out = str(tmp_path)
-    jobs = [Job(f"n{i}", functools.partial(cf.record_node, out, f"n{i}", 1.0)) for i in range(4)]
+    jobs = [Job(f"n{i}", functools.partial(cf.record_node, out, f"n{i}", 1.0), **cf.TOY) for i in range(4)]
     jobs.append(
-        Job("after", functools.partial(cf.record_node, out, "after"), tuple(f"n{i}" for i in range(4)))
+        Job(
+            "after",
+            functools.partial(cf.record_node, out, "after"),
+            tuple(f"n{i}" for i in range(4)),
+            **cf.TOY,
+        )
     )
     result = ex.run(jobs)
     assert result == {job.key: "ok" for job in jobs}

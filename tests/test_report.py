@@ -59,6 +59,8 @@ def test_same_numbers_as_before_the_redesign(summary: Summary) -> None:
         # Some frames come from a group_by without an order: compare their rows as a sorted list.
         old, new = old.sort(old.columns, nulls_last=True), new.sort(old.columns, nulls_last=True)
         for column in old.columns:
+            if column.endswith("_version"):
+                continue  # the stage versions the fixture's rows carry move with every bump
             numbers = [NUMBER.findall(x or "") for x in old[column]]
             assert [NUMBER.findall(x or "") for x in new[column]] == numbers, (golden.name, column)
     old_md = set(NUMBER.findall((GOLDEN / "report.md").read_text()))

@@ -26,7 +26,7 @@ submitit = pytest.importorskip("submitit")
 import cloudpickle  # noqa: E402  (submitit pickles with the standalone cloudpickle)
 import cluster_fixtures as cf  # noqa: E402
 
-from qshield_dist.executors.base import Job, Resources  # noqa: E402
+from qshield_dist.executors.base import Job  # noqa: E402
 from qshield_dist.executors.slurm import SlurmExecutor, max_array_tasks, pack_jobs  # noqa: E402
 from qshield_dist.results import differing_trials, scan_done  # noqa: E402
 
@@ -39,7 +39,7 @@ cloudpickle.register_pickle_by_value(cf)
 # The cluster's daemons, and the ports of the SLURM ones (whoever holds them).
 DAEMONS = {"slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd"}
 SLURM_PORTS = {6817, 6818, 6819}
-TEN_MINUTES = Resources(cpus=1, mem_gb=0.5, timeout_min=10)
+TEN_MINUTES = cf.TOY  # Job resources: 10 minutes
 
 
 def listening_sockets(ss_output: str) -> list[tuple[set[str], str, int]]:
@@ -66,7 +66,7 @@ def on_loopback(addr: str) -> bool:
 
 
 def job(out: Path, key: str, deps: tuple[str, ...] = (), fn=cf.record, stage: str = "train") -> Job:
-    return Job(key, functools.partial(fn, str(out), key), deps, TEN_MINUTES, stage=stage)
+    return Job(key, functools.partial(fn, str(out), key), deps, stage=stage, **TEN_MINUTES)
 
 
 def executor(tmp_path: Path, **kw: float) -> SlurmExecutor:
@@ -247,7 +247,8 @@ def test_packing_fills_packs_to_the_target_and_keeps_waves_apart() -> None:
     """Needs no cluster: best-fit decreasing into packs of the target; a pack never holds a
     trial and its dependency (one wave at a time); the arrays split at the task limit."""
     jobs = [
-        Job(f"k{i}", print, (), Resources(timeout_min=t)) for i, t in enumerate([100, 10, 10, 25, 5, 5, 20])
+        Job(f"k{i}", print, (), **{**TEN_MINUTES, "timeout_min": t})
+        for i, t in enumerate([100, 10, 10, 25, 5, 5, 20])
     ]
     ex = SlurmExecutor("unused")
     assert [[j.key for j in p] for p in pack_jobs(jobs, ex.minutes, 30)] == [
@@ -259,8 +260,8 @@ def test_packing_fills_packs_to_the_target_and_keeps_waves_apart() -> None:
     assert [ex.pack_time(p) for p in pack_jobs(jobs, ex.minutes, 30)] == [100, 30, 15, 30]
     # a plan's durations: 1-minute trials, limits of 10 minutes each
     ex = SlurmExecutor("unused", pack_minutes=30, durations={f"t{i}": 1.0 for i in range(70)})
-    train = [Job(f"t{i}", print, (), TEN_MINUTES) for i in range(70)]
-    attack = [Job(f"a{i}", print, (f"t{i}",), TEN_MINUTES) for i in range(5)]  # no plan: 10 min each
+    train = [Job(f"t{i}", print, (), **TEN_MINUTES) for i in range(70)]
+    attack = [Job(f"a{i}", print, (f"t{i}",), **TEN_MINUTES) for i in range(5)]  # no plan: 10 min each
     waves = ex.plan(train + attack, max_tasks=2)
     assert [[(o, [len(p) for p in packs]) for o, packs in w] for w in waves] == [
         [(0, [30, 30]), (2, [10])],

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from qshield_dist.executors.base import Job, Resources
+from qshield_dist.executors.base import Job
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _spin(seconds: float) -> str:
 
 
 def _jobs(n: int, fn: Callable[[], str], cpus: float = 1.0) -> list[Job]:
-    return [Job(f"j{i:06d}", fn, (), Resources(cpus=cpus)) for i in range(n)]
+    return [Job(f"j{i:06d}", fn, (), cpus=cpus, gpus=0, mem_gb=4, timeout_min=240) for i in range(n)]
 
 
 def local_dispatch(n_jobs: int = 2000, workers: int = 2) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from qshield_dist.bench.models import _interleaved_medians
+from qshield_dist.bench.models import _interleaved_medians, mnist_batch
 from qshield_dist.config import ModelSpec
 from qshield_dist.datasets import DATASETS
 from qshield_dist.models import build_model
@@ -47,7 +47,7 @@ def compare(
     backbone: str, k: int, grad: bool, input_noise: float = 0.0, batch: int = 128, repeats: int = 7
 ) -> dict[str, Any]:
     model = paper_hybrid(backbone, input_noise)
-    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    x, y = mnist_batch(batch)
     seconds = _interleaved_medians(
         {"looped": _task(model, x, y, k, False, grad), "batched": _task(model, x, y, k, True, grad)}, repeats
     )

@@ -38,6 +38,12 @@ def _interleaved_medians(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def mnist_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and labels of MNIST's shape."""
+    info = DATASETS["mnist"]
+    return torch.rand(batch, info.channels, info.size, info.size), torch.randint(0, info.classes, (batch,))
+
+
 def _pair(backbone: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     info = DATASETS["mnist"]
     torch.manual_seed(0)
@@ -60,7 +66,7 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
 
 
 def train_step_ratio(backbone: str, batch: int = 128, repeats: int = 7) -> dict[str, Any]:
-    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    x, y = mnist_batch(batch)
     base, hybrid = _pair(backbone)
     seconds = _interleaved_medians(
         {"backbone": _train_step(base, x, y), "hqcnn": _train_step(hybrid, x, y)}, repeats
@@ -78,13 +84,14 @@ def train_step_ratio(backbone: str, batch: int = 128, repeats: int = 7) -> dict[
 
 def pgd_ratio(backbone: str = "cnn_small", batch: int = 128, repeats: int = 5) -> dict[str, Any]:
     """PGD-10 time against the HQCNN / against its backbone, with the calls each made."""
-    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    x, y = mnist_batch(batch)
     params = ATTACKS["pgd"].params("mnist")
     out: dict[str, Any] = {"name": f"pgd10_ratio[{backbone}]", "batch": batch, "repeats": repeats}
     counters = {
         name: CallCounter(model.eval()) for name, model in zip(("backbone", "hqcnn"), _pair(backbone))
     }
-    attacks = {name: build_attack("pgd", counter, params, 10) for name, counter in counters.items()}
+    classes = DATASETS["mnist"].classes
+    attacks = {name: build_attack("pgd", counter, params, classes) for name, counter in counters.items()}
     seconds = _interleaved_medians({name: (lambda a=a: a(x, y)) for name, a in attacks.items()}, repeats)
     for name, counter in counters.items():
         out[f"{name}_s"] = seconds[name]
@@ -101,7 +108,7 @@ def head_breakdown(batch: int = 128, repeats: int = 50) -> dict[str, Any]:
     is left of a ratio above 1 is split between the circuit and the paper's fusion MLP."""
     _, hybrid = _pair("cnn_small")
     hybrid.eval()
-    features = hybrid.backbone(torch.rand(batch, 1, 28, 28)).detach()
+    features = hybrid.backbone(mnist_batch(batch)[0]).detach()
     angles = hybrid.encoder(features).detach()
     logp_c = F.log_softmax(features, dim=1)
     with torch.no_grad():

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qshield_dist.executors.base import Job, Resources
+from qshield_dist.executors.base import Job
 
 log = logging.getLogger("qshield_dist.bench.slurm_packing")
 DEV_CLUSTER = Path(__file__).resolve().parents[2] / "slurm" / "dev-cluster.sh"
@@ -63,9 +63,9 @@ def measure(
     if limit != max_array:
         raise RuntimeError(f"the cluster allows {limit} tasks per array, not {max_array}")
     runs = root / "runs.log"
-    res = Resources(cpus=1, mem_gb=0.25, timeout_min=timeout_min)
+    res = {"cpus": 1, "gpus": 0, "mem_gb": 0.25, "timeout_min": timeout_min}
     keys = [f"noop{i:06d}" for i in range(trials)]
-    jobs = [Job(k, functools.partial(noop_trial, str(runs), k), (), res) for k in keys]
+    jobs = [Job(k, functools.partial(noop_trial, str(runs), k), (), **res) for k in keys]
     ex = SlurmExecutor(
         folder=root / "submitit",
         partition="debug",

@@ -1,10 +1,11 @@
 """The one small interface every executor implements (after submitit's Executor).
 
-An executor receives `Job`s: a picklable zero-argument callable plus the keys of the jobs it
-depends on. It decides where and when each runs; it never knows what a model or an attack
-is. A job's callable writes its own result file and returns its status ('ok' or 'failed');
-an exception escaping it means the job was lost (crash, killed worker), which executors
-retry with the mechanism their engine provides.
+An executor receives `Job`s: a picklable zero-argument callable, the keys of the jobs it
+depends on, and what it asks of a machine as plain values (submitit's `update_parameters`
+names them the same way). It decides where and when each runs; it never knows what a model, an
+attack or a sweep is. A job's callable writes its own result file and returns its status
+('ok' or 'failed'); an exception escaping it means the job was lost (crash, killed worker),
+which executors retry with the mechanism their engine provides.
 """
 
 from __future__ import annotations
@@ -12,22 +13,10 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
 from typing import Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
-
 log = logging.getLogger(__name__)
-
-
-class Resources(BaseModel):
-    """What one job asks for; also the sweep file's `resources.train` / `resources.attack`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)  # fractions allowed on Ray (0.25 -> four trials share one GPU)
-    mem_gb: float = Field(4.0, gt=0)
-    timeout_min: int = Field(240, ge=1)
 
 
 @dataclass(frozen=True)
@@ -35,8 +24,12 @@ class Job:
     key: str  # the trial id
     fn: Callable[[], str]
     deps: tuple[str, ...] = ()
-    resources: Resources = field(default_factory=Resources)
     stage: str = "train"
+    # What one job asks for; the launcher passes the sweep's `resources:` values.
+    cpus: float = field(kw_only=True)
+    gpus: float = field(kw_only=True)  # fractions allowed on Ray (0.25: four jobs share one GPU)
+    mem_gb: float = field(kw_only=True)
+    timeout_min: int = field(kw_only=True)
 
 
 class Executor(abc.ABC):
@@ -60,77 +53,87 @@ class ProgressSink:
         pass
 
 
+def _sorter(jobs: Sequence[Job]) -> tuple[dict[str, Job], TopologicalSorter[str]]:
+    """The jobs by key, and a prepared TopologicalSorter of them: deps outside `jobs` count
+    as done (from an earlier run); a duplicate key or a cycle is a ValueError."""
+    by_key = {job.key: job for job in jobs}
+    if len(by_key) != len(jobs):
+        raise ValueError("duplicate job keys")
+    sorter: TopologicalSorter[str] = TopologicalSorter()
+    for job in jobs:  # every node first: ready jobs come out in the order given
+        sorter.add(job.key)
+    for job in jobs:
+        sorter.add(job.key, *(d for d in job.deps if d in by_key))
+    try:
+        sorter.prepare()
+    except CycleError as exc:
+        raise ValueError(f"dependency cycle: {' -> '.join(exc.args[1])}") from None
+    return by_key, sorter
+
+
 class DependencyGraph:
-    """Who waits for whom among `jobs` (deps outside them count as done, from an earlier run),
-    and the one rule for a lost job: its dependents are lost without running."""
+    """Who waits for whom among `jobs` (graphlib.TopologicalSorter), and the one rule for a
+    lost job: its dependents, transitively, are lost at once, without running. Jobs may
+    finish in any order (a poll can see a job's status before its dependency's)."""
 
     def __init__(self, jobs: Sequence[Job]):
-        self.by_key = {job.key: job for job in jobs}
-        if len(self.by_key) != len(jobs):
-            raise ValueError("duplicate job keys")
-        self.waiting = {job.key: {d for d in job.deps if d in self.by_key} for job in jobs}
-        self.dependents: dict[str, list[str]] = {key: [] for key in self.by_key}
-        for key, deps in self.waiting.items():
-            for dep in deps:
-                self.dependents[dep].append(key)
+        self.by_key, self._sorter = _sorter(jobs)
+        self._dependents: dict[str, list[str]] = {key: [] for key in self.by_key}
+        for job in jobs:
+            for dep in dict.fromkeys(job.deps):
+                if dep in self.by_key:
+                    self._dependents[dep].append(job.key)
+        self._released: set[str] = set()  # handed out by the sorter
         self.status: dict[str, str] = {}
 
     def ready(self) -> list[str]:
-        """The jobs with nothing to wait for, in the order given."""
-        return [key for key, deps in self.waiting.items() if not deps]
+        """The jobs that have nothing left to wait for and were not returned before, in the
+        order given (at the start: every job without a dependency among `jobs`)."""
+        ready: list[str] = []
+        while batch := self._sorter.get_ready():
+            self._released.update(batch)
+            ready += [key for key in batch if key not in self.status]
+            finished = [key for key in batch if key in self.status]  # lost, or finished early
+            if not finished:
+                break
+            self._sorter.done(*finished)
+        return ready
 
     def finish(self, key: str, status: str) -> tuple[list[str], list[str]]:
         """Record `key`'s final status; returns the jobs that became ready, and those now lost
         because a job they (transitively) depend on is lost, each recorded too."""
         self.status[key] = status
-        ready: list[str] = []
         lost: list[str] = []
-        todo = [key]
+        todo = [key] if status == "lost" else []
         while todo:
-            done = todo.pop()
-            for child in self.dependents[done]:
-                if child in self.status:
-                    continue
-                if self.status[done] == "lost":
+            for child in self._dependents[todo.pop()]:
+                if child not in self.status:
                     self.status[child] = "lost"  # never ran: a dependency is missing
                     lost.append(child)
                     todo.append(child)
-                    continue
-                self.waiting[child].discard(done)
-                if not self.waiting[child]:
-                    ready.append(child)
-        return ready, lost
+        if key in self._released:
+            self._sorter.done(key)
+        return self.ready(), lost
 
     def statuses(self) -> dict[str, str]:
-        """Every job's final status, in the order given; only a cycle leaves one unfinished."""
-        missing = set(self.by_key) - set(self.status)
+        """Every job's final status, in the order given."""
+        missing = [key for key in self.by_key if key not in self.status]
         if missing:
-            raise ValueError(f"jobs never became ready (dependency cycle?): {sorted(missing)[:5]}")
+            raise ValueError(f"jobs never finished: {missing[:5]}")
         return {key: self.status[key] for key in self.by_key}
 
 
 def topological_waves(jobs: Sequence[Job]) -> list[list[Job]]:
-    """Group jobs into waves: every job's deps lie in earlier waves.
-
-    Deps that are not among `jobs` are taken as already satisfied (done in an earlier run).
-    """
-    by_key = {job.key: job for job in jobs}
-    level: dict[str, int] = {}
-
-    def depth(key: str, trail: tuple[str, ...] = ()) -> int:
-        if key in level:
-            return level[key]
-        if key in trail:
-            raise ValueError(f"dependency cycle through {key}")
-        job = by_key[key]
-        inner = [depth(dep, trail + (key,)) + 1 for dep in job.deps if dep in by_key]
-        level[key] = max(inner, default=0)
-        return level[key]
-
-    waves: dict[int, list[Job]] = {}
-    for job in jobs:
-        waves.setdefault(depth(job.key), []).append(job)
-    return [waves[k] for k in sorted(waves)]
+    """Group jobs into waves, each in the order given: every job's deps lie in earlier waves
+    (deps that are not among `jobs` count as done, in an earlier run)."""
+    by_key, sorter = _sorter(jobs)
+    order = {key: i for i, key in enumerate(by_key)}
+    waves = []
+    while sorter.is_active():
+        wave = sorted(sorter.get_ready(), key=order.__getitem__)
+        waves.append([by_key[key] for key in wave])
+        sorter.done(*wave)
+    return waves
 
 
 def checked_status(key: str, status: object) -> str:

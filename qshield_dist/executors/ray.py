@@ -105,10 +105,9 @@ class RayExecutor(Executor):
                 self.close()
 
     def _options(self, job: Job) -> dict[str, Any]:
-        res = job.resources
         opts: dict[str, Any] = {
-            "num_cpus": res.cpus,
-            "num_gpus": res.gpus,
+            "num_cpus": job.cpus,
+            "num_gpus": job.gpus,
             "max_retries": self.max_retries,
             "retry_exceptions": False,
             "name": f"{job.stage}:{job.key}",

@@ -124,9 +124,9 @@ class SlurmExecutor(PackPlanner, Executor):
         max_num_timeout: int = 3,
         poll_s: float = 5.0,
     ):
-        """Parameters left None come from the jobs' Resources (the largest in each array).
+        """Parameters left None come from the jobs' requests (the largest in each array).
         pack_minutes: expected work per array task (0: one trial per task). durations: expected
-        minutes per job key (default: its Resources.timeout_min); also settable as an attribute
+        minutes per job key (default: its timeout_min); also settable as an attribute
         before run(). max_num_timeout: requeues on time-out before a task counts as ended."""
         self.folder = Path(folder)
         self.partition = partition
@@ -154,9 +154,9 @@ class SlurmExecutor(PackPlanner, Executor):
         submitit.SlurmExecutor's names (sbatch's, less the dashes): those set here, else the
         largest request among its jobs. `after`: the array id(s) it waits for. Needs no SLURM."""
         groups = [[p] if isinstance(p, Job) else list(p) for p in packs]
-        res = [job.resources for pack in groups for job in pack]
-        cpus = self.cpus_per_task or max(1, int(max(r.cpus for r in res) + 0.999))
-        gpus = self.gpus_per_task if self.gpus_per_task is not None else max(r.gpus for r in res)
+        jobs = [job for pack in groups for job in pack]
+        cpus = self.cpus_per_task or max(1, int(max(job.cpus for job in jobs) + 0.999))
+        gpus = self.gpus_per_task if self.gpus_per_task is not None else max(job.gpus for job in jobs)
         extra: dict[str, Any] = {}
         deps = [after] if isinstance(after, str) else list(after or [])
         if deps:
@@ -167,7 +167,7 @@ class SlurmExecutor(PackPlanner, Executor):
             "job_name": _JOB_NAME,
             "time": self.time_min or max(self.pack_time(p) for p in groups),
             "cpus_per_task": cpus,
-            "mem": _sbatch_mem(self.mem_gb or max(r.mem_gb for r in res)),
+            "mem": _sbatch_mem(self.mem_gb or max(job.mem_gb for job in jobs)),
             "ntasks_per_node": 1,
             "nodes": 1,
             "array_parallelism": parallelism or self.array_parallelism,

@@ -10,7 +10,7 @@ other way round, and re-exports the names it always had. (bench.slurm_packing be
 * Packing. A trial that takes seconds costs SLURM more to schedule than to run, so the trials
   of one dependency wave (never a trial and its dependency) are packed into array tasks of
   about `pack_minutes` of expected work: best-fit decreasing on each trial's expected minutes,
-  `durations[key]` if given (e.g. from `launch --plan`), else its `Resources.timeout_min` (the
+  `durations[key]` if given (e.g. from `launch --plan`), else its `timeout_min` (the
   conservative estimate); a trial longer than the target runs alone. A task is one `Pack`,
   submitit's `FunctionSequence`: it runs its trials in order and, being checkpointable, is
   what SLURM requeues on preemption or time-out (USR2 before the limit): the pickled sequence
@@ -158,11 +158,11 @@ class PackPlanner:
 
     def minutes(self, job: Job) -> float:
         """A job's expected minutes: durations[key], else its time limit."""
-        return float(self.durations.get(job.key, job.resources.timeout_min))
+        return float(self.durations.get(job.key, job.timeout_min))
 
     def pack_time(self, pack: Sequence[Job]) -> int:
         """A pack's time limit in minutes (see the module docstring)."""
-        limits = [job.resources.timeout_min for job in pack]
+        limits = [job.timeout_min for job in pack]
         expected = sum(self.minutes(job) for job in pack)
         return int(min(sum(limits), max(max(limits), math.ceil(2 * expected))))
 

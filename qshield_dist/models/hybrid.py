@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qshield_dist.quantum import CircuitSpec, QuantumLayer
+from qshield_dist.randomness import hybrid_is_stochastic
 
 _EPS = 1e-8
 
@@ -49,7 +50,8 @@ def paper_projection(z: torch.Tensor, n_angles: int, encoding: str) -> torch.Ten
             return F.adaptive_avg_pool1d(z.unsqueeze(1), n_angles).squeeze(1)
         return z.repeat(1, math.ceil(n_angles / n_features))[:, :n_angles]
     if n_features < n_angles:
-        # Drawn afresh on every call: this is what makes their model stochastic.
+        # Drawn afresh on every call: this is what makes their model stochastic
+        # (randomness.random_projection says when, without torch).
         size = max(n_features, n_angles)
         q, _ = torch.linalg.qr(torch.randn(*z.shape[:-2], size, size, device=z.device, dtype=z.dtype))
         return z @ (0.1 * q[..., :n_features, :n_angles])
@@ -145,14 +147,14 @@ class HQCNN(nn.Module):
         self.fusion = DynamicFusion() if fusion == "dynamic" else EntropyFusion()
         self.quantum_grad = quantum_grad
         self.input_noise = input_noise
-        self.stochastic = (
-            (
-                projection == "paper"
-                and circuit.encoding == "enhanced_angle"
-                and n_classes < 3 * circuit.qubits
-            )
-            or input_noise > 0
-            or bool(getattr(self.quantum, "stochastic", False))
+        self.stochastic = hybrid_is_stochastic(
+            circuit,
+            n_classes,
+            projection=projection,
+            input_noise=input_noise,
+            simulator=simulator,
+            device=device,
+            trajectories=trajectories,
         )
 
     def quantum_logprobs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -55,13 +55,6 @@ log = logging.getLogger("qshield_dist.plan")
 CHUNK = 5  # calibrations per worker task
 # Bump when what a calibration measures changes: older cache files are then ignored.
 PLAN_VERSION = 3  # 2: a single-threaded run's time is its CPU time; 3: every kind under TARGET_S runs twice
-# (train, test) split sizes; the registry (datasets.py) does not record them.
-SPLITS = {
-    "digits": (1437, 360),
-    "mnist": (60000, 10000),
-    "cifar10": (50000, 10000),
-    "organamnist": (34561, 17778),
-}
 # Attacks that stop a point at its first success: the share of their budget they used on the
 # trained models of quick.yaml (digits). Square: 0.25-0.47 of its queries per model, 0.35 over
 # all; DeepFool: 0.33 (cnn_small) and 0.10 (HQCNN) of its steps. One-Pixel (ASR 0 there) and
@@ -220,7 +213,8 @@ def _work(attack: str, params: dict[str, Any], stochastic: bool) -> float:
 
 def split_sizes(t: Trial) -> tuple[int, int]:
     train = t if isinstance(t, TrainTrial) else t.train
-    full_train, full_test = SPLITS.get(t.dataset, (10000, 2000))
+    info = DATASETS[t.dataset]
+    full_train, full_test = info.train_size, info.test_size
     return min(train.train_size or full_train, full_train), min(train.test_size or full_test, full_test)
 
 

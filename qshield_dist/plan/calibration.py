@@ -23,6 +23,7 @@ from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial
 from qshield_dist.peak_memory import peak_bytes, reset_peak
 from qshield_dist.results import read_rows, trial_path
+from qshield_dist.vocabulary import BACKBONE_ONLY
 
 FIRST_UNITS = {"train": 1, "attack": 2, "diagnostic": 2}  # steps / points of the first run
 MAX_UNITS = {"train": 12, "attack": 96, "diagnostic": 8}
@@ -272,7 +273,7 @@ class _Group:
 
         if (s.trial_id, control) not in self.models:
             model, _ = train_or_load(s, self.ctx, allow_train=False)
-            alone = control == "backbone_only"
+            alone = control == BACKBONE_ONLY
             self.models[(s.trial_id, control)] = Classifier(model.backbone).eval() if alone else model
         return self.models[(s.trial_id, control)]
 
@@ -331,7 +332,7 @@ class _Group:
             labels = self.labels(model, base, n, repeats)
             runs.append(_run(s, self.ctx, self.timer, base.train.batch_size, n, labels))
             n = _next(runs[-1], "attack") if len(runs) == 1 else None
-        key = "backbone" if a.control == "backbone_only" else "model"
+        key = "backbone" if a.control == BACKBONE_ONLY else "model"
         return {
             **_fit(runs, self.forward_cost(model, base, a.eval.batch_size, key)),
             "cal_params": calibration_params(a.attack, a.params_dict),

@@ -16,6 +16,7 @@ from typing import Any
 from qshield_dist.config import ModelSpec
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, TrainTrial, Trial
+from qshield_dist.vocabulary import BACKBONE_ONLY
 
 
 def _standin(spec: ModelSpec, usable: dict[str, bool]) -> ModelSpec:
@@ -68,7 +69,7 @@ class Item:
 def _group(t: Trial, usable: dict[str, bool], kinds: dict[Any, tuple[Any, ...]]) -> tuple[Any, ...]:
     """What a trial's cost depends on; `kinds` memoizes the model kind per train trial and control."""
     train = t if isinstance(t, TrainTrial) else t.train
-    control = getattr(t, "control", None) == "backbone_only"
+    control = getattr(t, "control", None) == BACKBONE_ONLY
     kind = kinds.get((train.trial_id, control))
     if kind is None:
         spec = _standin(train.model, usable)

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from qshield_dist.config import SweepConfig
-from qshield_dist.executors.base import Resources
+from qshield_dist.config import Resources, SweepConfig
 from qshield_dist.grid import Grid
 
 STAGES = ("train", "attack", "diagnostic")

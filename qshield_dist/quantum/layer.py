@@ -40,6 +40,7 @@ from qshield_dist.quantum.superop import (
     transfer_matrix,
 )
 from qshield_dist.quantum.trajectories import queue_plan, sample_paulis, trajectory_plan, twirl_is_exact
+from qshield_dist.randomness import samples_trajectories
 from qshield_dist.vocabulary import COMPILED_PATHS, MIXED_DEVICES, SIMULATORS
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class QuantumLayer(torch.nn.Module):
             raise ValueError(f"trajectories must be >= 0, got {trajectories}")
         self.spec, self.simulator, self.device_name = spec, simulator, device
         self.trajectories, self.seed = int(trajectories), seed
-        self.stochastic = False
+        self.stochastic = samples_trajectories(spec, simulator, device, self.trajectories)
         self.noise_approx = "exact"
         self._qnodes: dict = {}
         self._cast: dict = {}
@@ -161,7 +162,6 @@ class QuantumLayer(torch.nn.Module):
                     "Monte-Carlo trajectories: pass trajectories=K > 0 (or use default.mixed / compiled)"
                 )
             self.path = "qnode-trajectories"
-            self.stochastic = True
             self._plan, self._flush_probs = trajectory_plan(spec)
             self.noise_approx = "exact" if twirl_is_exact(spec) else "pauli_twirl"
             # Without a seed, draws come from torch's global generator, which the trial seeds:

@@ -32,6 +32,14 @@ import polars as pl
 from qshield_dist.attack_params import ATTACKS, completes_worst_case, needed_autoattack
 from qshield_dist.summary import stats
 from qshield_dist.summary.load import VARIANT_KEYS, Results, collect
+from qshield_dist.vocabulary import (
+    BACKBONE_ALONE_VS_CNN,
+    BACKBONE_ONLY,
+    EQUAL_BUDGET,
+    VS_BACKBONE_ALONE,
+    VS_CNN,
+    VS_EQUAL_BUDGET,
+)
 
 POINT_COLUMNS = (
     *VARIANT_KEYS,
@@ -50,8 +58,6 @@ POINT_COLUMNS = (
 )
 WORST_CASE = "linf"  # the threat model whose attacks form the per-point worst case
 TWIN_ATTACKS = tuple(name for name, a in ATTACKS.items() if a.needs_twin)  # BPDA: hidden gradients only
-# (kind, the hybrid's side, the other side) of every comparison the report makes
-KINDS = ("vs CNN", "vs backbone alone", "vs equal-budget backbone", "backbone alone vs CNN")
 
 
 def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataFrame:
@@ -115,7 +121,7 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
 def _detached() -> pl.Expr:
     """The attacked model hides its quantum branch's gradient (a backbone-alone control does not)."""
     return (pl.col("quantum_grad") == "detached").fill_null(False) & pl.col("control").ne_missing(
-        "backbone_only"
+        BACKBONE_ONLY
     )
 
 
@@ -192,17 +198,17 @@ def _pairs_of(variants: pl.DataFrame, baselines: dict[str, str]) -> list[dict[st
         named=True
     ):
         base = by.get((h["dataset"], baselines.get(h["dataset"]), None))
-        alone = variants.filter(pl.col("control") == "backbone_only")
+        alone = variants.filter(pl.col("control") == BACKBONE_ONLY)
         alone = next((r for r in alone.iter_rows(named=True) if all(r[k] == h[k] for k in same)), None)
         # a hybrid trained from scratch had its backbone's budget: the backbone alone is its control
-        budget = by.get((h["dataset"], h["backbone"], None if h["init"] == "scratch" else "equal_budget"))
+        budget = by.get((h["dataset"], h["backbone"], None if h["init"] == "scratch" else EQUAL_BUDGET))
         # ... and when that backbone is the CNN baseline itself, "vs CNN" is that comparison too
         same_budget = budget is not None and budget is base
         for kind, a, b in (
-            ("vs CNN", h, base),
-            ("vs backbone alone", h, alone),
-            ("vs equal-budget backbone", h, None if same_budget else budget),
-            ("backbone alone vs CNN", alone, base),
+            (VS_CNN, h, base),
+            (VS_BACKBONE_ALONE, h, alone),
+            (VS_EQUAL_BUDGET, h, None if same_budget else budget),
+            (BACKBONE_ALONE_VS_CNN, alone, base),
         ):
             if a is not None and b is not None:
                 out.append(
@@ -212,8 +218,7 @@ def _pairs_of(variants: pl.DataFrame, baselines: dict[str, str]) -> list[dict[st
                         "a": a["vkey"],
                         "b": b["vkey"],
                         "hybrid": h["vkey"],
-                        "equal_budget": kind == "vs equal-budget backbone"
-                        or (kind == "vs CNN" and same_budget),
+                        "equal_budget": kind == VS_EQUAL_BUDGET or (kind == VS_CNN and same_budget),
                     }
                 )
     return out

@@ -20,10 +20,11 @@ from typing import Any
 import polars as pl
 
 from qshield_dist.attack_params import ATTACKS, PAPER_SUITE
+from qshield_dist.datasets import DATASETS
 from qshield_dist.summary.tables import Tables
 from qshield_dist.summary.verdicts import HYBRID
 
-PAPER_DATASETS = {"mnist": "MNIST", "organamnist": "OrganAMNIST", "cifar10": "CIFAR-10"}
+PAPER_DATASETS = {name: info.paper_name for name, info in DATASETS.items() if info.paper_name}
 # The paper's HQCNN configuration, as the project's settings (see paper-protocol.md).
 PAPER_HYBRID = {
     "backbone": "cnn",

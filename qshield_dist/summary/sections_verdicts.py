@@ -18,7 +18,6 @@ from typing import Any
 
 import polars as pl
 
-from qshield_dist.summary.paired import KINDS
 from qshield_dist.summary.plots import Figure
 from qshield_dist.summary.render import BADGE_SEP, Section, TextTable, pct, size
 from qshield_dist.summary.sections import label_map
@@ -31,6 +30,7 @@ from qshield_dist.summary.verdicts import (
     gain_text,
     sides_text,
 )
+from qshield_dist.vocabulary import COMPARISON_KINDS, VS_CNN
 
 VERDICT_TABLE = "Each hybrid against its CNN baseline"
 CONTROL_TABLE = "Each hybrid against its controls"
@@ -125,7 +125,7 @@ def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
         return sec.add("No HQCNN variant in these results.")
     labels, checks = label_map(tables), failed_checks(tables.diagnostics)
     paired = {
-        (r["a"], r["eps"]): r for r in tables.paired.filter(pl.col("kind") == "vs CNN").iter_rows(named=True)
+        (r["a"], r["eps"]): r for r in tables.paired.filter(pl.col("kind") == VS_CNN).iter_rows(named=True)
     }
     many_eps = v["eps"].drop_nulls().n_unique() > 1
     rows = []
@@ -186,9 +186,9 @@ def controls_section(tables: Tables, figures: list[Figure]) -> Section:
         sec.add(
             f"- **{labels.get(g['vkey_h'], g['vkey_h'])}** (L-inf eps {eps_text(g['eps'])}): {gain_text(g)}"
         )
-    kind_order = {k: i for i, k in enumerate(KINDS)}
+    kind_order = {k: i for i, k in enumerate(COMPARISON_KINDS)}
     controls = (
-        tables.paired.filter(pl.col("kind") != "vs CNN")
+        tables.paired.filter(pl.col("kind") != VS_CNN)
         .with_columns(pl.col("kind").replace_strict(kind_order, return_dtype=pl.Int64).alias("_order"))
         .sort("dataset", "hybrid", "eps", "_order")
     )

@@ -30,8 +30,6 @@ from qshield_dist.summary.paired import (
     worst_case_table,
 )
 from qshield_dist.summary.verdicts import (
-    BACKBONE_ONLY,
-    EQUAL_BUDGET,
     HYBRID,
     baseline_rows,
     controls,
@@ -39,6 +37,7 @@ from qshield_dist.summary.verdicts import (
     interval_verdicts,
     pick_baselines,
 )
+from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {

@@ -18,11 +18,16 @@ from typing import Any
 import polars as pl
 
 from qshield_dist.summary.load import VARIANT_KEYS
+from qshield_dist.vocabulary import (
+    BACKBONE_ALONE_VS_CNN,
+    BACKBONE_ONLY,
+    EQUAL_BUDGET,
+    VS_BACKBONE_ALONE,
+    VS_CNN,
+)
 
 BASELINES: tuple[str, ...] = ("cnn", "cnn_small")  # the CNN baseline: the first one present
 HYBRID = "hqcnn"
-BACKBONE_ONLY = "backbone_only"  # control: the hybrid's own backbone, quantum branch removed
-EQUAL_BUDGET = "equal_budget"  # control: the backbone trained with the hybrid's whole budget
 
 
 def uncontrolled() -> pl.Expr:
@@ -175,7 +180,7 @@ def interval_verdicts(
     n_skipped_by = dict(skipped.filter(pl.col("stage") == "attack").group_by("vkey").len().iter_rows())
     checks = failed_checks(diagnostics)
     by_hybrid = {}
-    for r in paired.filter(pl.col("kind") == "vs CNN").iter_rows(named=True):
+    for r in paired.filter(pl.col("kind") == VS_CNN).iter_rows(named=True):
         by_hybrid.setdefault(r["a"], []).append(r)
     rows: list[dict[str, Any]] = []
     for v in variants.filter((pl.col("model") == HYBRID) & uncontrolled()).iter_rows(named=True):
@@ -404,7 +409,7 @@ def gain_sources(paired: pl.DataFrame, margin: float) -> pl.DataFrame:
         part = (
             "equal_budget"
             if r["equal_budget"]
-            else {"vs backbone alone": "quantum", "backbone alone vs CNN": "backbone"}.get(r["kind"])
+            else {VS_BACKBONE_ALONE: "quantum", BACKBONE_ALONE_VS_CNN: "backbone"}.get(r["kind"])
         )
         if part:
             parts.setdefault((r["hybrid"], r["eps"]), {"vkey_h": r["hybrid"], "eps": r["eps"]})[part] = r
