@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from qshield_dist.attack_params import ADAPTIVE, ATTACKS, PAPER_SUITE, budget_reachable
 from qshield_dist.attacks import BPDA, CallCounter, build_attack
-from qshield_dist.results import read_rows, trial_path
+from qshield_dist.results.store import ResultStore, TrialKey
 
 EPS_SWEEP = (8 / 255, 16 / 255, 32 / 255, 64 / 255, 0.25, 0.5)
 
@@ -257,8 +256,9 @@ def batch_dependence(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 def read_attack_rows(results_dir: str, dataset: str, attack_ids: tuple[str, ...]) -> list[dict[str, Any]]:
     rows = []
+    store = ResultStore(results_dir)
     for trial_id in attack_ids:
-        path = trial_path(Path(results_dir), "attack", dataset, trial_id)
-        if path.exists():
-            rows.extend(read_rows(path))
+        key = TrialKey("attack", dataset, trial_id)
+        if store.trial_path(key).exists():
+            rows.extend(store.read(key))
     return rows

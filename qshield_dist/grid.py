@@ -22,7 +22,7 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
-from qshield_dist.results import STAGE_VERSIONS
+from qshield_dist.results.current import STAGE_VERSIONS
 
 V = TypeVar("V")
 

@@ -28,7 +28,7 @@ import cluster_fixtures as cf  # noqa: E402
 
 from qshield_dist.executors.base import Job, Resources  # noqa: E402
 from qshield_dist.executors.slurm import SlurmExecutor, max_array_tasks, pack_jobs  # noqa: E402
-from qshield_dist.results import differing_trials, scan_done  # noqa: E402
+from qshield_dist.results.store import ResultStore, differing_trials  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster.sh"
@@ -563,7 +563,7 @@ def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, local_smoke: Path, 
     text = Path(str(log_file).replace("%j", job_id)).read_text()
     assert state == "COMPLETED|0:0", text[-3000:]
     assert "ray head at 127.0.0.1:" in text and "9 ok, 0 failed, 0 lost" in text, text[-3000:]
-    done = scan_done(results)
+    done = {f.trial_id: "failed" if f.failed else "ok" for f in ResultStore(results).files()}
     assert len(done) == 9 and set(done.values()) == {"ok"}
     assert differing_trials(local_smoke, results) == {}
     # the token directory is gone, and so is every process of the job's Ray cluster

@@ -48,7 +48,7 @@ from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, TrainTrial, Tr
 from qshield_dist.plan import calibration as cal
 from qshield_dist.plan.kinds import Item, _group, _shape, _trains_of, _with_standins, model_kind
 from qshield_dist.plan.schedule import Estimate, capacity, render, schedule
-from qshield_dist.results import package_versions
+from qshield_dist.results.schema import package_versions
 
 log = logging.getLogger("qshield_dist.plan")
 

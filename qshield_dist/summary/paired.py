@@ -58,7 +58,7 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
     scan = pl.scan_parquet(files, hive_partitioning=False).select(
         *POINT_COLUMNS, "trial_id", "sweep", "status"
     )
-    scan = scan.filter((pl.col("sweep") == res.sweep) & (pl.col("status") == "ok"))
+    scan = scan.filter(res.selected & (pl.col("status") == "ok"))
     if res.expected is not None:
         scan = scan.filter(pl.col("trial_id").is_in(res.expected["trial_id"].implode()))
     (rows,) = collect([scan.filter(pl.col("point_index").list.len() > 0)], files)
