@@ -129,7 +129,12 @@ def test_failed_trials_are_rows_and_retry_failed_reruns_them(tmp_path, monkeypat
 
     _organamnist(Path("data/organamnist.npz"), complete=True)
     assert launch.main(["s.yaml"]) == 1  # without --retry-failed the failures stay as they are
-    assert sorted(_done(Path("results/fails"), Path("checkpoints")).values()) == ["failed", "failed", "ok", "ok"]
+    assert sorted(_done(Path("results/fails"), Path("checkpoints")).values()) == [
+        "failed",
+        "failed",
+        "ok",
+        "ok",
+    ]
     assert launch.main(["s.yaml", "--retry-failed"]) == 0
     done = _done(Path("results/fails"), Path("checkpoints"))
     assert set(done.values()) == {"ok"} and len(done) == 4

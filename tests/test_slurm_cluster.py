@@ -497,6 +497,95 @@ def test_submitit_executor_gives_the_local_rows(
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
 
 
+@pytest.mark.slurm
+def test_a_relaunch_does_not_resubmit_queued_arrays(
+    slurm_cluster: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The launcher submits the smoke sweep's arrays (recorded beside its lease) and is stopped
+    (SIGTERM) while they are still queued: the partition is down, so none can start. A relaunch
+    submits nothing (their trials are in flight, it says so), and a stale lease of a launcher
+    that is gone is not taken over while those arrays are queued."""
+    import json
+    import signal
+    import socket
+
+    import yaml
+
+    from qshield_dist import launch
+    from qshield_dist.executors.squeue import queued_tasks
+
+    sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
+    sweep["slurm"] = {"partition": "debug", "time_min": 10, "cpus_per_task": 1, "mem_gb": 1}
+    sweep["slurm"]["folder"] = str(tmp_path / "submitit")
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    results = tmp_path / "results"
+    args = [
+        str(path),
+        "--executor",
+        "slurm",
+        "--results",
+        str(results),
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+    ]
+    records = results / "slurm-arrays"
+    arrays: list[str] = []
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True)
+    try:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "qshield_dist.launch", *args],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.time() + 120
+            while len(list(records.glob("*.json"))) < 3:  # train, hybrids after their baseline, attacks
+                assert first.poll() is None and time.time() < deadline, "the launcher did not submit 3 arrays"
+                time.sleep(0.5)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(timeout=60) == 130
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait()
+        arrays = sorted(p.stem for p in records.glob("*.json"))
+        keys = {k for a in arrays for k in json.loads((records / f"{a}.json").read_text())["trials"]}
+        assert len(arrays) == 3 and len(keys) == 9 and all(queued_tasks(a) for a in arrays)
+        submitted = sorted(p.name for p in (tmp_path / "submitit").iterdir())
+
+        caplog.clear()
+        assert launch.main(args) == 1, "nothing ran: every trial is in flight"
+        assert "0 to run" in caplog.text and "in SLURM array" in caplog.text
+        assert sorted(p.stem for p in records.glob("*.json")) == arrays
+        assert sorted(p.name for p in (tmp_path / "submitit").iterdir()) == submitted, "nothing submitted"
+        queued = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, check=True)
+        assert set(queued.stdout.split()) <= set(arrays)
+
+        # A launcher that is gone (its pid no longer runs) left its lease: not taken over while
+        # its arrays are queued, not even with --take-over.
+        (results / "lease.json").write_text(
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": first.pid,
+                    "proc_start": "1",
+                    "started_at": "x",
+                    "token": "t",
+                }
+            )
+        )
+        caplog.clear()
+        assert launch.main([*args, "--take-over"]) == 2
+        assert "are still queued" in caplog.text and all(a in caplog.text for a in arrays)
+    finally:
+        if arrays:
+            subprocess.run(["scancel", *arrays], check=False)
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True)
+
+
 def _run_sh_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, QSHIELD_PYTHON=sys.executable, QSHIELD_RAY_DIR=str(tmp_path / "ray"), **extra)
     return {k: v for k, v in env.items() if not k.startswith("RAY_")}

@@ -129,6 +129,42 @@ def test_corrupt_checkpoint_is_retrained_not_fatal(tmp_path):
     assert list(ckpt.glob("*.corrupt-*")), "the unusable file is kept aside for inspection"
 
 
+def test_a_transient_error_reading_a_checkpoint_is_retried_not_moved_aside(tmp_path, monkeypatch):
+    """An NFS hiccup (EIO on open) is retried: the checkpoint is neither moved aside nor
+    retrained, by its train trial or by an attack that loads it. An error that outlives the
+    retries fails the trial, and the file stays where it is."""
+    import builtins
+
+    grid = _grid(tmp_path, [{"model": "cnn_small"}], [{"name": "fgsm"}])
+    ckpt = tmp_path / "ckpt"
+    ctx = RunContext("t", str(tmp_path / "results"), str(ckpt))
+    trial, attack = grid.train[0], grid.attack[0]
+    assert run_trial(trial, ctx) == "ok"
+    path = ckpt / f"{trial.trial_id}.pt"
+    before = path.stat().st_mtime_ns
+    real_open, failures = builtins.open, {"left": 0}
+
+    def flaky(file, *args, **kwargs):
+        if str(file) == str(path) and failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(5, "Input/output error (a transient NFS error, simulated)")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", flaky)
+    for t in (trial, attack):
+        failures["left"] = 1
+        assert run_trial(t, ctx) == "ok" and failures["left"] == 0, t.stage
+        assert path.stat().st_mtime_ns == before and not list(ckpt.glob("*.corrupt-*")), t.stage
+
+    from qshield_dist import fileio
+
+    failures["left"] = 100
+    monkeypatch.setattr(fileio, "READ_BACKOFF_S", 0.0)
+    assert run_trial(attack, ctx) == "failed"
+    assert "Input/output error" in ctx.store.read(attack, failed=True)[0]["error"]
+    assert path.stat().st_mtime_ns == before and not list(ckpt.glob("*.corrupt-*"))
+
+
 def test_valid_checkpoint_is_never_retrained(tmp_path):
     grid = _grid(tmp_path, [{"model": "cnn_small"}], [])
     ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
