@@ -285,9 +285,10 @@ def _run_held(
             statuses.update(executor.run(make_jobs(plan.now, cfg, ctx), progress))
             if plan.after_attacks:
                 store.refresh(repair=True, mode=file_mode)
+                # The store says what is done; the executor, what was lost.
                 attacks = {a for d in plan.after_attacks for a in d.attack_ids}
-                ok = {a: "ok" for a, s in store.done(attacks).status.items() if s == "ok"}
-                ready, held = ready_diagnostics(plan.after_attacks, {**statuses, **ok})
+                found = {a: statuses.get(a, "missing") for a in attacks} | store.done(attacks).status
+                ready, held = ready_diagnostics(plan.after_attacks, found)
                 waiting.update(held)
                 if ready:
                     statuses.update(executor.run(make_jobs(ready, cfg, ctx), progress))
