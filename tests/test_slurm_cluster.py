@@ -497,22 +497,27 @@ def test_submitit_executor_gives_the_local_rows(
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
 
 
+def _queued_arrays() -> set[str]:
+    """Ids of the arrays (and plain jobs) named qshield in the queue."""
+    out = subprocess.run(
+        ["squeue", "-h", "-n", "qshield", "-o", "%F"], capture_output=True, text=True, check=True
+    )
+    return set(out.stdout.split())
+
+
 @pytest.mark.slurm
 def test_a_relaunch_does_not_resubmit_queued_arrays(
     slurm_cluster: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The launcher submits the smoke sweep's arrays (recorded beside its lease) and is stopped
-    (SIGTERM) while they are still queued: the partition is down, so none can start. A relaunch
-    submits nothing (their trials are in flight, it says so), and a stale lease of a launcher
-    that is gone is not taken over while those arrays are queued."""
+    """The launcher submits the smoke sweep's three arrays and is stopped (SIGTERM) while they
+    are still queued: the partition is down, so none can start. A relaunch submits nothing
+    (their trials are in flight, and it says so), and a stale lease of a launcher that is gone
+    is not taken over while those arrays are queued."""
     import json
     import signal
     import socket
 
     import yaml
-
-    from qshield_dist import launch
-    from qshield_dist.executors.squeue import queued_tasks
 
     sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
     sweep["slurm"] = {"partition": "debug", "time_min": 10, "cpus_per_task": 1, "mem_gb": 1}
@@ -529,20 +534,17 @@ def test_a_relaunch_does_not_resubmit_queued_arrays(
         "--checkpoints",
         str(tmp_path / "ckpt"),
     ]
-    records = results / "slurm-arrays"
-    arrays: list[str] = []
+    command = [sys.executable, "-m", "qshield_dist.launch", *args]
+    before = _queued_arrays()
+    arrays: set[str] = set()
     subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True)
     try:
-        first = subprocess.Popen(
-            [sys.executable, "-m", "qshield_dist.launch", *args],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        first = subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.time() + 120
-            while len(list(records.glob("*.json"))) < 3:  # train, hybrids after their baseline, attacks
+            while (
+                len(arrays := _queued_arrays() - before) < 3
+            ):  # train, hybrids after their baseline, attacks
                 assert first.poll() is None and time.time() < deadline, "the launcher did not submit 3 arrays"
                 time.sleep(0.5)
             first.send_signal(signal.SIGTERM)
@@ -551,18 +553,20 @@ def test_a_relaunch_does_not_resubmit_queued_arrays(
             if first.poll() is None:
                 os.killpg(first.pid, signal.SIGKILL)
                 first.wait()
-        arrays = sorted(p.stem for p in records.glob("*.json"))
-        keys = {k for a in arrays for k in json.loads((records / f"{a}.json").read_text())["trials"]}
-        assert len(arrays) == 3 and len(keys) == 9 and all(queued_tasks(a) for a in arrays)
-        submitted = sorted(p.name for p in (tmp_path / "submitit").iterdir())
 
-        caplog.clear()
-        assert launch.main(args) == 1, "nothing ran: every trial is in flight"
-        assert "0 to run" in caplog.text and "in SLURM array" in caplog.text
-        assert sorted(p.stem for p in records.glob("*.json")) == arrays
-        assert sorted(p.name for p in (tmp_path / "submitit").iterdir()) == submitted, "nothing submitted"
-        queued = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, check=True)
-        assert set(queued.stdout.split()) <= set(arrays)
+        relaunch = subprocess.Popen(
+            command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            _, err = relaunch.communicate(timeout=90)
+        except subprocess.TimeoutExpired:  # it waits for arrays it submitted again
+            os.killpg(relaunch.pid, signal.SIGKILL)
+            _, err = relaunch.communicate()
+        finally:
+            arrays |= _queued_arrays() - before
+        assert len(arrays) == 3, f"the relaunch submitted arrays again: {sorted(arrays)}"
+        assert relaunch.returncode == 1, err[-2000:]
+        assert "0 to run" in err and "in SLURM array" in err and all(a in err for a in arrays)
 
         # A launcher that is gone (its pid no longer runs) left its lease: not taken over while
         # its arrays are queued, not even with --take-over.
@@ -577,6 +581,8 @@ def test_a_relaunch_does_not_resubmit_queued_arrays(
                 }
             )
         )
+        from qshield_dist import launch
+
         caplog.clear()
         assert launch.main([*args, "--take-over"]) == 2
         assert "are still queued" in caplog.text and all(a in caplog.text for a in arrays)
