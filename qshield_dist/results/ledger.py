@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ _READERS = 8  # files read at once: on NFS the wait is latency, not CPU
 
 
 class Entry(NamedTuple):
-    path: str  # relative to the results directory
+    rel: str  # the file, relative to the results directory
     size: int
     mtime_ns: int
     trial_id: str
@@ -56,7 +57,7 @@ class Entry(NamedTuple):
 
 ENTRY = pa.schema(
     [
-        ("path", pa.string()),
+        ("rel", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("trial_id", pa.string()),
@@ -95,7 +96,12 @@ class ResultFile(NamedTuple):
     dataset: str
     trial_id: str
     failed: bool
-    path: Path
+    rel: str  # its path relative to the results directory (a string: 10^6 Paths cost seconds)
+    root: Path
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.rel
 
 
 @dataclass
@@ -110,7 +116,7 @@ class Refreshed:
 class Ledger:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.files: dict[str, tuple[int, int, list[Entry]]] = {}  # path -> size, mtime_ns, entries
+        self.files: dict[str, tuple[int, int, list[Entry]]] = {}  # rel -> size, mtime_ns, entries
 
     @property
     def path(self) -> Path:
@@ -136,7 +142,7 @@ class Ledger:
             return
         columns = [table.column(name).to_pylist() for name in ENTRY.names]
         for entry in map(Entry._make, zip(*columns)):
-            self.files.setdefault(entry.path, (entry.size, entry.mtime_ns, []))[2].append(entry)
+            self.files.setdefault(entry.rel, (entry.size, entry.mtime_ns, []))[2].append(entry)
 
     def save(self, mode: int) -> None:
         entries = [e for _, _, file_entries in self.files.values() for e in file_entries]
@@ -154,21 +160,21 @@ class Ledger:
         found = Refreshed()
         kept: dict[str, tuple[int, int, list[Entry]]] = {}
         to_read: list[tuple[ResultFile, int, int]] = []
+        root = str(self.root)
         for file in listing:
             try:
-                st = file.path.stat()
+                st = os.stat(os.path.join(root, file.rel))
             except FileNotFoundError:
                 continue  # moved away since it was listed
-            rel = str(file.path.relative_to(self.root))
-            known = self.files.get(rel)
-            if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
-                kept[rel] = known
+            known = self.files.get(file.rel)
+            if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+                kept[file.rel] = known
             else:
                 to_read.append((file, st.st_size, st.st_mtime_ns))
         with ThreadPoolExecutor(max_workers=_READERS) as pool:
             for (file, size, mtime), result in zip(to_read, pool.map(lambda t: self._read(*t), to_read)):
                 if isinstance(result, list):
-                    kept[str(file.path.relative_to(self.root))] = (size, mtime, result)
+                    kept[file.rel] = (size, mtime, result)
                 elif isinstance(result, OSError):
                     found.unreadable[file.path] = f"unreadable ({type(result).__name__}: {result})"
                 else:
@@ -192,14 +198,13 @@ class Ledger:
         column = {
             c: table.column(c).to_pylist() if c in names else [None] * table.num_rows for c in _KEY_COLUMNS
         }
-        rel = str(file.path.relative_to(self.root))
         entries = []
         for i in range(table.num_rows):
             row = {c: column[c][i] for c in _KEY_COLUMNS}
             stage = row["stage"] or file.stage
             entries.append(
                 Entry(
-                    path=rel,
+                    rel=file.rel,
                     size=size,
                     mtime_ns=mtime_ns,
                     trial_id=row["trial_id"] or file.trial_id,
@@ -228,8 +233,8 @@ class Ledger:
 
     def update(self, entry: Entry) -> None:
         """Replace the entry of the same file and trial (a checkpoint verified)."""
-        size, mtime, entries = self.files[entry.path]
-        self.files[entry.path] = (
+        size, mtime, entries = self.files[entry.rel]
+        self.files[entry.rel] = (
             size,
             mtime,
             [entry if e.trial_id == entry.trial_id else e for e in entries],

@@ -115,21 +115,21 @@ class ResultStore:
         files of atomic writes still in flight."""
         if not self.root.is_dir():
             return
-        for stage_dir in sorted(self.root.iterdir()):
-            if not (stage_dir.is_dir() and stage_dir.name.startswith("stage=")):
+        for stage_dir in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if not (stage_dir.name.startswith("stage=") and stage_dir.is_dir()):
                 continue
             stage = stage_dir.name[len("stage=") :]
-            for dataset_dir in sorted(stage_dir.iterdir()):
+            for dataset_dir in sorted(os.scandir(stage_dir.path), key=lambda e: e.name):
                 if not dataset_dir.is_dir():
                     continue
                 dataset = dataset_dir.name.removeprefix("dataset=")
-                for entry in sorted(os.scandir(dataset_dir), key=lambda e: e.name):
-                    name = entry.name
+                folder = f"{stage_dir.name}/{dataset_dir.name}/"
+                for name in sorted(os.listdir(dataset_dir.path)):
                     if name.startswith(".") or not name.endswith(".parquet"):
                         continue
                     failed = name.endswith(FAILED_SUFFIX)
                     trial_id = name[: -len(FAILED_SUFFIX)] if failed else name[: -len(".parquet")]
-                    yield ResultFile(stage, dataset, trial_id, failed, Path(entry.path))
+                    yield ResultFile(stage, dataset, trial_id, failed, folder + name, self.root)
 
     # -- rows (any process) ---------------------------------------------------------------
 
