@@ -253,7 +253,7 @@ class ResultStore:
                 for e in entries
             ]
             if entries and all(reasons):
-                out[self.root / rel] = reasons[0]  # type: ignore[assignment]
+                out[self.root / rel] = str(reasons[0])
         return out
 
     def _files(self) -> dict[str, tuple[int, int, list[Entry]]]:
