@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -24,7 +23,7 @@ from qshield_dist.attacks import BPDA, CallCounter, build_attack
 from qshield_dist.attacks.autoattack import AUTHORS_EOT, AUTHORS_STEPS
 from qshield_dist.attacks.base import strict_majority
 from qshield_dist.attacks.streams import PointStreams
-from qshield_dist.results import read_rows, trial_path
+from qshield_dist.results.store import ResultStore, TrialKey
 
 EPS_SWEEP = (8 / 255, 16 / 255, 32 / 255, 64 / 255, 0.25, 0.5)
 RESTART_STARTS = 5  # independent APGD starts of restart_sensitivity (AutoAttack's custom default)
@@ -323,9 +322,19 @@ def batch_dependence(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 
 def read_attack_rows(results_dir: str, dataset: str, attack_ids: tuple[str, ...]) -> list[dict[str, Any]]:
-    rows = []
+    """The ok rows of every attack trial the checks compare; an attack without them is an error,
+    never a silently smaller comparison (the launcher holds a diagnostic back until its attacks
+    are ok, so this fires only on a race)."""
+    store = ResultStore(results_dir)
+    rows, missing = [], []
     for trial_id in attack_ids:
-        path = trial_path(Path(results_dir), "attack", dataset, trial_id)
-        if path.exists():
-            rows.extend(read_rows(path))
+        key = TrialKey("attack", dataset, trial_id)
+        found = store.read(key) if store.trial_path(key).exists() else []
+        if not found or any(r.get("status") != "ok" for r in found):
+            missing.append(trial_id)
+        rows.extend(found)
+    if missing:
+        raise FileNotFoundError(
+            f"attack trials without ok rows: {', '.join(missing)}: the diagnostic waits for them"
+        )
     return rows

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
-from qshield_dist.results import STAGE_VERSIONS
+from qshield_dist.results.current import STAGE_VERSIONS
 from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET
 
 V = TypeVar("V")

@@ -3,12 +3,13 @@
 config -> validate -> grid -> (skip what is done) -> executor -> run_trial -> Parquet. Bad
 input exits with code 2 before anything is computed or written. Running the same command
 again runs only what is missing; `--retry-failed` also re-runs trials recorded as failed.
+One launcher at a time per results directory (lease.py): a second one exits with code 2.
 
 The same sweep as a library call, for a notebook or a Ray Tune driver:
 
     from qshield_dist.config import load_config
     from qshield_dist.launch import run_sweep
-    statuses = run_sweep(load_config("sweeps/quick.yaml"))   # trial id -> ok | failed | lost
+    statuses = run_sweep(load_config("sweeps/quick.yaml"))   # trial id -> ok | failed | lost | waiting
 """
 
 from __future__ import annotations
@@ -31,15 +32,11 @@ from qshield_dist.attack_params import budget_reachable
 from qshield_dist.config import ConfigError, SweepConfig, check_availability, load_config, validate
 from qshield_dist.executors import Executor, Job, ProgressSink
 from qshield_dist.grid import AttackTrial, Grid, TrainTrial, Trial, build_grid, many_objects
-from qshield_dist.results import (
-    STAGE_VERSIONS,
-    move_aside,
-    package_versions,
-    result_files,
-    scan_done,
-    stale_reason,
-    write_manifest,
-)
+from qshield_dist.lease import LeaseHeld, ResultsLease
+from qshield_dist.results.current import STAGE_VERSIONS
+from qshield_dist.results.schema import package_versions
+from qshield_dist.results.store import ResultStore
+from qshield_dist.resume import plan_launch, ready_diagnostics
 
 if TYPE_CHECKING:
     from qshield_dist.trial import RunContext
@@ -161,20 +158,9 @@ def dry_run_table(grid: Grid, done: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def stale_files(results_dir: Path, grid: Grid) -> dict[Path, str]:
-    """Result files of trials that are not in the grid at the current versions, with why.
-    Resume never reuses them (their ids are not the grid's); the summary sets them aside."""
-    expected = {t.trial_id for t in grid.trials}
-    return {
-        path: stale_reason(stage, path)
-        for stage, trial_id, _, path in result_files(results_dir)
-        if trial_id not in expected
-    }
-
-
-def _count_reasons(stale: dict[Path, str]) -> str:
+def _count_reasons(reasons: dict[Path, str] | dict[str, str]) -> str:
     counts: dict[str, int] = {}
-    for reason in stale.values():
+    for reason in reasons.values():
         counts[reason] = counts.get(reason, 0) + 1
     return "; ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
 
@@ -206,6 +192,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     p.add_argument("--retry-failed", action="store_true", help="also re-run trials recorded as failed")
+    p.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the results directory's lease from a launcher whose heartbeat is stale (refused while it is"
+        " fresh or its SLURM arrays are queued)",
+    )
     p.add_argument(
         "--prune",
         action="store_true",
@@ -251,14 +243,46 @@ def run_sweep(
     *,
     retry_failed: bool = False,
     grid: Grid | None = None,
+    take_over: bool = False,
 ) -> dict[str, str]:
-    """Run what is missing of a sweep; returns trial id -> 'ok', 'failed' or 'lost' for every
-    trial of its grid (a trial done before keeps its recorded status). `executor` defaults to
-    the one the config names (make_executor)."""
+    """Run what is missing of a sweep; returns trial id -> 'ok', 'failed', 'lost' or 'waiting'
+    for every trial of its grid (a trial done before keeps its recorded status; a waiting one
+    did not run: a diagnostic whose attacks are not all ok, a trial of a SLURM array still
+    queued, and what depends on it). `executor` defaults to the one the config names
+    (make_executor). Holds the results directory's lease meanwhile: LeaseHeld if another
+    launcher holds it (take_over: take a stale one, see lease.py)."""
     grid = grid or prepare(cfg)
     results_dir = cfg.results_path
-    done = scan_done(results_dir)
-    stale = stale_files(results_dir, grid)
+    mode = 0o700 if cfg.private else 0o755
+    results_dir.mkdir(parents=True, exist_ok=True, mode=mode)
+    Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=mode)
+    lease = ResultsLease(results_dir)
+    lease.acquire(take_over)
+    try:
+        return _run_held(cfg, executor, grid, lease, retry_failed)
+    finally:
+        lease.release()
+
+
+def _run_held(
+    cfg: SweepConfig, executor: Executor | None, grid: Grid, lease: ResultsLease, retry_failed: bool
+) -> dict[str, str]:
+    results_dir = cfg.results_path
+    file_mode = 0o600 if cfg.private else 0o644
+    store = ResultStore(results_dir, cfg.checkpoint_dir)
+    store.refresh(repair=True, mode=file_mode)
+    expected = manifest_trials(grid)
+    older = store.stale(expected, in_grid=True)
+    if older:
+        # Their trials run again under the same ids and would overwrite them.
+        dest = store.move_aside(older)
+        log.warning(
+            "%d result files of this grid are not current (%s): moved to %s, their trials run again",
+            len(older),
+            _count_reasons(older),
+            dest,
+        )
+    stale = store.stale(expected)
     if stale:
         log.warning(
             "%d result files in %s are not this grid at the current versions (%s): not reused, set aside by the"
@@ -267,18 +291,17 @@ def run_sweep(
             results_dir,
             _count_reasons(stale),
         )
-    finished = {k for k, v in done.items() if v == "ok" or (v == "failed" and not retry_failed)}
-    todo = [t for t in grid.trials if t.trial_id not in finished]
-    mode = 0o700 if cfg.private else 0o755
-    results_dir.mkdir(parents=True, exist_ok=True, mode=mode)
-    Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=mode)
+    done = store.done(expected)
+    if done.rerun:
+        log.warning("%d trials run again: %s", len(done.rerun), _count_reasons(done.rerun))
+    plan = plan_launch(grid, done.status, lease.in_flight(), retry_failed)
     meta = {
         "sweep": cfg.name,
         "spec": cfg.model_dump(),
         "versions": package_versions(),
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_manifest(results_dir, meta, manifest_trials(grid), 0o600 if cfg.private else 0o644)
+    store.write_manifest(meta, expected, file_mode)
     from qshield_dist.trial import RunContext
 
     ctx = RunContext(
@@ -290,6 +313,7 @@ def run_sweep(
         executor=executor.name if executor else cfg.executor,
         private=cfg.private,
     )
+    todo = len(plan.now) + len(plan.after_attacks)
     log.info(
         "sweep %s: %d trials (%d train, %d attack, %d diagnostic), %d already done, %d to run on %s -> %s",
         cfg.name,
@@ -297,36 +321,56 @@ def run_sweep(
         len(grid.train),
         len(grid.attack),
         len(grid.diagnostic),
-        len(grid.trials) - len(todo),
-        len(todo),
+        len(plan.kept),
+        todo,
         ctx.executor,
         results_dir,
     )
-    previously_failed = sum(done.get(t.trial_id) == "failed" and not retry_failed for t in grid.trials)
+    previously_failed = sum(s == "failed" for s in plan.kept.values())
     if previously_failed:
         log.warning("%d trials are recorded as failed; re-run them with --retry-failed", previously_failed)
-    statuses = {t.trial_id: done[t.trial_id] for t in grid.trials if t.trial_id in finished}
-    if not todo:
-        return statuses
-    executor = executor or make_executor(cfg)
-    progress = BarProgress(len(todo))
-    start = time.perf_counter()
-    try:
-        statuses.update(executor.run(make_jobs(todo, cfg, ctx), progress))
-    finally:
-        progress.close()
-    counts = {s: sum(statuses[t.trial_id] == s for t in todo) for s in ("ok", "failed", "lost")}
-    log.info(
-        "done in %.1f s: %d ok, %d failed, %d lost; results in %s (summarize: python analysis/summarize.py %s)",
-        time.perf_counter() - start,
-        counts["ok"],
-        counts["failed"],
-        counts["lost"],
-        results_dir,
-        results_dir,
-    )
-    if counts["failed"]:
-        log.warning("failed trials are recorded as rows; re-run them with --retry-failed")
+    statuses = dict(plan.kept)
+    waiting = dict(plan.waiting)
+    if todo:
+        executor = executor or make_executor(cfg)
+        if hasattr(executor, "on_submit"):  # SLURM: record each array, so a relaunch does not resubmit it
+            executor.on_submit = lease.record_array
+        progress = BarProgress(todo)
+        start = time.perf_counter()
+        try:
+            statuses.update(executor.run(make_jobs(plan.now, cfg, ctx), progress))
+            if plan.after_attacks:
+                store.refresh(repair=True, mode=file_mode)
+                # The store says what is done; the executor, what was lost.
+                attacks = {a for d in plan.after_attacks for a in d.attack_ids}
+                found = {a: statuses.get(a, "missing") for a in attacks} | store.done(attacks).status
+                ready, held = ready_diagnostics(plan.after_attacks, found)
+                waiting.update(held)
+                if ready:
+                    statuses.update(executor.run(make_jobs(ready, cfg, ctx), progress))
+        finally:
+            progress.close()
+            store.refresh(repair=True, mode=file_mode)  # the ledger learns the new files now, not next launch
+        ran = [t.trial_id for t in [*plan.now, *plan.after_attacks] if t.trial_id in statuses]
+        counts = {s: sum(statuses[t] == s for t in ran) for s in ("ok", "failed", "lost")}
+        log.info(
+            "done in %.1f s: %d ok, %d failed, %d lost; results in %s (summarize: python analysis/summarize.py %s)",
+            time.perf_counter() - start,
+            counts["ok"],
+            counts["failed"],
+            counts["lost"],
+            results_dir,
+            results_dir,
+        )
+        if counts["failed"]:
+            log.warning("failed trials are recorded as rows; re-run them with --retry-failed")
+    if waiting:
+        log.warning("%d trials wait and did not run in this launch:", len(waiting))
+        for key, why in list(waiting.items())[:10]:
+            log.warning("  %s %s", key, why)
+        if len(waiting) > 10:
+            log.warning("  ... and %d more", len(waiting) - 10)
+    statuses.update({key: "waiting" for key in waiting})
     return {t.trial_id: statuses[t.trial_id] for t in grid.trials}
 
 
@@ -370,41 +414,59 @@ def _command(args: argparse.Namespace) -> int:
 
     _warn_unreachable_budgets(grid)
     results_dir = cfg.results_path
-    if args.prune:
-        stale = stale_files(results_dir, grid)
-        if not stale:
-            log.info("nothing to prune in %s", results_dir)
-            return 0
-        dest = move_aside(results_dir, stale, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        log.info(
-            "moved %d result files to %s (%s); the list is %s",
-            len(stale),
-            dest,
-            _count_reasons(stale),
-            dest / "moved.tsv",
-        )
-        return 0
     if args.plan:
         from qshield_dist.plan import run_plan  # torch only if something must be calibrated
 
         run_plan(cfg, grid, as_json=args.json)
         return 0
     if args.dry_run:
-        done = scan_done(results_dir)
+        done = ResultStore(results_dir, cfg.checkpoint_dir).done(t.trial_id for t in grid.trials).status
         print(dry_run_table(grid, done))
         print(
-            f"{len(grid.train)} train, {len(grid.attack)} attack, {len(grid.diagnostic)} diagnostic trials, {sum(t.trial_id in done for t in grid.trials)} already done"
+            f"{len(grid.train)} train, {len(grid.attack)} attack, {len(grid.diagnostic)} diagnostic trials, {len(done)} already done"
         )
         return 0
-    # A kill (SIGTERM: scancel, timeout, a job scheduler) takes the path of Ctrl-C, so the
-    # executor stops its workers instead of leaving them running the sweep's trials unowned.
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        statuses = run_sweep(cfg, retry_failed=args.retry_failed, grid=grid)
-    except KeyboardInterrupt:
-        log.error("interrupted: finished trials are saved; run the same command again to resume")
-        return 130
+        if args.prune:
+            return _prune(cfg, grid, args.take_over)
+        # A kill (SIGTERM: scancel, timeout, a job scheduler) takes the path of Ctrl-C, so the
+        # executor stops its workers instead of leaving them running the sweep's trials unowned.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            statuses = run_sweep(cfg, retry_failed=args.retry_failed, grid=grid, take_over=args.take_over)
+        except KeyboardInterrupt:
+            log.error("interrupted: finished trials are saved; run the same command again to resume")
+            return 130
+    except LeaseHeld as exc:
+        log.error("%s", exc)
+        return 2
     return 0 if set(statuses.values()) <= {"ok"} else 1
+
+
+def _prune(cfg: SweepConfig, grid: Grid, take_over: bool) -> int:
+    """Move the files that are not this grid's current rows aside, under the results lease."""
+    results_dir = cfg.results_path
+    if not results_dir.is_dir():
+        log.info("nothing to prune in %s", results_dir)
+        return 0
+    with ResultsLease(results_dir) as lease:
+        lease.acquire(take_over)
+        store = ResultStore(results_dir, cfg.checkpoint_dir)
+        store.refresh(repair=True, mode=0o600 if cfg.private else 0o644)
+        stale = store.stale(manifest_trials(grid))
+        if not stale:
+            log.info("nothing to prune in %s", results_dir)
+            return 0
+        dest = store.move_aside(stale)
+        store.save(0o600 if cfg.private else 0o644)
+    log.info(
+        "moved %d result files to %s (%s); the list is %s",
+        len(stale),
+        dest,
+        _count_reasons(stale),
+        dest / "moved.tsv",
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Training loop and the content-addressed checkpoint cache.
 
 A checkpoint is `CHECKPOINTS/<train_trial_id>.pt`, written atomically and loaded with
-`torch.load(weights_only=True)`: no pickle from an unknown source is ever executed. A file
-that fails to load (truncated, corrupt) is moved aside and the model is retrained.
+`torch.load(weights_only=True)`: no pickle from an unknown source is ever executed. Reading it
+retries an OSError (a transient NFS error is no reason to retrain); a file whose bytes do not
+decode (truncated, corrupt, non-finite weights) is moved aside and the model is retrained.
+Both return the sha256 of the checkpoint's bytes, which the train row records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import time
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qshield_dist.config import TrainConfig
-from qshield_dist.results import atomic_write_bytes
+from qshield_dist.fileio import atomic_write_bytes, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +86,33 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
     return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any], mode: int = 0o600) -> None:
+def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any], mode: int = 0o600) -> str:
+    """Write the checkpoint atomically; returns the sha256 of its bytes."""
     buffer = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), "meta": meta}, buffer)
-    atomic_write_bytes(path, buffer.getvalue(), mode)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data, mode)
+    return hashlib.sha256(data).hexdigest()
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any] | None:
-    """Load weights into `model` and return the stored meta, or None if absent or unusable."""
-    if not path.exists():
+def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], str] | None:
+    """Load weights into `model`; returns the stored meta and the sha256 of the file's bytes,
+    or None if the file is absent or does not decode (then it is moved aside). An OSError that
+    outlives fileio.read_bytes' retries is raised: the file may be fine, so it stays."""
+    try:
+        data = read_bytes(path)
+    except FileNotFoundError:
         return None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         bad = [
             k for k, v in blob["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()
         ]
         if bad:
             raise ValueError(f"non-finite weights in {bad[0]} (and {len(bad) - 1} more)")
         model.load_state_dict(blob["state_dict"])
-        return dict(blob["meta"])
-    except Exception as exc:  # truncated zip, bad pickle opcode, wrong keys, ...
+        return dict(blob["meta"]), hashlib.sha256(data).hexdigest()
+    except Exception as exc:  # decoding bytes in memory: truncated zip, bad pickle opcode, wrong keys, ...
         bad = path.with_name(path.name + f".corrupt-{int(time.time())}")
         log.warning(
             "checkpoint %s is unusable (%s: %s); moved to %s, retraining",

@@ -32,14 +32,8 @@ from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial, s
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
 from qshield_dist.peak_memory import max_rss_bytes
-from qshield_dist.results import (
-    MODEL_COLUMNS,
-    package_versions,
-    read_rows,
-    trial_log_path,
-    trial_path,
-    write_rows,
-)
+from qshield_dist.results.schema import MODEL_COLUMNS, package_versions
+from qshield_dist.results.store import ResultStore
 from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
 from qshield_dist.trial_env import fixed_numerics, seed_everything, trial_log
 
@@ -68,6 +62,10 @@ class RunContext:
     def file_mode(self) -> int:
         return 0o600 if self.private else 0o644
 
+    @property
+    def store(self) -> ResultStore:
+        return ResultStore(self.results_dir, self.checkpoint_dir)
+
 
 def _model_columns(trial: TrainTrial) -> dict[str, Any]:
     spec = trial.model
@@ -88,6 +86,15 @@ def _model_facts(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def variant_id(train: TrainTrial, control: str | None) -> str:
+    """What makes two trained models different, apart from the seed: the train trial's identity
+    without its seed (and the baseline's id, which carries the seed), plus the control."""
+    identity = {
+        k: v for k, v in train.identity().items() if k not in ("seed", "baseline", "threads", "version")
+    }
+    return stable_hash({**identity, "control": control})
+
+
 def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
     train = trial if isinstance(trial, TrainTrial) else trial.train
     row = {
@@ -106,7 +113,7 @@ def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
     }
     control = getattr(trial, "control", None)
     row["control"] = control  # a control is its own variant in the tables, also when it failed
-    row["variant_id"] = stable_hash({"model": train.model.model_dump(), "control": control})
+    row["variant_id"] = variant_id(train, control)
     if control:
         row["variant"] = f"{row['variant']} [{control}]"
     return row
@@ -128,10 +135,11 @@ def train_or_load(
     train stage trains: later stages fail clearly rather than train a model out of place."""
     seed_everything(trial.seed)
     model = build_model(trial.model, DATASETS[trial.dataset])
-    path = Path(ctx.checkpoint_dir) / f"{trial.trial_id}.pt"
-    meta = load_checkpoint(path, model)
-    if meta is not None:
-        return model, meta
+    store = ctx.store
+    path = store.checkpoint_path(trial.trial_id)
+    loaded = load_checkpoint(path, model)
+    if loaded is not None:
+        return model, {**loaded[0], "checkpoint_sha256": loaded[1]}
     if not allow_train:
         raise FileNotFoundError(
             f"no usable checkpoint {path}: train trial {trial.trial_id} failed or has not run"
@@ -141,13 +149,13 @@ def train_or_load(
     init_steps = 0
     if trial.baseline_id:
         # The baseline is a Classifier around the same backbone module: loading it fills ours.
-        baseline = Path(ctx.checkpoint_dir) / f"{trial.baseline_id}.pt"
-        baseline_meta = load_checkpoint(baseline, Classifier(model.backbone))
-        if baseline_meta is None:
+        baseline = store.checkpoint_path(trial.baseline_id)
+        baseline_loaded = load_checkpoint(baseline, Classifier(model.backbone))
+        if baseline_loaded is None:
             raise FileNotFoundError(
                 f"baseline checkpoint {baseline} is missing or unusable: its train trial must run (again) first"
             )
-        init_steps = int(baseline_meta["train_steps"])
+        init_steps = int(baseline_loaded[0]["train_steps"])
     stats = train_model(model, train.x, train.y, trial.train, trial.seed)
     meta = {
         "train_seconds": stats.seconds,
@@ -156,8 +164,8 @@ def train_or_load(
         "init_steps": init_steps,
     }
     Path(ctx.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=0o700 if ctx.private else 0o755)
-    save_checkpoint(path, model, meta, ctx.file_mode)
-    return model, meta
+    sha256 = save_checkpoint(path, model, meta, ctx.file_mode)
+    return model, {**meta, "checkpoint_sha256": sha256}
 
 
 def _train_columns(meta: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +210,7 @@ def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
             "status": "ok",
             **_model_facts(model),
             "details": json.dumps(details),
+            "checkpoint_sha256": meta["checkpoint_sha256"],
         }
     ]
 
@@ -387,12 +396,15 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, An
 
 
 def run_trial(trial: Trial, ctx: RunContext) -> str:
-    """Run one trial and write its result file; returns 'ok' or 'failed'."""
-    root = Path(ctx.results_dir)
-    ok_path = trial_path(root, trial.stage, trial.dataset, trial.trial_id)
-    failed_path = trial_path(root, trial.stage, trial.dataset, trial.trial_id, failed=True)
+    """Run one trial and write its result file; returns 'ok' or 'failed'. A diagnostic runs
+    only on attack rows that are all ok (the launcher holds it back until then); its rows
+    record the attack statuses it found (`inputs`), and resume runs again one whose were not."""
+    store = ctx.store
+    inputs = None
+    if isinstance(trial, DiagnosticTrial):
+        inputs = store.statuses("attack", trial.dataset, trial.attack_ids)
     with (
-        trial_log(trial_log_path(root, trial.trial_id), ctx.file_mode),
+        trial_log(store.log_path(trial.trial_id), ctx.file_mode),
         fixed_numerics(trial.threads) as determinism,
     ):
         log.info(
@@ -404,6 +416,8 @@ def run_trial(trial: Trial, ctx: RunContext) -> str:
                 rows = run_train(trial, ctx)
             elif isinstance(trial, AttackTrial):
                 rows = run_attack(trial, ctx)
+            elif inputs and set(inputs.values()) != {"ok"}:
+                raise RuntimeError(f"not run: its attack trials are not all ok: {inputs}")
             else:
                 rows = run_diagnostic(trial, ctx)
             status = "ok"
@@ -427,11 +441,11 @@ def run_trial(trial: Trial, ctx: RunContext) -> str:
     for row in rows:
         row["peak_rss_mb"] = max_rss_bytes() / 2**20
         row["determinism"] = determinism
-    write_rows(ok_path if status == "ok" else failed_path, rows, ctx.file_mode)
-    if status == "ok":
-        failed_path.unlink(missing_ok=True)
+        if inputs is not None:
+            row["inputs"] = json.dumps(inputs, sort_keys=True)
+    store.write(trial, rows, ctx.file_mode)
     return status
 
 
 def read_trial(ctx: RunContext, trial: Trial) -> list[dict[str, Any]]:
-    return read_rows(trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id))
+    return ctx.store.read(trial)

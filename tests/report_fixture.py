@@ -1,6 +1,6 @@
 """A small results directory with per-point outcomes, for the report's layout and number tests.
 
-Written with qshield_dist.results.write_rows, so the schema is the real one; every outcome is
+Written with the ResultStore, so the schema is the real one; every outcome is
 set by hand, so the verdicts are known: on digits (one seed, 200 points) the full hybrid is
 more robust than cnn_small under AutoAttack (which breaks more of its points than the rest of
 its suite: suite_vs_autoattack fails), the star hybrid, without AutoAttack, provisional and
@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qshield_dist.results import STAGE_VERSIONS, trial_path, write_manifest, write_rows
+from qshield_dist.results.current import STAGE_VERSIONS
+from qshield_dist.results.store import ResultStore, TrialKey
 
 SWEEP = "fixture"
 EPS = 32 / 255
@@ -223,7 +224,7 @@ def build(root: Path) -> None:
             "train_version": STAGE_VERSIONS["train"],
             **row,
         }
-        write_rows(trial_path(root, row["stage"], row["dataset"], row["trial_id"]), [row])
+        ResultStore(root).write(TrialKey(row["stage"], row["dataset"], row["trial_id"]), [row])
     failed = {
         "sweep": SWEEP,
         "stage": "attack",
@@ -239,9 +240,11 @@ def build(root: Path) -> None:
         "train_version": STAGE_VERSIONS["train"],
         **_cols("hqcnn", "star"),
     }
-    write_rows(trial_path(root, "attack", "digits", failed["trial_id"], failed=True), [failed])
+    ResultStore(root).write(TrialKey("attack", "digits", failed["trial_id"]), [failed])
     expected = [r["trial_id"] for r in written] + [failed["trial_id"]]
-    write_manifest(root, {"sweep": SWEEP}, {t: {"stage": "attack", "dataset": "digits"} for t in expected})
+    ResultStore(root).write_manifest(
+        {"sweep": SWEEP}, {t: {"stage": "attack", "dataset": "digits"} for t in expected}
+    )
 
 
 def normalised(text: str, root: Path) -> str:

@@ -5,7 +5,7 @@ with the results version that produced them.
   exactly; floats within FLOAT_TOLERANCE (CI machines differ in their SIMD paths, and the
   floats are allowed to move by round-off there, not by more).
 - A mismatch while the version is unchanged fails: the change alters what the stage computes,
-  so bump its version in qshield_dist/results.py in the same commit.
+  so bump its version in qshield_dist/results/current.py in the same commit.
 - The code's version differs from the file's: fails until the golden is regenerated with
   `QSHIELD_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py` and committed beside the bump.
 """
@@ -22,7 +22,8 @@ import pytest
 
 from qshield_dist.config import SweepConfig, validate
 from qshield_dist.grid import build_grid
-from qshield_dist.results import STAGE_VERSIONS, VOLATILE_COLUMNS, read_rows, trial_path
+from qshield_dist.results.current import STAGE_VERSIONS
+from qshield_dist.results.schema import VOLATILE_COLUMNS
 from qshield_dist.trial import RunContext, run_trial
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -59,10 +60,8 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[s
     for trial in build_grid(
         validate(SweepConfig(**SWEEP))
     ).trials:  # dependency order: train, attack, diagnostic
-        assert run_trial(trial, ctx) == "ok", read_rows(
-            trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id, failed=True)
-        )
-        for row in read_rows(trial_path(Path(ctx.results_dir), trial.stage, trial.dataset, trial.trial_id)):
+        assert run_trial(trial, ctx) == "ok", ctx.store.read(trial, failed=True)
+        for row in ctx.store.read(trial):
             out[trial.stage][_label(row)] = {k: v for k, v in row.items() if k not in VOLATILE_COLUMNS}
     return out
 
@@ -111,6 +110,6 @@ def test_golden_trial(stage: str, rows: dict[str, dict[str, dict[str, Any]]]) ->
     problems = _differences(golden["rows"], json.loads(json.dumps(current["rows"], default=str)), stage)
     assert not problems, (
         f"the {stage} golden trials changed while the {stage} version stayed {STAGE_VERSIONS[stage]}: if the change is meant, bump "
-        f"{stage.upper()}_VERSION in qshield_dist/results.py and regenerate the golden; differences:\n  "
+        f"{stage.upper()}_VERSION in qshield_dist/results/current.py and regenerate the golden; differences:\n  "
         + "\n  ".join(problems[:20])
     )

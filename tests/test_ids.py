@@ -262,3 +262,19 @@ def test_eval_repeats_is_in_the_ids_of_stochastic_targets_only() -> None:
     assert {k for k in ids if ids[k] != other[k]} == stochastic
     said = {_label(t) for t in grid.attack if t.target_stochastic}
     assert said | {_label(t) for t in grid.diagnostic if t.train.stochastic} == stochastic
+
+
+def test_the_variant_id_tells_apart_all_that_makes_two_trained_models_differ_but_the_seed() -> None:
+    """Two seeds of one model are one variant; other training settings or another control are not."""
+    from qshield_dist.trial import variant_id
+
+    def train_of(sweep: dict[str, Any], seed: int) -> TrainTrial:
+        return next(
+            t for t in _grid({**sweep, "seeds": [0, 1]}).train if t.model.model == "hqcnn" and t.seed == seed
+        )
+
+    base = train_of(SWEEP, 0)
+    assert variant_id(base, None) == variant_id(train_of(SWEEP, 1), None)
+    longer = train_of({**SWEEP, "train": {**SWEEP["train"], "epochs": 4}}, 0)
+    assert variant_id(longer, None) != variant_id(base, None)
+    assert variant_id(base, "backbone_only") != variant_id(base, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,17 @@ def test_no_module_imports_one_downstream_of_it(module: str) -> None:
         if name == module or name.startswith(module + "."):
             wrong = sorted(d for d in deps if d in later or d.startswith(tuple(f"{m}." for m in later)))
             assert not wrong, f"{name} imports {wrong}"
+
+
+def test_the_readme_layout_names_every_module_and_package() -> None:
+    """The README's Layout section matches the tree: it names every top-level module and
+    package of qshield_dist, and every file it names exists."""
+    repo = PACKAGE.parent
+    layout = (repo / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    named = {n.rsplit("/", 1)[-1] or n for n in re.findall(r"[\w./-]+?\.(?:py|sh)|\w+/", layout)}
+    top = {p.name for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    top |= {f"{p.parent.name}/" for p in PACKAGE.glob("*/__init__.py")}
+    assert not top - named, f"the README's Layout does not name {sorted(top - named)}"
+    files = {n for n in named if not n.endswith("/")}
+    existing = {p.name for p in repo.rglob("*") if ".venv" not in p.parts}
+    assert files <= existing, f"the README's Layout names files that are gone: {sorted(files - existing)}"

@@ -15,13 +15,19 @@ import pytest
 import yaml
 
 from qshield_dist import launch
-from qshield_dist.results import scan_done
+from qshield_dist.results.store import ResultStore
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _files(results: Path) -> list[Path]:
     return sorted(results.rglob("*.parquet"))
+
+
+def _done(results: Path, checkpoints: Path) -> dict[str, str]:
+    """trial id -> ok | failed, of the trials the manifest lists whose rows count."""
+    store = ResultStore(results, checkpoints)
+    return store.done(store.read_manifest()[1]).status
 
 
 def test_dry_run_lists_trials_and_writes_nothing(tmp_path, capsys):
@@ -80,7 +86,7 @@ def test_killed_launcher_resumes_without_duplicates(tmp_path):
     assert len(files) == 9 and len({p.stem for p in files}) == 9
     assert {p.name for p in files} >= first
     rows = [row for p in files for row in pq.read_table(p).to_pylist()]
-    assert sorted(r["trial_id"] for r in rows) == sorted(scan_done(results))
+    assert sorted(r["trial_id"] for r in rows) == sorted(_done(results, ckpt))
 
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "9 already done, 0 to run" in again.stderr
@@ -123,9 +129,14 @@ def test_failed_trials_are_rows_and_retry_failed_reruns_them(tmp_path, monkeypat
 
     _organamnist(Path("data/organamnist.npz"), complete=True)
     assert launch.main(["s.yaml"]) == 1  # without --retry-failed the failures stay as they are
-    assert sorted(scan_done(Path("results/fails")).values()) == ["failed", "failed", "ok", "ok"]
+    assert sorted(_done(Path("results/fails"), Path("checkpoints")).values()) == [
+        "failed",
+        "failed",
+        "ok",
+        "ok",
+    ]
     assert launch.main(["s.yaml", "--retry-failed"]) == 0
-    done = scan_done(Path("results/fails"))
+    done = _done(Path("results/fails"), Path("checkpoints"))
     assert set(done.values()) == {"ok"} and len(done) == 4
     assert not list(Path("results/fails").rglob("*.failed.parquet"))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qshield_dist.results import differing_trials, scan_done
+from qshield_dist.results.store import ResultStore, differing_trials
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 25  # 5 train + 5 models x 4 attacks
@@ -35,7 +35,7 @@ def launch(results: Path, *args: str, env: dict[str, str] | None = None) -> None
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    done = scan_done(results)
+    done = {f.trial_id: "failed" if f.failed else "ok" for f in ResultStore(results).files()}
     assert len(done) == N_TRIALS and set(done.values()) == {"ok"}
 
 
@@ -124,7 +124,7 @@ def test_slurm_arrays_give_the_reference_rows(slurm_cluster: None, reference: Pa
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(scan_done(results)) == N_TRIALS
+    assert len(list(ResultStore(results).files())) == N_TRIALS
     assert differing_trials(reference, results) == {}
 
 

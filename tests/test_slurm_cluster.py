@@ -28,7 +28,7 @@ import cluster_fixtures as cf  # noqa: E402
 
 from qshield_dist.executors.base import Job  # noqa: E402
 from qshield_dist.executors.slurm import SlurmExecutor, max_array_tasks, pack_jobs  # noqa: E402
-from qshield_dist.results import differing_trials, scan_done  # noqa: E402
+from qshield_dist.results.store import ResultStore, differing_trials  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster.sh"
@@ -498,6 +498,101 @@ def test_submitit_executor_gives_the_local_rows(
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
 
 
+def _queued_arrays() -> set[str]:
+    """Ids of the arrays (and plain jobs) named qshield in the queue."""
+    out = subprocess.run(
+        ["squeue", "-h", "-n", "qshield", "-o", "%F"], capture_output=True, text=True, check=True
+    )
+    return set(out.stdout.split())
+
+
+@pytest.mark.slurm
+def test_a_relaunch_does_not_resubmit_queued_arrays(
+    slurm_cluster: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The launcher submits the smoke sweep's three arrays and is stopped (SIGTERM) while they
+    are still queued: the partition is down, so none can start. A relaunch submits nothing
+    (their trials are in flight, and it says so), and a stale lease of a launcher that is gone
+    is not taken over while those arrays are queued."""
+    import json
+    import signal
+    import socket
+
+    import yaml
+
+    sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
+    sweep["slurm"] = {"partition": "debug", "time_min": 10, "cpus_per_task": 1, "mem_gb": 1}
+    sweep["slurm"]["folder"] = str(tmp_path / "submitit")
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    results = tmp_path / "results"
+    args = [
+        str(path),
+        "--executor",
+        "slurm",
+        "--results",
+        str(results),
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+    ]
+    command = [sys.executable, "-m", "qshield_dist.launch", *args]
+    before = _queued_arrays()
+    arrays: set[str] = set()
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True)
+    try:
+        first = subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while (
+                len(arrays := _queued_arrays() - before) < 3
+            ):  # train, hybrids after their baseline, attacks
+                assert first.poll() is None and time.time() < deadline, "the launcher did not submit 3 arrays"
+                time.sleep(0.5)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(timeout=60) == 130
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait()
+
+        relaunch = subprocess.Popen(
+            command, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            _, err = relaunch.communicate(timeout=90)
+        except subprocess.TimeoutExpired:  # it waits for arrays it submitted again
+            os.killpg(relaunch.pid, signal.SIGKILL)
+            _, err = relaunch.communicate()
+        finally:
+            arrays |= _queued_arrays() - before
+        assert len(arrays) == 3, f"the relaunch submitted arrays again: {sorted(arrays)}"
+        assert relaunch.returncode == 1, err[-2000:]
+        assert "0 to run" in err and "in SLURM array" in err and all(a in err for a in arrays)
+
+        # A launcher that is gone (its pid no longer runs) left its lease: not taken over while
+        # its arrays are queued, not even with --take-over.
+        (results / "lease.json").write_text(
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": first.pid,
+                    "proc_start": "1",
+                    "started_at": "x",
+                    "token": "t",
+                }
+            )
+        )
+        from qshield_dist import launch
+
+        caplog.clear()
+        assert launch.main([*args, "--take-over"]) == 2
+        assert "are still queued" in caplog.text and all(a in caplog.text for a in arrays)
+    finally:
+        if arrays:
+            subprocess.run(["scancel", *arrays], check=False)
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True)
+
+
 def _run_sh_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, QSHIELD_PYTHON=sys.executable, QSHIELD_RAY_DIR=str(tmp_path / "ray"), **extra)
     return {k: v for k, v in env.items() if not k.startswith("RAY_")}
@@ -564,7 +659,7 @@ def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, local_smoke: Path, 
     text = Path(str(log_file).replace("%j", job_id)).read_text()
     assert state == "COMPLETED|0:0", text[-3000:]
     assert "ray head at 127.0.0.1:" in text and "9 ok, 0 failed, 0 lost" in text, text[-3000:]
-    done = scan_done(results)
+    done = {f.trial_id: "failed" if f.failed else "ok" for f in ResultStore(results).files()}
     assert len(done) == 9 and set(done.values()) == {"ok"}
     assert differing_trials(local_smoke, results) == {}
     # the token directory is gone, and so is every process of the job's Ray cluster

@@ -1,6 +1,6 @@
 """Summary of a results directory: exact numbers in the tables, and every bad input -> exit 2.
 
-The synthetic directory is written with qshield_dist.results.write_rows, so the schema is
+The synthetic directory is written with qshield_dist's ResultStore.write, so the schema is
 the real one. "Exact" means equal to the arithmetic done by hand, up to float rounding
 (rel 1e-12). Standard deviations are SAMPLE standard deviations (ddof=1).
 """
@@ -21,16 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qshield_dist.results import (
-    ATTACK_VERSION,
-    SCHEMA_VERSION,
-    STAGE_VERSIONS,
-    read_manifest,
-    rows_to_table,
-    trial_path,
-    write_manifest,
-    write_rows,
-)
+from qshield_dist.results.current import ATTACK_VERSION, STAGE_VERSIONS
+from qshield_dist.results.schema import SCHEMA_VERSION, rows_to_table
+from qshield_dist.results.store import ResultStore, TrialKey
 from qshield_dist.summary.cli import default_out, main
 from qshield_dist.summary.render import tex_escape
 from qshield_dist.summary.report import Options, Summary, summarize
@@ -126,9 +119,10 @@ def _attack(
     }
 
 
-def _write(root: Path, row: dict[str, Any], failed: bool = False) -> None:
+def _write(root: Path, row: dict[str, Any]) -> None:
+    """The store writes a failure row to `<id>.failed.parquet` by its status."""
     row = {"results_version": STAGE_VERSIONS[row["stage"]], "train_version": STAGE_VERSIONS["train"], **row}
-    write_rows(trial_path(root, row["stage"], row["dataset"], row["trial_id"], failed=failed), [row])
+    ResultStore(root).write(TrialKey(row["stage"], row["dataset"], row["trial_id"]), [row])
 
 
 def build_results(root: Path) -> None:
@@ -217,9 +211,11 @@ def build_results(root: Path) -> None:
         "error": "RuntimeError: simulator exploded\nTraceback (most recent call last): ...",
         **{**HYBRID, "backbone": "cnn_small", "entanglement": "linear"},
     }
-    _write(root, failed, failed=True)
+    _write(root, failed)
     expected = [r["trial_id"] for r in rows] + ["Dmnist0", "Afail", "Anever"]
-    write_manifest(root, {"sweep": "t"}, {t: {"stage": "attack", "dataset": "digits"} for t in expected})
+    ResultStore(root).write_manifest(
+        {"sweep": "t"}, {t: {"stage": "attack", "dataset": "digits"} for t in expected}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -410,9 +406,10 @@ def test_other_schema_version_is_set_aside_not_an_error(
     build_results(tmp_path)
     table = rows_to_table([_train("mnist", "cnn", 5, 0.9, 1.0)])
     table = table.set_column(0, "schema_version", pa.array([1], pa.int32()))
-    pq.write_table(table, trial_path(tmp_path, "train", "mnist", "Tv1"))
-    _, trials = read_manifest(tmp_path)
-    write_manifest(tmp_path, {"sweep": "t"}, {**trials, "Tv1": {"stage": "train", "dataset": "mnist"}})
+    store = ResultStore(tmp_path)
+    pq.write_table(table, store.trial_path(TrialKey("train", "mnist", "Tv1")))
+    _, trials = store.read_manifest()
+    store.write_manifest({"sweep": "t"}, {**trials, "Tv1": {"stage": "train", "dataset": "mnist"}})
     summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
     assert summary.results.set_aside == {f"schema version 1 (current {SCHEMA_VERSION})": 1}
     assert 5 not in summary.results.train["seed"].to_list()
@@ -426,7 +423,7 @@ def test_foreign_schema_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFi
     """Without a manifest there is no grid to filter by: a file of another schema is still set aside."""
     build_results(tmp_path)
     (tmp_path / "manifest.json").unlink()
-    path = trial_path(tmp_path, "attack", "mnist", "Aold")
+    path = ResultStore(tmp_path).trial_path(TrialKey("attack", "mnist", "Aold"))
     pq.write_table(
         pa.table({"schema_version": pa.array([0], pa.int32()), "sweep": ["t"], "asr": [0.5]}), path
     )
@@ -444,7 +441,7 @@ def test_rows_outside_the_grid_and_of_other_versions_are_set_aside(tmp_path: Pat
         "results_version",
         pa.array([ATTACK_VERSION - 1], pa.int32()),
     )
-    pq.write_table(old, trial_path(tmp_path, "attack", "mnist", "Aolder"))
+    pq.write_table(old, ResultStore(tmp_path).trial_path(TrialKey("attack", "mnist", "Aolder")))
     summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
     assert summary.results.set_aside == {
         "not in this sweep's grid": 1,

@@ -27,7 +27,8 @@ assert launch.main(["sweeps/full.yaml", "--dry-run", "--results", {results!r}]) 
 """
 
 SUMMARY = """
-from qshield_dist.results import STAGE_VERSIONS, trial_path, write_manifest, write_rows
+from qshield_dist.results.current import STAGE_VERSIONS
+from qshield_dist.results.store import ResultStore, TrialKey
 from qshield_dist.summary.report import Options, summarize
 root = {results!r}
 rows = [
@@ -42,8 +43,8 @@ rows = [
 ]
 for row in rows:
     row.update(results_version=STAGE_VERSIONS[row["stage"]], train_version=STAGE_VERSIONS["train"])
-    write_rows(trial_path(root, row["stage"], row["dataset"], row["trial_id"]), [row])
-write_manifest(root, {{"sweep": "s"}}, {{r["trial_id"]: {{"stage": r["stage"], "dataset": "digits"}} for r in rows}})
+    ResultStore(root).write(TrialKey(row["stage"], row["dataset"], row["trial_id"]), [row])
+ResultStore(root).write_manifest({{"sweep": "s"}}, {{r["trial_id"]: {{"stage": r["stage"], "dataset": "digits"}} for r in rows}})
 summarize(root, root + "-report", Options(plots=True, svg=False, proxies={{}}))
 """
 

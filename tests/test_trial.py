@@ -9,7 +9,7 @@ import yaml
 from qshield_dist.attacks import ATTACKS
 from qshield_dist.config import load_config, validate
 from qshield_dist.grid import AttackTrial, build_grid
-from qshield_dist.results import scan_done, trial_log_path
+from qshield_dist.results.store import ResultStore
 from qshield_dist.trial import RunContext, read_trial, run_trial
 
 METRICS = [
@@ -96,7 +96,9 @@ def test_a_failing_trial_is_recorded_and_others_complete(tmp_path):
     ctx = RunContext("t", str(tmp_path / "results"), str(tmp_path / "ckpt"))
     statuses = {t.trial_id: run_trial(t, ctx) for t in [*grid.train, failing, fgsm]}
     assert statuses == {grid.train[0].trial_id: "ok", failing.trial_id: "failed", fgsm.trial_id: "ok"}
-    assert scan_done(ctx.results_dir)[failing.trial_id] == "failed"
+    assert ResultStore(ctx.results_dir, ctx.checkpoint_dir).done([failing.trial_id]).status == {
+        failing.trial_id: "failed"
+    }
     path = next((tmp_path / "results").rglob(f"{failing.trial_id}.failed.parquet"))
     row = pq.read_table(path).to_pylist()[0]
     assert (
@@ -105,10 +107,10 @@ def test_a_failing_trial_is_recorded_and_others_complete(tmp_path):
         and row["attack"] == "bpda_pgd"
     )
     # every trial has its own log; the failed one holds the traceback, and a rerun appends
-    failed_log = trial_log_path(tmp_path / "results", failing.trial_id)
+    failed_log = ctx.store.log_path(failing.trial_id)
     text = failed_log.read_text()
     assert f"trial {failing.trial_id}" in text and "Traceback" in text and "bpda_pgd applies to hqcnn" in text
-    assert f"trial {fgsm.trial_id}: ok" in trial_log_path(tmp_path / "results", fgsm.trial_id).read_text()
+    assert f"trial {fgsm.trial_id}: ok" in ctx.store.log_path(fgsm.trial_id).read_text()
     run_trial(failing, ctx)
     assert failed_log.read_text().count(": start") == 2
 
@@ -125,6 +127,42 @@ def test_corrupt_checkpoint_is_retrained_not_fatal(tmp_path):
     assert run_trial(trial, ctx) == "ok"
     assert read_trial(ctx, trial)[0]["clean_acc"] == good["clean_acc"]
     assert list(ckpt.glob("*.corrupt-*")), "the unusable file is kept aside for inspection"
+
+
+def test_a_transient_error_reading_a_checkpoint_is_retried_not_moved_aside(tmp_path, monkeypatch):
+    """An NFS hiccup (EIO on open) is retried: the checkpoint is neither moved aside nor
+    retrained, by its train trial or by an attack that loads it. An error that outlives the
+    retries fails the trial, and the file stays where it is."""
+    import builtins
+
+    grid = _grid(tmp_path, [{"model": "cnn_small"}], [{"name": "fgsm"}])
+    ckpt = tmp_path / "ckpt"
+    ctx = RunContext("t", str(tmp_path / "results"), str(ckpt))
+    trial, attack = grid.train[0], grid.attack[0]
+    assert run_trial(trial, ctx) == "ok"
+    path = ckpt / f"{trial.trial_id}.pt"
+    before = path.stat().st_mtime_ns
+    real_open, failures = builtins.open, {"left": 0}
+
+    def flaky(file, *args, **kwargs):
+        if str(file) == str(path) and failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(5, "Input/output error (a transient NFS error, simulated)")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", flaky)
+    for t in (trial, attack):
+        failures["left"] = 1
+        assert run_trial(t, ctx) == "ok" and failures["left"] == 0, t.stage
+        assert path.stat().st_mtime_ns == before and not list(ckpt.glob("*.corrupt-*")), t.stage
+
+    from qshield_dist import fileio
+
+    failures["left"] = 100
+    monkeypatch.setattr(fileio, "READ_BACKOFF_S", 0.0)
+    assert run_trial(attack, ctx) == "failed"
+    assert "Input/output error" in ctx.store.read(attack, failed=True)[0]["error"]
+    assert path.stat().st_mtime_ns == before and not list(ckpt.glob("*.corrupt-*"))
 
 
 def test_valid_checkpoint_is_never_retrained(tmp_path):

@@ -17,7 +17,8 @@ from qshield_dist.attacks import CallCounter, build_attack
 from qshield_dist.attacks.autoattack import sanity_checks
 from qshield_dist.attacks.streams import PointStreams
 from qshield_dist.data import load
-from qshield_dist.results import STAGE_VERSIONS, trial_path, write_manifest, write_rows
+from qshield_dist.results.current import STAGE_VERSIONS
+from qshield_dist.results.store import ResultStore, TrialKey
 from qshield_dist.summary.report import Options, Summary, summarize
 from qshield_dist.summary.sections_verdicts import VERDICT_TABLE
 from qshield_dist.summary.stats import mcnemar_exact
@@ -115,9 +116,9 @@ def _row(
 def _summarize(tmp_path: Path, rows: list[dict[str, Any]]) -> Summary:
     root = tmp_path / "results"
     for row in rows:
-        write_rows(trial_path(root, "attack", "digits", row["trial_id"]), [row])
-    write_manifest(
-        root, {"sweep": "v"}, {r["trial_id"]: {"stage": "attack", "dataset": "digits"} for r in rows}
+        ResultStore(root).write(TrialKey("attack", "digits", row["trial_id"]), [row])
+    ResultStore(root).write_manifest(
+        {"sweep": "v"}, {r["trial_id"]: {"stage": "attack", "dataset": "digits"} for r in rows}
     )
     return summarize(root, tmp_path / "report", Options(plots=False, formats=("md", "csv"), proxies={}))
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from qshield_dist import launch
-from qshield_dist.results import STAGE_VERSIONS, read_manifest, result_files, scan_done
+from qshield_dist.results.current import STAGE_VERSIONS
+from qshield_dist.results.store import ResultStore
 from qshield_dist.summary.report import Options, summarize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def _run(sweep: Path, tmp_path: Path, *extra: str) -> int:
 
 
 def _ids(results: Path, stage: str) -> set[str]:
-    return {trial_id for s, trial_id, _, _ in result_files(results) if s == stage}
+    return {f.trial_id for f in ResultStore(results).files() if f.stage == stage}
 
 
 def _checkpoint_times(ckpt: Path) -> dict[str, int]:
@@ -79,7 +80,10 @@ def test_attack_version_bump_reruns_attacks_only_train_bump_reruns_both(
     before = {p.name for p in results.rglob("*.parquet")}
     assert _run(tiny, tmp_path, "--prune") == 0
     kept = {p.name for p in results.rglob("*.parquet")}
-    assert len(kept) == 9 and set(scan_done(results)) == set(read_manifest(results)[1])
+    store = ResultStore(results, tmp_path / "ckpt")
+    assert len(kept) == 9 and set(store.done(store.read_manifest()[1]).status) == set(
+        store.read_manifest()[1]
+    )
     (pruned,) = tmp_path.glob("results.pruned-*")
     moved = {p.name for p in pruned.rglob("*.parquet")}
     assert moved | kept == before and not moved & kept
@@ -103,9 +107,9 @@ def test_missing_trials_table_has_stage_and_dataset_from_the_launchers_manifest(
 ) -> None:
     results = tmp_path / "results"
     assert _run(tiny, tmp_path) == 0
-    _, trials = read_manifest(results)
+    _, trials = ResultStore(results).read_manifest()
     assert len(trials) == 9 and {t["stage"] for t in trials.values()} == {"train", "attack"}
-    removed = next(p for s, _, _, p in result_files(results) if s == "attack")
+    removed = next(f.path for f in ResultStore(results).files() if f.stage == "attack")
     removed.unlink()
     missing = summarize(results, tmp_path / "report", Options(plots=False, proxies={})).tables.missing
     assert missing.to_dicts() == [

@@ -31,7 +31,7 @@ from qshield_dist.data import load
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, build_grid
 from qshield_dist.models import build_model
-from qshield_dist.results import read_manifest
+from qshield_dist.results.store import ResultStore, checkpoint_path
 from qshield_dist.train import load_checkpoint
 from qshield_dist.trial import predictions
 from qshield_dist.trial_env import seed_everything
@@ -40,7 +40,7 @@ log = logging.getLogger("qshield_dist.bench.crosscheck")
 
 
 def _rows(results: Path) -> list[dict[str, Any]]:
-    _, trials = read_manifest(results)
+    _, trials = ResultStore(results).read_manifest()
     files = [str(p) for p in results.glob("stage=attack/dataset=*/*.parquet") if p.stem in trials]
     df = pl.read_parquet(files, hive_partitioning=False)
     return df.filter((pl.col("attack") == "autoattack") & pl.col("control").is_null()).to_dicts()
@@ -59,8 +59,9 @@ def crosscheck(
 
     info = DATASETS[row["dataset"]]
     model = build_model(trial.train.model, info)
-    if load_checkpoint(checkpoints / f"{row['train_id']}.pt", model) is None:
-        raise FileNotFoundError(f"no checkpoint {row['train_id']}.pt under {checkpoints}")
+    path = checkpoint_path(checkpoints, row["train_id"])
+    if load_checkpoint(path, model) is None:
+        raise FileNotFoundError(f"no usable checkpoint {path}")
     model.eval()
     data = spec["data"]
     _, test = load(row["dataset"], data_root, data.get("train_size"), data.get("test_size"))
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(args.autoattack).resolve()))
     torch.set_num_threads(1)
     results = Path(args.results)
-    meta, _ = read_manifest(results)
+    meta, _ = ResultStore(results).read_manifest()
     spec = meta["spec"]
     # the trial (its model spec) from the sweep's own grid, as the launcher resolved it
     grid = build_grid(validate(SweepConfig.model_validate(spec)))

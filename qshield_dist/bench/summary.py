@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qshield_dist.attack_params import ATTACKS
-from qshield_dist.results import SCHEMA, SCHEMA_VERSION, write_manifest
+from qshield_dist.results.schema import SCHEMA, SCHEMA_VERSION
+from qshield_dist.results.store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def write_synthetic(
     )
     expected = {t: {"stage": s, "dataset": d} for t, s, d in ids.iter_rows()}
     expected.update({f"Amissing{i}": {"stage": "attack", "dataset": "mnist"} for i in range(20)})
-    write_manifest(root, {"sweep": "bench"}, expected)
+    ResultStore(root).write_manifest({"sweep": "bench"}, expected)
     total = attack.height + train.height + diag.height + n_failed
     return {
         "rows": total,

@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import submitit
 
@@ -59,6 +59,7 @@ from qshield_dist.executors.slurm_packing import (
 from qshield_dist.executors.slurm_packing import PackLost as PackLost
 from qshield_dist.executors.slurm_packing import pack_jobs as pack_jobs
 from qshield_dist.executors.slurm_packing import split_arrays as split_arrays
+from qshield_dist.executors.squeue import UNKNOWN, queued_tasks
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,15 @@ class SlurmExecutor(PackPlanner, Executor):
         durations: Mapping[str, float] | None = None,
         max_num_timeout: int = 3,
         poll_s: float = 5.0,
+        on_submit: Callable[[str, list[str]], None] | None = None,
     ):
         """Parameters left None come from the jobs' requests (the largest in each array).
         pack_minutes: expected work per array task (0: one trial per task). durations: expected
         minutes per job key (default: its timeout_min); also settable as an attribute
-        before run(). max_num_timeout: requeues on time-out before a task counts as ended."""
+        before run(). max_num_timeout: requeues on time-out before a task counts as ended.
+        on_submit(array_id, keys): called as each array is submitted, with its trials' keys (the
+        launcher records them, so a relaunch does not submit them again while they are queued);
+        also settable as an attribute before run()."""
         self.folder = Path(folder)
         self.partition = partition
         self.time_min = time_min
@@ -139,6 +144,7 @@ class SlurmExecutor(PackPlanner, Executor):
         self.durations: dict[str, float] = dict(durations or {})
         self.max_num_timeout = max_num_timeout
         self.poll_s = poll_s
+        self.on_submit = on_submit
         self.array_ids: list[str] = []  # every array submitted, in order (tests, logs)
         self.submitted: list[Submitted] = []
 
@@ -215,6 +221,8 @@ class SlurmExecutor(PackPlanner, Executor):
                     sum(len(p) for p in packs),
                     f" after {':'.join(after)}" if after else "",
                 )
+                if self.on_submit is not None:
+                    self.on_submit(sub.array_id, [k for pack in sub.packs for k in pack])
                 self.array_ids.append(sub.array_id)
                 self.submitted.append(sub)
                 mine.append(sub)
@@ -321,7 +329,7 @@ class SlurmExecutor(PackPlanner, Executor):
                 continue
             elif state == "UNKNOWN":
                 if queued is None:
-                    queued = set().union(*(_squeue_ids(a.array_id) for a in arrays))
+                    queued = set().union(*(queued_tasks(a.array_id) for a in arrays))
                 if handle.job_id in queued or _in_pending_range(handle.job_id, queued):
                     task.grace = 0
                     continue
@@ -372,24 +380,9 @@ def _sbatch_mem(gb: float) -> str:
     return f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
 
 
-def _squeue_ids(array_id: str) -> set[str]:
-    """Ids of the array's tasks still in the queue, one per task (`-r`), e.g. {'12_3'}."""
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-r", "-j", array_id, "-o", "%i"], capture_output=True, text=True, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("squeue failed: %s", exc)
-        return {"?"}  # unknown: treat as still queued
-    if out.returncode != 0:
-        # 'Invalid job id' once the whole array has left the queue.
-        return set() if "Invalid job id" in out.stderr else {"?"}
-    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
-
-
 def _in_pending_range(job_id: str, queued: set[str]) -> bool:
-    """'?' (squeue failed) counts as queued; so does a '12_[3-5]' range holding the task."""
-    if "?" in queued:
+    """UNKNOWN (squeue failed) counts as queued; so does a '12_[3-5]' range holding the task."""
+    if UNKNOWN in queued:
         return True
     base, _, task = job_id.partition("_")
     for item in queued:

@@ -32,11 +32,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,6 +42,7 @@ from typing import Callable, Sequence
 import submitit
 
 from qshield_dist.executors.base import Job, checked_status, topological_waves
+from qshield_dist.fileio import atomic_write_bytes
 
 _MIN_TRIAL_MINUTES = 1 / 60  # a trial costs at least a second (imports, its result file)
 
@@ -93,10 +92,7 @@ def _status_name(key: str) -> str:
 
 
 def _write_status(status_dir: Path, key: str, status: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=status_dir, prefix=".tmp-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(status)
-    os.replace(tmp, status_dir / _status_name(key))
+    atomic_write_bytes(status_dir / _status_name(key), status.encode())
 
 
 def pack_jobs(jobs: Sequence[Job], minutes: Callable[[Job], float], target: float) -> list[list[Job]]:

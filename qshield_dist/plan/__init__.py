@@ -44,11 +44,12 @@ from typing import Any, Callable
 
 from qshield_dist.config import SweepConfig
 from qshield_dist.datasets import DATASETS, check_available
+from qshield_dist.fileio import atomic_write_bytes
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, TrainTrial, Trial, many_objects, stable_hash
 from qshield_dist.plan import calibration as cal
 from qshield_dist.plan.kinds import Item, _group, _shape, _trains_of, _with_standins, model_kind
 from qshield_dist.plan.schedule import Estimate, capacity, render, schedule
-from qshield_dist.results import package_versions
+from qshield_dist.results.schema import package_versions
 
 log = logging.getLogger("qshield_dist.plan")
 
@@ -150,10 +151,7 @@ def _load_cache(item: Item, root: Path) -> bool:
 
 
 def _store(root: Path, name: str, doc: dict[str, Any]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(doc, sort_keys=True, default=str))
-    tmp.replace(root / f"{name}.json")
+    atomic_write_bytes(root / f"{name}.json", json.dumps(doc, sort_keys=True, default=str).encode())
 
 
 def _workers(cfg: SweepConfig, n_groups: int) -> int:

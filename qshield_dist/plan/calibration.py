@@ -16,13 +16,11 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial
 from qshield_dist.peak_memory import peak_bytes, reset_peak
-from qshield_dist.results import read_rows, trial_path
 from qshield_dist.vocabulary import BACKBONE_ONLY
 
 FIRST_UNITS = {"train": 1, "attack": 2, "diagnostic": 2}  # steps / points of the first run
@@ -174,7 +172,7 @@ def _run(
     wall = time.perf_counter() - start
     slowdown = max(1.0, wall / max(time.process_time() - cpu, 1e-9)) if t.threads == 1 else 1.0
     total = wall / slowdown
-    rows = read_rows(trial_path(Path(ctx.results_dir), t.stage, t.dataset, t.trial_id, failed=status != "ok"))
+    rows = ctx.store.read(t, failed=status != "ok")
     row = rows[0]
     if status != "ok":
         raise CalibrationFailed(str(row.get("error", "")).splitlines()[0])
@@ -263,7 +261,7 @@ class _Group:
         s = target(t, self.trains)
         if t.baseline_id:
             self.ensure(self.trains[t.baseline_id])
-        if not (Path(self.ctx.checkpoint_dir) / f"{s.trial_id}.pt").exists():
+        if not self.ctx.store.checkpoint_path(s.trial_id).exists():
             _run(s, self.ctx, self.timer, TARGET_BATCH, TARGET_BATCH)
         return s
 

@@ -17,14 +17,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qshield_dist.results import (
-    SCHEMA,
-    SCHEMA_VERSION,
-    STAGE_VERSIONS,
-    ManifestError,
-    read_manifest,
-    stored_versions,
-)
+from qshield_dist.results.current import OUTSIDE_GRID, stale_reason
+from qshield_dist.results.schema import SCHEMA, SCHEMA_VERSION
+from qshield_dist.results.store import MANIFEST, ManifestError, ResultStore
 
 
 def set_aside_files(
@@ -51,12 +46,14 @@ def set_aside_files(
 def schema_problem(path: str) -> str | None:
     """Why a file cannot be read as the current schema, or None if it can."""
     try:
-        found = {f.name: f.type for f in pq.read_schema(path)}
-        schema = stored_versions(Path(path)).get("schema_version")
+        parquet = pq.ParquetFile(path)
+        found = {f.name: f.type for f in parquet.schema_arrow}
+        first = parquet.read_row_group(0, columns=["schema_version"]) if "schema_version" in found else None
     except (OSError, pa.ArrowException) as exc:
         return f"unreadable Parquet ({type(exc).__name__})"
+    schema = first.column(0)[0].as_py() if first is not None and first.num_rows else None
     if schema != SCHEMA_VERSION:
-        return f"schema version {schema if schema is not None else '?'} (current {SCHEMA_VERSION})"
+        return stale_reason(None, schema, None, None)
     if any(found.get(f.name) != f.type for f in SCHEMA):
         return f"other columns than schema version {SCHEMA_VERSION} (written by an unreleased build?)"
     return None
@@ -70,7 +67,7 @@ def _read_manifest(root: Path) -> tuple[dict[str, Any] | None, str | None, tuple
     (tolerated: a sweep may predate it), and its trials as three joined strings (ids, stages,
     datasets): cheap to send back from a worker process."""
     try:
-        manifest, trials = read_manifest(root)
+        manifest, trials = ResultStore(root).read_manifest()
     except ManifestError as exc:
         return (
             None,
@@ -91,7 +88,7 @@ def start_manifest_job(
     """Parse manifest.json in a forked process while the files are listed: json.loads holds
     the GIL for the whole parse (1.6 s for a million trials)."""
     executor: Any
-    if "fork" in multiprocessing.get_all_start_methods() and (root / "manifest.json").exists():
+    if "fork" in multiprocessing.get_all_start_methods() and (root / MANIFEST).exists():
         executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
     else:
         executor = ThreadPoolExecutor(max_workers=1)
@@ -120,17 +117,16 @@ def resolve_manifest(job: Future[Any], notes: list[str]) -> tuple[dict[str, Any]
     return manifest, expected.filter(pl.col("trial_id") != "")
 
 
-def stale_reason() -> pl.Expr:
-    """Why a row outside the manifest's grid is stale, for a person (launch --prune says the same)."""
-    current = pl.col("stage").replace_strict(STAGE_VERSIONS, default=None, return_dtype=pl.Int32)
-    train = STAGE_VERSIONS["train"]
-    return (
-        pl.when(pl.col("results_version") != current)
-        .then(pl.format("{} version {} (current {})", "stage", "results_version", current))
-        .when(pl.col("train_version") != train)
-        .then(pl.format("built on a model of train version {} (current {})", "train_version", pl.lit(train)))
-        .otherwise(pl.lit("not in this sweep's grid"))
-    )
+def stale_counts(frames: list[pl.DataFrame], set_aside: dict[str, int]) -> None:
+    """Add rows outside the manifest's grid, counted per (stage, versions), to `set_aside` by
+    the reason results.current gives (the launcher's --prune says the same)."""
+    for counts in frames:
+        for stage, schema, results_version, train_version, n in counts.iter_rows():
+            reason = stale_reason(stage, schema, results_version, train_version) or OUTSIDE_GRID
+            set_aside[reason] = set_aside.get(reason, 0) + n
+
+
+STALE_KEYS = ("stage", "schema_version", "results_version", "train_version")
 
 
 def reasons_text(counts: dict[str, int]) -> str:

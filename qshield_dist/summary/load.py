@@ -1,11 +1,13 @@
 """Read a results directory into validated Polars frames, one per stage.
 
-Files are listed once in Python (cheap: names only) so each stage is scanned lazily on
-its own with only the columns it needs; `.failed.parquet` files are scanned separately.
-Only the sweep's current grid is summarized: files of trials that manifest.json does not
-list (another results version, an older schema, a grid point removed from the sweep) are
-set aside and counted by reason in `Results.set_aside` (current_grid.py), never mixed in and
-never an error.
+Files are listed once through the results store (cheap: names only) so each stage is
+scanned lazily on its own with only the columns it needs; `.failed.parquet` files are
+scanned separately. Only the sweep's current grid is summarized: rows are selected by the
+trial ids manifest.json lists (never by the volatile `sweep` column, so renaming a sweep
+keeps its rows); files of an older schema and rows of trials it does not list (another
+results version, a grid point removed from the sweep) are set aside and counted by reason
+in `Results.set_aside` (current_grid.py), never mixed in and never an error. Without a
+manifest, the `sweep` column tells sweeps apart.
 Everything that makes a summary impossible (missing or empty directory, unreadable files,
 several sweeps mixed without --sweep) raises SummaryError with a message for a person; rows
 that are merely unusable (NaN metrics) are set aside in `Results.skipped` and reported.
@@ -22,13 +24,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qshield_dist.results import MODEL_COLUMNS, SCHEMA, SCHEMA_VERSION, result_files
+from qshield_dist.results.schema import MODEL_COLUMNS, SCHEMA, SCHEMA_VERSION
+from qshield_dist.results.store import ResultStore
 from qshield_dist.summary.current_grid import (
+    STALE_KEYS,
     reasons_text,
     resolve_manifest,
     schema_problem,
     set_aside_files,
-    stale_reason,
+    stale_counts,
     start_manifest_job,
 )
 
@@ -107,6 +111,9 @@ class Results:
     set_aside: dict[str, int] = field(default_factory=dict)  # files not of the current grid, by reason
     notes: list[str] = field(default_factory=list)  # stated in the report
     attack_files: list[str] = field(default_factory=list)  # to name bad files if a later collect fails
+    # Which rows of the grid are the summarized sweep's: all of them with a manifest (selected
+    # by trial id), else those whose `sweep` column names it.
+    selected: pl.Expr = field(default_factory=lambda: pl.lit(True))
 
 
 def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], int]:
@@ -115,12 +122,12 @@ def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], int]:
     ok: dict[str, list[str]] = {s: [] for s in STAGES}
     failed: dict[str, str] = {}
     ok_ids: set[str] = set()
-    for stage, trial_id, is_failed, path in result_files(root):
-        if is_failed:
-            failed[trial_id] = str(path)
+    for file in ResultStore(root).files():
+        if file.failed:
+            failed[file.trial_id] = str(file.path)
         else:
-            ok.setdefault(stage, []).append(str(path))
-            ok_ids.add(trial_id)
+            ok.setdefault(file.stage, []).append(str(file.path))
+            ok_ids.add(file.trial_id)
     superseded = len(failed.keys() & ok_ids)
     return ok, [p for t, p in failed.items() if t not in ok_ids], superseded
 
@@ -250,9 +257,7 @@ def _scan(
         sweeps = [lf.group_by("sweep").len() for lf in kept.values()]
         stale = (
             [
-                lf.filter(~pl.col("trial_id").is_in(grid.implode()))
-                .group_by(stale_reason().alias("reason"))
-                .len()
+                lf.filter(~pl.col("trial_id").is_in(grid.implode())).group_by(STALE_KEYS).len()
                 for lf in lazy.values()
             ]
             if grid is not None
@@ -268,9 +273,7 @@ def _scan(
         if out is not None and all(
             (v["schema_version"] == SCHEMA_VERSION).all() for v in out[: len(by_kind)]
         ):
-            for counts in out[2 * len(by_kind) + 3 :]:
-                for reason, n in counts.iter_rows():
-                    set_aside[reason] = set_aside.get(reason, 0) + n
+            stale_counts(out[2 * len(by_kind) + 3 :], set_aside)
             return by_kind, out[: 2 * len(by_kind) + 3]
         if attempt == 1:
             break
@@ -333,20 +336,22 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         raise SummaryError(
             f"no result row under {root} belongs to the current grid of its manifest ({reasons_text(set_aside)}): rerun the sweep"
         )
-    chosen, several = _choose_sweep(counts, sweep)
-    frames = dict(zip(small, out[2 * n :]))
-    attack = _in_grid(_lazy(by_kind["attack"], "attack"), grid)
-    if several:
-        frames = {k: v.filter(pl.col("sweep") == chosen) for k, v in frames.items()}
-        attack = attack.filter(pl.col("sweep") == chosen)
+    if grid is not None:  # the manifest's trial ids select the rows, whatever sweep name they carry
+        chosen, several = str((manifest or {}).get("sweep") or sweep or root.name), False
+    else:
+        chosen, several = _choose_sweep(counts, sweep)
+    selected = pl.col("sweep") == chosen if several else pl.lit(True)
+    frames = {k: v.filter(selected) for k, v in zip(small, out[2 * n :])}
+    attack = _in_grid(_lazy(by_kind["attack"], "attack"), grid).filter(selected)
 
     bad_attack, bad_train = _skipped(attack, frames["train"])
     (skipped_attack,) = collect([bad_attack], by_kind["attack"])
     skipped = pl.concat([skipped_attack, bad_train])
     train = frames["train"].filter(~_nonfinite("clean_acc"))
+    attack_counts = dict(out[n + list(by_kind).index("attack")].iter_rows())
     n_attack_ok = (
-        dict(out[n + list(by_kind).index("attack")].iter_rows()).get(chosen, 0) - skipped_attack.height
-    )
+        attack_counts.get(chosen, 0) if several else sum(attack_counts.values())
+    ) - skipped_attack.height
     if n_attack_ok == 0 and train.height + frames["diagnostic"].height == 0:
         raise SummaryError(
             f"nothing to summarize in {root} (sweep {chosen}): {frames['failed'].height} failed trial(s), "
@@ -366,4 +371,5 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         set_aside=set_aside,
         notes=notes,
         attack_files=by_kind["attack"],
+        selected=selected,
     )

@@ -71,9 +71,7 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
         *POINT_COLUMNS, "trial_id", "sweep", "status"
     )
     # An attack that overstepped its budget does not count: its points are missing, not broken.
-    scan = scan.filter(
-        (pl.col("sweep") == res.sweep) & (pl.col("status") == "ok") & pl.col("budget_ok").fill_null(False)
-    )
+    scan = scan.filter(res.selected & (pl.col("status") == "ok") & pl.col("budget_ok").fill_null(False))
     if res.expected is not None:
         scan = scan.filter(pl.col("trial_id").is_in(res.expected["trial_id"].implode()))
     (rows,) = collect([scan.filter(pl.col("point_index").list.len() > 0)], files)

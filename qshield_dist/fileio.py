@@ -1,0 +1,67 @@
+"""Files that survive crashes and shared filesystems: the one atomic write and the one read
+that rides out a transient I/O error. Everything the package writes for later goes through
+atomic_write_bytes (result files, checkpoints, the manifest, the results ledger, the SLURM
+executor's status files), and every file it must tell "unreadable now" from "corrupt" apart
+is read through read_bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+READ_ATTEMPTS = 4  # an NFS server that is failing over answers EIO or ESTALE for seconds
+READ_BACKOFF_S = 0.5  # then 1 s, 2 s: about 3.5 s in all before the error is believed
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to a temporary file in the same directory, fsync it, rename it over
+    `path`, then fsync the directory: a reader sees the old file or the whole new one, and
+    after a crash (of this process or of the machine) the rename is on disk too."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, retrying an OSError (an NFS hiccup) with backoff; the last error is
+    raised when every attempt failed. FileNotFoundError means absent and is raised at once.
+    Decoding is the caller's: an error there is the file's own, and only that is corruption."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise
+            delay = READ_BACKOFF_S * 2**attempt
+            log.warning("reading %s failed (%s); retrying in %.1f s", path, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
