@@ -15,16 +15,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.datasets import DATASETS, check_available
 from qshield_dist.quantum.spec import CircuitSpec
 from qshield_dist.randomness import hybrid_is_stochastic
 from qshield_dist.vocabulary import (
+    ACCELERATORS,
     ATTACK_PRESETS,
     BACKBONES,
     CONTROLS,
+    CPU,
+    CUDA,
     DEVICES,
     DIAGNOSTICS,
     ENCODINGS,
@@ -202,6 +213,27 @@ class Resources(_Strict):
     gpus: float = Field(0.0, ge=0)  # fractions allowed on Ray (0.25 -> four trials share one GPU)
     mem_gb: float = Field(4.0, gt=0)
     timeout_min: int = Field(240, ge=1)
+    # What the stage's models, batches and attacks run on: auto is cuda when the stage reserves
+    # a GPU (gpus > 0), cpu otherwise (resolved_accelerator; the grid puts it in the trial).
+    accelerator: Literal[ACCELERATORS] = "auto"
+
+    @field_validator("accelerator")
+    @classmethod
+    def _cuda_reserves_a_gpu(cls, accelerator: str, info: ValidationInfo) -> str:
+        gpus = info.data.get("gpus")
+        if accelerator == CUDA and gpus is not None and gpus <= 0:
+            raise ValueError(
+                f"a CUDA trial must reserve a GPU, and this stage's gpus is {gpus:g}: set gpus > 0 (a"
+                f" fraction shares one GPU on Ray) or accelerator: cpu; allowed: {', '.join(ACCELERATORS)}"
+            )
+        return accelerator
+
+    @property
+    def resolved_accelerator(self) -> str:
+        """cpu or cuda: `auto` is cuda when the stage reserves a GPU."""
+        if self.accelerator == "auto":
+            return CUDA if self.gpus > 0 else CPU
+        return self.accelerator
 
 
 class StageResources(_Strict):
@@ -394,10 +426,14 @@ def validate(cfg: SweepConfig) -> SweepSpec:
 
 
 def check_availability(spec: SweepSpec) -> list[str]:
-    """What this machine lacks to run the sweep: data files, PennyLane devices. The launcher
-    stops on them before any compute; a plan only warns (a login node may lack both)."""
+    """What this machine lacks to run the sweep: data files, PennyLane devices, and with the
+    local executor, which runs trials here, CUDA for a stage on it. The launcher stops on them
+    before any compute; a plan only warns (a login node may lack all three). Ray and SLURM
+    trials run on workers: a worker without CUDA records the failure in the trial's row."""
     cfg = spec.config
     problems = []
+    if cfg.executor == "local":
+        problems += _cuda_problems(spec)
     for name in cfg.datasets:
         try:
             check_available(name, cfg.data.data_root, cfg.data.download)
@@ -419,6 +455,30 @@ def check_availability(spec: SweepSpec) -> list[str]:
                     f"models.device: got '{name}': not usable here{extra}: {exc}; allowed: {', '.join(DEVICES)}"
                 )
     return problems
+
+
+def _cuda_problems(spec: SweepSpec) -> list[str]:
+    """The stages that would run on CUDA, where this process has none (torch is imported
+    only when a stage asks for CUDA)."""
+    stages = {"train": spec.config.resources.train}
+    if spec.attacks:  # attack and diagnostic trials run with the attack stage's resources
+        stages["attack"] = spec.config.resources.attack
+    cuda = {stage: res for stage, res in stages.items() if res.resolved_accelerator == CUDA}
+    if not cuda:
+        return []
+    from qshield_dist.trial_env import cuda_missing
+
+    missing = cuda_missing()
+    if missing is None:
+        return []
+    return [
+        f"resources.{stage}.accelerator: got '{res.accelerator}'"
+        + (f" (with gpus {res.gpus:g}: cuda)" if res.accelerator == "auto" else "")
+        + f": the local executor runs trials on this machine, and there is {missing};"
+        f" allowed: {', '.join(ACCELERATORS)} (set accelerator: cpu, or run it with executor ray or slurm"
+        " on nodes with GPUs)"
+        for stage, res in cuda.items()
+    ]
 
 
 def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:

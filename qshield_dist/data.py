@@ -151,8 +151,9 @@ if __name__ == "__main__":
 
 
 def fixed_permutation(n_test: int, seed: int) -> torch.Tensor:
-    """The test set's order for a seed, the same in every trial of that seed."""
-    return torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))
+    """The test set's order for a seed, the same in every trial of that seed (on the host,
+    whatever device a trial runs on: it indexes the row's per-point columns)."""
+    return torch.randperm(n_test, generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu")
 
 
 def shared_attack_set(n_test: int, size: int, seed: int) -> torch.Tensor:

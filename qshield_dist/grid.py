@@ -25,7 +25,7 @@ from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
 from qshield_dist.results.current import STAGE_VERSIONS
-from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET
+from qshield_dist.vocabulary import BACKBONE_ONLY, CPU, EQUAL_BUDGET
 
 V = TypeVar("V")
 
@@ -159,6 +159,12 @@ def _given(**entries: Any) -> dict[str, Any]:
     return {k: v for k, v in entries.items() if v is not None}
 
 
+def _on(accelerator: str) -> str | None:
+    """What an id hashes of a trial's accelerator: nothing for cpu (the default, so CPU ids
+    stay those from before accelerators), the kind otherwise: one id never means both."""
+    return None if accelerator == CPU else accelerator
+
+
 # EvalConfig fields that decide which trials exist, not what one computes.
 _EVAL_NOT_RESULTS = frozenset({"controls", "diagnostics"})
 # What an attack trial does not read: the diagnostics' sample.
@@ -191,6 +197,7 @@ class TrainTrial:
     test_size: int | None
     baseline_id: str | None = None  # the backbone's train trial (init: from_baseline)
     threads: int = 1  # intra-op threads the trial fixes for itself
+    accelerator: str = CPU  # resolved: cpu | cuda (what its torch code runs on)
     version: int = _current_version("train")  # results version of the code that defines it
     stage: str = field(default="train", init=False)
 
@@ -203,7 +210,12 @@ class TrainTrial:
             "seed": self.seed,
             "model": model_identity(self.model, classes),
             "train": changed_fields(self.train),
-            **_given(train_size=self.train_size, test_size=self.test_size, baseline=self.baseline_id),
+            **_given(
+                train_size=self.train_size,
+                test_size=self.test_size,
+                baseline=self.baseline_id,
+                accelerator=_on(self.accelerator),
+            ),
         }
 
     @cached_property
@@ -230,6 +242,7 @@ class AttackTrial:
     control: str | None = None  # None | backbone_only | equal_budget
     surrogate: TrainTrial | None = None  # transfer
     threads: int = 1
+    accelerator: str = CPU
     version: int = _current_version("attack")
     stage: str = field(default="attack", init=False)
 
@@ -258,7 +271,11 @@ class AttackTrial:
             "preset": self.preset,
             "params": _changed(dict(self.params), paper),
             "eval": _eval_identity(self.eval, _EVAL_NOT_ATTACK, self.target_stochastic),
-            **_given(control=self.control, surrogate=self.surrogate.trial_id if self.surrogate else None),
+            **_given(
+                control=self.control,
+                surrogate=self.surrogate.trial_id if self.surrogate else None,
+                accelerator=_on(self.accelerator),
+            ),
         }
 
     @cached_property
@@ -272,6 +289,7 @@ class AttackTrial:
             id(self.eval),
             repr(self.version),
             repr(self.threads),
+            self.accelerator,
             self.attack,
             self.preset,
             self.train.dataset,
@@ -302,6 +320,7 @@ class DiagnosticTrial:
     attack_ids: tuple[str, ...]  # the model's attack trials whose rows the checks compare
     eval: EvalConfig
     threads: int = 1
+    accelerator: str = CPU
     version: int = _current_version("diagnostic")
     stage: str = field(default="diagnostic", init=False)
 
@@ -316,6 +335,7 @@ class DiagnosticTrial:
             "train": self.train.trial_id,
             "attacks": sorted(self.attack_ids),
             "eval": _eval_identity(self.eval, _EVAL_NOT_RESULTS, self.train.stochastic),
+            **_given(accelerator=_on(self.accelerator)),
         }
 
     @cached_property
@@ -356,13 +376,18 @@ def _expand(spec: SweepSpec) -> Grid:
     # surrogate trained alone is determined by (dataset, seed, architecture), and an equal-budget
     # control also by whether the hybrid was pre-trained. Made once each, not once per hybrid.
     alone: dict[tuple[Any, ...], TrainTrial] = {}
+    # auto resolves here, from what each stage reserves; diagnostics run with the attacks' resources
+    on_train = cfg.resources.train.resolved_accelerator
+    on_attack = cfg.resources.attack.resolved_accelerator
 
     def add(trial: TrainTrial) -> TrainTrial:
         return train.setdefault(trial.trial_id, trial)
 
     def train_trial(dataset: str, model: ModelSpec, seed: int, baseline_id: str | None = None) -> TrainTrial:
         sizes = (cfg.data.train_size, cfg.data.test_size)
-        return TrainTrial(dataset, model, cfg.train, seed, *sizes, baseline_id, threads=cfg.threads)
+        return TrainTrial(
+            dataset, model, cfg.train, seed, *sizes, baseline_id, threads=cfg.threads, accelerator=on_train
+        )
 
     def trained_alone(dataset: str, seed: int, name: str) -> TrainTrial:
         key = (dataset, seed, name)
@@ -418,6 +443,7 @@ def _expand(spec: SweepSpec) -> Grid:
                             control,
                             surrogate,
                             cfg.threads,
+                            on_attack,
                         )
                         if a.trial_id not in attack:
                             attack[a.trial_id] = a
@@ -426,7 +452,9 @@ def _expand(spec: SweepSpec) -> Grid:
     diagnostic = []
     if cfg.eval.diagnostics:
         for train_id, attack_ids in own_attacks.items():
-            diagnostic.append(DiagnosticTrial(train[train_id], tuple(attack_ids), cfg.eval, cfg.threads))
+            diagnostic.append(
+                DiagnosticTrial(train[train_id], tuple(attack_ids), cfg.eval, cfg.threads, on_attack)
+            )
     return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 

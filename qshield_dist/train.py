@@ -43,8 +43,10 @@ def train_model(
     seed: int,
     show_progress: bool = False,
 ) -> TrainStats:
-    """Adam + NLL on log-probabilities, shuffled mini-batches; stops at max_steps if set."""
-    generator = torch.Generator().manual_seed(seed)
+    """Adam + NLL on log-probabilities, shuffled mini-batches; stops at max_steps if set. The
+    model and (x, y) are on one device; the shuffle is drawn on the host, so every device
+    sees the same batches, and moved there once per epoch."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     # A last batch of one sample is skipped (BatchNorm cannot train on it), so it is no step.
@@ -60,7 +62,7 @@ def train_model(
     with tqdm(total=total, desc="train", unit="step", disable=not show_progress, leave=False) as bar:
         while steps < total:
             epoch += 1
-            order = torch.randperm(len(y), generator=generator)
+            order = torch.randperm(len(y), generator=generator, device="cpu").to(y.device)
             for i in range(0, len(y), cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on a single sample

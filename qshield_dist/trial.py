@@ -35,7 +35,7 @@ from qshield_dist.peak_memory import max_rss_bytes
 from qshield_dist.results.schema import MODEL_COLUMNS, package_versions
 from qshield_dist.results.store import ResultStore
 from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
-from qshield_dist.trial_env import fixed_numerics, seed_everything, trial_log
+from qshield_dist.trial_env import fixed_numerics, gpu_model, seed_everything, torch_device, trial_log
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,9 @@ def variant_id(train: TrainTrial, control: str | None) -> str:
     """What makes two trained models different, apart from the seed: the train trial's identity
     without its seed (and the baseline's id, which carries the seed), plus the control."""
     identity = {
-        k: v for k, v in train.identity().items() if k not in ("seed", "baseline", "threads", "version")
+        k: v
+        for k, v in train.identity().items()
+        if k not in ("seed", "baseline", "threads", "accelerator", "version")
     }
     return stable_hash({**identity, "control": control})
 
@@ -120,7 +122,13 @@ def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
 
 
 def _load_data(trial: TrainTrial, ctx: RunContext) -> tuple[Split, Split]:
+    """The trial's splits, on the host (loaders read files into host memory)."""
     return load(trial.dataset, ctx.data_root, trial.train_size, trial.test_size, ctx.download)
+
+
+def _to(split: Split, device: torch.device) -> Split:
+    """A split moved to the trial's device once, so that no batch crosses the bus again."""
+    return Split(split.x.to(device), split.y.to(device))
 
 
 def predictions(model: nn.Module, x: torch.Tensor, repeats: int, batch_size: int) -> torch.Tensor:
@@ -129,12 +137,19 @@ def predictions(model: nn.Module, x: torch.Tensor, repeats: int, batch_size: int
 
 
 def train_or_load(
-    trial: TrainTrial, ctx: RunContext, train: Split | None = None, allow_train: bool = True
+    trial: TrainTrial,
+    ctx: RunContext,
+    device: torch.device,
+    train: Split | None = None,
+    allow_train: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model of `trial`, from the checkpoint cache when it is valid. Only the
-    train stage trains: later stages fail clearly rather than train a model out of place."""
+    """The trained model of `trial` on `device`, from the checkpoint cache when it is valid.
+    Only the train stage trains: later stages fail clearly rather than train a model out of
+    place. `train`: the training split, already on `device`."""
     seed_everything(trial.seed)
-    model = build_model(trial.model, DATASETS[trial.dataset])
+    with torch.device("cpu"):  # initialised on the host (the same draws whatever the device)
+        model = build_model(trial.model, DATASETS[trial.dataset])
+    model = model.to(device)
     store = ctx.store
     path = store.checkpoint_path(trial.trial_id)
     loaded = load_checkpoint(path, model)
@@ -145,7 +160,7 @@ def train_or_load(
             f"no usable checkpoint {path}: train trial {trial.trial_id} failed or has not run"
         )
     if train is None:
-        train, _ = _load_data(trial, ctx)
+        train = _to(_load_data(trial, ctx)[0], device)
     init_steps = 0
     if trial.baseline_id:
         # The baseline is a Classifier around the same backbone module: loading it fills ours.
@@ -179,11 +194,12 @@ def _train_columns(meta: dict[str, Any]) -> dict[str, Any]:
 def _clean_eval(
     model: nn.Module, test: Split, repeats: int, batch_size: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Per-sample majority correctness and the clean-accuracy columns."""
+    """Per-sample majority correctness (on the host: it indexes the row's per-point columns)
+    and the clean-accuracy columns."""
     preds = predictions(model, test.x, repeats, batch_size)
     correct = preds == test.y
     per_repeat = correct.float().mean(1)
-    majority = strict_majority(correct)
+    majority = strict_majority(correct).cpu()
     return majority, {
         "n_test": len(test.y),
         "clean_acc": float(per_repeat.mean()),
@@ -192,12 +208,12 @@ def _clean_eval(
     }
 
 
-def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
+def run_train(trial: TrainTrial, ctx: RunContext, device: torch.device) -> list[dict[str, Any]]:
     train, test = _load_data(trial, ctx)
-    model, meta = train_or_load(trial, ctx, train)
+    model, meta = train_or_load(trial, ctx, device, _to(train, device))
     repeats = TRAIN_EVAL_REPEATS if getattr(model, "stochastic", False) else 1
     seed_everything(trial.seed)  # the same draws whether the model was trained now or loaded
-    _, clean = _clean_eval(model, test, repeats, 512)
+    _, clean = _clean_eval(model, _to(test, device), repeats, 512)
     details = {
         "init_steps": meta.get("init_steps", 0),
         "total_train_steps": meta["train_steps"] + meta.get("init_steps", 0),
@@ -215,18 +231,20 @@ def run_train(trial: TrainTrial, ctx: RunContext) -> list[dict[str, Any]]:
     ]
 
 
-def _attack_target(trial: AttackTrial, ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
-    model, meta = train_or_load(trial.train, ctx, allow_train=False)
+def _attack_target(
+    trial: AttackTrial, ctx: RunContext, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    model, meta = train_or_load(trial.train, ctx, device, allow_train=False)
     if trial.control == "backbone_only":
         model = Classifier(model.backbone).eval()  # the hybrid's own trained backbone, branch removed
     return model, meta
 
 
-def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
+def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> list[dict[str, Any]]:
     definition = ATTACKS[trial.attack]
     params = trial.params_dict
-    _, test = _load_data(trial.train, ctx)
-    model, meta = _attack_target(trial, ctx)
+    test = _to(_load_data(trial.train, ctx)[1], device)
+    model, meta = _attack_target(trial, ctx, device)
     stochastic = bool(getattr(model, "stochastic", False))
     majority, clean = _clean(model, test, trial)
     points = shared_attack_set(len(test.y), trial.eval.attack_size, trial.train.seed)
@@ -247,7 +265,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
         )
     surrogate = None
     if trial.surrogate is not None:
-        surrogate, _ = train_or_load(trial.surrogate, ctx, allow_train=False)
+        surrogate, _ = train_or_load(trial.surrogate, ctx, device, allow_train=False)
         surrogate = CallCounter(surrogate)
     attack = build_attack(
         trial.attack,
@@ -281,13 +299,16 @@ def run_attack(trial: AttackTrial, ctx: RunContext) -> list[dict[str, Any]]:
     in_range = bool(((adv >= -1e-6) & (adv <= 1 + 1e-6)).all())
     budget_ok = in_range and (definition.threat_model != "linf" or eps is None or linf <= eps + 1e-5)
 
+    # Per-point outcomes go to the host once: they become the row's lists.
     wrong = (
-        predictions(model, adv, repeats, batch) != y if len(y) else torch.zeros(repeats, 0, dtype=torch.bool)
+        (predictions(model, adv, repeats, batch) != y).cpu()
+        if len(y)
+        else torch.zeros(repeats, 0, dtype=torch.bool, device="cpu")
     )
     success = strict_majority(wrong)  # the project's success rule
     n_points, n_attacked, n_success = len(points), len(y), int(success.sum())
     asr = n_success / n_attacked if n_attacked else float("nan")
-    broken = torch.zeros(n_points, dtype=torch.bool)
+    broken = torch.zeros(n_points, dtype=torch.bool, device="cpu")
     broken[correct] = success
     eval_wrong: list[list[bool]] = [[] for _ in range(n_points)]
     broken_by: list[str | None] = [None] * n_points
@@ -354,11 +375,11 @@ def _clean(
     return _clean_eval(model, test, repeats, trial.eval.batch_size)
 
 
-def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, Any]]:
+def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, device: torch.device) -> list[dict[str, Any]]:
     wanted = trial.eval.diagnostic_names
     size = trial.eval.diagnostic_size
-    _, test = _load_data(trial.train, ctx)
-    model, meta = train_or_load(trial.train, ctx, allow_train=False)
+    test = _to(_load_data(trial.train, ctx)[1], device)
+    model, meta = train_or_load(trial.train, ctx, device, allow_train=False)
     stochastic = bool(getattr(model, "stochastic", False))
     majority, clean = _clean(model, test, trial)
     repeats = clean["eval_repeats"]
@@ -395,31 +416,33 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext) -> list[dict[str, An
     return [{**base, **check} for check in checks if check["diagnostic"] in wanted]
 
 
-def run_trial(trial: Trial, ctx: RunContext) -> str:
-    """Run one trial and write its result file; returns 'ok' or 'failed'. A diagnostic runs
-    only on attack rows that are all ok (the launcher holds it back until then); its rows
-    record the attack statuses it found (`inputs`), and resume runs again one whose were not."""
+def run_trial(trial: Trial, ctx: RunContext, device: torch.device | None = None) -> str:
+    """Run one trial and write its result file; returns 'ok' or 'failed'. It runs on `device`,
+    by default the one its accelerator names (a process without it records the failure). A
+    diagnostic runs only on attack rows that are all ok (the launcher holds it back until
+    then); its rows record the attack statuses it found (`inputs`), and resume runs again one
+    whose were not."""
     store = ctx.store
     inputs = None
     if isinstance(trial, DiagnosticTrial):
         inputs = store.statuses("attack", trial.dataset, trial.attack_ids)
-    with (
-        trial_log(store.log_path(trial.trial_id), ctx.file_mode),
-        fixed_numerics(trial.threads) as determinism,
-    ):
+    determinism = None
+    with trial_log(store.log_path(trial.trial_id), ctx.file_mode):
         log.info(
             "trial %s (%s, %s) on %s: start", trial.trial_id, trial.stage, trial.dataset, socket.gethostname()
         )
         start = time.perf_counter()
         try:
-            if isinstance(trial, TrainTrial):
-                rows = run_train(trial, ctx)
-            elif isinstance(trial, AttackTrial):
-                rows = run_attack(trial, ctx)
-            elif inputs and set(inputs.values()) != {"ok"}:
-                raise RuntimeError(f"not run: its attack trials are not all ok: {inputs}")
-            else:
-                rows = run_diagnostic(trial, ctx)
+            device = device if device is not None else torch_device(trial.accelerator)
+            with fixed_numerics(trial.threads, device) as determinism:
+                if isinstance(trial, TrainTrial):
+                    rows = run_train(trial, ctx, device)
+                elif isinstance(trial, AttackTrial):
+                    rows = run_attack(trial, ctx, device)
+                elif inputs and set(inputs.values()) != {"ok"}:
+                    raise RuntimeError(f"not run: its attack trials are not all ok: {inputs}")
+                else:
+                    rows = run_diagnostic(trial, ctx, device)
             status = "ok"
         except Exception as exc:  # recorded as a row: the sweep goes on
             log.exception("trial %s failed: %s: %s", trial.trial_id, type(exc).__name__, exc)
@@ -441,6 +464,7 @@ def run_trial(trial: Trial, ctx: RunContext) -> str:
     for row in rows:
         row["peak_rss_mb"] = max_rss_bytes() / 2**20
         row["determinism"] = determinism
+        row["gpu_model"] = gpu_model(device) if device is not None else None
         if inputs is not None:
             row["inputs"] = json.dumps(inputs, sort_keys=True)
     store.write(trial, rows, ctx.file_mode)

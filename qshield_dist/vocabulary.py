@@ -58,3 +58,7 @@ GRADIENT_MASKING_CHECKS = (
 )
 DIAGNOSTICS = (*GRADIENT_MASKING_CHECKS, "restart_sensitivity")
 EXECUTORS = ("local", "ray", "slurm")
+# What a stage's torch code runs on (`resources.<stage>.accelerator`; `device` names the
+# PennyLane device). `auto` resolves when the grid is built: cuda where the stage reserves a GPU.
+ACCELERATORS = ("auto", "cpu", "cuda")
+CPU, CUDA = "cpu", "cuda"

@@ -53,8 +53,9 @@ class CWBinarySearch(torchattacks.CW):
             with torch.no_grad():
                 fooled = self.get_logits(adv).argmax(1) != labels
                 l2 = (adv - images).flatten(1).norm(dim=1)
-            better = fooled & (l2 < best_l2)
-            best[better], best_l2[better] = adv[better], l2[better]
+            better = fooled & (l2 < best_l2)  # selected without a host round trip
+            best = torch.where(better.view(-1, *([1] * (best.dim() - 1))), adv, best)
+            best_l2 = torch.where(better, l2, best_l2)
             # Success -> try a smaller c; failure -> a larger one (x10 until bracketed).
             upper = torch.where(fooled, torch.minimum(upper, c), upper)
             lower = torch.where(fooled, lower, torch.maximum(lower, c))

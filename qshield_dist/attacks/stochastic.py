@@ -28,7 +28,7 @@ from qshield_dist.attacks.base import (
     per_draw_margins,
     per_draw_xent,
 )
-from qshield_dist.attacks.streams import PerPointStarts, active_streams
+from qshield_dist.attacks.streams import PerPointStarts, active_streams, to_device
 
 
 class StochasticAPGD(PerPointStarts, torchattacks.APGD):
@@ -86,17 +86,18 @@ class StochasticSquare(MajorityRule, torchattacks.Square):
         """torchattacks' L-inf `attack_single_run` with every point's randomness its own. There
         one square per iteration (position and sign) is drawn for the whole batch, so a point's
         search depends on its batch-mates; here each point draws its square from its own stream,
-        all its draws up front (the same uniform numbers torchattacks turns into squares), and
-        the points stay batched. Same schedule, acceptance rule and budget."""
+        all its draws up front (the same uniform numbers torchattacks turns into squares, on the
+        host, moved to the device once), and the points stay batched. Same schedule, acceptance
+        rule and budget."""
         c, h, w = x.shape[1:]
         n_features = c * h * w
-        draws = []
-        for row in x:
-            g = torch.Generator(device=x.device)
-            g.manual_seed(streams.seed_for(row))
-            # per query: the square's row and column (uniform, floored), then one sign per channel
-            draws.append(torch.rand(c * w + self.n_queries * (2 + c), generator=g, device=x.device))
-        u = torch.stack(draws)
+        # per point: c x w stripe signs, then per query the square's row and column (uniform,
+        # floored) and one sign per channel
+        draws = c * w + self.n_queries * (2 + c)
+        u = to_device(
+            torch.stack([torch.rand(draws, generator=g, device="cpu") for g in streams.generators(x)]),
+            x.device,
+        )
         stripes = torch.sign(2 * u[:, : c * w] - 1).view(-1, c, 1, w)
         u = u[:, c * w :].view(len(x), self.n_queries, 2 + c)
         x_best = torch.clamp(x + self.eps * stripes, 0.0, 1.0)
@@ -150,8 +151,9 @@ class StochasticSquare(MajorityRule, torchattacks.Square):
             _, adv_curr = self.attack_single_run(x, y)
             with torch.no_grad():
                 _, loss = self.margin_and_loss(adv_curr, y)
-            keep = loss < loss_best
-            adv[keep], loss_best[keep] = adv_curr[keep], loss[keep]
+            keep = loss < loss_best  # selected without a host round trip
+            adv = torch.where(keep.view(-1, *([1] * (adv.dim() - 1))), adv_curr, adv)
+            loss_best = torch.where(keep, loss, loss_best)
         return adv
 
 
@@ -224,7 +226,7 @@ class StochasticMultiAttack(MajorityRule, torchattacks.MultiAttack):
     def __init__(self, attacks: list, *, stochastic: bool = False, repeats: int = 1, verbose: bool = False):
         super().__init__(attacks, verbose=verbose)
         self.set_rule(stochastic, repeats)
-        self.sources = torch.empty(0, dtype=torch.long)
+        self.sources = torch.empty(0, dtype=torch.long, device="cpu")  # set by each call
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # As torchattacks on a deterministic model: each component attacks the samples still in

@@ -16,6 +16,10 @@ How: `PointStreams(seed)` is entered around an attack. An attack class with the
 own generators. Attacks whose random search is shared by the batch (torchattacks' Square
 draws one square per iteration for all images) instead run point by point, each seeded from
 `seed_for(point)`. Outside `PointStreams` nothing changes: torchattacks' own behaviour.
+
+On any device the streams are host generators: a point's draws are the same numbers on a CPU
+and a GPU run, and they cross to the device in one asynchronous copy per draw (from pinned
+memory, so an attack's iteration loop never waits on the host).
 """
 
 from __future__ import annotations
@@ -62,21 +66,25 @@ class PointStreams:
     def __exit__(self, *exc: Any) -> None:
         _ACTIVE.reset(self._token)
 
-    def seed_for(self, x: torch.Tensor) -> int:
-        """The next seed of the point whose image is `x` (one row, any shape)."""
-        key = _digest(self.salt, x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        use = self.uses.get(key, 0)
-        self.uses[key] = use + 1
-        return _seed(_digest(key, str(use).encode()))
+    def seeds_for(self, x: torch.Tensor) -> list[int]:
+        """The next seed of each row of `x`, its pixels read from the device in one copy."""
+        pixels = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        seeds = []
+        for row in pixels:
+            key = _digest(self.salt, row.tobytes())
+            use = self.uses.get(key, 0)
+            self.uses[key] = use + 1
+            seeds.append(_seed(_digest(key, str(use).encode())))
+        return seeds
+
+    def generators(self, x: torch.Tensor) -> list[torch.Generator]:
+        """A host generator per row of `x`, each at its point's next seed."""
+        return [torch.Generator(device="cpu").manual_seed(seed) for seed in self.seeds_for(x)]
 
     @contextmanager
     def rows(self, x: torch.Tensor) -> Iterator[None]:
-        # One generator per row, on the rows' device; identical images get identical streams.
-        generators = []
-        for row in x:
-            g = torch.Generator(device=x.device)
-            g.manual_seed(self.seed_for(row))
-            generators.append(g)
+        # One generator per row; identical images get identical streams.
+        generators = self.generators(x)
         self._stack.append(generators)
         outermost = self._mode is None
         if outermost:
@@ -94,8 +102,18 @@ class PointStreams:
         return self._stack[-1]
 
 
+def to_device(host: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """Host draws on `device`: as they are on the CPU, else in one asynchronous copy from
+    pinned memory (the host does not wait for the device, nor the device for the host)."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class _RowMode(TorchFunctionMode):
-    """Random tensors of the announced rows' batch size, drawn row by row."""
+    """Random tensors of the announced rows' batch size, drawn row by row on the host, from
+    each row's own generator, and put where they were asked for."""
 
     def __init__(self, streams: PointStreams):
         super().__init__()
@@ -116,19 +134,21 @@ class _RowMode(TorchFunctionMode):
                 shape = tuple(args[0]) if len(args) == 1 and not isinstance(args[0], int) else tuple(args)
                 draw = _FACTORIES[func]
             if shape and shape[0] == n and "generator" not in kwargs:
-                device = kwargs.get("device")
-                return torch.stack(
-                    [
-                        draw(shape[1:], generator=g, dtype=kwargs.get("dtype"), device=device or g.device)
-                        for g in gens
-                    ]
+                host = torch.stack(
+                    [draw(shape[1:], generator=g, dtype=kwargs.get("dtype"), device="cpu") for g in gens]
                 )
+                return to_device(host, kwargs.get("device"))
         elif func in _IN_PLACE:
             tensor = args[0]
             if tensor.dim() and tensor.shape[0] == n and "generator" not in kwargs:
-                for row, g in zip(tensor, gens):
+                if tensor.device.type == "cpu":
+                    for row, g in zip(tensor, gens):
+                        func(row, *args[1:], generator=g, **kwargs)
+                    return tensor
+                rows = [torch.empty(tensor.shape[1:], dtype=tensor.dtype, device="cpu") for _ in gens]
+                for row, g in zip(rows, gens):
                     func(row, *args[1:], generator=g, **kwargs)
-                return tensor
+                return tensor.copy_(to_device(torch.stack(rows), tensor.device), non_blocking=True)
         return func(*args, **kwargs)
 
 

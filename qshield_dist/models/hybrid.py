@@ -37,6 +37,24 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
     return centered / _safe_std(centered)
 
 
+def window_means(z: torch.Tensor, n: int) -> torch.Tensor:
+    """F.adaptive_avg_pool1d(z, n) over the last axis, written out: the mean of each of its n
+    (nearly equal, consecutive) windows, summed left to right as its CPU kernel does, so the
+    values are bit-identical there (tests/test_device.py); unlike the pooling op, its CUDA
+    backward is deterministic."""
+    size = z.shape[-1]
+    if n == 1:
+        return z.mean(dim=-1, keepdim=True)  # the pooling op's own path for one window
+    means = []
+    for i in range(n):
+        start, end = i * size // n, -(-(i + 1) * size // n)
+        total = z[..., start]
+        for j in range(start + 1, end):
+            total = total + z[..., j]
+        means.append(total / (end - start))
+    return torch.stack(means, dim=-1)
+
+
 def paper_projection(z: torch.Tensor, n_angles: int, encoding: str) -> torch.Tensor:
     """The authors' reduction of C standardized features to the circuit's angle count.
 
@@ -47,7 +65,7 @@ def paper_projection(z: torch.Tensor, n_angles: int, encoding: str) -> torch.Ten
         return paper_projection(z.flatten(0, 1), n_angles, encoding).view(*z.shape[:2], -1)
     if encoding == "angle":
         if n_features >= n_angles:  # mean over (nearly) equal consecutive groups
-            return F.adaptive_avg_pool1d(z.unsqueeze(1), n_angles).squeeze(1)
+            return window_means(z, n_angles)
         return z.repeat(1, math.ceil(n_angles / n_features))[:, :n_angles]
     if n_features < n_angles:
         # Drawn afresh on every call: this is what makes their model stochastic

@@ -156,6 +156,11 @@ class CalibrationFailed(RuntimeError):
     pass
 
 
+def _device_of(model: Any) -> Any:
+    """The device a calibration model was loaded on (its trial's accelerator)."""
+    return next(model.parameters()).device
+
+
 def _run(
     t: Trial, ctx: Any, timer: list[float], n_train: int, n_test: int, labels: Any = None
 ) -> dict[str, Any]:
@@ -268,9 +273,10 @@ class _Group:
     def model(self, s: TrainTrial, control: str | None) -> Any:
         from qshield_dist.models.classic import Classifier
         from qshield_dist.trial import train_or_load
+        from qshield_dist.trial_env import torch_device
 
         if (s.trial_id, control) not in self.models:
-            model, _ = train_or_load(s, self.ctx, allow_train=False)
+            model, _ = train_or_load(s, self.ctx, torch_device(s.accelerator), allow_train=False)
             alone = control == BACKBONE_ONLY
             self.models[(s.trial_id, control)] = Classifier(model.backbone).eval() if alone else model
         return self.models[(s.trial_id, control)]
@@ -283,9 +289,10 @@ class _Group:
 
         _Data.n_train, _Data.n_test, _Data.labels = s.train.batch_size, n_test, None
         _, test = _loader(s.dataset, self.ctx.data_root)
-        with fixed_numerics(s.threads):
+        device = _device_of(model)
+        with fixed_numerics(s.threads, device):
             seed_everything(s.seed)
-            return torch.mode(predictions(model, test.x, repeats, 128), dim=0).values
+            return torch.mode(predictions(model, test.x.to(device), repeats, 128), dim=0).values.cpu()
 
     def forward_cost(self, model: Any, s: TrainTrial, batch: int, key: str) -> float:
         """Seconds per point of a clean evaluation (trial.predictions), measured directly."""
@@ -296,10 +303,11 @@ class _Group:
         if (key, batch) not in self.eval_cost:
             info = DATASETS[s.dataset]
             n = min(batch, 16)
-            x = torch.rand(n, info.channels, info.size, info.size)
+            device = _device_of(model)
+            x = torch.rand(n, info.channels, info.size, info.size, device=device)
             best = math.inf
             clock = time.process_time if s.threads == 1 else time.perf_counter  # as _run's
-            with fixed_numerics(s.threads):
+            with fixed_numerics(s.threads, device):
                 for _ in range(2):
                     start = clock()
                     predictions(model, x, 1, batch)

@@ -63,19 +63,21 @@ def probs_qfunc(spec: CircuitSpec) -> Callable:
 
 # --- the ops as matrices: what the compiled simulator and the Pauli twirl are built from -------
 
+# Host constants: circuits are compiled on the host, and the compiled matrices are cast to the
+# device a layer runs on (superop.py, layer.py).
 PAULIS = (
-    torch.eye(2, dtype=torch.complex128),
-    torch.tensor([[0, 1], [1, 0]], dtype=torch.complex128),
-    torch.tensor([[0, -1j], [1j, 0]], dtype=torch.complex128),
-    torch.tensor([[1, 0], [0, -1]], dtype=torch.complex128),
+    torch.eye(2, dtype=torch.complex128, device="cpu"),
+    torch.tensor([[0, 1], [1, 0]], dtype=torch.complex128, device="cpu"),
+    torch.tensor([[0, -1j], [1j, 0]], dtype=torch.complex128, device="cpu"),
+    torch.tensor([[1, 0], [0, -1]], dtype=torch.complex128, device="cpu"),
 )
 
 
 def kraus_operators(op: qml.operation.Operator) -> list[torch.Tensor]:
     """Kraus operators of `op` on its own wires, complex128; a gate has one, its matrix."""
     if isinstance(op, qml.operation.Channel):
-        return [torch.as_tensor(k, dtype=torch.complex128) for k in op.kraus_matrices()]
-    return [torch.as_tensor(qml.matrix(op, wire_order=op.wires), dtype=torch.complex128)]
+        return [torch.as_tensor(k, dtype=torch.complex128, device="cpu") for k in op.kraus_matrices()]
+    return [torch.as_tensor(qml.matrix(op, wire_order=op.wires), dtype=torch.complex128, device="cpu")]
 
 
 def kraus_superop(kraus: Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:

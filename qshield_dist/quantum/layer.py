@@ -20,6 +20,7 @@ not in `superop.py`, so that `superop.py` needs nothing from `encoding.py`.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pennylane as qml
@@ -101,8 +102,14 @@ class _TransferReadout(torch.autograd.Function):
         g = (jac * grad.T.unsqueeze(1)).sum(0)  # (n_angles, B)
         order = ctx.order
         if order != tuple(range(len(order))):
-            g = torch.empty_like(g).index_copy_(0, torch.tensor(order, device=g.device), g)
+            g = torch.empty_like(g).index_copy_(0, _order_index(order, g.device), g)
         return g.T, None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _order_index(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The angle order as an index on `device`, made once (not copied over at every backward)."""
+    return torch.tensor(order, device=device)
 
 
 # --- the module ----------------------------------------------------------------------------
@@ -166,7 +173,7 @@ class QuantumLayer(torch.nn.Module):
             self.noise_approx = "exact" if twirl_is_exact(spec) else "pauli_twirl"
             # Without a seed, draws come from torch's global generator, which the trial seeds:
             # the same trial draws the same trajectories on every executor.
-            self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            self._generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         else:
             if trajectories:
                 log.warning("trajectories=%d ignored: the circuit is noiseless", trajectories)
@@ -199,13 +206,20 @@ class QuantumLayer(torch.nn.Module):
         single = angles.dim() == 1
         batch = angles.unsqueeze(0) if single else angles
         if self.simulator == "compiled":
+            # Runs where the angles are (compiled matrices are cast there once, per instance).
             # The readout map sums terms of both signs: in float32 a probability that is 0
             # comes out as about -2e-8, and a log-probability downstream would be NaN.
             probs = self._compiled(batch).clamp_min(0.0)
-        elif self.path == "qnode-trajectories":
-            probs = self._trajectories(batch)
         else:
-            probs = self._run(batch).to(batch.dtype)
+            # PennyLane's devices take host arrays (lightning.gpu copies them into its own GPU
+            # memory): a QNode runs on the angles' host copy, and its probabilities go back to
+            # the angles' device, differentiably. On a CUDA trial that is a round trip per call.
+            host = batch.cpu()
+            if self.path == "qnode-trajectories":
+                probs = self._trajectories(host)
+            else:
+                probs = self._run(host).to(host.dtype)
+            probs = probs.to(batch.device)
         return probs[0] if single else probs
 
     # compiled ---------------------------------------------------------------------------------

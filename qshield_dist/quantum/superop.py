@@ -118,8 +118,9 @@ def _heisenberg(program: _Program, obs: torch.Tensor) -> torch.Tensor:
 # --- Pauli conversions ----------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
 def _paulis(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.stack(PAULIS).to(device=device, dtype=dtype)  # (4, 2, 2)
+    return torch.stack(PAULIS).to(device=device, dtype=dtype)  # (4, 2, 2), made once per device
 
 
 def matrix_to_pauli(obs: torch.Tensor, n: int) -> torch.Tensor:
@@ -154,8 +155,10 @@ def transfer_matrix(spec: CircuitSpec) -> torch.Tensor:
     n = spec.qubits
     d = 2**n
     program = compile_body(spec)
-    proj = torch.zeros(d, d, d, dtype=torch.complex128)
-    proj[torch.arange(d), torch.arange(d), torch.arange(d)] = 1
+    # compiled once on the host, in float64; the layer casts it to each device it runs on
+    proj = torch.zeros(d, d, d, dtype=torch.complex128, device="cpu")
+    diagonal = torch.arange(d, device="cpu")
+    proj[diagonal, diagonal, diagonal] = 1
     evolved = _heisenberg(program, proj.reshape([d] + [2] * (2 * n)))
     coeffs = matrix_to_pauli(evolved, n) / d
     imag = coeffs.imag.abs().max().item()

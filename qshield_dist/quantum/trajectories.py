@@ -44,7 +44,7 @@ def _xor_convolve(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Distribution of the product of two independent Paulis, indices I,X,Y,Z = bits (x,z)."""
     bits = [(0, 0), (1, 0), (1, 1), (0, 1)]
     index = {b: i for i, b in enumerate(bits)}
-    out = torch.zeros(4, dtype=p.dtype)
+    out = torch.zeros(4, dtype=p.dtype, device=p.device)
     for i, (x1, z1) in enumerate(bits):
         for j, (x2, z2) in enumerate(bits):
             out[index[(x1 ^ x2, z1 ^ z2)]] += p[i] * q[j]

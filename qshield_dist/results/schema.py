@@ -17,7 +17,8 @@ from qshield_dist.config import ModelSpec
 
 # The columns below. A row of another schema version is not current: resume runs its trial
 # again (its file is moved aside first) and the summary sets it aside.
-SCHEMA_VERSION = 4  # 3: checkpoint_sha256 (train rows) and inputs (diagnostic rows); 4: point_broken_by
+# 3: checkpoint_sha256 (train rows) and inputs (diagnostic rows); 4: point_broken_by; 5: gpu_model
+SCHEMA_VERSION = 5
 
 
 def _model_columns() -> list[tuple[str, pa.DataType]]:
@@ -99,6 +100,7 @@ SCHEMA = pa.schema(
         ("inputs", pa.string()),  # diagnostic rows: JSON {attack trial id: status} of the rows it read
         ("threads", pa.int32()),  # intra-op threads the trial fixed for itself (part of its id)
         ("determinism", pa.string()),  # JSON: the numeric settings the trial ran under
+        ("gpu_model", pa.string()),  # the GPU a CUDA trial ran on, as torch names it (null: CPU)
         ("executor", pa.string()),
         ("host", pa.string()),
         ("versions", pa.string()),  # JSON
@@ -120,6 +122,7 @@ VOLATILE_COLUMNS = (
     "train_seconds",
     "peak_rss_mb",
     "checkpoint_sha256",  # the checkpoint also stores its training time, so its bytes vary
+    "gpu_model",  # which GPU of the kind the trial id names (cpu or cuda)
 )
 
 
