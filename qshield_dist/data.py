@@ -1,8 +1,9 @@
 """Dataset loaders for the registry in datasets.py: digits (embedded default), mnist,
 cifar10, organamnist.
 
-Every loader returns float32 images in [0, 1] shaped (N, C, H, W) and int64 labels, from
-the library that owns the format (scikit-learn, torchvision, medmnist). Nothing is ever
+Every loader returns float32 images in [0, 1] shaped (N, C, H, W) and int64 labels, in host
+memory (a trial moves them to its device once), from the library that owns the format
+(scikit-learn, torchvision, medmnist). Nothing is ever
 downloaded unless `download=True`; a missing file is an error that names the path expected
 and the command that stages it.
 
@@ -36,10 +37,10 @@ def _digits() -> tuple[Split, Split]:
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.tensor(bunch.images, dtype=torch.float32, device="cpu").unsqueeze(1) / 16.0
     size = DATASETS["digits"].size
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    y = torch.tensor(bunch.target, dtype=torch.int64)
+    y = torch.tensor(bunch.target, dtype=torch.int64, device="cpu")
     # A fixed 80/20 split: the digits set has no official one.
     idx_train, idx_test = train_test_split(
         np.arange(len(y)), test_size=0.2, stratify=y.numpy(), random_state=0
@@ -71,8 +72,8 @@ def _cifar10(root: Path, download: bool) -> tuple[Split, Split]:
     splits = []
     for train in (True, False):
         ds = _CIFAR10(str(root), train=train, download=download)
-        x = torch.tensor(ds.data).permute(0, 3, 1, 2).float() / 255.0
-        splits.append(Split(x, torch.tensor(ds.targets, dtype=torch.int64)))
+        x = torch.tensor(ds.data, device="cpu").permute(0, 3, 1, 2).float() / 255.0
+        splits.append(Split(x, torch.tensor(ds.targets, dtype=torch.int64, device="cpu")))
     return splits[0], splits[1]
 
 
@@ -82,8 +83,8 @@ def _organamnist(root: Path, download: bool) -> tuple[Split, Split]:
     splits = []
     for split in ("train", "test"):
         ds = OrganAMNIST(split=split, root=str(root), download=download, size=28)
-        x = torch.tensor(ds.imgs).float().unsqueeze(1) / 255.0
-        splits.append(Split(x, torch.tensor(ds.labels, dtype=torch.int64).reshape(-1)))
+        x = torch.tensor(ds.imgs, device="cpu").float().unsqueeze(1) / 255.0
+        splits.append(Split(x, torch.tensor(ds.labels, dtype=torch.int64, device="cpu").reshape(-1)))
     return splits[0], splits[1]
 
 

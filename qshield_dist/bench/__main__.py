@@ -1,9 +1,10 @@
-"""python -m qshield_dist.bench [quantum|models|draws|dispatch|summary|all] [--plot PNG]
+"""python -m qshield_dist.bench [quantum|models|draws|dispatch|summary|all|gpu] [--plot PNG]
 
 Prints one JSON object per measurement on stdout (logs go to stderr). The figures kept in
 benchmarks/RESULTS.md come from this command, and from the two that take their own arguments:
 `python -m qshield_dist.bench.slurm_packing` (a dev cluster) and `python -m
-qshield_dist.bench.crosscheck` (the project's AutoAttack against its authors' code).
+qshield_dist.bench.crosscheck` (the project's AutoAttack against its authors' code). `gpu`, not
+part of `all`, is the GPU checks (bench/gpu.py): on a machine without CUDA, one line saying so.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         "what",
         nargs="*",
         default=["all"],
-        choices=["quantum", "scaling", "models", "draws", "dispatch", "summary", "all"],
+        choices=["quantum", "scaling", "models", "draws", "dispatch", "summary", "all", "gpu"],
     )
     parser.add_argument(
         "--plot", default="benchmarks/qubit_scaling.png", help="where the qubit-scaling plot goes"
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from qshield_dist.bench import summary
 
         _emit([summary.bench_summary()])
+    if "gpu" in todo:
+        from qshield_dist.bench import gpu
+
+        _emit(gpu.run())
     return 0
 
 
