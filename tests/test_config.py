@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from qshield_dist import launch
-from qshield_dist.config import load_config, parse_attacks, validate
+from qshield_dist.config import SweepConfig, check_availability, load_config, parse_attacks, validate
 from qshield_dist.grid import build_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,14 @@ BAD = [
     (
         _with("models.1.trajectories", 16),
         ["models[1].trajectories", "16", "simulator: qnode", "default.qubit"],
+    ),
+    (
+        _with("resources", {"train": {"accelerator": "tpu"}}),
+        ["resources.train.accelerator", "tpu", "'auto', 'cpu' or 'cuda'"],
+    ),
+    (
+        _with("resources", {"attack": {"accelerator": "cuda"}}),
+        ["resources.attack.accelerator", "'cuda'", "gpus is 0", "allowed: auto, cpu, cuda"],
     ),
 ]
 
@@ -282,3 +290,41 @@ def test_attack_parameters_take_their_defaults_type(tmp_path, caplog, attack, pa
         assert launch.main([str(sweep), "--dry-run", "--results", str(tmp_path / "r")]) == 2
     for fragment in fragments:
         assert fragment in caplog.text, f"{fragment!r} missing from: {caplog.text}"
+
+
+NO_CUDA = [
+    # (resources, fragments): auto with a GPU reserved resolves to cuda; cuda named outright
+    ({"train": {"gpus": 1}}, ["resources.train.accelerator", "'auto' (with gpus 1: cuda)"]),
+    ({"attack": {"accelerator": "cuda", "gpus": 0.25}}, ["resources.attack.accelerator", "'cuda'"]),
+]
+
+
+@pytest.mark.parametrize("resources,fragments", NO_CUDA, ids=["auto-gpus1", "cuda"])
+def test_a_cuda_stage_on_the_local_executor_without_cuda_exits_2_before_any_compute(
+    tmp_path, monkeypatch, caplog, resources, fragments
+):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(_with("resources", resources)))
+    with caplog.at_level(logging.ERROR):
+        code = launch.main(
+            [str(sweep), "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt")]
+        )
+    assert code == 2
+    for fragment in [*fragments, "no CUDA device", "allowed: auto, cpu, cuda", "executor ray or slurm"]:
+        assert fragment in caplog.text, f"{fragment!r} missing from: {caplog.text}"
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("executor", ["ray", "slurm"])
+def test_a_cuda_stage_is_not_refused_on_a_login_node(executor):
+    """Ray and SLURM trials run on workers: the launching machine's lack of CUDA is no error
+    there (a worker without CUDA records a failed row: test_device, test_ray_cluster)."""
+    cfg = SweepConfig(**{**GOOD, "executor": executor, "resources": {"train": {"gpus": 1}}})
+    assert check_availability(validate(cfg)) == []
+    assert {t.accelerator for t in build_grid(validate(cfg)).train} == {"cuda"}

@@ -174,8 +174,8 @@ def test_window_means_are_adaptive_avg_pool1d_bit_for_bit(features: int, n: int)
 
 SWEEP = {
     "name": "device",
-    "data": {"dataset": "digits", "train_size": 120, "test_size": 40},
-    "train": {"epochs": 1, "batch_size": 32},
+    "data": {"dataset": "digits", "train_size": 300, "test_size": 40},
+    "train": {"epochs": 3, "batch_size": 32},
     "eval": {"attack_size": 8, "eval_repeats": 3},
     "models": [
         {"model": "cnn_small"},

@@ -278,3 +278,46 @@ def test_the_variant_id_tells_apart_all_that_makes_two_trained_models_differ_but
     longer = train_of({**SWEEP, "train": {**SWEEP["train"], "epochs": 4}}, 0)
     assert variant_id(longer, None) != variant_id(base, None)
     assert variant_id(base, "backbone_only") != variant_id(base, None)
+
+
+# --- the accelerator: in an id only when it is not cpu --------------------------------------
+
+
+def _on(resources: dict[str, Any]) -> dict[str, str]:
+    return {t.trial_id: t.accelerator for t in _grid({**SWEEP, "resources": resources}).trials}
+
+
+def test_cpu_trials_keep_their_ids_however_cpu_is_spelled() -> None:
+    default = _on({})
+    assert set(default.values()) == {"cpu"}
+    for resources in (
+        {"train": {"accelerator": "cpu"}, "attack": {"accelerator": "cpu"}},
+        {"train": {"accelerator": "auto", "gpus": 0}},
+        {"train": {"accelerator": "cpu", "gpus": 1}, "attack": {"accelerator": "cpu", "gpus": 0.25}},
+    ):
+        assert _on(resources) == default, resources
+
+
+def test_a_cuda_trial_never_shares_an_id_with_a_cpu_one() -> None:
+    cpu = _grid(SWEEP)
+    cuda_train = _grid({**SWEEP, "resources": {"train": {"gpus": 1}}})  # auto -> cuda
+    # train on cuda: every train id changes, and with it every id built on a train id
+    assert {t.accelerator for t in cuda_train.train} == {"cuda"}
+    assert {t.accelerator for t in [*cuda_train.attack, *cuda_train.diagnostic]} == {"cpu"}
+    assert not {t.trial_id for t in cuda_train.trials} & {t.trial_id for t in cpu.trials}
+    # attack stage on cuda (diagnostics too: they run with the attack's resources)
+    cuda_attack = _grid({**SWEEP, "resources": {"attack": {"gpus": 0.25}}})
+    assert [t.trial_id for t in cuda_attack.train] == [t.trial_id for t in cpu.train]
+    assert {t.accelerator for t in [*cuda_attack.attack, *cuda_attack.diagnostic]} == {"cuda"}
+    assert not {t.trial_id for t in [*cuda_attack.attack, *cuda_attack.diagnostic]} & {
+        t.trial_id for t in cpu.trials
+    }
+    # the resolved kind is hashed, not its spelling
+    named = _grid({**SWEEP, "resources": {"attack": {"accelerator": "cuda", "gpus": 1}}})
+    assert [t.trial_id for t in named.trials] == [t.trial_id for t in cuda_attack.trials]
+
+
+def test_full_yaml_runs_every_stage_on_cuda() -> None:
+    """It reserves a GPU per train trial and a quarter per attack trial: auto resolves to cuda."""
+    grid = build_grid(validate(load_config(REPO / "sweeps" / "full.yaml")))
+    assert {t.accelerator for t in grid.trials} == {"cuda"}
