@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -195,6 +196,60 @@ def test_private_local_cluster(tmp_path: Path) -> None:
     result = ex.run([Job("x", functools.partial(cf.record, str(tmp_path), "x"), **cf.TOY)])
     assert result == {"x": "ok"}
     assert not ray.is_initialized() and ex._private_head is None
+
+
+CUDA_SWEEP = {
+    "name": "cuda-on-ray",
+    "executor": "ray",
+    "data": {"dataset": "digits", "train_size": 60, "test_size": 20},
+    "train": {"epochs": 1},
+    "models": [{"model": "cnn_small"}],
+    "attacks": [{"name": "fgsm"}],
+    "resources": {"train": {"cpus": 1, "gpus": 1}},  # accelerator auto: cuda
+}
+
+
+def test_a_cuda_trial_is_sent_to_ray_and_a_worker_without_cuda_records_why(tmp_path: Path) -> None:
+    """The launcher (a login node without CUDA) does not refuse a CUDA stage on Ray; the
+    cluster says it has a GPU, the trial runs on a worker, and that worker (no CUDA in this
+    torch's reach) records a failed row naming the setting and what it found."""
+    import torch
+    import yaml
+
+    from qshield_dist.results.store import ResultStore
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the trial would run")
+    if ray.is_initialized():
+        ray.shutdown()
+    token = cluster.new_token_file(tmp_path / "auth")
+    ray_dir = tempfile.mkdtemp(prefix="qsr-")  # Ray's socket paths must stay under 108 bytes
+    node = cluster.start_head(token, num_cpus=2, num_gpus=1, object_store_mb=100, temp_dir=ray_dir)
+    try:
+        sweep = tmp_path / "sweep.yaml"
+        sweep.write_text(yaml.safe_dump(CUDA_SWEEP))
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        results = tmp_path / "results"
+        proc = subprocess.run(
+            [sys.executable, "-m", "qshield_dist.launch", str(sweep), "--results", str(results)]
+            + ["--checkpoints", str(tmp_path / "ckpt"), "--ray-address", node.address],
+            cwd=Path(__file__).resolve().parents[1],
+            env=cluster.auth_env(token, loopback=True, base=base),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        node.stop()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # trials failed; not 2: nothing refused
+    store = ResultStore(results)
+    [train] = [f for f in store.files() if f.stage == "train"]
+    assert train.failed
+    [row] = store.read(train, failed=True)
+    assert row["executor"] == "ray" and row["status"] == "failed"
+    assert "asks for accelerator 'cuda'" in row["error"] and "no CUDA device" in row["error"], row["error"]
+    assert "CUDA_VISIBLE_DEVICES" in row["error"], row["error"]  # Ray gave the task its GPU
 
 
 # -- two nodes: a worker in a network namespace the test creates ----------------------------
