@@ -59,6 +59,9 @@ def train_model(
         else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     )
     start, steps, epoch = time.perf_counter(), 0, 0
+    # A diverged model predicts one class and "resists" every attack: fail loudly. Checked once
+    # per epoch, so that no step waits for the device to say whether its loss was finite.
+    finite = torch.ones((), dtype=torch.bool, device=y.device)
     with tqdm(total=total, desc="train", unit="step", disable=not show_progress, leave=False) as bar:
         while steps < total:
             epoch += 1
@@ -68,9 +71,7 @@ def train_model(
                 if len(idx) < 2:  # BatchNorm cannot train on a single sample
                     continue
                 loss = F.nll_loss(model(x[idx]), y[idx])
-                if not torch.isfinite(loss):
-                    # A diverged model predicts one class and "resists" every attack: fail loudly.
-                    raise FloatingPointError(f"training loss became {loss.item()} at step {steps + 1}")
+                finite &= torch.isfinite(loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -78,6 +79,10 @@ def train_model(
                 bar.update(1)
                 if steps >= total:
                     break
+            if not bool(finite):
+                raise FloatingPointError(
+                    f"training loss became non-finite in epoch {epoch} (steps up to {steps})"
+                )
     model.eval()
     return TrainStats(time.perf_counter() - start, epoch, steps)
 

@@ -288,3 +288,34 @@ def test_bench_gpu_without_cuda_says_so_and_exits_0() -> None:
     assert len(lines) == 1, proc.stdout
     row = json.loads(lines[0])
     assert row["name"] == "gpu" and row["cuda"] is False and "no CUDA device" in row["reason"], row
+
+
+def test_bench_gpu_checks_run_on_any_device() -> None:
+    """The GPU checks are device-agnostic code: here on the CPU, small."""
+    from qshield_dist.bench import gpu
+
+    cpu = torch.device("cpu")
+    layer = gpu.compiled_layer(cpu, batch=64, repeats=2)
+    assert layer["device"] == "cpu" and layer["gpu_model"] is None and layer["path"] == "transfer"
+    assert layer["forward_samples_per_s"] > layer["forward_backward_samples_per_s"] > 0
+    pgd = gpu.pgd_batch("cnn_small", cpu, batch=4, steps=2, repeats=1)
+    assert pgd["name"] == "gpu_pgd2_batch[cnn_small]" and pgd["batch"] == 4 and pgd["seconds"] > 0
+    lightning = gpu.lightning_trajectories(cpu, batch=4, trajectories=2, repeats=1)
+    if lightning["installed"]:
+        assert lightning["forward_samples_per_s"] > 0
+    else:
+        assert "lightning.gpu" in lightning["reason"], lightning
+
+
+def test_a_diverging_training_still_fails_loudly() -> None:
+    """The loss is checked once per epoch (no host round trip per step), and still checked."""
+    from qshield_dist.config import TrainConfig
+    from qshield_dist.train import train_model
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.LogSoftmax(dim=1))
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    x = torch.rand(8, 1, 2, 2, generator=torch.Generator().manual_seed(0), device="cpu")
+    y = torch.arange(8, device="cpu") % 3
+    with pytest.raises(FloatingPointError, match="non-finite in epoch 1"):
+        train_model(model, x, y, TrainConfig(epochs=3, batch_size=4), seed=0)

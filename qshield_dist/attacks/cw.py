@@ -32,9 +32,9 @@ class CWBinarySearch(torchattacks.CW):
         self._c_per_sample: torch.Tensor | None = None
 
     def f(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        true_class = torch.nn.functional.one_hot(labels, outputs.shape[1]).bool()
-        real = outputs[true_class]
-        other = outputs.masked_fill(true_class, -math.inf).max(dim=1).values
+        # gather, not a boolean mask: the same values, and no host round trip at every step
+        real = outputs.gather(1, labels.unsqueeze(1)).squeeze(1)
+        other = outputs.scatter(1, labels.unsqueeze(1), -math.inf).max(dim=1).values
         if self.targeted:
             margin = other - real
         else:

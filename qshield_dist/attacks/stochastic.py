@@ -106,6 +106,8 @@ class StochasticSquare(MajorityRule, torchattacks.Square):
         rows = torch.arange(h, device=x.device)
         cols = torch.arange(w, device=x.device)
         for i_iter in range(self.n_queries):
+            # The one host round trip of an iteration: how many points are still searching
+            # (attacking all of them, masked, would change the draws a stochastic model takes).
             idx = (margin_min > 0.0).nonzero().flatten()
             if len(idx) == 0:
                 break
@@ -128,8 +130,6 @@ class StochasticSquare(MajorityRule, torchattacks.Square):
             margin_min[idx] = torch.where(accept, margin, margin_min[idx])
             x_best[idx] = torch.where(accept.view(-1, 1, 1, 1), x_new, x_best_curr)
             n_queries[idx] += 1.0
-            if bool((margin_min <= 0.0).all()):
-                break
         return n_queries, x_best
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
