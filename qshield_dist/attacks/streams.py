@@ -14,12 +14,14 @@ How: `PointStreams(seed)` is entered around an attack. An attack class with the
 `TorchFunctionMode` turns every random tensor whose leading dimension is the number of rows
 (`rand`, `randn`, `*_like`, `uniform_`, `normal_`) into one drawn row by row from the rows'
 own generators. Attacks whose random search is shared by the batch (torchattacks' Square
-draws one square per iteration for all images) instead run point by point, each seeded from
-`seed_for(point)`. Outside `PointStreams` nothing changes: torchattacks' own behaviour.
+draws one square per iteration for all images) instead draw each point's whole search up front
+from its own generator (`generators(x)`). Outside `PointStreams` nothing changes:
+torchattacks' own behaviour.
 
 On any device the streams are host generators: a point's draws are the same numbers on a CPU
-and a GPU run, and they cross to the device in one asynchronous copy per draw (from pinned
-memory, so an attack's iteration loop never waits on the host).
+and a GPU run. A point's seed reads its pixels from the device once per announced batch (at an
+attack's or a restart's start, not per iteration), and the draws cross to the device in one
+asynchronous copy from pinned memory (the host does not wait for the device).
 """
 
 from __future__ import annotations
