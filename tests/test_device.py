@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -319,3 +320,49 @@ def test_a_diverging_training_still_fails_loudly() -> None:
     y = torch.arange(8, device="cpu") % 3
     with pytest.raises(FloatingPointError, match="non-finite in epoch 1"):
         train_model(model, x, y, TrainConfig(epochs=3, batch_size=4), seed=0)
+
+
+# --- deterministic settings -------------------------------------------------------------------
+
+
+def test_a_cuda_trial_runs_strictly_deterministic_and_a_cpu_trial_as_before() -> None:
+    """Flags only (no CUDA call): strict deterministic algorithms, no TF32 and the cuBLAS
+    workspace for CUDA; warn_only for the CPU, so a CPU row's settings are those of before."""
+    from qshield_dist.trial_env import fixed_numerics
+
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    with fixed_numerics(1, torch.device("cuda")) as settings:
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        cuda = json.loads(settings)
+    assert cuda["deterministic_algorithms"] == "on" and cuda["cublas_workspace_config"] == ":4096:8"
+    with fixed_numerics(1, torch.device("cpu")) as settings:
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert json.loads(settings) == {
+            "threads": 1,
+            "deterministic_algorithms": "warn_only",
+            "cudnn_benchmark": False,
+            "seeded": ["torch", "numpy", "random"],
+        }
+    assert (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    ) == before
+
+
+def test_the_cublas_workspace_is_set_when_a_worker_imports_the_trial_code() -> None:
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG at its first handle: importing the trial code (what
+    a worker does before any trial) sets it; a value already given is kept."""
+    code = "import os, qshield_dist.trial; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    for given, expected in ((None, ":4096:8"), (":16:8", ":16:8")):
+        run_env = env if given is None else {**env, "CUBLAS_WORKSPACE_CONFIG": given}
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=run_env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == expected
