@@ -58,3 +58,5 @@ GRADIENT_MASKING_CHECKS = (
 )
 DIAGNOSTICS = (*GRADIENT_MASKING_CHECKS, "restart_sensitivity")
 EXECUTORS = ("local", "ray", "slurm")
+# A sweep's stages, in the order they run: each a kind of trial.
+STAGES = ("train", "attack", "diagnostic")

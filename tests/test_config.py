@@ -76,6 +76,33 @@ BAD = [
         _with("models.1.trajectories", 16),
         ["models[1].trajectories", "16", "simulator: qnode", "default.qubit"],
     ),
+    # SLURM settings go into the job script: one sbatch word each, setup as lines of shell
+    (
+        _with("slurm", {"account": "my project"}),
+        ["slurm.account", "'my project'", "letters, digits", "no spaces"],
+    ),
+    (_with("slurm", {"qos": "high\n#SBATCH --exclusive"}), ["slurm.qos", "line breaks"]),
+    (_with("slurm", {"constraint": "a100 && ib"}), ["slurm.constraint", "'a100 && ib'", "& | * ! ( ) [ ]"]),
+    (
+        _with("slurm", {"setup": "module load cuda"}),
+        ["slurm.setup", "'module load cuda'", "list of shell lines"],
+    ),
+    (
+        _with("slurm", {"setup": ["module load cuda", ""]}),
+        ["slurm.setup", "one non-empty line of shell", "''"],
+    ),
+    (
+        _with("slurm", {"train": {"partition": "gpu;rm"}}),
+        ["slurm.train.partition", "'gpu;rm'", "letters, digits"],
+    ),
+    (
+        _with("slurm", {"attack": {"time_min": 0}}),
+        ["slurm.attack.time_min", "0", "greater than or equal to 1"],
+    ),
+    (
+        _with("slurm", {"diagnostic": {"qos": "x"}}),
+        ["slurm.diagnostic.qos", "unknown key", "partition, time_min"],
+    ),
 ]
 
 

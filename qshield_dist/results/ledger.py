@@ -5,7 +5,9 @@ every file on every launch.
 size and mtime_ns when it was read, and the facts resume decides on (trial id, stage, status,
 schema and results versions, a train row's checkpoint sha256, whether a diagnostic's inputs
 were all ok), plus, for a train row, the checkpoint's size and mtime_ns when its sha256 last
-matched. An entry is trusted only while its file's size and mtime_ns are unchanged, as git's
+matched; and what `launch --status` and SLURM packing read: a failure row's error (its first
+line) and the seconds a row measured (train_seconds of a train row, attack_seconds of an
+attack row). An entry is trusted only while its file's size and mtime_ns are unchanged, as git's
 index trusts a file's stat: a new or changed file is read once (its key columns), and a file
 that no longer decodes is corrupt. Names alone could not say which schema a row has, whether
 its checkpoint is the one it describes, or which trials a compacted file holds; reading every
@@ -34,7 +36,7 @@ from qshield_dist.fileio import atomic_write_bytes, read_bytes
 log = logging.getLogger(__name__)
 
 LEDGER = "ledger.arrow"
-LEDGER_FORMAT = 1  # the columns of ENTRY; a ledger of another format is rebuilt
+LEDGER_FORMAT = 2  # the columns of ENTRY (2: error, seconds); a ledger of another format is rebuilt
 _READERS = 8  # files read at once: on NFS the wait is latency, not CPU
 
 
@@ -53,6 +55,8 @@ class Entry(NamedTuple):
     inputs_ok: bool | None
     checkpoint_size: int | None = None  # the checkpoint's stat when its sha256 last matched
     checkpoint_mtime_ns: int | None = None
+    error: str | None = None  # a failure row's error, its first line (ERROR_CHARS at most)
+    seconds: float | None = None  # what the row measured: train_seconds (train), attack_seconds (attack)
 
 
 ENTRY = pa.schema(
@@ -71,6 +75,8 @@ ENTRY = pa.schema(
         ("inputs_ok", pa.bool_()),
         ("checkpoint_size", pa.int64()),
         ("checkpoint_mtime_ns", pa.int64()),
+        ("error", pa.string()),
+        ("seconds", pa.float64()),
     ],
     metadata={"ledger_format": str(LEDGER_FORMAT)},
 )
@@ -86,7 +92,13 @@ _KEY_COLUMNS = (
     "train_version",
     "checkpoint_sha256",
     "inputs",
+    "error",
+    "train_seconds",
+    "attack_seconds",
 )
+ERROR_CHARS = 300
+# The column whose seconds a row of each stage measured (a diagnostic row measures none).
+_SECONDS = {"train": "train_seconds", "attack": "attack_seconds"}
 
 
 class ResultFile(NamedTuple):
@@ -144,14 +156,21 @@ class Ledger:
         for entry in map(Entry._make, zip(*columns)):
             self.files.setdefault(entry.rel, (entry.size, entry.mtime_ns, []))[2].append(entry)
 
-    def save(self, mode: int) -> None:
+    def table(self, columns: Iterable[str] | None = None) -> pa.Table:
+        """The entries as an Arrow table of ENTRY's columns (`columns`: only those)."""
         entries = [e for _, _, file_entries in self.files.values() for e in file_entries]
-        table = pa.Table.from_pydict(
-            {name: [e[i] for e in entries] for i, name in enumerate(ENTRY.names)}, schema=ENTRY
+        wanted = set(ENTRY.names if columns is None else columns)
+        fields = [f for f in ENTRY if f.name in wanted]
+        index = {name: i for i, name in enumerate(ENTRY.names)}
+        return pa.Table.from_pydict(
+            {f.name: [e[index[f.name]] for e in entries] for f in fields},
+            schema=pa.schema(fields, metadata=ENTRY.metadata),
         )
+
+    def save(self, mode: int) -> None:
         sink = io.BytesIO()
         with pa.ipc.new_file(sink, ENTRY) as writer:
-            writer.write_table(table)
+            writer.write_table(self.table())
         atomic_write_bytes(self.path, sink.getvalue(), mode)
 
     def refresh(self, listing: Iterable[ResultFile]) -> Refreshed:
@@ -202,6 +221,7 @@ class Ledger:
         for i in range(table.num_rows):
             row = {c: column[c][i] for c in _KEY_COLUMNS}
             stage = row["stage"] or file.stage
+            error = row["error"].strip().partition("\n")[0][:ERROR_CHARS] if row["error"] else None
             entries.append(
                 Entry(
                     rel=file.rel,
@@ -216,6 +236,8 @@ class Ledger:
                     train_version=row["train_version"],
                     checkpoint_sha256=row["checkpoint_sha256"],
                     inputs_ok=_inputs_ok(row["inputs"]) if stage == "diagnostic" else None,
+                    error=error,
+                    seconds=row[_SECONDS[stage]] if stage in _SECONDS else None,
                 )
             )
         return entries
