@@ -418,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # A plan, a dry run or a prune only reads the grid, for seconds: no cyclic garbage
+    # A plan, a dry run, a status or a prune only reads the grid, for seconds: no cyclic garbage
     # collection at all then (trials are acyclic, and each scan of 10^6 of them takes a second).
     reads_only = args.plan or args.dry_run or args.prune or args.status
     with many_objects() if reads_only else contextlib.nullcontext():

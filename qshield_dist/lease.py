@@ -7,9 +7,10 @@ token in it is still its own (if not, the lease was taken over: the holder inter
 a lease not touched for STALE_S seconds is stale. The holder removes it when it is done.
 
 The SLURM arrays the holder submits are recorded beside it, `RESULTS/slurm-arrays/<id>.json`
-with the keys of their trials, task by task (`launch --status` asks squeue which are running). They outlive the lease: a later launcher asks `squeue` about
-them, counts the trials of arrays still queued or running as in flight (it does not submit
-them again), and removes the records of arrays that have left the queue.
+with the keys of their trials, task by task. They outlive the lease: a later launcher asks
+`squeue` about them, counts the trials of arrays still queued or running as in flight (it does
+not submit them again), and removes the records of arrays that have left the queue;
+`launch --status` asks which of their tasks run and which wait.
 
 A second launcher gets LeaseHeld (the CLI exits 2), naming the holder and how to take over:
 a holder that is provably gone (this host, its pid no longer that process) is taken over at

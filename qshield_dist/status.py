@@ -3,24 +3,28 @@
 Each trial of the sweep's current grid is in one state, per stage:
 - done: it has rows that count (results.current decides, as it does for resume; a train
   trial's checkpoint too);
-- running / queued: it belongs to a task of a SLURM array the launcher recorded (lease.py) that
-  squeue shows running / waiting (a trial that finished meanwhile counts as done or failed);
-- failed: its failure row counts and it is not queued again;
+- running / queued: it is not done and belongs to a task of a SLURM array the launcher
+  recorded (lease.py) that squeue shows running / waiting (a failed trial resubmitted with
+  --retry-failed is running or queued again);
+- failed: its failure row counts and it is not in the queue;
 - missing: none of these (never run, lost, rows of another version, a diagnostic held back).
 Failures are grouped by the first line of their error, each group with a count and one trial.
 
 Only SLURM is asked what runs: a local or Ray launcher's trials in progress count as missing
-(the launcher holding the directory is named). Without squeue, trials of recorded arrays that
-have no row count as unknown, and running/queued are shown as unknown, not guessed.
+(the launcher holding the directory is named). Without squeue, the trials of recorded arrays
+that are not done count as unknown, and running / queued show as unknown: nothing is guessed.
 
 Nothing is written and no result file is opened twice: the store's ledger is refreshed in
-memory (files new or changed since the lease holder last saved it are read, nothing else), then
-every count is a Polars operation over its entries, so a grid of 10^6 trials is counted in about
-a second (`python -m qshield_dist.bench status`).
+memory (only files new or changed since the lease holder last saved it are read), then the
+counting is Polars operations over its entries; the rule of what counts (results.current) is
+applied once per distinct combination of versions and status, not per trial. What still costs
+Python time per entry is the ledger's own load and its conversion to a table
+(`python -m qshield_dist.bench status` times it on 10^6 trials).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -126,11 +130,11 @@ def trial_states(store: ResultStore, expected: Mapping[str, str], queue: Queue) 
         .with_columns(
             state=pl.when(stored == "done")
             .then(pl.lit("done"))
-            .when(tid.is_in(pl.Series(queue.running, dtype=pl.String).implode()))
+            .when(tid.is_in(queue.running))
             .then(pl.lit("running"))
-            .when(tid.is_in(pl.Series(queue.queued, dtype=pl.String).implode()))
+            .when(tid.is_in(queue.queued))
             .then(pl.lit("queued"))
-            .when(tid.is_in(pl.Series(queue.unknown, dtype=pl.String).implode()))
+            .when(tid.is_in(queue.unknown))
             .then(pl.lit("unknown"))
             .when(stored == "failed")
             .then(pl.lit("failed"))
@@ -173,7 +177,9 @@ def sweep_status(store: ResultStore, expected: Mapping[str, str], queue: Queue) 
     return report
 
 
-def collect(results_dir: str, checkpoint_dir: str, expected: Mapping[str, str]) -> dict[str, Any]:
+def collect(
+    results_dir: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str], expected: Mapping[str, str]
+) -> dict[str, Any]:
     """What `--status` prints: the store refreshed in memory (nothing is written), the recorded
     SLURM arrays asked of squeue, and the launcher that holds the directory, if any."""
     store = ResultStore(results_dir, checkpoint_dir)

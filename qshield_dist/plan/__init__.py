@@ -321,7 +321,7 @@ def cached_estimates(cfg: SweepConfig, grid: Grid) -> dict[str, float]:
     plan = Plan(cfg)
     real = {name: _has_data(cfg, name) for name in cfg.datasets}
     with many_objects():
-        group_of = collect_items(plan, grid, {}, real)
+        group_of = collect_items(plan, grid, {}, real)  # every device usable: a launch checked them
         for item in plan.items.values():
             _load_cache(item, root)
         return {trial_id: e.seconds for trial_id, e in _estimates(plan, grid, group_of).items()}
