@@ -15,6 +15,8 @@ import yaml
 from qshield_dist import launch
 from qshield_dist.executors.squeue import parse_task_states, task_indices
 from qshield_dist.lease import RecordedArray, ResultsLease
+from qshield_dist.results.ledger import Ledger
+from qshield_dist.results.store import ResultStore
 from qshield_dist.status import NO_SQUEUE, SQUEUE_FAILED, slurm_queue
 
 
@@ -179,3 +181,44 @@ def test_running_and_queued_follow_each_task_of_a_recorded_array(tmp_path: Path)
     queue = slurm_queue(arrays, {"12": None, "13": {}, "14": {}}.get)
     assert (queue.source, queue.unknown, queue.arrays) == (SQUEUE_FAILED, ["a", "b", "c", "d", "e"], 1)
     assert task_indices("12_[0-6:3,9]", "12") == [0, 3, 6, 9] and task_indices("13_1", "12") == []
+
+
+def _rows(ledger: Ledger) -> list[dict]:
+    return sorted(ledger.table().to_pylist(), key=lambda r: (r["rel"], r["trial_id"]))
+
+
+def _entries(ledger: Ledger) -> list[dict]:
+    return sorted(
+        (e._asdict() for _, _, es in ledger.files.values() for e in es),
+        key=lambda r: (r["rel"], r["trial_id"]),
+    )
+
+
+def test_the_ledger_table_is_its_entries_after_any_change(results: Path) -> None:
+    """--status counts from the ledger as a table, which reuses the rows it loaded for files
+    unchanged since: after a file is added, rewritten or removed and an entry updated, the
+    table is still exactly the entries."""
+    root = results / "results"
+    ResultStore(root, results / "ckpt").refresh(repair=True)  # saves the ledger
+    store = ResultStore(root, results / "ckpt")
+    store.refresh()
+    assert _rows(store.ledger) == _entries(store.ledger) and len(_entries(store.ledger)) == 6
+
+    digits = _attack_files(results, "digits")
+    digits[0].unlink()  # removed
+    shutil.copy(digits[1], digits[1].with_name("A0000000000000000.parquet"))  # added
+    failed = _attack_files(results, "organamnist")[0]
+    failed.write_bytes(_attack_files(results, "organamnist")[1].read_bytes())  # rewritten
+    store = ResultStore(root, results / "ckpt")
+    assert store.refresh().read == 2
+    (entry,) = [
+        e for _, _, es in store.ledger.files.values() for e in es if e.stage == "train" and e.status == "ok"
+    ]
+    store.ledger.update(entry._replace(checkpoint_size=1))
+    assert _rows(store.ledger) == _entries(store.ledger) and len(_entries(store.ledger)) == 6
+    assert ledger_rows_for(store.ledger, entry.trial_id)["checkpoint_size"] == 1
+
+
+def ledger_rows_for(ledger: Ledger, trial_id: str) -> dict:
+    (row,) = [r for r in ledger.table().to_pylist() if r["trial_id"] == trial_id]
+    return row

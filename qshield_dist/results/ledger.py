@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qshield_dist.fileio import atomic_write_bytes, read_bytes
@@ -128,7 +129,11 @@ class Refreshed:
 class Ledger:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.files: dict[str, tuple[int, int, list[Entry]]] = {}  # rel -> size, mtime_ns, entries
+        # rel -> size, mtime_ns, entries; a file's tuple is replaced when it changes, never edited
+        self.files: dict[str, tuple[int, int, list[Entry]]] = {}
+        # The table load() read, and each file's tuple as it made it: table() reuses the rows
+        # of the files whose tuple is still that one, rather than rebuild them from Python.
+        self._loaded: tuple[pa.Table, dict[str, tuple[int, int, list[Entry]]]] | None = None
 
     @property
     def path(self) -> Path:
@@ -137,6 +142,7 @@ class Ledger:
     def load(self) -> None:
         """The saved ledger, or an empty one (rebuilt by the next refresh) if absent or unusable."""
         self.files = {}
+        self._loaded = None
         try:
             data = read_bytes(self.path)
         except FileNotFoundError:
@@ -155,17 +161,28 @@ class Ledger:
         columns = [table.column(name).to_pylist() for name in ENTRY.names]
         for entry in map(Entry._make, zip(*columns)):
             self.files.setdefault(entry.rel, (entry.size, entry.mtime_ns, []))[2].append(entry)
+        self._loaded = (table, dict(self.files))
 
     def table(self, columns: Iterable[str] | None = None) -> pa.Table:
-        """The entries as an Arrow table of ENTRY's columns (`columns`: only those)."""
-        entries = [e for _, _, file_entries in self.files.values() for e in file_entries]
+        """The entries as an Arrow table of ENTRY's columns (`columns`: only those): the rows
+        loaded of files unchanged since, and the other files' entries converted."""
         wanted = set(ENTRY.names if columns is None else columns)
-        fields = [f for f in ENTRY if f.name in wanted]
+        schema = pa.schema([f for f in ENTRY if f.name in wanted], metadata=ENTRY.metadata)
+        changed = list(self.files.values())
+        kept = None
+        if self._loaded is not None:
+            loaded, as_loaded = self._loaded
+            same = [rel for rel, known in self.files.items() if as_loaded.get(rel) is known]
+            if len(same) == len(as_loaded) == len(self.files):
+                return loaded.select(schema.names).cast(schema)
+            same_set = set(same)
+            changed = [known for rel, known in self.files.items() if rel not in same_set]
+            mask = pc.is_in(loaded.column("rel"), value_set=pa.array(same, pa.string()))
+            kept = loaded.filter(mask).select(schema.names).cast(schema)
+        entries = [e for _, _, file_entries in changed for e in file_entries]
         index = {name: i for i, name in enumerate(ENTRY.names)}
-        return pa.Table.from_pydict(
-            {f.name: [e[index[f.name]] for e in entries] for f in fields},
-            schema=pa.schema(fields, metadata=ENTRY.metadata),
-        )
+        built = pa.Table.from_pydict({n: [e[index[n]] for e in entries] for n in schema.names}, schema=schema)
+        return built if kept is None else pa.concat_tables([kept, built])
 
     def save(self, mode: int) -> None:
         sink = io.BytesIO()
