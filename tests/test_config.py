@@ -158,7 +158,12 @@ AXES = {
             "entanglement": ["none", "linear", "star", "full"],
         },
     ],
-    "attacks": [{"name": "fgsm"}, {"name": "pgd"}, {"name": "square"}, {"name": "apgd", "preset": "standard"}],
+    "attacks": [
+        {"name": "fgsm"},
+        {"name": "pgd"},
+        {"name": "square"},
+        {"name": "apgd", "preset": "standard"},
+    ],
 }
 
 
