@@ -57,6 +57,14 @@ GRADIENT_MASKING_CHECKS = (
     "batch_independent",
 )
 DIAGNOSTICS = (*GRADIENT_MASKING_CHECKS, "restart_sensitivity")
+# The checks that compare the model's attack rows: only a diagnostic trial that runs one of them
+# waits for the model's attacks (the others attack the model themselves).
+CHECKS_ON_ATTACK_ROWS = (
+    "iterative_ge_single_step",
+    "whitebox_ge_blackbox",
+    "adaptive_vs_paper_suite",
+    "attack_budget_reachable",
+)
 EXECUTORS = ("local", "ray", "slurm")
 # A sweep's stages, in the order they run: each a kind of trial.
 STAGES = ("train", "attack", "diagnostic")

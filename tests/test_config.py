@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from qshield_dist import launch
-from qshield_dist.config import load_config, parse_attacks, validate
+from qshield_dist.config import SweepConfig, load_config, parse_attacks, validate
 from qshield_dist.grid import build_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,9 +169,33 @@ def test_bad_cli_workers_and_missing_file(tmp_path, caplog):
     assert "nope.yaml" in caplog.text and "--workers: got 0" in caplog.text
 
 
+# Axes on which the grid multiplies: baselines, four entanglements, both controls, four attacks.
+AXES = {
+    "name": "axes",
+    "data": {"dataset": "digits"},
+    "train": {"epochs": 10},
+    "eval": {"controls": ["backbone_only", "equal_budget"]},
+    "models": [
+        {"model": "dnn"},
+        {"model": "cnn_small"},
+        {
+            "model": "hqcnn",
+            "backbone": "cnn_small",
+            "init": "from_baseline",
+            "entanglement": ["none", "linear", "star", "full"],
+        },
+    ],
+    "attacks": [
+        {"name": "fgsm"},
+        {"name": "pgd"},
+        {"name": "square"},
+        {"name": "apgd", "preset": "standard"},
+    ],
+}
+
+
 def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
-    cfg = load_config("sweeps/quick.yaml")
-    grid = build_grid(validate(cfg))
+    grid = build_grid(validate(SweepConfig(**AXES)))
     models = [t.model for t in grid.train]
     assert sorted(m.model for m in models) == [
         "cnn_small",
@@ -192,7 +216,7 @@ def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
     )  # equal budget:
     assert twin.trial_id != baseline.trial_id  # 10 epochs of pre-training + 10 as a hybrid
     # ids are stable across parses and independent of paths
-    again = build_grid(validate(load_config("sweeps/quick.yaml", {"results_dir": "/elsewhere"})))
+    again = build_grid(validate(SweepConfig(**{**AXES, "results_dir": "/elsewhere"})))
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in grid.trials]
 
 
@@ -236,8 +260,8 @@ def test_attack_ids_from_the_cached_template_equal_the_plain_hash():
     spliced in); the result must be the hash of the full identity, as computed without it."""
     from qshield_dist.grid import stable_hash
 
-    for sweep in ("sweeps/quick.yaml", "sweeps/adaptive.yaml"):
-        attacks = build_grid(validate(load_config(sweep))).attack
+    for cfg in (SweepConfig(**AXES), load_config("sweeps/adaptive.yaml")):
+        attacks = build_grid(validate(cfg)).attack
         fast = [t.trial_id for t in attacks]
         plain = ["A" + stable_hash(t.identity(t.train.trial_id)) for t in attacks]
         assert len(set(fast)) == len(fast) > 40
