@@ -49,6 +49,7 @@ from qshield_dist.vocabulary import (
     PROJECTIONS,
     QUANTUM_GRADS,
     SIMULATORS,
+    STAGES,
 )
 from qshield_dist.yaml_loader import DuplicateKeyError, load_yaml
 
@@ -246,6 +247,33 @@ class RayConfig(_Strict):
     max_retries: int = Field(3, ge=0)
 
 
+# What an sbatch option's value may hold: it is written into the job script as `#SBATCH
+# --account=VALUE`, so no space, quote, '#', '$' or line break. A constraint may also hold
+# SLURM's operators (`intel&gpu`, `[rack1|rack2]`, `knl*2`).
+_SBATCH_WORD = re.compile(r"[A-Za-z0-9_.,:+@-]+")
+_SBATCH_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:+@&|*!()\[\]-]+")
+_WORD_CHARS = "letters, digits and _ . , : + @ -"
+
+
+def _sbatch_value(value: str | None, pattern: re.Pattern[str], allowed: str) -> str | None:
+    if value is not None and not pattern.fullmatch(value):
+        raise ValueError(f"must be a non-empty sbatch value of {allowed} (no spaces, quotes or line breaks)")
+    return value
+
+
+class SlurmStage(_Strict):
+    """One stage's own SLURM settings (`slurm.train`, `slurm.attack`, `slurm.diagnostic`);
+    what it leaves out is the sweep-wide `slurm.partition` / `slurm.time_min`."""
+
+    partition: str | None = None
+    time_min: int | None = Field(None, ge=1)
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, value: str | None) -> str | None:
+        return _sbatch_value(value, _SBATCH_WORD, _WORD_CHARS)
+
+
 class SlurmConfig(_Strict):
     partition: str | None = None
     # Left out: taken per wave from the stage's `resources:` (the largest request in the array).
@@ -256,11 +284,43 @@ class SlurmConfig(_Strict):
     array_parallelism: int = Field(64, ge=1)
     folder: str | None = None  # submitit logs; default RESULTS/.submitit
     # Trials of one dependency wave are packed into array tasks of about this many minutes of
-    # expected work (each trial's resources timeout_min, unless the executor is given durations);
-    # 0: one trial per task.
+    # expected work (each trial's: measured on finished trials of its kind, else --plan's cached
+    # calibration, else its resources timeout_min); 0: one trial per task.
     pack_minutes: float = Field(30.0, ge=0)
     # Requeues after a time-out (checkpoint on USR2) before a task's unfinished trials are lost.
     max_num_timeout: int = Field(3, ge=0)
+    account: str | None = None  # sbatch --account: the allocation the jobs are charged to
+    qos: str | None = None  # sbatch --qos
+    constraint: str | None = None  # sbatch --constraint: node features (`a100`, `intel&ib`)
+    # Shell lines each job runs before its trials, e.g. ["module load cuda/12.4", "source venv/bin/activate"].
+    setup: tuple[str, ...] = ()
+    train: SlurmStage = SlurmStage()
+    attack: SlurmStage = SlurmStage()
+    diagnostic: SlurmStage = SlurmStage()
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _word(cls, value: str | None) -> str | None:
+        return _sbatch_value(value, _SBATCH_WORD, _WORD_CHARS)
+
+    @field_validator("constraint")
+    @classmethod
+    def _constraint(cls, value: str | None) -> str | None:
+        return _sbatch_value(value, _SBATCH_CONSTRAINT, f"{_WORD_CHARS} and & | * ! ( ) [ ]")
+
+    @field_validator("setup", mode="before")
+    @classmethod
+    def _setup(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("must be a list of shell lines, e.g. ['module load cuda']")
+        for line in value:
+            if not isinstance(line, str) or not line.strip() or "\n" in line or "\r" in line:
+                raise ValueError(f"each entry must be one non-empty line of shell; got {line!r}")
+        return value
+
+    def stage_settings(self) -> dict[str, dict[str, Any]]:
+        """Each stage's own partition and time limit, as the SLURM executor takes them."""
+        return {stage: getattr(self, stage).model_dump() for stage in STAGES}
 
 
 class SweepConfig(_Strict):

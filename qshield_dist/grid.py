@@ -25,7 +25,7 @@ from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
 from qshield_dist.results.current import STAGE_VERSIONS
-from qshield_dist.vocabulary import BACKBONE_ONLY, CPU, EQUAL_BUDGET
+from qshield_dist.vocabulary import BACKBONE_ONLY, CHECKS_ON_ATTACK_ROWS, CPU, EQUAL_BUDGET
 
 V = TypeVar("V")
 
@@ -314,10 +314,11 @@ class AttackTrial:
 
 @dataclass(frozen=True)
 class DiagnosticTrial:
-    """Gradient-masking checks for one trained model, after its attack trials."""
+    """Gradient-masking checks for one trained model; after its attack trials only when a check
+    compares their rows (`attack_ids` is empty otherwise)."""
 
     train: TrainTrial
-    attack_ids: tuple[str, ...]  # the model's attack trials whose rows the checks compare
+    attack_ids: tuple[str, ...]  # the model's attack trials whose rows the checks compare, if any
     eval: EvalConfig
     threads: int = 1
     accelerator: str = CPU
@@ -451,10 +452,10 @@ def _expand(spec: SweepSpec) -> Grid:
                                 own_attacks.setdefault(target.trial_id, []).append(a.trial_id)
     diagnostic = []
     if cfg.eval.diagnostics:
+        on_rows = bool(set(cfg.eval.diagnostic_names) & set(CHECKS_ON_ATTACK_ROWS))
         for train_id, attack_ids in own_attacks.items():
-            diagnostic.append(
-                DiagnosticTrial(train[train_id], tuple(attack_ids), cfg.eval, cfg.threads, on_attack)
-            )
+            inputs = tuple(attack_ids) if on_rows else ()  # no wait for attacks it does not read
+            diagnostic.append(DiagnosticTrial(train[train_id], inputs, cfg.eval, cfg.threads, on_attack))
     return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 

@@ -1,4 +1,4 @@
-"""python -m qshield_dist.launch SWEEP.yaml [--executor local|ray|slurm] [--dry-run] ...
+"""python -m qshield_dist.launch SWEEP.yaml [--executor local|ray|slurm] [--dry-run] [--status] ...
 
 config -> validate -> grid -> (skip what is done) -> executor -> run_trial -> Parquet. Bad
 input exits with code 2 before anything is computed or written. Running the same command
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import logging
 import math
 import signal
@@ -35,8 +36,9 @@ from qshield_dist.grid import AttackTrial, Grid, TrainTrial, Trial, build_grid, 
 from qshield_dist.lease import LeaseHeld, ResultsLease
 from qshield_dist.results.current import STAGE_VERSIONS
 from qshield_dist.results.schema import package_versions
-from qshield_dist.results.store import ResultStore
+from qshield_dist.results.store import Done, ResultStore
 from qshield_dist.resume import plan_launch, ready_diagnostics
+from qshield_dist.vocabulary import STAGES
 
 if TYPE_CHECKING:
     from qshield_dist.trial import RunContext
@@ -134,15 +136,37 @@ def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> lis
     return jobs
 
 
-def make_executor(cfg: SweepConfig) -> Executor:
-    """The executor the sweep names, built from its section's plain values."""
+def make_executor(cfg: SweepConfig, durations: dict[str, float] | None = None) -> Executor:
+    """The executor the sweep names, built from its section's plain values. durations: SLURM's
+    expected minutes per trial, what it packs array tasks by (plan/durations.py)."""
     if cfg.executor == "local":
         params: dict[str, object] = {"workers": cfg.workers}
     elif cfg.executor == "ray":
         params = cfg.ray.model_dump()
     else:
-        params = {**cfg.slurm.model_dump(), "folder": cfg.slurm.folder or str(cfg.results_path / ".submitit")}
+        params = {
+            **cfg.slurm.model_dump(exclude=set(STAGES)),
+            "stages": cfg.slurm.stage_settings(),
+            "folder": cfg.slurm.folder or str(cfg.results_path / ".submitit"),
+            "durations": durations or {},
+        }
     return executors.make(cfg.executor, **params)
+
+
+def slurm_durations(cfg: SweepConfig, grid: Grid, todo: Sequence[Trial], done: Done) -> dict[str, float]:
+    """Expected minutes of the trials to run, for SLURM's packing, and a log line of where they
+    come from."""
+    from qshield_dist.plan.durations import expected_minutes
+
+    expected = expected_minutes(cfg, grid, todo, done.seconds)
+    log.info(
+        "slurm packing by expected time: %d trials from finished trials of their kind, %d from --plan's"
+        " cached calibration, %d with neither take their time limit (timeout_min)",
+        expected.measured,
+        expected.planned,
+        expected.fallback,
+    )
+    return expected.minutes
 
 
 def dry_run_table(grid: Grid, done: dict[str, str]) -> str:
@@ -190,7 +214,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="estimate time and memory per stage from a short calibration on this machine, write no result, run no sweep",
     )
-    p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="per stage: trials done, running, queued (squeue), failed and missing, and the failures grouped"
+        " by error; writes nothing, runs nothing",
+    )
+    p.add_argument("--json", action="store_true", help="with --plan or --status: print it as JSON")
     p.add_argument("--retry-failed", action="store_true", help="also re-run trials recorded as failed")
     p.add_argument(
         "--take-over",
@@ -332,7 +362,11 @@ def _run_held(
     statuses = dict(plan.kept)
     waiting = dict(plan.waiting)
     if todo:
-        executor = executor or make_executor(cfg)
+        if executor is None:
+            durations = None
+            if cfg.executor == "slurm":
+                durations = slurm_durations(cfg, grid, [*plan.now, *plan.after_attacks], done)
+            executor = make_executor(cfg, durations)
         if hasattr(executor, "on_submit"):  # SLURM: record each array, so a relaunch does not resubmit it
             executor.on_submit = lease.record_array
         progress = BarProgress(todo)
@@ -384,9 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # A plan, a dry run or a prune only reads the grid, for seconds: no cyclic garbage
+    # A plan, a dry run, a status or a prune only reads the grid, for seconds: no cyclic garbage
     # collection at all then (trials are acyclic, and each scan of 10^6 of them takes a second).
-    with many_objects() if args.plan or args.dry_run or args.prune else contextlib.nullcontext():
+    reads_only = args.plan or args.dry_run or args.prune or args.status
+    with many_objects() if reads_only else contextlib.nullcontext():
         return _command(args)
 
 
@@ -407,7 +442,7 @@ def _command(args: argparse.Namespace) -> int:
         if args.ray_address:
             update["ray"] = cfg.ray.model_copy(update={"address": args.ray_address})
         cfg = cfg.model_copy(update=update)
-        grid = prepare(cfg, require_available=not (args.dry_run or args.prune or args.plan))
+        grid = prepare(cfg, require_available=not (args.dry_run or args.prune or args.plan or args.status))
     except ConfigError as exc:
         log.error("bad sweep input (%s):\n%s", args.sweep, exc)
         return 2
@@ -418,6 +453,12 @@ def _command(args: argparse.Namespace) -> int:
         from qshield_dist.plan import run_plan  # torch only if something must be calibrated
 
         run_plan(cfg, grid, as_json=args.json)
+        return 0
+    if args.status:
+        from qshield_dist import status
+
+        report = status.collect(results_dir, cfg.checkpoint_dir, {t.trial_id: t.stage for t in grid.trials})
+        print(json.dumps(report, indent=1) if args.json else status.render(report, cfg.name))
         return 0
     if args.dry_run:
         done = ResultStore(results_dir, cfg.checkpoint_dir).done(t.trial_id for t in grid.trials).status

@@ -7,9 +7,10 @@ token in it is still its own (if not, the lease was taken over: the holder inter
 a lease not touched for STALE_S seconds is stale. The holder removes it when it is done.
 
 The SLURM arrays the holder submits are recorded beside it, `RESULTS/slurm-arrays/<id>.json`
-with the keys of their trials. They outlive the lease: a later launcher asks `squeue` about
-them, counts the trials of arrays still queued or running as in flight (it does not submit
-them again), and removes the records of arrays that have left the queue.
+with the keys of their trials, task by task. They outlive the lease: a later launcher asks
+`squeue` about them, counts the trials of arrays still queued or running as in flight (it does
+not submit them again), and removes the records of arrays that have left the queue;
+`launch --status` asks which of their tasks run and which wait.
 
 A second launcher gets LeaseHeld (the CLI exits 2), naming the holder and how to take over:
 a holder that is provably gone (this host, its pid no longer that process) is taken over at
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, NamedTuple
 
 from qshield_dist.executors.squeue import UNKNOWN, queued_tasks
 from qshield_dist.fileio import atomic_write_bytes, read_bytes
@@ -40,6 +41,12 @@ LEASE = "lease.json"
 ARRAYS = "slurm-arrays"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # ten missed heartbeats: an NFS server failing over takes less
+
+
+class RecordedArray(NamedTuple):
+    path: Path
+    trials: list[str]
+    packs: list[list[str]] | None  # task index -> its trials (None: recorded without them)
 
 
 class LeaseHeld(Exception):
@@ -211,41 +218,47 @@ class ResultsLease:
 
     # -- SLURM arrays -------------------------------------------------------------------
 
-    def record_array(self, array_id: str, keys: list[str]) -> None:
-        """The SLURM executor's on_submit: remember an array and its trials."""
+    def record_array(self, array_id: str, packs: list[list[str]]) -> None:
+        """The SLURM executor's on_submit: remember an array and its trials (task i runs packs[i])."""
         record = {
             "array_id": array_id,
             "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "trials": keys,
+            "trials": [key for pack in packs for key in pack],
+            "packs": packs,
         }
         atomic_write_bytes(self.root / ARRAYS / f"{array_id}.json", json.dumps(record).encode())
 
-    def _records(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+    def recorded_arrays(self) -> dict[str, RecordedArray]:
+        """The SLURM arrays recorded here, whether or not they are still queued."""
+        out = {}
         folder = self.root / ARRAYS
-        if folder.is_dir():
-            for path in sorted(folder.glob("*.json")):
-                yield path, _read_json(path)
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            record = _read_json(path)
+            packs = record.get("packs")
+            out[str(record.get("array_id") or path.stem)] = RecordedArray(
+                path, list(record.get("trials") or []), packs if isinstance(packs, list) else None
+            )
+        return out
 
     def queued_arrays(self) -> dict[str, list[str]]:
         """Recorded arrays that SLURM still holds (or that squeue cannot rule out), with their
         trials' keys. The holder removes the records of arrays that have left the queue."""
         queued: dict[str, list[str]] = {}
-        for path, record in self._records():
-            array_id = str(record.get("array_id") or path.stem)
+        for array_id, record in self.recorded_arrays().items():
             tasks = queued_tasks(array_id)
             if UNKNOWN in tasks:
                 log.warning(
                     "squeue cannot say whether SLURM array %s (%s) is still queued: its trials count as in flight;"
                     " delete that record if the array has ended",
                     array_id,
-                    path,
+                    record.path,
                 )
             if tasks:
-                queued[array_id] = list(record.get("trials") or [])
+                queued[array_id] = record.trials
             elif self.held:
-                path.unlink(missing_ok=True)
+                record.path.unlink(missing_ok=True)
         return queued
 
     def in_flight(self) -> dict[str, str]:

@@ -388,8 +388,10 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, device: torch.device
     order = fixed_permutation(len(test.y), trial.train.seed)
     idx = order[majority[order]][:size].sort().values
     x, y = test.x[idx], test.y[idx]
-    attack_rows = diagnostics.read_attack_rows(ctx.results_dir, trial.dataset, trial.attack_ids)
-    checks = diagnostics.compare_attacks(attack_rows)
+    checks = []
+    if trial.attack_ids:
+        attack_rows = diagnostics.read_attack_rows(ctx.results_dir, trial.dataset, trial.attack_ids)
+        checks += diagnostics.compare_attacks(attack_rows)
     if "eps_sweep_reaches_1" in wanted:
         checks.append(diagnostics.eps_sweep(model, x, y, classes, stochastic, repeats))
     if {"gradient_nonzero_and_stable", "gradient_matches_differentiable_twin"} & set(wanted):

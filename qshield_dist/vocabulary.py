@@ -57,8 +57,18 @@ GRADIENT_MASKING_CHECKS = (
     "batch_independent",
 )
 DIAGNOSTICS = (*GRADIENT_MASKING_CHECKS, "restart_sensitivity")
+# The checks that compare the model's attack rows: only a diagnostic trial that runs one of them
+# waits for the model's attacks (the others attack the model themselves).
+CHECKS_ON_ATTACK_ROWS = (
+    "iterative_ge_single_step",
+    "whitebox_ge_blackbox",
+    "adaptive_vs_paper_suite",
+    "attack_budget_reachable",
+)
 EXECUTORS = ("local", "ray", "slurm")
 # What a stage's torch code runs on (`resources.<stage>.accelerator`; `device` names the
 # PennyLane device). `auto` resolves when the grid is built: cuda where the stage reserves a GPU.
 ACCELERATORS = ("auto", "cpu", "cuda")
 CPU, CUDA = "cpu", "cuda"
+# A sweep's stages, in the order they run: each a kind of trial.
+STAGES = ("train", "attack", "diagnostic")

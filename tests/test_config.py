@@ -84,6 +84,33 @@ BAD = [
         _with("resources", {"attack": {"accelerator": "cuda"}}),
         ["resources.attack.accelerator", "'cuda'", "gpus is 0", "allowed: auto, cpu, cuda"],
     ),
+    # SLURM settings go into the job script: one sbatch word each, setup as lines of shell
+    (
+        _with("slurm", {"account": "my project"}),
+        ["slurm.account", "'my project'", "letters, digits", "no spaces"],
+    ),
+    (_with("slurm", {"qos": "high\n#SBATCH --exclusive"}), ["slurm.qos", "line breaks"]),
+    (_with("slurm", {"constraint": "a100 && ib"}), ["slurm.constraint", "'a100 && ib'", "& | * ! ( ) [ ]"]),
+    (
+        _with("slurm", {"setup": "module load cuda"}),
+        ["slurm.setup", "'module load cuda'", "list of shell lines"],
+    ),
+    (
+        _with("slurm", {"setup": ["module load cuda", ""]}),
+        ["slurm.setup", "one non-empty line of shell", "''"],
+    ),
+    (
+        _with("slurm", {"train": {"partition": "gpu;rm"}}),
+        ["slurm.train.partition", "'gpu;rm'", "letters, digits"],
+    ),
+    (
+        _with("slurm", {"attack": {"time_min": 0}}),
+        ["slurm.attack.time_min", "0", "greater than or equal to 1"],
+    ),
+    (
+        _with("slurm", {"diagnostic": {"qos": "x"}}),
+        ["slurm.diagnostic.qos", "unknown key", "partition, time_min"],
+    ),
 ]
 
 
@@ -150,9 +177,33 @@ def test_bad_cli_workers_and_missing_file(tmp_path, caplog):
     assert "nope.yaml" in caplog.text and "--workers: got 0" in caplog.text
 
 
+# Axes on which the grid multiplies: baselines, four entanglements, both controls, four attacks.
+AXES = {
+    "name": "axes",
+    "data": {"dataset": "digits"},
+    "train": {"epochs": 10},
+    "eval": {"controls": ["backbone_only", "equal_budget"]},
+    "models": [
+        {"model": "dnn"},
+        {"model": "cnn_small"},
+        {
+            "model": "hqcnn",
+            "backbone": "cnn_small",
+            "init": "from_baseline",
+            "entanglement": ["none", "linear", "star", "full"],
+        },
+    ],
+    "attacks": [
+        {"name": "fgsm"},
+        {"name": "pgd"},
+        {"name": "square"},
+        {"name": "apgd", "preset": "standard"},
+    ],
+}
+
+
 def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
-    cfg = load_config("sweeps/quick.yaml")
-    grid = build_grid(validate(cfg))
+    grid = build_grid(validate(SweepConfig(**AXES)))
     models = [t.model for t in grid.train]
     assert sorted(m.model for m in models) == [
         "cnn_small",
@@ -173,7 +224,7 @@ def test_grid_axes_multiply_only_hqcnn_and_add_baselines():
     )  # equal budget:
     assert twin.trial_id != baseline.trial_id  # 10 epochs of pre-training + 10 as a hybrid
     # ids are stable across parses and independent of paths
-    again = build_grid(validate(load_config("sweeps/quick.yaml", {"results_dir": "/elsewhere"})))
+    again = build_grid(validate(SweepConfig(**{**AXES, "results_dir": "/elsewhere"})))
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in grid.trials]
 
 
@@ -217,8 +268,8 @@ def test_attack_ids_from_the_cached_template_equal_the_plain_hash():
     spliced in); the result must be the hash of the full identity, as computed without it."""
     from qshield_dist.grid import stable_hash
 
-    for sweep in ("sweeps/quick.yaml", "sweeps/adaptive.yaml"):
-        attacks = build_grid(validate(load_config(sweep))).attack
+    for cfg in (SweepConfig(**AXES), load_config("sweeps/adaptive.yaml")):
+        attacks = build_grid(validate(cfg)).attack
         fast = [t.trial_id for t in attacks]
         plain = ["A" + stable_hash(t.identity(t.train.trial_id)) for t in attacks]
         assert len(set(fast)) == len(fast) > 40

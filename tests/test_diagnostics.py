@@ -271,3 +271,25 @@ def test_controls_and_diagnostics_end_to_end(tmp_path, monkeypatch):
     (sentence,) = [line for line in section.splitlines() if line.startswith("- **hqcnn")]
     assert any(text in sentence for text in _GAIN_TEXT.values())
     assert "quantum part: " in sentence and "backbone part: " in sentence
+
+
+def test_a_diagnostic_waits_for_the_attacks_only_when_a_check_reads_their_rows():
+    """restart_sensitivity attacks the model itself: it runs beside the attacks, not after them."""
+    from qshield_dist.config import SweepConfig, validate
+    from qshield_dist.grid import build_grid
+
+    def diagnostic(checks):
+        sweep = {
+            "name": "d",
+            "eval": {"diagnostics": checks},
+            "models": [{"model": "cnn_small"}],
+            "attacks": [{"name": "fgsm"}, {"name": "pgd"}],
+        }
+        grid = build_grid(validate(SweepConfig(**sweep)))
+        (trial,) = grid.diagnostic
+        return trial, {a.trial_id for a in grid.attack}
+
+    alone, attacks = diagnostic(["restart_sensitivity"])
+    assert alone.deps == (alone.train.trial_id,)
+    reading, attacks = diagnostic(["restart_sensitivity", "iterative_ge_single_step"])
+    assert set(reading.deps) == {reading.train.trial_id, *attacks}

@@ -138,6 +138,30 @@ def test_local_schedules_as_soon_as_deps_finish(tmp_path: Path) -> None:
     assert cf.start_end(tmp_path, "fast2")[1] < cf.start_end(tmp_path, "slow")[1]
 
 
+def test_local_runs_first_the_job_most_work_waits_on(tmp_path: Path) -> None:
+    """A train job given after independent attacks starts first, and among equals the first
+    given does: on one worker, the order of starts is the priority order."""
+    jobs = [
+        rec_job(tmp_path, "attack-1"),
+        rec_job(tmp_path, "attack-2"),
+        rec_job(tmp_path, "train-cnn"),
+        rec_job(tmp_path, "train-hybrid", ("train-cnn",)),
+        rec_job(tmp_path, "attack-cnn", ("train-cnn",)),
+        rec_job(tmp_path, "attack-hybrid", ("train-hybrid",)),
+    ]
+    rec = Recorder()
+    result = LocalExecutor(workers=1, in_process=True).run(jobs, rec)
+    assert set(result.values()) == {"ok"}
+    assert rec.started_keys == [
+        "train-cnn",
+        "train-hybrid",
+        "attack-1",
+        "attack-2",
+        "attack-cnn",
+        "attack-hybrid",
+    ]
+
+
 def test_local_runs_in_parallel_in_worker_processes(tmp_path: Path) -> None:
     jobs = [rec_job(tmp_path, f"j{i}", sleep=0.5) for i in range(4)]
     result = LocalExecutor(workers=2).run(jobs)

@@ -510,7 +510,7 @@ def _queued_arrays() -> set[str]:
 def test_a_relaunch_does_not_resubmit_queued_arrays(
     slurm_cluster: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The launcher submits the smoke sweep's three arrays and is stopped (SIGTERM) while they
+    """The launcher submits the smoke sweep's four arrays and is stopped (SIGTERM) while they
     are still queued: the partition is down, so none can start. A relaunch submits nothing
     (their trials are in flight, and it says so), and a stale lease of a launcher that is gone
     is not taken over while those arrays are queued."""
@@ -543,10 +543,10 @@ def test_a_relaunch_does_not_resubmit_queued_arrays(
         first = subprocess.Popen(command, cwd=REPO, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.time() + 120
-            while (
-                len(arrays := _queued_arrays() - before) < 3
-            ):  # train, hybrids after their baseline, attacks
-                assert first.poll() is None and time.time() < deadline, "the launcher did not submit 3 arrays"
+            # the baseline's training; after it the hybrids' training and the baseline's attacks
+            # (an array per stage); then the hybrids' attacks
+            while len(arrays := _queued_arrays() - before) < 4:
+                assert first.poll() is None and time.time() < deadline, "the launcher did not submit 4 arrays"
                 time.sleep(0.5)
             first.send_signal(signal.SIGTERM)
             assert first.wait(timeout=60) == 130
@@ -565,7 +565,7 @@ def test_a_relaunch_does_not_resubmit_queued_arrays(
             _, err = relaunch.communicate()
         finally:
             arrays |= _queued_arrays() - before
-        assert len(arrays) == 3, f"the relaunch submitted arrays again: {sorted(arrays)}"
+        assert len(arrays) == 4, f"the relaunch submitted arrays again: {sorted(arrays)}"
         assert relaunch.returncode == 1, err[-2000:]
         assert "0 to run" in err and "in SLURM array" in err and all(a in err for a in arrays)
 

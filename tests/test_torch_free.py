@@ -1,4 +1,4 @@
-"""Validating and expanding a sweep, a dry run and a summary load neither torch nor PennyLane:
+"""Validating and expanding a sweep, a dry run, --status and a summary load neither torch nor PennyLane:
 they run on a login node or a laptop. Each path runs in a fresh interpreter, and sys.modules is
 checked after it ran, not only after the imports."""
 
@@ -24,6 +24,11 @@ for path in ("sweeps/quick.yaml", "sweeps/full.yaml", "sweeps/adaptive.yaml", "s
 DRY_RUN = """
 from qshield_dist import launch
 assert launch.main(["sweeps/full.yaml", "--dry-run", "--results", {results!r}]) == 0
+"""
+
+STATUS = """
+from qshield_dist import launch
+assert launch.main(["sweeps/full.yaml", "--status", "--results", {results!r}]) == 0
 """
 
 SUMMARY = """
@@ -56,9 +61,9 @@ print("clean")
 """
 
 
-@pytest.mark.parametrize("path", ["expand", "dry_run", "summary"])
+@pytest.mark.parametrize("path", ["expand", "dry_run", "status", "summary"])
 def test_path_loads_neither_torch_nor_pennylane(path: str, tmp_path: Path) -> None:
-    body = {"expand": EXPAND, "dry_run": DRY_RUN, "summary": SUMMARY}[path].format(
+    body = {"expand": EXPAND, "dry_run": DRY_RUN, "status": STATUS, "summary": SUMMARY}[path].format(
         results=str(tmp_path / "results")
     )
     code = body + CHECK.format(heavy=HEAVY)

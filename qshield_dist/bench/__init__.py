@@ -1,1 +1,1 @@
-"""Benchmarks: python -m qshield_dist.bench [quantum|models|draws|dispatch|summary|all] (JSON lines)."""
+"""Benchmarks: python -m qshield_dist.bench [quantum|models|draws|dispatch|summary|status|all] (JSON lines)."""

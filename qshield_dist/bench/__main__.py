@@ -1,4 +1,4 @@
-"""python -m qshield_dist.bench [quantum|models|draws|dispatch|summary|all|gpu] [--plot PNG]
+"""python -m qshield_dist.bench [quantum|models|draws|dispatch|summary|status|all|gpu] [--plot PNG]
 
 Prints one JSON object per measurement on stdout (logs go to stderr). The figures kept in
 benchmarks/RESULTS.md come from this command, and from the two that take their own arguments:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         "what",
         nargs="*",
         default=["all"],
-        choices=["quantum", "scaling", "models", "draws", "dispatch", "summary", "all", "gpu"],
+        choices=["quantum", "scaling", "models", "draws", "dispatch", "summary", "status", "all", "gpu"],
     )
     parser.add_argument(
         "--plot", default="benchmarks/qubit_scaling.png", help="where the qubit-scaling plot goes"
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     todo = set(args.what)
     if "all" in todo:
-        todo = {"quantum", "scaling", "models", "draws", "dispatch", "summary"}
+        todo = {"quantum", "scaling", "models", "draws", "dispatch", "summary", "status"}
     if "quantum" in todo:
         from qshield_dist.bench import quantum
 
@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from qshield_dist.bench import gpu
 
         _emit(gpu.run())
+    if "status" in todo:
+        from qshield_dist.bench import status
+
+        _emit([status.bench_status()])
     return 0
 
 

@@ -85,6 +85,13 @@ class DependencyGraph:
                     self._dependents[dep].append(job.key)
         self._released: set[str] = set()  # handed out by the sorter
         self.status: dict[str, str] = {}
+        # How much work waits on each job, counted along every path (a diamond counts twice):
+        # run the jobs that unlock the most first, so training does not queue behind attacks.
+        order = {key: i for i, key in enumerate(self.by_key)}
+        self.waiting_on: dict[str, int] = {}
+        for key in reversed(topological_order(jobs)):
+            self.waiting_on[key] = sum(1 + self.waiting_on[c] for c in self._dependents[key])
+        self.priority = {key: (self.waiting_on[key], -order[key]) for key in self.by_key}
 
     def ready(self) -> list[str]:
         """The jobs that have nothing left to wait for and were not returned before, in the
@@ -121,6 +128,11 @@ class DependencyGraph:
         if missing:
             raise ValueError(f"jobs never finished: {missing[:5]}")
         return {key: self.status[key] for key in self.by_key}
+
+
+def topological_order(jobs: Sequence[Job]) -> list[str]:
+    """Every job's key after the keys of its dependencies among `jobs`."""
+    return [key for wave in topological_waves(jobs) for key in (job.key for job in wave)]
 
 
 def topological_waves(jobs: Sequence[Job]) -> list[list[Job]]:

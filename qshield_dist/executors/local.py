@@ -19,6 +19,7 @@ same as Ray's retry_exceptions=False.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures as cf
 import logging
 import multiprocessing as mp
@@ -26,7 +27,7 @@ import os
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from qshield_dist.executors.base import DependencyGraph, Executor, Job, ProgressSink, checked_status
 
@@ -63,6 +64,23 @@ def _init_worker(threads: int, started: Any) -> None:
 def _call(key: str, fn: Callable[[], str]) -> str:
     _started_queue.put(key)  # lets the parent tell started jobs from queued ones
     return fn()
+
+
+class _ReadyJobs(list):
+    """Keys ready to run, kept sorted by `priority` so that pop() takes the job with the most
+    work waiting on it (then the first given): training does not queue behind attacks."""
+
+    def __init__(self, priority: dict[str, Hashable], keys: Iterable[str] = ()):
+        super().__init__()
+        self._priority = priority
+        self.extend(keys)
+
+    def append(self, key: str) -> None:
+        bisect.insort(self, key, key=self._priority.__getitem__)
+
+    def extend(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.append(key)
 
 
 class LocalExecutor(Executor):
@@ -104,8 +122,7 @@ class LocalExecutor(Executor):
         progress = progress or ProgressSink()
         graph = DependencyGraph(jobs)
         by_key = graph.by_key
-        ready = graph.ready()
-        ready.reverse()  # pop() from the end keeps the caller's order
+        ready = _ReadyJobs(graph.priority, graph.ready())
         attempts: dict[str, int] = {key: 0 for key in by_key}  # worker deaths while running
         announced: set[str] = set()
 
@@ -216,7 +233,7 @@ class LocalExecutor(Executor):
         return self._new_pool()
 
     def _charge(
-        self, key: str, attempts: dict[str, int], ready: list[str], finish: Callable[[str, str], None]
+        self, key: str, attempts: dict[str, int], ready: _ReadyJobs, finish: Callable[[str, str], None]
     ) -> None:
         attempts[key] += 1
         if attempts[key] <= self.max_retries:

@@ -4,8 +4,10 @@
   about `pack_minutes` of expected work, each task one checkpointable `Pack` that a requeue
   resumes with its unfinished trials, under a time limit of about twice its expected minutes;
   a wave of more packs than one array may hold (MaxArraySize) is split into several arrays.
-* Arrays. One `executor.batch()` submits one `--array=0-(n-1)%p`, indexed from 0; each array
-  records the offset of its first pack in the wave (`submitted`).
+* Arrays. One `executor.batch()` submits one `--array=0-(n-1)%p`, indexed from 0, of one
+  stage's packs (its partition, time limit and resources are that stage's); each array records
+  the offset of its first pack in the wave (`submitted`). Account, QoS, constraint and the
+  setup lines (`module load ...`) are the same for every array.
   Every array of wave k waits for all arrays of wave k-1 (`--dependency=afterok:A:B:...`), so
   SLURM holds the whole DAG and nothing waits on this driver between waves; the wave's
   `array_parallelism` is shared among its arrays in proportion to their sizes.
@@ -59,7 +61,7 @@ from qshield_dist.executors.slurm_packing import (
 from qshield_dist.executors.slurm_packing import PackLost as PackLost
 from qshield_dist.executors.slurm_packing import pack_jobs as pack_jobs
 from qshield_dist.executors.slurm_packing import split_arrays as split_arrays
-from qshield_dist.executors.squeue import UNKNOWN, queued_tasks
+from qshield_dist.executors.squeue import UNKNOWN, queued_tasks, task_indices
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +126,29 @@ class SlurmExecutor(PackPlanner, Executor):
         durations: Mapping[str, float] | None = None,
         max_num_timeout: int = 3,
         poll_s: float = 5.0,
-        on_submit: Callable[[str, list[str]], None] | None = None,
+        on_submit: Callable[[str, list[list[str]]], None] | None = None,
+        account: str | None = None,
+        qos: str | None = None,
+        constraint: str | None = None,
+        setup: Sequence[str] = (),
+        stages: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         """Parameters left None come from the jobs' requests (the largest in each array).
         pack_minutes: expected work per array task (0: one trial per task). durations: expected
         minutes per job key (default: its timeout_min); also settable as an attribute
         before run(). max_num_timeout: requeues on time-out before a task counts as ended.
-        on_submit(array_id, keys): called as each array is submitted, with its trials' keys (the
-        launcher records them, so a relaunch does not submit them again while they are queued);
-        also settable as an attribute before run()."""
+        on_submit(array_id, packs): called as each array is submitted, with its tasks' trial
+        keys (the launcher records them, so a relaunch does not submit them again while they are
+        queued); also settable as an attribute before run(). account, qos, constraint: sbatch's
+        options of those names; setup: shell lines each task runs before its trials (`module
+        load ...`). stages: stage -> {'partition': ..., 'time_min': ...}, what a stage's arrays
+        take instead of `partition` and `time_min` (None values: those)."""
         self.folder = Path(folder)
         self.partition = partition
         self.time_min = time_min
+        self.account, self.qos, self.constraint = account, qos, constraint
+        self.setup = list(setup)
+        self.stages = {stage: dict(values) for stage, values in (stages or {}).items()}
         self.gpus_per_task = gpus_per_task
         self.cpus_per_task = cpus_per_task
         self.mem_gb = mem_gb
@@ -156,11 +169,18 @@ class SlurmExecutor(PackPlanner, Executor):
         after: str | Sequence[str] | None = None,
         parallelism: int | None = None,
     ) -> dict[str, Any]:
-        """The parameters of one array of `packs` (a flat list of jobs: one pack each), in
-        submitit.SlurmExecutor's names (sbatch's, less the dashes): those set here, else the
-        largest request among its jobs. `after`: the array id(s) it waits for. Needs no SLURM."""
+        """The parameters of one array of `packs` (a flat list of jobs: one pack each), all of
+        one stage, in submitit.SlurmExecutor's names (sbatch's, less the dashes): those set here
+        (the stage's own partition and time limit first), else the largest request among its
+        jobs. `after`: the array id(s) it waits for. Needs no SLURM."""
         groups = [[p] if isinstance(p, Job) else list(p) for p in packs]
         jobs = [job for pack in groups for job in pack]
+        stages = {job.stage for job in jobs}
+        if len(stages) != 1:
+            raise ValueError(f"an array holds the jobs of one stage; got {sorted(stages)}")
+        own = self.stages.get(stages.pop(), {})
+        partition = own.get("partition") or self.partition
+        time_min = own.get("time_min") or self.time_min
         cpus = self.cpus_per_task or max(1, int(max(job.cpus for job in jobs) + 0.999))
         gpus = self.gpus_per_task if self.gpus_per_task is not None else max(job.gpus for job in jobs)
         extra: dict[str, Any] = {}
@@ -171,7 +191,7 @@ class SlurmExecutor(PackPlanner, Executor):
             extra["kill-on-invalid-dep"] = "yes"
         params: dict[str, Any] = {
             "job_name": _JOB_NAME,
-            "time": self.time_min or max(self.pack_time(p) for p in groups),
+            "time": time_min or max(self.pack_time(p) for p in groups),
             "cpus_per_task": cpus,
             "mem": _sbatch_mem(self.mem_gb or max(job.mem_gb for job in jobs)),
             "ntasks_per_node": 1,
@@ -179,8 +199,13 @@ class SlurmExecutor(PackPlanner, Executor):
             "array_parallelism": parallelism or self.array_parallelism,
             "additional_parameters": extra,
         }
-        if self.partition:
-            params["partition"] = self.partition
+        if partition:
+            params["partition"] = partition
+        for name in ("account", "qos", "constraint"):
+            if getattr(self, name):
+                params[name] = getattr(self, name)
+        if self.setup:
+            params["setup"] = list(self.setup)
         if gpus:
             # SLURM counts whole GPUs: a fractional request takes one.
             params["gpus_per_task"] = max(1, int(gpus + 0.999))
@@ -222,7 +247,7 @@ class SlurmExecutor(PackPlanner, Executor):
                     f" after {':'.join(after)}" if after else "",
                 )
                 if self.on_submit is not None:
-                    self.on_submit(sub.array_id, [k for pack in sub.packs for k in pack])
+                    self.on_submit(sub.array_id, sub.packs)
                 self.array_ids.append(sub.array_id)
                 self.submitted.append(sub)
                 mine.append(sub)
@@ -385,10 +410,4 @@ def _in_pending_range(job_id: str, queued: set[str]) -> bool:
     if UNKNOWN in queued:
         return True
     base, _, task = job_id.partition("_")
-    for item in queued:
-        if item.startswith(f"{base}_[") and task.isdigit():
-            for part in item[len(base) + 2 :].rstrip("]").split("%")[0].split(","):
-                lo, _, hi = part.partition("-")
-                if lo.isdigit() and int(lo) <= int(task) <= int(hi or lo):
-                    return True
-    return False
+    return task.isdigit() and any(int(task) in task_indices(item, base) for item in queued)

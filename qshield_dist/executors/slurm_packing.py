@@ -10,7 +10,7 @@ other way round, and re-exports the names it always had. (bench.slurm_packing be
 * Packing. A trial that takes seconds costs SLURM more to schedule than to run, so the trials
   of one dependency wave (never a trial and its dependency) are packed into array tasks of
   about `pack_minutes` of expected work: best-fit decreasing on each trial's expected minutes,
-  `durations[key]` if given (e.g. from `launch --plan`), else its `timeout_min` (the
+  `durations[key]` if given (the launcher's: plan/durations.py), else its `timeout_min` (the
   conservative estimate); a trial longer than the target runs alone. A task is one `Pack`,
   submitit's `FunctionSequence`: it runs its trials in order and, being checkpointable, is
   what SLURM requeues on preemption or time-out (USR2 before the limit): the pickled sequence
@@ -22,7 +22,8 @@ other way round, and re-exports the names it always had. (bench.slurm_packing be
   `max_num_timeout` times.
 * Statuses. Each trial writes its status ('ok', 'failed', or 'lost' when its fn raised) to the
   run's status folder as it finishes, under `_status_name(key)`; slurm.py reads them back.
-* Arrays. SLURM caps the array *index* at MaxArraySize - 1 (and the task count at
+* Arrays. An array holds one stage's packs (a stage has its own partition, time limit and
+  resources). SLURM caps the array *index* at MaxArraySize - 1 (and the task count at
   SchedulerParameters' max_array_tasks), read from `scontrol show config`: a wave of more packs
   than that is split into several arrays, each indexed from 0 again.
 """
@@ -163,9 +164,18 @@ class PackPlanner:
         return int(min(sum(limits), max(max(limits), math.ceil(2 * expected))))
 
     def plan(self, jobs: Sequence[Job], max_tasks: int) -> list[list[tuple[int, list[list[Job]]]]]:
-        """Per wave, its arrays as (offset, packs). Needs no SLURM (max_tasks given)."""
+        """Per wave, its arrays as (offset, packs): one stage's packs per array, the stages in
+        the order they first appear in the wave. Needs no SLURM (max_tasks given)."""
         out = []
         for wave in topological_waves(jobs):
-            packs = pack_jobs(wave, self.minutes, self.pack_minutes)
-            out.append([(o, packs[o : o + n]) for o, n in split_arrays(len(packs), max_tasks)])
+            by_stage: dict[str, list[Job]] = {}
+            for job in wave:
+                by_stage.setdefault(job.stage, []).append(job)
+            arrays: list[tuple[int, list[list[Job]]]] = []
+            first = 0
+            for stage_jobs in by_stage.values():
+                packs = pack_jobs(stage_jobs, self.minutes, self.pack_minutes)
+                arrays += [(first + o, packs[o : o + n]) for o, n in split_arrays(len(packs), max_tasks)]
+                first += len(packs)
+            out.append(arrays)
         return out

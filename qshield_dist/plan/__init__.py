@@ -270,17 +270,12 @@ def run_plan(
     """Calibrate (or read the cache), extrapolate every trial, schedule, print the table."""
     start = time.perf_counter()
     plan = Plan(cfg)
-    real = {}
-    for name in cfg.datasets:
-        try:
-            check_available(name, cfg.data.data_root, download=False)  # a plan never downloads
-            real[name] = True
-        except FileNotFoundError:
-            real[name] = False
-            plan.warn(
-                f"dataset '{name}' is not in {cfg.data.data_root}: calibrated on synthetic tensors of its"
-                " shape; the time to load it is not in the estimate"
-            )
+    real = {name: _has_data(cfg, name) for name in cfg.datasets}
+    for name in (name for name, present in real.items() if not present):
+        plan.warn(
+            f"dataset '{name}' is not in {cfg.data.data_root}: calibrated on synthetic tensors of its"
+            " shape; the time to load it is not in the estimate"
+        )
     usable = _usable_devices(plan, grid)
     with many_objects():
         group_of = collect_items(plan, grid, usable, real)
@@ -315,6 +310,29 @@ def run_plan(
     plan.report["warnings"] = plan.warnings
     out(json.dumps(plan.report, indent=2, default=str) if as_json else render(plan.report))
     return plan.report
+
+
+def cached_estimates(cfg: SweepConfig, grid: Grid) -> dict[str, float]:
+    """Seconds per trial from the calibrations a --plan of this grid cached on this machine;
+    nothing is calibrated, and a trial whose kind is not in the cache has none."""
+    root = cache_dir()
+    if not root.is_dir() or not any(root.glob("*.json")):
+        return {}
+    plan = Plan(cfg)
+    real = {name: _has_data(cfg, name) for name in cfg.datasets}
+    with many_objects():
+        group_of = collect_items(plan, grid, {}, real)  # every device usable: a launch checked them
+        for item in plan.items.values():
+            _load_cache(item, root)
+        return {trial_id: e.seconds for trial_id, e in _estimates(plan, grid, group_of).items()}
+
+
+def _has_data(cfg: SweepConfig, name: str) -> bool:
+    try:
+        check_available(name, cfg.data.data_root, download=False)  # a plan never downloads
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _usable_devices(plan: Plan, grid: Grid) -> dict[str, bool]:

@@ -82,6 +82,13 @@ def _group(t: Trial, usable: dict[str, bool], kinds: dict[Any, tuple[Any, ...]])
     return (t.stage, kind)
 
 
+def cost_key(t: Trial, kinds: dict[Any, tuple[Any, ...]]) -> tuple[Any, ...]:
+    """Everything a trial's running time depends on: its group (stage, model kind, attack,
+    preset, surrogate kind), dataset and `_shape`; trials equal in it take the same time, up to
+    noise (SLURM packing takes one's time from another's, plan/durations.py). `kinds` memoizes."""
+    return (_group(t, {}, kinds), t.dataset, _shape(t))
+
+
 def _with_standins(t: Trial, usable: dict[str, bool]) -> Trial:
     train = t if isinstance(t, TrainTrial) else t.train
     spec = _standin(train.model, usable)

@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 from qshield_dist.config import Resources, SweepConfig
 from qshield_dist.grid import Grid
-
-STAGES = ("train", "attack", "diagnostic")
+from qshield_dist.vocabulary import STAGES
 
 
 @dataclass

@@ -5,7 +5,9 @@ every file on every launch.
 size and mtime_ns when it was read, and the facts resume decides on (trial id, stage, status,
 schema and results versions, a train row's checkpoint sha256, whether a diagnostic's inputs
 were all ok), plus, for a train row, the checkpoint's size and mtime_ns when its sha256 last
-matched. An entry is trusted only while its file's size and mtime_ns are unchanged, as git's
+matched; and what `launch --status` and SLURM packing read: a failure row's error (its first
+line) and the seconds a row measured (train_seconds of a train row, attack_seconds of an
+attack row). An entry is trusted only while its file's size and mtime_ns are unchanged, as git's
 index trusts a file's stat: a new or changed file is read once (its key columns), and a file
 that no longer decodes is corrupt. Names alone could not say which schema a row has, whether
 its checkpoint is the one it describes, or which trials a compacted file holds; reading every
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qshield_dist.fileio import atomic_write_bytes, read_bytes
@@ -34,7 +37,7 @@ from qshield_dist.fileio import atomic_write_bytes, read_bytes
 log = logging.getLogger(__name__)
 
 LEDGER = "ledger.arrow"
-LEDGER_FORMAT = 1  # the columns of ENTRY; a ledger of another format is rebuilt
+LEDGER_FORMAT = 2  # the columns of ENTRY (2: error, seconds); a ledger of another format is rebuilt
 _READERS = 8  # files read at once: on NFS the wait is latency, not CPU
 
 
@@ -53,6 +56,8 @@ class Entry(NamedTuple):
     inputs_ok: bool | None
     checkpoint_size: int | None = None  # the checkpoint's stat when its sha256 last matched
     checkpoint_mtime_ns: int | None = None
+    error: str | None = None  # a failure row's error, its first line (ERROR_CHARS at most)
+    seconds: float | None = None  # what the row measured: train_seconds (train), attack_seconds (attack)
 
 
 ENTRY = pa.schema(
@@ -71,6 +76,8 @@ ENTRY = pa.schema(
         ("inputs_ok", pa.bool_()),
         ("checkpoint_size", pa.int64()),
         ("checkpoint_mtime_ns", pa.int64()),
+        ("error", pa.string()),
+        ("seconds", pa.float64()),
     ],
     metadata={"ledger_format": str(LEDGER_FORMAT)},
 )
@@ -86,7 +93,13 @@ _KEY_COLUMNS = (
     "train_version",
     "checkpoint_sha256",
     "inputs",
+    "error",
+    "train_seconds",
+    "attack_seconds",
 )
+ERROR_CHARS = 300
+# The column whose seconds a row of each stage measured (a diagnostic row measures none).
+_SECONDS = {"train": "train_seconds", "attack": "attack_seconds"}
 
 
 class ResultFile(NamedTuple):
@@ -116,7 +129,11 @@ class Refreshed:
 class Ledger:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.files: dict[str, tuple[int, int, list[Entry]]] = {}  # rel -> size, mtime_ns, entries
+        # rel -> size, mtime_ns, entries; a file's tuple is replaced when it changes, never edited
+        self.files: dict[str, tuple[int, int, list[Entry]]] = {}
+        # The table load() read, and each file's tuple as it made it: table() reuses the rows
+        # of the files whose tuple is still that one, rather than rebuild them from Python.
+        self._loaded: tuple[pa.Table, dict[str, tuple[int, int, list[Entry]]]] | None = None
 
     @property
     def path(self) -> Path:
@@ -125,6 +142,7 @@ class Ledger:
     def load(self) -> None:
         """The saved ledger, or an empty one (rebuilt by the next refresh) if absent or unusable."""
         self.files = {}
+        self._loaded = None
         try:
             data = read_bytes(self.path)
         except FileNotFoundError:
@@ -143,15 +161,33 @@ class Ledger:
         columns = [table.column(name).to_pylist() for name in ENTRY.names]
         for entry in map(Entry._make, zip(*columns)):
             self.files.setdefault(entry.rel, (entry.size, entry.mtime_ns, []))[2].append(entry)
+        self._loaded = (table, dict(self.files))
+
+    def table(self, columns: Iterable[str] | None = None) -> pa.Table:
+        """The entries as an Arrow table of ENTRY's columns (`columns`: only those): the rows
+        loaded of files unchanged since, and the other files' entries converted."""
+        wanted = set(ENTRY.names if columns is None else columns)
+        schema = pa.schema([f for f in ENTRY if f.name in wanted], metadata=ENTRY.metadata)
+        changed = list(self.files.values())
+        kept = None
+        if self._loaded is not None:
+            loaded, as_loaded = self._loaded
+            same = [rel for rel, known in self.files.items() if as_loaded.get(rel) is known]
+            if len(same) == len(as_loaded) == len(self.files):
+                return loaded.select(schema.names).cast(schema)
+            same_set = set(same)
+            changed = [known for rel, known in self.files.items() if rel not in same_set]
+            mask = pc.is_in(loaded.column("rel"), value_set=pa.array(same, pa.string()))
+            kept = loaded.filter(mask).select(schema.names).cast(schema)
+        entries = [e for _, _, file_entries in changed for e in file_entries]
+        index = {name: i for i, name in enumerate(ENTRY.names)}
+        built = pa.Table.from_pydict({n: [e[index[n]] for e in entries] for n in schema.names}, schema=schema)
+        return built if kept is None else pa.concat_tables([kept, built])
 
     def save(self, mode: int) -> None:
-        entries = [e for _, _, file_entries in self.files.values() for e in file_entries]
-        table = pa.Table.from_pydict(
-            {name: [e[i] for e in entries] for i, name in enumerate(ENTRY.names)}, schema=ENTRY
-        )
         sink = io.BytesIO()
         with pa.ipc.new_file(sink, ENTRY) as writer:
-            writer.write_table(table)
+            writer.write_table(self.table())
         atomic_write_bytes(self.path, sink.getvalue(), mode)
 
     def refresh(self, listing: Iterable[ResultFile]) -> Refreshed:
@@ -202,6 +238,7 @@ class Ledger:
         for i in range(table.num_rows):
             row = {c: column[c][i] for c in _KEY_COLUMNS}
             stage = row["stage"] or file.stage
+            error = row["error"].strip().partition("\n")[0][:ERROR_CHARS] if row["error"] else None
             entries.append(
                 Entry(
                     rel=file.rel,
@@ -216,6 +253,8 @@ class Ledger:
                     train_version=row["train_version"],
                     checkpoint_sha256=row["checkpoint_sha256"],
                     inputs_ok=_inputs_ok(row["inputs"]) if stage == "diagnostic" else None,
+                    error=error,
+                    seconds=row[_SECONDS[stage]] if stage in _SECONDS else None,
                 )
             )
         return entries

@@ -51,7 +51,10 @@ SCHEMA = pa.schema(
         # backbone: the model itself for a classical one)
         *_model_columns(),
         ("control", pa.string()),  # null | backbone_only (the hybrid's backbone alone) | equal_budget
-        ("variant_id", pa.string()),  # hash of what makes two trained models differ (not the seed), and the control
+        (
+            "variant_id",
+            pa.string(),
+        ),  # hash of what makes two trained models differ (not the seed), and the control
         ("variant", pa.string()),  # human-readable model variant label
         ("noise_approx", pa.string()),  # exact | pauli_twirl
         ("stochastic", pa.bool_()),

@@ -19,7 +19,7 @@ nothing else spells a result file's name.
     store.read(trial) -> rows                  # its ok rows (failed=True: its failure row)
     store.statuses(stage, dataset, ids)        # ok | failed | missing, from names (a worker's view)
     store.refresh(repair=...)                  # bring the ledger up to date (the lease holder repairs)
-    store.done(ids) -> Done                    # what counts as done, and why the rest runs again
+    store.done(ids) -> Done                    # what counts as done (its seconds), why the rest runs again
     store.stale(expected_ids) -> {path: why}   # files that are not the grid's current rows
     store.move_aside(files, stamp)             # RESULTS.pruned-<stamp>/, nothing deleted
     store.write_manifest(meta, trials); store.read_manifest()
@@ -77,6 +77,7 @@ class TrialKey(NamedTuple):
 class Done:
     status: dict[str, str] = field(default_factory=dict)  # trial id -> ok | failed: its stored rows count
     rerun: dict[str, str] = field(default_factory=dict)  # trial id -> why its stored rows do not count
+    seconds: dict[str, float] = field(default_factory=dict)  # ok trial id -> the seconds its row measured
 
 
 class ManifestError(ValueError):
@@ -216,9 +217,28 @@ class ResultStore:
                 reason = not_done_reason(entry, checkpoint)
                 if reason is None:
                     out.status[trial_id] = entry.status
+                    if entry.status == "ok" and entry.seconds is not None:
+                        out.seconds[trial_id] = entry.seconds
                     out.rerun.pop(trial_id, None)
                     break
                 out.rerun.setdefault(trial_id, reason)
+        return out
+
+    def checkpoint_problems(self, rows: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """Of ok train rows given as (file, trial id), the file relative to the results
+        directory, those whose checkpoint is not the one they describe, with why: done()'s rule
+        for a few rows, without indexing every trial (launch --status)."""
+        wanted: dict[str, set[str]] = {}
+        for rel, trial_id in rows:
+            wanted.setdefault(rel, set()).add(trial_id)
+        out = {}
+        for rel, trial_ids in wanted.items():
+            _, _, entries = self.ledger.files.get(rel, (0, 0, []))
+            for entry in entries:
+                if entry.trial_id in trial_ids:
+                    reason = self._checkpoint(entry)
+                    if reason is not None:
+                        out[(rel, entry.trial_id)] = reason
         return out
 
     def _checkpoint(self, entry: Entry) -> str | None:

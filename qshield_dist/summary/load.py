@@ -35,6 +35,7 @@ from qshield_dist.summary.current_grid import (
     stale_counts,
     start_manifest_job,
 )
+from qshield_dist.vocabulary import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 # hybrid's backbone alone, or its backbone trained with the hybrid's budget).
 VARIANT_KEYS: tuple[str, ...] = ("dataset", *MODEL_COLUMNS, "control")
 ATTACK_KEYS: tuple[str, ...] = ("attack", "attack_preset", "attack_params")
-STAGES: tuple[str, ...] = ("train", "attack", "diagnostic")
 
 _COMMON = (
     "schema_version",

@@ -1,0 +1,224 @@
+"""launch --status: per stage done, running, queued, failed and missing, failures grouped by
+error, on a real small sweep; what SLURM says of recorded arrays; and without squeue."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from qshield_dist import launch
+from qshield_dist.executors.squeue import parse_task_states, task_indices
+from qshield_dist.lease import RecordedArray, ResultsLease
+from qshield_dist.results.ledger import Ledger
+from qshield_dist.results.store import ResultStore
+from qshield_dist.status import NO_SQUEUE, SQUEUE_FAILED, slurm_queue
+
+
+def _organamnist_without_test_split(path: Path) -> None:
+    """A truncated download: the file is there, its test split is not, so its trials fail."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 110), ("val", 22)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 11).reshape(-1, 1)
+    np.savez(path, **arrays)
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small sweep run once: digits' 1 train and 2 attack trials ok, organamnist's 3 failed."""
+    root = tmp_path_factory.mktemp("status")
+    (root / "data").mkdir()
+    _organamnist_without_test_split(root / "data" / "organamnist.npz")
+    sweep = {
+        "name": "status",
+        "results_dir": str(root / "results"),
+        "checkpoint_dir": str(root / "ckpt"),
+        "data": {"dataset": ["digits", "organamnist"], "data_root": str(root / "data"), "train_size": 120},
+        "train": {"epochs": 1},
+        "eval": {"attack_size": 8},
+        "models": [{"model": "dnn"}],
+        "attacks": [{"name": "fgsm"}, {"name": "pgd", "params": {"steps": 2}}],
+    }
+    (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    assert launch.main([str(root / "sweep.yaml")]) == 1  # failures
+    return root
+
+
+@pytest.fixture()
+def results(ran: Path, tmp_path: Path) -> Path:
+    """A copy of the run's results and checkpoints for one test to change."""
+    for name in ("results", "ckpt", "data"):
+        shutil.copytree(ran / name, tmp_path / name)
+    sweep = yaml.safe_load((ran / "sweep.yaml").read_text())
+    sweep.update(results_dir=str(tmp_path / "results"), checkpoint_dir=str(tmp_path / "ckpt"))
+    sweep["data"]["data_root"] = str(tmp_path / "data")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return tmp_path
+
+
+def _status(root: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    capsys.readouterr()
+    assert launch.main([str(root / "sweep.yaml"), "--status", *extra]) == 0
+    return capsys.readouterr().out
+
+
+def _table(text: str) -> dict[str, list[str]]:
+    """The text table's rows: stage -> total, done, running, queued, failed, missing."""
+    header, *rows = [line.split() for line in text.splitlines()[1:5]]
+    assert header == ["stage", "total", "done", "running", "queued", "failed", "missing"]
+    return {row[0]: row[1:] for row in rows}
+
+
+def _attack_files(root: Path, dataset: str) -> list[Path]:
+    return sorted((root / "results" / "stage=attack" / f"dataset={dataset}").glob("*.parquet"))
+
+
+def _no_squeue_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if not (Path(d) / "squeue").exists()]
+    monkeypatch.setenv("PATH", os.pathsep.join(dirs))
+    assert shutil.which("squeue") is None
+
+
+def test_status_counts_done_failed_and_missing_and_groups_the_errors(
+    results: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_squeue_on_path(monkeypatch)
+    deleted = _attack_files(results, "digits")[0]
+    deleted.unlink()  # a lost result: that trial is missing
+    before = sorted(p.relative_to(results) for p in results.rglob("*"))
+
+    report = json.loads(_status(results, capsys, "--json"))
+    assert report["stages"] == {
+        "train": {"total": 2, "done": 1, "running": 0, "queued": 0, "failed": 1, "missing": 0, "unknown": 0},
+        "attack": {"total": 4, "done": 1, "running": 0, "queued": 0, "failed": 2, "missing": 1, "unknown": 0},
+        "diagnostic": {
+            "total": 0,
+            "done": 0,
+            "running": 0,
+            "queued": 0,
+            "failed": 0,
+            "missing": 0,
+            "unknown": 0,
+        },
+    }
+    failures = report["failures"]
+    assert [(f["stage"], f["count"]) for f in failures] == [("attack", 2), ("train", 1)], failures
+    train_failure = failures[1]
+    assert "test_images" in train_failure["error"] and "\n" not in train_failure["error"]
+    assert (
+        results
+        / "results"
+        / "stage=train"
+        / "dataset=organamnist"
+        / f"{train_failure['example']}.failed.parquet"
+    ).exists()
+    attack_examples = {p.name.split(".")[0] for p in _attack_files(results, "organamnist")}
+    assert failures[0]["example"] in attack_examples
+    assert report["queue"] == {"source": "no SLURM array recorded", "arrays": 0, "unknown": 0}
+    assert report["launcher"] is None
+
+    text = _status(results, capsys)
+    assert _table(text)["attack"] == ["4", "1", "0", "0", "2", "1"]
+    assert f"(e.g. {train_failure['example']})" in text
+    # --status writes nothing: no ledger, no lease, nothing moved
+    assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
+
+    # A train trial whose checkpoint is gone is not done (resume trains it again).
+    (checkpoint,) = (results / "ckpt").glob("*.pt")
+    checkpoint.unlink()
+    train = json.loads(_status(results, capsys, "--json"))["stages"]["train"]
+    assert (train["done"], train["failed"], train["missing"]) == (0, 1, 1)
+
+
+def test_status_without_squeue_says_queued_is_unknown(
+    results: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trials of a recorded SLURM array (a launcher submitted it) without a row: squeue is not
+    there to say whether they run, wait or were lost, so they are not counted as any of those."""
+    _no_squeue_on_path(monkeypatch)
+    lost = _attack_files(results, "digits")[0]
+    lost.unlink()
+    failed_attack = _attack_files(results, "organamnist")[0].name.split(".")[0]
+    done_attack = _attack_files(results, "digits")[0].stem
+    lease = ResultsLease(results / "results")
+    lease.record_array("4242", [[lost.stem, done_attack], [failed_attack]])
+
+    report = json.loads(_status(results, capsys, "--json"))
+    attack = report["stages"]["attack"]
+    assert (attack["done"], attack["failed"], attack["missing"], attack["unknown"]) == (1, 1, 0, 2)
+    assert attack["running"] is None and attack["queued"] is None
+    assert report["queue"] == {"source": NO_SQUEUE, "arrays": 1, "unknown": 3}
+    text = _status(results, capsys)
+    assert "queued: unknown (no squeue): 3 trials of 1 recorded SLURM arrays" in text
+    assert _table(text)["attack"] == ["4", "1", "?", "?", "1", "0"]
+
+
+def test_running_and_queued_follow_each_task_of_a_recorded_array(tmp_path: Path) -> None:
+    """squeue's answer (its `-r -o '%i %T'` lines, a pending range among them) -> the trials of
+    the running task count as running, those of waiting tasks as queued; an array that left
+    the queue counts for nothing; one recorded without its tasks waits as a whole."""
+    arrays = {
+        "12": RecordedArray(tmp_path / "12.json", ["a", "b", "c", "d", "e"], [["a", "b"], ["c"], ["d", "e"]]),
+        "13": RecordedArray(tmp_path / "13.json", ["f"], None),
+        "14": RecordedArray(tmp_path / "14.json", ["g"], [["g"]]),
+    }
+    answers = {
+        "12": parse_task_states("12_0 RUNNING\n12_[1-2%4] PENDING\n"),
+        "13": parse_task_states("13_0 PENDING\n"),
+        "14": {},
+    }
+    queue = slurm_queue(arrays, answers.get)
+    assert (queue.source, queue.arrays) == ("squeue", 2)
+    assert queue.running == ["a", "b"] and sorted(queue.queued) == ["c", "d", "e", "f"] and not queue.unknown
+
+    queue = slurm_queue(arrays, {"12": None, "13": {}, "14": {}}.get)
+    assert (queue.source, queue.unknown, queue.arrays) == (SQUEUE_FAILED, ["a", "b", "c", "d", "e"], 1)
+    assert task_indices("12_[0-6:3,9]", "12") == [0, 3, 6, 9] and task_indices("13_1", "12") == []
+
+
+def _rows(ledger: Ledger) -> list[dict]:
+    return sorted(ledger.table().to_pylist(), key=lambda r: (r["rel"], r["trial_id"]))
+
+
+def _entries(ledger: Ledger) -> list[dict]:
+    return sorted(
+        (e._asdict() for _, _, es in ledger.files.values() for e in es),
+        key=lambda r: (r["rel"], r["trial_id"]),
+    )
+
+
+def test_the_ledger_table_is_its_entries_after_any_change(results: Path) -> None:
+    """--status counts from the ledger as a table, which reuses the rows it loaded for files
+    unchanged since: after a file is added, rewritten or removed and an entry updated, the
+    table is still exactly the entries."""
+    root = results / "results"
+    ResultStore(root, results / "ckpt").refresh(repair=True)  # saves the ledger
+    store = ResultStore(root, results / "ckpt")
+    store.refresh()
+    assert _rows(store.ledger) == _entries(store.ledger) and len(_entries(store.ledger)) == 6
+
+    digits = _attack_files(results, "digits")
+    digits[0].unlink()  # removed
+    shutil.copy(digits[1], digits[1].with_name("A0000000000000000.parquet"))  # added
+    failed = _attack_files(results, "organamnist")[0]
+    failed.write_bytes(_attack_files(results, "organamnist")[1].read_bytes())  # rewritten
+    store = ResultStore(root, results / "ckpt")
+    assert store.refresh().read == 2
+    (entry,) = [
+        e for _, _, es in store.ledger.files.values() for e in es if e.stage == "train" and e.status == "ok"
+    ]
+    store.ledger.update(entry._replace(checkpoint_size=1))
+    assert _rows(store.ledger) == _entries(store.ledger) and len(_entries(store.ledger)) == 6
+    assert ledger_rows_for(store.ledger, entry.trial_id)["checkpoint_size"] == 1
+
+
+def ledger_rows_for(ledger: Ledger, trial_id: str) -> dict:
+    (row,) = [r for r in ledger.table().to_pylist() if r["trial_id"] == trial_id]
+    return row
