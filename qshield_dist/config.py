@@ -211,6 +211,10 @@ class Resources(_Strict):
     `resources.attack`); the launcher hands these values to the executor."""
 
     cpus: float = Field(1.0, gt=0)
+    # Intra-op threads each trial of the stage fixes for itself; left out: the whole cores it
+    # reserves (resolved_threads). Part of every trial's id, because float reductions depend on
+    # the thread count (`cpus` itself is not hashed: only what the trial runs with).
+    threads: int | None = Field(None, ge=1)
     gpus: float = Field(0.0, ge=0)  # fractions allowed on Ray (0.25 -> four trials share one GPU)
     mem_gb: float = Field(4.0, gt=0)
     timeout_min: int = Field(240, ge=1)
@@ -229,6 +233,19 @@ class Resources(_Strict):
             )
         return accelerator
 
+    @field_validator("threads")
+    @classmethod
+    def _threads_within_cpus(cls, threads: int | None, info: ValidationInfo) -> int | None:
+        cpus = info.data.get("cpus")
+        if threads is not None and cpus is not None and threads > _whole_cores(cpus):
+            cores = _whole_cores(cpus)
+            raise ValueError(
+                f"a trial runs at most the cores its stage reserves, and this stage's cpus is {cpus:g};"
+                f" allowed: {'1' if cores == 1 else f'1 to {cores}'}, or leave threads out to run cpus"
+                " threads (raise cpus to run more)"
+            )
+        return threads
+
     @property
     def resolved_accelerator(self) -> str:
         """cpu or cuda: `auto` is cuda when the stage reserves a GPU."""
@@ -236,10 +253,30 @@ class Resources(_Strict):
             return CUDA if self.gpus > 0 else CPU
         return self.accelerator
 
+    @property
+    def resolved_threads(self) -> int:
+        """The threads each trial of the stage runs: `threads`, else every whole core it reserves."""
+        return self.threads if self.threads is not None else _whole_cores(self.cpus)
+
+    @property
+    def reserved_cpus(self) -> float:
+        """What a trial of the stage asks the executor for: its cpus, raised to its threads
+        where a fraction below one core is asked for (a trial runs at least one thread)."""
+        return max(self.cpus, self.resolved_threads)
+
+
+def _whole_cores(cpus: float) -> int:
+    """The whole cores among `cpus` reserved, at least one."""
+    return max(1, int(cpus))
+
 
 class StageResources(_Strict):
     train: Resources = Resources()
     attack: Resources = Resources()
+
+    def of(self, stage: str) -> Resources:
+        """A stage's resources: diagnostics run with the attack stage's."""
+        return self.train if stage == "train" else self.attack
 
 
 class RayConfig(_Strict):
@@ -329,9 +366,6 @@ class SweepConfig(_Strict):
     checkpoint_dir: str = "checkpoints"
     executor: Literal[EXECUTORS] = "local"
     workers: int = Field(1, ge=1)
-    # Intra-op threads each trial fixes for itself; part of every trial's id, because float
-    # reductions depend on the thread count (executors and `resources.cpus` are not hashed).
-    threads: int = Field(1, ge=1)
     private: bool = True  # results, checkpoints and logs readable only by the user
     data: DataConfig = DataConfig()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -478,11 +512,29 @@ def validate(cfg: SweepConfig) -> SweepSpec:
     for name in cfg.datasets:
         if name not in DATASETS:
             raise ConfigError(f"data.dataset: got '{name}': unknown dataset; allowed: {', '.join(DATASETS)}")
+    _check_slurm_cpus(cfg)
     models = parse_models(cfg)
     for name in cfg.datasets:
         for index, model in models:
             _check_quantum(model.resolved(DATASETS[name].classes), index, cfg)
     return SweepSpec(cfg, tuple(m for _, m in models), tuple(parse_attacks(cfg)))
+
+
+def _check_slurm_cpus(cfg: SweepConfig) -> None:
+    """slurm.cpus_per_task replaces every stage's reservation on SLURM: it may not leave a
+    trial fewer cores than the threads it runs (those follow resources, whatever the executor,
+    so that an id never depends on where it runs)."""
+    given = cfg.slurm.cpus_per_task
+    if cfg.executor != "slurm" or given is None:
+        return
+    for stage in ("train", "attack"):
+        threads = cfg.resources.of(stage).resolved_threads
+        if given < threads:
+            raise ConfigError(
+                f"slurm.cpus_per_task: got {given}: below the {threads} threads each {stage} trial runs"
+                f" (resources.{stage}.threads, by default its cpus); allowed: an integer >= {threads},"
+                " or leave it out (each stage's resources.cpus)"
+            )
 
 
 def check_availability(spec: SweepSpec) -> list[str]:
@@ -582,6 +634,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Sw
         raise ConfigError(f"sweep file '{path}': not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file '{path}': got {type(raw).__name__}: the top level must be a mapping")
+    if "threads" in raw:  # the sweep-wide key of before: threads now follow each stage's reservation
+        raise ConfigError(
+            f"threads: got {raw['threads']!r}: not a sweep-wide key; each stage's trials run"
+            " resources.<stage>.threads (train, attack; diagnostics take the attack's), by default"
+            " resources.<stage>.cpus: set it there, or leave it out"
+        )
     raw.setdefault("name", path.stem)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return _validate(SweepConfig, raw, "")

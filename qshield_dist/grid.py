@@ -196,7 +196,7 @@ class TrainTrial:
     train_size: int | None
     test_size: int | None
     baseline_id: str | None = None  # the backbone's train trial (init: from_baseline)
-    threads: int = 1  # intra-op threads the trial fixes for itself
+    threads: int = 1  # intra-op threads the trial fixes for itself (its stage's resolved_threads)
     accelerator: str = CPU  # resolved: cpu | cuda (what its torch code runs on)
     version: int = _current_version("train")  # results version of the code that defines it
     stage: str = field(default="train", init=False)
@@ -377,9 +377,12 @@ def _expand(spec: SweepSpec) -> Grid:
     # surrogate trained alone is determined by (dataset, seed, architecture), and an equal-budget
     # control also by whether the hybrid was pre-trained. Made once each, not once per hybrid.
     alone: dict[tuple[Any, ...], TrainTrial] = {}
-    # auto resolves here, from what each stage reserves; diagnostics run with the attacks' resources
+    # auto resolves here, from what each stage reserves, and so do threads (its whole cores);
+    # diagnostics run with the attacks' resources
     on_train = cfg.resources.train.resolved_accelerator
     on_attack = cfg.resources.attack.resolved_accelerator
+    train_threads = cfg.resources.train.resolved_threads
+    attack_threads = cfg.resources.attack.resolved_threads
 
     def add(trial: TrainTrial) -> TrainTrial:
         return train.setdefault(trial.trial_id, trial)
@@ -387,7 +390,7 @@ def _expand(spec: SweepSpec) -> Grid:
     def train_trial(dataset: str, model: ModelSpec, seed: int, baseline_id: str | None = None) -> TrainTrial:
         sizes = (cfg.data.train_size, cfg.data.test_size)
         return TrainTrial(
-            dataset, model, cfg.train, seed, *sizes, baseline_id, threads=cfg.threads, accelerator=on_train
+            dataset, model, cfg.train, seed, *sizes, baseline_id, threads=train_threads, accelerator=on_train
         )
 
     def trained_alone(dataset: str, seed: int, name: str) -> TrainTrial:
@@ -443,7 +446,7 @@ def _expand(spec: SweepSpec) -> Grid:
                             cfg.eval,
                             control,
                             surrogate,
-                            cfg.threads,
+                            attack_threads,
                             on_attack,
                         )
                         if a.trial_id not in attack:
@@ -455,7 +458,7 @@ def _expand(spec: SweepSpec) -> Grid:
         on_rows = bool(set(cfg.eval.diagnostic_names) & set(CHECKS_ON_ATTACK_ROWS))
         for train_id, attack_ids in own_attacks.items():
             inputs = tuple(attack_ids) if on_rows else ()  # no wait for attacks it does not read
-            diagnostic.append(DiagnosticTrial(train[train_id], inputs, cfg.eval, cfg.threads, on_attack))
+            diagnostic.append(DiagnosticTrial(train[train_id], inputs, cfg.eval, attack_threads, on_attack))
     return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 

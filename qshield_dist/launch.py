@@ -32,6 +32,7 @@ from qshield_dist import executors
 from qshield_dist.attack_params import budget_reachable
 from qshield_dist.config import ConfigError, SweepConfig, check_availability, load_config, validate
 from qshield_dist.executors import Executor, Job, ProgressSink
+from qshield_dist.executors.local import LocalExecutor, available_cpus
 from qshield_dist.grid import AttackTrial, Grid, TrainTrial, Trial, build_grid, many_objects
 from qshield_dist.lease import LeaseHeld, ResultsLease
 from qshield_dist.results.current import STAGE_VERSIONS
@@ -119,15 +120,14 @@ def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> lis
 
     jobs = []
     for trial in trials:
-        res = cfg.resources.train if trial.stage == "train" else cfg.resources.attack
+        res = cfg.resources.of(trial.stage)
         jobs.append(
             Job(
                 key=trial.trial_id,
                 fn=functools.partial(run_trial, trial, ctx),
                 deps=trial.deps,
                 stage=trial.stage,
-                # a trial runs `threads` intra-op threads: reserve at least that many CPUs
-                cpus=max(res.cpus, trial.threads),
+                cpus=res.reserved_cpus,
                 gpus=res.gpus,
                 mem_gb=res.mem_gb,
                 timeout_min=res.timeout_min,
@@ -151,6 +151,33 @@ def make_executor(cfg: SweepConfig, durations: dict[str, float] | None = None) -
             "durations": durations or {},
         }
     return executors.make(cfg.executor, **params)
+
+
+def warn_oversubscribed(executor: Executor, trials: Sequence[Trial]) -> None:
+    """Local workers that would run more threads than this machine has cores: said, not undone.
+    The numbers do not depend on it (each trial fixes its threads), only the speed does, and
+    --workers is the user's own choice (fewer workers silently would make it mean different
+    things per sweep, and a run of two at once could then never be asked for)."""
+    if not isinstance(executor, LocalExecutor) or not trials:
+        return
+    threads = max(t.threads for t in trials)
+    cores = available_cpus()
+    workers = 1 if executor.in_process else executor.workers
+    if workers * threads <= cores:
+        return
+    stages = ", ".join(sorted({t.stage for t in trials if t.threads == threads}))
+    fits = f"--workers {cores // threads} fits, or " if threads <= cores else ""
+    log.warning(
+        "local executor: %d worker(s) x %d threads per %s trial = %d threads on %d cores: trials contend"
+        " for cores and run slower (the numbers do not change); %slower resources.<stage>.cpus, which"
+        " the threads follow (that changes the trial ids)",
+        workers,
+        threads,
+        stages,
+        workers * threads,
+        cores,
+        fits,
+    )
 
 
 def slurm_durations(cfg: SweepConfig, grid: Grid, todo: Sequence[Trial], done: Done) -> dict[str, float]:
@@ -367,6 +394,7 @@ def _run_held(
             if cfg.executor == "slurm":
                 durations = slurm_durations(cfg, grid, [*plan.now, *plan.after_attacks], done)
             executor = make_executor(cfg, durations)
+        warn_oversubscribed(executor, [*plan.now, *plan.after_attacks])
         if hasattr(executor, "on_submit"):  # SLURM: record each array, so a relaunch does not resubmit it
             executor.on_submit = lease.record_array
         progress = BarProgress(todo)

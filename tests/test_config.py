@@ -84,6 +84,16 @@ BAD = [
         _with("resources", {"attack": {"accelerator": "cuda"}}),
         ["resources.attack.accelerator", "'cuda'", "gpus is 0", "allowed: auto, cpu, cuda"],
     ),
+    # a trial runs at most the cores its stage reserves: raise cpus, never the threads alone
+    (
+        _with("resources", {"attack": {"cpus": 2, "threads": 3}}),
+        ["resources.attack.threads", "got 3", "cpus is 2", "allowed: 1 to 2", "raise cpus"],
+    ),
+    (_with("threads", 2), ["threads: got 2", "not a sweep-wide key", "resources.<stage>.threads"]),
+    (
+        {**_with("resources", {"attack": {"cpus": 2}}), "executor": "slurm", "slurm": {"cpus_per_task": 1}},
+        ["slurm.cpus_per_task", "got 1", "2 threads each attack trial", "allowed: an integer >= 2"],
+    ),
     # SLURM settings go into the job script: one sbatch word each, setup as lines of shell
     (
         _with("slurm", {"account": "my project"}),

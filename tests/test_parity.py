@@ -103,8 +103,7 @@ def test_slurm_arrays_give_the_reference_rows(slurm_cluster: None, reference: Pa
     sweep["slurm"] = {
         "partition": "debug",
         "time_min": 20,
-        "cpus_per_task": 1,
-        "mem_gb": 2,
+        "mem_gb": 2,  # CPUs: each stage's own (the attacks' 2 threads need 2)
         "folder": str(tmp_path / "submitit"),
     }
     path = tmp_path / "parity.yaml"

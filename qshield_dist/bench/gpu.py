@@ -186,7 +186,11 @@ def parity(accelerator: str = "cuda", sweep: str | Path = REPO / "sweeps" / "par
     the trials whose rows differ, without the volatile columns (differing_trials)."""
     cfg = yaml.safe_load(Path(sweep).read_text())
     gpus = 1 if accelerator == "cuda" else 0
-    cfg["resources"] = {stage: {"accelerator": accelerator, "gpus": gpus} for stage in ("train", "attack")}
+    given = cfg.get("resources", {})  # the sweep's cpus, and so its threads, are kept
+    cfg["resources"] = {
+        stage: {**given.get(stage, {}), "accelerator": accelerator, "gpus": gpus}
+        for stage in ("train", "attack")
+    }
     with tempfile.TemporaryDirectory(prefix="qshield-gpu-parity-") as tmp:
         path = Path(tmp) / "sweep.yaml"
         path.write_text(yaml.safe_dump(cfg))

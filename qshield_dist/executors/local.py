@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
-def _available_cpus() -> int:
+def available_cpus() -> int:
+    """The cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -96,7 +97,7 @@ class LocalExecutor(Executor):
         self.max_retries = max_retries
         # Caps the pools a library may start before a trial fixes its own threads (trial.py):
         # N workers on N cores then never oversubscribe. The numbers do not depend on it.
-        self.threads = max(1, _available_cpus() // workers)
+        self.threads = max(1, available_cpus() // workers)
         self.in_process = in_process and workers == 1
         self.pools_created = 0  # tests and benchmarks read this
 

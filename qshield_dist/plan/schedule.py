@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from qshield_dist.config import Resources, SweepConfig
+from qshield_dist.config import SweepConfig
+from qshield_dist.executors.local import available_cpus
 from qshield_dist.grid import Grid
 from qshield_dist.vocabulary import STAGES
 
@@ -43,10 +44,6 @@ class Slots:
     note: str = ""
 
 
-def _available_cpus() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def _ray_cluster(cfg: SweepConfig) -> tuple[float, float] | None:
     """(CPUs, GPUs) of the configured Ray cluster when one is reachable from here."""
     try:
@@ -69,10 +66,11 @@ def _ray_cluster(cfg: SweepConfig) -> tuple[float, float] | None:
 
 
 def capacity(cfg: SweepConfig, warn: Callable[[str], None]) -> Slots:
-    cpus = _available_cpus()
+    cpus = available_cpus()
     if cfg.executor == "local":
-        slowdown = max(1.0, cfg.workers * cfg.threads / cpus)
-        note = f"local: {cfg.workers} worker(s) x {cfg.threads} thread(s) on {cpus} CPUs"
+        threads = max(cfg.resources.of(stage).resolved_threads for stage in STAGES)
+        slowdown = max(1.0, cfg.workers * threads / cpus)
+        note = f"local: {cfg.workers} worker(s) x {threads} thread(s) on {cpus} CPUs"
         if slowdown > 1:
             note += f" (oversubscribed: trials taken {slowdown:.2f}x slower)"
         return Slots(cfg.workers, math.inf, False, slowdown=slowdown, note=note)
@@ -97,10 +95,6 @@ def capacity(cfg: SweepConfig, warn: Callable[[str], None]) -> Slots:
         f" machine's {cpus} CPUs and {gpus:g} GPU(s); run --plan on the cluster to use its real size"
     )
     return Slots(float(cpus), gpus, True, note=f"ray (assumed): {cpus} CPUs, {gpus:g} GPU(s)")
-
-
-def _resources(cfg: SweepConfig, stage: str) -> Resources:
-    return cfg.resources.train if stage == "train" else cfg.resources.attack
 
 
 def _simulate(
@@ -182,14 +176,14 @@ def schedule(
     seconds = array("d", (e.seconds * slots.slowdown + per_trial if e else 0.0 for e in est))
 
     @functools.cache
-    def need(stage: str, threads: int) -> tuple[float, float]:
+    def need(stage: str) -> tuple[float, float]:
         """What a trial holds while it runs; a request larger than the cluster runs alone."""
         if not slots.per_trial:
             return 1.0, 0.0
-        res = _resources(cfg, stage)
-        return min(max(res.cpus, threads), slots.cpus), min(res.gpus, slots.gpus)
+        res = cfg.resources.of(stage)
+        return min(res.reserved_cpus, slots.cpus), min(res.gpus, slots.gpus)
 
-    held = [need(t.stage, t.threads) for t in trials]
+    held = [need(t.stage) for t in trials]
     # The launcher's own imports, then (local, Ray) each worker's before its first trial.
     t0 = startup * (1 if slots.trial_start else 2)
     start, end = array("d", [t0]) * len(trials), array("d", [t0]) * len(trials)
@@ -209,7 +203,7 @@ def schedule(
     for name, stage_trials in zip(STAGES, (grid.train, grid.attack, grid.diagnostic)):
         span = range(first, first + len(stage_trials))  # grid.trials is train, attack, diagnostic
         first = span.stop
-        res = _resources(cfg, name)
+        res = cfg.resources.of(name)
         limit_min = cfg.slurm.time_min if cfg.executor == "slurm" and cfg.slurm.time_min else res.timeout_min
         mem_gb = cfg.slurm.mem_gb if cfg.executor == "slurm" and cfg.slurm.mem_gb else res.mem_gb
         known = [i for i in span if est[i] is not None]
@@ -238,7 +232,7 @@ def schedule(
                 "stage": name,
                 "trials": len(span),
                 "estimated": len(known),
-                "cpu_hours": hours * max(res.cpus, cfg.threads),
+                "cpu_hours": hours * res.reserved_cpus,
                 "gpu_hours": hours * res.gpus,
                 "longest_s": seconds[longest] if longest is not None else 0.0,
                 "longest": est[longest].item if longest is not None else None,
