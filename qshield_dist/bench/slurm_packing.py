@@ -94,7 +94,7 @@ def measure(
         "timeout_min": timeout_min,
         "arrays": len(ex.submitted),
         "array_tasks": [len(s.packs) for s in ex.submitted],
-        "array_offsets": [s.offset for s in ex.submitted],
+        "array_after": [s.after for s in ex.submitted],
         "tasks": tasks,
         "trials_per_task": round(trials / tasks, 2) if tasks else None,
         "statuses": dict(collections.Counter(statuses.values())),
