@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -428,6 +429,15 @@ def test_a_models_attacks_start_when_its_training_is_done(slurm_cluster: None, t
     scripts = "\n".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_submission.sh"))
     assert f"--dependency=afterok:{a}_1" in scripts and "--time=10" in scripts  # one 10-minute trial per task
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700  # the log folder is private
+    # Files fan out per array: submitit's folder of each array (4 files per task and its
+    # script) and one status file per task, under the run's folder.
+    (run_dir,) = (tmp_path / "submitit").iterdir()
+    arrays = {s.array_id: len(s.packs) for s in ex.submitted}
+    assert {p.name for p in run_dir.iterdir() if p.is_dir()} == {*arrays, "status"}
+    assert {a: len(list((run_dir / a).iterdir())) for a in arrays} == {
+        a: 4 * n + 1 for a, n in arrays.items()
+    }
+    assert sorted(len(list(p.iterdir())) for p in (run_dir / "status").iterdir()) == sorted(arrays.values())
     tasks = [
         f"{s.array_id}_{i}" if len(s.packs) > 1 else s.array_id
         for s in ex.submitted
@@ -577,13 +587,14 @@ def test_submitit_executor_gives_the_local_rows(
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
 
 
-def _recorded(results: Path) -> dict[str, list[str]]:
-    """The arrays a launcher recorded in `results` (lease.record_array): array id -> its trials."""
-    import json
+def _records(results: Path) -> dict[str, Path]:
+    """The arrays a launcher recorded in `results` (lease.record_array): array id -> its record."""
+    return {p.stem: p for p in sorted((results / "slurm-arrays").glob("*.json"))}
 
-    return {
-        p.stem: json.loads(p.read_text())["trials"] for p in sorted((results / "slurm-arrays").glob("*.json"))
-    }
+
+def _recorded(results: Path) -> dict[str, list[str]]:
+    """The arrays a launcher recorded in `results`: array id -> its trials."""
+    return {a: json.loads(p.read_text())["trials"] for a, p in _records(results).items()}
 
 
 def _queued_arrays() -> set[str]:
@@ -602,7 +613,6 @@ def test_a_relaunch_does_not_resubmit_queued_arrays(
     are still queued: the partition is down, so none can start. A relaunch submits nothing
     (their trials are in flight, and it says so), and a stale lease of a launcher that is gone
     is not taken over while those arrays are queued."""
-    import json
     import signal
     import socket
 
@@ -834,3 +844,131 @@ def test_run_sh_on_two_nodes(two_node_cluster: TwoNodes, local_smoke: Path, tmp_
     assert differing_trials(local_smoke, results) == {}
     assert not (tmp_path / "ray" / job_id).exists()
     _ray_processes_gone(f"qshield-ray-{job_id}", f"{head_ip}:")
+
+
+# -- 300 trials from the CLI ----------------------------------------------------------------------
+
+# Two tiny models (cnn_small, and a 2-qubit hybrid trained from it) under 150 FGSM budgets each:
+# 300 attack trials of about 0.1 s, 302 trials in all.
+FGSM_BUDGETS = 150
+# Time budget of the test (`--plan` and the launch, on the 2-core CI machine): 150 s. Measured
+# (2026-12-04, this machine, loaded by other work): see the commit that states it. Not asserted:
+# a benchmark figure, never a timed assertion; the timeouts below only stop a hung run.
+BUDGET_S = 150
+
+
+def _many_trials_sweep(tmp_path: Path) -> Path:
+    import yaml
+
+    sweep = {
+        "name": "many",
+        "executor": "slurm",
+        "data": {"dataset": "digits", "train_size": 200, "test_size": 50},
+        "train": {"epochs": 1, "batch_size": 64},
+        "eval": {"attack_size": 8, "batch_size": 8},
+        "resources": {
+            "train": {"cpus": 1, "mem_gb": 1, "timeout_min": 10},
+            "attack": {"cpus": 1, "mem_gb": 1, "timeout_min": 10},
+        },
+        # Packs of up to 3 minutes of expected work (--plan's estimates); the packing counts a
+        # trial as at least a second, so a pack holds up to 180 trials: one per model here.
+        "slurm": {"partition": "debug", "pack_minutes": 3},
+        "models": [{"model": "cnn_small"}, {"model": "hqcnn", "backbone": "cnn_small", "qubits": 2}],
+        "attacks": [{"name": "fgsm", "params": {"eps": (1 + i) / 1000}} for i in range(FGSM_BUDGETS)],
+    }
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+@pytest.mark.slurm
+def test_cli_runs_300_trials_as_a_handful_of_tasks_with_per_model_dependencies(
+    slurm_cluster: None, tmp_path: Path
+) -> None:
+    """`launch --plan`, then `launch`, executor slurm, nothing else: the 302 trials run as a
+    handful of packed tasks (packed by --plan's cached estimates), each exactly once (one
+    result file per expected trial id, one run in each trial's log), 0 lost; each model's
+    attacks wait for its own training task only: the hybrid's attacks for the hybrid's
+    training, not for the baseline's attacks, which run meanwhile; squeue shows it."""
+    from qshield_dist import launch
+    from qshield_dist.config import load_config
+
+    path = _many_trials_sweep(tmp_path)
+    results = tmp_path / "results"
+    args = [str(path), "--results", str(results), "--checkpoints", str(tmp_path / "ckpt")]
+    env = dict(os.environ, QSHIELD_PLAN_CACHE=str(tmp_path / "plan-cache"))
+    started = time.perf_counter()
+    plan = subprocess.run(
+        [sys.executable, "-m", "qshield_dist.launch", *args, "--plan"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    planned_s = time.perf_counter() - started
+    log_file = tmp_path / "launch.log"
+    seen: set[str] = set()  # squeue lines: task id and what it waits for
+    with log_file.open("w") as err:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "qshield_dist.launch", *args], cwd=REPO, env=env, stderr=err
+        )
+        try:
+            while run.poll() is None:
+                out = subprocess.run(
+                    ["squeue", "-h", "-r", "-n", "qshield", "-t", "PD", "-o", "%i %E"],
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                seen.update(line.strip() for line in out.splitlines())
+                time.sleep(0.5)
+            run.wait(timeout=600)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    launched_s = time.perf_counter() - started - planned_s
+    text = log_file.read_text()
+    assert run.returncode == 0, text[-3000:]
+    print(f"--plan {planned_s:.1f} s, launch {launched_s:.1f} s (budget {BUDGET_S} s)")
+    assert "302 from --plan's cached calibration, 0 with neither" in text, text[-3000:]
+    assert "302 ok, 0 failed, 0 lost" in text, text[-3000:]
+
+    # every expected trial once: one result file each, one run in each trial's log
+    grid = launch.prepare(load_config(path, {"results_dir": str(results)}))
+    expected = {t.trial_id for t in grid.trials}
+    assert len(expected) == 2 + 2 * FGSM_BUDGETS
+    store = ResultStore(results)
+    files = [f.trial_id for f in store.files()]
+    assert len(files) == len(expected) and set(files) == expected and not any(f.failed for f in store.files())
+    for trial_id in expected:
+        lines = store.log_path(trial_id).read_text().splitlines()
+        assert sum(line.endswith(": start") for line in lines) == 1, lines
+        assert sum(f"trial {trial_id}: ok in " in line for line in lines) == 1, lines
+
+    # a handful of tasks: each training alone (two levels), each model's attacks in few packs
+    recorded = {a: json.loads(p.read_text()) for a, p in _records(results).items()}
+    tasks = [pack for record in recorded.values() for pack in record["packs"]]
+    assert sorted(k for pack in tasks for k in pack) == sorted(expected)
+    assert len(tasks) <= 6, [len(p) for p in tasks]
+    print(f"{len(tasks)} tasks of {[len(p) for p in tasks]} trials; squeue saw: {sorted(seen)}")
+    job_of = {k: a for a, record in recorded.items() for k in record["trials"]}
+    model_of = {a.trial_id: a.train.trial_id for a in grid.attack}
+    (hybrid,) = (t.trial_id for t in grid.train if t.deps)  # trained from the baseline
+    (baseline,) = (t.trial_id for t in grid.train if not t.deps)
+    attack_jobs = {m: {job_of[a] for a, t in model_of.items() if t == m} for m in (baseline, hybrid)}
+    scripts = {a: next(results.rglob(f"{a}_submission.sh")).read_text() for a in recorded}
+    for model, jobs in attack_jobs.items():
+        for job_id in jobs:
+            # waits for its model's training task, and for nothing else
+            assert f"--dependency=afterok:{job_of[model]}\n" in scripts[job_id], scripts[job_id]
+    assert f"--dependency=afterok:{job_of[baseline]}\n" in scripts[job_of[hybrid]]
+    # squeue showed the hybrid's attacks pending on the hybrid's training alone (their
+    # dependency before: the hybrid's training and the baseline's attacks, a whole wave)
+    waits = {
+        dep
+        for task, dep in (line.split(" ", 1) for line in seen)
+        if task.split("_")[0] in attack_jobs[hybrid]
+    }
+    assert waits - {"(null)"} == {f"afterok:{job_of[hybrid]}(unfulfilled)"}, sorted(seen)

@@ -10,10 +10,12 @@ per set of tasks its trials wait for.
   for the same tasks (those running their dependencies) share an array, which waits for exactly
   those tasks: `--dependency=afterok:12_3` (SLURM takes single array tasks), or `afterok:12`
   where it waits for every task of array 12. So a model's attacks and diagnostics start as
-  soon as the task that trained it is done, not when the slowest training of the sweep is:
-  on the dev cluster the first attack of a fast model started 3.2 s after its training,
-  against 61.9 s (the slow model's training, plus the wave) when every array of wave k waited
-  for all arrays of wave k-1 (tests/test_slurm_cluster.py:
+  soon as the task that trained it is done, not when the slowest training of the sweep is.
+  Measured on the dev cluster (`python -m qshield_dist.bench.slurm_packing --dependencies 60`:
+  a 60-s training and a fast one, three attacks each): the fast model's first attack started
+  3.1 s after its training ended, against 61.2 s when every array of wave k waited for all
+  arrays of wave k-1 (before this change: the slow training's remainder, plus scheduling); the
+  wall time was the same (66 s against 70 s). The behaviour is tested (tests/test_slurm_cluster.py:
   test_a_models_attacks_start_when_its_training_is_done). Why not the alternatives: one array
   per trial exceeds what a scheduler takes (10^5-10^6 jobs) and loses the packing; `afterany`
   plus a small job per model that checks its training costs an extra job, and a scheduling
@@ -29,8 +31,9 @@ per set of tasks its trials wait for.
   constraint and the setup lines (`module load ...`) are the same for every array.
 * Files. Each run() has its folder (`folder/run-<time>-<id>/`): per array, submitit's folder
   `<array id>/` (pickles, results, logs: 4 files per task) and `status/<n>/` with one status
-  file per task; the run folder holds two entries per array. So no folder holds more than
-  about 4 x TASKS_PER_FOLDER files, whatever the number of trials.
+  file per task; the run folder holds two entries per array (that folder, and submitit's link
+  to its script). So no folder holds more than about 4 x TASKS_PER_FOLDER files, whatever the
+  number of trials.
 * Statuses. Each trial adds its status ('ok', 'failed', or 'lost' when its fn raised) to its
   task's status file as it finishes: progress per trial, and the statuses of the finished
   trials of a task that was later cancelled. An exception ends the trial, not the pack: its
