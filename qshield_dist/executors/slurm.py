@@ -117,12 +117,13 @@ _MAX_DEPENDENCIES = 64
 @dataclass(eq=False)  # compared and hashed by identity
 class _Task:
     handle: Any  # submitit Job
-    array: "Submitted"
+    array: Submitted
     keys: list[str]
     status_file: Path  # the statuses its trials recorded (slurm_packing.read_statuses)
     ended: bool = False  # SLURM is done with it (result pickle or a final state)
     broken: bool = False  # ended without success: afterok on it fails
     handled: bool = False  # broken, and the arrays waiting for it were cancelled and resubmitted
+    settled: bool = False  # ended, and each of its trials has a final status (_settled)
     grace: int = 0  # polls waited for accounting or the result pickle to show up
     lag: int = 0  # polls waited, once ended, for the statuses its trials wrote
     announced: bool = False
@@ -400,7 +401,7 @@ class SlurmExecutor(PackPlanner, Executor):
         unended = [t for a in live for t in a.tasks if not t.ended]
         if unended:
             unended[0].handle.watcher.update()  # one sacct call for every registered array
-        queued: set[str] | None = None
+        queued: dict[str, set[str]] = {}  # array id -> its task ids squeue still shows
         for array in live:  # in submission order: a task's dependencies are looked at before it
             if any(not t.ended or t.broken for t in array.waits_for):
                 continue
@@ -431,9 +432,10 @@ class SlurmExecutor(PackPlanner, Executor):
                 elif state in _ACTIVE:
                     continue
                 elif state == "UNKNOWN":
-                    if queued is None:
-                        queued = set().union(*(queued_tasks(a.array_id) for a in live))
-                    if handle.job_id in queued or _in_pending_range(handle.job_id, queued):
+                    if array.array_id not in queued:  # one squeue call per array, if any
+                        queued[array.array_id] = queued_tasks(array.array_id)
+                    in_queue = queued[array.array_id]
+                    if handle.job_id in in_queue or _in_pending_range(handle.job_id, in_queue):
                         task.grace = 0
                         continue
                     task.grace += 1
@@ -450,16 +452,15 @@ class SlurmExecutor(PackPlanner, Executor):
             # An ended task's trials without a status never finished: lost, once the statuses
             # they wrote have had two looks to show up (one may have preceded the task's end).
             for task in array.tasks:
+                if not task.ended or _settled(task, graph):
+                    continue
                 missing = [k for k in task.keys if k not in graph.status]
-                if task.ended and missing:
-                    task.lag += 1
-                    if task.lag >= 2:
-                        self._announce(missing, progress)
-                        log.error(
-                            "task %s ended without finishing %d trial(s): lost", task.task_id, len(missing)
-                        )
-                        for key in missing:
-                            finish(key, "lost")
+                task.lag += 1
+                if task.lag >= 2:
+                    self._announce(missing, progress)
+                    log.error("task %s ended without finishing %d trial(s): lost", task.task_id, len(missing))
+                    for key in missing:
+                        finish(key, "lost")
 
     def _announce(self, keys: list[str], progress: ProgressSink) -> None:
         for key in keys:
@@ -484,8 +485,9 @@ def _sbatch_mem(gb: float) -> str:
 
 
 def _settled(task: _Task, graph: DependencyGraph) -> bool:
-    """Ended, and each of its trials has a final status."""
-    return task.ended and all(k in graph.status for k in task.keys)
+    """Ended, and each of its trials has a final status (for good: remembered)."""
+    task.settled = task.settled or (task.ended and all(k in graph.status for k in task.keys))
+    return task.settled
 
 
 def _id_order(task_id: str) -> tuple[int, int]:
