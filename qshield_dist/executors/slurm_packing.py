@@ -9,8 +9,8 @@ other way round, and re-exports the names it always had. (bench.slurm_packing be
 
 * Packing. A trial that takes seconds costs SLURM more to schedule than to run, so the trials
   of one group (one dependency level and stage, waiting for the same tasks: PackPlanner.plan;
-  never a trial and its dependency) are packed into array tasks of
-  about `pack_minutes` of expected work: best-fit decreasing on each trial's expected minutes,
+  never a trial and its dependency) are packed into array tasks of about `pack_minutes` of
+  expected work: best-fit decreasing on each trial's expected minutes,
   `durations[key]` if given (the launcher's: plan/durations.py), else its `timeout_min` (the
   conservative estimate); a trial longer than the target runs alone. A task is one `Pack`,
   submitit's `FunctionSequence`: it runs its trials in order and, being checkpointable, is
@@ -178,8 +178,8 @@ class ArrayPlan:
 
 class PackPlanner:
     """The executor's packing policy, a mixin of SlurmExecutor: a trial's expected minutes, a
-    pack's time limit, and a run's jobs as arrays of packs with their dependencies. Uses the executor's `durations`
-    and `pack_minutes`."""
+    pack's time limit, and a run's jobs as arrays of packs with their dependencies. Uses the
+    executor's `durations` and `pack_minutes`."""
 
     durations: dict[str, float]
     pack_minutes: float
