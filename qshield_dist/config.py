@@ -313,16 +313,16 @@ class SlurmStage(_Strict):
 
 class SlurmConfig(_Strict):
     partition: str | None = None
-    # Left out: taken per wave from the stage's `resources:` (the largest request in the array).
+    # Left out: taken per array from the stage's `resources:` (the largest request in the array).
     time_min: int | None = Field(None, ge=1)
     gpus_per_task: int | None = Field(None, ge=0)
     cpus_per_task: int | None = Field(None, ge=1)
     mem_gb: float | None = Field(None, gt=0)
     array_parallelism: int = Field(64, ge=1)
     folder: str | None = None  # submitit logs; default RESULTS/.submitit
-    # Trials of one dependency wave are packed into array tasks of about this many minutes of
-    # expected work (each trial's: measured on finished trials of its kind, else --plan's cached
-    # calibration, else its resources timeout_min); 0: one trial per task.
+    # Trials of one stage that wait for the same tasks are packed into array tasks of about this
+    # many minutes of expected work (each trial's: measured on finished trials of its kind, else
+    # --plan's cached calibration, else its resources timeout_min); 0: one trial per task.
     pack_minutes: float = Field(30.0, ge=0)
     # Requeues after a time-out (checkpoint on USR2) before a task's unfinished trials are lost.
     max_num_timeout: int = Field(3, ge=0)

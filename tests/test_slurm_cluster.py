@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -243,9 +244,9 @@ def _in_subnet(addr: str, subnet: ipaddress.IPv4Network) -> bool:
 # -- packing, arrays, afterok -----------------------------------------------------------------
 
 
-def test_packing_fills_packs_to_the_target_and_keeps_waves_apart() -> None:
+def test_packing_fills_packs_to_the_target_and_keeps_levels_apart() -> None:
     """Needs no cluster: best-fit decreasing into packs of the target; a pack never holds a
-    trial and its dependency (one wave at a time); the arrays split at the task limit."""
+    trial and its dependency (one level at a time); the arrays split at the task limit."""
     jobs = [
         Job(f"k{i}", print, (), **{**TEN_MINUTES, "timeout_min": t})
         for i, t in enumerate([100, 10, 10, 25, 5, 5, 20])
@@ -262,13 +263,14 @@ def test_packing_fills_packs_to_the_target_and_keeps_waves_apart() -> None:
     ex = SlurmExecutor("unused", pack_minutes=30, durations={f"t{i}": 1.0 for i in range(70)})
     train = [Job(f"t{i}", print, (), **TEN_MINUTES) for i in range(70)]
     attack = [Job(f"a{i}", print, (f"t{i}",), **TEN_MINUTES) for i in range(5)]  # no plan: 10 min each
-    waves = ex.plan(train + attack, max_tasks=2)
-    assert [[(o, [len(p) for p in packs]) for o, packs in w] for w in waves] == [
-        [(0, [30, 30]), (2, [10])],
-        [(0, [3, 2])],
+    arrays = ex.plan(train + attack, max_tasks=2)
+    assert [(a.level, [len(p) for p in a.packs], a.after) for a in arrays] == [
+        (0, [30, 30], frozenset()),
+        (0, [10], frozenset()),
+        (1, [3, 2], {(0, 0)}),  # a0..a4 wait for t0..t4: task 0 of the plan's first array
     ]
-    assert ex.pack_time(waves[0][0][1][0]) == 60  # twice the 30 expected minutes, under the 300 of limits
-    assert ex.pack_time(waves[1][0][1][0]) == 30  # no plan for these: the sum of their limits
+    assert ex.pack_time(arrays[0].packs[0]) == 60  # twice the 30 expected minutes, under the 300 of limits
+    assert ex.pack_time(arrays[2].packs[0]) == 30  # no plan for these: the sum of their limits
     assert max_array_tasks("MaxArraySize            = 1001\nSchedulerParameters     = (null)\n") == 1001
     assert (
         max_array_tasks("MaxArraySize = 100001\nSchedulerParameters = bf_interval=5,max_array_tasks=500\n")
@@ -293,31 +295,36 @@ def max_array_11(slurm_cluster: None) -> Iterator[int]:
 
 
 @pytest.mark.slurm
-def test_packed_sweep_splits_waves_into_arrays_of_max_array_size(max_array_11: int, tmp_path: Path) -> None:
-    """60 no-op trials, two per task (10-minute limits, 20-minute packs): wave 0's 22 packs
-    need two arrays of 11 (SLURM refuses a 12th index), each indexed from 0 with its offset,
-    and wave 1's array waits for both. Every trial ran exactly once, the trials of a pack in one
-    process: 0 lost, 0 duplicated."""
+def test_packed_sweep_splits_levels_into_arrays_of_max_array_size(max_array_11: int, tmp_path: Path) -> None:
+    """60 no-op trials, two per task (10-minute limits, 20-minute packs): the 22 packs of the
+    training need two arrays of 11 (SLURM refuses a 12th index), each indexed from 0; the
+    attacks, which need t0 and t22 only, wait for the two tasks that ran those
+    (afterok:A_0:B_0), not for both arrays. Every trial ran exactly once, the trials of a
+    pack in one process: 0 lost, 0 duplicated."""
     out = tmp_path / "out"
     out.mkdir()
     train = [job(out, f"t{i}") for i in range(44)]
-    attack = [job(out, f"a{i}", (f"t{i}", f"t{i + 22}"), stage="attack") for i in range(16)]
+    attack = [job(out, f"a{i}", ("t0", "t22"), stage="attack") for i in range(16)]
     assert max_array_tasks() == max_array_11
     ex = executor(tmp_path, pack_minutes=20)
     result = ex.run(train + attack)
     assert result == {j.key: "ok" for j in train + attack}
     times = {j.key: cf.start_end(out, j.key) for j in train + attack}  # each exactly once
-    assert [(s.wave, s.offset, len(s.packs)) for s in ex.submitted] == [(0, 0, 11), (0, 11, 11), (1, 0, 8)]
+    assert [len(s.packs) for s in ex.submitted] == [11, 11, 8]
     first, second, third = ex.submitted
-    assert first.after == second.after == [] and third.after == [first.array_id, second.array_id]
+    assert first.packs[0] == ["t0", "t1"] and second.packs[0] == ["t22", "t23"]
+    assert first.after == second.after == [] and third.after == [
+        f"{first.array_id}_0",
+        f"{second.array_id}_0",
+    ]
     assert sorted(k for s in ex.submitted for p in s.packs for k in p) == sorted(result)
-    assert min(times[a.key][0] for a in attack) >= max(times[t.key][1] for t in train)
+    assert min(times[a.key][0] for a in attack) >= max(times[t][1] for t in ("t0", "t1", "t22", "t23"))
     for sub in ex.submitted:
         for pack in sub.packs:
             assert len(pack) == 2 and len({cf.runs(out, k)[0][2] for k in pack}) == 1, pack  # one task
     scripts = "\n".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_submission.sh"))
     assert len(re.findall(r"--array=0-10%\d+", scripts)) == 2 and re.search(r"--array=0-7%\d+", scripts)
-    assert f"--dependency=afterok:{first.array_id}:{second.array_id}" in scripts
+    assert f"--dependency=afterok:{first.array_id}_0:{second.array_id}_0" in scripts
     # SLURM's own rule: indices 0..MaxArraySize-1, so 11 tasks is the most one array holds here.
     refused = subprocess.run(
         ["sbatch", "--parsable", "--hold", "--array=0-11", "-o", "/dev/null", "--wrap=true"],
@@ -332,47 +339,121 @@ def test_packed_sweep_splits_waves_into_arrays_of_max_array_size(max_array_11: i
     assert len(acct) == 30 and {a.split("|")[1] for a in acct} == {"COMPLETED"}, acct
 
 
+def test_each_array_waits_for_the_tasks_of_its_dependencies() -> None:
+    """Needs no cluster: the trials of one level and stage that wait for the same tasks share
+    an array; a model's attacks wait for the task that trained it. Packed together, two models'
+    trainings are one task: their attacks one array. Dependencies still running outside the
+    plan (`placed`) are named by their task ids."""
+    jobs = [
+        Job("slow", print, (), **TEN_MINUTES),
+        Job("fast", print, (), **TEN_MINUTES),
+        *(Job(f"fast-{i}", print, ("fast",), stage="attack", **TEN_MINUTES) for i in range(3)),
+        *(Job(f"slow-{i}", print, ("slow",), stage="attack", **TEN_MINUTES) for i in range(2)),
+        Job("both", print, ("slow", "fast"), stage="attack", **TEN_MINUTES),
+    ]
+
+    def plan(pack_minutes: float, todo: list[Job], placed: dict[str, str] | None = None) -> list[tuple]:
+        arrays = SlurmExecutor("unused", pack_minutes=pack_minutes).plan(todo, 1000, placed)
+        return [(a.stage, [[j.key for j in p] for p in a.packs], a.after) for a in arrays]
+
+    assert plan(0, jobs) == [
+        ("train", [["slow"], ["fast"]], frozenset()),
+        ("attack", [["fast-0"], ["fast-1"], ["fast-2"]], {(0, 1)}),
+        ("attack", [["slow-0"], ["slow-1"]], {(0, 0)}),
+        ("attack", [["both"]], {(0, 0), (0, 1)}),
+    ]
+    assert plan(30, jobs) == [
+        ("train", [["slow", "fast"]], frozenset()),
+        ("attack", [["fast-0", "fast-1", "fast-2"], ["slow-0", "slow-1", "both"]], {(0, 0)}),
+    ]
+    assert plan(30, jobs[2:], {"slow": "12_0", "fast": "12_1"}) == [
+        ("attack", [["fast-0", "fast-1", "fast-2"]], {"12_1"}),
+        ("attack", [["slow-0", "slow-1"]], {"12_0"}),
+        ("attack", [["both"]], {"12_0", "12_1"}),
+    ]
+
+
+def _dependencies(*job_ids: str) -> dict[str, str]:
+    """squeue's dependency column (%E) of these jobs' queued tasks: task id -> dependency."""
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i %E"], capture_output=True, text=True
+    ).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
 @pytest.mark.slurm
-def test_two_waves_afterok(slurm_cluster: None, tmp_path: Path) -> None:
-    """One trial per task (pack_minutes 0): an array per wave, the second after the first."""
+def test_a_models_attacks_start_when_its_training_is_done(slurm_cluster: None, tmp_path: Path) -> None:
+    """Per-model dependencies: each attack array waits for the task that trained its model
+    (afterok:A_1), not for the whole training array, so the fast model's attacks run, and
+    finish, while the slow model still trains (before, they waited for it: afterok:A). An
+    attack that needs both models waits for the whole array (afterok:A). One trial per task
+    (pack_minutes 0); squeue shows each dependency while it is pending."""
     out = tmp_path / "out"
     out.mkdir()
     jobs = [
-        job(out, "t0"),
-        job(out, "t1"),
-        job(out, "a0", ("t0",), stage="attack"),
-        job(out, "a1", ("t1",), stage="attack"),
-        job(out, "a2", ("t0", "t1"), stage="attack"),
+        job(out, "slow", fn=cf.slurm_wait_for_release),
+        job(out, "fast"),
+        *(job(out, f"fast-{i}", ("fast",), stage="attack") for i in range(3)),
+        *(job(out, f"slow-{i}", ("slow",), stage="attack") for i in range(2)),
+        job(out, "both", ("slow", "fast"), stage="attack"),
     ]
     ex = executor(tmp_path, pack_minutes=0)
-    assert ex.run(jobs) == {k.key: "ok" for k in jobs}
-    assert len(ex.array_ids) == 2
-    first, second = ex.array_ids
-    scripts = list((tmp_path / "submitit").rglob("*_submission.sh"))
-    text = "\n".join(p.read_text() for p in scripts)
-    assert f"--dependency=afterok:{first}" in text and "--array=0-2" in text, scripts
-    assert "--time=10" in text  # one 10-minute trial per task
-    # the log folder is private
-    assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
-    # SLURM saw two arrays, both completed
-    want = sorted(
-        [
-            f"{first}_0|COMPLETED",
-            f"{first}_1|COMPLETED",
-            f"{second}_0|COMPLETED",
-            f"{second}_1|COMPLETED",
-            f"{second}_2|COMPLETED",
-        ]
+    runner, result = run_in_thread(ex, jobs)
+    try:
+        for i in range(3):
+            wait_file(out / f"fast-{i}.out", timeout=100)
+        assert not (out / "slow.out").exists()  # the slow model still trains
+        train, fast, slow, both = ex.submitted
+        pending = _dependencies(slow.array_id, both.array_id)
+    finally:
+        (out / "release").touch()
+        runner.join(timeout=180)
+    assert not runner.is_alive()
+    assert result == {j.key: "ok" for j in jobs}
+    assert [s.packs for s in ex.submitted] == [
+        [["slow"], ["fast"]],
+        [["fast-0"], ["fast-1"], ["fast-2"]],
+        [["slow-0"], ["slow-1"]],
+        [["both"]],
+    ]
+    a = train.array_id
+    assert (fast.after, slow.after, both.after) == ([f"{a}_1"], [f"{a}_0"], [a])
+    assert pending == {
+        f"{slow.array_id}_0": f"afterok:{a}_0(unfulfilled)",
+        f"{slow.array_id}_1": f"afterok:{a}_0(unfulfilled)",
+        both.array_id: f"afterok:{a}_*(unfulfilled)",
+    }, pending
+    times = {j.key: cf.start_end(out, j.key) for j in jobs}  # each exactly once
+    assert max(times[f"fast-{i}"][1] for i in range(3)) < times["slow"][1]
+    assert min(times[k][0] for k in ("slow-0", "slow-1", "both")) >= times["slow"][1]
+    scripts = "\n".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_submission.sh"))
+    assert f"--dependency=afterok:{a}_1" in scripts and "--time=10" in scripts  # one 10-minute trial per task
+    assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700  # the log folder is private
+    # Files fan out per array: submitit's folder of each array (4 files per task and its
+    # script) and one status file per task, under the run's folder.
+    (run_dir,) = (tmp_path / "submitit").iterdir()
+    arrays = {s.array_id: len(s.packs) for s in ex.submitted}
+    assert {p.name for p in run_dir.iterdir() if p.is_dir()} == {*arrays, "status"}
+    assert {a: len(list((run_dir / a).iterdir())) for a in arrays} == {
+        a: 4 * n + 1 for a, n in arrays.items()
+    }
+    assert sorted(len(list(p.iterdir())) for p in (run_dir / "status").iterdir()) == sorted(arrays.values())
+    tasks = [
+        f"{s.array_id}_{i}" if len(s.packs) > 1 else s.array_id
+        for s in ex.submitted
+        for i in range(len(s.packs))
+    ]
+    assert sacct_states(*(s.array_id for s in ex.submitted), want=8) == sorted(
+        f"{t}|COMPLETED" for t in tasks
     )
-    assert sacct_states(first, second, want=5) == want
 
 
 @pytest.mark.slurm
 def test_cancelled_pack_keeps_its_finished_trials(slurm_cluster: None, tmp_path: Path) -> None:
     """Design: scancel of a pack's task keeps the statuses its finished trials wrote; the
     trials it had not finished are 'lost', their dependents 'lost' without running; the other
-    pack of the wave completes, and the later wave, whose afterok can no longer hold, is
-    resubmitted without the lost ones."""
+    pack completes, the array waiting for it alone runs on, and the array waiting for the
+    cancelled task, whose afterok can no longer hold, is resubmitted without the lost ones."""
     out = tmp_path / "out"
     out.mkdir()
     jobs = [
@@ -384,7 +465,7 @@ def test_cancelled_pack_keeps_its_finished_trials(slurm_cluster: None, tmp_path:
         job(out, "after-r2", ("r2",), stage="attack"),
         job(out, "after-r3", ("r3",), stage="attack"),
     ]
-    ex = executor(tmp_path, pack_minutes=30)  # wave 0: [r0, w, r2] and [r3]
+    ex = executor(tmp_path, pack_minutes=30)  # training: [r0, w, r2] and [r3]
     runner, result = run_in_thread(ex, jobs)
     task = wait_file(out / "w.slurm").split()[0]
     subprocess.run(["scancel", task], check=True)
@@ -403,7 +484,15 @@ def test_cancelled_pack_keeps_its_finished_trials(slurm_cluster: None, tmp_path:
     assert len(cf.runs(out, "r0")) == 1 and not (out / "w.out").exists()
     assert cf.runs(out, "r2") == [] and cf.runs(out, "after-r2") == []
     assert len(cf.runs(out, "after-r0")) == 1 and len(cf.runs(out, "after-r3")) == 1
-    assert len(ex.array_ids) == 3  # wave 0, wave 1 (cancelled: afterok broken), wave 1 again
+    # the training array; after-r0 and after-r2, which wait for the cancelled task (and are
+    # cancelled: afterok broken); after-r3, which waits for the other task and runs on; after-r0 again
+    assert [s.packs for s in ex.submitted] == [
+        [["r0", "w", "r2"], ["r3"]],
+        [["after-r0", "after-r2"]],
+        [["after-r3"]],
+        [["after-r0"]],
+    ]
+    assert [s.dropped for s in ex.submitted] == [False, True, False, False]
 
 
 @pytest.mark.slurm
@@ -498,6 +587,16 @@ def test_submitit_executor_gives_the_local_rows(
     assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
 
 
+def _records(results: Path) -> dict[str, Path]:
+    """The arrays a launcher recorded in `results` (lease.record_array): array id -> its record."""
+    return {p.stem: p for p in sorted((results / "slurm-arrays").glob("*.json"))}
+
+
+def _recorded(results: Path) -> dict[str, list[str]]:
+    """The arrays a launcher recorded in `results`: array id -> its trials."""
+    return {a: json.loads(p.read_text())["trials"] for a, p in _records(results).items()}
+
+
 def _queued_arrays() -> set[str]:
     """Ids of the arrays (and plain jobs) named qshield in the queue."""
     out = subprocess.run(
@@ -514,7 +613,6 @@ def test_a_relaunch_does_not_resubmit_queued_arrays(
     are still queued: the partition is down, so none can start. A relaunch submits nothing
     (their trials are in flight, and it says so), and a stale lease of a launcher that is gone
     is not taken over while those arrays are queued."""
-    import json
     import signal
     import socket
 
@@ -544,10 +642,18 @@ def test_a_relaunch_does_not_resubmit_queued_arrays(
         try:
             deadline = time.time() + 120
             # the baseline's training; after it the hybrids' training and the baseline's attacks
-            # (an array per stage); then the hybrids' attacks
-            while len(arrays := _queued_arrays() - before) < 4:
-                assert first.poll() is None and time.time() < deadline, "the launcher did not submit 4 arrays"
+            # (an array per stage); then the hybrids' attacks (an array per training task): all
+            # 9 trials recorded (lease.record_array) and queued
+            while True:
+                recorded = _recorded(results)
+                arrays = _queued_arrays() - before
+                if sum(map(len, recorded.values())) == 9 and arrays == set(recorded):
+                    break
+                assert first.poll() is None and time.time() < deadline, (
+                    "the launcher did not submit every trial"
+                )
                 time.sleep(0.5)
+            assert len(arrays) >= 4
             first.send_signal(signal.SIGTERM)
             assert first.wait(timeout=60) == 130
         finally:
@@ -565,7 +671,7 @@ def test_a_relaunch_does_not_resubmit_queued_arrays(
             _, err = relaunch.communicate()
         finally:
             arrays |= _queued_arrays() - before
-        assert len(arrays) == 4, f"the relaunch submitted arrays again: {sorted(arrays)}"
+        assert arrays == set(_recorded(results)), f"the relaunch submitted arrays again: {sorted(arrays)}"
         assert relaunch.returncode == 1, err[-2000:]
         assert "0 to run" in err and "in SLURM array" in err and all(a in err for a in arrays)
 
@@ -738,3 +844,132 @@ def test_run_sh_on_two_nodes(two_node_cluster: TwoNodes, local_smoke: Path, tmp_
     assert differing_trials(local_smoke, results) == {}
     assert not (tmp_path / "ray" / job_id).exists()
     _ray_processes_gone(f"qshield-ray-{job_id}", f"{head_ip}:")
+
+
+# -- 300 trials from the CLI ----------------------------------------------------------------------
+
+# Two tiny models (cnn_small, and a 2-qubit hybrid trained from it) under 150 FGSM budgets each:
+# 300 attack trials of about 0.1 s, 302 trials in all.
+FGSM_BUDGETS = 150
+# Time budget of the test (`--plan` and the launch, on the 2-core CI machine): 150 s. Measured
+# on 2026-12-04 on that machine while other work loaded it (load average ~4, the tests at nice
+# 19): 98 s in the whole SLURM phase, 130 s alone (--plan 29 s, launch 100 s). A benchmark
+# figure, not asserted; the timeouts below only stop a hung run.
+BUDGET_S = 150
+
+
+def _many_trials_sweep(tmp_path: Path) -> Path:
+    import yaml
+
+    sweep = {
+        "name": "many",
+        "executor": "slurm",
+        "data": {"dataset": "digits", "train_size": 200, "test_size": 50},
+        "train": {"epochs": 1, "batch_size": 64},
+        "eval": {"attack_size": 8, "batch_size": 8},
+        "resources": {
+            "train": {"cpus": 1, "mem_gb": 1, "timeout_min": 10},
+            "attack": {"cpus": 1, "mem_gb": 1, "timeout_min": 10},
+        },
+        # Packs of up to 3 minutes of expected work (--plan's estimates); the packing counts a
+        # trial as at least a second, so a pack holds up to 180 trials: one per model here.
+        "slurm": {"partition": "debug", "pack_minutes": 3},
+        "models": [{"model": "cnn_small"}, {"model": "hqcnn", "backbone": "cnn_small", "qubits": 2}],
+        "attacks": [{"name": "fgsm", "params": {"eps": (1 + i) / 1000}} for i in range(FGSM_BUDGETS)],
+    }
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+@pytest.mark.slurm
+def test_cli_runs_300_trials_as_a_handful_of_tasks_with_per_model_dependencies(
+    slurm_cluster: None, tmp_path: Path
+) -> None:
+    """`launch --plan`, then `launch`, executor slurm, nothing else: the 302 trials run as a
+    handful of packed tasks (packed by --plan's cached estimates), each exactly once (one
+    result file per expected trial id, one run in each trial's log), 0 lost; each model's
+    attacks wait for its own training task only: the hybrid's attacks for the hybrid's
+    training, not for the baseline's attacks, which run meanwhile; squeue shows it."""
+    from qshield_dist import launch
+    from qshield_dist.config import load_config
+
+    path = _many_trials_sweep(tmp_path)
+    results = tmp_path / "results"
+    args = [str(path), "--results", str(results), "--checkpoints", str(tmp_path / "ckpt")]
+    env = dict(os.environ, QSHIELD_PLAN_CACHE=str(tmp_path / "plan-cache"))
+    started = time.perf_counter()
+    plan = subprocess.run(
+        [sys.executable, "-m", "qshield_dist.launch", *args, "--plan"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    planned_s = time.perf_counter() - started
+    log_file = tmp_path / "launch.log"
+    seen: set[str] = set()  # squeue lines: task id and what it waits for
+    with log_file.open("w") as err:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "qshield_dist.launch", *args], cwd=REPO, env=env, stderr=err
+        )
+        try:
+            while run.poll() is None:
+                out = subprocess.run(
+                    ["squeue", "-h", "-r", "-n", "qshield", "-t", "PD", "-o", "%i %E"],
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                seen.update(line.strip() for line in out.splitlines())
+                time.sleep(0.5)
+            run.wait(timeout=600)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    launched_s = time.perf_counter() - started - planned_s
+    text = log_file.read_text()
+    assert run.returncode == 0, text[-3000:]
+    print(f"--plan {planned_s:.1f} s, launch {launched_s:.1f} s (budget {BUDGET_S} s)")
+    assert "302 from --plan's cached calibration, 0 with neither" in text, text[-3000:]
+    assert "302 ok, 0 failed, 0 lost" in text, text[-3000:]
+
+    # every expected trial once: one result file each, one run in each trial's log
+    grid = launch.prepare(load_config(path, {"results_dir": str(results)}))
+    expected = {t.trial_id for t in grid.trials}
+    assert len(expected) == 2 + 2 * FGSM_BUDGETS
+    store = ResultStore(results)
+    files = [f.trial_id for f in store.files()]
+    assert len(files) == len(expected) and set(files) == expected and not any(f.failed for f in store.files())
+    for trial_id in expected:
+        lines = store.log_path(trial_id).read_text().splitlines()
+        assert sum(line.endswith(": start") for line in lines) == 1, lines
+        assert sum(f"trial {trial_id}: ok in " in line for line in lines) == 1, lines
+
+    # a handful of tasks: each training alone (two levels), each model's attacks in few packs
+    recorded = {a: json.loads(p.read_text()) for a, p in _records(results).items()}
+    tasks = [pack for record in recorded.values() for pack in record["packs"]]
+    assert sorted(k for pack in tasks for k in pack) == sorted(expected)
+    assert len(tasks) <= 6, [len(p) for p in tasks]
+    print(f"{len(tasks)} tasks of {[len(p) for p in tasks]} trials; squeue saw: {sorted(seen)}")
+    job_of = {k: a for a, record in recorded.items() for k in record["trials"]}
+    model_of = {a.trial_id: a.train.trial_id for a in grid.attack}
+    (hybrid,) = (t.trial_id for t in grid.train if t.deps)  # trained from the baseline
+    (baseline,) = (t.trial_id for t in grid.train if not t.deps)
+    attack_jobs = {m: {job_of[a] for a, t in model_of.items() if t == m} for m in (baseline, hybrid)}
+    scripts = {a: next(results.rglob(f"{a}_submission.sh")).read_text() for a in recorded}
+    for model, jobs in attack_jobs.items():
+        for job_id in jobs:
+            # waits for its model's training task, and for nothing else
+            assert f"--dependency=afterok:{job_of[model]}\n" in scripts[job_id], scripts[job_id]
+    assert f"--dependency=afterok:{job_of[baseline]}\n" in scripts[job_of[hybrid]]
+    # squeue showed the hybrid's attacks pending on the hybrid's training alone (their
+    # dependency before: the hybrid's training and the baseline's attacks, a whole wave)
+    waits = {
+        dep
+        for task, dep in (line.split(" ", 1) for line in seen)
+        if task.split("_")[0] in attack_jobs[hybrid]
+    }
+    assert waits - {"(null)"} == {f"afterok:{job_of[hybrid]}(unfulfilled)"}, sorted(seen)

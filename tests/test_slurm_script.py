@@ -94,14 +94,13 @@ def test_an_array_holds_one_stage(tmp_path: Path) -> None:
         Job("attack-base", print, ("base",), stage="attack", **toy),
         Job("attack-base-2", print, ("base",), stage="attack", **toy),
     ]
-    waves = ex.plan(jobs, max_tasks=1000)
-    assert [
-        [(offset, [[j.key for j in p] for p in packs]) for offset, packs in arrays] for arrays in waves
-    ] == [
-        [(0, [["base"]])],
-        [(0, [["hybrid"]]), (1, [["attack-base", "attack-base-2"]])],
+    arrays = ex.plan(jobs, max_tasks=1000)
+    assert [(a.stage, [[j.key for j in p] for p in a.packs]) for a in arrays] == [
+        ("train", [["base"]]),
+        ("train", [["hybrid"]]),
+        ("attack", [["attack-base", "attack-base-2"]]),
     ]
-    assert ex.sbatch_parameters(waves[1][0][1])["partition"] == "gpu"
-    assert ex.sbatch_parameters(waves[1][1][1])["partition"] == "cpu"
+    assert ex.sbatch_parameters(arrays[1].packs)["partition"] == "gpu"
+    assert ex.sbatch_parameters(arrays[2].packs)["partition"] == "cpu"
     with pytest.raises(ValueError, match="one stage"):
         ex.sbatch_parameters(jobs[1:3])

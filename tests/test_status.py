@@ -183,6 +183,19 @@ def test_running_and_queued_follow_each_task_of_a_recorded_array(tmp_path: Path)
     assert task_indices("12_[0-6:3,9]", "12") == [0, 3, 6, 9] and task_indices("13_1", "12") == []
 
 
+def test_a_plain_job_counts_as_its_one_task(tmp_path: Path) -> None:
+    """The SLURM executor submits an array of one pack as a plain job (a model's attacks in one
+    task): squeue names it '15', not '15_0'; its trials run or wait all the same."""
+    arrays = {
+        "15": RecordedArray(tmp_path / "15.json", ["h", "i"], [["h", "i"]]),
+        "16": RecordedArray(tmp_path / "16.json", ["j"], [["j"]]),
+    }
+    answers = {"15": parse_task_states("15 RUNNING\n"), "16": parse_task_states("16 PENDING\n")}
+    queue = slurm_queue(arrays, answers.get)
+    assert queue.running == ["h", "i"] and queue.queued == ["j"]
+    assert task_indices("15", "15") == [0] and task_indices("15", "151") == []
+
+
 def _rows(ledger: Ledger) -> list[dict]:
     return sorted(ledger.table().to_pylist(), key=lambda r: (r["rel"], r["trial_id"]))
 

@@ -1,7 +1,7 @@
 """SLURM at scale: many no-op trials through SlurmExecutor's packed arrays on the dev cluster.
 
     python -m qshield_dist.bench.slurm_packing [--trials 2500] [--max-array 1001]
-        [--pack-minutes 30] [--trial-minutes 1] [--timeout-min 10]
+        [--pack-minutes 30] [--trial-minutes 1] [--timeout-min 10] [--dependencies SLOW_S]
 
 Starts the one-node dev cluster (slurm/dev-cluster.sh start --state FILE) with MaxArraySize
 --max-array (on a cluster that was running already: set with `dev-cluster.sh max-array` and set
@@ -12,6 +12,11 @@ and stops exactly the daemons it started. Prints one JSON object on stdout: arra
 trials, statuses, lost, duplicated (trials that ran more than once), missing (never ran), wall
 time from the first submission to the last result, and the time per trial and per task,
 scheduler included. Root only (the dev cluster's daemons); logs on stderr.
+
+--dependencies SLOW_S measures per-model dependencies instead: two trainings, a slow one
+(SLOW_S seconds) and a fast one, each with three attacks, one trial per task; it prints how long
+after the fast training ended its first attack started, from the trials' own clocks, and
+whether that was before the slow training ended (executors/slurm.py's docstring has the figures).
 """
 
 from __future__ import annotations
@@ -41,6 +46,18 @@ def noop_trial(log_path: str, key: str) -> str:
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.write(fd, f"{key} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    return "ok"
+
+
+def timed_trial(log_path: str, key: str, sleep: float = 0.0) -> str:
+    """Sleep, then append `key start end` (O_APPEND: one atomic line per run)."""
+    start = time.time()
+    time.sleep(sleep)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, f"{key} {start:.3f} {time.time():.3f}\n".encode())
     finally:
         os.close(fd)
     return "ok"
@@ -94,7 +111,7 @@ def measure(
         "timeout_min": timeout_min,
         "arrays": len(ex.submitted),
         "array_tasks": [len(s.packs) for s in ex.submitted],
-        "array_offsets": [s.offset for s in ex.submitted],
+        "array_after": [s.after for s in ex.submitted],
         "tasks": tasks,
         "trials_per_task": round(trials / tasks, 2) if tasks else None,
         "statuses": dict(collections.Counter(statuses.values())),
@@ -109,6 +126,38 @@ def measure(
     }
 
 
+def measure_dependencies(slow_s: float, root: Path) -> dict[str, Any]:
+    """A fast and a slow training, three attacks each (see the module docstring)."""
+    from qshield_dist.executors.slurm import SlurmExecutor
+
+    runs = root / "runs.log"
+    res = {"cpus": 1, "gpus": 0, "mem_gb": 0.25, "timeout_min": 10}
+
+    def job(key: str, deps: tuple[str, ...] = (), sleep: float = 0.0) -> Job:
+        fn = functools.partial(timed_trial, str(runs), key, sleep)
+        return Job(key, fn, deps, stage="attack" if deps else "train", **res)
+
+    jobs = [job("slow", sleep=slow_s), job("fast")]
+    jobs += [job(f"{model}-attack-{i}", (model,)) for model in ("fast", "slow") for i in range(3)]
+    ex = SlurmExecutor(root / "submitit", partition="debug", poll_s=1.0, mem_gb=0.25, pack_minutes=0)
+    start = time.time()
+    statuses = ex.run(jobs)
+    times = {
+        key: (float(a), float(b)) for key, a, b in (line.split() for line in runs.read_text().splitlines())
+    }
+    first = min(times[f"fast-attack-{i}"][0] for i in range(3))
+    return {
+        "bench": "slurm_dependencies",
+        "slow_training_s": slow_s,
+        "statuses": dict(collections.Counter(statuses.values())),
+        "first_fast_attack_after_fast_training_s": round(first - times["fast"][1], 1),
+        "first_fast_attack_after_start_s": round(first - start, 1),
+        "before_slow_training_ended": first < times["slow"][1],
+        "arrays": len(ex.submitted),
+        "wall_s": round(time.time() - start, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m qshield_dist.bench.slurm_packing", description=__doc__.splitlines()[0]
@@ -119,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trial-minutes", type=float, default=1.0, help="what the executor is told a trial takes")
     p.add_argument("--timeout-min", type=int, default=10, help="each trial's time limit")
     p.add_argument("--keep", action="store_true", help="keep the submitit folder (logs, pickles)")
+    p.add_argument(
+        "--dependencies", type=float, metavar="SLOW_S", help="measure per-model dependencies instead"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if os.geteuid() != 0:
@@ -142,11 +194,15 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0:
                 return 1
             restore = proc.stdout.strip()
-        result = measure(
-            args.trials, args.max_array, args.pack_minutes, args.trial_minutes, args.timeout_min, root
-        )
+        if args.dependencies is not None:
+            result = measure_dependencies(args.dependencies, root)
+            code = 0 if result["statuses"] == {"ok": 8} else 1
+        else:
+            result = measure(
+                args.trials, args.max_array, args.pack_minutes, args.trial_minutes, args.timeout_min, root
+            )
+            code = 0 if result["lost"] == result["duplicated"] == result["missing"] == 0 else 1
         sys.stdout.write(json.dumps(result) + "\n")
-        code = 0 if result["lost"] == result["duplicated"] == result["missing"] == 0 else 1
     finally:
         if restore is not None:
             _dev_cluster("max-array", restore)

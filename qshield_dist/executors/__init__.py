@@ -3,7 +3,7 @@
     make(name, **params)              the executor `name`, from plain keyword values
     LocalExecutor(workers)            worker processes on this machine  (executors/local.py)
     RayExecutor(address, max_retries) tasks on a running Ray cluster    (executors/ray.py)
-    SlurmExecutor(folder, ...)        submitit job arrays per wave      (executors/slurm.py)
+    SlurmExecutor(folder, ...)        submitit job arrays per dependency (executors/slurm.py)
 
 Executors know nothing of a sweep's config: the launcher reads it and passes plain values, as
 submitit's `update_parameters` takes them. Each back-end is imported only when made, so

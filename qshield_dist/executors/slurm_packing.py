@@ -8,8 +8,9 @@ so it can be tested, and reasoned about, on its own. slurm.py imports from here,
 other way round, and re-exports the names it always had. (bench.slurm_packing benchmarks it.)
 
 * Packing. A trial that takes seconds costs SLURM more to schedule than to run, so the trials
-  of one dependency wave (never a trial and its dependency) are packed into array tasks of
-  about `pack_minutes` of expected work: best-fit decreasing on each trial's expected minutes,
+  of one group (one dependency level and stage, waiting for the same tasks: PackPlanner.plan;
+  never a trial and its dependency) are packed into array tasks of about `pack_minutes` of
+  expected work: best-fit decreasing on each trial's expected minutes,
   `durations[key]` if given (the launcher's: plan/durations.py), else its `timeout_min` (the
   conservative estimate); a trial longer than the target runs alone. A task is one `Pack`,
   submitit's `FunctionSequence`: it runs its trials in order and, being checkpointable, is
@@ -20,30 +21,32 @@ other way round, and re-exports the names it always had. (bench.slurm_packing be
   limit and never more than the sum of its trials' limits (with the default estimates: that
   sum). A pack that outruns it is requeued and carries on with its unfinished trials, up to
   `max_num_timeout` times.
-* Statuses. Each trial writes its status ('ok', 'failed', or 'lost' when its fn raised) to the
-  run's status folder as it finishes, under `_status_name(key)`; slurm.py reads them back.
-* Arrays. An array holds one stage's packs (a stage has its own partition, time limit and
-  resources). SLURM caps the array *index* at MaxArraySize - 1 (and the task count at
-  SchedulerParameters' max_array_tasks), read from `scontrol show config`: a wave of more packs
-  than that is split into several arrays, each indexed from 0 again.
+* Statuses. Each trial adds its status ('ok', 'failed', or 'lost' when its fn raised) to its
+  pack's status file as it finishes (one file per task, rewritten whole: atomic_write_bytes);
+  slurm.py reads them back (read_statuses).
+* Arrays. An array holds one group's packs (a stage has its own partition, time limit and
+  resources; the group, its own dependencies). SLURM caps the array *index* at MaxArraySize - 1
+  (and the task count at SchedulerParameters' max_array_tasks), read from `scontrol show
+  config`, and TASKS_PER_FOLDER caps it for the files: a group of more packs than that is split
+  into several arrays, each indexed from 0 again.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import math
 import re
 import subprocess
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import submitit
 
 from qshield_dist.executors.base import Job, checked_status, topological_waves
-from qshield_dist.fileio import atomic_write_bytes
+from qshield_dist.fileio import atomic_write_bytes, read_bytes
 
 _MIN_TRIAL_MINUTES = 1 / 60  # a trial costs at least a second (imports, its result file)
 
@@ -53,12 +56,13 @@ class PackLost(RuntimeError):
 
 
 class _Trial:
-    """One trial of a pack: runs fn and records its status; its exception is its own loss."""
+    """One trial of a pack: runs fn and records its status in the pack's status file; its
+    exception is its own loss."""
 
-    def __init__(self, key: str, fn: Callable[[], str], status_dir: Path):
+    def __init__(self, key: str, fn: Callable[[], str], status_file: Path):
         self.key = key
         self.fn = fn
-        self.status_dir = status_dir
+        self.status_file = status_file
 
     def __call__(self) -> str:
         try:
@@ -66,7 +70,7 @@ class _Trial:
         except Exception:
             print(f"trial {self.key} raised (lost):\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             status = "lost"
-        _write_status(self.status_dir, self.key, status)
+        _record_status(self.status_file, self.key, status)
         return status
 
 
@@ -88,12 +92,22 @@ class Pack(submitit.helpers.FunctionSequence):
         return statuses
 
 
-def _status_name(key: str) -> str:
-    return hashlib.sha1(key.encode()).hexdigest()[:24]
+def read_statuses(status_file: Path) -> dict[str, str]:
+    """The statuses a pack has recorded so far (trial key -> status); empty before its first."""
+    try:
+        text = read_bytes(status_file).decode()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
 
 
-def _write_status(status_dir: Path, key: str, status: str) -> None:
-    atomic_write_bytes(status_dir / _status_name(key), status.encode())
+def _record_status(status_file: Path, key: str, status: str) -> None:
+    """Add one trial's status to its pack's file, rewritten whole (atomic_write_bytes): the
+    pack's trials run one after the other in one process, so nothing else writes it meanwhile,
+    and a requeued run adds to what the interrupted one recorded."""
+    statuses = read_statuses(status_file)
+    statuses[key] = status
+    atomic_write_bytes(status_file, "".join(f"{k} {s}\n" for k, s in statuses.items()).encode())
 
 
 def pack_jobs(jobs: Sequence[Job], minutes: Callable[[Job], float], target: float) -> list[list[Job]]:
@@ -121,6 +135,12 @@ def pack_jobs(jobs: Sequence[Job], minutes: Callable[[Job], float], target: floa
     return [[jobs[i] for i in p] for p in ordered]
 
 
+# submitit writes four files per task (its pickle, result, stdout and stderr) into its array's
+# folder, and the status files are one per task too: arrays of at most 2,000 tasks keep every
+# folder under about 10,000 entries (parallel filesystems slow down past some tens of thousands).
+TASKS_PER_FOLDER = 2000
+
+
 def split_arrays(n_packs: int, max_tasks: int) -> list[tuple[int, int]]:
     """(offset, count) of each array for n_packs tasks, no array above max_tasks tasks."""
     size = max(1, max_tasks)
@@ -145,10 +165,21 @@ def max_array_tasks(config: str | None = None) -> int:
     return max(1, limit)
 
 
+@dataclass
+class ArrayPlan:
+    """One array to submit: its dependency level, stage and packs, and the tasks it waits for
+    (afterok): (n, i) is task i of the plan's n-th array, a string a submitted task's id."""
+
+    level: int
+    stage: str
+    packs: list[list[Job]]
+    after: frozenset[Hashable]
+
+
 class PackPlanner:
     """The executor's packing policy, a mixin of SlurmExecutor: a trial's expected minutes, a
-    pack's time limit, and a run's waves as arrays of packs. Uses the executor's `durations`
-    and `pack_minutes`."""
+    pack's time limit, and a run's jobs as arrays of packs with their dependencies. Uses the
+    executor's `durations` and `pack_minutes`."""
 
     durations: dict[str, float]
     pack_minutes: float
@@ -163,19 +194,27 @@ class PackPlanner:
         expected = sum(self.minutes(job) for job in pack)
         return int(min(sum(limits), max(max(limits), math.ceil(2 * expected))))
 
-    def plan(self, jobs: Sequence[Job], max_tasks: int) -> list[list[tuple[int, list[list[Job]]]]]:
-        """Per wave, its arrays as (offset, packs): one stage's packs per array, the stages in
-        the order they first appear in the wave. Needs no SLURM (max_tasks given)."""
-        out = []
-        for wave in topological_waves(jobs):
-            by_stage: dict[str, list[Job]] = {}
+    def plan(
+        self, jobs: Sequence[Job], max_tasks: int, placed: Mapping[str, str] | None = None
+    ) -> list[ArrayPlan]:
+        """The arrays to submit for `jobs`, dependencies first: per dependency level, the jobs
+        of one stage that wait for the same tasks share an array (split at max_tasks).
+        placed: key -> the id of the submitted task that holds it, for dependencies that are
+        still running outside `jobs` (a dependency neither in `jobs` nor placed is done).
+        Needs no SLURM."""
+        where: dict[str, Hashable] = dict(placed or {})
+        out: list[ArrayPlan] = []
+        for level, wave in enumerate(topological_waves(jobs)):
+            groups: dict[tuple[str, frozenset[Hashable]], list[Job]] = {}
             for job in wave:
-                by_stage.setdefault(job.stage, []).append(job)
-            arrays: list[tuple[int, list[list[Job]]]] = []
-            first = 0
-            for stage_jobs in by_stage.values():
-                packs = pack_jobs(stage_jobs, self.minutes, self.pack_minutes)
-                arrays += [(first + o, packs[o : o + n]) for o, n in split_arrays(len(packs), max_tasks)]
-                first += len(packs)
-            out.append(arrays)
+                after = frozenset(where[d] for d in job.deps if d in where)
+                groups.setdefault((job.stage, after), []).append(job)
+            for (stage, after), members in groups.items():
+                packs = pack_jobs(members, self.minutes, self.pack_minutes)
+                for offset, count in split_arrays(len(packs), max_tasks):
+                    number = len(out)
+                    out.append(ArrayPlan(level, stage, packs[offset : offset + count], after))
+                    for index, pack in enumerate(out[-1].packs):
+                        for job in pack:
+                            where[job.key] = (number, index)
         return out

@@ -51,10 +51,13 @@ def queued_tasks(array_id: str) -> set[str]:
 
 def task_indices(task_id: str, array_id: str) -> list[int]:
     """The indices of `array_id` that squeue's task id names: '12_3' -> [3],
-    '12_[3-5,8%2]' -> [3, 4, 5, 8], '12_[0-6:3]' -> [0, 3, 6]; [] for another array's task."""
+    '12_[3-5,8%2]' -> [3, 4, 5, 8], '12_[0-6:3]' -> [0, 3, 6]; '12' -> [0] (a plain job: the
+    SLURM executor submits an array of one pack so); [] for another array's task."""
     prefix, _, rest = task_id.partition("_")
     if prefix != array_id:
         return []
+    if task_id == array_id:
+        return [0]
     if rest.isdigit():
         return [int(rest)]
     found: list[int] = []
