@@ -190,8 +190,9 @@ def test_every_kind_quicker_than_the_target_is_calibrated_at_two_sizes():
 
 def test_an_attacks_per_batch_work_scales_with_its_iterations_and_batches(tmp_path):
     """The calibration's intercept is each query or step's call overhead on a batch: an attack of
-    25x the calibrated queries on two batches costs 25 x 2 of it. Square on a stochastic model
-    never stops a point early (it scores every query on the draws): its whole budget counts."""
+    25x the calibrated queries on two batches costs 25 x 2 of it. Square counts at its whole
+    budget (on a stochastic model it never stops a point early: it scores every query on the
+    draws; the old plan took 0.35 of it)."""
     sweep = _sweep(
         tmp_path,
         eval={"attack_size": 16, "batch_size": 8, "eval_repeats": 3},
@@ -247,7 +248,7 @@ def test_the_scaled_work_is_timed_without_other_processes_load(tmp_path, monkeyp
     """The attack loop's own CPU time, not its wall time scaled by the whole run's average
     slowdown, which other processes' load makes differ from the loop's. Here the process is held
     off the CPU (as a loaded machine's scheduler would; a 0.3 s sleep) while loading and in the
-    loop, whose own work is 0.2 s of CPU: the old code counted about 0.1 s for it."""
+    loop, whose own work is 0.2 s of CPU: the old code counted 0.14 s for it in its first run."""
     import time
 
     from qshield_dist import trial

@@ -8,9 +8,10 @@ were all ok), plus, for a train row, the checkpoint's size and mtime_ns when its
 matched; and what `launch --status` and SLURM packing read: a failure row's error (its first
 line) and the seconds its trial took (the row's trial_seconds). An entry is trusted only while
 its file's size and mtime_ns are unchanged, as git's index trusts a file's stat: a new or
-changed file is read once (its key columns), and a file that no longer decodes is corrupt. Names alone could not say which schema a row has, whether
-its checkpoint is the one it describes, or which trials a compacted file holds; reading every
-file on every launch would cost as much as a summary.
+changed file is read once (its key columns), and a file that no longer decodes is corrupt.
+Names alone could not say which schema a row has, whether its checkpoint is the one it
+describes, or which trials a compacted file holds; reading every file on every launch would
+cost as much as a summary.
 
 Only the holder of the results lease saves it (atomically); anyone else refreshes a copy in
 memory. A ledger that is missing or unreadable is rebuilt from the files.
