@@ -72,8 +72,8 @@ PLAN_VERSION = 4
 # 0.10 (HQCNN) of its steps on quick.yaml's digits models. Square is taken at its whole budget:
 # a point it cannot break (a robust one) spends every query, so its share is at least 1 - ASR,
 # which the plan cannot know; it used 0.35 of its queries on digits (quick.yaml's models), 0.76
-# and 0.80 on MNIST (cnn_small, two seeds of sweeps/plan_check_mnist.yaml), and a stochastic
-# model never stops it (1.0).
+# to 0.81 on MNIST (cnn_small, the three seeds of sweeps/plan_check_mnist.yaml), and a
+# stochastic model never stops it (1.0).
 # One-Pixel and every other attack run their whole budget.
 EARLY_STOP_FRACTION = {"deepfool": 0.25}
 
