@@ -462,8 +462,10 @@ def run_trial(trial: Trial, ctx: RunContext, device: torch.device | None = None)
                     attack_params=json.dumps(trial.params_dict, sort_keys=True),
                 )
             status = "failed"
-        log.info("trial %s: %s in %.1f s", trial.trial_id, status, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        log.info("trial %s: %s in %.1f s", trial.trial_id, status, seconds)
     for row in rows:
+        row["trial_seconds"] = seconds
         row["peak_rss_mb"] = max_rss_bytes() / 2**20
         row["determinism"] = determinism
         row["gpu_model"] = gpu_model(device) if device is not None else None

@@ -1,7 +1,8 @@
 """SLURM packing from the CLI by expected time: each trial's minutes from finished trials of its
-kind in the results store, else from --plan's cached calibration, else its time limit; the
-launcher hands them to the SLURM executor, whose packing then holds several trials per task.
-Needs no cluster: the executor's packing is computed, nothing is submitted."""
+kind in the results store (their whole-trial seconds, diagnostics included), else from --plan's
+cached calibration, else its time limit; the launcher hands them to the SLURM executor, whose
+packing then holds several trials per task. Needs no cluster: the executor's packing is
+computed, nothing is submitted."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import yaml
 
 from qshield_dist import executors, launch
 from qshield_dist.config import load_config
-from qshield_dist.grid import AttackTrial
 from qshield_dist.plan.durations import expected_minutes
 from qshield_dist.results.store import ResultStore
 from qshield_dist.trial import RunContext
@@ -25,7 +25,7 @@ SWEEP: dict[str, Any] = {
     "name": "packing",
     "data": {"dataset": "digits", "train_size": 120, "test_size": 40},
     "train": {"epochs": 1},
-    "eval": {"attack_size": 8},
+    "eval": {"attack_size": 8, "diagnostics": ["batch_independent"]},
     "models": [{"model": "dnn"}],
     "seeds": [0],
     "attacks": [{"name": "fgsm"}, {"name": "pgd", "params": {"steps": 2}}],
@@ -71,8 +71,8 @@ def _todo(cfg: Any) -> tuple[Any, list[Any], Any]:
 
 
 def _name(t: Any) -> str:
-    train = t if not isinstance(t, AttackTrial) else t.train
-    return f"{t.stage}:{getattr(t, 'attack', 'train')}:s{train.seed}"
+    train = t if t.stage == "train" else t.train
+    return f"{t.stage}:{getattr(t, 'attack', t.stage)}:s{train.seed}"
 
 
 def test_expected_minutes_come_from_finished_trials_then_the_plan_cache_then_none(grown: Path) -> None:
@@ -85,25 +85,32 @@ def test_expected_minutes_come_from_finished_trials_then_the_plan_cache_then_non
         "attack:square:s1",
         "attack:vmifgsm:s0",
         "attack:vmifgsm:s1",
+        "diagnostic:diagnostic:s1",
         "train:train:s1",
     ]
     expected = expected_minutes(cfg, grid, todo, done.seconds)
-    assert (expected.measured, expected.planned, expected.fallback) == (3, 2, 2)
+    assert (expected.measured, expected.planned, expected.fallback) == (4, 2, 2)
     by_name = {_name(t): expected.minutes.get(t.trial_id) for t in todo}
     assert by_name["attack:square:s0"] is None and by_name["attack:square:s1"] is None
 
-    # Seed 1's trials take what seed 0's rows of the same kind measured.
+    # Seed 1's trials take what seed 0's rows of the same kind measured: the whole trial
+    # (loading, clean evaluation, ...), longer than its training or attack alone; a diagnostic too.
     measured = {}
     for path in cfg.results_path.glob("stage=*/dataset=*/*.parquet"):
         (row,) = pq.read_table(path).to_pylist()
-        measured[row["attack"] or "train"] = row["attack_seconds"] if row["attack"] else row["train_seconds"]
-    assert set(measured) == {"train", "fgsm", "pgd"} and set(done.seconds) == {
-        t.trial_id for t in grid.trials if t.trial_id in done.status
-    }
-    for kind in ("train", "fgsm", "pgd"):
-        assert by_name[f"{'train' if kind == 'train' else 'attack'}:{kind}:s1"] == pytest.approx(
-            measured[kind] / 60
-        )
+        name = f"{row['stage']}:{row['attack'] or row['stage']}:s1"
+        measured[name] = row["trial_seconds"]
+        part = {"train": row["train_seconds"], "attack": row["attack_seconds"]}.get(row["stage"], 0.0)
+        assert row["trial_seconds"] > part >= 0
+    assert sorted(measured) == [
+        "attack:fgsm:s1",
+        "attack:pgd:s1",
+        "diagnostic:diagnostic:s1",
+        "train:train:s1",
+    ]
+    assert set(done.seconds) == {t.trial_id for t in grid.trials if t.trial_id in done.status}
+    for name, seconds in measured.items():
+        assert by_name[name] == pytest.approx(seconds / 60)
     # vmifgsm: the plan's estimate, a few seconds for 8 points of a small model
     assert (
         0 < by_name["attack:vmifgsm:s0"] < 5 and by_name["attack:vmifgsm:s1"] == by_name["attack:vmifgsm:s0"]
@@ -129,6 +136,7 @@ def test_the_slurm_packing_receives_the_durations(grown: Path) -> None:
         [["train:train:s1"]],
         [["attack:vmifgsm:s0"], ["attack:square:s0"]],
         [["attack:fgsm:s1", "attack:pgd:s1", "attack:vmifgsm:s1"], ["attack:square:s1"]],
+        [["diagnostic:diagnostic:s1"]],  # an array per stage and dependency set
     ]
     alone = launch.make_executor(cfg)
     assert all(len(pack) == 1 for a in alone.plan(jobs, 1000) for pack in a.packs)
@@ -156,8 +164,8 @@ def test_the_launcher_passes_durations_and_logs_their_sources(
         launch.run_sweep(cfg, grid=grid)
     assert made["name"] == "slurm"
     assert made["durations"] == expected_minutes(cfg, grid, todo, done.seconds).minutes
-    assert len(made["durations"]) == 5
+    assert len(made["durations"]) == 6
     assert (
-        "slurm packing by expected time: 3 trials from finished trials of their kind, 2 from --plan's cached"
+        "slurm packing by expected time: 4 trials from finished trials of their kind, 2 from --plan's cached"
         " calibration, 2 with neither take their time limit (timeout_min)" in caplog.text
     )

@@ -186,3 +186,123 @@ def test_every_kind_quicker_than_the_target_is_calibrated_at_two_sizes():
         run.update(stochastic=False, eval_repeats=1)
     fit = calibration._fit(runs, eval_s=0.0)
     assert fit["unit_s"] == pytest.approx(0.0125)  # the slope, not 0.3 / 2 per point
+
+
+def test_an_attacks_per_batch_work_scales_with_its_iterations_and_batches(tmp_path):
+    """The calibration's intercept is each query or step's call overhead on a batch: an attack of
+    25x the calibrated queries on two batches costs 25 x 2 of it. Square counts at its whole
+    budget (on a stochastic model it never stops a point early: it scores every query on the
+    draws; the old plan took 0.35 of it)."""
+    sweep = _sweep(
+        tmp_path,
+        eval={"attack_size": 16, "batch_size": 8, "eval_repeats": 3},
+        attacks=[{"name": "square", "params": {"n_queries": 500}}],
+    )
+    grid = launch.prepare(load_config(sweep))
+    (square,) = grid.attack
+    runs = [
+        {"inner": 0.3, "total": 0.5, "units": 2, "eval_pts": 12, "in_flight": 2, "peak_mb": 100.0},
+        {"inner": 0.7, "total": 0.9, "units": 6, "eval_pts": 36, "in_flight": 6, "peak_mb": 100.0},
+    ]
+    for run in runs:
+        run.update(peak_own=True, stochastic=True, eval_repeats=3)
+    record = {
+        **calibration._fit(runs, eval_s=0.001),
+        "cal_params": calibration.calibration_params("square", square.params_dict),
+    }
+    assert record["unit_s"] == pytest.approx(0.1) and record["intercept_s"] == pytest.approx(0.1)
+    seconds, _ = plan_mod.estimate(square, record, synthetic=False)
+    queries = 500 / calibration.ITERATION_CAPS["n_queries"]
+    work = queries * (0.1 * 2 + 0.1 * 16)  # two batches of 8, 16 points
+    clean = 0.001 * (30 + 16) * 3  # the test split and the attacked points, 3 draws each
+    assert seconds == pytest.approx(record["fixed_s"] + work + clean)
+
+
+def test_a_clean_evaluation_is_timed_on_a_batch_of_the_trials_size(tmp_path, monkeypatch):
+    """Its cost per point depends on the batch (1.5x as much at 16 points as at 128 on MNIST)."""
+    from qshield_dist import trial
+
+    cfg = load_config(_sweep(tmp_path, eval={"batch_size": 64}))
+    grid = launch.prepare(cfg)
+    (train,) = grid.train
+    sizes = []
+    real = trial.predictions
+
+    def recorded(model, x, repeats, batch_size):
+        sizes.append((len(x), batch_size))
+        return real(model, x, repeats, batch_size)
+
+    work = calibration._Work()
+    with calibration._patched({}, work):
+        ctx = trial.RunContext(sweep="t", results_dir=str(tmp_path / "r"), checkpoint_dir=str(tmp_path / "c"))
+        group = calibration._Group(ctx, work, {train.trial_id: train})
+        target = group.ensure(train)
+        model = group.model(target, None)
+        monkeypatch.setattr(trial, "predictions", recorded)
+        for batch in (64, 2048):
+            assert group.forward_cost(model, target, batch, "model") > 0
+    assert sizes == [(64, 64)] * 2 + [(calibration.EVAL_POINTS, 2048)] * 2
+
+
+def test_the_scaled_work_is_timed_without_other_processes_load(tmp_path, monkeypatch):
+    """The attack loop's own CPU time, not its wall time scaled by the whole run's average
+    slowdown, which other processes' load makes differ from the loop's. Here the process is held
+    off the CPU (as a loaded machine's scheduler would; a 0.3 s sleep) while loading and in the
+    loop, whose own work is 0.2 s of CPU: the old code counted 0.14 s for it in its first run."""
+    import time
+
+    from qshield_dist import trial
+
+    cfg = load_config(_sweep(tmp_path, attacks=[{"name": "fgsm"}]))
+    grid = launch.prepare(cfg)
+    (train,), (fgsm,) = grid.train, grid.attack
+    real_attack, real_loader = trial.build_attack, calibration._loader
+
+    class HeldOff:
+        def __init__(self, attack):
+            self.attack = attack
+
+        def __call__(self, x, y):
+            time.sleep(0.3)
+            start = time.process_time()
+            while time.process_time() - start < 0.2:
+                pass
+            return self.attack(x, y)
+
+        def __getattr__(self, name):
+            return getattr(self.attack, name)
+
+    def held_off_loader(*args, **kwargs):
+        time.sleep(0.3)
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(trial, "build_attack", lambda *a, **k: HeldOff(real_attack(*a, **k)))
+    monkeypatch.setattr(calibration, "_loader", held_off_loader)
+    work = calibration._Work()
+    with calibration._patched({}, work):
+        ctx = trial.RunContext(sweep="t", results_dir=str(tmp_path / "r"), checkpoint_dir=str(tmp_path / "c"))
+        record = calibration._Group(ctx, work, {train.trial_id: train}).attack(fgsm)
+    assert record["runs"] and all(run["wall"] > 0.8 for run in record["runs"])
+    assert all(0.2 <= run["inner"] < 0.5 for run in record["runs"])
+
+
+def test_an_attacks_work_is_extrapolated_from_its_counted_model_samples(tmp_path):
+    """APGD evaluates once before its steps: calibrated at 2 steps (3 evaluations), 20 steps are
+    21 evaluations, 7x the work, not 10x. The plan's extrapolation of the calibration's counts
+    matches the real trial's count."""
+    from qshield_dist.trial import RunContext, run_trial
+
+    attack = {"name": "apgd", "preset": "standard", "params": {"steps": 20}}
+    grid = launch.prepare(load_config(_sweep(tmp_path, attacks=[attack])))
+    (train,), (apgd,) = grid.train, grid.attack
+    work = calibration._Work()
+    with calibration._patched({}, work):
+        ctx = RunContext(sweep="t", results_dir=str(tmp_path / "cr"), checkpoint_dir=str(tmp_path / "cc"))
+        record = calibration._Group(ctx, work, {train.trial_id: train}).attack(apgd)
+    ctx = RunContext(sweep="t", results_dir=str(tmp_path / "r"), checkpoint_dir=str(tmp_path / "c"))
+    assert run_trial(train, ctx) == run_trial(apgd, ctx) == "ok"
+    (row,) = ctx.store.read(apgd)
+    real = (row["forward_samples"] + row["backward_samples"]) / row["n_attacked"]
+    calibrated = record["iteration_samples"][0] / calibration.FIRST_UNITS["attack"]
+    assert plan_mod._scale(apgd, record) * calibrated == pytest.approx(real)
+    assert real / calibrated < 0.8 * 20 / calibration.ITERATION_CAPS["steps"]

@@ -5,14 +5,19 @@ checkpoint directories and no executor is started.
 
 - Calibrate: one representative trial per distinct (model kind, attack, preset) runs through the
   real `run_trial` on a scaled-down copy (plan/calibration.py), at two sizes where the first is
-  quick, so that time = fixed overhead + per-unit cost x units + per-point cost of the clean
-  evaluations (units: optimizer steps, attacked points, diagnostic points), with each run's
-  peak RSS. A model kind (plan/kinds.py) is what makes cost differ: model, backbone, simulator
-  and device, qubits, trajectories, projection, input noise, image shape (channels, size);
-  entanglement, noise, fusion, encoding and (compiled) depth variants share one calibration.
+  quick, so that time = the rest of the trial (loading data and checkpoint, writing) + the
+  scaled work's intercept + per-unit cost x units + per-point cost of the clean evaluations
+  (units: optimizer steps, attacked points, diagnostic points), with each run's peak RSS; an
+  attack with capped iterations once more at twice the caps, counting its model samples. A
+  model kind (plan/kinds.py) is what makes cost differ: model, backbone, simulator and device,
+  qubits, trajectories, projection, input noise, image shape (channels, size); entanglement,
+  noise, fusion, encoding and (compiled) depth variants share one calibration.
 - Extrapolate each trial from its kind: steps from its train config and split size, attacked
-  points from attack_size (every point assumed clean-correct: an upper bound), capped attack
-  iterations scaled back linearly, Square and DeepFool at EARLY_STOP_FRACTION of their budget.
+  points from attack_size (every point assumed clean-correct: an upper bound); an attack's work,
+  per point and per batch (each query or step's call overhead), by its model samples
+  extrapolated from the counts to its real iterations, DeepFool at EARLY_STOP_FRACTION of its
+  budget, every other attack at its whole budget; the clean evaluations (eval_repeats draws of
+  a stochastic model) at the cost per point measured on a batch of the trial's size.
 - Schedule the grid at the configured parallelism, each trial after its dependencies.
 
 Times are an idle machine's: a single-threaded run counts its CPU time, so that other processes'
@@ -33,6 +38,7 @@ import concurrent.futures as cf
 import functools
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -55,12 +61,21 @@ log = logging.getLogger("qshield_dist.plan")
 
 CHUNK = 5  # calibrations per worker task
 # Bump when what a calibration measures changes: older cache files are then ignored.
-PLAN_VERSION = 3  # 2: a single-threaded run's time is its CPU time; 3: every kind under TARGET_S runs twice
-# Attacks that stop a point at its first success: the share of their budget they used on the
-# trained models of quick.yaml (digits). Square: 0.25-0.47 of its queries per model, 0.35 over
-# all; DeepFool: 0.33 (cnn_small) and 0.10 (HQCNN) of its steps. One-Pixel (ASR 0 there) and
-# every other attack run their whole budget. The whole budget is the worst case.
-EARLY_STOP_FRACTION = {"square": 0.35, "deepfool": 0.25}
+# 2: a single-threaded run's time is its CPU time; 3: every kind under TARGET_S runs twice;
+# 4: the scaled work timed in CPU where it runs; an attack's per-batch work scaled with its
+# iterations, which are extrapolated from counted model samples; clean evaluations timed on a batch
+# of the trial's size
+PLAN_VERSION = 4
+# The share of its budget an attack that stops a point at its first success used, where that
+# share is not the robustness the sweep measures. DeepFool, a minimum-norm method, stops on any
+# model once a point crosses (a majority of draws of a stochastic one): 0.33 (cnn_small) and
+# 0.10 (HQCNN) of its steps on quick.yaml's digits models. Square is taken at its whole budget:
+# a point it cannot break (a robust one) spends every query, so its share is at least 1 - ASR,
+# which the plan cannot know; it used 0.35 of its queries on digits (quick.yaml's models), 0.76
+# to 0.81 on MNIST (cnn_small, the three seeds of sweeps/plan_check_mnist.yaml), and a
+# stochastic model never stops it (1.0).
+# One-Pixel and every other attack run their whole budget.
+EARLY_STOP_FRACTION = {"deepfool": 0.25}
 
 
 def cache_dir() -> Path:
@@ -106,6 +121,7 @@ def _cache_key(item: Item) -> str:
         "MAX_UNITS",
         "TARGET_S",
         "TRAIN_TEST_POINTS",
+        "EVAL_POINTS",
         "ITERATION_CAPS",
         "SHRINK_EPS",
         "REAL_PARAMS",
@@ -209,6 +225,21 @@ def _work(attack: str, params: dict[str, Any], stochastic: bool) -> float:
     return work
 
 
+def _scale(t: AttackTrial, r: dict[str, Any]) -> float:
+    """How much more work per point the trial's attack does than its calibration did: its
+    samples through the model, extrapolated in the iterations from the calibration's counts at
+    the caps and at twice the caps (linear in them, with the attack's own evaluations outside
+    its loop); in proportion to the iterations where the counts did not grow (the work is not
+    the target model's, as a transfer attack's) or stop early by design (EARLY_STOP_FRACTION)."""
+    real, calibrated = (_work(t.attack, p, r["stochastic"]) for p in (t.params_dict, r["cal_params"]))
+    counts = r.get("iteration_samples")
+    if not counts or counts[1] <= counts[0] or t.attack in EARLY_STOP_FRACTION:
+        return real / calibrated
+    doubled = _work(t.attack, r["doubled_params"], r["stochastic"])
+    per_work = (counts[1] - counts[0]) / (doubled - calibrated)
+    return (counts[0] + per_work * (real - calibrated)) / counts[0]
+
+
 def split_sizes(t: Trial) -> tuple[int, int]:
     train = t if isinstance(t, TrainTrial) else t.train
     info = DATASETS[t.dataset]
@@ -228,19 +259,19 @@ def estimate(t: Trial, r: dict[str, Any], synthetic: bool) -> tuple[float, float
         per_epoch = n_train // t.train.batch_size + (n_train % t.train.batch_size >= 2)
         steps = t.train.epochs * per_epoch
         steps = steps if t.train.max_steps is None else min(t.train.max_steps, steps)
-        seconds = r["fixed_s"] + r["unit_s"] * steps + r["eval_s"] * n_test * r["eval_repeats"]
+        work = r["intercept_s"] + r["unit_s"] * steps
+        seconds = r["fixed_s"] + work + r["eval_s"] * n_test * r["eval_repeats"]
         return seconds, mem + r["mem_unit_mb"] * t.train.batch_size
     repeats = t.eval.eval_repeats if r["stochastic"] else 1
     if isinstance(t, DiagnosticTrial):
-        work = r["unit_s"] * r["inner_scale"] * t.eval.diagnostic_size
+        work = r["intercept_s"] + r["unit_s"] * r["inner_scale"] * t.eval.diagnostic_size
         seconds = r["fixed_s"] + work + r["eval_s"] * n_test * repeats
         return seconds, mem + r["mem_unit_mb"] * t.eval.diagnostic_size
     points = min(t.eval.attack_size, n_test)
-    scale = _work(t.attack, t.params_dict, r["stochastic"]) / _work(
-        t.attack, r["cal_params"], r["stochastic"]
-    )
-    scale *= EARLY_STOP_FRACTION.get(t.attack, 1.0)
-    seconds = r["fixed_s"] + r["unit_s"] * scale * points + r["eval_s"] * (n_test + points) * repeats
+    scale = _scale(t, r) * EARLY_STOP_FRACTION.get(t.attack, 1.0)
+    batches = math.ceil(points / t.eval.batch_size)
+    work = scale * (r["intercept_s"] * batches + r["unit_s"] * points)
+    seconds = r["fixed_s"] + work + r["eval_s"] * (n_test + points) * repeats
     return seconds, mem + r["mem_unit_mb"] * min(points, t.eval.batch_size)
 
 

@@ -27,6 +27,7 @@ FIRST_UNITS = {"train": 1, "attack": 2, "diagnostic": 2}  # steps / points of th
 MAX_UNITS = {"train": 12, "attack": 96, "diagnostic": 8}
 TARGET_S = 1.0  # a second run is sized to take about this long; a first run as long is enough
 TRAIN_TEST_POINTS = 32  # test points of a train calibration (its clean evaluation)
+EVAL_POINTS = 512  # the most points a clean evaluation's cost per point is measured on
 # Iteration counts capped for calibration and scaled back linearly (the cost per iteration is
 # constant); AutoAttack runs its fixed suite, uncapped.
 ITERATION_CAPS = {"steps": 2, "n_queries": 20, "binary_search_steps": 1}
@@ -36,11 +37,12 @@ SHRINK_EPS = 1e-3
 TARGET_BATCH = 2  # a checkpoint an attack or a hybrid's training starts from: one step of 2 samples
 
 
-def calibration_params(attack: str, params: dict[str, Any]) -> dict[str, Any]:
+def calibration_params(attack: str, params: dict[str, Any], caps: int = 1) -> dict[str, Any]:
+    """`params` with iteration counts capped at `caps` x ITERATION_CAPS."""
     if attack in REAL_PARAMS:
         return dict(params)
     p = {
-        k: min(v, ITERATION_CAPS[k]) if k in ITERATION_CAPS and isinstance(v, int) else v
+        k: min(v, ITERATION_CAPS[k] * caps) if k in ITERATION_CAPS and isinstance(v, int) else v
         for k, v in params.items()
     }
     if attack in EARLY_STOP and "eps" in p:
@@ -62,9 +64,9 @@ def target(t: TrainTrial, trains: dict[str, TrainTrial]) -> TrainTrial:
     return replace(t, train=cfg, train_size=TARGET_BATCH, test_size=None, baseline_id=baseline)
 
 
-def scaled_attack(a: AttackTrial, points: int, trains: dict[str, TrainTrial]) -> AttackTrial:
+def scaled_attack(a: AttackTrial, points: int, trains: dict[str, TrainTrial], caps: int = 1) -> AttackTrial:
     surrogate = target(a.surrogate, trains) if a.surrogate else None
-    params = tuple(sorted(calibration_params(a.attack, a.params_dict).items()))
+    params = tuple(sorted(calibration_params(a.attack, a.params_dict, caps).items()))
     return replace(
         a,
         train=target(a.train, trains),
@@ -121,35 +123,74 @@ def _loader(
     return train, test
 
 
+class _Work:
+    """The seconds of a run's scaled work (the training, the attack loop, the eps sweep), timed
+    where it runs: in CPU time for a single-threaded trial, so that other processes' load, which
+    varies within a run, is not in it (a run's average slowdown is not its attack loop's); in wall
+    time with more threads."""
+
+    def __init__(self) -> None:
+        self.spans: list[float] = []
+        self.clock: Callable[[], float] = time.perf_counter
+
+    def start(self, threads: int) -> None:
+        self.spans.clear()
+        self.clock = time.process_time if threads == 1 else time.perf_counter
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.spans.append(self.clock() - start)
+
+
 @contextmanager
-def _patched(real: dict[str, bool], timer: list[float]) -> Iterator[float]:
-    """trial.py's data loading -> `_loader`; the diagnostics' eps sweep at one eps and capped
-    steps, timed (yields the factor back to the real sweep's work)."""
+def _patched(real: dict[str, bool], work: _Work) -> Iterator[float]:
+    """trial.py's data loading -> `_loader`; its training and attack loop timed into `work`; the
+    diagnostics' eps sweep at one eps and capped steps, timed (yields the factor back to the real
+    sweep's work)."""
     from qshield_dist import diagnostics
     from qshield_dist import trial as trial_mod
 
-    if not hasattr(trial_mod, "load") or not hasattr(diagnostics, "eps_sweep"):
+    hooks = [hasattr(trial_mod, name) for name in ("load", "train_model", "PointStreams")]
+    if not all(hooks) or not hasattr(diagnostics, "eps_sweep"):
         raise RuntimeError(
-            "plan: trial.load or diagnostics.eps_sweep moved; update plan.calibration._patched"
+            "plan: trial.load, trial.train_model, trial.PointStreams or diagnostics.eps_sweep moved;"
+            " update plan.calibration._patched"
         )
-    real_sweep = diagnostics.eps_sweep
+    real_sweep, real_train, real_streams = (
+        diagnostics.eps_sweep,
+        trial_mod.train_model,
+        trial_mod.PointStreams,
+    )
     defaults = inspect.signature(real_sweep).parameters
     eps_values, steps = defaults["eps_values"].default, defaults["steps"].default
 
     def scaled_sweep(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            capped = {**kwargs, "eps_values": eps_values[-1:], "steps": ITERATION_CAPS["steps"]}
-            return real_sweep(*args, **capped)
-        finally:
-            timer.append(time.perf_counter() - start)
+        with work.timed():
+            return real_sweep(
+                *args, **{**kwargs, "eps_values": eps_values[-1:], "steps": ITERATION_CAPS["steps"]}
+            )
+
+    def timed_train(*args: Any, **kwargs: Any) -> Any:
+        with work.timed():
+            return real_train(*args, **kwargs)
+
+    @contextmanager
+    def timed_streams(*args: Any, **kwargs: Any) -> Iterator[Any]:  # run_attack's attack loop
+        with work.timed(), real_streams(*args, **kwargs) as streams:
+            yield streams
 
     saved = trial_mod.load
     trial_mod.load, diagnostics.eps_sweep, _Data.real = _loader, scaled_sweep, real
+    trial_mod.train_model, trial_mod.PointStreams = timed_train, timed_streams
     try:
         yield len(eps_values) * steps / ITERATION_CAPS["steps"]
     finally:
         trial_mod.load, diagnostics.eps_sweep, _Data.labels = saved, real_sweep, None
+        trial_mod.train_model, trial_mod.PointStreams = real_train, real_streams
 
 
 class CalibrationFailed(RuntimeError):
@@ -161,44 +202,36 @@ def _device_of(model: Any) -> Any:
     return next(model.parameters()).device
 
 
-def _run(
-    t: Trial, ctx: Any, timer: list[float], n_train: int, n_test: int, labels: Any = None
-) -> dict[str, Any]:
-    """One timed run_trial; the row says how much of it was the scaled work (inner). Times are
-    an idle machine's: the wall time divided by how much longer than its CPU time the run took
-    (other processes' load), at one thread; with more, the wall time as measured."""
+def _run(t: Trial, ctx: Any, work: _Work, n_train: int, n_test: int, labels: Any = None) -> dict[str, Any]:
+    """One timed run_trial, and how much of it was the scaled work (inner). Times are an idle
+    machine's: at one thread the run's CPU time (other processes' load is not in it), with more
+    the wall time as measured."""
     from qshield_dist.trial import run_trial
 
     _Data.n_train, _Data.n_test, _Data.labels = n_train, n_test, labels
-    timer.clear()
+    work.start(t.threads)
     reset = reset_peak()
     start, cpu = time.perf_counter(), time.process_time()
     status = run_trial(t, ctx)
     wall = time.perf_counter() - start
-    slowdown = max(1.0, wall / max(time.process_time() - cpu, 1e-9)) if t.threads == 1 else 1.0
-    total = wall / slowdown
+    total = min(wall, time.process_time() - cpu) if t.threads == 1 else wall
     rows = ctx.store.read(t, failed=status != "ok")
     row = rows[0]
     if status != "ok":
         raise CalibrationFailed(str(row.get("error", "")).splitlines()[0])
     r = int(row["eval_repeats"])
     if t.stage == "train":
-        inner, units, flight = row["train_seconds"], row["train_steps"], t.train.batch_size
-        evals = row["n_test"] * r
+        units, flight, evals = row["train_steps"], t.train.batch_size, row["n_test"] * r
     elif t.stage == "attack":
         units = row["n_attacked"]
-        inner, evals, flight = (
-            row["attack_seconds"],
-            (row["n_test"] + units) * r,
-            min(units, t.eval.batch_size),
-        )
+        flight, evals = min(units, t.eval.batch_size), (row["n_test"] + units) * r
     else:
         units = flight = t.eval.diagnostic_size
-        inner, evals = sum(timer), row["n_test"] * r
+        evals = row["n_test"] * r
     return {
         "total": total,
         "wall": wall,
-        "inner": float(inner) / slowdown,
+        "inner": sum(work.spans),
         "units": int(units),
         "eval_pts": int(evals),
         "in_flight": int(flight),
@@ -206,23 +239,28 @@ def _run(
         "peak_own": reset,
         "stochastic": bool(row["stochastic"]),
         "eval_repeats": r,
+        # samples through the model (and a twin), forward and backward: what an attack's work is
+        "samples": int(row["forward_samples"] or 0) + int(row["backward_samples"] or 0),
     }
 
 
-def _next(run: dict[str, Any], stage: str) -> int | None:
-    """Units of the second run: about TARGET_S of work; none when the first took as long. A
-    single run only bounds the cost per unit from above (its fixed work counted per unit): when
-    a first run just over half a second went without a second, the extended full.yaml's Square
-    and VMI-FGSM hours came out 13-19x apart between two calibrations."""
+def _next(run: dict[str, Any], stage: str, most: int | None = None) -> int | None:
+    """Units of the second run: about TARGET_S of work, at most `most`; none when the first took
+    as long. A single run only bounds the cost per unit from above (its fixed work counted per
+    unit): when a first run just over half a second went without a second, the extended
+    full.yaml's Square and VMI-FGSM hours came out 13-19x apart between two calibrations."""
     if run["inner"] >= TARGET_S or run["units"] < 1:
         return None
     per = max(run["inner"] / run["units"], 1e-6)
-    n = min(MAX_UNITS[stage], max(2 * run["units"], math.ceil(TARGET_S / per)))
+    n = min(MAX_UNITS[stage], max(2 * run["units"], math.ceil(TARGET_S / per)), most or MAX_UNITS[stage])
     return n if n > run["units"] else None
 
 
 def _fit(runs: list[dict[str, Any]], eval_s: float) -> dict[str, Any]:
-    """time = fixed + unit x units (+ eval_s x evaluated points); peak = mem + mem_unit x in flight."""
+    """time = fixed + intercept + unit x units (+ eval_s x evaluated points), where intercept +
+    unit x units is the scaled work (training, the attack, the checks) and fixed the rest of the
+    trial; peak = mem + mem_unit x in flight. An attack's intercept is work per batch that grows
+    with its iterations (each query or step's call overhead), so the estimate scales it with them."""
     last = runs[-1]
     slope = 0.0
     if len(runs) == 2 and last["units"] > runs[0]["units"]:
@@ -240,7 +278,8 @@ def _fit(runs: list[dict[str, Any]], eval_s: float) -> dict[str, Any]:
     # The least overhead: a process's first run also pays its one-time warm-up, which a sweep's
     # worker pays once, not per trial.
     return {
-        "fixed_s": min(outer) + w0,
+        "fixed_s": min(outer),
+        "intercept_s": w0,
         "unit_s": slope,
         "eval_s": eval_s,
         "mem_mb": max(r["peak_mb"] for r in runs) - mem_unit * last["in_flight"],
@@ -256,8 +295,8 @@ def _fit(runs: list[dict[str, Any]], eval_s: float) -> dict[str, Any]:
 class _Group:
     """One model kind's calibrations: a temporary run context and what they share."""
 
-    def __init__(self, ctx: Any, timer: list[float], trains: dict[str, TrainTrial]):
-        self.ctx, self.timer, self.trains = ctx, timer, trains
+    def __init__(self, ctx: Any, work: _Work, trains: dict[str, TrainTrial]):
+        self.ctx, self.work, self.trains = ctx, work, trains
         self.eval_cost: dict[tuple[str, int], float] = {}
         self.models: dict[tuple[str, str | None], Any] = {}
 
@@ -267,7 +306,7 @@ class _Group:
         if t.baseline_id:
             self.ensure(self.trains[t.baseline_id])
         if not self.ctx.store.checkpoint_path(s.trial_id).exists():
-            _run(s, self.ctx, self.timer, TARGET_BATCH, TARGET_BATCH)
+            _run(s, self.ctx, self.work, TARGET_BATCH, TARGET_BATCH)
         return s
 
     def model(self, s: TrainTrial, control: str | None) -> Any:
@@ -295,14 +334,17 @@ class _Group:
             return torch.mode(predictions(model, test.x.to(device), repeats, 128), dim=0).values.cpu()
 
     def forward_cost(self, model: Any, s: TrainTrial, batch: int, key: str) -> float:
-        """Seconds per point of a clean evaluation (trial.predictions), measured directly."""
+        """Seconds per point of a clean evaluation (trial.predictions), measured directly on one
+        full batch of the trial's size (up to EVAL_POINTS): the cost per point depends on it,
+        not monotonically (MNIST, cnn_small and the paper-mode HQCNN, CPU seconds per point on a
+        loaded machine: about 1.5x as much at 16 as at 128, and 512 about as dear as 16)."""
         import torch
 
         from qshield_dist.trial import fixed_numerics, predictions
 
         if (key, batch) not in self.eval_cost:
             info = DATASETS[s.dataset]
-            n = min(batch, 16)
+            n = min(batch, EVAL_POINTS)
             device = _device_of(model)
             x = torch.rand(n, info.channels, info.size, info.size, device=device)
             best = math.inf
@@ -321,7 +363,7 @@ class _Group:
         runs, steps = [], FIRST_UNITS["train"]
         while steps:
             s = scaled_train(t, steps, self.trains)
-            runs.append(_run(s, self.ctx, self.timer, s.train.batch_size, TRAIN_TEST_POINTS))
+            runs.append(_run(s, self.ctx, self.work, s.train.batch_size, TRAIN_TEST_POINTS))
             steps = _next(runs[-1], "train") if len(runs) == 1 else None
         s = scaled_train(t, FIRST_UNITS["train"], self.trains)
         return _fit(runs, self.forward_cost(self.model(s, None), s, 512, "model"))
@@ -336,13 +378,25 @@ class _Group:
         while n:
             s = scaled_attack(a, n, self.trains)
             labels = self.labels(model, base, n, repeats)
-            runs.append(_run(s, self.ctx, self.timer, base.train.batch_size, n, labels))
-            n = _next(runs[-1], "attack") if len(runs) == 1 else None
+            runs.append(_run(s, self.ctx, self.work, base.train.batch_size, n, labels))
+            # both runs in one batch: the fit's intercept is then one batch's work
+            n = _next(runs[-1], "attack", a.eval.batch_size) if len(runs) == 1 else None
         key = "backbone" if a.control == BACKBONE_ONLY else "model"
-        return {
+        record = {
             **_fit(runs, self.forward_cost(model, base, a.eval.batch_size, key)),
             "cal_params": calibration_params(a.attack, a.params_dict),
         }
+        doubled = calibration_params(a.attack, a.params_dict, caps=2)
+        if doubled != record["cal_params"]:
+            # An iteration count was capped: how the model's samples grow with it, counted (not
+            # timed) at twice the caps on the first run's points. APGD evaluates once before its
+            # steps, so 2 capped steps are 3 of its 21 at 20 steps, not 2 of 20.
+            n = FIRST_UNITS["attack"]
+            s = scaled_attack(a, n, self.trains, caps=2)
+            labels = self.labels(model, base, n, repeats)
+            extra = _run(s, self.ctx, self.work, base.train.batch_size, n, labels)
+            record.update(doubled_params=doubled, iteration_samples=[runs[0]["samples"], extra["samples"]])
+        return record
 
     def diagnostic(self, d: DiagnosticTrial, sweep_scale: float) -> dict[str, Any]:
         base = self.ensure(d.train)
@@ -352,7 +406,7 @@ class _Group:
         while n:
             s = scaled_diagnostic(d, n, self.trains)
             labels = self.labels(model, base, 2 * n, repeats)  # the batch-dependence check takes 2 x size
-            runs.append(_run(s, self.ctx, self.timer, base.train.batch_size, 2 * n, labels))
+            runs.append(_run(s, self.ctx, self.work, base.train.batch_size, 2 * n, labels))
             n = _next(runs[-1], "diagnostic") if len(runs) == 1 else None
         eval_s = self.forward_cost(model, base, d.eval.batch_size, "model")
         return {**_fit(runs, eval_s), "inner_scale": sweep_scale}
@@ -365,9 +419,9 @@ def calibrate_group(
     {'error': ...} where a calibration failed."""
     from qshield_dist.trial import RunContext
 
-    timer: list[float] = []
+    work = _Work()
     out = []
-    with tempfile.TemporaryDirectory(prefix="qshield-plan-") as tmp, _patched(real, timer) as sweep_scale:
+    with tempfile.TemporaryDirectory(prefix="qshield-plan-") as tmp, _patched(real, work) as sweep_scale:
         ctx = RunContext(
             sweep="plan",
             results_dir=f"{tmp}/results",
@@ -378,7 +432,7 @@ def calibrate_group(
         trains: dict[str, TrainTrial] = {}
         for item in items:
             trains.update(item["trains"])
-        group = _Group(ctx, timer, trains)
+        group = _Group(ctx, work, trains)
         how: dict[str, Callable[[Any], dict[str, Any]]] = {
             "train": group.train,
             "attack": group.attack,

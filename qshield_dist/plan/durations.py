@@ -2,9 +2,8 @@
 
 The launcher asks here before it builds a SLURM executor. A trial's expected time is, first:
 - the median seconds measured by the sweep's finished trials of its kind (kinds.cost_key: its
-  stage, model kind, attack and preset, dataset and sizes): a train row's train_seconds, an
-  attack row's attack_seconds. An attack's seconds are the attack alone, without loading and
-  the clean evaluation; a pack's time limit, twice its expected minutes, covers the rest;
+  stage, model kind, attack and preset, dataset and sizes): their rows' trial_seconds, the
+  whole trial (loading, clean evaluation, training, attack or checks), diagnostics included;
 - else the estimate of a --plan of the sweep cached on this machine (plan.cached_estimates);
 - else none: the packing takes the trial's time limit (its stage's timeout_min), which packs it
   alone unless pack_minutes exceeds that. The launcher logs how many trials each source covers.

@@ -6,12 +6,12 @@ size and mtime_ns when it was read, and the facts resume decides on (trial id, s
 schema and results versions, a train row's checkpoint sha256, whether a diagnostic's inputs
 were all ok), plus, for a train row, the checkpoint's size and mtime_ns when its sha256 last
 matched; and what `launch --status` and SLURM packing read: a failure row's error (its first
-line) and the seconds a row measured (train_seconds of a train row, attack_seconds of an
-attack row). An entry is trusted only while its file's size and mtime_ns are unchanged, as git's
-index trusts a file's stat: a new or changed file is read once (its key columns), and a file
-that no longer decodes is corrupt. Names alone could not say which schema a row has, whether
-its checkpoint is the one it describes, or which trials a compacted file holds; reading every
-file on every launch would cost as much as a summary.
+line) and the seconds its trial took (the row's trial_seconds). An entry is trusted only while
+its file's size and mtime_ns are unchanged, as git's index trusts a file's stat: a new or
+changed file is read once (its key columns), and a file that no longer decodes is corrupt.
+Names alone could not say which schema a row has, whether its checkpoint is the one it
+describes, or which trials a compacted file holds; reading every file on every launch would
+cost as much as a summary.
 
 Only the holder of the results lease saves it (atomically); anyone else refreshes a copy in
 memory. A ledger that is missing or unreadable is rebuilt from the files.
@@ -57,7 +57,7 @@ class Entry(NamedTuple):
     checkpoint_size: int | None = None  # the checkpoint's stat when its sha256 last matched
     checkpoint_mtime_ns: int | None = None
     error: str | None = None  # a failure row's error, its first line (ERROR_CHARS at most)
-    seconds: float | None = None  # what the row measured: train_seconds (train), attack_seconds (attack)
+    seconds: float | None = None  # the row's trial_seconds: the whole trial, any stage
 
 
 ENTRY = pa.schema(
@@ -94,12 +94,9 @@ _KEY_COLUMNS = (
     "checkpoint_sha256",
     "inputs",
     "error",
-    "train_seconds",
-    "attack_seconds",
+    "trial_seconds",
 )
 ERROR_CHARS = 300
-# The column whose seconds a row of each stage measured (a diagnostic row measures none).
-_SECONDS = {"train": "train_seconds", "attack": "attack_seconds"}
 
 
 class ResultFile(NamedTuple):
@@ -254,7 +251,7 @@ class Ledger:
                     checkpoint_sha256=row["checkpoint_sha256"],
                     inputs_ok=_inputs_ok(row["inputs"]) if stage == "diagnostic" else None,
                     error=error,
-                    seconds=row[_SECONDS[stage]] if stage in _SECONDS else None,
+                    seconds=row["trial_seconds"],
                 )
             )
         return entries

@@ -17,8 +17,9 @@ from qshield_dist.config import ModelSpec
 
 # The columns below. A row of another schema version is not current: resume runs its trial
 # again (its file is moved aside first) and the summary sets it aside.
-# 3: checkpoint_sha256 (train rows) and inputs (diagnostic rows); 4: point_broken_by; 5: gpu_model
-SCHEMA_VERSION = 5
+# 3: checkpoint_sha256 (train rows) and inputs (diagnostic rows); 4: point_broken_by; 5: gpu_model;
+# 6: trial_seconds
+SCHEMA_VERSION = 6
 
 
 def _model_columns() -> list[tuple[str, pa.DataType]]:
@@ -98,6 +99,9 @@ SCHEMA = pa.schema(
         ("train_seconds", pa.float64()),
         ("train_epochs", pa.int32()),
         ("train_steps", pa.int64()),
+        # run_trial's wall time up to the write: data and checkpoint loading, training or the
+        # clean evaluation, the attack or checks, the scoring (what SLURM packing and --plan expect)
+        ("trial_seconds", pa.float64()),
         ("peak_rss_mb", pa.float64()),
         ("checkpoint_sha256", pa.string()),  # train rows: sha256 of the checkpoint file they describe
         ("inputs", pa.string()),  # diagnostic rows: JSON {attack trial id: status} of the rows it read
@@ -123,6 +127,7 @@ VOLATILE_COLUMNS = (
     "created_at",
     "attack_seconds",
     "train_seconds",
+    "trial_seconds",
     "peak_rss_mb",
     "checkpoint_sha256",  # the checkpoint also stores its training time, so its bytes vary
     "gpu_model",  # which GPU of the kind the trial id names (cpu or cuda)

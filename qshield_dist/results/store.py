@@ -77,7 +77,7 @@ class TrialKey(NamedTuple):
 class Done:
     status: dict[str, str] = field(default_factory=dict)  # trial id -> ok | failed: its stored rows count
     rerun: dict[str, str] = field(default_factory=dict)  # trial id -> why its stored rows do not count
-    seconds: dict[str, float] = field(default_factory=dict)  # ok trial id -> the seconds its row measured
+    seconds: dict[str, float] = field(default_factory=dict)  # ok trial id -> its trial_seconds
 
 
 class ManifestError(ValueError):
