@@ -94,7 +94,7 @@ def test_expected_minutes_come_from_finished_trials_then_the_plan_cache_then_non
 
     # Seed 1's trials take what seed 0's rows of the same kind measured.
     measured = {}
-    for path in cfg.results_path.glob("stage=*/dataset=*/*.parquet"):
+    for path in cfg.results_path.glob("stage=*/dataset=*/*/*.parquet"):
         (row,) = pq.read_table(path).to_pylist()
         measured[row["attack"] or "train"] = row["attack_seconds"] if row["attack"] else row["train_seconds"]
     assert set(measured) == {"train", "fgsm", "pgd"} and set(done.seconds) == {
