@@ -34,7 +34,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Collection, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Collection, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,9 +87,10 @@ def compact(
     mode: int = 0o644,
     on_step: Callable[[str], None] | None = None,
 ) -> Compacted:
-    """Compact `store` (whose results lease the caller holds) for the grid `expected` (trial
-    id -> its stage and dataset, as launch.manifest_trials gives them); `in_flight`: trials of SLURM arrays still queued. on_step(name) is called
-    at each step (written, synced, indexed, removing: the tests kill the process there)."""
+    """Compact `store`, whose results lease the caller holds, for the grid `expected` (trial
+    id -> its stage and dataset, as launch.manifest_trials gives them); `in_flight`: the
+    trials of SLURM arrays still queued. on_step(name) is called after each step (written,
+    synced, indexed, and midway through removing: the tests kill the process there)."""
     step = on_step or (lambda name: None)
     out = Compacted()
     _remove_temporaries(store)
@@ -198,13 +199,15 @@ def _write_part(
         writer = pq.ParquetWriter(handle, SCHEMA)
         pending: list[pa.RecordBatch] = []
         for source in sources:
-            stat, batches = read_retried(source.file.path, _open)
-            read.append((source.file.path, _stat(stat)))
-            for batch in batches:
-                pending.append(batch)
-                if sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS:
-                    writer.write_table(pa.Table.from_batches(pending, SCHEMA))
-                    pending = []
+            opened, parquet = read_retried(source.file.path, _open)
+            with opened:  # the stat is of the bytes read
+                read.append((source.file.path, _stat(os.fstat(opened.fileno()))))
+                cast = parquet.schema_arrow.remove_metadata() != SCHEMA.remove_metadata()
+                for batch in parquet.iter_batches(batch_size=ROW_GROUP_ROWS):
+                    pending.append(batch.select(SCHEMA.names).cast(SCHEMA) if cast else batch)
+                    if sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS:
+                        writer.write_table(pa.Table.from_batches(pending, SCHEMA))
+                        pending = []
         if pending:
             writer.write_table(pa.Table.from_batches(pending, SCHEMA))
         origins = [[str(p.relative_to(root)), *s] for p, s in read]
@@ -215,20 +218,14 @@ def _write_part(
     return read
 
 
-def _open(path: Path) -> tuple[os.stat_result, Iterator[pa.RecordBatch]]:
-    """A file's stat and its rows as SCHEMA's batches, read from one open handle (so the stat
-    is of the bytes read). A per-trial file is read whole; a part, batch by batch."""
-    handle: BinaryIO = open(path, "rb")
-    stat = os.fstat(handle.fileno())
-    parquet = pq.ParquetFile(handle)
-    cast = parquet.schema_arrow.remove_metadata() != SCHEMA.remove_metadata()
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        with handle:
-            for batch in parquet.iter_batches(batch_size=ROW_GROUP_ROWS):
-                yield batch.select(SCHEMA.names).cast(SCHEMA) if cast else batch
-
-    return stat, batches()
+def _open(path: Path) -> tuple[BinaryIO, pq.ParquetFile]:
+    """An open file and its Parquet footer, read."""
+    handle = open(path, "rb")
+    try:
+        return handle, pq.ParquetFile(handle)
+    except BaseException:
+        handle.close()
+        raise
 
 
 def _remove_temporaries(store: ResultStore) -> None:
