@@ -329,7 +329,10 @@ def read_attack_rows(results_dir: str, dataset: str, attack_ids: tuple[str, ...]
     rows, missing = [], []
     for trial_id in attack_ids:
         key = TrialKey("attack", dataset, trial_id)
-        found = store.read(key) if store.trial_path(key).exists() else []
+        try:
+            found = store.read(key)
+        except FileNotFoundError:
+            found = []
         if not found or any(r.get("status") != "ok" for r in found):
             missing.append(trial_id)
         rows.extend(found)

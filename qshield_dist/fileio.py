@@ -1,34 +1,45 @@
 """Files that survive crashes and shared filesystems: the one atomic write and the one read
 that rides out a transient I/O error. Everything the package writes for later goes through
-atomic_write_bytes (result files, checkpoints, the manifest, the results ledger, the SLURM
-executor's status files), and every file it must tell "unreadable now" from "corrupt" apart
-is read through read_bytes.
+atomic_writer (result files, compacted parts, checkpoints, the manifest, the results ledger,
+the SLURM executor's status files), and every file it must tell "unreadable now" from "corrupt" apart
+is read through read_bytes (or read_retried, for a large file read in parts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 READ_ATTEMPTS = 4  # an NFS server that is failing over answers EIO or ESTALE for seconds
 READ_BACKOFF_S = 0.5  # then 1 s, 2 s: about 3.5 s in all before the error is believed
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to a temporary file in the same directory, fsync it, rename it over
-    `path`, then fsync the directory: a reader sees the old file or the whole new one, and
-    after a crash (of this process or of the machine) the rename is on disk too."""
+    """Write `data` to `path` atomically and durably (atomic_writer)."""
+    with atomic_writer(path, mode) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """A handle on a temporary file in the same directory (a dot-file: listings skip it);
+    when the block ends, the file is fsynced, renamed over `path`, and the directory fsynced:
+    a reader sees the old file or the whole new one, and after a crash (of this process or of
+    the machine) the rename is on disk too. If the block raises, the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
@@ -49,13 +60,22 @@ def fsync_dir(directory: Path) -> None:
 
 
 def read_bytes(path: Path) -> bytes:
-    """The file's bytes, retrying an OSError (an NFS hiccup) with backoff; the last error is
-    raised when every attempt failed. FileNotFoundError means absent and is raised at once.
+    """The file's bytes, retrying an OSError (an NFS hiccup) with backoff (read_retried).
     Decoding is the caller's: an error there is the file's own, and only that is corruption."""
+
+    def whole(p: Path) -> bytes:
+        with open(p, "rb") as handle:
+            return handle.read()
+
+    return read_retried(path, whole)
+
+
+def read_retried(path: Path, read: Callable[[Path], T]) -> T:
+    """read(path), retried with backoff on an OSError (an NFS hiccup); the last error is
+    raised when every attempt failed. FileNotFoundError means absent and is raised at once."""
     for attempt in range(READ_ATTEMPTS):
         try:
-            with open(path, "rb") as handle:
-                return handle.read()
+            return read(path)
         except FileNotFoundError:
             raise
         except OSError as exc:

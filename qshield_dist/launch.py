@@ -1,4 +1,4 @@
-"""python -m qshield_dist.launch SWEEP.yaml [--executor local|ray|slurm] [--dry-run] [--status] ...
+"""python -m qshield_dist.launch SWEEP.yaml [--executor local|ray|slurm] [--dry-run] [--status] [--compact] ...
 
 config -> validate -> grid -> (skip what is done) -> executor -> run_trial -> Parquet. Bad
 input exits with code 2 before anything is computed or written. Running the same command
@@ -260,6 +260,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="move result files of other versions or outside this grid to RESULTS.pruned-<time>/ (nothing is deleted), then exit",
     )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="merge the finished trials' result files into a few large Parquet files per stage and dataset"
+        " (and move a directory of the flat layout into folders), then exit",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -470,7 +476,8 @@ def _command(args: argparse.Namespace) -> int:
         if args.ray_address:
             update["ray"] = cfg.ray.model_copy(update={"address": args.ray_address})
         cfg = cfg.model_copy(update=update)
-        grid = prepare(cfg, require_available=not (args.dry_run or args.prune or args.plan or args.status))
+        nothing_runs = args.dry_run or args.prune or args.plan or args.status or args.compact
+        grid = prepare(cfg, require_available=not nothing_runs)
     except ConfigError as exc:
         log.error("bad sweep input (%s):\n%s", args.sweep, exc)
         return 2
@@ -498,6 +505,8 @@ def _command(args: argparse.Namespace) -> int:
     try:
         if args.prune:
             return _prune(cfg, grid, args.take_over)
+        if args.compact:
+            return _compact(cfg, grid, args.take_over)
         # A kill (SIGTERM: scancel, timeout, a job scheduler) takes the path of Ctrl-C, so the
         # executor stops its workers instead of leaving them running the sweep's trials unowned.
         signal.signal(signal.SIGTERM, _interrupt)
@@ -535,6 +544,35 @@ def _prune(cfg: SweepConfig, grid: Grid, take_over: bool) -> int:
         _count_reasons(stale),
         dest / "moved.tsv",
     )
+    return 0
+
+
+def _compact(cfg: SweepConfig, grid: Grid, take_over: bool) -> int:
+    """Merge the finished trials' files into parts, under the results lease (results/compact.py)."""
+    from qshield_dist.results.compact import compact
+
+    results_dir = cfg.results_path
+    if not results_dir.is_dir():
+        log.info("nothing to compact in %s", results_dir)
+        return 0
+    with ResultsLease(results_dir) as lease:
+        lease.acquire(take_over)
+        store = ResultStore(results_dir, cfg.checkpoint_dir)
+        mode = 0o600 if cfg.private else 0o644
+        done = compact(store, manifest_trials(grid), lease.in_flight(), mode=mode)
+    log.info(
+        "compacted %s: %d files (%d rows) merged into %d parts, %d removed; %d moved from the flat layout",
+        results_dir,
+        done.merged,
+        done.rows,
+        len(done.parts),
+        done.removed,
+        done.migrated,
+    )
+    if done.kept:
+        log.info(
+            "per-trial files left as they are: %s", "; ".join(f"{n} {why}" for why, n in done.kept.items())
+        )
     return 0
 
 

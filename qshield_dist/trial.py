@@ -429,7 +429,7 @@ def run_trial(trial: Trial, ctx: RunContext, device: torch.device | None = None)
     if isinstance(trial, DiagnosticTrial):
         inputs = store.statuses("attack", trial.dataset, trial.attack_ids)
     determinism = None
-    with trial_log(store.log_path(trial.trial_id), ctx.file_mode):
+    with trial_log(store.log_path(trial), ctx.file_mode):
         log.info(
             "trial %s (%s, %s) on %s: start", trial.trial_id, trial.stage, trial.dataset, socket.gethostname()
         )

@@ -244,11 +244,11 @@ def test_controls_and_diagnostics_end_to_end(tmp_path, monkeypatch):
     import polars as pl
 
     rows = pl.read_parquet(
-        str(tmp_path / "results/adaptive_tiny/stage=attack/*/*.parquet"), hive_partitioning=False
+        str(tmp_path / "results/adaptive_tiny/stage=attack/*/*/*.parquet"), hive_partitioning=False
     )
     assert sorted(rows.filter(pl.col("control") == "backbone_only")["attack"].to_list()) == ["fgsm", "pgd"]
     diag = pl.read_parquet(
-        str(tmp_path / "results/adaptive_tiny/stage=diagnostic/*/*.parquet"), hive_partitioning=False
+        str(tmp_path / "results/adaptive_tiny/stage=diagnostic/*/*/*.parquet"), hive_partitioning=False
     )
     assert set(diag["model"]) == {"cnn_small", "hqcnn"}
     assert {"eps_sweep_reaches_1", "gradient_nonzero_and_stable", "batch_independent"} <= set(

@@ -96,7 +96,7 @@ def test_expected_minutes_come_from_finished_trials_then_the_plan_cache_then_non
     # Seed 1's trials take what seed 0's rows of the same kind measured: the whole trial
     # (loading, clean evaluation, ...), longer than its training or attack alone; a diagnostic too.
     measured = {}
-    for path in cfg.results_path.glob("stage=*/dataset=*/*.parquet"):
+    for path in cfg.results_path.glob("stage=*/dataset=*/*/*.parquet"):
         (row,) = pq.read_table(path).to_pylist()
         name = f"{row['stage']}:{row['attack'] or row['stage']}:s1"
         measured[name] = row["trial_seconds"]

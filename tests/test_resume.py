@@ -50,7 +50,9 @@ def _launch(sweep: Path, tmp_path: Path, *extra: str) -> int:
 
 def _files(results: Path, stage: str = "*") -> dict[str, Path]:
     """trial id -> its ok result file (names only: what the test itself looks at)."""
-    return {p.stem: p for p in results.glob(f"stage={stage}/dataset=*/*.parquet") if ".failed" not in p.name}
+    return {
+        p.stem: p for p in results.glob(f"stage={stage}/dataset=*/*/*.parquet") if ".failed" not in p.name
+    }
 
 
 def _comparable(path: Path) -> list[dict[str, Any]]:
@@ -171,7 +173,9 @@ def test_a_diagnostic_waits_for_its_attacks_and_runs_once_they_are_ok(
     monkeypatch.setattr(trial, "build_attack", pgd_fails)
     statuses = launch.run_sweep(cfg, LocalExecutor(in_process=True))
     assert statuses[pgd] == "failed" and statuses[diagnostic] == "waiting"
-    assert not list((tmp_path / "results").glob("stage=diagnostic/*/*")), "a diagnostic on incomplete inputs"
+    assert not list((tmp_path / "results").glob("stage=diagnostic/**/*.parquet")), (
+        "a diagnostic on incomplete inputs"
+    )
 
     monkeypatch.setattr(trial, "build_attack", real)
     statuses = launch.run_sweep(cfg, LocalExecutor(in_process=True))
@@ -179,7 +183,7 @@ def test_a_diagnostic_waits_for_its_attacks_and_runs_once_they_are_ok(
 
     statuses = launch.run_sweep(cfg, LocalExecutor(in_process=True), retry_failed=True)
     assert statuses[pgd] == "ok" and statuses[diagnostic] == "ok"
-    (diag_file,) = (tmp_path / "results").glob("stage=diagnostic/*/*.parquet")
+    (diag_file,) = (tmp_path / "results").glob("stage=diagnostic/*/*/*.parquet")
     rows = pq.read_table(diag_file).to_pylist()
     assert {r["status"] for r in rows} == {"ok"}
     assert all(json.loads(r["inputs"]) == {t.trial_id: "ok" for t in grid.attack} for r in rows)

@@ -839,7 +839,7 @@ def test_run_sh_on_two_nodes(two_node_cluster: TwoNodes, local_smoke: Path, tmp_
     )
     import polars as pl
 
-    rows = pl.read_parquet(str(results / "stage=*" / "*" / "*.parquet"), hive_partitioning=False)
+    rows = pl.read_parquet(str(results / "stage=*" / "*" / "*" / "*.parquet"), hive_partitioning=False)
     assert set(rows["host"]) == {"node1", "node2"}, rows.group_by("host").len()
     assert differing_trials(local_smoke, results) == {}
     assert not (tmp_path / "ray" / job_id).exists()

@@ -16,7 +16,7 @@ from qshield_dist import launch
 from qshield_dist.executors.squeue import parse_task_states, task_indices
 from qshield_dist.lease import RecordedArray, ResultsLease
 from qshield_dist.results.ledger import Ledger
-from qshield_dist.results.store import ResultStore
+from qshield_dist.results.store import ResultStore, TrialKey
 from qshield_dist.status import NO_SQUEUE, SQUEUE_FAILED, slurm_queue
 
 
@@ -77,7 +77,7 @@ def _table(text: str) -> dict[str, list[str]]:
 
 
 def _attack_files(root: Path, dataset: str) -> list[Path]:
-    return sorted((root / "results" / "stage=attack" / f"dataset={dataset}").glob("*.parquet"))
+    return sorted((root / "results" / "stage=attack" / f"dataset={dataset}").glob("*/*.parquet"))
 
 
 def _no_squeue_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,13 +112,8 @@ def test_status_counts_done_failed_and_missing_and_groups_the_errors(
     assert [(f["stage"], f["count"]) for f in failures] == [("attack", 2), ("train", 1)], failures
     train_failure = failures[1]
     assert "test_images" in train_failure["error"] and "\n" not in train_failure["error"]
-    assert (
-        results
-        / "results"
-        / "stage=train"
-        / "dataset=organamnist"
-        / f"{train_failure['example']}.failed.parquet"
-    ).exists()
+    key = TrialKey("train", "organamnist", train_failure["example"])
+    assert ResultStore(results / "results").trial_path(key, failed=True).exists()
     attack_examples = {p.name.split(".")[0] for p in _attack_files(results, "organamnist")}
     assert failures[0]["example"] in attack_examples
     assert report["queue"] == {"source": "no SLURM array recorded", "arrays": 0, "unknown": 0}

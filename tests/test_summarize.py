@@ -407,7 +407,7 @@ def test_other_schema_version_is_set_aside_not_an_error(
     table = rows_to_table([_train("mnist", "cnn", 5, 0.9, 1.0)])
     table = table.set_column(0, "schema_version", pa.array([1], pa.int32()))
     store = ResultStore(tmp_path)
-    pq.write_table(table, store.trial_path(TrialKey("train", "mnist", "Tv1")))
+    pq.write_table(table, store.flat_path(TrialKey("train", "mnist", "Tv1")))  # an old file: flat layout
     _, trials = store.read_manifest()
     store.write_manifest({"sweep": "t"}, {**trials, "Tv1": {"stage": "train", "dataset": "mnist"}})
     summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
@@ -423,7 +423,7 @@ def test_foreign_schema_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFi
     """Without a manifest there is no grid to filter by: a file of another schema is still set aside."""
     build_results(tmp_path)
     (tmp_path / "manifest.json").unlink()
-    path = ResultStore(tmp_path).trial_path(TrialKey("attack", "mnist", "Aold"))
+    path = ResultStore(tmp_path).flat_path(TrialKey("attack", "mnist", "Aold"))
     pq.write_table(
         pa.table({"schema_version": pa.array([0], pa.int32()), "sweep": ["t"], "asr": [0.5]}), path
     )
@@ -441,7 +441,7 @@ def test_rows_outside_the_grid_and_of_other_versions_are_set_aside(tmp_path: Pat
         "results_version",
         pa.array([ATTACK_VERSION - 1], pa.int32()),
     )
-    pq.write_table(old, ResultStore(tmp_path).trial_path(TrialKey("attack", "mnist", "Aolder")))
+    pq.write_table(old, ResultStore(tmp_path).flat_path(TrialKey("attack", "mnist", "Aolder")))
     summary = summarize(tmp_path, tmp_path / "r", Options(plots=False, proxies={}))
     assert summary.results.set_aside == {
         "not in this sweep's grid": 1,

@@ -107,10 +107,10 @@ def test_a_failing_trial_is_recorded_and_others_complete(tmp_path):
         and row["attack"] == "bpda_pgd"
     )
     # every trial has its own log; the failed one holds the traceback, and a rerun appends
-    failed_log = ctx.store.log_path(failing.trial_id)
+    failed_log = ctx.store.log_path(failing)
     text = failed_log.read_text()
     assert f"trial {failing.trial_id}" in text and "Traceback" in text and "bpda_pgd applies to hqcnn" in text
-    assert f"trial {fgsm.trial_id}: ok" in ctx.store.log_path(fgsm.trial_id).read_text()
+    assert f"trial {fgsm.trial_id}: ok" in ctx.store.log_path(fgsm).read_text()
     run_trial(failing, ctx)
     assert failed_log.read_text().count(": start") == 2
 

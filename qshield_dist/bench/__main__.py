@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         "--plot", default="benchmarks/qubit_scaling.png", help="where the qubit-scaling plot goes"
     )
     parser.add_argument("--no-ray", action="store_true", help="dispatch: skip the Ray measurement")
+    parser.add_argument(
+        "--summary-rows", type=int, default=1_000_000, help="summary: rows of the synthetic sweep"
+    )
+    parser.add_argument(
+        "--summary-points", type=int, default=256, help="summary: per-point outcomes per attack row"
+    )
+    parser.add_argument("--summary-no-plots", action="store_true", help="summary: tables and verdicts only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     todo = set(args.what)
@@ -64,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     if "summary" in todo:
         from qshield_dist.bench import summary
 
-        _emit([summary.bench_summary()])
+        _emit(
+            [summary.bench_summary(args.summary_rows, args.summary_points, plots=not args.summary_no_plots)]
+        )
     if "gpu" in todo:
         from qshield_dist.bench import gpu
 

@@ -31,7 +31,7 @@ from qshield_dist.data import load
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, build_grid
 from qshield_dist.models import build_model
-from qshield_dist.results.store import ResultStore, checkpoint_path
+from qshield_dist.results.store import ResultStore, checkpoint_path, precedence
 from qshield_dist.train import load_checkpoint
 from qshield_dist.trial import predictions
 from qshield_dist.trial_env import seed_everything
@@ -40,9 +40,14 @@ log = logging.getLogger("qshield_dist.bench.crosscheck")
 
 
 def _rows(results: Path) -> list[dict[str, Any]]:
-    _, trials = ResultStore(results).read_manifest()
-    files = [str(p) for p in results.glob("stage=attack/dataset=*/*.parquet") if p.stem in trials]
-    df = pl.read_parquet(files, hive_partitioning=False)
+    store = ResultStore(results)
+    _, trials = store.read_manifest()
+    files = [f for f in store.files() if f.stage == "attack" and not f.failed]
+    files.sort(key=lambda f: precedence(f.rel, f.failed))  # an attack trial has one row: the first counts
+    df = pl.read_parquet([str(f.path) for f in files], hive_partitioning=False)
+    df = df.filter(pl.col("trial_id").is_in(list(trials))).unique(
+        "trial_id", keep="first", maintain_order=True
+    )
     return df.filter((pl.col("attack") == "autoattack") & pl.col("control").is_null()).to_dicts()
 
 

@@ -82,13 +82,13 @@ def write_store(
         checkpoint_sha256=pl.col("trial_id").replace_strict(digests, default=None, return_dtype=pl.String)
     )
     files = 0
+    store = ResultStore(root)
     for (stage,), part in frame.group_by("stage", maintain_order=True):
-        folder = root / f"stage={stage}" / "dataset=mnist"
-        folder.mkdir(parents=True)
         for i in range(0, part.height, rows_per_file):
-            pq.write_table(
-                part.slice(i, rows_per_file).to_arrow(), folder / f"part-{i // rows_per_file:06d}.parquet"
-            )
+            # compacted parts (ok and failed rows together: the ledger reads each row's status)
+            path = store.part_path(str(stage), "mnist", i // rows_per_file + 1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(part.slice(i, rows_per_file).to_arrow(), path)
             files += 1
     in_arrays = trial_ids[rng.choice(n_trials, n_trials // 100, replace=False)].tolist()
     arrays = {

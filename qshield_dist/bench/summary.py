@@ -1,15 +1,20 @@
-"""Benchmark of the summary: a synthetic results directory of N rows, then the summary timed.
+"""Benchmark of the summary: a synthetic results directory of N rows in the compacted layout,
+then the summary timed, with its peak memory.
 
-    python -m qshield_dist.bench summary
+    python -m qshield_dist.bench summary [--summary-rows N] [--summary-points P]
 
-Layout: the real hive layout (stage=*/dataset=*/...parquet) with the real SCHEMA, but
-each file holds `rows_per_file` rows (default 1000, so 1,000,000 rows = ~1,000 files)
-instead of one trial: a million one-row files would time the file system, not the summary.
+Layout: what `launch --compact` leaves, with the real SCHEMA: per stage and dataset, parts of
+up to PART_ROWS rows in row groups of ROW_GROUP_ROWS (store.part_path), plus a few failed
+trials in their own files (store.trial_path). Every attack row keeps its per-point outcomes on
+`points` test points (point_index, point_correct, point_broken), as a real attack row does, so
+the summary's per-point worst case, paired comparisons and verdicts run on them: a point is
+correct clean for a model and seed whatever the attack, and each attack breaks a share of the
+correct ones that depends on the model and the attack.
 Grid: 3 datasets x (dnn, cnn, cnn_small, 24 hybrids = 4 entanglements x 2 depths x 3 noise
 strengths, their 24 backbone-only controls) x all 12 attacks (bpda_pgd on hybrids only)
 x as many seeds as it takes; plus one train row per trained model and seed, 2 diagnostic
-rows per hybrid and seed, a few failed trials, NaN rows, thin seeds, and a manifest listing
-every trial id (plus some never run). Returns a JSON-able dict of timings.
+rows per hybrid and seed, a few failed trials, NaN rows, and a manifest listing every trial
+id (plus some never run). Returns a JSON-able dict of timings and peak memory.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qshield_dist.attack_params import ATTACKS
+from qshield_dist.peak_memory import peak_bytes, reset_peak
+from qshield_dist.results.compact import PART_ROWS, ROW_GROUP_ROWS
+from qshield_dist.results.current import STAGE_VERSIONS
 from qshield_dist.results.schema import SCHEMA, SCHEMA_VERSION
-from qshield_dist.results.store import ResultStore
+from qshield_dist.results.store import ResultStore, TrialKey
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +86,67 @@ def _to_arrow(df: pl.DataFrame) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=SCHEMA)
 
 
-def _write_chunks(root: Path, stage: str, df: pl.DataFrame, rows_per_file: int, prefix: str) -> int:
+def _write_parts(
+    store: ResultStore, stage: str, df: pl.DataFrame, rows_per_file: int, points: int = 0
+) -> int:
+    """`df`'s rows as parts, per dataset; attack rows (points > 0) get their per-point columns
+    and the metrics that follow from them."""
     n_files = 0
     for (dataset,), part in df.group_by("dataset", maintain_order=True):
-        folder = root / f"stage={stage}" / f"dataset={dataset}"
-        folder.mkdir(parents=True, exist_ok=True)
-        table = _to_arrow(part)
-        for i in range(0, table.num_rows, rows_per_file):
-            pq.write_table(table.slice(i, rows_per_file), folder / f"{prefix}{n_files:06d}.parquet")
+        for number, i in enumerate(range(0, part.height, rows_per_file), start=1):
+            chunk = part.slice(i, rows_per_file)
+            table = _with_points(chunk, points) if points else _to_arrow(chunk)
+            path = store.part_path(stage, str(dataset), number)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
             n_files += 1
     return n_files
+
+
+def _with_points(chunk: pl.DataFrame, points: int) -> pa.Table:
+    """Attack rows with `points` per-point outcomes each. A point has, per model and seed, a
+    clean outcome (95% correct) and a fragility; an attack breaks the correct points whose
+    fragility, blurred a little per attack, is below its strength on that model (`base`), so
+    the attacks of a model break overlapping points and its worst case is not all of them.
+    The counts and rates follow from the points, as a trial computes them. Reproducible."""
+    v, a, seed = (chunk[c].to_numpy().astype(np.int64) for c in ("v", "a", "seed"))
+    index = np.arange(points, dtype=np.int64)
+    model = (v * 7919 + seed * 104729)[:, None] + index[None, :] * 2654435761
+    correct = model % 1000 >= 50
+    fragility = (model // 1000 % 10007) / 10007
+    rng = np.random.default_rng(int(v[0] * 1_000_003 + a[0] * 101 + seed[0]))
+    blurred = 0.9 * fragility + 0.1 * rng.random(correct.shape)
+    broken = correct & (blurred < chunk["base"].to_numpy()[:, None])
+    n_attacked = correct.sum(axis=1).astype(np.int32)
+    n_success = broken.sum(axis=1).astype(np.int32)
+    asr = np.where(chunk["nan"].to_numpy(), np.nan, n_success / np.maximum(n_attacked, 1))
+    calls = (1 + a * 3) * 2
+    batches = np.ceil(n_attacked / 128)
+    chunk = chunk.with_columns(
+        pl.lit(points, pl.Int32).alias("n_points"),
+        pl.Series("n_attacked", n_attacked),
+        pl.Series("n_success", n_success),
+        pl.Series("asr", asr),
+        pl.Series("asr_worst", asr),
+        pl.Series("robust_acc", (n_attacked - n_success) / points),
+        pl.Series("clean_acc", n_attacked / points),
+        pl.Series("attack_seconds", calls * chunk["per_call"].to_numpy() * n_attacked / 128),
+        pl.Series("forward_calls", (calls // 2 * batches).astype(np.int64)),
+        pl.Series("backward_calls", (calls // 2 * batches).astype(np.int64)),
+        pl.Series("forward_samples", (calls // 2 * n_attacked).astype(np.int64)),
+        pl.Series("backward_samples", (calls // 2 * n_attacked).astype(np.int64)),
+    )
+    table = _to_arrow(chunk)
+    offsets = pa.array(np.arange(0, (len(v) + 1) * points, points, dtype=np.int32))
+    lists = {
+        "point_index": pa.array(np.tile(index.astype(np.int32), len(v))),
+        "point_correct": pa.array(correct.ravel()),
+        "point_broken": pa.array(broken.ravel()),
+    }
+    for name, values in lists.items():
+        column = pa.ListArray.from_arrays(offsets, values).cast(SCHEMA.field(name).type)
+        table = table.set_column(SCHEMA.get_field_index(name), name, column)
+    return table
 
 
 def _train_key() -> pl.Expr:
@@ -97,9 +157,10 @@ def _train_key() -> pl.Expr:
 
 
 def write_synthetic(
-    root: Path, n_rows: int = 1_000_000, rows_per_file: int = 1000, seed: int = 0
+    root: Path, n_rows: int = 1_000_000, rows_per_file: int = PART_ROWS, points: int = 256, seed: int = 0
 ) -> dict[str, Any]:
-    """Write a synthetic sweep of exactly `n_rows` rows under `root`; returns what it wrote."""
+    """Write a synthetic sweep of exactly `n_rows` rows under `root`, each attack row with
+    `points` per-point outcomes; returns what it wrote."""
     rng = np.random.default_rng(seed)
     variants = _variants()
     attacks = pl.DataFrame({"attack": list(ATTACKS), "a": range(len(ATTACKS))})
@@ -114,7 +175,12 @@ def write_synthetic(
     n_seeds = math.ceil(n_rows / per_seed)
     seeds = pl.DataFrame({"seed": np.arange(n_seeds, dtype=np.int32)})
 
-    common = {"schema_version": SCHEMA_VERSION, "sweep": "bench", "status": "ok"}
+    common = {
+        "schema_version": SCHEMA_VERSION,
+        "train_version": STAGE_VERSIONS["train"],
+        "sweep": "bench",
+        "status": "ok",
+    }
     attack = combos.join(seeds, how="cross")
     train = pl.concat([trained.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS]).join(
         seeds, how="cross"
@@ -128,17 +194,15 @@ def write_synthetic(
     attack = attack.head(n_rows - train.height - diag.height - n_failed)
 
     n = attack.height
-    base = 0.2 + 0.6 * ((attack["v"].to_numpy() * 7 + attack["a"].to_numpy() * 13) % 17) / 17
-    n_attacked = np.where(rng.random(n) < 0.001, 10, 256).astype(np.int32)
-    n_success = np.minimum(n_attacked, rng.binomial(n_attacked, base)).astype(np.int32)
-    asr = n_success / n_attacked
-    asr[rng.choice(n, 10, replace=False)] = np.nan  # set aside and reported by the summary
+    base = 0.1 + 0.5 * ((attack["v"].to_numpy() * 7 + attack["a"].to_numpy() * 13) % 17) / 17
+    nan = np.zeros(n, dtype=bool)
+    nan[rng.choice(n, min(n, 10), replace=False)] = True  # set aside and reported by the summary
     hybrid = (attack["model"] == "hqcnn").to_numpy()
-    calls = (1 + attack["a"].to_numpy() * 3) * 2
     per_call = np.where(hybrid, 0.5, 0.005) * rng.uniform(0.8, 1.2, n)
     params = {a: json.dumps(ATTACKS[a].params("mnist"), sort_keys=True) for a in ATTACKS}
     attack = attack.with_columns(
         pl.lit("attack").alias("stage"),
+        pl.lit(STAGE_VERSIONS["attack"]).alias("results_version"),
         (pl.lit("A") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"),
         _train_key().alias("train_id"),
         pl.col("model").alias("variant"),
@@ -152,21 +216,14 @@ def write_synthetic(
         pl.lit("misclassified (deterministic model, 1 evaluation)").alias("success_rule"),
         pl.lit(False).alias("stochastic"),
         pl.lit(True).alias("budget_ok"),
-        pl.Series("n_attacked", n_attacked),
-        pl.Series("n_success", n_success),
-        pl.Series("asr", asr),
-        pl.Series("asr_worst", asr),
-        pl.Series("robust_acc", 0.95 * (1 - asr)),
-        pl.Series("clean_acc", np.full(n, 0.95)),
-        pl.Series("attack_seconds", calls * per_call * n_attacked / 128),
-        pl.Series("forward_calls", (calls // 2 * np.ceil(n_attacked / 128)).astype(np.int64)),
-        pl.Series("backward_calls", (calls // 2 * np.ceil(n_attacked / 128)).astype(np.int64)),
-        pl.Series("forward_samples", (calls // 2 * n_attacked).astype(np.int64)),
-        pl.Series("backward_samples", (calls // 2 * n_attacked).astype(np.int64)),
+        pl.Series("base", base),
+        pl.Series("nan", nan),
+        pl.Series("per_call", per_call),
         **{k: pl.lit(v) for k, v in common.items()},
     )
     train = train.with_columns(
         pl.lit("train").alias("stage"),
+        pl.lit(STAGE_VERSIONS["train"]).alias("results_version"),
         _train_key().alias("trial_id"),
         pl.col("model").alias("variant"),
         pl.Series("clean_acc", rng.uniform(0.85, 0.99, train.height)),
@@ -177,6 +234,7 @@ def write_synthetic(
     )
     diag = diag.with_columns(
         pl.lit("diagnostic").alias("stage"),
+        pl.lit(STAGE_VERSIONS["diagnostic"]).alias("results_version"),
         (pl.lit("D") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"),
         pl.col("model").alias("variant"),
         pl.Series("diagnostic_value", rng.uniform(0, 1, diag.height)),
@@ -184,17 +242,19 @@ def write_synthetic(
         pl.lit('{"note": "synthetic"}').alias("details"),
         **{k: pl.lit(v) for k, v in common.items()},
     )
-    files = _write_chunks(root, "attack", attack.drop("v", "a"), rows_per_file, "part-")
-    files += _write_chunks(root, "train", train.drop("v"), rows_per_file, "part-")
-    files += _write_chunks(root, "diagnostic", diag.drop("v"), rows_per_file, "part-")
+    store = ResultStore(root)
+    files = _write_parts(store, "attack", attack, rows_per_file, points)
+    files += _write_parts(store, "train", train.drop("v"), rows_per_file)
+    files += _write_parts(store, "diagnostic", diag.drop("v"), rows_per_file)
     failed = attack.head(n_failed).with_columns(
         (pl.lit("F") + pl.int_range(pl.len()).cast(pl.String)).alias("trial_id"),
         pl.lit("failed").alias("status"),
         pl.lit("RuntimeError: synthetic failure\nTraceback ...").alias("error"),
     )
-    for i, row in enumerate(failed.iter_slices(1)):
-        folder = root / "stage=attack" / f"dataset={row['dataset'][0]}"
-        pq.write_table(_to_arrow(row.drop("v", "a")), folder / f"F{i}.failed.parquet")
+    for row in failed.iter_slices(1):
+        path = store.trial_path(TrialKey("attack", row["dataset"][0], row["trial_id"][0]), failed=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(_to_arrow(row.drop("v", "a", "base", "nan", "per_call")), path)
     files += n_failed
     ids = pl.concat(
         [
@@ -210,6 +270,8 @@ def write_synthetic(
     total = attack.height + train.height + diag.height + n_failed
     return {
         "rows": total,
+        "attack_rows": attack.height,
+        "points_per_attack_row": points,
         "files": files,
         "rows_per_file": rows_per_file,
         "seeds": n_seeds,
@@ -218,30 +280,40 @@ def write_synthetic(
 
 
 def bench_summary(
-    n_rows: int = 1_000_000, rows_per_file: int = 1000, plots: bool = True, workdir: str | None = None
+    n_rows: int = 1_000_000,
+    points: int = 256,
+    rows_per_file: int = PART_ROWS,
+    plots: bool = True,
+    workdir: str | None = None,
 ) -> dict[str, Any]:
-    """Time the summary of a synthetic sweep: tables only, then with plots. JSON-able dict."""
+    """Time the summary of a synthetic sweep, with its peak memory: tables and verdicts only,
+    then with plots. JSON-able dict."""
     from qshield_dist.summary.report import Options, summarize
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp) / "results"
         start = time.perf_counter()
-        wrote = write_synthetic(root, n_rows, rows_per_file)
+        wrote = write_synthetic(root, n_rows, rows_per_file, points)
         gen = time.perf_counter() - start
         out: dict[str, Any] = {"benchmark": "summary", **wrote, "generate_seconds": round(gen, 2)}
         # Wall time is what was asked; CPU time (all threads of this process) is steadier on
         # a shared machine, where wall time also counts other people's work.
+        reset_peak()
         start, cpu = time.perf_counter(), time.process_time()
         summary = summarize(root, Path(tmp) / "report_tables", Options(plots=False))
         out["tables_seconds"] = round(time.perf_counter() - start, 3)
         out["tables_cpu_seconds"] = round(time.process_time() - cpu, 3)
+        out["tables_peak_rss_gb"] = round(peak_bytes() / 2**30, 2)
         out["load_average_1min"] = round(os.getloadavg()[0], 2)
         out["cells"] = summary.tables.robustness.height
         out["variants"] = summary.tables.variants.height
+        out["verdicts"] = summary.tables.verdicts.height
+        out["verdicts_by_category"] = dict(Counter(summary.tables.verdicts["category"].to_list()))
         if plots:
             start = time.perf_counter()
             summary = summarize(root, Path(tmp) / "report_full", Options(plots=True))
             out["with_plots_seconds"] = round(time.perf_counter() - start, 3)
+            out["with_plots_peak_rss_gb"] = round(peak_bytes() / 2**30, 2)
             out["figures"] = len(summary.figures)
             start = time.perf_counter()
             summarize(root, Path(tmp) / "report_png", Options(plots=True, svg=False))

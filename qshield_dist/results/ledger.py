@@ -14,7 +14,8 @@ describes, or which trials a compacted file holds; reading every file on every l
 cost as much as a summary.
 
 Only the holder of the results lease saves it (atomically); anyone else refreshes a copy in
-memory. A ledger that is missing or unreadable is rebuilt from the files.
+memory. A ledger that is missing or unreadable is rebuilt from the files. A compaction
+commits it as its index (the new parts' entries) before it removes the files it merged.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qshield_dist.fileio import atomic_write_bytes, read_bytes
+from qshield_dist.fileio import atomic_write_bytes, read_bytes, read_retried
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class ResultFile(NamedTuple):
 
     stage: str
     dataset: str
-    trial_id: str
+    trial_id: str | None  # None: a compacted part, whose trials only its rows say
     failed: bool
     rel: str  # its path relative to the results directory (a string: 10^6 Paths cost seconds)
     root: Path
@@ -218,16 +219,23 @@ class Ledger:
 
     def _read(self, file: ResultFile, size: int, mtime_ns: int) -> list[Entry] | OSError | str:
         """The file's entries; an OSError that outlived the retries; or why it does not decode."""
-        try:
-            data = read_bytes(file.path)
-        except OSError as exc:
-            return exc
-        try:
-            parquet = pq.ParquetFile(pa.BufferReader(data))
-            names = set(parquet.schema_arrow.names)
-            table = parquet.read(columns=[c for c in _KEY_COLUMNS if c in names])
-        except Exception as exc:  # decoding bytes already in memory: any error is the file's own
-            return f"{type(exc).__name__}: {exc}"
+        if file.trial_id is None:  # a part is large: only its key columns are read
+            try:
+                table = read_retried(file.path, _key_columns)
+            except OSError as exc:  # after retries (a decoding error may say OSError too): left alone
+                return exc
+            except Exception as exc:  # not Parquet: the file's own error
+                return f"{type(exc).__name__}: {exc}"
+        else:
+            try:
+                data = read_bytes(file.path)
+            except OSError as exc:
+                return exc
+            try:
+                table = _key_columns(pa.BufferReader(data))
+            except Exception as exc:  # decoding bytes already in memory: any error is the file's own
+                return f"{type(exc).__name__}: {exc}"
+        names = set(table.column_names)
         column = {
             c: table.column(c).to_pylist() if c in names else [None] * table.num_rows for c in _KEY_COLUMNS
         }
@@ -241,7 +249,7 @@ class Ledger:
                     rel=file.rel,
                     size=size,
                     mtime_ns=mtime_ns,
-                    trial_id=row["trial_id"] or file.trial_id,
+                    trial_id=row["trial_id"] or file.trial_id or "",
                     stage=stage,
                     dataset=row["dataset"] or file.dataset,
                     status=row["status"] or ("failed" if file.failed else "ok"),
@@ -275,6 +283,11 @@ class Ledger:
             mtime,
             [entry if e.trial_id == entry.trial_id else e for e in entries],
         )
+
+
+def _key_columns(source: Path | pa.BufferReader) -> pa.Table:
+    parquet = pq.ParquetFile(source)
+    return parquet.read(columns=[c for c in _KEY_COLUMNS if c in parquet.schema_arrow.names])
 
 
 def _inputs_ok(inputs: str | None) -> bool:

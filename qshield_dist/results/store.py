@@ -1,13 +1,22 @@
 """The results store: one results directory, its layout, its files and what is done in it.
 
-Layout (hive style, one file per trial):
+Layout (hive style; a trial's files in a folder named by the two hex digits of its id after
+its stage letter, so that 10^6 trials of a stage and dataset put about 3,900 files in each of
+256 folders: parallel filesystems slow down past some 10^4 entries per folder):
 
-    RESULTS/stage=train/dataset=digits/<trial_id>.parquet         (<trial_id>.failed.parquet: a failure row)
-    RESULTS/stage=attack/dataset=digits/<trial_id>.parquet
-    RESULTS/stage=diagnostic/dataset=digits/<trial_id>.parquet
-    RESULTS/logs/<trial_id>.log
-    RESULTS/manifest.json                                         the sweep and its expected trials
-    RESULTS/ledger.arrow                                          what each file holds (ledger.py)
+    RESULTS/stage=attack/dataset=digits/3f/A3f...parquet     one trial's rows (<id>.failed.parquet: a failure row)
+    RESULTS/stage=attack/dataset=digits/part-000001.parquet  a compacted part: many trials' ok rows
+    RESULTS/stage=attack/dataset=digits/part-000002.failed.parquet   ... or their failure rows
+    RESULTS/logs/stage=attack/dataset=digits/3f/A3f....log   a trial's log
+    RESULTS/manifest.json                                    the sweep and its expected trials
+    RESULTS/ledger.arrow                                     what each file holds (ledger.py)
+
+`launch --compact` (compact.py) merges per-trial files into parts. A directory of the flat
+layout (before the fan-out: `stage=S/dataset=D/<id>.parquet`, `logs/<id>.log`) is read as it
+is; --compact migrates it. When several files hold rows of one trial (a retry after a
+compaction, a compaction killed before it removed what it merged), one file's rows count,
+by precedence(): ok rows before failure rows, then the trial's own file, then one of the flat
+layout, then the newest part. Every reader follows it: this store, the ledger's users, the summary.
 
 Every file is written atomically (fileio), so a reader only ever sees complete files.
 ResultStore is the one way in: workers write and read rows through it, the launcher asks it
@@ -16,10 +25,11 @@ nothing else spells a result file's name.
 
     store = ResultStore(results_dir, checkpoint_dir)
     store.write(trial, rows)                   # any process: one trial's rows, atomically
-    store.read(trial) -> rows                  # its ok rows (failed=True: its failure row)
-    store.statuses(stage, dataset, ids)        # ok | failed | missing, from names (a worker's view)
+    store.read(trial) -> rows                  # its ok rows, wherever they count (failed=True: its failure row)
+    store.statuses(stage, dataset, ids)        # ok | failed | missing: a worker's view, without the ledger
     store.refresh(repair=...)                  # bring the ledger up to date (the lease holder repairs)
     store.done(ids) -> Done                    # what counts as done (its seconds), why the rest runs again
+    store.superseded(files)                    # rows that do not count: another file holds their trial
     store.stale(expected_ids) -> {path: why}   # files that are not the grid's current rows
     store.move_aside(files, stamp)             # RESULTS.pruned-<stamp>/, nothing deleted
     store.write_manifest(meta, trials); store.read_manifest()
@@ -31,12 +41,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qshield_dist.fileio import atomic_write_bytes, read_bytes
@@ -54,6 +66,9 @@ log = logging.getLogger(__name__)
 
 FAILED_SUFFIX = ".failed.parquet"
 MANIFEST = "manifest.json"
+LOGS = "logs"
+PREFIX_DIGITS = 2  # hex digits of a trial id naming its folder: 256 folders per stage and dataset
+PART = re.compile(r"part-(\d+)(\.failed)?\.parquet")
 
 
 class TrialRef(Protocol):
@@ -98,13 +113,32 @@ class ResultStore:
     # -- layout ---------------------------------------------------------------------------
 
     def trial_path(self, trial: TrialRef, failed: bool = False) -> Path:
-        """`<id>.parquet`, or `<id>.failed.parquet` for a failure row."""
+        """`<prefix>/<id>.parquet`, or `<prefix>/<id>.failed.parquet` for a failure row."""
         suffix = FAILED_SUFFIX if failed else ".parquet"
-        return self.root / f"stage={trial.stage}" / f"dataset={trial.dataset}" / f"{trial.trial_id}{suffix}"
+        return (
+            self._folder(trial.stage, trial.dataset) / _prefix(trial.trial_id) / f"{trial.trial_id}{suffix}"
+        )
 
-    def log_path(self, trial_id: str) -> Path:
+    def flat_path(self, trial: TrialRef, failed: bool = False) -> Path:
+        """Where the flat layout (before the fan-out) kept a trial's file: read, never written."""
+        suffix = FAILED_SUFFIX if failed else ".parquet"
+        return self._folder(trial.stage, trial.dataset) / f"{trial.trial_id}{suffix}"
+
+    def part_path(self, stage: str, dataset: str, number: int, failed: bool = False) -> Path:
+        """A compacted part: many trials' ok rows, or (failed) their failure rows."""
+        return self._folder(stage, dataset) / f"part-{number:06d}{FAILED_SUFFIX if failed else '.parquet'}"
+
+    def log_path(self, trial: TrialRef) -> Path:
         """Where a trial's log goes (every run of it appends)."""
-        return self.root / "logs" / f"{trial_id}.log"
+        folder = self.root / LOGS / f"stage={trial.stage}" / f"dataset={trial.dataset}"
+        return folder / _prefix(trial.trial_id) / f"{trial.trial_id}.log"
+
+    def flat_log_path(self, trial_id: str) -> Path:
+        """Where the flat layout kept a trial's log."""
+        return self.root / LOGS / f"{trial_id}.log"
+
+    def _folder(self, stage: str, dataset: str) -> Path:
+        return self.root / f"stage={stage}" / f"dataset={dataset}"
 
     def checkpoint_path(self, train_id: str) -> Path:
         if self.checkpoint_dir is None:
@@ -112,8 +146,9 @@ class ResultStore:
         return checkpoint_path(self.checkpoint_dir, train_id)
 
     def files(self) -> Iterator[ResultFile]:
-        """Every complete result file, from names alone, sorted. Dot-files are the temporary
-        files of atomic writes still in flight."""
+        """Every complete result file, from names alone, sorted: trials' files in their
+        folders, and beside the folders parts and files of the flat layout. Dot-files are the
+        temporary files of atomic writes still in flight."""
         if not self.root.is_dir():
             return
         for stage_dir in sorted(os.scandir(self.root), key=lambda e: e.name):
@@ -125,12 +160,35 @@ class ResultStore:
                     continue
                 dataset = dataset_dir.name.removeprefix("dataset=")
                 folder = f"{stage_dir.name}/{dataset_dir.name}/"
-                for name in sorted(os.listdir(dataset_dir.path)):
-                    if name.startswith(".") or not name.endswith(".parquet"):
+                for entry in sorted(os.scandir(dataset_dir.path), key=lambda e: e.name):
+                    if entry.name.startswith("."):
                         continue
-                    failed = name.endswith(FAILED_SUFFIX)
-                    trial_id = name[: -len(FAILED_SUFFIX)] if failed else name[: -len(".parquet")]
-                    yield ResultFile(stage, dataset, trial_id, failed, folder + name, self.root)
+                    if entry.is_dir():
+                        for name in sorted(os.listdir(entry.path)):
+                            yield from self._file(stage, dataset, f"{folder}{entry.name}/", name)
+                    else:
+                        yield from self._file(stage, dataset, folder, entry.name)
+
+    def _file(self, stage: str, dataset: str, folder: str, name: str) -> Iterator[ResultFile]:
+        if name.startswith(".") or not name.endswith(".parquet"):
+            return
+        failed = name.endswith(FAILED_SUFFIX)
+        trial_id = (
+            None if PART.fullmatch(name) else name.removesuffix(FAILED_SUFFIX if failed else ".parquet")
+        )
+        yield ResultFile(stage, dataset, trial_id, failed, folder + name, self.root)
+
+    def parts(self, stage: str, dataset: str, failed: bool | None = None) -> list[Path]:
+        """The compacted parts of a stage and dataset, newest first (failed: only those of
+        failure rows, or only those of ok rows)."""
+        try:
+            names = os.listdir(self._folder(stage, dataset))
+        except FileNotFoundError:
+            return []
+        found = [(int(m.group(1)), name) for name in names if (m := PART.fullmatch(name))]
+        if failed is not None:
+            found = [(n, name) for n, name in found if name.endswith(FAILED_SUFFIX) == failed]
+        return [self._folder(stage, dataset) / name for _, name in sorted(found, reverse=True)]
 
     # -- rows (any process) ---------------------------------------------------------------
 
@@ -145,23 +203,57 @@ class ResultStore:
         atomic_write_bytes(path, sink.getvalue().to_pybytes(), mode)
         if not failed:
             self.trial_path(trial, failed=True).unlink(missing_ok=True)
+            self.flat_path(trial, failed=True).unlink(missing_ok=True)
         return path
 
     def read(self, trial: TrialRef, failed: bool = False) -> list[dict[str, Any]]:
-        """The trial's rows (FileNotFoundError if it has no such file)."""
-        return read_parquet(self.trial_path(trial, failed))
+        """The trial's ok rows (failed: its failure rows) from the file they count in: its own,
+        one of the flat layout, or the newest part that holds it (FileNotFoundError if none)."""
+        for path in (self.trial_path(trial, failed), self.flat_path(trial, failed)):
+            try:
+                return read_parquet(path)
+            except FileNotFoundError:
+                pass
+        found = self._in_parts(trial.stage, trial.dataset, [trial.trial_id], failed)
+        if trial.trial_id in found:
+            return found[trial.trial_id].to_pylist()
+        kind = "failure" if failed else "ok"
+        raise FileNotFoundError(f"no {kind} rows of trial {trial.trial_id} in {self.root}")
 
     def statuses(self, stage: str, dataset: str, trial_ids: Iterable[str]) -> dict[str, str]:
-        """ok | failed | missing per trial, from file names: what a worker can see now."""
+        """ok | failed | missing per trial, from names and the parts' trial ids: what a worker
+        can see now, without the ledger. An ok row anywhere wins over a failure row."""
         out = {}
         for trial_id in trial_ids:
             key = TrialKey(stage, dataset, trial_id)
-            if self.trial_path(key).exists():
+            if self.trial_path(key).exists() or self.flat_path(key).exists():
                 out[trial_id] = "ok"
-            elif self.trial_path(key, failed=True).exists():
+            elif self.trial_path(key, failed=True).exists() or self.flat_path(key, failed=True).exists():
                 out[trial_id] = "failed"
             else:
                 out[trial_id] = "missing"
+        not_ok = [t for t, s in out.items() if s != "ok"]
+        if not_ok:
+            out.update(dict.fromkeys(self._in_parts(stage, dataset, not_ok, False, ["trial_id"]), "ok"))
+        missing = [t for t, s in out.items() if s == "missing"]
+        if missing:
+            out.update(dict.fromkeys(self._in_parts(stage, dataset, missing, True, ["trial_id"]), "failed"))
+        return out
+
+    def _in_parts(
+        self, stage: str, dataset: str, trial_ids: list[str], failed: bool, columns: list[str] | None = None
+    ) -> dict[str, pa.Table]:
+        """trial id -> its rows in the newest part (of ok rows, or of failure rows) holding it."""
+        out: dict[str, pa.Table] = {}
+        wanted = set(trial_ids)
+        for part in self.parts(stage, dataset, failed):
+            if not wanted:
+                break
+            table = pq.read_table(part, columns=columns, filters=[("trial_id", "in", sorted(wanted))])
+            ids = table.column("trial_id")
+            for trial_id in set(ids.to_pylist()):
+                out[trial_id] = table.filter(pc.equal(ids, trial_id))
+            wanted -= out.keys()
         return out
 
     # -- what is done (the launcher) -------------------------------------------------------
@@ -203,14 +295,17 @@ class ResultStore:
         return self._by_trial
 
     def done(self, trial_ids: Iterable[str]) -> Done:
-        """Of `trial_ids`, those whose stored rows count, with their status (an ok row wins
-        over a failure row), and why the others' rows do not (results.current decides).
+        """Of `trial_ids`, those whose stored rows count, with their status (the files in the
+        order of precedence(): an ok row wins over a failure row), and why the others' rows do
+        not (results.current decides).
         Opens no result file (the ledger knows them); hashes a checkpoint only when its size or
         mtime changed since it last matched."""
         by_trial = self._trials()
         out = Done()
         for trial_id in trial_ids:
-            for entry in sorted(by_trial.get(trial_id, ()), key=lambda e: e.status != "ok"):
+            for entry in sorted(
+                by_trial.get(trial_id, ()), key=lambda e: precedence(e.rel, e.status != "ok")
+            ):
                 checkpoint = (
                     self._checkpoint(entry) if entry.stage == "train" and entry.status == "ok" else None
                 )
@@ -258,6 +353,37 @@ class ResultStore:
         self.ledger.update(entry._replace(checkpoint_size=st.st_size, checkpoint_mtime_ns=st.st_mtime_ns))
         self._by_trial = None
         return None
+
+    def superseded(self, files: list[ResultFile]) -> dict[str, set[str]]:
+        """Of `files`, file (relative path) -> the trials whose rows in it do not count,
+        because a file of higher precedence() holds the same trial. Empty when no trial is in
+        two files, the common case. Reads the parts' trial_id column only."""
+        ids: list[str] = []
+        index: list[int] = []
+        tables = []
+        for i, file in enumerate(files):
+            if file.trial_id is not None:
+                ids.append(file.trial_id)
+                index.append(i)
+            else:
+                held = pc.unique(pq.read_table(file.path, columns=["trial_id"]).column(0).combine_chunks())
+                tables.append(pa.table({"trial_id": held, "file": pa.array([i] * len(held), pa.int64())}))
+        singles = pa.table({"trial_id": pa.array(ids, pa.string()), "file": pa.array(index, pa.int64())})
+        table = pa.concat_tables([singles, *tables])
+        counts = table.group_by("trial_id").aggregate([("file", "count")])
+        twice = counts.filter(pc.greater(counts.column("file_count"), 1)).column("trial_id")
+        if len(twice) == 0:
+            return {}
+        held_by: dict[str, list[int]] = {}
+        both = table.filter(pc.is_in(table.column("trial_id"), value_set=twice.combine_chunks()))
+        for trial_id, i in zip(both.column("trial_id").to_pylist(), both.column("file").to_pylist()):
+            held_by.setdefault(trial_id, []).append(i)
+        out: dict[str, set[str]] = {}
+        for trial_id, holders in held_by.items():
+            ranked = sorted(holders, key=lambda i: precedence(files[i].rel, files[i].failed))
+            for i in ranked[1:]:
+                out.setdefault(files[i].rel, set()).add(trial_id)
+        return out
 
     def stale(self, expected: set[str] | dict[str, Any], in_grid: bool = False) -> dict[Path, str]:
         """Files that are not the grid's current rows, with why: of trials outside `expected`,
@@ -331,14 +457,34 @@ class ResultStore:
 
     def comparable_rows(self) -> dict[str, list[str]]:
         """trial_id -> its rows without VOLATILE_COLUMNS, each as canonical JSON (NaN compares
-        equal to NaN): what two runs of the same trials must agree on, bit for bit."""
+        equal to NaN), from the file they count in: what two runs of the same trials must
+        agree on, bit for bit."""
         out: dict[str, list[str]] = {}
-        for file in self.files():
-            rows = [
-                {k: v for k, v in row.items() if k not in VOLATILE_COLUMNS} for row in read_parquet(file.path)
-            ]
-            out[file.trial_id] = [json.dumps(row, sort_keys=True, default=str) for row in rows]
+        source: dict[str, str] = {}
+        for file in sorted(self.files(), key=lambda f: precedence(f.rel, f.failed)):
+            for row in read_parquet(file.path):
+                if source.setdefault(row["trial_id"], file.rel) != file.rel:
+                    continue  # a file of higher precedence holds this trial
+                row = {k: v for k, v in row.items() if k not in VOLATILE_COLUMNS}
+                out.setdefault(row["trial_id"], []).append(json.dumps(row, sort_keys=True, default=str))
         return out
+
+
+def precedence(rel: str, failed: bool) -> tuple[bool, int, int]:
+    """Which file's rows of a trial count when several files hold it (the lowest first): ok
+    rows before failure rows; then the trial's own file, then one of the flat layout (written
+    before it), then a part, the newest (highest number) first. A compaction writes only rows
+    that count, into a part numbered above the others, so the order holds after it too."""
+    folder, _, name = rel.rpartition("/")
+    part = PART.fullmatch(name)
+    if part is not None:
+        return (failed, 2, -int(part.group(1)))
+    return (failed, 1 if folder.count("/") == 1 else 0, 0)
+
+
+def _prefix(trial_id: str) -> str:
+    """A trial's folder: the hex digits after its stage letter (ids are a letter and hex)."""
+    return trial_id[1 : 1 + PREFIX_DIGITS] or "_"
 
 
 def checkpoint_path(checkpoint_dir: str | os.PathLike[str], train_id: str) -> Path:

@@ -2,7 +2,10 @@
 
 Files are listed once through the results store (cheap: names only) so each stage is
 scanned lazily on its own with only the columns it needs; `.failed.parquet` files are
-scanned separately. Only the sweep's current grid is summarized: rows are selected by the
+scanned separately. Per-trial files and compacted parts are read alike; where two files hold
+one trial (a retry, an interrupted compaction), the rows of the one the store's precedence
+names count and the others' are dropped (ResultStore.superseded; only the parts' trial ids
+are read to know it). Only the sweep's current grid is summarized: rows are selected by the
 trial ids manifest.json lists (never by the volatile `sweep` column, so renaming a sweep
 keeps its rows); files of an older schema and rows of trials it does not list (another
 results version, a grid point removed from the sweep) are set aside and counted by reason
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 VARIANT_KEYS: tuple[str, ...] = ("dataset", *MODEL_COLUMNS, "control")
 ATTACK_KEYS: tuple[str, ...] = ("attack", "attack_preset", "attack_params")
 
+_DROPPED = {"_file": pl.String, "trial_id": pl.String}
 _COMMON = (
     "schema_version",
     "results_version",
@@ -111,25 +115,43 @@ class Results:
     set_aside: dict[str, int] = field(default_factory=dict)  # files not of the current grid, by reason
     notes: list[str] = field(default_factory=list)  # stated in the report
     attack_files: list[str] = field(default_factory=list)  # to name bad files if a later collect fails
+    # Rows of parts that do not count, (file, trial_id): another file holds their trial (scan()).
+    dropped: pl.DataFrame | None = None
     # Which rows of the grid are the summarized sweep's: all of them with a manifest (selected
     # by trial id), else those whose `sweep` column names it.
     selected: pl.Expr = field(default_factory=lambda: pl.lit(True))
 
 
-def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], int]:
-    """Result files by stage (ok), the failed ones, and how many failed files are
-    superseded by an ok file of the same trial (a retry that succeeded; the ok one wins)."""
+def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], pl.DataFrame | None, str | None]:
+    """Result files by stage (ok) and the failed ones, without the files whose trial another
+    file holds with precedence (a failure row retried with success, a per-trial file already
+    compacted); the rows of parts in the same case, as (file, trial_id); a note saying how
+    many were left out."""
+    store = ResultStore(root)
+    files = list(store.files())
+    try:
+        superseded = store.superseded(files)
+    except (OSError, pa.ArrowException) as exc:
+        raise SummaryError(f"a compacted part under {root} is unreadable ({exc})") from None
     ok: dict[str, list[str]] = {s: [] for s in STAGES}
-    failed: dict[str, str] = {}
-    ok_ids: set[str] = set()
-    for file in ResultStore(root).files():
-        if file.failed:
-            failed[file.trial_id] = str(file.path)
-        else:
-            ok.setdefault(file.stage, []).append(str(file.path))
-            ok_ids.add(file.trial_id)
-    superseded = len(failed.keys() & ok_ids)
-    return ok, [p for t, p in failed.items() if t not in ok_ids], superseded
+    failed: list[str] = []
+    in_parts: list[tuple[str, str]] = []
+    for file in files:
+        if file.trial_id is None:  # a part: its other rows count
+            in_parts += [(str(file.path), t) for t in superseded.get(file.rel, ())]
+        elif file.rel in superseded:
+            continue
+        (failed if file.failed else ok.setdefault(file.stage, [])).append(str(file.path))
+    dropped = pl.DataFrame(in_parts, schema=_DROPPED, orient="row") if in_parts else None
+    note = None
+    if superseded:
+        trials = {t for ids in superseded.values() for t in ids}
+        note = (
+            f"the rows of {len(trials)} trial(s) in {len(superseded)} file(s) are not summarized: another file"
+            " holds the same trial (a failed trial retried with success, or a compaction stopped before it"
+            " removed what it merged); its rows count"
+        )
+    return ok, failed, dropped, note
 
 
 def _diagnose(files: list[str]) -> str:
@@ -166,15 +188,27 @@ def _diagnose(files: list[str]) -> str:
     return f"{len(problems)} file(s) do not match results schema_version {SCHEMA_VERSION}:\n  {head}{more}"
 
 
-def _lazy(files: list[str], kind: str) -> pl.LazyFrame:
+def _lazy(files: list[str], kind: str, dropped: pl.DataFrame | None) -> pl.LazyFrame:
     """A lazy scan of one kind of file (a stage, or the failed ones) with its columns."""
     columns = list(STAGE_COLUMNS[kind])
     if not files:
         return pl.from_arrow(SCHEMA.empty_table().select(columns)).lazy()  # type: ignore[union-attr]
-    scan = pl.scan_parquet(
-        files, hive_partitioning=True, hive_schema={"stage": pl.String, "dataset": pl.String}
+    return scan(files, dropped, hive=True).select(columns)
+
+
+def scan(files: list[str], dropped: pl.DataFrame | None, hive: bool = False) -> pl.LazyFrame:
+    """A lazy scan of result files without the `dropped` rows (Results.dropped). hive: the
+    stage and dataset from the paths (stage=*/dataset=*) rather than from the rows."""
+    hive_schema = {"stage": pl.String, "dataset": pl.String} if hive else None
+    lf = pl.scan_parquet(
+        files,
+        hive_partitioning=hive,
+        hive_schema=hive_schema,
+        include_file_paths="_file" if dropped is not None else None,
     )
-    return scan.select(columns)
+    if dropped is None:
+        return lf
+    return lf.join(dropped.lazy(), on=["_file", "trial_id"], how="anti").drop("_file")
 
 
 def collect(queries: list[pl.LazyFrame], files: list[str]) -> list[pl.DataFrame]:
@@ -244,14 +278,17 @@ def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, p
 
 
 def _scan(
-    by_kind: dict[str, list[str]], grid: pl.Series | None, set_aside: dict[str, int]
+    by_kind: dict[str, list[str]],
+    grid: pl.Series | None,
+    set_aside: dict[str, int],
+    dropped: pl.DataFrame | None,
 ) -> tuple[dict[str, list[str]], list[pl.DataFrame]]:
     """Versions, sweep counts and the small stages of the rows in the grid, collected
     together, and the rows outside it counted by reason into `set_aside`. Files that are not
     of the current schema (written before a schema change) are set aside and the scan runs
     again without them: an older file is never an error."""
     for attempt in range(2):
-        lazy = {k: _lazy(v, k) for k, v in by_kind.items()}
+        lazy = {k: _lazy(v, k, dropped) for k, v in by_kind.items()}
         kept = {k: _in_grid(lf, grid) for k, lf in lazy.items()}
         versions = [lf.select(pl.col("schema_version").unique()) for lf in lazy.values()]
         sweeps = [lf.group_by("sweep").len() for lf in kept.values()]
@@ -300,20 +337,18 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         raise SummaryError(f"{root} is not a directory")
     # A big sweep's manifest is tens of MB of JSON: parse it while the files are listed.
     manifest_job = start_manifest_job(root)
-    files, failed_files, superseded = _list_files(root)
+    files, failed_files, dropped, superseded = _list_files(root)
     n_files = sum(map(len, files.values())) + len(failed_files)
     if n_files == 0:
         raise SummaryError(
-            f"no result files under {root} (expected stage=*/dataset=*/*.parquet): has the sweep run?"
+            f"no result files under {root} (expected stage=*/dataset=*/ with trials' files or compacted parts): has the sweep run?"
         )
     unknown = sorted(s for s in files if s not in STAGES and files[s])
     notes: list[str] = []
     if unknown:
         notes.append(f"ignored result files of unknown stages: {', '.join(unknown)}")
     if superseded:
-        notes.append(
-            f"{superseded} failed result file(s) ignored: the same trial also has an ok file (a successful retry)"
-        )
+        notes.append(superseded)
 
     by_kind = {**{s: files[s] for s in STAGES}, "failed": failed_files}
     manifest, expected = resolve_manifest(manifest_job, notes)
@@ -324,7 +359,7 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         manifest = expected = None
     grid = expected["trial_id"] if expected is not None else None
     set_aside: dict[str, int] = {}
-    by_kind, out = _scan(by_kind, grid, set_aside)
+    by_kind, out = _scan(by_kind, grid, set_aside, dropped)
     if set_aside:
         notes.append(
             f"{sum(set_aside.values())} result row(s) set aside, not summarized: {reasons_text(set_aside)} (`launch --prune` moves their files)"
@@ -342,7 +377,7 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         chosen, several = _choose_sweep(counts, sweep)
     selected = pl.col("sweep") == chosen if several else pl.lit(True)
     frames = {k: v.filter(selected) for k, v in zip(small, out[2 * n :])}
-    attack = _in_grid(_lazy(by_kind["attack"], "attack"), grid).filter(selected)
+    attack = _in_grid(_lazy(by_kind["attack"], "attack", dropped), grid).filter(selected)
 
     bad_attack, bad_train = _skipped(attack, frames["train"])
     (skipped_attack,) = collect([bad_attack], by_kind["attack"])
@@ -371,5 +406,6 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
         set_aside=set_aside,
         notes=notes,
         attack_files=by_kind["attack"],
+        dropped=dropped,
         selected=selected,
     )

@@ -31,7 +31,7 @@ import polars as pl
 
 from qshield_dist.attack_params import ATTACKS, completes_worst_case, needed_autoattack
 from qshield_dist.summary import stats
-from qshield_dist.summary.load import VARIANT_KEYS, Results, collect
+from qshield_dist.summary.load import VARIANT_KEYS, Results, collect, scan
 from qshield_dist.vocabulary import (
     BACKBONE_ALONE_VS_CNN,
     BACKBONE_ONLY,
@@ -67,14 +67,12 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
     files = res.attack_files
     if not files:
         return pl.DataFrame(schema={"vkey": pl.String, "point_index": pl.Int32})
-    scan = pl.scan_parquet(files, hive_partitioning=False).select(
-        *POINT_COLUMNS, "trial_id", "sweep", "status"
-    )
+    lazy = scan(files, res.dropped).select(*POINT_COLUMNS, "trial_id", "sweep", "status")
     # An attack that overstepped its budget does not count: its points are missing, not broken.
-    scan = scan.filter(res.selected & (pl.col("status") == "ok") & pl.col("budget_ok").fill_null(False))
+    lazy = lazy.filter(res.selected & (pl.col("status") == "ok") & pl.col("budget_ok").fill_null(False))
     if res.expected is not None:
-        scan = scan.filter(pl.col("trial_id").is_in(res.expected["trial_id"].implode()))
-    (rows,) = collect([scan.filter(pl.col("point_index").list.len() > 0)], files)
+        lazy = lazy.filter(pl.col("trial_id").is_in(res.expected["trial_id"].implode()))
+    (rows,) = collect([lazy.filter(pl.col("point_index").list.len() > 0)], files)
     if not rows.height:
         return pl.DataFrame(schema={"vkey": pl.String, "point_index": pl.Int32})
     rows = rows.join(

@@ -13,7 +13,7 @@ from typing import Any
 import polars as pl
 
 from qshield_dist.attack_params import params_text
-from qshield_dist.results.store import ResultStore
+from qshield_dist.results.store import ResultStore, TrialKey
 from qshield_dist.summary.load import Results
 from qshield_dist.summary.plots import Figure
 from qshield_dist.summary.render import Section, TextTable, num, pct, ratio, size, spread
@@ -306,7 +306,11 @@ def honesty_section(tables: Tables, res: Results) -> Section:
                 r["seed"],
                 r["trial_id"],
                 r["error_line"],
-                str(ResultStore(res.root).log_path(r["trial_id"])),
+                str(
+                    ResultStore(res.root).log_path(
+                        TrialKey(r["stage"] or "", r["dataset"] or "", r["trial_id"])
+                    )
+                ),
             ]
             for r in f.sort("stage", "dataset", "trial_id").iter_rows(named=True)
         ]
