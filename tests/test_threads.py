@@ -76,7 +76,7 @@ def test_a_run_records_the_threads_its_stage_reserves(tmp_path: Path) -> None:
     statuses = launch.run_sweep(cfg, LocalExecutor(in_process=True))
     assert set(statuses.values()) == {"ok"} and len(statuses) == 3
     recorded = {}
-    for file in (tmp_path / "results").glob("stage=*/dataset=*/*.parquet"):
+    for file in (tmp_path / "results").glob("stage=*/dataset=*/*/*.parquet"):  # fanned out by id prefix
         rows = pq.read_table(file, columns=["stage", "threads", "determinism"]).to_pylist()
         for row in rows:
             assert f'"threads": {row["threads"]}' in row["determinism"]  # what torch was set to
