@@ -8,7 +8,9 @@
 - `lightning_trajectories`: the paper's circuit on `lightning.gpu` with Monte-Carlo
   trajectories, where that device is installed, in samples/s against the compiled layer;
 - `parity`: sweeps/parity.yaml on CUDA, run twice by the launcher, each in its own process;
-  the rows are compared byte for byte without the volatile columns.
+  the rows are compared byte for byte without the volatile columns. The same sweep on the CPU
+  is then compared with the CUDA run computation by computation (the ids differ: the
+  accelerator is part of them): which outcome columns differ, how many points flip.
 
 On a machine without CUDA it prints one line saying so and exits 0. Each function takes its
 device, so the same code runs on the CPU (tests/test_device.py).
@@ -16,6 +18,7 @@ device, so the same code runs on the CPU (tests/test_device.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import subprocess
@@ -35,7 +38,7 @@ from qshield_dist.data import load
 from qshield_dist.datasets import DATASETS
 from qshield_dist.models import build_model
 from qshield_dist.quantum import CircuitSpec, QuantumLayer
-from qshield_dist.results.store import ResultStore, differing_trials
+from qshield_dist.results.store import ResultStore, differing_trials, read_parquet
 from qshield_dist.train import train_model
 from qshield_dist.trial_env import cuda_missing, fixed_numerics, gpu_model
 
@@ -181,29 +184,103 @@ def _launch(sweep: Path, results: Path) -> dict[str, Any]:
     }
 
 
-def parity(accelerator: str = "cuda", sweep: str | Path = REPO / "sweeps" / "parity.yaml") -> dict[str, Any]:
-    """`sweep` with every stage on `accelerator`, launched twice (one worker process each):
-    the trials whose rows differ, without the volatile columns (differing_trials)."""
-    cfg = yaml.safe_load(Path(sweep).read_text())
+def _with_accelerator(sweep: Path, accelerator: str, folder: Path) -> Path:
+    cfg = yaml.safe_load(sweep.read_text())
     gpus = 1 if accelerator == "cuda" else 0
     given = cfg.get("resources", {})  # the sweep's cpus, and so its threads, are kept
     cfg["resources"] = {
         stage: {**given.get(stage, {}), "accelerator": accelerator, "gpus": gpus}
         for stage in ("train", "attack")
     }
-    with tempfile.TemporaryDirectory(prefix="qshield-gpu-parity-") as tmp:
-        path = Path(tmp) / "sweep.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        runs = [_launch(path, Path(tmp) / f"run{i}") for i in (1, 2)]
-        differing = differing_trials(Path(tmp) / "run1", Path(tmp) / "run2")
+    path = folder / f"sweep-{accelerator}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# What a trial computed, the columns a CPU and a CUDA run of one computation are compared on.
+OUTCOME_COLUMNS = (
+    "status",
+    "clean_acc",
+    "clean_acc_worst",
+    "n_attacked",
+    "n_success",
+    "robust_acc",
+    "linf_max",
+    "l2_mean",
+    "point_correct",
+    "point_broken",
+    "point_broken_by",
+    "diagnostic_value",
+    "diagnostic_pass",
+)
+
+
+def _by_computation(results: Path) -> dict[str, dict[str, Any]]:
+    """Rows keyed by what they computed, without the trial id (which names the accelerator)."""
+    rows = {}
+    for file in ResultStore(results).files():
+        for row in read_parquet(file.path):
+            key = [row["stage"], row["variant_id"], row["seed"], row["attack"], row["attack_params"]]
+            rows["|".join(str(k) for k in key + [row["diagnostic"]])] = row
+    return rows
+
+
+def accelerator_differences(a: Path, b: Path) -> dict[str, Any]:
+    """The computations two results directories share, compared on OUTCOME_COLUMNS: how many
+    agree exactly, and for each that does not, the columns, the points whose outcome flips
+    and the robust accuracy on each side."""
+    rows_a, rows_b = _by_computation(a), _by_computation(b)
+    shared = sorted(rows_a.keys() & rows_b.keys())
+    differing = {}
+    for key in shared:
+        left, right = rows_a[key], rows_b[key]
+        cols = [
+            c
+            for c in OUTCOME_COLUMNS
+            if json.dumps(left[c], default=str) != json.dumps(right[c], default=str)
+        ]
+        if not cols:
+            continue
+        flips = {
+            c: sum(x != y for x, y in zip(left[c] or [], right[c] or []))
+            for c in ("point_correct", "point_broken")
+            if c in cols
+        }
+        differing[key] = {
+            "columns": cols,
+            "points_flipped": flips,
+            "robust_acc": [left["robust_acc"], right["robust_acc"]],
+        }
     return {
-        "name": "gpu_parity",
-        "accelerator": accelerator,
-        "sweep": str(sweep),
-        "runs": runs,
+        "shared": len(shared),
+        "only_one_side": len(rows_a.keys() ^ rows_b.keys()),
+        "identical": len(shared) - len(differing),
         "differing": differing,
-        "identical": not differing and all(r["exit_code"] == 0 and r["trials"] for r in runs),
     }
+
+
+def parity(accelerator: str = "cuda", sweep: str | Path = REPO / "sweeps" / "parity.yaml") -> dict[str, Any]:
+    """`sweep` with every stage on `accelerator`, launched twice (one worker process each):
+    the trials whose rows differ, without the volatile columns (differing_trials). Where the
+    accelerator is not the CPU, a third launch on the CPU, compared computation by computation
+    (accelerator_differences)."""
+    with tempfile.TemporaryDirectory(prefix="qshield-gpu-parity-") as tmp:
+        folder = Path(tmp)
+        path = _with_accelerator(Path(sweep), accelerator, folder)
+        runs = [_launch(path, folder / f"run{i}") for i in (1, 2)]
+        differing = differing_trials(folder / "run1", folder / "run2")
+        row: dict[str, Any] = {
+            "name": "gpu_parity",
+            "accelerator": accelerator,
+            "sweep": str(sweep),
+            "runs": runs,
+            "differing": differing,
+            "identical": not differing and all(r["exit_code"] == 0 and r["trials"] for r in runs),
+        }
+        if accelerator != "cpu":
+            row["cpu_run"] = _launch(_with_accelerator(Path(sweep), "cpu", folder), folder / "cpu")
+            row["against_cpu"] = accelerator_differences(folder / "run1", folder / "cpu")
+    return row
 
 
 def run() -> Iterator[dict[str, Any]]:
