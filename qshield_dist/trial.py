@@ -291,6 +291,8 @@ def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> lis
             if isinstance(attack, AutoAttack):
                 sources += attack.sources()
     adv = torch.cat(pieces) if pieces else x.clone()
+    if adv.is_cuda:  # kernels run asynchronously: the attack's time includes its queue
+        torch.cuda.synchronize(adv.device)
     seconds = time.perf_counter() - start
 
     delta = (adv - x).flatten(1)

@@ -366,3 +366,43 @@ def test_the_cublas_workspace_is_set_when_a_worker_imports_the_trial_code() -> N
         )
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip() == expected
+
+
+def test_cpu_and_cuda_runs_are_compared_computation_by_computation(tmp_path: Path) -> None:
+    """bench gpu's CPU-vs-CUDA comparison pairs rows by what they computed (the ids differ: the
+    accelerator is in them), and counts the identical ones and each other's flipped points."""
+    from qshield_dist.bench.gpu import accelerator_differences
+    from qshield_dist.results.store import ResultStore, TrialKey
+
+    def row(accelerator: str, attack: str, broken: list[bool]) -> dict[str, Any]:
+        return {
+            "stage": "attack",
+            "status": "ok",
+            "trial_id": f"{attack}-{accelerator}",
+            "dataset": "digits",
+            "variant_id": "v1",
+            "seed": 0,
+            "attack": attack,
+            "attack_params": "{}",
+            "point_correct": [True] * 4,
+            "point_broken": broken,
+            "robust_acc": 1 - sum(broken) / 4,
+        }
+
+    runs = {
+        "cuda": [row("cuda", "fgsm", [True, False, False, False]), row("cuda", "pgd", [True] * 4)],
+        "cpu": [
+            row("cpu", "fgsm", [True, False, False, False]),
+            row("cpu", "pgd", [True, True, False, True]),
+            row("cpu", "square", [False] * 4),
+        ],
+    }
+    for name, rows in runs.items():
+        for r in rows:
+            ResultStore(tmp_path / name).write(TrialKey("attack", "digits", r["trial_id"]), [r])
+    found = accelerator_differences(tmp_path / "cuda", tmp_path / "cpu")
+    assert (found["shared"], found["identical"], found["only_one_side"]) == (2, 1, 1), found
+    ((key, pgd),) = found["differing"].items()
+    assert "pgd" in key and "fgsm" not in key
+    assert pgd["columns"] == ["robust_acc", "point_broken"]
+    assert pgd["points_flipped"] == {"point_broken": 1} and pgd["robust_acc"] == [0.0, 0.25]
