@@ -306,3 +306,17 @@ def test_an_attacks_work_is_extrapolated_from_its_counted_model_samples(tmp_path
     calibrated = record["iteration_samples"][0] / calibration.FIRST_UNITS["attack"]
     assert plan_mod._scale(apgd, record) * calibrated == pytest.approx(real)
     assert real / calibrated < 0.8 * 20 / calibration.ITERATION_CAPS["steps"]
+
+
+def test_autoattack_estimates_are_called_an_upper_bound(tmp_path, capsys):
+    """The calibration model breaks at no component, so AutoAttack's estimate is its whole
+    sequence on every point: --plan says so, with those trials' share of the hours."""
+    sweep = _sweep(
+        tmp_path, attacks=[{"name": "fgsm"}, {"name": "autoattack", "params": {"version": "fast"}}]
+    )
+    assert _plan(tmp_path, sweep, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    (warning,) = [w for w in report["warnings"] if "AutoAttack" in w]
+    assert warning.startswith("1 AutoAttack trial (") and "upper bound" in warning
+    assert _plan(tmp_path, _sweep(tmp_path), "--json") == 0  # no AutoAttack, no such warning
+    assert not [w for w in json.loads(capsys.readouterr().out)["warnings"] if "AutoAttack" in w]
