@@ -115,6 +115,40 @@ class BarProgress(ProgressSink):
             self._log()
 
 
+class StartedRecord(ProgressSink):
+    """Forwards to `inner`, and keeps the lease's record of the trials started and not finished
+    current (lease.record_started), so that `--status` can say what a local or Ray launch is
+    running. Written at most every WRITE_EVERY_S, and whenever the last one finishes; a trial
+    that ends within that time of the previous write shows as started until the next event."""
+
+    WRITE_EVERY_S = 1.0
+
+    def __init__(self, inner: BarProgress, lease: ResultsLease, executor: str):
+        self.inner, self.lease, self.executor = inner, lease, executor
+        self.trials: set[str] = set()
+        self.written_at = -math.inf
+
+    def _write(self) -> None:
+        now = time.monotonic()
+        if not self.trials or now - self.written_at >= self.WRITE_EVERY_S:
+            self.lease.record_started(self.executor, self.trials)
+            self.written_at = now
+
+    def started(self, key: str) -> None:
+        self.trials.add(key)
+        self.inner.started(key)
+        self._write()
+
+    def finished(self, key: str, status: str) -> None:
+        self.trials.discard(key)
+        self.inner.finished(key, status)
+        self._write()
+
+    def close(self) -> None:
+        self.inner.close()
+        self.lease.clear_started()
+
+
 def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> list[Job]:
     from qshield_dist.trial import run_trial  # torch: only once something runs
 
@@ -401,9 +435,11 @@ def _run_held(
                 durations = slurm_durations(cfg, grid, [*plan.now, *plan.after_attacks], done)
             executor = make_executor(cfg, durations)
         warn_oversubscribed(executor, [*plan.now, *plan.after_attacks])
+        progress: BarProgress | StartedRecord = BarProgress(todo)
         if hasattr(executor, "on_submit"):  # SLURM: record each array, so a relaunch does not resubmit it
             executor.on_submit = lease.record_array
-        progress = BarProgress(todo)
+        else:  # local, Ray: record what runs, for --status (SLURM's queue says that itself)
+            progress = StartedRecord(progress, lease, ctx.executor)
         start = time.perf_counter()
         try:
             statuses.update(executor.run(make_jobs(plan.now, cfg, ctx), progress))

@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Collection, NamedTuple
 
 from qshield_dist.executors.squeue import UNKNOWN, queued_tasks
 from qshield_dist.fileio import atomic_write_bytes, read_bytes
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 LEASE = "lease.json"
 ARRAYS = "slurm-arrays"
+IN_FLIGHT = "in-flight.json"  # what a local or Ray holder's executor has started, for --status
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # ten missed heartbeats: an NFS server failing over takes less
 
@@ -264,6 +265,28 @@ class ResultsLease:
     def in_flight(self) -> dict[str, str]:
         """trial key -> the id of the queued SLURM array that holds it."""
         return {key: array_id for array_id, keys in self.queued_arrays().items() for key in keys}
+
+    # -- what a local or Ray holder runs now --------------------------------------------
+
+    def record_started(self, executor: str, trials: Collection[str]) -> None:
+        """The trials this holder's executor has started and not finished, replacing the last
+        record (local: in a worker; Ray: submitted and ready, running or waiting for resources)."""
+        record = {"token": self.token, "executor": executor, "trials": sorted(trials)}
+        atomic_write_bytes(self.root / IN_FLIGHT, json.dumps(record).encode())
+
+    def clear_started(self) -> None:
+        (self.root / IN_FLIGHT).unlink(missing_ok=True)
+
+    def holders_started(self) -> tuple[str, list[str]] | None:
+        """(executor, trials) the live holder recorded with record_started; None without a live
+        holder or its record. A record left by a holder that is gone or stale is not believed."""
+        holder = self.holder()
+        if holder is None or holder.gone() or holder.heartbeat_age_s >= self.stale_s:
+            return None
+        record = _read_json(self.root / IN_FLIGHT)
+        if not record or record.get("token") != holder.token:
+            return None
+        return str(record.get("executor", "?")), [str(t) for t in record.get("trials") or []]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -5,14 +5,18 @@ Each trial of the sweep's current grid is in one state, per stage:
   trial's checkpoint too);
 - running / queued: it is not done and belongs to a task of a SLURM array the launcher
   recorded (lease.py) that squeue shows running / waiting (a failed trial resubmitted with
-  --retry-failed is running or queued again);
+  --retry-failed is running or queued again); or a local launcher that holds the directory
+  has it in a worker;
+- in flight: a Ray launcher that holds the directory has submitted it and it is ready to run,
+  and Ray does not say whether it runs or waits for resources;
 - failed: its failure row counts and it is not in the queue;
 - missing: none of these (never run, lost, rows of another version, a diagnostic held back).
 Failures are grouped by the first line of their error, each group with a count and one trial.
 
-Only SLURM is asked what runs: a local or Ray launcher's trials in progress count as missing
-(the launcher holding the directory is named). Without squeue, the trials of recorded arrays
-that are not done count as unknown, and running / queued show as unknown: nothing is guessed.
+SLURM is asked what runs; a local or Ray launcher says it through the lease's record of what it
+started (lease.record_started), believed only while that launcher's heartbeat is fresh. Without
+squeue, the trials of recorded arrays that are not done count as unknown, and running / queued
+show as unknown: nothing is guessed.
 
 Nothing is written and no result file is opened twice: the store's ledger is refreshed in
 memory (only files new or changed since the lease holder last saved it are read), then the
@@ -38,7 +42,7 @@ from qshield_dist.results.current import not_done_reason
 from qshield_dist.results.store import ResultStore
 from qshield_dist.vocabulary import STAGES
 
-STATES = ("done", "running", "queued", "failed", "missing", "unknown")
+STATES = ("done", "running", "queued", "in_flight", "failed", "missing", "unknown")
 NO_SQUEUE = "unknown (no squeue)"
 SQUEUE_FAILED = "unknown (squeue failed)"
 # What not_done_reason reads of a row; a null is joined on as a value no row has.
@@ -61,6 +65,16 @@ class Queue:
     running: list[str] = field(default_factory=list)
     queued: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)  # in arrays squeue could not answer for
+    in_flight: list[str] = field(default_factory=list)  # a Ray launcher's: running or waiting
+    launcher: str | None = None  # the executor of the launcher whose started trials are included
+
+    def add_started(self, executor: str, trials: list[str]) -> None:
+        """The trials a local or Ray launcher holding the directory has started (lease.py)."""
+        self.launcher = executor
+        if executor == "ray":  # Ray's 'started' is 'ready': running or waiting for resources
+            self.in_flight += trials
+        else:
+            self.running += trials
 
 
 def slurm_queue(
@@ -134,6 +148,8 @@ def trial_states(store: ResultStore, expected: Mapping[str, str], queue: Queue) 
             .then(pl.lit("running"))
             .when(tid.is_in(queue.queued))
             .then(pl.lit("queued"))
+            .when(tid.is_in(queue.in_flight))
+            .then(pl.lit("in_flight"))
             .when(tid.is_in(queue.unknown))
             .then(pl.lit("unknown"))
             .when(stored == "failed")
@@ -173,7 +189,12 @@ def summarize_states(states: pl.DataFrame, queue: Queue) -> dict[str, Any]:
 def sweep_status(store: ResultStore, expected: Mapping[str, str], queue: Queue) -> dict[str, Any]:
     """The status of `expected` (trial id -> stage) in a store whose ledger is loaded."""
     report = summarize_states(trial_states(store, expected, queue), queue)
-    report["queue"] = {"source": queue.source, "arrays": queue.arrays, "unknown": len(queue.unknown)}
+    report["queue"] = {
+        "source": queue.source,
+        "arrays": queue.arrays,
+        "unknown": len(queue.unknown),
+        "launcher": queue.launcher,
+    }
     return report
 
 
@@ -185,7 +206,11 @@ def collect(
     store = ResultStore(results_dir, checkpoint_dir)
     refreshed = store.refresh()  # not repair: only the lease holder writes the ledger
     lease = ResultsLease(results_dir)
-    report = sweep_status(store, expected, slurm_queue(lease.recorded_arrays()))
+    queue = slurm_queue(lease.recorded_arrays())
+    started = lease.holders_started()
+    if started is not None:
+        queue.add_started(*started)
+    report = sweep_status(store, expected, queue)
     holder = lease.holder()
     report.update(
         results=str(results_dir),
@@ -199,9 +224,11 @@ def render(report: dict[str, Any], name: str) -> str:
     """The report as a table for a person."""
     queue = report["queue"]
     cells = ("total", "done", "running", "queued", "failed", "missing")
-    lines = [f"sweep {name} in {report['results']}", f"{'stage':11}" + "".join(f"{c:>9}" for c in cells)]
+    if any(row["in_flight"] for row in report["stages"].values()):
+        cells = ("total", "done", "running", "queued", "in_flight", "failed", "missing")
+    lines = [f"sweep {name} in {report['results']}", f"{'stage':11}" + "".join(f"{c:>10}" for c in cells)]
     for stage, row in report["stages"].items():
-        lines.append(f"{stage:11}" + "".join(f"{'?' if row[c] is None else row[c]:>9}" for c in cells))
+        lines.append(f"{stage:11}" + "".join(f"{'?' if row[c] is None else row[c]:>10}" for c in cells))
     if queue["unknown"]:
         lines.append(
             f"queued: {queue['source']}: {queue['unknown']} trials of {queue['arrays']} recorded SLURM arrays"
@@ -209,8 +236,14 @@ def render(report: dict[str, Any], name: str) -> str:
         )
     elif queue["source"] == "squeue":
         lines.append(f"running / queued: from squeue, {queue['arrays']} recorded SLURM arrays in the queue")
-    else:
-        lines.append(f"running / queued: {queue['source']} (only SLURM is asked what runs)")
+    elif not queue.get("launcher"):
+        lines.append(f"running / queued: {queue['source']}")
+    if queue.get("launcher") == "ray":
+        lines.append(
+            "in_flight: submitted by the Ray launcher, running or waiting for resources (Ray does not say which)"
+        )
+    elif queue.get("launcher"):
+        lines.append(f"running: in the {queue['launcher']} launcher's workers")
     if report["launcher"]:
         lines.append(f"launcher: {report['launcher']} holds the directory")
     if report["failures"]:

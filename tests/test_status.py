@@ -3,6 +3,7 @@ error, on a real small sweep; what SLURM says of recorded arrays; and without sq
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -70,9 +71,11 @@ def _status(root: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
 
 
 def _table(text: str) -> dict[str, list[str]]:
-    """The text table's rows: stage -> total, done, running, queued, failed, missing."""
+    """The text table's rows: stage -> total, done, running, queued, [in_flight,] failed, missing
+    (in_flight only where a Ray launcher has trials in flight)."""
     header, *rows = [line.split() for line in text.splitlines()[1:5]]
-    assert header == ["stage", "total", "done", "running", "queued", "failed", "missing"]
+    columns = ["stage", "total", "done", "running", "queued", "in_flight", "failed", "missing"]
+    assert header in (columns, columns[:5] + columns[6:]), header
     return {row[0]: row[1:] for row in rows}
 
 
@@ -96,13 +99,32 @@ def test_status_counts_done_failed_and_missing_and_groups_the_errors(
 
     report = json.loads(_status(results, capsys, "--json"))
     assert report["stages"] == {
-        "train": {"total": 2, "done": 1, "running": 0, "queued": 0, "failed": 1, "missing": 0, "unknown": 0},
-        "attack": {"total": 4, "done": 1, "running": 0, "queued": 0, "failed": 2, "missing": 1, "unknown": 0},
+        "train": {
+            "total": 2,
+            "done": 1,
+            "running": 0,
+            "queued": 0,
+            "in_flight": 0,
+            "failed": 1,
+            "missing": 0,
+            "unknown": 0,
+        },
+        "attack": {
+            "total": 4,
+            "done": 1,
+            "running": 0,
+            "queued": 0,
+            "in_flight": 0,
+            "failed": 2,
+            "missing": 1,
+            "unknown": 0,
+        },
         "diagnostic": {
             "total": 0,
             "done": 0,
             "running": 0,
             "queued": 0,
+            "in_flight": 0,
             "failed": 0,
             "missing": 0,
             "unknown": 0,
@@ -116,7 +138,12 @@ def test_status_counts_done_failed_and_missing_and_groups_the_errors(
     assert ResultStore(results / "results").trial_path(key, failed=True).exists()
     attack_examples = {p.name.split(".")[0] for p in _attack_files(results, "organamnist")}
     assert failures[0]["example"] in attack_examples
-    assert report["queue"] == {"source": "no SLURM array recorded", "arrays": 0, "unknown": 0}
+    assert report["queue"] == {
+        "source": "no SLURM array recorded",
+        "arrays": 0,
+        "unknown": 0,
+        "launcher": None,
+    }
     assert report["launcher"] is None
 
     text = _status(results, capsys)
@@ -149,10 +176,65 @@ def test_status_without_squeue_says_queued_is_unknown(
     attack = report["stages"]["attack"]
     assert (attack["done"], attack["failed"], attack["missing"], attack["unknown"]) == (1, 1, 0, 2)
     assert attack["running"] is None and attack["queued"] is None
-    assert report["queue"] == {"source": NO_SQUEUE, "arrays": 1, "unknown": 3}
+    assert report["queue"] == {"source": NO_SQUEUE, "arrays": 1, "unknown": 3, "launcher": None}
     text = _status(results, capsys)
     assert "queued: unknown (no squeue): 3 trials of 1 recorded SLURM arrays" in text
     assert _table(text)["attack"] == ["4", "1", "?", "?", "1", "0"]
+
+
+def test_a_live_local_or_ray_launchers_started_trials_show_as_running_or_in_flight(
+    results: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local launcher holding the directory records what its workers run; a Ray one what it
+    submitted (running or waiting: Ray does not say). Believed only while the holder is live:
+    once its lease is released, or left by a process that is gone, the trials are missing."""
+    _no_squeue_on_path(monkeypatch)
+    lost = _attack_files(results, "digits")[0]
+    lost.unlink()
+    failed_attack = _attack_files(results, "organamnist")[0].name.split(".")[0]
+    lease = ResultsLease(results / "results")
+    lease.acquire()
+    try:
+        lease.record_started("local", [lost.stem, failed_attack])  # a failed trial re-run
+        report = json.loads(_status(results, capsys, "--json"))
+        attack = report["stages"]["attack"]
+        assert (attack["running"], attack["failed"], attack["missing"], attack["in_flight"]) == (2, 1, 0, 0)
+        assert report["queue"]["launcher"] == "local"
+        assert "running: in the local launcher's workers" in _status(results, capsys)
+
+        lease.record_started("ray", [lost.stem])
+        attack = json.loads(_status(results, capsys, "--json"))["stages"]["attack"]
+        assert (attack["running"], attack["in_flight"], attack["failed"], attack["missing"]) == (0, 1, 2, 0)
+        text = _status(results, capsys)
+        assert _table(text)["attack"] == ["4", "1", "0", "0", "1", "2", "0"]  # with an in_flight column
+        assert "running or waiting for resources" in text
+    finally:
+        lease.release()
+    lease.record_started("local", [lost.stem])  # a record without a live holder: not believed
+    attack = json.loads(_status(results, capsys, "--json"))["stages"]["attack"]
+    assert (attack["running"], attack["missing"]) == (0, 1)
+
+
+def test_a_local_launch_records_its_running_trials_and_clears_them(tmp_path: Path) -> None:
+    """launch's StartedRecord: the lease's record follows the executor's started / finished
+    calls and is gone when the launch ends."""
+    lease = ResultsLease(tmp_path)
+    lease.acquire()
+    seen = []
+    try:
+        record = launch.StartedRecord(launch.BarProgress(2, io.StringIO()), lease, "local")
+        record.started("a")
+        record.started("b")
+        seen.append(lease.holders_started())
+        record.finished("a", "ok")
+        record.finished("b", "ok")  # the last one: written at once
+        seen.append(lease.holders_started())
+        record.close()
+        seen.append(lease.holders_started())
+    finally:
+        lease.release()
+    assert seen[0] == ("local", ["a"]) or seen[0] == ("local", ["a", "b"])  # throttled: at most 1 write/s
+    assert seen[1:] == [("local", []), None]
 
 
 def test_running_and_queued_follow_each_task_of_a_recorded_array(tmp_path: Path) -> None:
