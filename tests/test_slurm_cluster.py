@@ -943,10 +943,10 @@ def test_cli_runs_300_trials_as_a_handful_of_tasks_with_per_model_dependencies(
     store = ResultStore(results)
     files = [f.trial_id for f in store.files()]
     assert len(files) == len(expected) and set(files) == expected and not any(f.failed for f in store.files())
-    for trial_id in expected:
-        lines = store.log_path(trial_id).read_text().splitlines()
+    for trial in grid.trials:
+        lines = store.log_path(trial).read_text().splitlines()
         assert sum(line.endswith(": start") for line in lines) == 1, lines
-        assert sum(f"trial {trial_id}: ok in " in line for line in lines) == 1, lines
+        assert sum(f"trial {trial.trial_id}: ok in " in line for line in lines) == 1, lines
 
     # a handful of tasks: each training alone (two levels), each model's attacks in few packs
     recorded = {a: json.loads(p.read_text()) for a, p in _records(results).items()}
