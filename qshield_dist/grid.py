@@ -377,12 +377,13 @@ def _expand(spec: SweepSpec) -> Grid:
     # surrogate trained alone is determined by (dataset, seed, architecture), and an equal-budget
     # control also by whether the hybrid was pre-trained. Made once each, not once per hybrid.
     alone: dict[tuple[Any, ...], TrainTrial] = {}
-    # auto resolves here, from what each stage reserves, and so do threads (its whole cores);
-    # diagnostics run with the attacks' resources
+    # auto resolves here, from what each stage reserves, and so do threads (its whole cores)
     on_train = cfg.resources.train.resolved_accelerator
     on_attack = cfg.resources.attack.resolved_accelerator
     train_threads = cfg.resources.train.resolved_threads
     attack_threads = cfg.resources.attack.resolved_threads
+    on_diagnostic = cfg.resources.of("diagnostic").resolved_accelerator
+    diagnostic_threads = cfg.resources.of("diagnostic").resolved_threads
 
     def add(trial: TrainTrial) -> TrainTrial:
         return train.setdefault(trial.trial_id, trial)
@@ -458,7 +459,9 @@ def _expand(spec: SweepSpec) -> Grid:
         on_rows = bool(set(cfg.eval.diagnostic_names) & set(CHECKS_ON_ATTACK_ROWS))
         for train_id, attack_ids in own_attacks.items():
             inputs = tuple(attack_ids) if on_rows else ()  # no wait for attacks it does not read
-            diagnostic.append(DiagnosticTrial(train[train_id], inputs, cfg.eval, attack_threads, on_attack))
+            diagnostic.append(
+                DiagnosticTrial(train[train_id], inputs, cfg.eval, diagnostic_threads, on_diagnostic)
+            )
     return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 

@@ -22,6 +22,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, TextIO
@@ -118,8 +119,8 @@ class BarProgress(ProgressSink):
 class StartedRecord(ProgressSink):
     """Forwards to `inner`, and keeps the lease's record of the trials started and not finished
     current (lease.record_started), so that `--status` can say what a local or Ray launch is
-    running. Written at most every WRITE_EVERY_S, and whenever the last one finishes; a trial
-    that ends within that time of the previous write shows as started until the next event."""
+    running. Written at most every WRITE_EVERY_S: a change within that time of the last write
+    is written by a timer when it runs out (an executor starts its trials in bursts)."""
 
     WRITE_EVERY_S = 1.0
 
@@ -127,26 +128,48 @@ class StartedRecord(ProgressSink):
         self.inner, self.lease, self.executor = inner, lease, executor
         self.trials: set[str] = set()
         self.written_at = -math.inf
+        self.closed = False
+        self._lock = threading.Lock()  # the executor's calls and the timer's write
+        self._timer: threading.Timer | None = None
 
-    def _write(self) -> None:
-        now = time.monotonic()
-        if not self.trials or now - self.written_at >= self.WRITE_EVERY_S:
-            self.lease.record_started(self.executor, self.trials)
-            self.written_at = now
+    def _changed(self) -> None:  # with the lock held
+        wait = self.written_at + self.WRITE_EVERY_S - time.monotonic()
+        if wait <= 0:
+            self._record()
+        elif self._timer is None:
+            self._timer = threading.Timer(wait, self._flush)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            if not self.closed:
+                self._record()
+
+    def _record(self) -> None:  # with the lock held
+        self.lease.record_started(self.executor, self.trials)
+        self.written_at = time.monotonic()
 
     def started(self, key: str) -> None:
-        self.trials.add(key)
+        with self._lock:
+            self.trials.add(key)
+            self._changed()
         self.inner.started(key)
-        self._write()
 
     def finished(self, key: str, status: str) -> None:
-        self.trials.discard(key)
+        with self._lock:
+            self.trials.discard(key)
+            self._changed()
         self.inner.finished(key, status)
-        self._write()
 
     def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self.lease.clear_started()
         self.inner.close()
-        self.lease.clear_started()
 
 
 def make_jobs(trials: Sequence[Trial], cfg: SweepConfig, ctx: RunContext) -> list[Job]:

@@ -316,3 +316,41 @@ def test_a_flat_layout_keeps_working_and_compact_migrates_it(
         assert launch.main(_args(tmp_path)) == 0
     assert "9 already done, 0 to run" in caplog.text
     assert _status(tmp_path, capsys) == status
+
+
+def test_a_superseded_flat_file_is_not_migrated_over_the_newer_rows(tmp_path: Path) -> None:
+    """A failure in the flat layout, then a newer failure of the same trial in the fan-out (a
+    retry that failed again): compaction merges the newer one into a part, which precedence
+    ranks below the flat layout, so the old file is moved aside first (kept, never deleted)."""
+    root = tmp_path / "results"
+    store = _fixture(root)
+    _, expected = store.read_manifest()
+    (failed,) = [f for f in store.files() if f.failed]
+    key = TrialKey(failed.stage, failed.dataset, failed.trial_id or "")
+    row = store.read(key, failed=True)[0]
+    store.write(key, [{**row, "error": "OLD failure"}])
+    store.trial_path(key, failed=True).rename(store.flat_path(key, failed=True))
+    store.write(key, [{**row, "error": "NEW failure"}])
+    store.refresh(repair=True)
+    assert store.read(key, failed=True)[0]["error"] == "NEW failure"
+
+    done = compact(store, expected, part_rows=1000)
+    assert done.set_aside == 1 and not store.flat_path(key, failed=True).exists()
+    (aside,) = tmp_path.glob("results.pruned-*")
+    assert aside.joinpath(store.flat_path(key, failed=True).relative_to(root)).exists(), "set aside, not lost"
+    assert not store.trial_path(key, failed=True).exists(), "the newer file went into a part"
+    assert ResultStore(root).read(key, failed=True)[0]["error"] == "NEW failure"
+    assert store.statuses(key.stage, key.dataset, [key.trial_id]) == {key.trial_id: "failed"}
+
+
+def test_a_summary_that_loses_files_to_a_compaction_says_so(tmp_path: Path) -> None:
+    """Files listed, then removed before the scan (a --compact between the two): the error
+    says the directory changed and to run again, not that the schema is wrong."""
+    from qshield_dist.summary.load import SummaryError, collect, scan
+
+    store = _fixture(tmp_path / "results")
+    files = sorted(str(f.path) for f in store.files() if f.stage == "attack")
+    query = scan(files, None, hive=True)
+    os.unlink(files[0])
+    with pytest.raises(SummaryError, match="disappeared while the summary read them.*run the summary again"):
+        collect([query], files)

@@ -280,3 +280,26 @@ def test_is_loopback_is_one_rule_for_python_and_run_sh(address: str, expected: b
         [sys.executable, "-m", "qshield_dist.cluster", "is-loopback", address], capture_output=True
     )
     assert (cli.returncode == 0) is expected
+
+
+def test_an_array_that_waits_for_whole_arrays_follows_every_task_of_them() -> None:
+    """Past _MAX_DEPENDENCIES task ids, an array's afterok names whole arrays; SLURM then
+    cancels it when any task of those fails, so the tasks it is recorded to wait for (which
+    _resubmit and the polling follow) must be all of theirs, not only the ones it needs."""
+    from types import SimpleNamespace
+
+    from qshield_dist.executors.slurm import _MAX_DEPENDENCIES, SlurmExecutor, Submitted, _Task
+
+    arrays = [Submitted(name, packs=[[f"{name}{i}"] for i in range(40)]) for name in ("11", "12")]
+    for a in arrays:
+        a.tasks = [
+            _Task(SimpleNamespace(job_id=f"{a.array_id}_{i}"), a, k, Path("/nonexistent"))
+            for i, k in enumerate(a.packs)
+        ]
+    few = [arrays[0].tasks[0], arrays[1].tasks[3]]
+    assert SlurmExecutor._dependency(None, few) == (["11_0", "12_3"], few)  # type: ignore[arg-type]
+    needed = arrays[0].tasks[:35] + arrays[1].tasks[:35]
+    assert len(needed) > _MAX_DEPENDENCIES
+    ids, followed = SlurmExecutor._dependency(None, needed)  # type: ignore[arg-type]
+    assert ids == ["11", "12"]
+    assert followed == arrays[0].tasks + arrays[1].tasks  # task 11_39 is not needed, but waited for

@@ -28,7 +28,8 @@ import cloudpickle  # noqa: E402  (submitit pickles with the standalone cloudpic
 import cluster_fixtures as cf  # noqa: E402
 
 from qshield_dist.executors.base import Job  # noqa: E402
-from qshield_dist.executors.slurm import SlurmExecutor, max_array_tasks, pack_jobs  # noqa: E402
+from qshield_dist.executors.slurm import SlurmExecutor, max_array_tasks  # noqa: E402
+from qshield_dist.executors.slurm_packing import pack_jobs  # noqa: E402
 from qshield_dist.results.store import ResultStore, differing_trials  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -217,24 +218,31 @@ def test_a_live_local_or_ray_launchers_started_trials_show_as_running_or_in_flig
 
 def test_a_local_launch_records_its_running_trials_and_clears_them(tmp_path: Path) -> None:
     """launch's StartedRecord: the lease's record follows the executor's started / finished
-    calls and is gone when the launch ends."""
+    calls, a burst of starts included (the ones within WRITE_EVERY_S of a write are written
+    when it runs out), and is gone when the launch ends."""
     lease = ResultsLease(tmp_path)
     lease.acquire()
-    seen = []
+
+    def record_becomes(expected: tuple[str, list[str]]) -> bool:
+        deadline = time.monotonic() + 30
+        while lease.holders_started() != expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return lease.holders_started() == expected
+
     try:
-        record = launch.StartedRecord(launch.BarProgress(2, io.StringIO()), lease, "local")
-        record.started("a")
-        record.started("b")
-        seen.append(lease.holders_started())
-        record.finished("a", "ok")
-        record.finished("b", "ok")  # the last one: written at once
-        seen.append(lease.holders_started())
+        record = launch.StartedRecord(launch.BarProgress(3, io.StringIO()), lease, "local")
+        record.WRITE_EVERY_S = 0.2
+        for key in ("a", "b", "c"):  # a burst: "a" is written at once, "b" and "c" by the timer
+            record.started(key)
+        assert record_becomes(("local", ["a", "b", "c"]))
+        record.finished("b", "ok")
+        assert record_becomes(("local", ["a", "c"]))
         record.close()
-        seen.append(lease.holders_started())
+        assert lease.holders_started() is None
+        time.sleep(2 * record.WRITE_EVERY_S)  # no timer writes after the close
+        assert lease.holders_started() is None
     finally:
         lease.release()
-    assert seen[0] == ("local", ["a"]) or seen[0] == ("local", ["a", "b"])  # throttled: at most 1 write/s
-    assert seen[1:] == [("local", []), None]
 
 
 def test_running_and_queued_follow_each_task_of_a_recorded_array(tmp_path: Path) -> None:

@@ -221,7 +221,10 @@ def _by_computation(results: Path) -> dict[str, dict[str, Any]]:
     for file in ResultStore(results).files():
         for row in read_parquet(file.path):
             key = [row["stage"], row["variant_id"], row["seed"], row["attack"], row["attack_params"]]
-            rows["|".join(str(k) for k in key + [row["diagnostic"]])] = row
+            name = "|".join(str(k) for k in key + [row["diagnostic"]])
+            if name in rows:  # two computations this key cannot tell apart (a transfer's surrogate)
+                raise ValueError(f"{results}: two rows computed {name}; extend the comparison key")
+            rows[name] = row
     return rows
 
 

@@ -82,11 +82,6 @@ from qshield_dist.executors.slurm_packing import (
     max_array_tasks,
     read_statuses,
 )
-
-# Moved to slurm_packing, still importable from here (tests, bench.slurm_packing).
-from qshield_dist.executors.slurm_packing import PackLost as PackLost
-from qshield_dist.executors.slurm_packing import pack_jobs as pack_jobs
-from qshield_dist.executors.slurm_packing import split_arrays as split_arrays
 from qshield_dist.executors.squeue import UNKNOWN, queued_tasks, task_indices
 
 log = logging.getLogger(__name__)
@@ -265,7 +260,7 @@ class SlurmExecutor(PackPlanner, Executor):
         for p in plans:
             waits = [self._tasks[t] if isinstance(t, str) else planned[t[0]][t[1]] for t in p.after]
             waits.sort(key=lambda t: _id_order(t.task_id))
-            after = self._dependency(waits)
+            after, waits = self._dependency(waits)
             # A level's arrays share array_parallelism in proportion to their sizes.
             share = max(1, self.array_parallelism * len(p.packs) // level_packs[p.level])
             status_dir = run_dir / "status" / str(len(self.submitted))
@@ -303,18 +298,20 @@ class SlurmExecutor(PackPlanner, Executor):
             self.array_ids.append(sub.array_id)
             self.submitted.append(sub)
 
-    def _dependency(self, waits: Sequence[_Task]) -> list[str]:
+    def _dependency(self, waits: Sequence[_Task]) -> tuple[list[str], list[_Task]]:
         """The ids for --dependency=afterok: of these tasks: an array's id where they are all
         of its tasks; if that leaves more than _MAX_DEPENDENCIES ids, their arrays' ids (waiting
-        for more than needed, never for less)."""
+        for more than needed, never for less). With the tasks SLURM will then wait for: a
+        failure of any of them cancels the waiting array (kill-on-invalid-dep), so _resubmit
+        and the polling must follow them, not only the tasks needed."""
         arrays = list(dict.fromkeys(t.array for t in waits))
         ids = []
         for array in arrays:
             mine = [t for t in waits if t.array is array]
             ids += [array.array_id] if len(mine) == len(array.tasks) else [t.task_id for t in mine]
         if len(ids) > _MAX_DEPENDENCIES:
-            ids = [a.array_id for a in arrays]
-        return ids
+            return [a.array_id for a in arrays], [t for a in arrays for t in a.tasks]
+        return ids, list(waits)
 
     # -- waiting ------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ class Compacted:
     rows: int = 0
     removed: int = 0  # files merged and removed, this run's and an interrupted run's
     migrated: int = 0  # files of the flat layout moved into their folders (listed in migrated.tsv)
+    set_aside: int = 0  # superseded files of the flat layout, moved aside (store.move_aside)
     kept: Counter[str] = field(default_factory=Counter)  # per-trial files left as they are, by why
 
 
@@ -99,6 +100,7 @@ def compact(
     if out.removed:
         log.info("removed %d files an interrupted compaction had merged", out.removed)
         store.refresh(repair=True, mode=mode)
+    out.set_aside = _set_aside_superseded_flat(store)
     groups = _plan(store, expected, set(in_flight), part_rows, out.kept)
     read: list[tuple[Path, _Stat]] = []
     for (stage, dataset, failed), chunks in groups.items():
@@ -122,18 +124,42 @@ def compact(
     return out
 
 
+def _winners(store: ResultStore) -> dict[str, tuple[Any, str]]:
+    """trial id -> (rank, file) of the file whose rows count for it (precedence)."""
+    winner: dict[str, tuple[Any, str]] = {}
+    for rel, (_, _, entries) in store.ledger.files.items():
+        for e in entries:
+            rank = precedence(rel, e.status != "ok")
+            if e.trial_id not in winner or rank < winner[e.trial_id][0]:
+                winner[e.trial_id] = (rank, rel)
+    return winner
+
+
+def _set_aside_superseded_flat(store: ResultStore) -> int:
+    """A flat-layout file whose trial's rows count in another file (a retry's own file) counts
+    for nothing now, but precedence ranks it above a part: once compaction merged the newer
+    file into one, its older rows would count again. So it is moved aside, never deleted."""
+    winner = _winners(store)
+    stale = {
+        file.path: "superseded: a newer file holds its trial (set aside by --compact)"
+        for file in store.files()
+        if file.trial_id is not None
+        and file.rel.count("/") == 2  # stage=S/dataset=D/<id>.parquet
+        and winner.get(file.trial_id, (None, file.rel))[1] != file.rel
+    }
+    if stale:
+        dest = store.move_aside(stale)
+        log.warning("moved %d superseded files of the flat layout aside, into %s", len(stale), dest)
+    return len(stale)
+
+
 def _plan(
     store: ResultStore, expected: Mapping[str, Any], in_flight: set[str], part_rows: int, kept: Counter[str]
 ) -> dict[tuple[str, str, bool], list[list[_Source]]]:
     """(stage, dataset, failed) -> the parts to write, each a list of files to merge."""
     files = {f.rel: f for f in store.files()}
     known = store.ledger.files
-    winner: dict[str, tuple[Any, str]] = {}
-    for rel, (_, _, entries) in known.items():
-        for e in entries:
-            rank = precedence(rel, e.status != "ok")
-            if e.trial_id not in winner or rank < winner[e.trial_id][0]:
-                winner[e.trial_id] = (rank, rel)
+    winner = _winners(store)
     taken: dict[tuple[str, str, bool], list[_Source]] = {}
     small_parts: dict[tuple[str, str, bool], int] = {}
     for rel, file in files.items():

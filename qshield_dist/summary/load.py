@@ -19,6 +19,7 @@ that are merely unusable (NaN metrics) are set aside in `Results.skipped` and re
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,14 @@ def _list_files(root: Path) -> tuple[dict[str, list[str]], list[str], pl.DataFra
 
 
 def _diagnose(files: list[str]) -> str:
-    """Why a set of files cannot be read as one dataset: per-file schema and version."""
+    """Why a set of files cannot be read as one dataset: per-file schema and version, or that
+    files listed a moment ago are gone (a --compact merged them while the summary read)."""
+    gone = [path for path in files if not os.path.exists(path)]
+    if gone:
+        return (
+            f"{len(gone)} result file(s) disappeared while the summary read them (e.g. {gone[0]}): the"
+            " results directory changed under it, as `launch --compact` does; run the summary again"
+        )
     expected = {f.name: f.type for f in SCHEMA}
     problems: list[str] = []
     for path in files:
