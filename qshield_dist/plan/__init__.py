@@ -301,11 +301,12 @@ def _warn_sequence_upper_bound(plan: Plan, grid: Grid, estimates: dict[str, Esti
         return
     seconds = sum(estimates[i].seconds for i in ids)
     total = sum(e.seconds for e in estimates.values())
+    trials, are = ("trials", "are") if len(ids) > 1 else ("trial", "is")
     plan.warn(
-        f"{len(ids)} AutoAttack trial{'s' if len(ids) > 1 else ''} ({seconds / 3600:.2f} h, {seconds / total:.0%} of the trial hours)"
-        " are estimated with every point surviving to the last component: an upper bound. AutoAttack"
+        f"{len(ids)} AutoAttack {trials} ({seconds / 3600:.2f} h, {seconds / total:.0%} of the trial hours)"
+        f" {are} estimated with every point surviving to the last component: an upper bound. AutoAttack"
         " attacks with each component only the points the earlier ones left unbroken, so on a weakly"
-        " robust model they take several times less"
+        " robust model it takes several times less"
     )
 
 
