@@ -392,6 +392,11 @@ class SweepConfig(_Strict):
     def results_path(self) -> Path:
         return Path(self.results_dir or f"results/{self.name}")
 
+    @property
+    def file_mode(self) -> int:
+        """The mode of the files a sweep writes under its results directory (`private`)."""
+        return 0o600 if self.private else 0o644
+
 
 def expand_axes(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """{'a': [1, 2], 'b': 3} -> [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}] (lists are axes)."""

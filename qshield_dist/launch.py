@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, TextIO
+from typing import TYPE_CHECKING, Iterator, Sequence, TextIO
 
 from tqdm import tqdm
 
@@ -388,7 +388,7 @@ def _run_held(
     cfg: SweepConfig, executor: Executor | None, grid: Grid, lease: ResultsLease, retry_failed: bool
 ) -> dict[str, str]:
     results_dir = cfg.results_path
-    file_mode = 0o600 if cfg.private else 0o644
+    file_mode = cfg.file_mode
     store = ResultStore(results_dir, cfg.checkpoint_dir)
     store.refresh(repair=True, mode=file_mode)
     expected = manifest_trials(grid)
@@ -580,22 +580,28 @@ def _command(args: argparse.Namespace) -> int:
     return 0 if set(statuses.values()) <= {"ok"} else 1
 
 
+@contextlib.contextmanager
+def _held_store(cfg: SweepConfig, take_over: bool) -> Iterator[tuple[ResultsLease, ResultStore]]:
+    """The sweep's results store, with its lease held (--prune, --compact)."""
+    with ResultsLease(cfg.results_path) as lease:
+        lease.acquire(take_over)
+        yield lease, ResultStore(cfg.results_path, cfg.checkpoint_dir)
+
+
 def _prune(cfg: SweepConfig, grid: Grid, take_over: bool) -> int:
     """Move the files that are not this grid's current rows aside, under the results lease."""
     results_dir = cfg.results_path
     if not results_dir.is_dir():
         log.info("nothing to prune in %s", results_dir)
         return 0
-    with ResultsLease(results_dir) as lease:
-        lease.acquire(take_over)
-        store = ResultStore(results_dir, cfg.checkpoint_dir)
-        store.refresh(repair=True, mode=0o600 if cfg.private else 0o644)
+    with _held_store(cfg, take_over) as (_, store):
+        store.refresh(repair=True, mode=cfg.file_mode)
         stale = store.stale(manifest_trials(grid))
         if not stale:
             log.info("nothing to prune in %s", results_dir)
             return 0
         dest = store.move_aside(stale)
-        store.save(0o600 if cfg.private else 0o644)
+        store.save(cfg.file_mode)
     log.info(
         "moved %d result files to %s (%s); the list is %s",
         len(stale),
@@ -614,11 +620,8 @@ def _compact(cfg: SweepConfig, grid: Grid, take_over: bool) -> int:
     if not results_dir.is_dir():
         log.info("nothing to compact in %s", results_dir)
         return 0
-    with ResultsLease(results_dir) as lease:
-        lease.acquire(take_over)
-        store = ResultStore(results_dir, cfg.checkpoint_dir)
-        mode = 0o600 if cfg.private else 0o644
-        done = compact(store, manifest_trials(grid), lease.in_flight(), mode=mode)
+    with _held_store(cfg, take_over) as (lease, store):
+        done = compact(store, manifest_trials(grid), lease.in_flight(), mode=cfg.file_mode)
     log.info(
         "compacted %s: %d files (%d rows) merged into %d parts, %d removed; %d moved from the flat layout",
         results_dir,

@@ -41,25 +41,26 @@ log = logging.getLogger("qshield_dist.bench.slurm_packing")
 DEV_CLUSTER = Path(__file__).resolve().parents[2] / "slurm" / "dev-cluster.sh"
 
 
-def noop_trial(log_path: str, key: str) -> str:
-    """A trial that does nothing but say it ran (O_APPEND: one atomic line per run)."""
+def _append_line(log_path: str, line: str) -> None:
+    """One line at the end of `log_path` (O_APPEND: atomic, whatever else appends)."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        os.write(fd, f"{key} {os.getpid()}\n".encode())
+        os.write(fd, f"{line}\n".encode())
     finally:
         os.close(fd)
+
+
+def noop_trial(log_path: str, key: str) -> str:
+    """A trial that does nothing but say it ran: `key pid`."""
+    _append_line(log_path, f"{key} {os.getpid()}")
     return "ok"
 
 
 def timed_trial(log_path: str, key: str, sleep: float = 0.0) -> str:
-    """Sleep, then append `key start end` (O_APPEND: one atomic line per run)."""
+    """Sleep, then append `key start end`."""
     start = time.time()
     time.sleep(sleep)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, f"{key} {start:.3f} {time.time():.3f}\n".encode())
-    finally:
-        os.close(fd)
+    _append_line(log_path, f"{key} {start:.3f} {time.time():.3f}")
     return "ok"
 
 
