@@ -9,6 +9,7 @@ without results.VOLATILE_COLUMNS (where, when and how fast a trial ran).
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,8 @@ def test_differing_trials_names_what_differs(reference: Path, tmp_path: Path) ->
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_arrays_give_the_reference_rows(slurm_cluster: None, reference: Path, tmp_path: Path) -> None:
-    """--executor slurm: submitit job arrays per stage on the dev cluster."""
+    """python -m qshield_dist.launch --executor slurm: submitit job arrays per stage on the dev
+    cluster, afterok between them, packed."""
     import yaml
 
     sweep = yaml.safe_load((REPO / "sweeps/parity.yaml").read_text())
@@ -132,6 +134,7 @@ def test_slurm_arrays_give_the_reference_rows(slurm_cluster: None, reference: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(ResultStore(results).files())) == N_TRIALS
     assert differing_trials(reference, results) == {}
+    assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700  # pickled jobs: private
 
 
 @pytest.mark.slurm

@@ -552,42 +552,6 @@ def local_smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "results"
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_submitit_executor_gives_the_local_rows(
-    slurm_cluster: None, local_smoke: Path, tmp_path: Path
-) -> None:
-    """python -m qshield_dist.launch --executor slurm: packed job arrays per stage, afterok between them."""
-    import yaml
-
-    from qshield_dist import launch
-
-    sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
-    sweep["slurm"] = {
-        "partition": "debug",
-        "time_min": 10,
-        "cpus_per_task": 1,
-        "mem_gb": 1,
-        "folder": str(tmp_path / "submitit"),
-    }
-    path = tmp_path / "smoke.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    code = launch.main(
-        [
-            str(path),
-            "--executor",
-            "slurm",
-            "--results",
-            str(tmp_path / "results"),
-            "--checkpoints",
-            str(tmp_path / "ckpt"),
-        ]
-    )
-    assert code == 0
-    assert differing_trials(local_smoke, tmp_path / "results") == {}
-    assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
-
-
 def _records(results: Path) -> dict[str, Path]:
     """The arrays a launcher recorded in `results` (lease.record_array): array id -> its record."""
     return {p.stem: p for p in sorted((results / "slurm-arrays").glob("*.json"))}
