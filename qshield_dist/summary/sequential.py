@@ -34,13 +34,19 @@ over the family, and a false "equal" (|true difference| >= margin) <= alpha/2 pe
 for --plan: the maximum, the expected (Monte Carlo over the normal approximation), and the power,
 beside a fixed-sample design of the same maximum size.
 
-Measured by tests/test_sequential.py (3 seeds, per-point discordance 10 %, margin 2 pp, looks at
-128, 256, 512, 1024 points per seed, 2000 simulated binary runs each, seed 0; Monte-Carlo SE of a
-2.5 % rate: 0.35 pp):
+Measured by tests/test_sequential.py (3 seeds, 10 % of points discordant, margin 2 pp, looks at
+128, 256, 512, 1024 points per seed, 2000 simulated binary runs per row, fixed seeds; Monte-Carlo
+SE of a 2.5 % rate 0.35 pp):
 
-    true difference 0:        false more robust 0.3 %, false less robust 0.5 %
-    true difference = margin: power 87 % (fixed design of 1024 points: 93 %),
-                              expected points per seed 717 (fixed: 1024)
+    true difference        decision            sequential    fixed design (one look at 1024)
+    0                      false more robust   2.45 %        2.5 % (by construction)
+    0                      false less robust   2.35 %        2.5 %
+    0                      points per seed     1022          1024
+    = margin (+2 pp)       more robust (power) 94.5 %        93.9 %
+    = margin (+2 pp)       points per seed     859           1024
+    0, three comparisons   any false more/less 1.8 % / 2.0 % (500 runs, Holm)
+
+`price` predicts 93.9 % and 861 points for the second row pair from the normal approximation.
 """
 
 from __future__ import annotations
