@@ -86,7 +86,7 @@ SEEDS, DISCORDANT, MARGIN = 3, 0.10, 0.02
 def _runs(reps: int, diff: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Outcomes (reps, seeds, points) with 10 % discordant points split to give `diff`."""
     u = rng.random((reps, SEEDS, LOOKS[-1]))
-    a_only, b_only = (DISCORDANT + diff) / 2, (DISCORDANT - diff) / 2
+    a_only = (DISCORDANT + diff) / 2  # the rest of the discordant share is B only
     a = ((u < a_only) | (u >= DISCORDANT) & (u < DISCORDANT + 0.3)).astype(np.int8)
     b = ((u >= a_only) & (u < DISCORDANT) | (u >= DISCORDANT) & (u < DISCORDANT + 0.3)).astype(np.int8)
     return a, b

@@ -89,7 +89,6 @@ def _comparison_row(
     if r["n_seeds"] > 1:
         diff += f"; per seed {r['per_seed']}"
         points += f" × {r['n_seeds']} seeds"
-    diff += f"; {other_question_text(r)}"
     resolve = resolve_text(r) if r["verdict"] == "undecided" else "-"
     flagged = [flags_text(r, labels, checks)]
     if r.get("not_covered"):
@@ -100,6 +99,7 @@ def _comparison_row(
         labels.get(r["b"], r["b"]),
         f"{100 * r['robust_a']:.1f} vs {100 * r['robust_b']:.1f}",
         diff,
+        other_question_text(r),
         BADGE_SEP.join(badges),
         attacks,
         points,
@@ -114,6 +114,7 @@ _COMPARISON_HEADERS = [
     "vs",
     "robust acc %",
     "difference, pp [95% CI]",
+    "the other question",
     "verdict",
     "attacks (worst case)",
     "points",
@@ -149,7 +150,7 @@ def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
     for verdict in v.iter_rows(named=True):
         r = paired.get((verdict["vkey"], verdict["eps"]))
         if r is None:
-            cells = [labels.get(verdict["vkey"], verdict["vkey"]), "-", "-", "-", "no comparison"]
+            cells = [labels.get(verdict["vkey"], verdict["vkey"]), "-", "-", "-", "-", "no comparison"]
             cells += ["no L-inf attack in common with a CNN baseline", "-", "-", "-", "-"]
             rows.append([verdict["dataset"], *([None] if many_eps else []), *cells])
             continue

@@ -154,12 +154,12 @@ def resolve_text(r: dict[str, Any]) -> str:
     """What would decide an undecided comparison at the equivalence margin (power 0.8): points
     per seed at these seeds for the models, seeds at these points for the procedure."""
     seeds = "seed" if r["n_seeds"] == 1 else "seeds"
-    points = f"about {int(r['points_needed'])} points per seed at {r['n_seeds']} {seeds} ({MODELS})"
+    points = f"≈ {int(r['points_needed'])} points per seed at {r['n_seeds']} {seeds} ({MODELS})"
     n = r["seeds_needed"]
     procedure = (
         "at least 2 seeds to estimate their spread"
         if math.isnan(n)
-        else f"about {int(n)} seeds at {r['n_points']} points"
+        else f"≈ {int(n)} seeds at {r['n_points']} points"
     )
     return f"{points}; {procedure} ({PROCEDURE})"
 
