@@ -95,6 +95,7 @@ def test_stratified_mcnemar_is_the_cmh_test_over_pairs() -> None:
     assert StratifiedTable(crossed).test_null_odds(correction=False).statistic != pytest.approx(cmh)
 
 
+@pytest.mark.filterwarnings("ignore::statsmodels.tools.sm_exceptions.InvalidTestWarning")  # per-seed CIs
 def test_procedure_interval_is_hksj_random_effects() -> None:
     """With equal within-seed variances the procedure interval is statsmodels' random-effects
     interval with the Hartung-Knapp scale ("random effect wls", t on seeds - 1 df)."""
