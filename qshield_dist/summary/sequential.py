@@ -124,7 +124,7 @@ class Decision:
     """One comparison's decision after the looks so far."""
 
     decision: str  # MORE, LESS, EQUAL, CONTINUE or UNDECIDED
-    look: int | None  # the look (0-based) it was taken at; None while continuing
+    look: int | None  # the look (0-based) whose interval decided it; None while continuing
     points: int  # points per seed at that look (or the last one)
     diff: float  # the estimate there
     low: float  # its repeated confidence interval there
