@@ -6,8 +6,8 @@ A - B, in robust-accuracy units. Two questions differ, and each verdict says whi
 
 - **"these trained models"** (`MODELS`, the default): the models are fixed, the points are
   the sampling unit, each seed a stratum. The estimate is the points-weighted mean of the
-  per-seed differences (the Mantel-Haenszel weights of a stratified risk difference; with
-  equally many points per seed, the plain mean over seeds), its variance the sum of the
+  per-seed differences (with equally many points per seed, the plain mean over seeds, as the
+  report shows it per seed), its variance the sum of the
   within-seed variances (each seed's per-point differences' variance / n, times its weight
   squared), and the interval is normal (Wald). The test is McNemar's exact test on the
   discordant pairs summed over the seeds.
@@ -18,8 +18,8 @@ A - B, in robust-accuracy units. Two questions differ, and each verdict says whi
     whether their robust accuracies differ. For matched pairs the CMH test of marginal
     homogeneity takes each *pair* as a stratum with the table [model x outcome]; summed over
     all pairs of all seeds it reduces exactly to McNemar's statistic on the summed discordant
-    counts (Mantel & Haenszel 1959; Agresti, Categorical Data Analysis, 3rd ed., sec. 11.1.3;
-    tests/test_stats.py checks the identity with StratifiedTable). So "stratified McNemar"
+    counts (Mantel & Haenszel 1959; Agresti, Categorical Data Analysis, on McNemar's test as a
+    CMH test over matched pairs; tests/test_stats.py checks the identity with StratifiedTable). So "stratified McNemar"
     over seeds is the McNemar test on the summed discordant pairs, here in its exact form.
   * Inverse-variance (fixed-effect) weights, as statsmodels' `combine_effects` uses, are
     undefined for a seed without discordant pairs (variance 0, common on small sets) and
