@@ -63,6 +63,9 @@ def test_decisions_on_clear_cases() -> None:
     assert out[3].look is None
     last = decide([vague], looks=[50, 100], max_points=100, margin=0.02)[0]
     assert (last.decision, last.look, last.points) == (UNDECIDED, 1, 100)
+    # a later call with more looks keeps what an earlier look decided
+    again = decide([clear, none, worse, vague], looks=[50, 100], max_points=200, margin=0.02)
+    assert again[:3] == out[:3]
 
 
 def test_holm_levels_and_bad_input() -> None:
