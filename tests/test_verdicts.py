@@ -5,6 +5,7 @@ comparison and its verdict, the provisional label and the controls' gain source.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from qshield_dist.results.current import STAGE_VERSIONS
 from qshield_dist.results.store import ResultStore, TrialKey
 from qshield_dist.summary.report import Options, Summary, summarize
 from qshield_dist.summary.sections_verdicts import VERDICT_TABLE
-from qshield_dist.summary.stats import mcnemar_exact
+from qshield_dist.summary.stats import MODELS, PROCEDURE, mcnemar_exact
 from qshield_dist.summary.verdicts import gain_source, gain_sources
 
 EPS = 32 / 255
@@ -113,14 +114,15 @@ def _row(
     }
 
 
-def _summarize(tmp_path: Path, rows: list[dict[str, Any]]) -> Summary:
+def _summarize(tmp_path: Path, rows: list[dict[str, Any]], estimand: str = MODELS) -> Summary:
     root = tmp_path / "results"
     for row in rows:
         ResultStore(root).write(TrialKey("attack", "digits", row["trial_id"]), [row])
     ResultStore(root).write_manifest(
         {"sweep": "v"}, {r["trial_id"]: {"stage": "attack", "dataset": "digits"} for r in rows}
     )
-    return summarize(root, tmp_path / "report", Options(plots=False, formats=("md", "csv"), proxies={}))
+    options = Options(plots=False, formats=("md", "csv"), proxies={}, estimand=estimand)
+    return summarize(root, tmp_path / "report", options)
 
 
 # 10 points. The CNN gets point 9 wrong clean; FGSM breaks 0, 1, 2 and PGD breaks 1, 3: robust {4..8}.
@@ -184,7 +186,8 @@ def test_paired_comparison_and_verdict_by_hand(tmp_path: Path) -> None:
     assert (
         v["category"] == "undecided"
         and "provisional" in v["verdict"]
-        and "points per seed would resolve it" in v["verdict"]
+        and "to decide at the margin: ≈" in v["verdict"]
+        and "points per seed at 1 seed (these trained models)" in v["verdict"]
     )
     assert "more robust" not in v["verdict"]
     (table,) = [t for sec in s.sections for t in sec.tables if t.title == VERDICT_TABLE]
@@ -394,6 +397,21 @@ def test_equal_within_the_margin_and_not_past_it(tmp_path: Path) -> None:
     rows = [_row("cnn_small", "fgsm", correct, broken), _row("hqcnn", "fgsm", correct, broken, **HYBRID)]
     (r,) = _summarize(tmp_path, rows).tables.paired.iter_rows(named=True)
     assert (r["low"], r["high"], r["verdict"]) == (0.0, 0.0, "equal")
+
+
+def test_the_procedure_question_with_one_seed_is_undecided(tmp_path: Path) -> None:
+    """--estimand procedure: seeds are the unit, so one seed decides nothing, however clear
+    the difference between these two trained models is; the report says both answers."""
+    ca, ba, cb, bb = _many(400, 240, 120, 60)
+    rows = [_row("cnn_small", "fgsm", cb, bb), _row("hqcnn", "fgsm", ca, ba, **HYBRID)]
+    s = _summarize(tmp_path, rows, estimand=PROCEDURE)
+    (r,) = s.tables.paired.iter_rows(named=True)
+    assert (r["estimand"], r["verdict"]) == (PROCEDURE, "undecided") and math.isnan(r["low"])
+    assert r["models_low"] > 0 and r["procedure_low"] is None  # these models: clearly apart
+    (v,) = s.tables.verdicts.iter_rows(named=True)
+    assert "no interval for the training procedure: undefined with one seed" in v["verdict"]
+    assert "these trained models (points as the unit, by seed): +" in v["verdict"]
+    assert "at least 2 seeds to estimate their spread" in v["verdict"]
 
 
 def test_controls_gain_source_from_intervals(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Sequence
 from qshield_dist.summary.load import SummaryError
 from qshield_dist.summary.paper import PAPER_DATASETS
 from qshield_dist.summary.report import FORMATS, Options, summarize
+from qshield_dist.summary.stats import ESTIMANDS
 
 log = logging.getLogger("qshield_dist.summary")
 
@@ -65,6 +66,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0.02,
         help="robust-accuracy band within which two variants are 'equal' (default 0.02 = 2 pp)",
     )
+    p.add_argument(
+        "--estimand",
+        choices=sorted(ESTIMANDS),
+        default="models",
+        help="the question the verdicts answer: 'models' (these trained models; points are the unit,"
+        " the default) or 'procedure' (the training procedure; seeds are the unit, needs 2+ seeds)",
+    )
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--no-svg", action="store_true", help="PNG figures only")
     p.add_argument(
@@ -100,6 +108,7 @@ def _options(args: argparse.Namespace) -> Options:
         pivot=args.pivot,
         min_samples=args.min_samples,
         margin=args.margin,
+        estimand=ESTIMANDS[args.estimand],
         plots=not args.no_plots,
         svg=not args.no_svg,
         sweep=args.sweep,

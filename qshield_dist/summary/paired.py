@@ -14,7 +14,9 @@ so two models can be compared point by point:
   for a model whose gradient is hidden (a detached quantum branch), where they are the adaptive
   form of the plain attacks, which the other model already takes on its true gradient. Leaving
   them out would compare a masked model's weakest attacks with the other's strongest. The
-  statistics are stats.py's (paired bootstrap, McNemar, Holm over the report).
+  statistics are stats.py's: each comparison answers both questions ("these trained models":
+  stratified by seed, McNemar; "the training procedure": seeds as the unit, t interval), the
+  verdict rests on the one the report asks (`estimand`), Holm over the report.
 - The verdict comes from the interval (stats.verdict) and is provisional unless each side's
   worst case includes AutoAttack at its authors' strength in the form that side needs
   (attack_params.completes_worst_case: standard / rand, through BPDA for a detached branch);
@@ -221,10 +223,17 @@ def _pairs_of(variants: pl.DataFrame, baselines: dict[str, str]) -> list[dict[st
 
 
 def comparisons(
-    points: pl.DataFrame, variants: pl.DataFrame, baselines: dict[str, str], margin: float
+    points: pl.DataFrame,
+    variants: pl.DataFrame,
+    baselines: dict[str, str],
+    margin: float,
+    estimand: str = stats.MODELS,
 ) -> pl.DataFrame:
     """One row per comparison and L-inf budget: robust accuracies, the paired difference A - B
-    with its 95% interval, McNemar's p (Holm-adjusted over the whole report), the verdict."""
+    with its 95% interval and p-value for the question `estimand` (stats.MODELS or
+    stats.PROCEDURE; `diff`, `low`, `high`, `p_value`, Holm-adjusted over the whole report, and
+    the verdict rest on it), the other question's answer beside it (`models_*`, `procedure_*`;
+    the procedure's is null with one seed), and what would decide it at the margin."""
     rows: list[dict[str, Any]] = []
     if points.height:
         linf = points.filter(pl.col("threat_model") == WORST_CASE)
@@ -255,6 +264,7 @@ def comparisons(
                 if not pairs:
                     continue
                 res = stats.compare(pairs)
+                used = res.answer(estimand)
                 attacks = ", ".join(sorted(common))
                 if twin_a:
                     attacks += f" (the first also {', '.join(sorted(twin_a))})"
@@ -273,14 +283,24 @@ def comparisons(
                         "n_seeds": res.n_seeds,
                         "robust_a": sum(sum(x) for x, _ in pairs) / sum(len(x) for x, _ in pairs),
                         "robust_b": sum(sum(y) for _, y in pairs) / sum(len(y) for _, y in pairs),
-                        "diff": res.diff,
-                        "low": res.low,
-                        "high": res.high,
+                        "estimand": estimand,
+                        # no answer (the procedure with one seed): no interval, never decided
+                        "diff": used.diff if used else res.models.diff,
+                        "low": used.low if used else math.nan,
+                        "high": used.high if used else math.nan,
+                        "p_value": used.p_value if used else 1.0,
+                        "models_low": res.models.low,
+                        "models_high": res.models.high,
+                        "models_p": res.models.p_value,
+                        "procedure_diff": res.procedure.diff if res.procedure else None,
+                        "procedure_low": res.procedure.low if res.procedure else None,
+                        "procedure_high": res.procedure.high if res.procedure else None,
+                        "procedure_p": res.procedure.p_value if res.procedure else None,
                         "per_seed": ", ".join(f"{d:+.1%}" for d in res.per_seed),
                         "a_only": res.a_only,
                         "b_only": res.b_only,
-                        "p_value": res.p_value,
-                        "points_needed": stats.points_to_resolve(pairs),
+                        "points_needed": stats.points_needed(pairs, margin),
+                        "seeds_needed": stats.seeds_needed(pairs, margin),
                     }
                 )
     schema = {
@@ -299,14 +319,23 @@ def comparisons(
         "n_seeds": pl.Int64,
         "robust_a": pl.Float64,
         "robust_b": pl.Float64,
+        "estimand": pl.String,  # the question diff, low, high, p_value and the verdict answer
         "diff": pl.Float64,
         "low": pl.Float64,
         "high": pl.Float64,
+        "p_value": pl.Float64,
+        "models_low": pl.Float64,  # "these trained models" (stats.MODELS)
+        "models_high": pl.Float64,
+        "models_p": pl.Float64,  # McNemar's exact test, discordant pairs summed over seeds
+        "procedure_diff": pl.Float64,  # "the training procedure" (stats.PROCEDURE); null: one seed
+        "procedure_low": pl.Float64,
+        "procedure_high": pl.Float64,
+        "procedure_p": pl.Float64,
         "per_seed": pl.String,
         "a_only": pl.Int64,
         "b_only": pl.Int64,
-        "p_value": pl.Float64,
-        "points_needed": pl.Float64,
+        "points_needed": pl.Float64,  # points per seed, at these seeds, to decide at the margin
+        "seeds_needed": pl.Float64,  # seeds, at these points per seed, for the procedure; NaN: one seed
         "equal_budget": pl.Boolean,  # also (or only) the hybrid's equal-budget comparison
     }
     out = pl.DataFrame(rows, schema=schema)

@@ -28,6 +28,7 @@ from qshield_dist.summary.sections import (
     robustness_section,
 )
 from qshield_dist.summary.sections_verdicts import controls_section, verdict_section, worst_case_section
+from qshield_dist.summary.stats import MODELS
 from qshield_dist.summary.tables import Tables, build_tables
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Options:
     pivot: bool = False  # attacks in rows instead of columns
     min_samples: int = 20
     margin: float = 0.02  # +- band of robust accuracy within which two variants count as equal
+    estimand: str = MODELS  # the question the verdicts answer (stats.ESTIMANDS)
     plots: bool = True
     svg: bool = True
     sweep: str | None = None
@@ -112,7 +114,7 @@ def summarize(results_dir: str | Path, out_dir: str | Path, options: Options | N
     """The whole pipeline; raises SummaryError (load.py) for input that cannot be summarized."""
     options = options or Options()
     res = load_results(results_dir, options.sweep)
-    tables = build_tables(res, options.min_samples, options.margin)
+    tables = build_tables(res, options.min_samples, options.margin, options.estimand)
     paper = compare(tables, options.proxies)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ are in sections.py.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import polars as pl
@@ -21,6 +20,7 @@ import polars as pl
 from qshield_dist.summary.plots import Figure
 from qshield_dist.summary.render import BADGE_SEP, Section, TextTable, pct, size
 from qshield_dist.summary.sections import label_map
+from qshield_dist.summary.stats import MODELS, PROCEDURE
 from qshield_dist.summary.tables import Tables
 from qshield_dist.summary.verdicts import (
     eps_text,
@@ -28,6 +28,8 @@ from qshield_dist.summary.verdicts import (
     flags_text,
     gain_sources,
     gain_text,
+    other_question_text,
+    resolve_text,
     sides_text,
 )
 from qshield_dist.vocabulary import COMPARISON_KINDS, VS_CNN
@@ -42,15 +44,30 @@ def _how_to_read(tables: Tables) -> str:
         " robust when it is classified correctly clean and no L-inf attack at that budget broke it (the worst"
         " case over the attacks named; a stochastic model is broken when misclassified in a strict majority of"
         " one attack's evaluations; BPDA attacks count for the model whose gradient is hidden). The difference"
-        " is the first model's minus the second's, in percentage points, with its 95% paired bootstrap"
-        " interval. The verdict comes from the interval, never from the point estimate: more robust or less"
-        " robust when it excludes 0 and the Holm-adjusted McNemar p < 0.05 over this report's comparisons;"
-        f" equal when it lies inside ±{100 * tables.margin:g} pp; undecided otherwise, with the points per seed"
-        " that would likely resolve it (power 0.8). Provisional: a model's worst case lacks AutoAttack at its"
+        " is the first model's minus the second's, in percentage points, with its 95% interval for the question"
+        f" the verdict answers: {_question(tables)} The other question's interval is shown beside it."
+        " The verdict comes from the interval, never from the point estimate: more robust or less"
+        " robust when it excludes 0 and the Holm-adjusted p < 0.05 over this report's comparisons;"
+        f" equal when it lies inside ±{100 * tables.margin:g} pp; undecided otherwise, with what would decide it"
+        f" at that margin (power 0.8): points per seed at the seeds run ({MODELS}), seeds at the points"
+        f" run ({PROCEDURE}). Provisional: a model's worst case lacks AutoAttack at its"
         " authors' strength in the form that model needs (standard on a deterministic model, rand on a"
         " stochastic one, through BPDA where the quantum branch's gradient is detached); the attacks cell says"
         " what it lacks. Flags: the failed diagnostics of either model (suite_vs_autoattack names the"
         " AutoAttack component behind it)."
+    )
+
+
+def _question(tables: Tables) -> str:
+    if tables.estimand == PROCEDURE:
+        return (
+            f"**{PROCEDURE}** (seeds are the unit: the per-seed differences, a t interval on seeds - 1 df;"
+            " with one seed it is undefined and the verdict undecided)."
+        )
+    return (
+        f"**{MODELS}** (the trained models are fixed, points are the unit, each seed a stratum; McNemar's"
+        " exact test on the discordant points of all seeds); it does not say whether another training run"
+        " would agree."
     )
 
 
@@ -65,15 +82,14 @@ def _comparison_row(
         attacks += f"; lacks {sides_text(r, labels, 'lacks')}"
     if sides_text(r, labels, "missing"):
         attacks += f"; missing {sides_text(r, labels, 'missing')}"
-    diff = f"{100 * r['diff']:+.1f} [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
+    diff = f"{100 * r['diff']:+.1f}" + (
+        f" [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]" if r["low"] == r["low"] else " (no interval)"
+    )
     points = str(r["n_points"])
     if r["n_seeds"] > 1:
         diff += f"; per seed {r['per_seed']}"
         points += f" × {r['n_seeds']} seeds"
-    resolve = "-"
-    if r["verdict"] == "undecided":
-        n = r["points_needed"]
-        resolve = "no difference observed" if math.isinf(n) else f"≈ {int(n)} points per seed"
+    resolve = resolve_text(r) if r["verdict"] == "undecided" else "-"
     flagged = [flags_text(r, labels, checks)]
     if r.get("not_covered"):
         flagged.append(f"not covered: {r['not_covered']}")
@@ -83,6 +99,7 @@ def _comparison_row(
         labels.get(r["b"], r["b"]),
         f"{100 * r['robust_a']:.1f} vs {100 * r['robust_b']:.1f}",
         diff,
+        other_question_text(r),
         BADGE_SEP.join(badges),
         attacks,
         points,
@@ -97,11 +114,12 @@ _COMPARISON_HEADERS = [
     "vs",
     "robust acc %",
     "difference, pp [95% CI]",
+    "the other question",
     "verdict",
     "attacks (worst case)",
     "points",
     "to resolve",
-    "McNemar p",
+    "p",
     "flags",
 ]
 
@@ -132,7 +150,7 @@ def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
     for verdict in v.iter_rows(named=True):
         r = paired.get((verdict["vkey"], verdict["eps"]))
         if r is None:
-            cells = [labels.get(verdict["vkey"], verdict["vkey"]), "-", "-", "-", "no comparison"]
+            cells = [labels.get(verdict["vkey"], verdict["vkey"]), "-", "-", "-", "-", "no comparison"]
             cells += ["no L-inf attack in common with a CNN baseline", "-", "-", "-", "-"]
             rows.append([verdict["dataset"], *([None] if many_eps else []), *cells])
             continue

@@ -29,6 +29,7 @@ from qshield_dist.summary.paired import (
     load_points,
     worst_case_table,
 )
+from qshield_dist.summary.stats import MODELS
 from qshield_dist.summary.verdicts import (
     HYBRID,
     baseline_rows,
@@ -84,6 +85,7 @@ class Tables:
     baselines: dict[str, str]  # dataset -> baseline model
     min_samples: int
     margin: float  # the +- band within which two variants count as equal
+    estimand: str  # the question the verdicts answer: stats.MODELS or stats.PROCEDURE
     notes: list[str] = field(default_factory=list)
 
 
@@ -427,7 +429,7 @@ def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
     return expected.join(present, on="trial_id", how="anti").sort("stage", "dataset", "trial_id")
 
 
-def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> Tables:
+def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, estimand: str = MODELS) -> Tables:
     """All tables of the report from the loaded results."""
     notes: list[str] = []
     names, queries = zip(*_attack_queries(res, min_samples).items())
@@ -457,7 +459,7 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
     missing = _missing(res, got["ids"], notes)
     notes = res.notes + notes
     points = load_points(res, settings, _vkey())
-    paired = comparisons(points, variants, baselines, margin)
+    paired = comparisons(points, variants, baselines, margin, estimand)
     gaps = autoattack_gaps(points)
     checks = _sanity_diagnostics(got["autoattack_checks"])
     diagnostics = pl.concat([_diagnostics(res), _gap_diagnostics(gaps), checks])
@@ -482,5 +484,6 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
         baselines=baselines,
         min_samples=min_samples,
         margin=margin,
+        estimand=estimand,
         notes=notes,
     )

@@ -5,8 +5,8 @@ hybrid's gain comes from (its controls).
 Shape: functions that take Polars frames (the long-form tables of tables.py) and return
 frames. A judgement made per row and again per variant (cost driver, gain source) has its
 rule in one Polars expression that both levels apply; its wording lives next to the rule.
-Numbers are formatted for the report in sections.py. This module imports only load.py, so
-tables.py can call it.
+Numbers are formatted for the report in sections.py. This module imports only load.py and
+stats.py, so tables.py can call it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import polars as pl
 
 from qshield_dist.summary.load import VARIANT_KEYS
+from qshield_dist.summary.stats import MODELS, PROCEDURE
 from qshield_dist.vocabulary import (
     BACKBONE_ALONE_VS_CNN,
     BACKBONE_ONLY,
@@ -120,29 +121,67 @@ def sides_text(r: dict[str, Any], labels: dict[str, str], what: str) -> str:
     )
 
 
-def comparison_text(r: dict[str, Any], labels: dict[str, str]) -> str:
-    """One paired comparison as a sentence: the verdict, its numbers, and what it rests on."""
-    how = (
-        "paired bootstrap over points, one seed"
-        if r["n_seeds"] == 1
-        else (f"hierarchical bootstrap over {r['n_seeds']} seeds, then points; per seed {r['per_seed']}")
+def _interval(diff: float, low: float, high: float) -> str:
+    return f"{_pct(diff)} [95% CI {_pct(low)}, {_pct(high)}]"
+
+
+def question_text(r: dict[str, Any]) -> str:
+    """How the verdict's question (a row of paired.comparisons' `estimand`) was answered."""
+    if r["estimand"] == MODELS:
+        seeds = "" if r["n_seeds"] == 1 else f", stratified by seed; per seed {r['per_seed']}"
+        return f"{MODELS}: points as the unit{seeds}; McNemar's exact test"
+    if r["n_seeds"] == 1:
+        return f"{PROCEDURE}: undefined with one seed (seeds are its unit)"
+    return f"{PROCEDURE}: seeds as the unit, t on {r['n_seeds'] - 1} df; per seed {r['per_seed']}"
+
+
+def other_question_text(r: dict[str, Any]) -> str:
+    """The answer to the question the verdict does not rest on."""
+    if r["estimand"] == MODELS:
+        if r["procedure_low"] is None:
+            return f"{PROCEDURE}: undefined with one seed"
+        return (
+            f"{PROCEDURE} (seeds as the unit, t on {r['n_seeds'] - 1} df):"
+            f" {_interval(r['procedure_diff'], r['procedure_low'], r['procedure_high'])}, p = {r['procedure_p']:.3g}"
+        )
+    return (
+        f"{MODELS} (points as the unit, by seed): {_interval(r['diff'], r['models_low'], r['models_high'])},"
+        f" McNemar p = {r['models_p']:.3g}"
     )
+
+
+def resolve_text(r: dict[str, Any]) -> str:
+    """What would decide an undecided comparison at the equivalence margin (power 0.8): points
+    per seed at these seeds for the models, seeds at these points for the procedure."""
+    seeds = "seed" if r["n_seeds"] == 1 else "seeds"
+    points = f"≈ {int(r['points_needed'])} points per seed at {r['n_seeds']} {seeds} ({MODELS})"
+    n = r["seeds_needed"]
+    procedure = (
+        "at least 2 seeds to estimate their spread"
+        if math.isnan(n)
+        else f"≈ {int(n)} seeds at {r['n_points']} points"
+    )
+    return f"{points}; {procedure} ({PROCEDURE})"
+
+
+def comparison_text(r: dict[str, Any], labels: dict[str, str]) -> str:
+    """One paired comparison as a sentence: the verdict, its numbers, the question it answers,
+    the other question's answer, and what it rests on."""
+    if r["low"] != r["low"]:  # no interval: the procedure with one seed
+        difference = f"difference {_pct(r['diff'])}, no interval"
+    else:
+        difference = f"difference {_interval(r['diff'], r['low'], r['high'])}"
     text = (
         f"{labels.get(r['a'], r['a'])} vs {labels.get(r['b'], r['b'])} ({r['dataset']}): **{r['verdict']}**"
         + (f" (provisional: no {sides_text(r, labels, 'lacks')})" if r["provisional"] else "")
         + (f" (missing: {sides_text(r, labels, 'missing')})" if r["verdict"] == "incomplete" else "")
         + f"; robust accuracy {r['robust_a']:.1%} vs {r['robust_b']:.1%} under the worst case over"
         f" {r['attacks']} (L-inf eps {eps_text(r['eps'])}; {r['n_points']} points x {r['n_seeds']} seed(s)),"
-        f" difference {_pct(r['diff'])} [95% CI {_pct(r['low'])}, {_pct(r['high'])}] ({how});"
-        f" McNemar p = {r['p_value']:.3g}, Holm {r['p_holm']:.3g}"
+        f" {difference} for {question_text(r)}; p = {r['p_value']:.3g}, Holm {r['p_holm']:.3g};"
+        f" {other_question_text(r)}"
     )
     if r["verdict"] == "undecided":
-        n = r["points_needed"]
-        text += (
-            "; no difference observed"
-            if math.isinf(n)
-            else f"; about {int(n)} points per seed would resolve it"
-        )
+        text += f"; to decide at the margin: {resolve_text(r)}"
     return text
 
 
