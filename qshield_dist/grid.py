@@ -373,8 +373,8 @@ def _expand(spec: SweepSpec) -> Grid:
     train: dict[str, TrainTrial] = {}
     attack: dict[str, AttackTrial] = {}
     own_attacks: dict[str, list[str]] = {}  # train id -> its uncontrolled attack trials (diagnostics)
-    # Every train trial shares the sweep's train config, sizes and threads: a backbone or
-    # surrogate trained alone is determined by (dataset, seed, architecture), and an equal-budget
+    # Every train trial shares the sweep's sizes and threads: a backbone or surrogate trained
+    # alone is determined by (dataset, seed, architecture, train config), and an equal-budget
     # control also by whether the hybrid was pre-trained. Made once each, not once per hybrid.
     alone: dict[tuple[Any, ...], TrainTrial] = {}
     # auto resolves here, from what each stage reserves, and so do threads (its whole cores)
@@ -388,16 +388,20 @@ def _expand(spec: SweepSpec) -> Grid:
     def add(trial: TrainTrial) -> TrainTrial:
         return train.setdefault(trial.trial_id, trial)
 
-    def train_trial(dataset: str, model: ModelSpec, seed: int, baseline_id: str | None = None) -> TrainTrial:
+    def train_trial(
+        dataset: str, model: ModelSpec, train_cfg: TrainConfig, seed: int, baseline_id: str | None = None
+    ) -> TrainTrial:
         sizes = (cfg.data.train_size, cfg.data.test_size)
         return TrainTrial(
-            dataset, model, cfg.train, seed, *sizes, baseline_id, threads=train_threads, accelerator=on_train
+            dataset, model, train_cfg, seed, *sizes, baseline_id, threads=train_threads, accelerator=on_train
         )
 
-    def trained_alone(dataset: str, seed: int, name: str) -> TrainTrial:
-        key = (dataset, seed, name)
+    def trained_alone(dataset: str, seed: int, name: str, train_cfg: TrainConfig) -> TrainTrial:
+        """A classical model trained alone: a hybrid's baseline (with the hybrid's training
+        method) or a transfer surrogate (with the sweep's)."""
+        key = (dataset, seed, name, id(train_cfg))
         if key not in alone:
-            alone[key] = add(train_trial(dataset, ModelSpec(model=name), seed))
+            alone[key] = add(train_trial(dataset, ModelSpec(model=name), train_cfg, seed))
         return alone[key]
 
     def equal_budget(hybrid: TrainTrial) -> tuple[TrainTrial, str | None]:
@@ -405,8 +409,8 @@ def _expand(spec: SweepSpec) -> Grid:
         scratch got no more steps than its backbone alone: that backbone is its own equal-budget
         control, attacked once, as itself (control None)."""
         if hybrid.baseline_id is None:
-            return trained_alone(hybrid.dataset, hybrid.seed, hybrid.model.backbone), None
-        key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, True)
+            return trained_alone(hybrid.dataset, hybrid.seed, hybrid.model.backbone, hybrid.train), None
+        key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, id(hybrid.train), True)
         if key not in alone:
             alone[key] = add(_equal_budget_baseline(hybrid))
         return alone[key], EQUAL_BUDGET
@@ -417,13 +421,17 @@ def _expand(spec: SweepSpec) -> Grid:
         for a in spec.attacks:
             params = ATTACKS[a.name].params(dataset, a.preset, a.params)
             attacks.append((a, ATTACKS[a.name].needs_twin, params, tuple(sorted(params.items()))))
-        models = [raw.resolved(info.classes) for raw in spec.models]
+        models = [
+            (raw.resolved(info.classes), spec.train_of(i).resolved(info.paper_eps))
+            for i, raw in enumerate(spec.models)
+        ]
+        sweep_train = cfg.train.resolved(info.paper_eps)
         for seed in cfg.seeds:
-            for model in models:
+            for model, train_cfg in models:
                 baseline_id = None
                 if model.model == "hqcnn" and model.init == "from_baseline":
-                    baseline_id = trained_alone(dataset, seed, model.backbone).trial_id
-                trial = add(train_trial(dataset, model, seed, baseline_id))
+                    baseline_id = trained_alone(dataset, seed, model.backbone, train_cfg).trial_id
+                trial = add(train_trial(dataset, model, train_cfg, seed, baseline_id))
                 controls = cfg.eval.controls if model.model == "hqcnn" else []
                 for spec_a, needs_twin, params, resolved in attacks:
                     if needs_twin and not (model.model == "hqcnn" and model.quantum_grad == "detached"):
@@ -431,7 +439,7 @@ def _expand(spec: SweepSpec) -> Grid:
                         # classical model or a full-gradient hybrid has nothing to replace
                         continue
                     surrogate = (
-                        trained_alone(dataset, seed, params["surrogate"])
+                        trained_alone(dataset, seed, params["surrogate"], sweep_train)
                         if spec_a.name == "transfer"
                         else None
                     )

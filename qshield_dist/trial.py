@@ -28,7 +28,15 @@ from qshield_dist.attacks.base import strict_majority
 from qshield_dist.attacks.streams import PointStreams
 from qshield_dist.data import Split, fixed_permutation, load, shared_attack_set
 from qshield_dist.datasets import DATASETS
-from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial, stable_hash
+from qshield_dist.grid import (
+    AttackTrial,
+    DiagnosticTrial,
+    TrainTrial,
+    Trial,
+    canonical_json,
+    changed_fields,
+    stable_hash,
+)
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
 from qshield_dist.peak_memory import max_rss_bytes
@@ -71,7 +79,12 @@ def _model_columns(trial: TrainTrial) -> dict[str, Any]:
     spec = trial.model
     cols = {k: getattr(spec, k) for k in MODEL_COLUMNS}
     cols.update(
-        dataset=trial.dataset, variant=spec.label, backbone=spec.backbone or spec.model, seed=trial.seed
+        dataset=trial.dataset,
+        variant=f"{spec.label} {trial.train.label}".strip(),
+        backbone=spec.backbone or spec.model,
+        seed=trial.seed,
+        train_method=trial.train.method,
+        train_config=canonical_json(changed_fields(trial.train)),
     )
     return cols
 

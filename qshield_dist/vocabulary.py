@@ -13,6 +13,12 @@ FUSIONS = ("dynamic", "entropy")
 QUANTUM_GRADS = ("full", "detached")
 PROJECTIONS = ("learned", "paper")
 INITS = ("from_baseline", "scratch")
+# How a model is trained (`train.method`): plain, PGD adversarial training (Madry et al. 2018)
+# or TRADES (Zhang et al. 2019); train_methods.py holds the two robust ones.
+STANDARD = "standard"
+PGD_AT = "pgd_at"
+TRADES = "trades"
+TRAIN_METHODS = (STANDARD, PGD_AT, TRADES)
 
 # --- the circuit -------------------------------------------------------------------------------
 ENTANGLEMENTS = ("none", "linear", "star", "full", "ring")

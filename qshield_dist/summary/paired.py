@@ -183,21 +183,24 @@ def _seed_pairs(a: pl.DataFrame, b: pl.DataFrame) -> list[tuple[list[int], list[
 
 def _pairs_of(variants: pl.DataFrame, baselines: dict[str, str]) -> list[dict[str, Any]]:
     """Every comparison of the report: (kind, dataset, vkey_a, vkey_b, hybrid vkey)."""
+    # Classical variants by what a hybrid's controls are: its backbone, trained the hybrid's way
     by = {
-        (r["dataset"], r["model"], r["control"]): r
+        (r["dataset"], r["model"], r["train_method"], r["control"]): r
         for r in variants.iter_rows(named=True)
         if r["entanglement"] is None
     }
+    by_vkey = {r["vkey"]: r for r in variants.iter_rows(named=True)}
     same = [k for k in VARIANT_KEYS if k != "control"]
     out = []
     for h in variants.filter((pl.col("model") == "hqcnn") & pl.col("control").is_null()).iter_rows(
         named=True
     ):
-        base = by.get((h["dataset"], baselines.get(h["dataset"]), None))
+        base = by_vkey.get(baselines.get(h["dataset"], ""))
         alone = variants.filter(pl.col("control") == BACKBONE_ONLY)
         alone = next((r for r in alone.iter_rows(named=True) if all(r[k] == h[k] for k in same)), None)
         # a hybrid trained from scratch had its backbone's budget: the backbone alone is its control
-        budget = by.get((h["dataset"], h["backbone"], None if h["init"] == "scratch" else EQUAL_BUDGET))
+        control = None if h["init"] == "scratch" else EQUAL_BUDGET
+        budget = by.get((h["dataset"], h["backbone"], h["train_method"], control))
         # ... and when that backbone is the CNN baseline itself, "vs CNN" is that comparison too
         same_budget = budget is not None and budget is base
         for kind, a, b in (

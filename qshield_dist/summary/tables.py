@@ -8,8 +8,8 @@ Conventions, stated once:
   the number of attacked samples summed over seeds.
 - Costs are pooled over seeds: total attack seconds / total attacked samples (a seed
   with more samples weighs more, as it should for a per-sample time).
-- The CNN baseline of a dataset is model 'cnn', else 'cnn_small' (verdicts.pick_baselines,
-  which says so in the notes).
+- The CNN baseline of a dataset is model 'cnn', else 'cnn_small', trained the standard way
+  (verdicts.pick_baselines, which says so in the notes).
 - Rows with fewer than `min_samples` attacked samples are kept in the means and flagged.
 """
 
@@ -37,7 +37,7 @@ from qshield_dist.summary.verdicts import (
     interval_verdicts,
     pick_baselines,
 )
-from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET
+from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET, STANDARD
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {
@@ -81,7 +81,7 @@ class Tables:
     skipped: pl.DataFrame
     duplicates: pl.DataFrame
     budget: pl.DataFrame
-    baselines: dict[str, str]  # dataset -> baseline model
+    baselines: dict[str, str]  # dataset -> the vkey of its CNN baseline
     min_samples: int
     margin: float  # the +- band within which two variants count as equal
     notes: list[str] = field(default_factory=list)
@@ -114,6 +114,8 @@ def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
         else:
             parts = [_LABEL_FORMAT[c].format(row[c]) for c in varying if row[c] is not None]
             label = f"{row['model']}[{row['backbone']}] " + " ".join(parts)
+        if row["train_method"] not in (None, STANDARD):
+            label += f" [{row['train_method']}]"
         labels.append(label + (f" [{row['control']}]" if row["control"] else ""))
     return (
         keys.with_columns(_vkey(), pl.Series("label", labels, pl.String))
@@ -290,6 +292,7 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         "dataset",
         "attack_label",
         pl.col("model").alias("baseline"),
+        pl.col("vkey").alias("baseline_vkey"),
         pl.col("sec_per_sample").alias("_b_sps"),
         pl.col("calls_per_sample").alias("_b_cps"),
         pl.col("sec_per_call").alias("_b_spc"),
@@ -304,7 +307,7 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         # Share of log(time ratio) explained by the number of calls: 1 -> all defence, 0 -> all simulator.
         pl.when(log_time.abs() > 1e-12).then(pl.col("calls_ratio").log() / log_time).alias("calls_share"),
     )
-    return cost_drivers(cost).drop("_b_sps", "_b_cps", "_b_spc")
+    return cost_drivers(cost).drop("_b_sps", "_b_cps", "_b_spc", "baseline_vkey")
 
 
 DIAGNOSTIC_SCHEMA = {
