@@ -215,8 +215,9 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _params_of_its_method(self) -> "TrainConfig":
         allowed = METHOD_PARAMS[self.method]
-        for key in self.model_fields_set & {p for params in METHOD_PARAMS.values() for p in params}:
-            if key not in allowed:
+        for key in sorted({p for params in METHOD_PARAMS.values() for p in params} - set(allowed)):
+            # a value other than its default: one a model_dump round trip also carries
+            if getattr(self, key) != type(self).model_fields[key].default:
                 raise ValueError(
                     f"'{key}' applies only to method {' or '.join(m for m, p in METHOD_PARAMS.items() if key in p)}"
                     f" (method is '{self.method}'); allowed with {self.method}: {', '.join(allowed) or 'none'}"
