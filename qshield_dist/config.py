@@ -47,8 +47,8 @@ from qshield_dist.vocabulary import (
     INITS,
     MODELS,
     NOISE_MODELS,
-    PROJECTIONS,
     PGD_AT,
+    PROJECTIONS,
     QUANTUM_GRADS,
     SIMULATORS,
     STAGES,
@@ -422,6 +422,19 @@ class SlurmConfig(_Strict):
         return {stage: getattr(self, stage).model_dump() for stage in STAGES}
 
 
+class CompareSpec(_Strict):
+    """One line of `compare:`: each variant of the entries named in `models` against each of
+    those named in `against` (model entries' `name:`), paired on the shared attack set."""
+
+    models: tuple[str, ...] = Field(min_length=1)
+    against: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("models", "against", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
 class SweepConfig(_Strict):
     name: str
     results_dir: str | None = None
@@ -435,6 +448,8 @@ class SweepConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     models: list[dict[str, Any]] = Field(min_length=1)
     attacks: list[dict[str, Any]] = Field(default_factory=list)
+    # Which variants the verdicts compare; left out: every hybrid against its dataset's CNN.
+    compare: tuple[CompareSpec, ...] = ()
     resources: StageResources = StageResources()
     ray: RayConfig = RayConfig()
     slurm: SlurmConfig = SlurmConfig()
@@ -619,6 +634,7 @@ def validate(cfg: SweepConfig) -> SweepSpec:
             raise ConfigError(f"data.dataset: got '{name}': unknown dataset; allowed: {', '.join(DATASETS)}")
     _check_slurm_cpus(cfg)
     entries = parse_models(cfg)
+    _check_compare(cfg, {e.name for e in entries if e.name is not None})
     for name in cfg.datasets:
         for e in entries:
             _check_quantum(e.model.resolved(DATASETS[name].classes), e.index, cfg, e.train)
@@ -629,6 +645,18 @@ def validate(cfg: SweepConfig) -> SweepSpec:
         tuple(e.train for e in entries),
         tuple(e.name for e in entries),
     )
+
+
+def _check_compare(cfg: SweepConfig, names: set[str]) -> None:
+    """Every name `compare:` uses names a model entry."""
+    for i, pair in enumerate(cfg.compare):
+        for key in ("models", "against"):
+            for name in getattr(pair, key):
+                if name not in names:
+                    raise ConfigError(
+                        f"compare[{i}].{key}: got '{name}': no model entry has that name;"
+                        f" allowed: {', '.join(sorted(names)) or 'none (give model entries a name:)'}"
+                    )
 
 
 def _check_slurm_cpus(cfg: SweepConfig) -> None:

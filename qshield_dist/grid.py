@@ -351,6 +351,43 @@ class DiagnosticTrial:
 Trial = TrainTrial | AttackTrial | DiagnosticTrial
 
 
+def variant_id(train: TrainTrial, control: str | None) -> str:
+    """What makes two trained models different, apart from the seed: the train trial's identity
+    without its seed (and the baseline's id, which carries the seed), plus the control."""
+    identity = {
+        k: v
+        for k, v in train.identity().items()
+        if k not in ("seed", "baseline", "threads", "accelerator", "version")
+    }
+    return stable_hash({**identity, "control": control})
+
+
+def named_comparisons(spec: SweepSpec) -> list[tuple[str, str, str]]:
+    """The sweep's `compare:` as (dataset, variant id of A, variant id of B): every variant of
+    each entry it names (each point of its axes) against every variant of each entry it is
+    compared with, per dataset; empty without `compare:`."""
+    cfg = spec.config
+    out: list[tuple[str, str, str]] = []
+    for dataset in cfg.datasets:
+        info = DATASETS[dataset]
+        by_name: dict[str, list[str]] = {}
+        for i, (model, name) in enumerate(zip(spec.models, spec.names)):
+            if name is not None:
+                trial = TrainTrial(
+                    dataset,
+                    model.resolved(info.classes),
+                    spec.train_of(i).resolved(info.paper_eps),
+                    0,
+                    cfg.data.train_size,
+                    cfg.data.test_size,
+                )
+                by_name.setdefault(name, []).append(variant_id(trial, None))
+        for pair in cfg.compare:
+            for a in (v for n in pair.models for v in by_name[n]):
+                out += [(dataset, a, b) for n in pair.against for b in by_name[n] if b != a]
+    return out
+
+
 @dataclass
 class Grid:
     train: list[TrainTrial]

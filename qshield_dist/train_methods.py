@@ -79,7 +79,9 @@ def trades_example(model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch
     return adv.detach()
 
 
-def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, beta: float) -> torch.Tensor:
+def trades_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, beta: float
+) -> torch.Tensor:
     """CE on the clean batch + beta * KL(f(x) || f(x')) / batch size (the reference's `trades_loss`)."""
     logp_clean = model(x)
     robust = F.kl_div(model(adv), logp_clean.exp(), reduction="sum") / len(x)

@@ -35,7 +35,7 @@ from qshield_dist.grid import (
     Trial,
     canonical_json,
     changed_fields,
-    stable_hash,
+    variant_id,
 )
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
@@ -97,17 +97,6 @@ def _model_facts(model: nn.Module) -> dict[str, Any]:
         "stochastic": bool(getattr(model, "stochastic", False)),
         "noise_approx": getattr(quantum, "noise_approx", None),
     }
-
-
-def variant_id(train: TrainTrial, control: str | None) -> str:
-    """What makes two trained models different, apart from the seed: the train trial's identity
-    without its seed (and the baseline's id, which carries the seed), plus the control."""
-    identity = {
-        k: v
-        for k, v in train.identity().items()
-        if k not in ("seed", "baseline", "threads", "accelerator", "version")
-    }
-    return stable_hash({**identity, "control": control})
 
 
 def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:

@@ -49,7 +49,8 @@ VS_CNN = "vs CNN"
 VS_BACKBONE_ALONE = "vs backbone alone"
 VS_EQUAL_BUDGET = "vs equal-budget backbone"
 BACKBONE_ALONE_VS_CNN = "backbone alone vs CNN"
-COMPARISON_KINDS = (VS_CNN, VS_BACKBONE_ALONE, VS_EQUAL_BUDGET, BACKBONE_ALONE_VS_CNN)
+VS_NAMED = "named in compare:"  # the sweep's own list, in place of VS_CNN
+COMPARISON_KINDS = (VS_CNN, VS_NAMED, VS_BACKBONE_ALONE, VS_EQUAL_BUDGET, BACKBONE_ALONE_VS_CNN)
 # The checks a diagnostic trial can run. `eval.diagnostics: true` runs the gradient-masking
 # checks; restart_sensitivity (K full APGD runs) runs only when named.
 GRADIENT_MASKING_CHECKS = (

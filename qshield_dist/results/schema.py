@@ -52,7 +52,10 @@ SCHEMA = pa.schema(
         # backbone: the model itself for a classical one)
         *_model_columns(),
         ("train_method", pa.string()),  # standard | pgd_at | trades (train.method)
-        ("train_config", pa.string()),  # JSON: the train settings that differ from their defaults (what the id hashes)
+        (
+            "train_config",
+            pa.string(),
+        ),  # JSON: the train settings that differ from their defaults (what the id hashes)
         ("control", pa.string()),  # null | backbone_only (the hybrid's backbone alone) | equal_budget
         (
             "variant_id",

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from qshield_dist.attack_params import ATTACKS
+from qshield_dist.config import ConfigError, SweepConfig, validate
+from qshield_dist.grid import named_comparisons
 from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
 from qshield_dist.summary.paired import (
     AUTOATTACKS,
@@ -37,7 +39,7 @@ from qshield_dist.summary.verdicts import (
     interval_verdicts,
     pick_baselines,
 )
-from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET, STANDARD
+from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET, STANDARD, VS_CNN, VS_NAMED
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {
@@ -82,6 +84,7 @@ class Tables:
     duplicates: pl.DataFrame
     budget: pl.DataFrame
     baselines: dict[str, str]  # dataset -> the vkey of its CNN baseline
+    verdict_kind: str  # the paired comparisons the verdicts are: VS_CNN, or VS_NAMED (the sweep's compare:)
     min_samples: int
     margin: float  # the +- band within which two variants count as equal
     notes: list[str] = field(default_factory=list)
@@ -426,6 +429,29 @@ def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
     return expected.join(present, on="trial_id", how="anti").sort("stage", "dataset", "trial_id")
 
 
+def named_pairs(res: Results, train: pl.DataFrame, notes: list[str]) -> list[tuple[str, str]] | None:
+    """The sweep's `compare:` (in its manifest's spec) as (vkey_a, vkey_b); None without one.
+    Names are resolved to variant ids by the grid's rule and to variants through the train rows."""
+    spec = (res.manifest or {}).get("spec")
+    if not spec or not spec.get("compare"):
+        return None
+    try:
+        sweep = validate(SweepConfig(**spec))
+    except (ConfigError, ValueError) as exc:
+        notes.append(
+            f"the manifest's compare: could not be read ({exc}): each hybrid is compared with the CNN"
+        )
+        return None
+    vkeys = dict(train.with_columns(_vkey()).select("variant_id", "vkey").unique("variant_id").iter_rows())
+    pairs = named_comparisons(sweep)
+    found = [(vkeys[a], vkeys[b]) for _, a, b in pairs if a in vkeys and b in vkeys]
+    if len(found) < len(pairs):
+        notes.append(
+            f"{len(pairs) - len(found)} of the {len(pairs)} comparisons compare: names lack a train row"
+        )
+    return found
+
+
 def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> Tables:
     """All tables of the report from the loaded results."""
     notes: list[str] = []
@@ -456,7 +482,9 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
     missing = _missing(res, got["ids"], notes)
     notes = res.notes + notes
     points = load_points(res, settings, _vkey())
-    paired = comparisons(points, variants, baselines, margin)
+    named = named_pairs(res, train, notes)
+    verdict_kind = VS_CNN if named is None else VS_NAMED
+    paired = comparisons(points, variants, baselines, margin, named)
     gaps = autoattack_gaps(points)
     checks = _sanity_diagnostics(got["autoattack_checks"])
     diagnostics = pl.concat([_diagnostics(res), _gap_diagnostics(gaps), checks])
@@ -466,7 +494,7 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
         clean=clean,
         robustness=rob,
         cost=_cost(rob, baselines),
-        verdicts=interval_verdicts(paired, variants, failed, skipped, diagnostics),
+        verdicts=interval_verdicts(paired, variants, failed, skipped, diagnostics, verdict_kind),
         paired=paired,
         worst_case=worst_case_table(points),
         controls=controls(rob, baselines),
@@ -479,6 +507,7 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
         duplicates=dup,
         budget=budget,
         baselines=baselines,
+        verdict_kind=verdict_kind,
         min_samples=min_samples,
         margin=margin,
         notes=notes,

@@ -25,6 +25,7 @@ from qshield_dist.vocabulary import (
     STANDARD,
     VS_BACKBONE_ALONE,
     VS_CNN,
+    VS_NAMED,
 )
 
 BASELINES: tuple[str, ...] = ("cnn", "cnn_small")  # the CNN baseline: the first one present
@@ -91,6 +92,7 @@ _VERDICT_SCHEMA = {
     "vkey": pl.String,
     "label": pl.String,
     "baseline": pl.String,
+    "vkey_b": pl.String,
     "eps": pl.Float64,
     "category": pl.String,
     "provisional": pl.Boolean,
@@ -173,8 +175,10 @@ def interval_verdicts(
     failed: pl.DataFrame,
     skipped: pl.DataFrame,
     diagnostics: pl.DataFrame,
+    kind: str = VS_CNN,
 ) -> pl.DataFrame:
-    """One verdict per hybrid variant (and L-inf budget) against its dataset's CNN baseline,
+    """One verdict per hybrid variant (and L-inf budget) against its dataset's CNN baseline
+    (`kind` VS_CNN), or per comparison the sweep's `compare:` names (VS_NAMED),
     from the paired interval of worst-case robust accuracy (paired.py), never from a point
     estimate; what failed or was skipped is said, since the verdict does not cover it, and so
     are the failed diagnostics of either model (`flags`)."""
@@ -183,10 +187,15 @@ def interval_verdicts(
     n_skipped_by = dict(skipped.filter(pl.col("stage") == "attack").group_by("vkey").len().iter_rows())
     checks = failed_checks(diagnostics)
     by_hybrid = {}
-    for r in paired.filter(pl.col("kind") == VS_CNN).iter_rows(named=True):
+    for r in paired.filter(pl.col("kind") == kind).iter_rows(named=True):
         by_hybrid.setdefault(r["a"], []).append(r)
     rows: list[dict[str, Any]] = []
-    for v in variants.filter((pl.col("model") == HYBRID) & uncontrolled()).iter_rows(named=True):
+    judged = (
+        pl.col("vkey").is_in(list(by_hybrid))
+        if kind == VS_NAMED
+        else (pl.col("model") == HYBRID) & uncontrolled()
+    )
+    for v in variants.filter(judged).iter_rows(named=True):
         head = {"dataset": v["dataset"], "vkey": v["vkey"], "label": v["label"]}
         found = by_hybrid.get(v["vkey"], [])
         if not found:
@@ -208,6 +217,7 @@ def interval_verdicts(
                 {
                     **head,
                     "baseline": labels.get(r["b"], r["b"]),
+                    "vkey_b": r["b"],
                     "eps": r["eps"],
                     "category": r["verdict"],
                     "provisional": r["provisional"],
