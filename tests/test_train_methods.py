@@ -171,3 +171,60 @@ def test_an_entry_of_another_method_inherits_none_of_the_sweeps_method_parameter
     cfg["models"] = [{"model": "cnn_small", "train": {"method": "pgd_at"}}, {"model": "cnn_small"}]
     trains = validate(SweepConfig(**cfg)).trains
     assert [(t.method, t.beta) for t in trains] == [("pgd_at", 6.0), ("trades", 2.0)]
+
+
+COMPARED = {
+    "name": "compared",
+    "data": {"dataset": "digits", "train_size": 120, "test_size": 40},
+    "train": {"epochs": 1, "batch_size": 40, "max_steps": 3},
+    "eval": {"attack_size": 12},
+    "models": [
+        {"model": "cnn_small", "name": "plain"},
+        {"model": "cnn_small", "name": "pgd", "train": {"method": "pgd_at", "steps": 2}},
+        {"model": "cnn_small", "name": "trades", "train": {"method": "trades", "steps": 2}},
+    ],
+    "attacks": [{"name": "fgsm"}],
+    "compare": [{"models": ["pgd", "trades"], "against": "plain"}],
+}
+
+
+def test_compare_names_the_verdicts_and_rows_keep_methods_apart(tmp_path):
+    from qshield_dist.launch import manifest_trials
+    from qshield_dist.summary.report import Options, summarize
+    from qshield_dist.summary.sections_verdicts import NAMED_TABLE
+    from qshield_dist.trial import RunContext, run_trial
+
+    cfg = SweepConfig(**COMPARED)
+    grid = build_grid(validate(cfg))
+    # in this process, as the launcher's local executor would (its manifest holds the spec)
+    ctx = RunContext(
+        sweep=cfg.name, results_dir=str(tmp_path / "results"), checkpoint_dir=str(tmp_path / "ckpt")
+    )
+    ctx.store.write_manifest({"sweep": cfg.name, "spec": cfg.model_dump()}, manifest_trials(grid))
+    assert [run_trial(t, ctx) for t in grid.trials] == ["ok"] * 6
+    s = summarize(
+        tmp_path / "results", tmp_path / "report", Options(plots=False, formats=("md",), proxies={})
+    )
+    labels = dict(zip(s.tables.variants["vkey"], s.tables.variants["label"]))
+    assert sorted(labels.values()) == ["cnn_small", "cnn_small [pgd_at]", "cnn_small [trades]"]
+    v = s.tables.verdicts
+    assert sorted(zip(v["label"], v["baseline"])) == [
+        ("cnn_small [pgd_at]", "cnn_small"),
+        ("cnn_small [trades]", "cnn_small"),
+    ]
+    assert set(s.tables.paired["kind"]) == {"named in compare:"}
+    (table,) = [t for sec in s.sections for t in sec.tables if t.title == NAMED_TABLE]
+    seconds = [dict(zip(table.headers, r))["training s"] for r in table.rows]
+    assert all(a != "-" and b != "-" for a, b in (cell.split(" vs ") for cell in seconds))
+    train = s.tables.clean.join(s.tables.variants, on="vkey")
+    assert train["train_seconds"].min() > 0
+
+
+def test_compare_with_an_unknown_name_exits_before_compute():
+    cfg = copy.deepcopy(COMPARED)
+    cfg["compare"] = [{"models": "pgd", "against": ["plain", "madry"]}]
+    with pytest.raises(
+        ConfigError,
+        match=r"compare\[0\].against: got 'madry': no model entry has that name; allowed: pgd, plain, trades",
+    ):
+        validate(SweepConfig(**cfg))
