@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qshield_dist.attack_params import ATTACKS
+from qshield_dist.attack_params import EOT_PGD_DRAWS
 from qshield_dist.attacks.adaptive import BPDA
 from qshield_dist.attacks.streams import EOTPGD, PGD
 from qshield_dist.config import TrainConfig
@@ -53,7 +53,7 @@ def pgd_attack(model: nn.Module, cfg: TrainConfig) -> PGD | EOTPGD:
     view = gradient_view(model)
     budget = {"eps": cfg.eps, "alpha": cfg.step_size, "steps": cfg.steps, "random_start": True}
     if getattr(model, "stochastic", False):
-        return EOTPGD(view, eot_iter=ATTACKS["eot_pgd"].defaults("digits")["eot_iter"], **budget)
+        return EOTPGD(view, eot_iter=EOT_PGD_DRAWS, **budget)
     return PGD(view, **budget)
 
 
