@@ -228,3 +228,23 @@ def test_compare_with_an_unknown_name_exits_before_compute():
         match=r"compare\[0\].against: got 'madry': no model entry has that name; allowed: pgd, plain, trades",
     ):
         validate(SweepConfig(**cfg))
+
+
+def test_the_cnn_baseline_is_the_plainly_trained_one():
+    """A PGD-AT CNN listed first must not become "the CNN" every hybrid is judged against."""
+    import polars as pl
+
+    from qshield_dist.summary.verdicts import pick_baselines
+
+    variants = pl.DataFrame(
+        {
+            "vkey": ["pgd", "plain", "hybrid"],
+            "dataset": ["digits"] * 3,
+            "model": ["cnn_small", "cnn_small", "hqcnn"],
+            "train_method": ["pgd_at", "standard", "standard"],
+            "train_config": ['{"method":"pgd_at"}', "{}", "{}"],
+            "control": [None, None, None],
+        },
+        schema_overrides={"control": pl.String},
+    )
+    assert pick_baselines(variants)[0] == {"digits": "plain"}
