@@ -25,7 +25,13 @@ from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
 from qshield_dist.results.current import STAGE_VERSIONS
-from qshield_dist.vocabulary import BACKBONE_ONLY, CHECKS_ON_ATTACK_ROWS, CPU, EQUAL_BUDGET
+from qshield_dist.vocabulary import (
+    CHECKS_ON_ATTACK_ROWS,
+    CPU,
+    DETERMINISTIC_CONTROLS,
+    EQUAL_BUDGET,
+    FIXED_RANDOMNESS,
+)
 
 V = TypeVar("V")
 
@@ -257,8 +263,8 @@ class AttackTrial:
     @property
     def target_stochastic(self) -> bool:
         """Is the model under attack stochastic? A backbone_only control attacks the hybrid's
-        classical backbone alone (trial._attack_target)."""
-        return self.train.stochastic and self.control != BACKBONE_ONLY
+        classical backbone alone, fixed_randomness the hybrid frozen to one draw (trial._attack_target)."""
+        return self.train.stochastic and self.control not in DETERMINISTIC_CONTROLS
 
     def identity(self, train_id: str) -> dict[str, Any]:
         """What determines the attack's result, with `train_id` as the model's id."""
@@ -293,7 +299,7 @@ class AttackTrial:
             self.attack,
             self.preset,
             self.train.dataset,
-            self.train.stochastic and self.control != BACKBONE_ONLY,  # target_stochastic
+            self.train.stochastic and self.control not in DETERMINISTIC_CONTROLS,  # target_stochastic
             self.control,
             surrogate,
         )
@@ -481,6 +487,8 @@ def _expand(spec: SweepSpec) -> Grid:
                         else None
                     )
                     for control in [None, *(controls if not needs_twin else [])]:
+                        if control == FIXED_RANDOMNESS and not trial.stochastic:
+                            continue  # nothing to freeze
                         target = trial
                         if control == EQUAL_BUDGET:
                             target, control = equal_budget(trial)

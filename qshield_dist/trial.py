@@ -44,6 +44,7 @@ from qshield_dist.results.schema import MODEL_COLUMNS, package_versions
 from qshield_dist.results.store import ResultStore
 from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
 from qshield_dist.trial_env import fixed_numerics, gpu_model, seed_everything, torch_device, trial_log
+from qshield_dist.vocabulary import BACKBONE_ONLY, FIXED_RANDOMNESS
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,10 @@ def _attack_target(
     trial: AttackTrial, ctx: RunContext, device: torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
     model, meta = train_or_load(trial.train, ctx, device, allow_train=False)
-    if trial.control == "backbone_only":
+    if trial.control == BACKBONE_ONLY:
         model = Classifier(model.backbone).eval()  # the hybrid's own trained backbone, branch removed
+    elif trial.control == FIXED_RANDOMNESS:
+        model.fix_randomness(trial.train.seed)  # one draw, the same on every call
     return model, meta
 
 

@@ -36,9 +36,11 @@ from qshield_dist.vocabulary import (
     BACKBONE_ALONE_VS_CNN,
     BACKBONE_ONLY,
     EQUAL_BUDGET,
+    FIXED_RANDOMNESS,
     VS_BACKBONE_ALONE,
     VS_CNN,
     VS_EQUAL_BUDGET,
+    VS_FIXED_RANDOMNESS,
     VS_NAMED,
 )
 
@@ -212,8 +214,12 @@ def _pairs_of(
         named=True
     ):
         base = by_vkey.get(baselines.get(h["dataset"], ""))
-        alone = variants.filter(pl.col("control") == BACKBONE_ONLY)
-        alone = next((r for r in alone.iter_rows(named=True) if all(r[k] == h[k] for k in same)), None)
+        alone, fixed = (
+            next((r for r in controls.iter_rows(named=True) if all(r[k] == h[k] for k in same)), None)
+            for controls in (
+                variants.filter(pl.col("control") == c) for c in (BACKBONE_ONLY, FIXED_RANDOMNESS)
+            )
+        )
         # a hybrid trained from scratch had its backbone's budget: the backbone alone is its control
         control = None if h["init"] == "scratch" else EQUAL_BUDGET
         budget = by.get((h["dataset"], h["backbone"], h["train_method"], control))
@@ -224,6 +230,7 @@ def _pairs_of(
             (VS_BACKBONE_ALONE, h, alone),
             (VS_EQUAL_BUDGET, h, None if same_budget else budget),
             (BACKBONE_ALONE_VS_CNN, alone, base),
+            (VS_FIXED_RANDOMNESS, h, fixed),
         ):
             if a is not None and b is not None:
                 out.append(

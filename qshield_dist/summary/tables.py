@@ -39,7 +39,7 @@ from qshield_dist.summary.verdicts import (
     interval_verdicts,
     pick_baselines,
 )
-from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET, STANDARD, VS_CNN, VS_NAMED
+from qshield_dist.vocabulary import DETERMINISTIC_CONTROLS, EQUAL_BUDGET, STANDARD, VS_CNN, VS_NAMED
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {
@@ -214,9 +214,9 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
         "equal_budget": a.filter(pl.col("control") == EQUAL_BUDGET)
         .select(pl.col("train_id").alias("trial_id"), pl.col("control").alias("_control"))
         .unique("trial_id"),
-        # A hybrid's backbone alone has no train row (it is attacked through its hybrid's
-        # checkpoint): it takes the clean accuracy its attack rows measured.
-        "clean_fallback": a.filter(pl.col("control") == BACKBONE_ONLY)
+        # A hybrid's backbone alone, or the hybrid with its randomness fixed, has no train row (it
+        # is attacked through its hybrid's checkpoint): it takes the clean accuracy its attack rows measured.
+        "clean_fallback": a.filter(pl.col("control").is_in(DETERMINISTIC_CONTROLS))
         .group_by([*VARIANT_KEYS, "seed"])
         .agg(pl.col("clean_acc").mean()),
         "ids": a.select("trial_id")
