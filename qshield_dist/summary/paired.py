@@ -224,7 +224,9 @@ def _pairs_of(
         control = None if h["init"] == "scratch" else EQUAL_BUDGET
         budget = by.get((h["dataset"], h["backbone"], h["train_method"], control))
         # ... and when that backbone is the CNN baseline itself, "vs CNN" is that comparison too
-        same_budget = named is None and budget is not None and budget is base
+        same_budget = (
+            named is None and budget is not None and base is not None and budget["vkey"] == base["vkey"]
+        )
         for kind, a, b in (
             (VS_CNN, h, None if named is not None else base),
             (VS_BACKBONE_ALONE, h, alone),

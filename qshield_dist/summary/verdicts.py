@@ -350,7 +350,12 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
             asr_hybrid=pl.col("asr_mean"),
         )
         .join(ctrl, on=[*same_variant, "attack_label"], how="left", nulls_equal=True)
-        .join(eq, on=["dataset", "init", "backbone", "train_method", "attack_label"], how="left")
+        .join(
+            eq,
+            on=["dataset", "init", "backbone", "train_method", "attack_label"],
+            how="left",
+            nulls_equal=True,
+        )
         .join(base, on=["dataset", "attack_label"], how="left")
         .filter(pl.col("asr_backbone_only").is_not_null() | pl.col("asr_equal_budget").is_not_null())
         .with_columns(
