@@ -55,7 +55,7 @@ def _how_to_read(tables: Tables) -> str:
     )
 
 
-def train_seconds(tables: Tables) -> dict[str, float]:
+def _train_seconds(tables: Tables) -> dict[str, float]:
     """vkey -> its mean training seconds over seeds (train rows; none for a backbone alone)."""
     known = tables.clean.filter(pl.col("train_seconds").is_not_null())
     return dict(known.select("vkey", "train_seconds").iter_rows())
@@ -141,7 +141,7 @@ def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
     if not v.height:
         return sec.add("No HQCNN variant in these results.")
     labels, checks = label_map(tables), failed_checks(tables.diagnostics)
-    cost = train_seconds(tables)
+    cost = _train_seconds(tables)
     paired = {
         (r["a"], r["b"], r["eps"]): r
         for r in tables.paired.filter(pl.col("kind") == tables.verdict_kind).iter_rows(named=True)
@@ -193,7 +193,7 @@ def controls_section(tables: Tables, figures: list[Figure]) -> Section:
             " the gain cannot be attributed to the quantum branch or the backbone."
         )
     labels, checks = label_map(tables), failed_checks(tables.diagnostics)
-    cost = train_seconds(tables)
+    cost = _train_seconds(tables)
     sec.add(
         "backbone alone = the hybrid's own trained backbone with the quantum branch removed;"
         " equal-budget backbone = the backbone architecture trained alone for as many steps as the hybrid got."
