@@ -129,7 +129,10 @@ class StartedRecord(ProgressSink):
         self.trials: set[str] = set()
         self.written_at = -math.inf
         self.closed = False
-        self._lock = threading.Lock()  # the executor's calls and the timer's write
+        # The executor's calls and the timer's write. Re-entrant: a signal's KeyboardInterrupt can land
+        # between a `with` block's acquire and its release (CPython does not mask it there), and
+        # close() in the main thread's `finally` must not then wait forever for its own lock.
+        self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
 
     def _changed(self) -> None:  # with the lock held

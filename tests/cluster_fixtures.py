@@ -122,3 +122,27 @@ def record_node(out: str, key: str, sleep: float = 0.0) -> str:
     _append(out_dir / f"{key}.log", f"{start:.6f} {time.time():.6f} {os.getpid()} {ip}")
     _atomic_write(out_dir / f"{key}.out", f"{key}\n")
     return "ok"
+
+
+def processes_with(marker: str) -> dict[int, tuple[str, dict[str, str]]]:
+    """pid -> (name, environment) of each process whose command line holds `marker`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    env = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+                    found[int(entry.name)] = (
+                        (entry / "comm").read_text().strip(),
+                        dict(e.split("=", 1) for e in env if "=" in e),
+                    )
+            except OSError:
+                continue
+    return found
+
+
+def ray_processes_gone(*markers: str) -> None:
+    """No process's command line holds any of the markers (a job's Ray cluster is all gone)."""
+    for marker in markers:
+        left = processes_with(marker)
+        assert not left, f"processes left behind ({marker}): {[name for name, _ in left.values()]}"

@@ -552,42 +552,6 @@ def local_smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "results"
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_submitit_executor_gives_the_local_rows(
-    slurm_cluster: None, local_smoke: Path, tmp_path: Path
-) -> None:
-    """python -m qshield_dist.launch --executor slurm: packed job arrays per stage, afterok between them."""
-    import yaml
-
-    from qshield_dist import launch
-
-    sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
-    sweep["slurm"] = {
-        "partition": "debug",
-        "time_min": 10,
-        "cpus_per_task": 1,
-        "mem_gb": 1,
-        "folder": str(tmp_path / "submitit"),
-    }
-    path = tmp_path / "smoke.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    code = launch.main(
-        [
-            str(path),
-            "--executor",
-            "slurm",
-            "--results",
-            str(tmp_path / "results"),
-            "--checkpoints",
-            str(tmp_path / "ckpt"),
-        ]
-    )
-    assert code == 0
-    assert differing_trials(local_smoke, tmp_path / "results") == {}
-    assert stat.S_IMODE((tmp_path / "submitit").stat().st_mode) == 0o700
-
-
 def _records(results: Path) -> dict[str, Path]:
     """The arrays a launcher recorded in `results` (lease.record_array): array id -> its record."""
     return {p.stem: p for p in sorted((results / "slurm-arrays").glob("*.json"))}
@@ -705,75 +669,6 @@ def _run_sh_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith("RAY_")}
 
 
-def processes_with(marker: str) -> dict[int, tuple[str, dict[str, str]]]:
-    """pid -> (name, environment) of each process whose command line holds `marker`."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    env = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
-                    found[int(entry.name)] = (
-                        (entry / "comm").read_text().strip(),
-                        dict(e.split("=", 1) for e in env if "=" in e),
-                    )
-            except OSError:
-                continue
-    return found
-
-
-def _ray_processes_gone(*markers: str) -> None:
-    for marker in markers:
-        left = processes_with(marker)
-        assert not left, f"processes left behind ({marker}): {[name for name, _ in left.values()]}"
-
-
-@pytest.mark.slurm
-def test_run_sh_runs_smoke_sweep_on_ray(slurm_cluster: None, local_smoke: Path, tmp_path: Path) -> None:
-    """sbatch slurm/run.sh: Ray head with token auth inside the allocation, the real sweep
-    through `python -m qshield_dist.launch --executor ray`, everything stopped at the end."""
-    results, log_file = tmp_path / "results", tmp_path / "run-%j.log"
-    proc = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            f"--output={log_file}",
-            "--cpus-per-task=2",
-            str(REPO / "slurm/run.sh"),
-            "sweeps/smoke.yaml",
-            "--results",
-            str(results),
-            "--checkpoints",
-            str(tmp_path / "ckpt"),
-        ],
-        cwd=REPO,
-        env=_run_sh_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    job_id = proc.stdout.strip().split(";")[0]
-    # poll (sbatch --wait backs off to 30 s between checks)
-    deadline, state = time.time() + 600, ""
-    while time.time() < deadline:
-        state = subprocess.run(
-            ["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job_id], capture_output=True, text=True
-        ).stdout.strip()
-        if state and not state.startswith(("PENDING", "RUNNING", "COMPLETING")):
-            break
-        time.sleep(1)
-    text = Path(str(log_file).replace("%j", job_id)).read_text()
-    assert state == "COMPLETED|0:0", text[-3000:]
-    assert "ray head at 127.0.0.1:" in text and "9 ok, 0 failed, 0 lost" in text, text[-3000:]
-    done = {f.trial_id: "failed" if f.failed else "ok" for f in ResultStore(results).files()}
-    assert len(done) == 9 and set(done.values()) == {"ok"}
-    assert differing_trials(local_smoke, results) == {}
-    # the token directory is gone, and so is every process of the job's Ray cluster
-    assert not (tmp_path / "ray" / job_id).exists()
-    _ray_processes_gone(f"qshield-ray-{job_id}")
-
-
 def _job_state(two: TwoNodes, job_id: str) -> dict[str, str]:
     out = subprocess.run(
         two.client("scontrol", "-o", "show", "job", job_id), capture_output=True, text=True
@@ -822,13 +717,13 @@ def test_run_sh_on_two_nodes(two_node_cluster: TwoNodes, local_smoke: Path, tmp_
         modes.update(
             {
                 f"{name}:{pid}": env.get("RAY_AUTH_MODE", "")
-                for pid, (name, env) in processes_with(head_ip).items()
+                for pid, (name, env) in cf.processes_with(head_ip).items()
             }
         )
         for path in (tmp_path / "ray").glob("*/auth/ray_auth_token"):
             token = token or path.read_text()
         if token:
-            _ray_processes_gone(token)
+            cf.ray_processes_gone(token)
         time.sleep(1)
     text = Path(str(log_file).replace("%j", job_id)).read_text()
     assert (state.get("JobState"), state.get("ExitCode")) == ("COMPLETED", "0:0"), text[-3000:]
@@ -844,7 +739,7 @@ def test_run_sh_on_two_nodes(two_node_cluster: TwoNodes, local_smoke: Path, tmp_
     assert set(rows["host"]) == {"node1", "node2"}, rows.group_by("host").len()
     assert differing_trials(local_smoke, results) == {}
     assert not (tmp_path / "ray" / job_id).exists()
-    _ray_processes_gone(f"qshield-ray-{job_id}", f"{head_ip}:")
+    cf.ray_processes_gone(f"qshield-ray-{job_id}", f"{head_ip}:")
 
 
 # -- 300 trials from the CLI ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -242,6 +243,31 @@ def test_a_local_launch_records_its_running_trials_and_clears_them(tmp_path: Pat
         time.sleep(2 * record.WRITE_EVERY_S)  # no timer writes after the close
         assert lease.holders_started() is None
     finally:
+        lease.release()
+
+
+def test_closing_the_record_after_an_interrupt_inside_its_lock_does_not_hang(tmp_path: Path) -> None:
+    """A SIGINT/SIGTERM becomes a KeyboardInterrupt in the main thread, and CPython can raise it
+    after a `with` block acquired its lock and before the block's release is armed. The launch's
+    `finally` then calls close() in that same thread: it must return, not wait for itself."""
+    lease = ResultsLease(tmp_path)
+    lease.acquire()
+
+    def give_up(signum: int, frame: object) -> None:
+        raise TimeoutError("close() waited for a lock its own thread holds")
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    try:
+        record = launch.StartedRecord(launch.BarProgress(1, io.StringIO()), lease, "local")
+        record.started("a")
+        record._lock.acquire()  # the lock an interrupted started() or finished() left held
+        signal.alarm(10)
+        record.close()
+        signal.alarm(0)
+        assert lease.holders_started() is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
         lease.release()
 
 

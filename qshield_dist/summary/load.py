@@ -260,6 +260,10 @@ def bad_attack_row() -> pl.Expr:
     return pl.any_horizontal(*[_nonfinite(c) for c in ATTACK_METRICS], pl.col("n_attacked").fill_null(0) <= 0)
 
 
+# What a set-aside attack row keeps of its setting (tables.attack_settings labels it).
+SKIPPED_SETTING = ("attack_preset", "attack_params", "threat_model", "eps", "success_rule", "eval_repeats")
+
+
 def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, pl.DataFrame]:
     """The set-aside rows with their reason (a query for attack rows, collected later)."""
     reasons = [pl.when(_nonfinite(c)).then(pl.lit(f"{c} is NaN/null")) for c in ATTACK_METRICS]
@@ -276,6 +280,9 @@ def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, p
         *cols,
         "attack",
         pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"),
+        # the attack's setting: its per-point outcomes still count (a model that gets every point
+        # wrong is 0% robust on them), so the summary must still name the attack
+        *SKIPPED_SETTING,
     )
     bad_train = train.filter(_nonfinite("clean_acc")).select(
         pl.lit("train").alias("stage"),
@@ -390,7 +397,7 @@ def load_results(root: str | Path, sweep: str | None = None) -> Results:
 
     bad_attack, bad_train = _skipped(attack, frames["train"])
     (skipped_attack,) = collect([bad_attack], by_kind["attack"])
-    skipped = pl.concat([skipped_attack, bad_train])
+    skipped = pl.concat([skipped_attack, bad_train], how="diagonal_relaxed")
     train = frames["train"].filter(~_nonfinite("clean_acc"))
     attack_counts = dict(out[n + list(by_kind).index("attack")].iter_rows())
     n_attack_ok = (

@@ -23,7 +23,7 @@ import polars as pl
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import ConfigError, SweepConfig, validate
 from qshield_dist.grid import named_comparisons
-from qshield_dist.summary.load import ATTACK_KEYS, VARIANT_KEYS, Results, collect
+from qshield_dist.summary.load import ATTACK_KEYS, SKIPPED_SETTING, VARIANT_KEYS, Results, collect
 from qshield_dist.summary.paired import (
     AUTOATTACKS,
     autoattack_gaps,
@@ -261,11 +261,15 @@ def _clean(train: pl.DataFrame, fallback: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _robustness(cells: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _robustness(cells: pl.DataFrame, skipped: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """One row per (variant, attack setting): ASR and robust accuracy over seeds, sums for
-    costs; and the attack settings table derived from it."""
+    costs; and the attack settings table derived from it, which also names the settings of
+    set-aside rows (their per-point outcomes still count)."""
     agg = cells.with_columns(_vkey(), (pl.col("n_success") / pl.col("n_attacked")).alias("asr_pooled"))
-    settings = attack_settings(agg)
+    set_aside = skipped.filter(pl.col("stage") == "attack").select(
+        "dataset", *ATTACK_KEYS, "threat_model", "eps", pl.concat_list("success_rule"), "eval_repeats"
+    )
+    settings = attack_settings(pl.concat([agg, set_aside], how="diagonal_relaxed"))
     rob = agg.drop("threat_model", "eps", "success_rule", "eval_repeats").join(
         settings.select("dataset", *ATTACK_KEYS, "attack_label", "attack_rank", "threat_model", "eps"),
         on=["dataset", *ATTACK_KEYS],
@@ -458,7 +462,7 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
     names, queries = zip(*_attack_queries(res, min_samples).items())
     got = dict(zip(names, collect(list(queries), res.attack_files)))
     train = _train_rows(res.train, got["equal_budget"])
-    rob, settings = _robustness(got["cells"])
+    rob, settings = _robustness(got["cells"], res.skipped)
     # Variant keys from the aggregated attack cells (small), train and diagnostic rows.
     variants = variant_table(train, rob, res.diagnostic)
     clean = _clean(train, got["clean_fallback"])
@@ -503,7 +507,7 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
         failed=failed,
         missing=missing,
         low_samples=low,
-        skipped=skipped.drop("vkey", *[k for k in VARIANT_KEYS if k != "dataset"]),
+        skipped=skipped.drop("vkey", *[k for k in VARIANT_KEYS if k != "dataset"], *SKIPPED_SETTING),
         duplicates=dup,
         budget=budget,
         baselines=baselines,
