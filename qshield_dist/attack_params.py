@@ -51,6 +51,10 @@ def _eps(dataset: str) -> float:
     return DATASETS[dataset].paper_eps
 
 
+# EOT-PGD's draws per step on a stochastic model (also what PGD-AT takes on one: train_methods.py).
+EOT_PGD_DRAWS = 10
+
+
 def _pgd(d: str) -> dict[str, Any]:
     return {"eps": _eps(d), "alpha": 2 / 255, "steps": 10, "random_start": True}
 
@@ -131,7 +135,7 @@ ATTACKS: dict[str, AttackDef] = {
         AttackDef(
             "autoattack", "linf", True, True, _autoattack, autoattack=True, choices=_AUTOATTACK_VERSIONS
         ),
-        AttackDef("eot_pgd", "linf", True, True, lambda d: {**_pgd(d), "eot_iter": 10}),
+        AttackDef("eot_pgd", "linf", True, True, lambda d: {**_pgd(d), "eot_iter": EOT_PGD_DRAWS}),
         AttackDef("bpda_pgd", "linf", True, True, _pgd, needs_twin=True),
         # APGD and AutoAttack through BPDA, EOT over draws on a stochastic model: adaptive to both
         # defences of the paper-mode model at once (a detached quantum branch, a random output)

@@ -8,6 +8,7 @@ A sweep file looks like sweeps/quick.yaml. Any field of a `models` entry, `data.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from qshield_dist.attack_params import ATTACKS
+from qshield_dist.attack_params import ATTACKS, params_text
 from qshield_dist.datasets import DATASETS, check_available
 from qshield_dist.quantum.spec import CircuitSpec
 from qshield_dist.randomness import hybrid_is_stochastic
@@ -46,10 +47,14 @@ from qshield_dist.vocabulary import (
     INITS,
     MODELS,
     NOISE_MODELS,
+    PGD_AT,
     PROJECTIONS,
     QUANTUM_GRADS,
     SIMULATORS,
     STAGES,
+    STANDARD,
+    TRADES,
+    TRAIN_METHODS,
 )
 from qshield_dist.yaml_loader import DuplicateKeyError, load_yaml
 
@@ -179,12 +184,69 @@ class DataConfig(_Strict):
     download: bool = False
 
 
+# What each training method reads besides the loop's settings (TrainConfig).
+METHOD_PARAMS: dict[str, tuple[str, ...]] = {
+    STANDARD: (),
+    PGD_AT: ("eps", "steps", "step_size"),
+    TRADES: ("eps", "steps", "step_size", "beta"),
+}
+
+
 class TrainConfig(_Strict):
+    """How a model is trained: the sweep's `train:`, which a model entry's own `train:`
+    overrides key by key. The method's parameters are left out of a standard run's id (at
+    their defaults), so adding them changed no id of a standard model."""
+
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=2)  # BatchNorm cannot train on one sample
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     max_steps: int | None = Field(None, ge=1)  # caps optimizer steps (equal-budget controls)
+    method: Literal[TRAIN_METHODS] = STANDARD
+    # The training examples' L-inf budget, in pixel units; left out: the dataset's paper eps
+    # (resolved by the grid, so both spellings are one id).
+    eps: float | None = Field(None, gt=0, le=1)
+    steps: int = Field(10, ge=1)  # inner maximisation steps
+    # Left out: 2.5 * eps / steps (Madry et al. 2018, appendix: PGD's step rule of thumb).
+    step_size: float | None = Field(None, gt=0, le=1)
+    # TRADES' weight of the robust (KL) term, 1/lambda in Zhang et al. 2019 (their CIFAR-10 value).
+    beta: float = Field(6.0, ge=0)
+
+    @model_validator(mode="after")
+    def _params_of_its_method(self) -> "TrainConfig":
+        allowed = METHOD_PARAMS[self.method]
+        for key in sorted({p for params in METHOD_PARAMS.values() for p in params} - set(allowed)):
+            # a value other than its default: one a model_dump round trip also carries
+            if getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(
+                    f"'{key}' applies only to method {' or '.join(m for m, p in METHOD_PARAMS.items() if key in p)}"
+                    f" (method is '{self.method}'); allowed with {self.method}: {', '.join(allowed) or 'none'}"
+                )
+        return self
+
+    def resolved(self, paper_eps: float) -> "TrainConfig":
+        """The method's budget filled in: eps (the dataset's `paper_eps`) and step_size."""
+        if self.method == STANDARD:
+            return self
+        eps = self.eps if self.eps is not None else paper_eps
+        step_size = self.step_size if self.step_size is not None else 2.5 * eps / self.steps
+        return self.model_copy(update={"eps": eps, "step_size": step_size})
+
+    @property
+    def label(self) -> str:
+        """The method and its budget, for a variant's label ('' for standard training)."""
+        if self.method == STANDARD:
+            return ""
+        params = {key: getattr(self, key) for key in METHOD_PARAMS[self.method] if key != "step_size"}
+        return f"[{self.method} {params_text(json.dumps(params))}]"
+
+    def for_entry(self, own: dict[str, Any]) -> dict[str, Any]:
+        """The values of a model entry's train settings: the sweep's, overridden by the entry's
+        own keys; an entry that names another method inherits none of the sweep's method parameters."""
+        values = self.model_dump(exclude_unset=True)
+        if own.get("method", self.method) != self.method:
+            values = {k: v for k, v in values.items() if k not in METHOD_PARAMS[self.method]}
+        return {**values, **own}
 
 
 class EvalConfig(_Strict):
@@ -360,6 +422,19 @@ class SlurmConfig(_Strict):
         return {stage: getattr(self, stage).model_dump() for stage in STAGES}
 
 
+class CompareSpec(_Strict):
+    """One line of `compare:`: each variant of the entries named in `models` against each of
+    those named in `against` (model entries' `name:`), paired on the shared attack set."""
+
+    models: tuple[str, ...] = Field(min_length=1)
+    against: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("models", "against", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
 class SweepConfig(_Strict):
     name: str
     results_dir: str | None = None
@@ -373,6 +448,8 @@ class SweepConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     models: list[dict[str, Any]] = Field(min_length=1)
     attacks: list[dict[str, Any]] = Field(default_factory=list)
+    # Which variants the verdicts compare; left out: every hybrid against its dataset's CNN.
+    compare: tuple[CompareSpec, ...] = ()
     resources: StageResources = StageResources()
     ray: RayConfig = RayConfig()
     slurm: SlurmConfig = SlurmConfig()
@@ -427,17 +504,48 @@ def _validate(model_cls: type[BaseModel], values: dict[str, Any], prefix: str) -
         raise ConfigError("\n".join(_format(e, prefix, model_cls) for e in exc.errors())) from None
 
 
-def parse_models(cfg: SweepConfig) -> list[tuple[int, ModelSpec]]:
-    """Model entries -> (entry index, ModelSpec) per point of their axes."""
-    specs: list[tuple[int, ModelSpec]] = []
+# Keys of a model entry that are not the model's spec: the entry's name (for `compare:`) and
+# its own training settings over the sweep's `train:`.
+ENTRY_KEYS = ("name", "train")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One point of a model entry's axes: its spec, how it is trained, and the entry's name."""
+
+    index: int  # in `models:`
+    model: ModelSpec
+    train: TrainConfig
+    name: str | None
+
+
+def parse_models(cfg: SweepConfig) -> list[ModelEntry]:
+    """Model entries -> one ModelEntry per point of their axes."""
+    entries: list[ModelEntry] = []
+    names: dict[str, int] = {}
     for i, entry in enumerate(cfg.models):
         if not isinstance(entry, dict):
             raise ConfigError(
                 f"models[{i}]: got {entry!r}: each model entry must be a mapping with a 'model' key"
             )
-        for point in expand_axes(entry):
-            specs.append((i, _validate(ModelSpec, point, f"models[{i}]")))
-    return specs
+        name, own = entry.get("name"), entry.get("train", {})
+        if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name)):
+            raise ConfigError(f"models[{i}].name: got {name!r}: must be letters, digits, '_', '.' or '-'")
+        if name in names:
+            raise ConfigError(
+                f"models[{i}].name: got '{name}': models[{names[name]}] has that name; each name names one entry"
+            )
+        if name is not None:
+            names[name] = i
+        if not isinstance(own, dict):
+            raise ConfigError(
+                f"models[{i}].train: got {own!r}: must be a mapping of training settings over the sweep's train:"
+            )
+        train = _validate(TrainConfig, cfg.train.for_entry(own), f"models[{i}].train")
+        spec = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+        for point in expand_axes(spec):
+            entries.append(ModelEntry(i, _validate(ModelSpec, point, f"models[{i}]"), train, name))
+    return entries
 
 
 def _typed_param(value: Any, default: Any, choices: tuple[str, ...] | None) -> tuple[Any, str | None]:
@@ -509,6 +617,13 @@ class SweepSpec:
     config: SweepConfig
     models: tuple[ModelSpec, ...]  # as written; the grid resolves them per dataset
     attacks: tuple[AttackSpec, ...]
+    # One per model, in its order: how it is trained (the grid resolves it per dataset) and
+    # its entry's name. Left out: the sweep's train config, no names.
+    trains: tuple[TrainConfig, ...] = ()
+    names: tuple[str | None, ...] = ()
+
+    def train_of(self, i: int) -> TrainConfig:
+        return self.trains[i] if self.trains else self.config.train
 
 
 def validate(cfg: SweepConfig) -> SweepSpec:
@@ -518,11 +633,30 @@ def validate(cfg: SweepConfig) -> SweepSpec:
         if name not in DATASETS:
             raise ConfigError(f"data.dataset: got '{name}': unknown dataset; allowed: {', '.join(DATASETS)}")
     _check_slurm_cpus(cfg)
-    models = parse_models(cfg)
+    entries = parse_models(cfg)
+    _check_compare(cfg, {e.name for e in entries if e.name is not None})
     for name in cfg.datasets:
-        for index, model in models:
-            _check_quantum(model.resolved(DATASETS[name].classes), index, cfg)
-    return SweepSpec(cfg, tuple(m for _, m in models), tuple(parse_attacks(cfg)))
+        for e in entries:
+            _check_quantum(e.model.resolved(DATASETS[name].classes), e.index, cfg, e.train)
+    return SweepSpec(
+        cfg,
+        tuple(e.model for e in entries),
+        tuple(parse_attacks(cfg)),
+        tuple(e.train for e in entries),
+        tuple(e.name for e in entries),
+    )
+
+
+def _check_compare(cfg: SweepConfig, names: set[str]) -> None:
+    """Every name `compare:` uses names a model entry."""
+    for i, pair in enumerate(cfg.compare):
+        for key in ("models", "against"):
+            for name in getattr(pair, key):
+                if name not in names:
+                    raise ConfigError(
+                        f"compare[{i}].{key}: got '{name}': no model entry has that name;"
+                        f" allowed: {', '.join(sorted(names)) or 'none (give model entries a name:)'}"
+                    )
 
 
 def _check_slurm_cpus(cfg: SweepConfig) -> None:
@@ -598,7 +732,7 @@ def _cuda_problems(spec: SweepSpec) -> list[str]:
     ]
 
 
-def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
+def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig, train: TrainConfig) -> None:
     if spec.model != "hqcnn":
         return
     from qshield_dist.quantum.memory import check_fits
@@ -619,7 +753,7 @@ def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
             spec.circuit(),
             spec.simulator,
             spec.device,
-            max(cfg.train.batch_size, cfg.eval.batch_size),
+            max(train.batch_size, cfg.eval.batch_size),
             trajectories=spec.trajectories,
         )
     except ValueError as exc:

@@ -25,7 +25,13 @@ from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
 from qshield_dist.results.current import STAGE_VERSIONS
-from qshield_dist.vocabulary import BACKBONE_ONLY, CHECKS_ON_ATTACK_ROWS, CPU, EQUAL_BUDGET
+from qshield_dist.vocabulary import (
+    CHECKS_ON_ATTACK_ROWS,
+    CPU,
+    DETERMINISTIC_CONTROLS,
+    EQUAL_BUDGET,
+    FIXED_RANDOMNESS,
+)
 
 V = TypeVar("V")
 
@@ -257,8 +263,8 @@ class AttackTrial:
     @property
     def target_stochastic(self) -> bool:
         """Is the model under attack stochastic? A backbone_only control attacks the hybrid's
-        classical backbone alone (trial._attack_target)."""
-        return self.train.stochastic and self.control != BACKBONE_ONLY
+        classical backbone alone, fixed_randomness the hybrid frozen to one draw (trial._attack_target)."""
+        return self.train.stochastic and self.control not in DETERMINISTIC_CONTROLS
 
     def identity(self, train_id: str) -> dict[str, Any]:
         """What determines the attack's result, with `train_id` as the model's id."""
@@ -293,7 +299,7 @@ class AttackTrial:
             self.attack,
             self.preset,
             self.train.dataset,
-            self.train.stochastic and self.control != BACKBONE_ONLY,  # target_stochastic
+            self.train.stochastic and self.control not in DETERMINISTIC_CONTROLS,  # target_stochastic
             self.control,
             surrogate,
         )
@@ -351,6 +357,43 @@ class DiagnosticTrial:
 Trial = TrainTrial | AttackTrial | DiagnosticTrial
 
 
+def variant_id(train: TrainTrial, control: str | None) -> str:
+    """What makes two trained models different, apart from the seed: the train trial's identity
+    without its seed (and the baseline's id, which carries the seed), plus the control."""
+    identity = {
+        k: v
+        for k, v in train.identity().items()
+        if k not in ("seed", "baseline", "threads", "accelerator", "version")
+    }
+    return stable_hash({**identity, "control": control})
+
+
+def named_comparisons(spec: SweepSpec) -> list[tuple[str, str, str]]:
+    """The sweep's `compare:` as (dataset, variant id of A, variant id of B): every variant of
+    each entry it names (each point of its axes) against every variant of each entry it is
+    compared with, per dataset; empty without `compare:`."""
+    cfg = spec.config
+    out: list[tuple[str, str, str]] = []
+    for dataset in cfg.datasets:
+        info = DATASETS[dataset]
+        by_name: dict[str, list[str]] = {}
+        for i, (model, name) in enumerate(zip(spec.models, spec.names)):
+            if name is not None:
+                trial = TrainTrial(
+                    dataset,
+                    model.resolved(info.classes),
+                    spec.train_of(i).resolved(info.paper_eps),
+                    0,
+                    cfg.data.train_size,
+                    cfg.data.test_size,
+                )
+                by_name.setdefault(name, []).append(variant_id(trial, None))
+        for pair in cfg.compare:
+            for a in (v for n in pair.models for v in by_name[n]):
+                out += [(dataset, a, b) for n in pair.against for b in by_name[n] if b != a]
+    return out
+
+
 @dataclass
 class Grid:
     train: list[TrainTrial]
@@ -373,8 +416,8 @@ def _expand(spec: SweepSpec) -> Grid:
     train: dict[str, TrainTrial] = {}
     attack: dict[str, AttackTrial] = {}
     own_attacks: dict[str, list[str]] = {}  # train id -> its uncontrolled attack trials (diagnostics)
-    # Every train trial shares the sweep's train config, sizes and threads: a backbone or
-    # surrogate trained alone is determined by (dataset, seed, architecture), and an equal-budget
+    # Every train trial shares the sweep's sizes and threads: a backbone or surrogate trained
+    # alone is determined by (dataset, seed, architecture, train config), and an equal-budget
     # control also by whether the hybrid was pre-trained. Made once each, not once per hybrid.
     alone: dict[tuple[Any, ...], TrainTrial] = {}
     # auto resolves here, from what each stage reserves, and so do threads (its whole cores)
@@ -388,16 +431,20 @@ def _expand(spec: SweepSpec) -> Grid:
     def add(trial: TrainTrial) -> TrainTrial:
         return train.setdefault(trial.trial_id, trial)
 
-    def train_trial(dataset: str, model: ModelSpec, seed: int, baseline_id: str | None = None) -> TrainTrial:
+    def train_trial(
+        dataset: str, model: ModelSpec, train_cfg: TrainConfig, seed: int, baseline_id: str | None = None
+    ) -> TrainTrial:
         sizes = (cfg.data.train_size, cfg.data.test_size)
         return TrainTrial(
-            dataset, model, cfg.train, seed, *sizes, baseline_id, threads=train_threads, accelerator=on_train
+            dataset, model, train_cfg, seed, *sizes, baseline_id, threads=train_threads, accelerator=on_train
         )
 
-    def trained_alone(dataset: str, seed: int, name: str) -> TrainTrial:
-        key = (dataset, seed, name)
+    def trained_alone(dataset: str, seed: int, name: str, train_cfg: TrainConfig) -> TrainTrial:
+        """A classical model trained alone: a hybrid's baseline (with the hybrid's training
+        method) or a transfer surrogate (with the sweep's)."""
+        key = (dataset, seed, name, id(train_cfg))
         if key not in alone:
-            alone[key] = add(train_trial(dataset, ModelSpec(model=name), seed))
+            alone[key] = add(train_trial(dataset, ModelSpec(model=name), train_cfg, seed))
         return alone[key]
 
     def equal_budget(hybrid: TrainTrial) -> tuple[TrainTrial, str | None]:
@@ -405,8 +452,8 @@ def _expand(spec: SweepSpec) -> Grid:
         scratch got no more steps than its backbone alone: that backbone is its own equal-budget
         control, attacked once, as itself (control None)."""
         if hybrid.baseline_id is None:
-            return trained_alone(hybrid.dataset, hybrid.seed, hybrid.model.backbone), None
-        key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, True)
+            return trained_alone(hybrid.dataset, hybrid.seed, hybrid.model.backbone, hybrid.train), None
+        key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, id(hybrid.train), True)
         if key not in alone:
             alone[key] = add(_equal_budget_baseline(hybrid))
         return alone[key], EQUAL_BUDGET
@@ -417,13 +464,17 @@ def _expand(spec: SweepSpec) -> Grid:
         for a in spec.attacks:
             params = ATTACKS[a.name].params(dataset, a.preset, a.params)
             attacks.append((a, ATTACKS[a.name].needs_twin, params, tuple(sorted(params.items()))))
-        models = [raw.resolved(info.classes) for raw in spec.models]
+        models = [
+            (raw.resolved(info.classes), spec.train_of(i).resolved(info.paper_eps))
+            for i, raw in enumerate(spec.models)
+        ]
+        sweep_train = cfg.train.resolved(info.paper_eps)
         for seed in cfg.seeds:
-            for model in models:
+            for model, train_cfg in models:
                 baseline_id = None
                 if model.model == "hqcnn" and model.init == "from_baseline":
-                    baseline_id = trained_alone(dataset, seed, model.backbone).trial_id
-                trial = add(train_trial(dataset, model, seed, baseline_id))
+                    baseline_id = trained_alone(dataset, seed, model.backbone, train_cfg).trial_id
+                trial = add(train_trial(dataset, model, train_cfg, seed, baseline_id))
                 controls = cfg.eval.controls if model.model == "hqcnn" else []
                 for spec_a, needs_twin, params, resolved in attacks:
                     if needs_twin and not (model.model == "hqcnn" and model.quantum_grad == "detached"):
@@ -431,11 +482,13 @@ def _expand(spec: SweepSpec) -> Grid:
                         # classical model or a full-gradient hybrid has nothing to replace
                         continue
                     surrogate = (
-                        trained_alone(dataset, seed, params["surrogate"])
+                        trained_alone(dataset, seed, params["surrogate"], sweep_train)
                         if spec_a.name == "transfer"
                         else None
                     )
                     for control in [None, *(controls if not needs_twin else [])]:
+                        if control == FIXED_RANDOMNESS and not trial.stochastic:
+                            continue  # nothing to freeze
                         target = trial
                         if control == EQUAL_BUDGET:
                             target, control = equal_budget(trial)

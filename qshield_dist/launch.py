@@ -260,7 +260,7 @@ def dry_run_table(grid: Grid, done: dict[str, str]) -> str:
     lines = [f"{'id':18} {'stage':7} {'state':8} {'dataset':12} {'seed':>4}  model / attack"]
     for t in grid.trials:
         train = t if isinstance(t, TrainTrial) else t.train
-        what = train.model.label
+        what = f"{train.model.label} {train.train.label}".strip()
         if isinstance(t, AttackTrial):
             what += f" / {t.attack} ({t.preset})" + (f" [{t.control}]" if t.control else "")
         lines.append(

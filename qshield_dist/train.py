@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from qshield_dist.config import TrainConfig
 from qshield_dist.fileio import atomic_write_bytes, read_bytes
+from qshield_dist.train_methods import batch_loss
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,11 @@ def train_model(
     seed: int,
     show_progress: bool = False,
 ) -> TrainStats:
-    """Adam + NLL on log-probabilities, shuffled mini-batches; stops at max_steps if set. The
-    model and (x, y) are on one device; the shuffle is drawn on the host, so every device
+    """Adam on the loss of `cfg.method` (train_methods.py; standard: NLL on log-probabilities),
+    shuffled mini-batches; stops at max_steps if set. `cfg` is resolved (TrainConfig.resolved).
+    The model and (x, y) are on one device; the shuffle is drawn on the host, so every device
     sees the same batches, and moved there once per epoch."""
+    loss_of = batch_loss(model, cfg)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
@@ -70,7 +72,7 @@ def train_model(
                 idx = order[i : i + cfg.batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on a single sample
                     continue
-                loss = F.nll_loss(model(x[idx]), y[idx])
+                loss = loss_of(x[idx], y[idx])
                 finite &= torch.isfinite(loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -28,7 +28,15 @@ from qshield_dist.attacks.base import strict_majority
 from qshield_dist.attacks.streams import PointStreams
 from qshield_dist.data import Split, fixed_permutation, load, shared_attack_set
 from qshield_dist.datasets import DATASETS
-from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial, stable_hash
+from qshield_dist.grid import (
+    AttackTrial,
+    DiagnosticTrial,
+    TrainTrial,
+    Trial,
+    canonical_json,
+    changed_fields,
+    variant_id,
+)
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
 from qshield_dist.peak_memory import max_rss_bytes
@@ -36,6 +44,7 @@ from qshield_dist.results.schema import MODEL_COLUMNS, package_versions
 from qshield_dist.results.store import ResultStore
 from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
 from qshield_dist.trial_env import fixed_numerics, gpu_model, seed_everything, torch_device, trial_log
+from qshield_dist.vocabulary import BACKBONE_ONLY, FIXED_RANDOMNESS
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +80,12 @@ def _model_columns(trial: TrainTrial) -> dict[str, Any]:
     spec = trial.model
     cols = {k: getattr(spec, k) for k in MODEL_COLUMNS}
     cols.update(
-        dataset=trial.dataset, variant=spec.label, backbone=spec.backbone or spec.model, seed=trial.seed
+        dataset=trial.dataset,
+        variant=f"{spec.label} {trial.train.label}".strip(),
+        backbone=spec.backbone or spec.model,
+        seed=trial.seed,
+        train_method=trial.train.method,
+        train_config=canonical_json(changed_fields(trial.train)),
     )
     return cols
 
@@ -84,17 +98,6 @@ def _model_facts(model: nn.Module) -> dict[str, Any]:
         "stochastic": bool(getattr(model, "stochastic", False)),
         "noise_approx": getattr(quantum, "noise_approx", None),
     }
-
-
-def variant_id(train: TrainTrial, control: str | None) -> str:
-    """What makes two trained models different, apart from the seed: the train trial's identity
-    without its seed (and the baseline's id, which carries the seed), plus the control."""
-    identity = {
-        k: v
-        for k, v in train.identity().items()
-        if k not in ("seed", "baseline", "threads", "accelerator", "version")
-    }
-    return stable_hash({**identity, "control": control})
 
 
 def _base_row(trial: Trial, ctx: RunContext) -> dict[str, Any]:
@@ -235,8 +238,10 @@ def _attack_target(
     trial: AttackTrial, ctx: RunContext, device: torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
     model, meta = train_or_load(trial.train, ctx, device, allow_train=False)
-    if trial.control == "backbone_only":
+    if trial.control == BACKBONE_ONLY:
         model = Classifier(model.backbone).eval()  # the hybrid's own trained backbone, branch removed
+    elif trial.control == FIXED_RANDOMNESS:
+        model.fix_randomness(trial.train.seed)  # one draw, the same on every call
     return model, meta
 
 

@@ -13,6 +13,12 @@ FUSIONS = ("dynamic", "entropy")
 QUANTUM_GRADS = ("full", "detached")
 PROJECTIONS = ("learned", "paper")
 INITS = ("from_baseline", "scratch")
+# How a model is trained (`train.method`): plain, PGD adversarial training (Madry et al. 2018)
+# or TRADES (Zhang et al. 2019); train_methods.py holds the two robust ones.
+STANDARD = "standard"
+PGD_AT = "pgd_at"
+TRADES = "trades"
+TRAIN_METHODS = (STANDARD, PGD_AT, TRADES)
 
 # --- the circuit -------------------------------------------------------------------------------
 ENTANGLEMENTS = ("none", "linear", "star", "full", "ring")
@@ -33,17 +39,30 @@ ATTACK_PRESETS = ("paper", "standard")
 # AutoAttack's `version`: auto (rand on a stochastic model, else standard) | the authors' two |
 # fast (ten-step components for smoke runs; recorded as fast, never reported as AutoAttack)
 AUTOATTACK_VERSIONS = ("auto", "standard", "rand", "fast")
-# Controls of a hybrid: its own backbone with the quantum branch removed, and the backbone
-# trained alone for the hybrid's whole budget.
+# Controls of a hybrid: its own backbone with the quantum branch removed, the backbone trained
+# alone for the hybrid's whole budget, and (a stochastic hybrid only) the hybrid with its
+# randomness frozen to one draw (Carlini et al.'s checklist).
 BACKBONE_ONLY = "backbone_only"
 EQUAL_BUDGET = "equal_budget"
-CONTROLS = (BACKBONE_ONLY, EQUAL_BUDGET)
+FIXED_RANDOMNESS = "fixed_randomness"
+CONTROLS = (BACKBONE_ONLY, EQUAL_BUDGET, FIXED_RANDOMNESS)
+# The controls whose target is deterministic, whatever the hybrid is.
+DETERMINISTIC_CONTROLS = (BACKBONE_ONLY, FIXED_RANDOMNESS)
 # The paired comparisons the report makes, as (hybrid's side) vs (other side).
 VS_CNN = "vs CNN"
 VS_BACKBONE_ALONE = "vs backbone alone"
 VS_EQUAL_BUDGET = "vs equal-budget backbone"
 BACKBONE_ALONE_VS_CNN = "backbone alone vs CNN"
-COMPARISON_KINDS = (VS_CNN, VS_BACKBONE_ALONE, VS_EQUAL_BUDGET, BACKBONE_ALONE_VS_CNN)
+VS_NAMED = "named in compare:"  # the sweep's own list, in place of VS_CNN
+VS_FIXED_RANDOMNESS = "vs its randomness fixed"
+COMPARISON_KINDS = (
+    VS_CNN,
+    VS_NAMED,
+    VS_BACKBONE_ALONE,
+    VS_EQUAL_BUDGET,
+    BACKBONE_ALONE_VS_CNN,
+    VS_FIXED_RANDOMNESS,
+)
 # The checks a diagnostic trial can run. `eval.diagnostics: true` runs the gradient-masking
 # checks; restart_sensitivity (K full APGD runs) runs only when named.
 GRADIENT_MASKING_CHECKS = (

@@ -266,7 +266,7 @@ def test_eval_repeats_is_in_the_ids_of_stochastic_targets_only() -> None:
 
 def test_the_variant_id_tells_apart_all_that_makes_two_trained_models_differ_but_the_seed() -> None:
     """Two seeds of one model are one variant; other training settings or another control are not."""
-    from qshield_dist.trial import variant_id
+    from qshield_dist.grid import variant_id
 
     def train_of(sweep: dict[str, Any], seed: int) -> TrainTrial:
         return next(

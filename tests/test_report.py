@@ -25,6 +25,8 @@ NEW_NUMBERS = {
     "0.8": "the power behind 'to resolve', now said once in 'How to read this'",
     "6": "points only AutoAttack broke (its APGD-T), in the AutoAttack-against-the-suite table",
     "2.4": "two standard errors of that table's difference",
+    "500": "a model's training seconds, beside its robustness in the verdicts' table (issue 27)",
+    "600": "the other model's training seconds in that table",
 }
 # Issue 26 replaced the hierarchical bootstrap (stats.py): these columns' numbers changed by
 # design (the interval, the points to decide now at the margin; `diff` only by float rounding).

@@ -55,14 +55,17 @@ def window_means(z: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(means, dim=-1)
 
 
-def paper_projection(z: torch.Tensor, n_angles: int, encoding: str) -> torch.Tensor:
+def paper_projection(
+    z: torch.Tensor, n_angles: int, encoding: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The authors' reduction of C standardized features to the circuit's angle count.
 
     `z` is (B, C), or (k, B, C) for k draws at once (HQCNN.draws): then each draw has its own
-    random matrix and its own batch statistics, each shared by its copy of the batch."""
+    random matrix and its own batch statistics, each shared by its copy of the batch.
+    `generator`: where the random matrix is drawn from (default: the global generator)."""
     n_features = z.shape[-1]
     if z.dim() == 3 and (encoding == "angle" or n_features == n_angles):  # per-sample reductions
-        return paper_projection(z.flatten(0, 1), n_angles, encoding).view(*z.shape[:2], -1)
+        return paper_projection(z.flatten(0, 1), n_angles, encoding, generator).view(*z.shape[:2], -1)
     if encoding == "angle":
         if n_features >= n_angles:  # mean over (nearly) equal consecutive groups
             return window_means(z, n_angles)
@@ -71,7 +74,8 @@ def paper_projection(z: torch.Tensor, n_angles: int, encoding: str) -> torch.Ten
         # Drawn afresh on every call: this is what makes their model stochastic
         # (randomness.random_projection says when, without torch).
         size = max(n_features, n_angles)
-        q, _ = torch.linalg.qr(torch.randn(*z.shape[:-2], size, size, device=z.device, dtype=z.dtype))
+        shape = (*z.shape[:-2], size, size)
+        q, _ = torch.linalg.qr(torch.randn(shape, generator=generator, device=z.device, dtype=z.dtype))
         return z @ (0.1 * q[..., :n_features, :n_angles])
     if n_features == n_angles:
         return z
@@ -92,9 +96,12 @@ class AngleEncoder(nn.Module):
         self.n_angles = qubits if encoding == "angle" else 3 * qubits
         self.linear = nn.Linear(n_features, self.n_angles) if projection == "learned" else None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         z = standardize(features)
-        z = self.linear(z) if self.linear is not None else paper_projection(z, self.n_angles, self.encoding)
+        if self.linear is not None:
+            z = self.linear(z)
+        else:
+            z = paper_projection(z, self.n_angles, self.encoding, generator)
         return 2 * math.pi * torch.sigmoid(z) if self.encoding == "angle" else math.pi * torch.tanh(z)
 
 
@@ -165,6 +172,7 @@ class HQCNN(nn.Module):
         self.fusion = DynamicFusion() if fusion == "dynamic" else EntropyFusion()
         self.quantum_grad = quantum_grad
         self.input_noise = input_noise
+        self.fixed_seed: int | None = None  # fix_randomness
         self.stochastic = hybrid_is_stochastic(
             circuit,
             n_classes,
@@ -175,10 +183,28 @@ class HQCNN(nn.Module):
             trajectories=trajectories,
         )
 
-    def quantum_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+    def fix_randomness(self, seed: int) -> None:
+        """Freeze the model to one draw (the fixed_randomness control): every call draws its
+        projection and input noise afresh from its own generator seeded with `seed`, so every
+        call is the same draw and the global generators (the attacks') are never touched."""
+        if self.quantum.stochastic:  # trajectories sample inside the quantum layer
+            raise ValueError(
+                "fixed_randomness does not freeze Monte-Carlo trajectories; use an exact simulator"
+            )
+        self.fixed_seed = seed
+        self.stochastic = False
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.fixed_seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.fixed_seed)
+
+    def quantum_logprobs(
+        self, logits: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(B, C) logits -> (B, C) log-probabilities; (k, B, C) -> (k, B, C), k draws."""
         features = logits.detach() if self.quantum_grad == "detached" else logits
-        angles = self.encoder(features)
+        angles = self.encoder(features, generator)
         angles = angles.to(torch.float32) if angles.dtype != torch.float64 else angles
         probs = self.quantum(angles.flatten(0, -2)).view(*angles.shape[:-1], -1)
         c = self.n_classes
@@ -188,10 +214,12 @@ class HQCNN(nn.Module):
         return torch.log(probs / (probs.sum(-1, keepdim=True) + 1e-12) + 1e-12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        generator = self._generator(x.device)
         if self.input_noise > 0:
-            x = x + self.input_noise * torch.randn_like(x)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + self.input_noise * noise
         logits = self.backbone(x)
-        return self.fusion(torch.log_softmax(logits, dim=1), self.quantum_logprobs(logits))
+        return self.fusion(torch.log_softmax(logits, dim=1), self.quantum_logprobs(logits, generator))
 
     def draws(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """(k, B, C): k independent draws of forward(x) in one batched pass, for EOT and
@@ -200,7 +228,7 @@ class HQCNN(nn.Module):
         call would be one draw); input noise and trajectories are independent per row, so
         stacked copies are independent draws of them. Without input noise the backbone runs
         once. k = 1 is forward(x) itself; in training mode (batch statistics) this loops."""
-        if k == 1 or self.training:
+        if k == 1 or self.training or self.fixed_seed is not None:
             return torch.stack([self(x) for _ in range(k)])
         b = x.shape[0]
         if self.input_noise > 0:

@@ -16,7 +16,7 @@ from typing import Any
 from qshield_dist.config import ModelSpec
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, TrainTrial, Trial
-from qshield_dist.vocabulary import BACKBONE_ONLY
+from qshield_dist.vocabulary import BACKBONE_ONLY, STANDARD
 
 
 def _standin(spec: ModelSpec, usable: dict[str, bool]) -> ModelSpec:
@@ -79,6 +79,9 @@ def _group(t: Trial, usable: dict[str, bool], kinds: dict[Any, tuple[Any, ...]])
     if isinstance(t, AttackTrial):
         surrogate = model_kind(t.surrogate.model, t.dataset) if t.surrogate else None
         return ("attack", kind, t.attack, t.preset, surrogate)
+    if isinstance(t, TrainTrial) and t.train.method != STANDARD:
+        # a robust method's step also runs its inner maximisation: calibrated apart
+        return (t.stage, kind, t.train.method, t.train.steps)
     return (t.stage, kind)
 
 

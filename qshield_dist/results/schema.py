@@ -18,8 +18,8 @@ from qshield_dist.config import ModelSpec
 # The columns below. A row of another schema version is not current: resume runs its trial
 # again (its file is moved aside first) and the summary sets it aside.
 # 3: checkpoint_sha256 (train rows) and inputs (diagnostic rows); 4: point_broken_by; 5: gpu_model;
-# 6: trial_seconds
-SCHEMA_VERSION = 6
+# 6: trial_seconds; 7: train_method and train_config
+SCHEMA_VERSION = 7
 
 
 def _model_columns() -> list[tuple[str, pa.DataType]]:
@@ -51,6 +51,11 @@ SCHEMA = pa.schema(
         # the resolved model spec, one column per ModelSpec field (model: the checkpoint's model;
         # backbone: the model itself for a classical one)
         *_model_columns(),
+        ("train_method", pa.string()),  # standard | pgd_at | trades (train.method)
+        (
+            "train_config",
+            pa.string(),
+        ),  # JSON: the train settings that differ from their defaults (what the id hashes)
         ("control", pa.string()),  # null | backbone_only (the hybrid's backbone alone) | equal_budget
         (
             "variant_id",

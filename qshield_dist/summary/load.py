@@ -43,9 +43,10 @@ from qshield_dist.vocabulary import STAGES
 
 log = logging.getLogger(__name__)
 
-# What identifies a model variant: the resolved model spec's columns and the control (a
-# hybrid's backbone alone, or its backbone trained with the hybrid's budget).
-VARIANT_KEYS: tuple[str, ...] = ("dataset", *MODEL_COLUMNS, "control")
+# What identifies a model variant: the resolved model spec's columns, how it was trained (a
+# PGD-trained CNN is not the plain one) and the control (a hybrid's backbone alone, or its
+# backbone trained with the hybrid's budget).
+VARIANT_KEYS: tuple[str, ...] = ("dataset", *MODEL_COLUMNS, "train_method", "train_config", "control")
 ATTACK_KEYS: tuple[str, ...] = ("attack", "attack_preset", "attack_params")
 
 _DROPPED = {"_file": pl.String, "trial_id": pl.String}

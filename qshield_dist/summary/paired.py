@@ -38,9 +38,12 @@ from qshield_dist.vocabulary import (
     BACKBONE_ALONE_VS_CNN,
     BACKBONE_ONLY,
     EQUAL_BUDGET,
+    FIXED_RANDOMNESS,
     VS_BACKBONE_ALONE,
     VS_CNN,
     VS_EQUAL_BUDGET,
+    VS_FIXED_RANDOMNESS,
+    VS_NAMED,
 )
 
 POINT_COLUMNS = (
@@ -183,30 +186,55 @@ def _seed_pairs(a: pl.DataFrame, b: pl.DataFrame) -> list[tuple[list[int], list[
     ]
 
 
-def _pairs_of(variants: pl.DataFrame, baselines: dict[str, str]) -> list[dict[str, Any]]:
-    """Every comparison of the report: (kind, dataset, vkey_a, vkey_b, hybrid vkey)."""
+def _pairs_of(
+    variants: pl.DataFrame, baselines: dict[str, str], named: list[tuple[str, str]] | None = None
+) -> list[dict[str, Any]]:
+    """Every comparison of the report: (kind, dataset, vkey_a, vkey_b, hybrid vkey). `named`:
+    the sweep's `compare:` as (vkey_a, vkey_b), in place of each hybrid against the CNN; the
+    hybrids' controls stay."""
+    by_vkey = {r["vkey"]: r for r in variants.iter_rows(named=True)}
+    out = [
+        {
+            "kind": VS_NAMED,
+            "dataset": by_vkey[a]["dataset"],
+            "a": a,
+            "b": b,
+            "hybrid": a,
+            "equal_budget": False,
+        }
+        for a, b in named or []
+        if a in by_vkey and b in by_vkey
+    ]
+    # Classical variants by what a hybrid's controls are: its backbone, trained the hybrid's way
     by = {
-        (r["dataset"], r["model"], r["control"]): r
+        (r["dataset"], r["model"], r["train_method"], r["control"]): r
         for r in variants.iter_rows(named=True)
         if r["entanglement"] is None
     }
     same = [k for k in VARIANT_KEYS if k != "control"]
-    out = []
     for h in variants.filter((pl.col("model") == "hqcnn") & pl.col("control").is_null()).iter_rows(
         named=True
     ):
-        base = by.get((h["dataset"], baselines.get(h["dataset"]), None))
-        alone = variants.filter(pl.col("control") == BACKBONE_ONLY)
-        alone = next((r for r in alone.iter_rows(named=True) if all(r[k] == h[k] for k in same)), None)
+        base = by_vkey.get(baselines.get(h["dataset"], ""))
+        alone, fixed = (
+            next((r for r in controls.iter_rows(named=True) if all(r[k] == h[k] for k in same)), None)
+            for controls in (
+                variants.filter(pl.col("control") == c) for c in (BACKBONE_ONLY, FIXED_RANDOMNESS)
+            )
+        )
         # a hybrid trained from scratch had its backbone's budget: the backbone alone is its control
-        budget = by.get((h["dataset"], h["backbone"], None if h["init"] == "scratch" else EQUAL_BUDGET))
+        control = None if h["init"] == "scratch" else EQUAL_BUDGET
+        budget = by.get((h["dataset"], h["backbone"], h["train_method"], control))
         # ... and when that backbone is the CNN baseline itself, "vs CNN" is that comparison too
-        same_budget = budget is not None and budget is base
+        same_budget = (
+            named is None and budget is not None and base is not None and budget["vkey"] == base["vkey"]
+        )
         for kind, a, b in (
-            (VS_CNN, h, base),
+            (VS_CNN, h, None if named is not None else base),
             (VS_BACKBONE_ALONE, h, alone),
             (VS_EQUAL_BUDGET, h, None if same_budget else budget),
             (BACKBONE_ALONE_VS_CNN, alone, base),
+            (VS_FIXED_RANDOMNESS, h, fixed),
         ):
             if a is not None and b is not None:
                 out.append(
@@ -228,6 +256,7 @@ def comparisons(
     baselines: dict[str, str],
     margin: float,
     estimand: str = stats.MODELS,
+    named: list[tuple[str, str]] | None = None,
 ) -> pl.DataFrame:
     """One row per comparison and L-inf budget: robust accuracies, the paired difference A - B
     with its 95% interval and p-value for the question `estimand` (stats.MODELS or
@@ -238,7 +267,7 @@ def comparisons(
     if points.height:
         linf = points.filter(pl.col("threat_model") == WORST_CASE)
         by_vkey = linf.partition_by("vkey", as_dict=True)
-        for pair in _pairs_of(variants, baselines):
+        for pair in _pairs_of(variants, baselines, named):
             a_all, b_all = by_vkey.get((pair["a"],)), by_vkey.get((pair["b"],))
             if a_all is None or b_all is None:
                 continue

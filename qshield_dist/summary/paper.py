@@ -23,6 +23,7 @@ from qshield_dist.attack_params import ATTACKS, PAPER_SUITE
 from qshield_dist.datasets import DATASETS
 from qshield_dist.summary.tables import Tables
 from qshield_dist.summary.verdicts import HYBRID
+from qshield_dist.vocabulary import STANDARD
 
 PAPER_DATASETS = {name: info.paper_name for name, info in DATASETS.items() if info.paper_name}
 # The paper's HQCNN configuration, as the project's settings (see paper-protocol.md).
@@ -78,8 +79,8 @@ def load_paper() -> pl.DataFrame:
 
 
 def _paper_model(row: dict[str, Any]) -> str | None:
-    if row.get("control"):  # controls are this project's, not the paper's
-        return None
+    if row.get("control") or row.get("train_method") not in (None, STANDARD):
+        return None  # controls and adversarially trained models are this project's, not the paper's
     if row["model"] in ("dnn", "cnn"):
         return row["model"].upper()
     if row["model"] == HYBRID and row["entanglement"] in ("none", "linear", "star", "full"):
@@ -123,6 +124,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
     }
     variants = tables.variants.join(tables.clean, on="vkey", how="left")
     baselines = tables.baselines
+    labels = dict(zip(tables.variants["vkey"], tables.variants["label"]))
     rows: list[dict[str, Any]] = []
     seen: set[tuple[str, str, str, str]] = set()
 
@@ -171,7 +173,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
     base_train = {
         r["dataset"]: r["train_seconds"]
         for r in variants.iter_rows(named=True)
-        if baselines.get(r["dataset"]) == r["model"] and r["control"] is None
+        if baselines.get(r["dataset"]) == r["vkey"]
     }
     cost_by = tables.cost.partition_by("vkey", as_dict=True)
     empty = tables.cost.head(0)
@@ -187,7 +189,7 @@ def compare(tables: Tables, proxies: dict[str, str] | None = None) -> pl.DataFra
         if pmodel and pds and pmodel != "CNN" and ratio is not None:
             b = by_key.get((pds, "CNN", "train_seconds", ""))
             m = by_key.get((pds, pmodel, "train_seconds", ""))
-            extra = [f"ratio to {baselines[v['dataset']]}'s training time; paper: to CNN"]
+            extra = [f"ratio to {labels[baselines[v['dataset']]]}'s training time; paper: to CNN"]
             if v.get("init") == "from_baseline":
                 extra.append("hybrid time excludes its backbone's pre-training")
             rows_before = len(rows)

@@ -19,7 +19,6 @@ import polars as pl
 
 from qshield_dist.summary.tables import Tables
 from qshield_dist.summary.verdicts import HYBRID, eps_text
-from qshield_dist.vocabulary import VS_CNN
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +320,7 @@ def make_plots(tables: Tables, out: Path, svg: bool = True) -> tuple[list[Figure
     out.mkdir(parents=True, exist_ok=True)
     figures: list[Figure] = []
     skipped: list[str] = []
-    vs_cnn = tables.paired["kind"] == VS_CNN
+    vs_cnn = tables.paired["kind"] == tables.verdict_kind
     for name, title, topic, rows in (
         ("forest_vs_cnn", "Each hybrid against its CNN baseline", "verdicts", tables.paired.filter(vs_cnn)),
         (

@@ -122,7 +122,7 @@ def cost_section(tables: Tables, figures: list[Figure]) -> Section:
             .join(tables.variants.select("vkey", "family", "label"), on="vkey")
             .sort("attack_rank", "family", "label")
         )
-        base = tables.baselines.get(dataset, "none")
+        base = labels.get(tables.baselines.get(dataset, ""), "none")
         rows = [
             [
                 r["attack_label"],

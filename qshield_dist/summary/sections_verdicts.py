@@ -35,6 +35,7 @@ from qshield_dist.summary.verdicts import (
 from qshield_dist.vocabulary import COMPARISON_KINDS, VS_CNN
 
 VERDICT_TABLE = "Each hybrid against its CNN baseline"
+NAMED_TABLE = "The comparisons the sweep names (compare:)"
 CONTROL_TABLE = "Each hybrid against its controls"
 
 
@@ -71,8 +72,22 @@ def _question(tables: Tables) -> str:
     )
 
 
+def _train_seconds(tables: Tables) -> dict[str, float]:
+    """vkey -> its mean training seconds over seeds (train rows; none for a backbone alone)."""
+    known = tables.clean.filter(pl.col("train_seconds").is_not_null())
+    return dict(known.select("vkey", "train_seconds").iter_rows())
+
+
+def _seconds(cost: dict[str, float], vkey: str) -> str:
+    return f"{cost[vkey]:.3g}" if vkey in cost else "-"
+
+
 def _comparison_row(
-    r: dict[str, Any], labels: dict[str, str], checks: dict[str, str], many_eps: bool
+    r: dict[str, Any],
+    labels: dict[str, str],
+    checks: dict[str, str],
+    many_eps: bool,
+    cost: dict[str, float],
 ) -> list[str]:
     """One paired comparison (a row of tables.paired, with the verdict frame's columns where
     it is a verdict) as table cells; `checks` is verdicts.failed_checks."""
@@ -98,6 +113,7 @@ def _comparison_row(
         labels.get(r["a"], r["a"]),
         labels.get(r["b"], r["b"]),
         f"{100 * r['robust_a']:.1f} vs {100 * r['robust_b']:.1f}",
+        f"{_seconds(cost, r['a'])} vs {_seconds(cost, r['b'])}",
         diff,
         other_question_text(r),
         BADGE_SEP.join(badges),
@@ -113,6 +129,7 @@ _COMPARISON_HEADERS = [
     "model",
     "vs",
     "robust acc %",
+    "training s",
     "difference, pp [95% CI]",
     "the other question",
     "verdict",
@@ -142,13 +159,15 @@ def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
     if not v.height:
         return sec.add("No HQCNN variant in these results.")
     labels, checks = label_map(tables), failed_checks(tables.diagnostics)
+    cost = _train_seconds(tables)
     paired = {
-        (r["a"], r["eps"]): r for r in tables.paired.filter(pl.col("kind") == VS_CNN).iter_rows(named=True)
+        (r["a"], r["b"], r["eps"]): r
+        for r in tables.paired.filter(pl.col("kind") == tables.verdict_kind).iter_rows(named=True)
     }
     many_eps = v["eps"].drop_nulls().n_unique() > 1
     rows = []
     for verdict in v.iter_rows(named=True):
-        r = paired.get((verdict["vkey"], verdict["eps"]))
+        r = paired.get((verdict["vkey"], verdict["vkey_b"], verdict["eps"]))
         if r is None:
             cells = [labels.get(verdict["vkey"], verdict["vkey"]), "-", "-", "-", "-", "no comparison"]
             cells += ["no L-inf attack in common with a CNN baseline", "-", "-", "-", "-"]
@@ -157,9 +176,10 @@ def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
         # The verdict frame's category, and what its verdict does not cover.
         judged = {**r, "not_covered": verdict["not_covered"]}
         judged["verdict"] = verdict["category"]
-        rows.append([verdict["dataset"], *_comparison_row(judged, labels, checks, many_eps)])
+        rows.append([verdict["dataset"], *_comparison_row(judged, labels, checks, many_eps, cost)])
     caption = _budget_note(tables.paired) + _how_to_read(tables)
-    sec.add(TextTable(VERDICT_TABLE, ["dataset", *_headers(many_eps)], rows, caption, badges="verdict"))
+    title = VERDICT_TABLE if tables.verdict_kind == VS_CNN else NAMED_TABLE
+    sec.add(TextTable(title, ["dataset", *_headers(many_eps)], rows, caption, badges="verdict"))
     return sec.add(*figures)
 
 
@@ -191,6 +211,7 @@ def controls_section(tables: Tables, figures: list[Figure]) -> Section:
             " the gain cannot be attributed to the quantum branch or the backbone."
         )
     labels, checks = label_map(tables), failed_checks(tables.diagnostics)
+    cost = _train_seconds(tables)
     sec.add(
         "backbone alone = the hybrid's own trained backbone with the quantum branch removed;"
         " equal-budget backbone = the backbone architecture trained alone for as many steps as the hybrid got."
@@ -206,14 +227,15 @@ def controls_section(tables: Tables, figures: list[Figure]) -> Section:
         )
     kind_order = {k: i for i, k in enumerate(COMPARISON_KINDS)}
     controls = (
-        tables.paired.filter(pl.col("kind") != VS_CNN)
+        tables.paired.filter(pl.col("kind") != tables.verdict_kind)
         .with_columns(pl.col("kind").replace_strict(kind_order, return_dtype=pl.Int64).alias("_order"))
         .sort("dataset", "hybrid", "eps", "_order")
     )
     if controls.height:
         many_eps = controls["eps"].n_unique() > 1
         rows = [
-            [r["kind"], *_comparison_row(r, labels, checks, many_eps)] for r in controls.iter_rows(named=True)
+            [r["kind"], *_comparison_row(r, labels, checks, many_eps, cost)]
+            for r in controls.iter_rows(named=True)
         ]
         caption = _budget_note(controls) + "How to read it: as the verdicts' table."
         sec.add(

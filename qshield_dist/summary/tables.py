@@ -8,8 +8,8 @@ Conventions, stated once:
   the number of attacked samples summed over seeds.
 - Costs are pooled over seeds: total attack seconds / total attacked samples (a seed
   with more samples weighs more, as it should for a per-sample time).
-- The CNN baseline of a dataset is model 'cnn', else 'cnn_small' (verdicts.pick_baselines,
-  which says so in the notes).
+- The CNN baseline of a dataset is model 'cnn', else 'cnn_small', trained the standard way
+  (verdicts.pick_baselines, which says so in the notes).
 - Rows with fewer than `min_samples` attacked samples are kept in the means and flagged.
 """
 
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from qshield_dist.attack_params import ATTACKS
+from qshield_dist.config import ConfigError, SweepConfig, validate
+from qshield_dist.grid import named_comparisons
 from qshield_dist.summary.load import ATTACK_KEYS, SKIPPED_SETTING, VARIANT_KEYS, Results, collect
 from qshield_dist.summary.paired import (
     AUTOATTACKS,
@@ -38,7 +40,7 @@ from qshield_dist.summary.verdicts import (
     interval_verdicts,
     pick_baselines,
 )
-from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET
+from qshield_dist.vocabulary import DETERMINISTIC_CONTROLS, EQUAL_BUDGET, STANDARD, VS_CNN, VS_NAMED
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {
@@ -82,7 +84,8 @@ class Tables:
     skipped: pl.DataFrame
     duplicates: pl.DataFrame
     budget: pl.DataFrame
-    baselines: dict[str, str]  # dataset -> baseline model
+    baselines: dict[str, str]  # dataset -> the vkey of its CNN baseline
+    verdict_kind: str  # the paired comparisons the verdicts are: VS_CNN, or VS_NAMED (the sweep's compare:)
     min_samples: int
     margin: float  # the +- band within which two variants count as equal
     estimand: str  # the question the verdicts answer: stats.MODELS or stats.PROCEDURE
@@ -116,6 +119,8 @@ def variant_table(*frames: pl.DataFrame) -> pl.DataFrame:
         else:
             parts = [_LABEL_FORMAT[c].format(row[c]) for c in varying if row[c] is not None]
             label = f"{row['model']}[{row['backbone']}] " + " ".join(parts)
+        if row["train_method"] not in (None, STANDARD):
+            label += f" [{row['train_method']}]"
         labels.append(label + (f" [{row['control']}]" if row["control"] else ""))
     return (
         keys.with_columns(_vkey(), pl.Series("label", labels, pl.String))
@@ -211,9 +216,9 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
         "equal_budget": a.filter(pl.col("control") == EQUAL_BUDGET)
         .select(pl.col("train_id").alias("trial_id"), pl.col("control").alias("_control"))
         .unique("trial_id"),
-        # A hybrid's backbone alone has no train row (it is attacked through its hybrid's
-        # checkpoint): it takes the clean accuracy its attack rows measured.
-        "clean_fallback": a.filter(pl.col("control") == BACKBONE_ONLY)
+        # A hybrid's backbone alone, or the hybrid with its randomness fixed, has no train row (it
+        # is attacked through its hybrid's checkpoint): it takes the clean accuracy its attack rows measured.
+        "clean_fallback": a.filter(pl.col("control").is_in(DETERMINISTIC_CONTROLS))
         .group_by([*VARIANT_KEYS, "seed"])
         .agg(pl.col("clean_acc").mean()),
         "ids": a.select("trial_id")
@@ -296,6 +301,7 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         "dataset",
         "attack_label",
         pl.col("model").alias("baseline"),
+        pl.col("vkey").alias("baseline_vkey"),
         pl.col("sec_per_sample").alias("_b_sps"),
         pl.col("calls_per_sample").alias("_b_cps"),
         pl.col("sec_per_call").alias("_b_spc"),
@@ -310,7 +316,7 @@ def _cost(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         # Share of log(time ratio) explained by the number of calls: 1 -> all defence, 0 -> all simulator.
         pl.when(log_time.abs() > 1e-12).then(pl.col("calls_ratio").log() / log_time).alias("calls_share"),
     )
-    return cost_drivers(cost).drop("_b_sps", "_b_cps", "_b_spc")
+    return cost_drivers(cost).drop("_b_sps", "_b_cps", "_b_spc", "baseline_vkey")
 
 
 DIAGNOSTIC_SCHEMA = {
@@ -429,6 +435,29 @@ def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
     return expected.join(present, on="trial_id", how="anti").sort("stage", "dataset", "trial_id")
 
 
+def named_pairs(res: Results, train: pl.DataFrame, notes: list[str]) -> list[tuple[str, str]] | None:
+    """The sweep's `compare:` (in its manifest's spec) as (vkey_a, vkey_b); None without one.
+    Names are resolved to variant ids by the grid's rule and to variants through the train rows."""
+    spec = (res.manifest or {}).get("spec")
+    if not spec or not spec.get("compare"):
+        return None
+    try:
+        sweep = validate(SweepConfig(**spec))
+    except (ConfigError, ValueError) as exc:
+        notes.append(
+            f"the manifest's compare: could not be read ({exc}): each hybrid is compared with the CNN"
+        )
+        return None
+    vkeys = dict(train.with_columns(_vkey()).select("variant_id", "vkey").unique("variant_id").iter_rows())
+    pairs = named_comparisons(sweep)
+    found = [(vkeys[a], vkeys[b]) for _, a, b in pairs if a in vkeys and b in vkeys]
+    if len(found) < len(pairs):
+        notes.append(
+            f"{len(pairs) - len(found)} of the {len(pairs)} comparisons compare: names lack a train row"
+        )
+    return found
+
+
 def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, estimand: str = MODELS) -> Tables:
     """All tables of the report from the loaded results."""
     notes: list[str] = []
@@ -459,7 +488,9 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
     missing = _missing(res, got["ids"], notes)
     notes = res.notes + notes
     points = load_points(res, settings, _vkey())
-    paired = comparisons(points, variants, baselines, margin, estimand)
+    named = named_pairs(res, train, notes)
+    verdict_kind = VS_CNN if named is None else VS_NAMED
+    paired = comparisons(points, variants, baselines, margin, estimand, named)
     gaps = autoattack_gaps(points)
     checks = _sanity_diagnostics(got["autoattack_checks"])
     diagnostics = pl.concat([_diagnostics(res), _gap_diagnostics(gaps), checks])
@@ -469,7 +500,7 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
         clean=clean,
         robustness=rob,
         cost=_cost(rob, baselines),
-        verdicts=interval_verdicts(paired, variants, failed, skipped, diagnostics),
+        verdicts=interval_verdicts(paired, variants, failed, skipped, diagnostics, verdict_kind),
         paired=paired,
         worst_case=worst_case_table(points),
         controls=controls(rob, baselines),
@@ -482,6 +513,7 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
         duplicates=dup,
         budget=budget,
         baselines=baselines,
+        verdict_kind=verdict_kind,
         min_samples=min_samples,
         margin=margin,
         estimand=estimand,

@@ -23,8 +23,10 @@ from qshield_dist.vocabulary import (
     BACKBONE_ALONE_VS_CNN,
     BACKBONE_ONLY,
     EQUAL_BUDGET,
+    STANDARD,
     VS_BACKBONE_ALONE,
     VS_CNN,
+    VS_NAMED,
 )
 
 BASELINES: tuple[str, ...] = ("cnn", "cnn_small")  # the CNN baseline: the first one present
@@ -50,16 +52,25 @@ _COST_TEXT = {
 
 # ---------------------------------------------------------------- baselines
 def pick_baselines(variants: pl.DataFrame) -> tuple[dict[str, str], list[str]]:
-    """dataset -> its CNN baseline model, and the notes on datasets without 'cnn'."""
+    """dataset -> the vkey of its CNN baseline (the first model of BASELINES present, trained
+    with the standard method: an adversarially trained CNN is compared with, not the baseline),
+    and the notes on datasets without a plain 'cnn'."""
     chosen: dict[str, str] = {}
     notes: list[str] = []
+    plain = uncontrolled() & (pl.col("train_method").fill_null(STANDARD) == STANDARD)
     for dataset in variants["dataset"].unique().sort():
-        models = set(variants.filter((pl.col("dataset") == dataset) & uncontrolled())["model"])
+        mine = variants.filter((pl.col("dataset") == dataset) & plain).sort("train_config", nulls_last=False)
         for i, name in enumerate(BASELINES):
-            if name in models:
-                chosen[dataset] = name
+            found = mine.filter(pl.col("model") == name)
+            if found.height:
+                chosen[dataset] = found["vkey"][0]
                 if i:
                     notes.append(f"{dataset}: no 'cnn' model, so the CNN baseline is '{name}'")
+                if found.height > 1:
+                    notes.append(
+                        f"{dataset}: {found.height} plain '{name}' variants (train settings differ);"
+                        f" the baseline is the one of train settings {found['train_config'][0]}"
+                    )
                 break
         else:
             notes.append(
@@ -71,15 +82,8 @@ def pick_baselines(variants: pl.DataFrame) -> tuple[dict[str, str], list[str]]:
 def baseline_rows(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     """The baseline's cells, one per (dataset, attack_label): what cost ratios and controls
     compare with."""
-    base = pl.DataFrame(
-        {"dataset": list(baselines), "model": list(baselines.values())},
-        schema={"dataset": pl.String, "model": pl.String},
-    )
-    # The baseline is a classical model: its variant columns besides model are null.
-    return (
-        rob.filter(uncontrolled())
-        .join(base, on=["dataset", "model"], how="semi")
-        .unique(["dataset", "attack_label"], keep="first")
+    return rob.filter(pl.col("vkey").is_in(list(baselines.values()))).unique(
+        ["dataset", "attack_label"], keep="first"
     )
 
 
@@ -89,6 +93,7 @@ _VERDICT_SCHEMA = {
     "vkey": pl.String,
     "label": pl.String,
     "baseline": pl.String,
+    "vkey_b": pl.String,
     "eps": pl.Float64,
     "category": pl.String,
     "provisional": pl.Boolean,
@@ -209,8 +214,10 @@ def interval_verdicts(
     failed: pl.DataFrame,
     skipped: pl.DataFrame,
     diagnostics: pl.DataFrame,
+    kind: str = VS_CNN,
 ) -> pl.DataFrame:
-    """One verdict per hybrid variant (and L-inf budget) against its dataset's CNN baseline,
+    """One verdict per hybrid variant (and L-inf budget) against its dataset's CNN baseline
+    (`kind` VS_CNN), or per comparison the sweep's `compare:` names (VS_NAMED),
     from the paired interval of worst-case robust accuracy (paired.py), never from a point
     estimate; what failed or was skipped is said, since the verdict does not cover it, and so
     are the failed diagnostics of either model (`flags`)."""
@@ -219,10 +226,15 @@ def interval_verdicts(
     n_skipped_by = dict(skipped.filter(pl.col("stage") == "attack").group_by("vkey").len().iter_rows())
     checks = failed_checks(diagnostics)
     by_hybrid = {}
-    for r in paired.filter(pl.col("kind") == VS_CNN).iter_rows(named=True):
+    for r in paired.filter(pl.col("kind") == kind).iter_rows(named=True):
         by_hybrid.setdefault(r["a"], []).append(r)
     rows: list[dict[str, Any]] = []
-    for v in variants.filter((pl.col("model") == HYBRID) & uncontrolled()).iter_rows(named=True):
+    judged = (
+        pl.col("vkey").is_in(list(by_hybrid))
+        if kind == VS_NAMED
+        else (pl.col("model") == HYBRID) & uncontrolled()
+    )
+    for v in variants.filter(judged).iter_rows(named=True):
         head = {"dataset": v["dataset"], "vkey": v["vkey"], "label": v["label"]}
         found = by_hybrid.get(v["vkey"], [])
         if not found:
@@ -244,6 +256,7 @@ def interval_verdicts(
                 {
                     **head,
                     "baseline": labels.get(r["b"], r["b"]),
+                    "vkey_b": r["b"],
                     "eps": r["eps"],
                     "category": r["verdict"],
                     "provisional": r["provisional"],
@@ -275,7 +288,7 @@ def cost_drivers(cost: pl.DataFrame) -> pl.DataFrame:
     return cost.with_columns(
         pl.when(pl.col("time_ratio").is_null())
         .then(pl.lit(None, pl.String))
-        .when((pl.col("model") == pl.col("baseline")) & uncontrolled())
+        .when(pl.col("vkey") == pl.col("baseline_vkey"))
         .then(pl.lit("(baseline)"))
         .when(_more_calls(calls, per_call, ties_to_calls=True))
         .then(pl.lit(CALLS))
@@ -356,10 +369,11 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
             "dataset",
             "init",
             pl.col("model").alias("backbone"),
+            "train_method",
             "attack_label",
             pl.col("asr_mean").alias("asr_equal_budget"),
         )
-        .unique(["dataset", "init", "backbone", "attack_label"])
+        .unique(["dataset", "init", "backbone", "train_method", "attack_label"])
     )
     base = baseline_rows(rob, baselines).select(
         "dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline")
@@ -375,7 +389,12 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
             asr_hybrid=pl.col("asr_mean"),
         )
         .join(ctrl, on=[*same_variant, "attack_label"], how="left", nulls_equal=True)
-        .join(eq, on=["dataset", "init", "backbone", "attack_label"], how="left")
+        .join(
+            eq,
+            on=["dataset", "init", "backbone", "train_method", "attack_label"],
+            how="left",
+            nulls_equal=True,
+        )
         .join(base, on=["dataset", "attack_label"], how="left")
         .filter(pl.col("asr_backbone_only").is_not_null() | pl.col("asr_equal_budget").is_not_null())
         .with_columns(

@@ -1,0 +1,43 @@
+"""The fixed_randomness control (issue 27; Carlini et al.'s checklist): a stochastic hybrid
+attacked with its randomness frozen to one draw, from its own generator."""
+
+from __future__ import annotations
+
+import torch
+
+from qshield_dist.config import ModelSpec, SweepConfig, validate
+from qshield_dist.data import DATASETS
+from qshield_dist.grid import build_grid
+from qshield_dist.models import build_model
+
+DIGITS = DATASETS["digits"]
+PAPER = {"model": "hqcnn", "backbone": "cnn_small", "projection": "paper", "quantum_grad": "detached"}
+
+
+def test_frozen_model_repeats_one_draw_and_leaves_the_global_generators_alone():
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(**PAPER).resolved(DIGITS.classes), DIGITS).eval()
+    x = torch.rand(4, DIGITS.channels, DIGITS.size, DIGITS.size)
+    with torch.no_grad():
+        assert model.stochastic and not torch.equal(model(x), model(x))
+        model.fix_randomness(3)
+        state = torch.get_rng_state()
+        first = model(x)
+        assert torch.equal(torch.get_rng_state(), state)  # the attacks' random streams are untouched
+        assert torch.equal(model(x), first) and torch.equal(model.draws(x, 3), first.expand(3, -1, -1))
+    assert not model.stochastic
+
+
+def test_the_control_is_added_for_stochastic_hybrids_only_and_attacks_a_deterministic_target():
+    cfg = SweepConfig(
+        name="fixed",
+        data={"dataset": "digits"},
+        eval={"controls": ["fixed_randomness"]},
+        models=[{"model": "cnn_small"}, PAPER, {**PAPER, "projection": "learned"}],
+        attacks=[{"name": "fgsm"}],
+    )
+    attacks = build_grid(validate(cfg)).attack
+    fixed = [a for a in attacks if a.control == "fixed_randomness"]
+    assert len(fixed) == 1 and fixed[0].train.model.projection == "paper"
+    assert fixed[0].train.stochastic and not fixed[0].target_stochastic
+    assert len(attacks) == 4
