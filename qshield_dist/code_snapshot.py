@@ -124,6 +124,12 @@ def source_tree(ref: FactoryRef) -> SourceTree:
     return _read(root, folder)
 
 
+def source_trees(factory: str, twin: str | None) -> tuple[SourceTree, SourceTree | None]:
+    """The source trees of a custom model's factory and of its twin (None without one)."""
+    tree = source_tree(parse_ref(factory))
+    return tree, source_tree(parse_ref(twin)) if twin is not None else None
+
+
 def _read(root: Path, folder: Path) -> SourceTree:
     """Every .py file under `folder` (hidden folders and __pycache__ left out), relative to `root`."""
     paths = sorted(

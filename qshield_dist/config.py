@@ -103,6 +103,18 @@ class CustomSpec(_Strict):
     def __hash__(self) -> int:  # kwargs is a dict: hash its canonical JSON
         return hash(json.dumps(self.model_dump(), sort_keys=True))
 
+    def take_snapshot(self, results_dir: str | Path, mode: int) -> None:
+        """Copy its code and weights under `results_dir`, where its trials import and load them
+        (code_snapshot.py); SourceError if they changed since `validate` read them."""
+        tree, _ = code_snapshot.source_trees(self.factory, self.differentiable_twin)
+        if tree.digest != self.code:
+            raise code_snapshot.SourceError(
+                f"its code changed while the sweep was being launched ({tree.root}): launch it again"
+            )
+        code_snapshot.write_snapshot(tree, results_dir, mode)
+        if self.weights is not None and self.weights_sha256 is not None:
+            code_snapshot.write_weights(Path(self.weights), self.weights_sha256, results_dir, mode)
+
 
 class ModelSpec(_Strict):
     """One model of the grid. Quantum fields are None for the classical models; `custom` is set
@@ -603,14 +615,6 @@ def validate(cfg: SweepConfig) -> SweepSpec:
     return SweepSpec(cfg, tuple(m for _, m in models), tuple(parse_attacks(cfg)))
 
 
-def custom_trees(custom: CustomSpec) -> tuple[code_snapshot.SourceTree, code_snapshot.SourceTree | None]:
-    """The source trees of a custom model's factory and of its twin (None without one)."""
-    tree = code_snapshot.source_tree(code_snapshot.parse_ref(custom.factory))
-    if custom.differentiable_twin is None:
-        return tree, None
-    return tree, code_snapshot.source_tree(code_snapshot.parse_ref(custom.differentiable_twin))
-
-
 def _with_code(model: ModelSpec, index: int) -> ModelSpec:
     """A custom model with the digest of its source tree and its weights' sha256 (what its ids
     hash); ConfigError naming the entry if they cannot be read. Other models as they are."""
@@ -619,7 +623,7 @@ def _with_code(model: ModelSpec, index: int) -> ModelSpec:
         return model
     where = f"models[{index}]"
     try:
-        tree, twin = custom_trees(custom)
+        tree, twin = code_snapshot.source_trees(custom.factory, custom.differentiable_twin)
     except code_snapshot.SourceError as exc:
         raise ConfigError(f"{where}.factory: got '{custom.factory}': {exc}") from None
     if twin is not None and (twin.root != tree.root or not twin.top_names <= tree.top_names):

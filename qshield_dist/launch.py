@@ -33,10 +33,8 @@ from qshield_dist import code_snapshot, executors
 from qshield_dist.attack_params import budget_reachable
 from qshield_dist.config import (
     ConfigError,
-    CustomSpec,
     SweepConfig,
     check_availability,
-    custom_trees,
     load_config,
     parse_models,
     validate,
@@ -374,25 +372,13 @@ def check_custom_models(cfg: SweepConfig) -> None:
 
 
 def snapshot_custom_code(grid: Grid, results_dir: Path, mode: int) -> None:
-    """Copy each custom model's source tree and weights into RESULTS/code, the files its trials
-    import and load (code_snapshot.py). ConfigError if they changed since the ids were made."""
-    done: set[CustomSpec] = set()
-    for trial in grid.train:
-        custom = trial.model.custom
-        if custom is None or custom in done:
-            continue
-        done.add(custom)
+    """Copy each custom model's code and weights into RESULTS/code, what its trials import and
+    load (code_snapshot.py). ConfigError if they changed since the ids were made."""
+    for custom in {t.model.custom for t in grid.train if t.model.custom is not None}:
         try:
-            tree, _ = custom_trees(custom)
-            if tree.digest != custom.code:
-                raise code_snapshot.SourceError(
-                    f"its code changed while the sweep was being launched ({tree.root}): launch it again"
-                )
-            code_snapshot.write_snapshot(tree, results_dir, mode)
-            if custom.weights is not None and custom.weights_sha256 is not None:
-                code_snapshot.write_weights(Path(custom.weights), custom.weights_sha256, results_dir, mode)
+            custom.take_snapshot(results_dir, mode)
         except code_snapshot.SourceError as exc:
-            raise ConfigError(f"model {trial.model.label}: {exc}") from None
+            raise ConfigError(f"models: factory '{custom.factory}': {exc}") from None
 
 
 def _warn_unreachable_budgets(grid: Grid) -> None:

@@ -74,7 +74,11 @@ def _sweep(root: Path) -> dict:
                 "stochastic": True,
                 "differentiable_twin": f"{net}:twin",
             },
-            {"model": "custom", "factory": f"{root / 'other' / 'net2.py'}:make", "weights": str(root / "w.pt")},
+            {
+                "model": "custom",
+                "factory": f"{root / 'other' / 'net2.py'}:make",
+                "weights": str(root / "w.pt"),
+            },
         ],
         "attacks": [{"name": "fgsm"}, {"name": "bpda_pgd", "params": {"steps": 2}}],
     }

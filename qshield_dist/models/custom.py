@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from qshield_dist import code_snapshot
-from qshield_dist.config import CustomSpec, custom_trees
+from qshield_dist.config import CustomSpec
 from qshield_dist.datasets import DatasetInfo
 from qshield_dist.fileio import read_bytes
 from qshield_dist.models.classic import Classifier
@@ -141,7 +141,7 @@ def check_custom(custom: CustomSpec, info: DatasetInfo) -> None:
     """The launcher's check of a custom model on the CPU, from its live tree: it imports, builds
     a module, loads its weights, and maps one dummy batch of the dataset's shape to logits of the
     right shape (and so does its twin). CustomModelError names the key at fault."""
-    tree, _ = custom_trees(custom)
+    tree, _ = code_snapshot.source_trees(custom.factory, custom.differentiable_twin)
     model = _build(custom, tree.root, tree.top_names)
     _check_output(model.backbone, info, "factory")
     if custom.weights is not None:
