@@ -141,7 +141,10 @@ class ModelSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _gather_custom_keys(cls, data: Any) -> Any:
-        """A custom entry's keys, written flat in the entry, into `custom`."""
+        """A custom entry's keys, written flat in the entry, into `custom` (which a sweep file
+        may not set itself: `code` and `weights_sha256` are what validate reads)."""
+        if isinstance(data, dict) and isinstance(data.get("custom"), dict):
+            raise ValueError(f"'custom' is not a key of a model entry; write {', '.join(CUSTOM_KEYS)} in it")
         if isinstance(data, dict) and any(k in data for k in CUSTOM_KEYS):
             if data.get("model") != "custom":
                 key = next(k for k in CUSTOM_KEYS if k in data)
@@ -161,6 +164,8 @@ class ModelSpec(_Strict):
             ]
             if given:
                 raise ValueError(f"'{given[0]}' applies only to model 'hqcnn' (model is '{self.model}')")
+        if self.custom is not None and self.model != "custom":
+            raise ValueError(f"'factory' applies only to model 'custom' (model is '{self.model}')")
         if self.model == "custom" and self.custom is None:
             raise ValueError(
                 "model 'custom' needs 'factory: package.module:function' or 'path/to/file.py:function'"

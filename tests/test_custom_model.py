@@ -246,3 +246,39 @@ def test_a_broken_factory_exits_2_before_compute_naming_the_entry(
     assert f"models[1].factory: got 'models/broken.py:{function}'" in caplog.text
     assert problem in caplog.text
     assert not (tmp_path / "results").exists() and not (tmp_path / "checkpoints").exists()
+
+
+ENTRY_ERRORS = {
+    "factory on a built-in": (
+        {"model": "dnn", "factory": "m/net.py:make"},
+        "'factory' applies only to model 'custom'",
+    ),
+    "no factory": ({"model": "custom"}, "model 'custom' needs 'factory: package.module:function'"),
+    "no function": ({"model": "custom", "factory": "m/net.py"}, "must be 'package.module:function'"),
+    "no such file": ({"model": "custom", "factory": "m/none.py:make"}, "no such file"),
+    "no such module": ({"model": "custom", "factory": "no_such_pkg_here.net:make"}, "no module named"),
+    "installed": ({"model": "custom", "factory": "torchvision.models:resnet18"}, "an installed package"),
+    "raw custom key": ({"model": "custom", "custom": {"factory": "m/net.py:make"}}, "'custom' is not a key"),
+    "weights missing": ({"model": "custom", "factory": "m/net.py:make", "weights": "w.pt"}, "no such file"),
+    "twin elsewhere": (
+        {"model": "custom", "factory": "m/net.py:make", "differentiable_twin": "n/twin.py:twin"},
+        "must be in the factory's own package or folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ENTRY_ERRORS))
+def test_a_bad_custom_entry_is_refused_naming_it(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry, problem = ENTRY_ERRORS[case]
+    for folder in ("m", "n"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "m" / "net.py").write_text(OTHER)
+    (tmp_path / "n" / "twin.py").write_text("def twin(model):\n    return model\n")
+    sweep = {"name": "bad", "data": {"dataset": "digits"}, "models": [{"model": "dnn"}, entry]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        assert launch.main(["sweep.yaml", "--dry-run"]) == 2
+    assert "models[1]" in caplog.text and problem in caplog.text, caplog.text
