@@ -236,8 +236,14 @@ class ModelSpec(_Strict):
     @property
     def label(self) -> str:
         if self.custom is not None:
-            kwargs = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(self.custom.kwargs.items()))
-            return f"custom[{self.custom.factory}]" + (f"({kwargs})" if kwargs else "")
+            c = self.custom
+            kwargs = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(c.kwargs.items()))
+            parts = [f"custom[{c.factory}]" + (f"({kwargs})" if kwargs else "")]
+            parts += ["stochastic"] * c.stochastic + [f"twin={c.differentiable_twin}"] * bool(
+                c.differentiable_twin
+            )
+            parts += [f"weights={c.weights_sha256[:8]}"] if c.weights_sha256 else []
+            return " ".join(parts)
         if self.model != "hqcnn":
             return self.model
         parts = [

@@ -130,7 +130,8 @@ def test_a_custom_model_trains_and_is_attacked_through_yaml(launched: tuple[Path
     assert not fgsm["stochastic"] and fgsm["eval_repeats"] == 1
     # BPDA only where a twin is named; the stochastic model is judged by the majority of 3 draws
     bpda = [r for r in rows if r["attack"] == "bpda_pgd"]
-    assert [r["variant"] for r in bpda] == [f"custom[{root / 'mymodels' / 'net.py'}:make_noisy]"]
+    noisy = f"custom[{root / 'mymodels' / 'net.py'}:make_noisy] stochastic twin={root / 'mymodels' / 'net.py'}:twin"
+    assert [r["variant"] for r in bpda] == [noisy]
     assert bpda[0]["stochastic"] and bpda[0]["eval_repeats"] == 3 and bpda[0]["n_attacked"] > 0
     # the weights are loaded, not trained: its accuracy is that of the file's weights
     loaded = next(r for r in rows if r["stage"] == "train" and "net2.py" in r["variant"])
