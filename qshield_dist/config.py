@@ -11,7 +11,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from qshield_dist import code_snapshot
 from qshield_dist.attack_params import ATTACKS, params_text
 from qshield_dist.datasets import DATASETS, check_available
 from qshield_dist.quantum.spec import CircuitSpec
@@ -67,8 +68,61 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The keys of a `model: custom` entry, written in the entry itself (ModelSpec gathers them).
+CUSTOM_KEYS = ("factory", "kwargs", "weights", "stochastic", "differentiable_twin")
+
+
+class CustomSpec(_Strict):
+    """The user's own model (`model: custom`; models/custom.py states the contract). `factory`
+    and `differentiable_twin` are `package.module:function` or `path/to/file.py:function`, both
+    in one source tree (code_snapshot.py: paths are relative to the working directory).
+    `code` and `weights_sha256` are filled by `validate`: the ids hash them, never a path."""
+
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None  # a state_dict file, loaded instead of training
+    stochastic: bool = False  # evaluated by the majority rule and attacked with EOT, as hybrids are
+    differentiable_twin: str | None = None  # called with the trained module: its BPDA twin
+    code: str | None = None  # the source tree's digest
+    weights_sha256: str | None = None
+
+    @field_validator("factory", "differentiable_twin")
+    @classmethod
+    def _reference(cls, text: str | None) -> str | None:
+        if text is not None:
+            code_snapshot.parse_ref(text)  # SourceError is a ValueError: pydantic reports it
+        return text
+
+    @field_validator("kwargs")
+    @classmethod
+    def _plain(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(kwargs, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(
+                "must be a mapping of plain values (numbers, strings, booleans, lists, mappings)"
+            )
+        return kwargs
+
+    def __hash__(self) -> int:  # kwargs is a dict: hash its canonical JSON
+        return hash(json.dumps(self.model_dump(), sort_keys=True))
+
+    def take_snapshot(self, results_dir: str | Path, mode: int) -> None:
+        """Copy its code and weights under `results_dir`, where its trials import and load them
+        (code_snapshot.py); SourceError if they changed since `validate` read them."""
+        tree, _ = code_snapshot.source_trees(self.factory, self.differentiable_twin)
+        if tree.digest != self.code:
+            raise code_snapshot.SourceError(
+                f"its code changed while the sweep was being launched ({tree.root}): launch it again"
+            )
+        code_snapshot.write_snapshot(tree, results_dir, mode)
+        if self.weights is not None and self.weights_sha256 is not None:
+            code_snapshot.write_weights(Path(self.weights), self.weights_sha256, results_dir, mode)
+
+
 class ModelSpec(_Strict):
-    """One model of the grid. Quantum fields are None for the classical models."""
+    """One model of the grid. Quantum fields are None for the classical models; `custom` is set
+    for `model: custom` only."""
 
     model: Literal[MODELS]
     backbone: Literal[BACKBONES] | None = None
@@ -86,13 +140,40 @@ class ModelSpec(_Strict):
     trajectories: int | None = Field(None, ge=0)
     init: Literal[INITS] | None = None
     input_noise: float | None = Field(None, ge=0.0)
+    custom: CustomSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_custom_keys(cls, data: Any) -> Any:
+        """A custom entry's keys, written flat in the entry, into `custom` (which a sweep file
+        may not set itself: `code` and `weights_sha256` are what validate reads)."""
+        if isinstance(data, dict) and isinstance(data.get("custom"), dict):
+            raise ValueError(f"'custom' is not a key of a model entry; write {', '.join(CUSTOM_KEYS)} in it")
+        if isinstance(data, dict) and any(k in data for k in CUSTOM_KEYS):
+            if data.get("model") != "custom":
+                key = next(k for k in CUSTOM_KEYS if k in data)
+                raise ValueError(f"'{key}' applies only to model 'custom' (model is '{data.get('model')}')")
+            data = {k: v for k, v in data.items() if k not in CUSTOM_KEYS} | {
+                "custom": {k: data[k] for k in CUSTOM_KEYS if k in data}
+            }
+        return data
 
     @model_validator(mode="after")
     def _quantum_fields_only_for_hqcnn(self) -> "ModelSpec":
         if self.model != "hqcnn":
-            given = [f for f in type(self).model_fields if f != "model" and getattr(self, f) is not None]
+            given = [
+                f
+                for f in type(self).model_fields
+                if f not in ("model", "custom") and getattr(self, f) is not None
+            ]
             if given:
                 raise ValueError(f"'{given[0]}' applies only to model 'hqcnn' (model is '{self.model}')")
+        if self.custom is not None and self.model != "custom":
+            raise ValueError(f"'factory' applies only to model 'custom' (model is '{self.model}')")
+        if self.model == "custom" and self.custom is None:
+            raise ValueError(
+                "model 'custom' needs 'factory: package.module:function' or 'path/to/file.py:function'"
+            )
         return self
 
     def resolved_defaults(self, n_classes: int) -> dict[str, Any]:
@@ -127,7 +208,10 @@ class ModelSpec(_Strict):
         return type(self)(**values)
 
     def stochastic(self, n_classes: int) -> bool:
-        """Does the built model draw fresh randomness on every call (a resolved spec)?"""
+        """Does the built model draw fresh randomness on every call (a resolved spec)? A custom
+        model is if its entry says so."""
+        if self.custom is not None:
+            return self.custom.stochastic
         return self.model == "hqcnn" and hybrid_is_stochastic(
             self.circuit(),
             n_classes,
@@ -147,7 +231,23 @@ class ModelSpec(_Strict):
         )
 
     @property
+    def has_twin(self) -> bool:
+        """Has the built model a differentiable twin, which BPDA attacks through?"""
+        if self.custom is not None:
+            return self.custom.differentiable_twin is not None
+        return self.model == "hqcnn" and self.quantum_grad == "detached"
+
+    @property
     def label(self) -> str:
+        if self.custom is not None:
+            c = self.custom
+            kwargs = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(c.kwargs.items()))
+            parts = [f"custom[{c.factory}]" + (f"({kwargs})" if kwargs else "")]
+            parts += ["stochastic"] * c.stochastic + [f"twin={c.differentiable_twin}"] * bool(
+                c.differentiable_twin
+            )
+            parts += [f"weights={c.weights_sha256[:8]}"] if c.weights_sha256 else []
+            return " ".join(parts)
         if self.model != "hqcnn":
             return self.model
         parts = [
@@ -633,7 +733,7 @@ def validate(cfg: SweepConfig) -> SweepSpec:
         if name not in DATASETS:
             raise ConfigError(f"data.dataset: got '{name}': unknown dataset; allowed: {', '.join(DATASETS)}")
     _check_slurm_cpus(cfg)
-    entries = parse_models(cfg)
+    entries = [replace(e, model=_with_code(e.model, e.index)) for e in parse_models(cfg)]
     _check_compare(cfg, {e.name for e in entries if e.name is not None})
     for name in cfg.datasets:
         for e in entries:
@@ -657,6 +757,31 @@ def _check_compare(cfg: SweepConfig, names: set[str]) -> None:
                         f"compare[{i}].{key}: got '{name}': no model entry has that name;"
                         f" allowed: {', '.join(sorted(names)) or 'none (give model entries a name:)'}"
                     )
+
+
+def _with_code(model: ModelSpec, index: int) -> ModelSpec:
+    """A custom model with the digest of its source tree and its weights' sha256 (what its ids
+    hash); ConfigError naming the entry if they cannot be read. Other models as they are."""
+    custom = model.custom
+    if custom is None:
+        return model
+    where = f"models[{index}]"
+    try:
+        tree, twin = code_snapshot.source_trees(custom.factory, custom.differentiable_twin)
+    except code_snapshot.SourceError as exc:
+        raise ConfigError(f"{where}.factory: got '{custom.factory}': {exc}") from None
+    if twin is not None and (twin.root != tree.root or not twin.top_names <= tree.top_names):
+        raise ConfigError(
+            f"{where}.differentiable_twin: got '{custom.differentiable_twin}': must be in the factory's own"
+            f" package or folder ({tree.root})"
+        )
+    update: dict[str, Any] = {"code": tree.digest}
+    if custom.weights is not None:
+        path = Path(custom.weights)
+        if not path.is_file():
+            raise ConfigError(f"{where}.weights: got '{custom.weights}': no such file")
+        update["weights_sha256"] = code_snapshot.file_sha256(path)
+    return model.model_copy(update={"custom": custom.model_copy(update=update)})
 
 
 def _check_slurm_cpus(cfg: SweepConfig) -> None:

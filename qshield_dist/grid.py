@@ -22,7 +22,8 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 from pydantic import BaseModel
 
 from qshield_dist.attack_params import ATTACKS
-from qshield_dist.config import EvalConfig, ModelSpec, SweepSpec, TrainConfig
+from qshield_dist.code_snapshot import parse_ref
+from qshield_dist.config import CustomSpec, EvalConfig, ModelSpec, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
 from qshield_dist.results.current import STAGE_VERSIONS
 from qshield_dist.vocabulary import (
@@ -140,8 +141,9 @@ def _fields(cls: type[BaseModel]) -> tuple[tuple[str, ...], dict[str, Any]]:
 
 @functools.cache  # keyed by a class, a model name and a class count: no two differ yet compare equal
 def _model_defaults(cls: type[ModelSpec], model: str, n_classes: int) -> dict[str, Any]:
-    """A resolved model spec's defaults: its class's, then what `resolved` fills in."""
-    return {**_fields(cls)[1], **cls(model=model).resolved_defaults(n_classes)}
+    """A resolved model spec's defaults: its class's, then what `resolved` fills in (a hybrid's)."""
+    resolved = cls(model=model).resolved_defaults(n_classes) if model == "hqcnn" else {}
+    return {**_fields(cls)[1], **resolved}
 
 
 def changed_fields(
@@ -156,8 +158,26 @@ def changed_fields(
 
 def model_identity(model: ModelSpec, n_classes: int) -> dict[str, Any]:
     """What an id hashes of a resolved model spec: its name and the fields that differ from
-    their resolved defaults."""
-    return changed_fields(model, _model_defaults(type(model), model.model, n_classes))
+    their resolved defaults; of a custom model, its code's digest and the module names of its
+    factory and twin, never their paths (CustomSpec)."""
+    identity = changed_fields(model, _model_defaults(type(model), model.model, n_classes))
+    if model.custom is not None:
+        identity["custom"] = _custom_identity(model.custom)
+    return identity
+
+
+def _custom_identity(custom: CustomSpec) -> dict[str, Any]:
+    twin = custom.differentiable_twin
+    return {
+        "factory": parse_ref(custom.factory).name,
+        "code": custom.code,
+        **_given(
+            kwargs=custom.kwargs or None,
+            stochastic=custom.stochastic or None,
+            twin=parse_ref(twin).name if twin else None,
+            weights=custom.weights_sha256,
+        ),
+    }
 
 
 def _given(**entries: Any) -> dict[str, Any]:
@@ -477,9 +497,10 @@ def _expand(spec: SweepSpec) -> Grid:
                 trial = add(train_trial(dataset, model, train_cfg, seed, baseline_id))
                 controls = cfg.eval.controls if model.model == "hqcnn" else []
                 for spec_a, needs_twin, params, resolved in attacks:
-                    if needs_twin and not (model.model == "hqcnn" and model.quantum_grad == "detached"):
-                        # BPDA replaces a detached quantum branch's gradient by its twin's; a
-                        # classical model or a full-gradient hybrid has nothing to replace
+                    if needs_twin and not model.has_twin:
+                        # BPDA replaces a detached quantum branch's gradient by its twin's (or a
+                        # custom model's by its own twin's); a classical model, a full-gradient
+                        # hybrid or a custom model without a twin has nothing to replace
                         continue
                     surrogate = (
                         trained_alone(dataset, seed, params["surrogate"], sweep_train)

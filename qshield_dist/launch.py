@@ -29,9 +29,17 @@ from typing import TYPE_CHECKING, Iterator, Sequence, TextIO
 
 from tqdm import tqdm
 
-from qshield_dist import executors
+from qshield_dist import code_snapshot, executors
 from qshield_dist.attack_params import budget_reachable
-from qshield_dist.config import ConfigError, SweepConfig, check_availability, load_config, validate
+from qshield_dist.config import (
+    ConfigError,
+    SweepConfig,
+    check_availability,
+    load_config,
+    parse_models,
+    validate,
+)
+from qshield_dist.datasets import DATASETS
 from qshield_dist.executors import Executor, Job, ProgressSink
 from qshield_dist.executors.local import LocalExecutor, available_cpus
 from qshield_dist.grid import AttackTrial, Grid, TrainTrial, Trial, build_grid, many_objects
@@ -340,7 +348,37 @@ def prepare(cfg: SweepConfig, require_available: bool = True) -> Grid:
         raise ConfigError("\n".join(problems))
     for problem in problems:
         log.warning("not available on this machine: %s", problem)
+    check_custom_models(cfg)
     return build_grid(spec)
+
+
+def check_custom_models(cfg: SweepConfig) -> None:
+    """Each custom model imports, builds and maps a dummy batch of each dataset's shape to
+    logits of the right shape, on the CPU here (models/custom.py): ConfigError naming the entry."""
+    custom = [(index, model.custom) for index, model in parse_models(cfg) if model.custom is not None]
+    if not custom:
+        return
+    from qshield_dist.models.custom import CustomModelError, check_custom  # torch: only for them
+
+    for index, spec in custom:
+        for name in cfg.datasets:
+            try:
+                check_custom(spec, DATASETS[name])
+            except CustomModelError as exc:
+                value = getattr(spec, exc.key)
+                raise ConfigError(
+                    f"models[{index}].{exc.key}: got {value!r}: {exc} (dataset {name})"
+                ) from None
+
+
+def snapshot_custom_code(grid: Grid, results_dir: Path, mode: int) -> None:
+    """Copy each custom model's code and weights into RESULTS/code, what its trials import and
+    load (code_snapshot.py). ConfigError if they changed since the ids were made."""
+    for custom in {t.model.custom for t in grid.train if t.model.custom is not None}:
+        try:
+            custom.take_snapshot(results_dir, mode)
+        except code_snapshot.SourceError as exc:
+            raise ConfigError(f"models: factory '{custom.factory}': {exc}") from None
 
 
 def _warn_unreachable_budgets(grid: Grid) -> None:
@@ -394,6 +432,7 @@ def _run_held(
     file_mode = cfg.file_mode
     store = ResultStore(results_dir, cfg.checkpoint_dir)
     store.refresh(repair=True, mode=file_mode)
+    snapshot_custom_code(grid, results_dir, file_mode)
     expected = manifest_trials(grid)
     older = store.stale(expected, in_grid=True)
     if older:
@@ -579,6 +618,9 @@ def _command(args: argparse.Namespace) -> int:
             return 130
     except LeaseHeld as exc:
         log.error("%s", exc)
+        return 2
+    except ConfigError as exc:  # a custom model's code changed while it was being launched
+        log.error("bad sweep input (%s):\n%s", args.sweep, exc)
         return 2
     return 0 if set(statuses.values()) <= {"ok"} else 1
 

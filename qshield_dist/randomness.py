@@ -1,7 +1,8 @@
 """Which models draw fresh randomness on every forward call (stochastic models), decided from
 their settings alone: the one rule the model code and the grid both use. Free of torch, so the
 grid knows it while expanding a sweep (an attack on a stochastic model depends on
-`eval.eval_repeats`; on a deterministic one it does not).
+`eval.eval_repeats`; on a deterministic one it does not). A custom model (`model: custom`)
+says so itself: `stochastic: true` in its entry.
 """
 
 from __future__ import annotations

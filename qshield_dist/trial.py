@@ -26,6 +26,7 @@ from qshield_dist.attacks import AutoAttack, CallCounter, build_attack
 from qshield_dist.attacks.autoattack import sanity_checks
 from qshield_dist.attacks.base import strict_majority
 from qshield_dist.attacks.streams import PointStreams
+from qshield_dist.code_snapshot import snapshot_root, weights_path
 from qshield_dist.data import Split, fixed_permutation, load, shared_attack_set
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import (
@@ -39,10 +40,11 @@ from qshield_dist.grid import (
 )
 from qshield_dist.models import build_model
 from qshield_dist.models.classic import Classifier
+from qshield_dist.models.custom import load_weights
 from qshield_dist.peak_memory import max_rss_bytes
 from qshield_dist.results.schema import MODEL_COLUMNS, package_versions
 from qshield_dist.results.store import ResultStore
-from qshield_dist.train import load_checkpoint, predict, save_checkpoint, train_model
+from qshield_dist.train import TrainStats, load_checkpoint, predict, save_checkpoint, train_model
 from qshield_dist.trial_env import fixed_numerics, gpu_model, seed_everything, torch_device, trial_log
 from qshield_dist.vocabulary import BACKBONE_ONLY, FIXED_RANDOMNESS
 
@@ -74,6 +76,11 @@ class RunContext:
     @property
     def store(self) -> ResultStore:
         return ResultStore(self.results_dir, self.checkpoint_dir)
+
+    @property
+    def code_dir(self) -> Path:
+        """Where the launcher put the custom models' code and weights (code_snapshot.py)."""
+        return snapshot_root(self.results_dir)
 
 
 def _model_columns(trial: TrainTrial) -> dict[str, Any]:
@@ -151,7 +158,7 @@ def train_or_load(
     place. `train`: the training split, already on `device`."""
     seed_everything(trial.seed)
     with torch.device("cpu"):  # initialised on the host (the same draws whatever the device)
-        model = build_model(trial.model, DATASETS[trial.dataset])
+        model = build_model(trial.model, DATASETS[trial.dataset], ctx.code_dir)
     model = model.to(device)
     store = ctx.store
     path = store.checkpoint_path(trial.trial_id)
@@ -174,7 +181,12 @@ def train_or_load(
                 f"baseline checkpoint {baseline} is missing or unusable: its train trial must run (again) first"
             )
         init_steps = int(baseline_loaded[0]["train_steps"])
-    stats = train_model(model, train.x, train.y, trial.train, trial.seed)
+    custom = trial.model.custom
+    if custom is not None and custom.weights_sha256 is not None:  # the user's weights: no training
+        load_weights(model, weights_path(ctx.results_dir, custom.weights_sha256))
+        stats = TrainStats(0.0, 0, 0)
+    else:
+        stats = train_model(model, train.x, train.y, trial.train, trial.seed)
     meta = {
         "train_seconds": stats.seconds,
         "train_epochs": stats.epochs,

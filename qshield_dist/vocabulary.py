@@ -7,7 +7,7 @@ a new option value is added here once. The spellings are those a sweep file uses
 from __future__ import annotations
 
 # --- models ------------------------------------------------------------------------------------
-MODELS = ("dnn", "cnn", "cnn_small", "hqcnn")
+MODELS = ("dnn", "cnn", "cnn_small", "hqcnn", "custom")  # custom: the user's own (models/custom.py)
 BACKBONES = ("cnn", "cnn_small", "dnn")  # the classical models a hybrid can be built on
 FUSIONS = ("dynamic", "entropy")
 QUANTUM_GRADS = ("full", "detached")

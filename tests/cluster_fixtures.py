@@ -146,3 +146,23 @@ def ray_processes_gone(*markers: str) -> None:
     for marker in markers:
         left = processes_with(marker)
         assert not left, f"processes left behind ({marker}): {[name for name, _ in left.values()]}"
+
+
+def custom_model_sweep(root: Path, name: str) -> dict[str, object]:
+    """A tiny sweep of a user's own model (`model: custom`) whose code is written under `root`,
+    outside the package: a factory file and a helper module it imports. The workers must import
+    the launcher's snapshot of it (RESULTS/code), the only copy the ids vouch for."""
+    (root / "mymodels").mkdir(parents=True, exist_ok=True)
+    (root / "mymodels" / "helper.py").write_text("PIXELS = 784\n")
+    (root / "mymodels" / "net.py").write_text(
+        "import torch.nn as nn\n\nimport helper\n\n\ndef make(width=16):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(helper.PIXELS, width), nn.ReLU(), nn.Linear(width, 10))\n"
+    )
+    return {
+        "name": name,
+        "data": {"dataset": "digits", "train_size": 200, "test_size": 60},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.01},
+        "eval": {"attack_size": 16},
+        "models": [{"model": "custom", "factory": f"{root / 'mymodels' / 'net.py'}:make"}],
+        "attacks": [{"name": "fgsm"}],
+    }

@@ -198,6 +198,33 @@ def test_private_local_cluster(tmp_path: Path) -> None:
     assert not ray.is_initialized() and ex._private_head is None
 
 
+def test_a_custom_model_runs_on_ray_from_its_snapshot(connected: cluster.RayNode, tmp_path: Path) -> None:
+    """A user's own model, defined outside the package: Ray workers import the launcher's
+    snapshot of its code from the shared results directory, and give the local rows."""
+    from qshield_dist import launch
+    from qshield_dist.config import SweepConfig
+    from qshield_dist.executors.local import LocalExecutor
+    from qshield_dist.results.store import ResultStore, differing_trials
+
+    sweep = cf.custom_model_sweep(tmp_path / "user", "custom-on-ray")
+    statuses = {}
+    for name, executor in (
+        ("ray", RayExecutor(address=connected.address)),
+        ("local", LocalExecutor(in_process=True)),
+    ):
+        cfg = SweepConfig(
+            **sweep, results_dir=str(tmp_path / name), checkpoint_dir=str(tmp_path / f"ckpt-{name}")
+        )
+        statuses[name] = launch.run_sweep(cfg, executor)
+    assert set(statuses["ray"].values()) == {"ok"} and len(statuses["ray"]) == 2  # train + fgsm
+    assert statuses["ray"] == statuses["local"]
+    store = ResultStore(tmp_path / "ray")
+    rows = [row for f in store.files() for row in store.read(f)]
+    assert {r["executor"] for r in rows} == {"ray"}
+    assert [r["clean_acc"] > 0.3 for r in rows] == [True, True]
+    assert differing_trials(tmp_path / "local", tmp_path / "ray") == {}
+
+
 CUDA_SWEEP = {
     "name": "cuda-on-ray",
     "executor": "ray",

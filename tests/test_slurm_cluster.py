@@ -552,6 +552,54 @@ def local_smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "results"
 
 
+@pytest.mark.slurm
+def test_a_custom_model_runs_on_slurm_from_its_snapshot(
+    slurm_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's own model, defined outside the package, through `launch --executor slurm`: the
+    array tasks import the launcher's snapshot of its code from the shared results directory
+    (never the live file, which is broken here once the launcher has taken the snapshot), and
+    give the rows of the local executor."""
+    import yaml
+
+    from qshield_dist import launch
+
+    sweep = cf.custom_model_sweep(tmp_path / "user", "custom-on-slurm")
+    local, cluster = tmp_path / "local", tmp_path / "slurm"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert (
+        launch.main([str(path), "--results", str(local), "--checkpoints", str(tmp_path / "ckpt-local")]) == 0
+    )
+    sweep["slurm"] = {
+        "partition": "debug",
+        "time_min": 10,
+        "cpus_per_task": 1,
+        "mem_gb": 1,
+        "folder": str(tmp_path / "submitit"),
+    }
+    path.write_text(yaml.safe_dump(sweep))
+    live = tmp_path / "user" / "mymodels" / "net.py"
+    snapshot = launch.snapshot_custom_code
+
+    def snapshot_then_break(*args: object) -> None:
+        snapshot(*args)  # type: ignore[arg-type]
+        live.write_text("raise ImportError('the live file is not what the tasks run')\n")
+
+    monkeypatch.setattr(launch, "snapshot_custom_code", snapshot_then_break)
+    code = launch.main(
+        [str(path), "--executor", "slurm", "--results", str(cluster), "--checkpoints", str(tmp_path / "ckpt")]
+    )
+    assert code == 0
+    assert {r["executor"] for r in _all_rows(cluster)} == {"slurm"}
+    assert differing_trials(local, cluster) == {}
+
+
+def _all_rows(results: Path) -> list[dict[str, object]]:
+    store = ResultStore(results)
+    return [row for f in store.files() for row in store.read(f)]
+
+
 def _records(results: Path) -> dict[str, Path]:
     """The arrays a launcher recorded in `results` (lease.record_array): array id -> its record."""
     return {p.stem: p for p in sorted((results / "slurm-arrays").glob("*.json"))}

@@ -432,6 +432,8 @@ def calibrate_group(
         trains: dict[str, TrainTrial] = {}
         for item in items:
             trains.update(item["trains"])
+        for custom in {t.model.custom for t in trains.values() if t.model.custom is not None}:
+            custom.take_snapshot(ctx.results_dir, ctx.file_mode)  # what its trials import
         group = _Group(ctx, work, trains)
         how: dict[str, Callable[[Any], dict[str, Any]]] = {
             "train": group.train,

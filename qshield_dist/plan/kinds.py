@@ -4,7 +4,7 @@ A trial's group is its stage and model kind (and, for an attack, the attack, its
 surrogate's kind); one representative per group is calibrated (an `Item`) and every trial of
 the group is extrapolated from it. A model kind is what makes cost differ: model, backbone,
 simulator and device, qubits, trajectories, projection, input noise, image shape (channels,
-size). A hybrid on a device this machine lacks is stood in for by its backbone alone. `_shape`
+size); a custom model's own settings and code. A hybrid on a device this machine lacks is stood in for by its backbone alone. `_shape`
 is the rest of what an estimate reads of a trial, so that trials equal in it share one.
 """
 
@@ -30,6 +30,8 @@ def _standin(spec: ModelSpec, usable: dict[str, bool]) -> ModelSpec:
 def model_kind(spec: ModelSpec, dataset: str) -> tuple[Any, ...]:
     info = DATASETS[dataset]
     kind: tuple[Any, ...] = (spec.model, info.channels, info.size)
+    if spec.custom is not None:  # each custom model costs what its own code does
+        kind += (spec.custom,)
     if spec.model == "hqcnn":
         kind += (
             spec.backbone,

@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterable
 
 import pyarrow as pa
+from pydantic import BaseModel
 
 from qshield_dist.config import ModelSpec
 
@@ -27,6 +28,8 @@ def _model_columns() -> list[tuple[str, pa.DataType]]:
     columns = []
     for name, info in ModelSpec.model_fields.items():
         kinds = [a for a in (typing.get_args(info.annotation) or (info.annotation,)) if a is not type(None)]
+        if isinstance(kinds[0], type) and issubclass(kinds[0], BaseModel):
+            continue  # a custom model's settings: its variant label and its id say them
         arrow = {int: pa.int32(), float: pa.float64()}.get(kinds[0], pa.string())  # Literal -> string
         columns.append((name, arrow))
     return columns
