@@ -162,11 +162,13 @@ def model_identity(model: ModelSpec, n_classes: int) -> dict[str, Any]:
     factory and twin, never their paths (CustomSpec)."""
     identity = changed_fields(model, _model_defaults(type(model), model.model, n_classes))
     if model.custom is not None:
-        identity["custom"] = _custom_identity(model.custom)
+        identity["custom"] = custom_identity(model.custom)
     return identity
 
 
-def _custom_identity(custom: CustomSpec) -> dict[str, Any]:
+def custom_identity(custom: CustomSpec) -> dict[str, Any]:
+    """What a custom model's ids hash, and its rows' `custom` column says: the code's digest,
+    the factory's module name, and what else was given."""
     twin = custom.differentiable_twin
     return {
         "factory": parse_ref(custom.factory).name,

@@ -355,7 +355,7 @@ def prepare(cfg: SweepConfig, require_available: bool = True) -> Grid:
 def check_custom_models(cfg: SweepConfig) -> None:
     """Each custom model imports, builds and maps a dummy batch of each dataset's shape to
     logits of the right shape, on the CPU here (models/custom.py): ConfigError naming the entry."""
-    custom = [(index, model.custom) for index, model in parse_models(cfg) if model.custom is not None]
+    custom = [(e.index, e.model.custom) for e in parse_models(cfg) if e.model.custom is not None]
     if not custom:
         return
     from qshield_dist.models.custom import CustomModelError, check_custom  # torch: only for them

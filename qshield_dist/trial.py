@@ -36,6 +36,7 @@ from qshield_dist.grid import (
     Trial,
     canonical_json,
     changed_fields,
+    custom_identity,
     variant_id,
 )
 from qshield_dist.models import build_model
@@ -87,6 +88,8 @@ def _model_columns(trial: TrainTrial) -> dict[str, Any]:
     spec = trial.model
     cols = {k: getattr(spec, k) for k in MODEL_COLUMNS}
     cols.update(
+        # its variant key: two custom models of a dataset are two variants
+        custom=canonical_json(custom_identity(spec.custom)) if spec.custom is not None else None,
         dataset=trial.dataset,
         variant=f"{spec.label} {trial.train.label}".strip(),
         backbone=spec.backbone or spec.model,

@@ -9,6 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -283,3 +284,18 @@ def test_a_bad_custom_entry_is_refused_naming_it(
     with caplog.at_level(logging.ERROR):
         assert launch.main(["sweep.yaml", "--dry-run"]) == 2
     assert "models[1]" in caplog.text and problem in caplog.text, caplog.text
+
+
+def test_each_custom_model_is_its_own_variant_in_the_summary(
+    launched: tuple[Path, Grid], tmp_path: Path
+) -> None:
+    """The rows' `custom` column (the model's identity) keys its variant: three custom models of
+    one dataset are three variants beside the dnn, never one 'custom' with several rows a seed."""
+    from qshield_dist.summary.report import Options, summarize
+
+    root, _ = launched
+    s = summarize(root / "results", tmp_path / "report", Options(plots=False, formats=("md",), proxies={}))
+    models = s.tables.variants["model"].to_list()
+    assert sorted(models) == ["custom", "custom", "custom", "dnn"]
+    assert s.tables.variants.filter(pl.col("model") == "custom")["custom"].n_unique() == 3
+    assert not s.tables.duplicates.height

@@ -12,14 +12,13 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterable
 
 import pyarrow as pa
-from pydantic import BaseModel
 
 from qshield_dist.config import ModelSpec
 
 # The columns below. A row of another schema version is not current: resume runs its trial
 # again (its file is moved aside first) and the summary sets it aside.
 # 3: checkpoint_sha256 (train rows) and inputs (diagnostic rows); 4: point_broken_by; 5: gpu_model;
-# 6: trial_seconds; 7: train_method and train_config
+# 6: trial_seconds; 7: train_method and train_config, custom (a custom model's identity), shard
 SCHEMA_VERSION = 7
 
 
@@ -28,9 +27,8 @@ def _model_columns() -> list[tuple[str, pa.DataType]]:
     columns = []
     for name, info in ModelSpec.model_fields.items():
         kinds = [a for a in (typing.get_args(info.annotation) or (info.annotation,)) if a is not type(None)]
-        if isinstance(kinds[0], type) and issubclass(kinds[0], BaseModel):
-            continue  # a custom model's settings: its variant label and its id say them
-        arrow = {int: pa.int32(), float: pa.float64()}.get(kinds[0], pa.string())  # Literal -> string
+        # Literal -> string; a custom model's settings (a BaseModel) -> the JSON of its identity
+        arrow = {int: pa.int32(), float: pa.float64()}.get(kinds[0], pa.string())
         columns.append((name, arrow))
     return columns
 

@@ -169,7 +169,7 @@ def verdict_section(tables: Tables, figures: list[Figure]) -> Section:
     for verdict in v.iter_rows(named=True):
         r = paired.get((verdict["vkey"], verdict["vkey_b"], verdict["eps"]))
         if r is None:
-            cells = [labels.get(verdict["vkey"], verdict["vkey"]), "-", "-", "-", "-", "no comparison"]
+            cells = [labels.get(verdict["vkey"], verdict["vkey"]), "-", "-", "-", "-", "-", "no comparison"]
             cells += ["no L-inf attack in common with a CNN baseline", "-", "-", "-", "-"]
             rows.append([verdict["dataset"], *([None] if many_eps else []), *cells])
             continue
