@@ -51,17 +51,17 @@ SWEEP: dict[str, Any] = {
 SOUND = "hqcnn[cnn_small] full d1 enhanced_angle mixed0.005 dynamic grad=full proj=learned"
 PAPER = "hqcnn[cnn_small] full d1 enhanced_angle mixed0.005 dynamic grad=detached proj=paper"
 # Changing one of these changes what an id means: bump that stage's version (results.py).
-# (Train version 3, attack version 6, diagnostic version 6.)
+# (Train version 3, attack version 7, diagnostic version 7.)
 PINNED = {
     "train | cnn_small": "T70b2f137eb1da9be",
     f"train | {SOUND}": "T71ce6ece46921fed",
     f"train | {PAPER}": "Te42c823e2ec7a541",
-    "attack | cnn_small | fgsm | paper": "A105bbb9728b7707a",
-    f"attack | {SOUND} | apgd | standard": "A77b6742dd1e376a2",
-    f"attack | {PAPER} | pgd | paper": "A6f927ac04e2e20c0",
-    f"attack | {PAPER} | fgsm | paper | backbone_only": "A1300374a4ae9f99f",
-    "diagnostic | cnn_small": "Dddad76812776a7de",
-    f"diagnostic | {PAPER}": "Dd4738341fd0136a1",
+    "attack | cnn_small | fgsm | paper": "A5eb6af74b8775692",
+    f"attack | {SOUND} | apgd | standard": "Afc6a7b5f016ff917",
+    f"attack | {PAPER} | pgd | paper": "A6f9c3b2910c98781",
+    f"attack | {PAPER} | fgsm | paper | backbone_only": "Acf7b2b13d1cc34f3",
+    "diagnostic | cnn_small": "D8e7a36b270aa07e1",
+    f"diagnostic | {PAPER}": "D0802d5850b5f7db4",
 }
 
 

@@ -20,7 +20,7 @@ import pytest
 from qshield_dist.results.store import ResultStore, differing_trials
 
 REPO = Path(__file__).resolve().parents[1]
-N_TRIALS = 25  # 5 train + 5 models x 4 attacks
+N_TRIALS = 45  # 5 train + 5 models x 4 attacks x 2 shards
 
 
 def launch(results: Path, *args: str, env: dict[str, str] | None = None) -> None:

@@ -104,6 +104,7 @@ def _attack(
         "success_rule": "misclassified (deterministic model, 1 evaluation)",
         "stochastic": False,
         "clean_acc": 0.9,
+        "n_points": n,
         "n_attacked": n,
         "n_success": succ,
         "asr": asr,

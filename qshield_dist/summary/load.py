@@ -86,10 +86,11 @@ STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
         "forward_samples",
         "backward_samples",
         "budget_ok",
+        "shard",
         "details",
     ),
     "diagnostic": (*_COMMON, "diagnostic", "diagnostic_value", "diagnostic_pass", "details"),
-    "failed": (*_COMMON, *ATTACK_KEYS, "error"),
+    "failed": (*_COMMON, *ATTACK_KEYS, "shard", "error"),
 }
 # An attack row is usable only when all of these are finite (n_attacked also > 0).
 ATTACK_METRICS: tuple[str, ...] = ("asr", "robust_acc", "attack_seconds", "forward_calls", "backward_calls")

@@ -26,6 +26,7 @@ from qshield_dist.summary.paired import (
     AUTOATTACKS,
     autoattack_gaps,
     comparisons,
+    expected_shards,
     load_points,
     worst_case_table,
 )
@@ -166,18 +167,57 @@ def attack_settings(attack: pl.DataFrame) -> pl.DataFrame:
     return settings.with_columns(pl.Series("attack_label", labels, pl.String)).with_row_index("attack_rank")
 
 
+_SUMMED = (
+    "n_points",
+    "n_attacked",
+    "n_success",
+    "attack_seconds",
+    "forward_calls",
+    "backward_calls",
+    "forward_samples",
+    "backward_samples",
+)
+
+
+def _per_seed(a: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per (variant, attack setting, seed): its shards' rows joined. Counts and costs
+    add up; ASR and robust accuracy are the shards' means weighted by their points (the seed's
+    over all its points); `asr_worst` (the worst single evaluation) is the attacked-weighted mean
+    of the shards' worst, an upper bound of the seed's when it has several shards.
+    `duplicates`: rows beyond one per shard."""
+    return a.group_by([*VARIANT_KEYS, *ATTACK_KEYS, "seed"]).agg(
+        pl.col("threat_model").first(),
+        pl.col("eps").first(),
+        pl.col("success_rule").unique(),
+        pl.col("eval_repeats").max(),
+        pl.col("stochastic").any(),
+        pl.col("variant").first(),
+        *(pl.col(c).sum() for c in _SUMMED),
+        # weighted by each shard's points: the seed's ASR and robust accuracy over all of them
+        *(
+            ((pl.col(c) * pl.col(w)).sum() / pl.col(w).sum()).alias(c)
+            for c, w in (("asr", "n_attacked"), ("asr_worst", "n_attacked"), ("robust_acc", "n_points"))
+        ),
+        n_shards=pl.col("shard").n_unique(),
+        duplicates=pl.len() - pl.col("shard").n_unique(),
+    )
+
+
 def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
     """Everything tables need from the (many) attack rows, as lazy queries on the scan:
-    aggregating inside the scan is ~3x faster than materializing a million rows first."""
+    aggregating inside the scan is ~3x faster than materializing a million rows first. A seed's
+    shards are joined first (_per_seed): a cell's spread is over seeds, never over shards."""
     a = res.attack
+    seeds = _per_seed(a)
     return {
-        "cells": a.group_by([*VARIANT_KEYS, *ATTACK_KEYS]).agg(
+        "cells": seeds.group_by([*VARIANT_KEYS, *ATTACK_KEYS]).agg(
             threat_model=pl.col("threat_model").first(),
             eps=pl.col("eps").first(),
-            success_rule=pl.col("success_rule").unique(),
+            success_rule=pl.col("success_rule").list.explode(keep_nulls=False, empty_as_null=False).unique(),
             eval_repeats=pl.col("eval_repeats").max(),
-            n_rows=pl.len(),
+            n_rows=pl.len() + pl.col("duplicates").sum(),
             n_seeds=pl.col("seed").n_unique(),
+            n_shards=pl.col("n_shards").sum(),
             n_attacked=pl.col("n_attacked").sum(),
             n_attacked_min=pl.col("n_attacked").min(),
             n_success=pl.col("n_success").sum(),
@@ -198,11 +238,13 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
         "autoattack_checks": a.filter(pl.col("attack").is_in(AUTOATTACKS)).select(
             *VARIANT_KEYS, "seed", "attack", "stochastic", "details"
         ),
-        # Thin seeds and budget violations: few rows, listed one by one.
-        "flags": a.filter(
-            (pl.col("n_attacked") < min_samples) | (pl.col("budget_ok") == False)  # noqa: E712
-        ).select(
-            "dataset", "variant", "attack", "attack_preset", "seed", "n_attacked", "trial_id", "budget_ok"
+        # Thin seeds (all their shards together) and budget violations (per shard): few rows,
+        # listed one by one.
+        "low": seeds.filter(pl.col("n_attacked") < min_samples).select(
+            "dataset", "variant", "attack", "attack_preset", "seed", "n_attacked"
+        ),
+        "budget": a.filter(pl.col("budget_ok") == False).select(  # noqa: E712
+            "dataset", "variant", "attack", "seed", "trial_id"
         ),
         # Equal-budget baselines are trained as plain backbones (model 'cnn_small', more
         # epochs); their attack rows carry control 'equal_budget', linked by train_id.
@@ -443,21 +485,18 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
         _vkey(), pl.col("error").fill_null("").str.split("\n").list.first().alias("error_line")
     )
     skipped = res.skipped.with_columns(_vkey())
-    flags = got["flags"]
-    low = flags.filter(pl.col("n_attacked") < min_samples).drop("budget_ok")
-    budget = flags.filter(pl.col("budget_ok") == False)  # noqa: E712
-    budget = budget.select("dataset", "variant", "attack", "seed", "trial_id")
-    dup = rob.filter(pl.col("n_rows") > pl.col("n_seeds"))
-    dup = dup.select("dataset", "vkey", "attack_label", "n_rows", "n_seeds")
+    low, budget = got["low"], got["budget"]
+    dup = rob.filter(pl.col("n_rows") > pl.col("n_shards"))
+    dup = dup.select("dataset", "vkey", "attack_label", "n_rows", "n_shards")
     if dup.height:
         notes.append(
-            f"{dup.height} cell(s) have several rows for one seed:"
+            f"{dup.height} cell(s) have several rows for one shard of a seed:"
             " the variant key may miss a distinguishing setting (listed below)"
         )
     missing = _missing(res, got["ids"], notes)
     notes = res.notes + notes
     points = load_points(res, settings, _vkey())
-    paired = comparisons(points, variants, baselines, margin)
+    paired = comparisons(points, variants, baselines, margin, expected_shards(res))
     gaps = autoattack_gaps(points)
     checks = _sanity_diagnostics(got["autoattack_checks"])
     diagnostics = pl.concat([_diagnostics(res), _gap_diagnostics(gaps), checks])
