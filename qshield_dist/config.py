@@ -206,6 +206,7 @@ class EvalConfig(_Strict):
       only adds shards, and the shards already run keep their ids and files. Left out,
       `shard_size` is `attack_size` (one shard: raising `attack_size` then recomputes it).
     - Each seed has its own permutation of the pool (README, Definitions: why not disjoint slices).
+    - Each attack shard evaluates its own points clean, never the whole pool (README, Definitions).
     """
 
     attack_size: int | Literal["all"] = 256

@@ -196,13 +196,12 @@ def _train_columns(meta: dict[str, Any]) -> dict[str, Any]:
 def _clean_eval(
     model: nn.Module, test: Split, repeats: int, batch_size: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Per-sample majority correctness (on the host: it indexes the row's per-point columns)
-    and the clean-accuracy columns."""
+    """Each evaluation's correctness per sample, (repeats, N) on the host (it indexes the row's
+    per-point columns), and the clean-accuracy columns."""
     preds = predictions(model, test.x, repeats, batch_size)
-    correct = preds == test.y
+    correct = (preds == test.y).cpu()
     per_repeat = correct.float().mean(1)
-    majority = strict_majority(correct).cpu()
-    return majority, {
+    return correct, {
         "n_test": len(test.y),
         "clean_acc": float(per_repeat.mean()),
         "clean_acc_worst": float(per_repeat.min()),
@@ -265,17 +264,27 @@ def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> lis
     pool = _to(pool, device)
     model, meta = _attack_target(trial, ctx, device)
     stochastic = bool(getattr(model, "stochastic", False))
-    majority, clean = _clean(model, pool, trial)
     points = shard_positions(len(pool.y), trial.train.seed, trial.shard, trial.shard_size)
-    correct = majority[points]
-    repeats = clean["eval_repeats"]
+    counter = CallCounter(model)
+    # Clean, on this shard's points only (never the whole pool), seeded by (seed, shard): every
+    # attack of the model finds the same clean outcome on a point. Its calls are counted apart.
+    repeats = trial.eval.eval_repeats if stochastic else 1
+    seed_everything(shard_seed(trial.train.seed, trial.shard))
+    clean_correct, clean = _clean_eval(
+        counter, Split(pool.x[points], pool.y[points]), repeats, trial.eval.batch_size
+    )
+    clean_calls = {
+        "clean_forward_calls": counter.forward_calls,
+        "clean_forward_samples": counter.forward_samples,
+    }
+    counter.reset()
+    correct = strict_majority(clean_correct)
     # A point the model gets wrong clean is not robust and is not attacked (RobustBench).
     x, y = pool.x[points[correct]], pool.y[points[correct]]
     # The global draws of this shard (the model's noise, the attack's own seed): its own.
     seed = shard_seed(trial.train.seed, trial.shard, params.get("seed", 0))
     run_params = {**params, "seed": seed} if "seed" in params else params
 
-    counter = CallCounter(model)
     twin = (
         CallCounter(model.differentiable_twin())
         if definition.needs_twin and hasattr(model, "differentiable_twin")
@@ -376,6 +385,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> lis
         "point_correct": correct.tolist(),
         "point_broken": broken.tolist(),
         "point_eval_wrong": eval_wrong if repeats > 1 else None,
+        "point_clean_eval_wrong": (~clean_correct).T.tolist() if repeats > 1 else None,
         "point_broken_by": broken_by if isinstance(attack, AutoAttack) else None,
         "details": json.dumps(
             {
@@ -385,19 +395,19 @@ def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> lis
                 "init_steps": meta.get("init_steps", 0),
                 "budget_reachable": budget_reachable(params),
                 "autoattack_checks": checks,
+                **clean_calls,
             }
         ),
     }
     return [row]
 
 
-def _clean(
-    model: nn.Module, test: Split, trial: AttackTrial | DiagnosticTrial
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Per-sample (majority-)correctness on the whole test set, seeded by the trial."""
+def _clean(model: nn.Module, test: Split, trial: DiagnosticTrial) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Per-sample (majority-)correctness on the whole pool, seeded by the trial."""
     repeats = trial.eval.eval_repeats if getattr(model, "stochastic", False) else 1
     seed_everything(trial.train.seed)
-    return _clean_eval(model, test, repeats, trial.eval.batch_size)
+    correct, clean = _clean_eval(model, test, repeats, trial.eval.batch_size)
+    return strict_majority(correct), clean
 
 
 def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, device: torch.device) -> list[dict[str, Any]]:

@@ -51,17 +51,17 @@ SWEEP: dict[str, Any] = {
 SOUND = "hqcnn[cnn_small] full d1 enhanced_angle mixed0.005 dynamic grad=full proj=learned"
 PAPER = "hqcnn[cnn_small] full d1 enhanced_angle mixed0.005 dynamic grad=detached proj=paper"
 # Changing one of these changes what an id means: bump that stage's version (results.py).
-# (Train version 3, attack version 7, diagnostic version 7.)
+# (Train version 3, attack version 8, diagnostic version 8.)
 PINNED = {
     "train | cnn_small": "T70b2f137eb1da9be",
     f"train | {SOUND}": "T71ce6ece46921fed",
     f"train | {PAPER}": "Te42c823e2ec7a541",
-    "attack | cnn_small | fgsm | paper": "A5eb6af74b8775692",
-    f"attack | {SOUND} | apgd | standard": "Afc6a7b5f016ff917",
-    f"attack | {PAPER} | pgd | paper": "A6f9c3b2910c98781",
-    f"attack | {PAPER} | fgsm | paper | backbone_only": "Acf7b2b13d1cc34f3",
-    "diagnostic | cnn_small": "D8e7a36b270aa07e1",
-    f"diagnostic | {PAPER}": "D0802d5850b5f7db4",
+    "attack | cnn_small | fgsm | paper": "Ae077bf46720eca55",
+    f"attack | {SOUND} | apgd | standard": "Aa6aadd709d77b1be",
+    f"attack | {PAPER} | pgd | paper": "A73e543f185098c99",
+    f"attack | {PAPER} | fgsm | paper | backbone_only": "A957764677595ddce",
+    "diagnostic | cnn_small": "Dcca2c8965f2ad643",
+    f"diagnostic | {PAPER}": "D61d7bb3096380796",
 }
 
 

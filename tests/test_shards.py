@@ -5,6 +5,7 @@ point and calls a comparison with a missing shard incomplete."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,21 +81,40 @@ def _bytes(results: Path) -> dict[str, bytes]:
     return {f.trial_id: f.path.read_bytes() for f in ResultStore(results).files() if f.stage == "attack"}
 
 
-HYBRID = [{"model": "cnn_small"}, {"model": "hqcnn", "backbone": "cnn_small", "entanglement": "linear"}]
+# the CNN, and the paper-mode hybrid: a fresh random projection per call (stochastic)
+HYBRID = [
+    {"model": "cnn_small"},
+    {"model": "hqcnn", "backbone": "cnn_small", "projection": "paper", "quantum_grad": "detached"},
+]
 
 
 def test_raising_attack_size_runs_only_the_new_shards_and_keeps_the_old_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    Path("s.yaml").write_text(yaml.safe_dump(_sweep(96, models=HYBRID)))
+    Path("s.yaml").write_text(yaml.safe_dump(_sweep(96, models=HYBRID, eval_repeats=3)))
     assert launch.main(["s.yaml"]) == 0
     before = _bytes(Path("results/shards"))
     assert len(before) == 2 * 3
-    Path("s.yaml").write_text(yaml.safe_dump(_sweep(160, models=HYBRID)))
+    Path("s.yaml").write_text(yaml.safe_dump(_sweep(160, models=HYBRID, eval_repeats=3)))
     assert launch.main(["s.yaml"]) == 0
     after = _bytes(Path("results/shards"))
     assert len(after) == 2 * 5 and {k: after[k] for k in before} == before
+
+    # Clean evaluation: each shard evaluates its own 32 points (3 draws on the stochastic model),
+    # never the pool of 360, and apart from the attack's call counts.
+    for f in ResultStore("results/shards").files():
+        if f.stage == "attack":
+            row = _row(f.path)
+            repeats = 3 if row["stochastic"] else 1
+            details = json.loads(row["details"])
+            assert row["n_test"] == row["n_points"] == len(row["point_index"]) == 32
+            assert details["clean_forward_samples"] == 32 * repeats
+            assert row["forward_samples"] == row["n_attacked"]  # FGSM: one gradient step, nothing else
+            if row["stochastic"]:
+                draws = row["point_clean_eval_wrong"]
+                assert len(draws) == 32 and {len(d) for d in draws} == {3}
+                assert row["point_correct"] == [sum(d) < 2 for d in draws]  # the strict majority
 
     # The summary joins a seed's shards by point: 160 points per model, one row per cell.
     tables = build_tables(load_results("results/shards"))
@@ -122,3 +142,23 @@ def _row(path: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()[0]
+
+
+def test_diagnostics_compare_attacks_over_all_their_shards() -> None:
+    from qshield_dist.diagnostics import join_shards
+
+    def row(attack: str, shard: int, attacked: int, success: int) -> dict[str, Any]:
+        return {
+            "attack": attack,
+            "attack_preset": "paper",
+            "attack_params": "{}",
+            "shard": shard,
+            "n_points": 32,
+            "n_attacked": attacked,
+            "n_success": success,
+            "asr": success / attacked,
+        }
+
+    fgsm, pgd = join_shards([row("fgsm", 1, 10, 10), row("fgsm", 0, 30, 0), row("pgd", 0, 30, 3)])
+    assert (fgsm["n_points"], fgsm["n_attacked"], fgsm["n_success"], fgsm["asr"]) == (64, 40, 10, 0.25)
+    assert pgd["asr"] == 0.1

@@ -271,7 +271,7 @@ def estimate(t: Trial, r: dict[str, Any], synthetic: bool) -> tuple[float, float
     scale = _scale(t, r) * EARLY_STOP_FRACTION.get(t.attack, 1.0)
     batches = math.ceil(points / t.eval.batch_size)
     work = scale * (r["intercept_s"] * batches + r["unit_s"] * points)
-    seconds = r["fixed_s"] + work + r["eval_s"] * (t.eval.pool_size(t.dataset) + points) * repeats
+    seconds = r["fixed_s"] + work + r["eval_s"] * (points + points) * repeats  # clean, then adversarial
     return seconds, mem + r["mem_unit_mb"] * min(points, t.eval.batch_size)
 
 

@@ -18,7 +18,7 @@ from qshield_dist.config import ModelSpec
 # The columns below. A row of another schema version is not current: resume runs its trial
 # again (its file is moved aside first) and the summary sets it aside.
 # 3: checkpoint_sha256 (train rows) and inputs (diagnostic rows); 4: point_broken_by; 5: gpu_model;
-# 6: trial_seconds; 7: shard (attack rows)
+# 6: trial_seconds; 7: shard and point_clean_eval_wrong (attack rows)
 SCHEMA_VERSION = 7
 
 
@@ -68,7 +68,7 @@ SCHEMA = pa.schema(
         ("seed", pa.int32()),
         ("eval_repeats", pa.int32()),
         ("success_rule", pa.string()),
-        ("n_test", pa.int32()),  # points the clean accuracy is measured on (attack rows: the pool)
+        ("n_test", pa.int32()),  # points the clean accuracy is measured on (attack rows: the shard's)
         ("clean_acc", pa.float64()),
         ("clean_acc_worst", pa.float64()),
         ("n_points", pa.int32()),  # the shard's points: the same test points for every model
@@ -98,6 +98,8 @@ SCHEMA = pa.schema(
         # AutoAttack: the component that broke the point (apgd-ce, apgd-t, fab-t, square, ...)
         ("point_broken_by", pa.list_(pa.string())),
         ("point_eval_wrong", pa.list_(pa.list_(pa.bool_()))),  # stochastic models: each evaluation's outcome
+        # stochastic models: each clean evaluation's outcome (wrong), whose majority is point_correct
+        ("point_clean_eval_wrong", pa.list_(pa.list_(pa.bool_()))),
         ("train_seconds", pa.float64()),
         ("train_epochs", pa.int32()),
         ("train_steps", pa.int64()),

@@ -1,6 +1,6 @@
 """Verdicts from paired statistics on the shared attack set.
 
-Every model of a dataset and seed answers on the same test points (data.shared_attack_set),
+Every model of a dataset and seed answers on the same test points (data.shard_positions),
 so two models can be compared point by point:
 
 - A point is robust under a threat model when the model classifies it correctly clean and no

@@ -38,7 +38,7 @@ from qshield_dist.summary.verdicts import (
     interval_verdicts,
     pick_baselines,
 )
-from qshield_dist.vocabulary import BACKBONE_ONLY, EQUAL_BUDGET
+from qshield_dist.vocabulary import EQUAL_BUDGET
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {
@@ -195,7 +195,7 @@ def _per_seed(a: pl.LazyFrame) -> pl.LazyFrame:
         *(pl.col(c).sum() for c in _SUMMED),
         # weighted by each shard's points: the seed's ASR and robust accuracy over all of them
         *(
-            ((pl.col(c) * pl.col(w)).sum() / pl.col(w).sum()).alias(c)
+            ((pl.col(c).fill_nan(0.0) * pl.col(w)).sum() / pl.col(w).sum()).alias(c)
             for c, w in (("asr", "n_attacked"), ("asr_worst", "n_attacked"), ("robust_acc", "n_points"))
         ),
         n_shards=pl.col("shard").n_unique(),
@@ -251,11 +251,12 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
         "equal_budget": a.filter(pl.col("control") == EQUAL_BUDGET)
         .select(pl.col("train_id").alias("trial_id"), pl.col("control").alias("_control"))
         .unique("trial_id"),
-        # A hybrid's backbone alone has no train row (it is attacked through its hybrid's
-        # checkpoint): it takes the clean accuracy its attack rows measured.
-        "clean_fallback": a.filter(pl.col("control") == BACKBONE_ONLY)
+        # Clean accuracy on the shared attack set, per seed: each shard's clean evaluation of its
+        # own points (every attack of a model finds the same one), weighted by its points.
+        "clean_on_attack_set": a.group_by([*VARIANT_KEYS, "seed", "shard"])
+        .agg(pl.col("clean_acc").first(), pl.col("n_points").first())
         .group_by([*VARIANT_KEYS, "seed"])
-        .agg(pl.col("clean_acc").mean()),
+        .agg(clean_acc=(pl.col("clean_acc") * pl.col("n_points")).sum() / pl.col("n_points").sum()),
         "ids": a.select("trial_id")
         if (res.root / "manifest.json").exists()
         else a.select("trial_id").head(0),
@@ -273,9 +274,10 @@ def _train_rows(train: pl.DataFrame, equal_budget: pl.DataFrame) -> pl.DataFrame
     )
 
 
-def _clean(train: pl.DataFrame, fallback: pl.DataFrame) -> pl.DataFrame:
-    """Clean accuracy per variant over seeds, from train rows (one per trained model), else
-    from the variant's attack rows (per seed, averaged over its attacks)."""
+def _clean(train: pl.DataFrame, attack_set: pl.DataFrame) -> pl.DataFrame:
+    """Clean accuracy per variant over seeds: on the shared attack set (the points its
+    robustness is measured on; the attack shards' own clean evaluations), else, for a variant
+    never attacked, from its train rows (data.test_size's subset). Training costs from train rows."""
     agg = {
         "clean_mean": pl.col("clean_acc").mean(),
         "clean_std": pl.col("clean_acc").std(ddof=1),
@@ -286,13 +288,14 @@ def _clean(train: pl.DataFrame, fallback: pl.DataFrame) -> pl.DataFrame:
         .agg(**agg, train_seconds=pl.col("train_seconds").mean(), train_steps=pl.col("train_steps").mean())
         .with_columns(_vkey(), pl.lit("train rows").alias("clean_source"))
     )
-    from_attack = (
-        fallback.group_by(VARIANT_KEYS)
+    on_attack_set = (
+        attack_set.group_by(VARIANT_KEYS)
         .agg(**agg)
-        .with_columns(_vkey(), pl.lit("attack rows").alias("clean_source"))
+        .with_columns(_vkey(), pl.lit("shared attack set").alias("clean_source"))
+        .join(from_train.select("vkey", "train_seconds", "train_steps"), on="vkey", how="left")
     )
-    from_attack = from_attack.filter(~pl.col("vkey").is_in(from_train["vkey"].implode()))
-    out = pl.concat([from_train, from_attack], how="diagonal_relaxed")
+    from_train = from_train.filter(~pl.col("vkey").is_in(on_attack_set["vkey"].implode()))
+    out = pl.concat([on_attack_set, from_train], how="diagonal_relaxed")
     return out.select(
         "vkey", "clean_mean", "clean_std", "clean_seeds", "clean_source", "train_seconds", "train_steps"
     )
@@ -478,7 +481,7 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02) -> T
     rob, settings = _robustness(got["cells"], res.skipped)
     # Variant keys from the aggregated attack cells (small), train and diagnostic rows.
     variants = variant_table(train, rob, res.diagnostic)
-    clean = _clean(train, got["clean_fallback"])
+    clean = _clean(train, got["clean_on_attack_set"])
     baselines, baseline_notes = pick_baselines(variants)
     notes += baseline_notes
     failed = res.failed.with_columns(
