@@ -215,7 +215,7 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
             eps=pl.col("eps").first(),
             success_rule=pl.col("success_rule").list.explode(keep_nulls=False, empty_as_null=False).unique(),
             eval_repeats=pl.col("eval_repeats").max(),
-            n_rows=pl.len() + pl.col("duplicates").sum(),
+            n_rows=(pl.col("n_shards") + pl.col("duplicates")).sum(),  # attack rows
             n_seeds=pl.col("seed").n_unique(),
             n_shards=pl.col("n_shards").sum(),
             n_attacked=pl.col("n_attacked").sum(),
