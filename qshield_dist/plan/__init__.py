@@ -13,7 +13,7 @@ checkpoint directories and no executor is started.
   qubits, trajectories, projection, input noise, image shape (channels, size); entanglement,
   noise, fusion, encoding and (compiled) depth variants share one calibration.
 - Extrapolate each trial from its kind: steps from its train config and split size, attacked
-  points from attack_size (every point assumed clean-correct: an upper bound); an attack's work,
+  points from its shard (every point assumed clean-correct: an upper bound); an attack's work,
   per point and per batch (each query or step's call overhead), by its model samples
   extrapolated from the counts to its real iterations, DeepFool at EARLY_STOP_FRACTION of its
   budget, every other attack at its whole budget; the clean evaluations (eval_repeats draws of
