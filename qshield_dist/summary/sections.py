@@ -48,7 +48,7 @@ def robustness_section(tables: Tables, pivot: bool, figures: list[Figure], skipp
         c = clean.get(vkey)
         if c is None:
             return "n/a"
-        source = " (train rows)" if c["clean_source"] == "train rows" else ""
+        source = "" if c["clean_source"] == "train rows" else " (attack rows)"
         seeds = f" [s={c['clean_seeds']}]" if c["clean_seeds"] > 1 else ""
         return spread(c["clean_mean"], c["clean_std"], c["clean_seeds"]) + seeds + source
 

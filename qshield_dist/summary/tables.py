@@ -194,10 +194,15 @@ def _per_seed(a: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("variant").first(),
         *(pl.col(c).sum() for c in _SUMMED),
         # weighted by each shard's points: the seed's ASR and robust accuracy over all of them
+        # (one shard: its own value, to the last bit)
         *(
-            ((pl.col(c).fill_nan(0.0) * pl.col(w)).sum() / pl.col(w).sum()).alias(c)
+            pl.when(pl.len() == 1)
+            .then(pl.col(c).first())
+            .otherwise((pl.col(c).fill_nan(0.0) * pl.col(w)).sum() / pl.col(w).sum())
+            .alias(c)
             for c, w in (("asr", "n_attacked"), ("asr_worst", "n_attacked"), ("robust_acc", "n_points"))
         ),
+        trial_id=pl.col("trial_id").sort().str.join(", "),  # its shards' trials
         n_shards=pl.col("shard").n_unique(),
         duplicates=pl.len() - pl.col("shard").n_unique(),
     )
@@ -210,7 +215,10 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
     a = res.attack
     seeds = _per_seed(a)
     return {
-        "cells": seeds.group_by([*VARIANT_KEYS, *ATTACK_KEYS]).agg(
+        # seeds in order: a spread's last bits do not depend on the order the files were read
+        "cells": seeds.sort("seed")
+        .group_by([*VARIANT_KEYS, *ATTACK_KEYS])
+        .agg(
             threat_model=pl.col("threat_model").first(),
             eps=pl.col("eps").first(),
             success_rule=pl.col("success_rule").list.explode(keep_nulls=False, empty_as_null=False).unique(),
@@ -241,7 +249,7 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
         # Thin seeds (all their shards together) and budget violations (per shard): few rows,
         # listed one by one.
         "low": seeds.filter(pl.col("n_attacked") < min_samples).select(
-            "dataset", "variant", "attack", "attack_preset", "seed", "n_attacked"
+            "dataset", "variant", "attack", "attack_preset", "seed", "n_attacked", "trial_id"
         ),
         "budget": a.filter(pl.col("budget_ok") == False).select(  # noqa: E712
             "dataset", "variant", "attack", "seed", "trial_id"
@@ -275,9 +283,10 @@ def _train_rows(train: pl.DataFrame, equal_budget: pl.DataFrame) -> pl.DataFrame
 
 
 def _clean(train: pl.DataFrame, attack_set: pl.DataFrame) -> pl.DataFrame:
-    """Clean accuracy per variant over seeds: on the shared attack set (the points its
-    robustness is measured on; the attack shards' own clean evaluations), else, for a variant
-    never attacked, from its train rows (data.test_size's subset). Training costs from train rows."""
+    """Clean accuracy per variant over seeds, from train rows (each trained model's own clean
+    evaluation, on data.test_size's subset of the test split), else, for a variant without
+    them (a hybrid's backbone alone), on the shared attack set (the attack shards' own clean
+    evaluations). `clean_attack_set`: the latter for every attacked variant, beside it."""
     agg = {
         "clean_mean": pl.col("clean_acc").mean(),
         "clean_std": pl.col("clean_acc").std(ddof=1),
@@ -291,13 +300,21 @@ def _clean(train: pl.DataFrame, attack_set: pl.DataFrame) -> pl.DataFrame:
     on_attack_set = (
         attack_set.group_by(VARIANT_KEYS)
         .agg(**agg)
-        .with_columns(_vkey(), pl.lit("shared attack set").alias("clean_source"))
-        .join(from_train.select("vkey", "train_seconds", "train_steps"), on="vkey", how="left")
+        .with_columns(_vkey(), pl.lit("attack rows").alias("clean_source"))
     )
-    from_train = from_train.filter(~pl.col("vkey").is_in(on_attack_set["vkey"].implode()))
-    out = pl.concat([on_attack_set, from_train], how="diagonal_relaxed")
+    fallback = on_attack_set.filter(~pl.col("vkey").is_in(from_train["vkey"].implode()))
+    out = pl.concat([from_train, fallback], how="diagonal_relaxed").join(
+        on_attack_set.select("vkey", pl.col("clean_mean").alias("clean_attack_set")), on="vkey", how="left"
+    )
     return out.select(
-        "vkey", "clean_mean", "clean_std", "clean_seeds", "clean_source", "train_seconds", "train_steps"
+        "vkey",
+        "clean_mean",
+        "clean_std",
+        "clean_seeds",
+        "clean_source",
+        "clean_attack_set",
+        "train_seconds",
+        "train_steps",
     )
 
 
