@@ -349,10 +349,31 @@ class TrainConfig(_Strict):
         return {**values, **own}
 
 
+ALL = "all"
+
+
 class EvalConfig(_Strict):
-    # Points of the shared attack set: a fixed-seed permutation of the test set, the same for
-    # every model of a dataset and seed; a point a model gets wrong clean is not robust.
-    attack_size: int = Field(256, ge=1)
+    """What the attacks are run on, and how.
+
+    - `pool`: the test points the evaluation draws from, apart from any training subset
+      (`data.test_size` only sizes the train row's own clean accuracy): `all`, the dataset's
+      whole test split, or N, a fixed class-stratified subset of N test images.
+    - The shared attack set of a seed is the first `attack_size` points of that seed's fixed
+      permutation of the pool: the same points for every model of a dataset and seed, so that
+      two models are compared point by point. A point a model gets wrong clean is not robust.
+    - Shards: an attack trial covers one shard, a consecutive slice of `shard_size` points of
+      that permutation, in permutation order. `attack_size` is a whole number of shards, or
+      `all` (every point of the pool; the last shard holds what is left, possibly fewer). A
+      shard's id hashes its index and `shard_size`, never `attack_size`: raising `attack_size`
+      only adds shards, and the shards already run keep their ids and files. Left out,
+      `shard_size` is `attack_size` (one shard: raising `attack_size` then recomputes it).
+    - Each seed has its own permutation of the pool (README, Definitions: why not disjoint slices).
+    - Each attack shard evaluates its own points clean, never the whole pool (README, Definitions).
+    """
+
+    attack_size: int | Literal["all"] = 256
+    shard_size: int | None = Field(None, ge=1)
+    pool: int | Literal["all"] = ALL
     batch_size: int = Field(128, ge=1)
     eval_repeats: int = Field(5, ge=1)  # evaluations per sample for stochastic models
     controls: tuple[Literal[CONTROLS], ...] = ()
@@ -360,6 +381,29 @@ class EvalConfig(_Strict):
     # costs K full APGD runs, runs only when listed)
     diagnostics: bool | tuple[Literal[DIAGNOSTICS], ...] = False
     diagnostic_size: int = Field(64, ge=2)  # correctly classified samples the gradient checks use
+
+    @field_validator("attack_size", "pool")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, bool) or (isinstance(value, int) and value < 1):
+            raise ValueError("must be an integer >= 1 or 'all'")
+        return value
+
+    def pool_size(self, dataset: str) -> int:
+        """Points in the pool of `dataset` (its test split, or the `pool` subset of it)."""
+        full = DATASETS[dataset].test_size
+        return full if self.pool == ALL else min(self.pool, full)
+
+    def shard_stride(self, dataset: str) -> int:
+        """Points per shard (the last shard of `attack_size: all` may hold fewer)."""
+        if self.shard_size is not None:
+            return self.shard_size
+        return self.pool_size(dataset) if self.attack_size == ALL else self.attack_size
+
+    def shard_count(self, dataset: str) -> int:
+        """The shards of the shared attack set of `dataset`."""
+        points = self.pool_size(dataset) if self.attack_size == ALL else self.attack_size
+        return -(-points // self.shard_stride(dataset))
 
     @property
     def diagnostic_names(self) -> tuple[str, ...]:
@@ -733,6 +777,7 @@ def validate(cfg: SweepConfig) -> SweepSpec:
         if name not in DATASETS:
             raise ConfigError(f"data.dataset: got '{name}': unknown dataset; allowed: {', '.join(DATASETS)}")
     _check_slurm_cpus(cfg)
+    _check_shards(cfg)
     entries = [replace(e, model=_with_code(e.model, e.index)) for e in parse_models(cfg)]
     _check_compare(cfg, {e.name for e in entries if e.name is not None})
     for name in cfg.datasets:
@@ -782,6 +827,36 @@ def _with_code(model: ModelSpec, index: int) -> ModelSpec:
             raise ConfigError(f"{where}.weights: got '{custom.weights}': no such file")
         update["weights_sha256"] = code_snapshot.file_sha256(path)
     return model.model_copy(update={"custom": custom.model_copy(update=update)})
+
+
+def _check_shards(cfg: SweepConfig) -> None:
+    """The shared attack set in whole shards, within each dataset's pool (see EvalConfig)."""
+    ev = cfg.eval
+    size, shard = ev.attack_size, ev.shard_size
+    if isinstance(size, int) and shard is not None and size % shard:
+        below, above = size // shard * shard, (size // shard + 1) * shard
+        examples = f"{below} or {above}" if below else str(above)
+        raise ConfigError(
+            f"eval.attack_size: got {size}: not a whole number of shards of eval.shard_size {shard};"
+            f" allowed: a multiple of {shard} (e.g. {examples}), or all (the whole pool)"
+        )
+    for name in cfg.datasets:
+        full = DATASETS[name].test_size
+        if isinstance(ev.pool, int) and ev.pool > full:
+            raise ConfigError(
+                f"eval.pool: got {ev.pool}: dataset '{name}' has {full} test images; allowed: 1 to {full}, or all"
+            )
+        pool = ev.pool_size(name)
+        if isinstance(size, int) and size > pool:
+            raise ConfigError(
+                f"eval.attack_size: got {size}: more points than the pool of dataset '{name}' ({pool});"
+                f" allowed: up to {pool}, or all"
+            )
+        if shard is not None and shard > pool:
+            raise ConfigError(
+                f"eval.shard_size: got {shard}: more points than the pool of dataset '{name}' ({pool});"
+                f" allowed: 1 to {pool}"
+            )
 
 
 def _check_slurm_cpus(cfg: SweepConfig) -> None:

@@ -88,16 +88,24 @@ def _organamnist(root: Path, download: bool) -> tuple[Split, Split]:
     return splits[0], splits[1]
 
 
+def stratified_indices(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    """The sorted indices of a fixed-seed class-stratified subset of `size` samples (all of
+    them when None)."""
+    if size is None or size >= len(labels):
+        return torch.arange(len(labels), device="cpu")
+    from sklearn.model_selection import train_test_split
+
+    idx, _ = train_test_split(
+        np.arange(len(labels)), train_size=size, stratify=labels.numpy(), random_state=seed
+    )
+    return torch.from_numpy(np.sort(idx))
+
+
 def stratified_subset(split: Split, size: int | None, seed: int) -> Split:
     """A fixed-seed class-stratified subset of `size` samples (all of them when None)."""
     if size is None or size >= len(split.y):
         return split
-    from sklearn.model_selection import train_test_split
-
-    idx, _ = train_test_split(
-        np.arange(len(split.y)), train_size=size, stratify=split.y.numpy(), random_state=seed
-    )
-    idx = np.sort(idx)
+    idx = stratified_indices(split.y, size, seed)
     return Split(split.x[idx], split.y[idx])
 
 
@@ -157,8 +165,17 @@ def fixed_permutation(n_test: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_test, generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu")
 
 
-def shared_attack_set(n_test: int, size: int, seed: int) -> torch.Tensor:
-    """The test indices every model of a dataset and seed is attacked on: the first `size` of a
-    fixed-seed permutation of the test set, whatever the model gets right, so that two models
-    answer on the same points and can be compared pair by pair."""
-    return fixed_permutation(n_test, seed)[:size].sort().values
+def pool_subset(test: Split, pool: int | None) -> tuple[Split, torch.Tensor]:
+    """The evaluation pool of a test split, apart from any training subset: the whole split
+    (pool None) or a fixed class-stratified subset of `pool` images; and each pool point's index
+    in the split (what a row's `point_index` records)."""
+    idx = stratified_indices(test.y, pool, 0)
+    return Split(test.x[idx], test.y[idx]), idx
+
+
+def shard_positions(pool_size: int, seed: int, shard: int, shard_size: int) -> torch.Tensor:
+    """The pool positions of one shard of a seed's shared attack set: a consecutive slice of the
+    seed's fixed permutation of the pool, in permutation order. It depends on nothing else (not
+    on how many shards the sweep asks for), so every model of a dataset and seed answers on
+    the same points, pair by pair, and a larger attack set only adds shards."""
+    return fixed_permutation(pool_size, seed)[shard * shard_size : (shard + 1) * shard_size]

@@ -340,4 +340,20 @@ def read_attack_rows(results_dir: str, dataset: str, attack_ids: tuple[str, ...]
         raise FileNotFoundError(
             f"attack trials without ok rows: {', '.join(missing)}: the diagnostic waits for them"
         )
-    return rows
+    return join_shards(rows)
+
+
+def join_shards(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per attack setting: its shards' rows with their counts added and the ASR over
+    all their points (the checks compare attacks, never shards)."""
+    joined: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r.get("shard") or 0):
+        key = (row["attack"], row.get("attack_preset"), row.get("attack_params"))
+        if key not in joined:
+            joined[key] = dict(row)
+            continue
+        into = joined[key]
+        for column in ("n_points", "n_attacked", "n_success"):
+            into[column] = (into.get(column) or 0) + (row.get(column) or 0)
+        into["asr"] = into["n_success"] / into["n_attacked"] if into["n_attacked"] else float("nan")
+    return list(joined.values())

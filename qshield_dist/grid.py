@@ -5,8 +5,10 @@ so checkpoints are shared between sweeps and re-running a sweep finds what is do
 
 - One TrainTrial per (dataset, model spec, train config, seed). An HQCNN with
   `init: from_baseline` depends on its backbone's TrainTrial, added if the sweep lacks it.
-- One AttackTrial per (TrainTrial, attack spec, control). `transfer` also depends on the
-  surrogate's TrainTrial. BPDA attacks apply only to hybrids with a detached quantum branch.
+- One AttackTrial per (TrainTrial, attack spec, control, shard of the shared attack set).
+  `transfer` also depends on the surrogate's TrainTrial. BPDA attacks apply only to hybrids
+  with a detached quantum branch. A shard's id hashes its index and size, never how many
+  shards the sweep asks for (`eval.attack_size`).
 """
 
 from __future__ import annotations
@@ -195,8 +197,9 @@ def _on(accelerator: str) -> str | None:
 
 # EvalConfig fields that decide which trials exist, not what one computes.
 _EVAL_NOT_RESULTS = frozenset({"controls", "diagnostics"})
-# What an attack trial does not read: the diagnostics' sample.
-_EVAL_NOT_ATTACK = _EVAL_NOT_RESULTS | {"diagnostic_size"}
+# What an attack trial does not read: the diagnostics' sample, and how many shards there are
+# (its own shard's index and size are hashed instead).
+_EVAL_NOT_ATTACK = _EVAL_NOT_RESULTS | {"diagnostic_size", "attack_size", "shard_size"}
 # Read only for a stochastic model (evaluations per point).
 _EVAL_STOCHASTIC_ONLY = frozenset({"eval_repeats"})
 
@@ -207,6 +210,7 @@ def _eval_identity(eval_cfg: EvalConfig, exclude: frozenset[str], stochastic: bo
 
 _PLACEHOLDER = "\x00train id\x00"  # JSON-escaped to a string no trial id can contain
 _PLACEHOLDER_JSON = json.dumps(_PLACEHOLDER)
+_SHARD_PLACEHOLDER_JSON = json.dumps("\x00shard\x00")
 # Attack id templates (the identity's JSON before and after the model's id), keyed by the
 # identity of the trial's params and eval objects (shared by every trial of one attack
 # configuration in a grid) and the exact repr of its other parts: never by ==, under which
@@ -271,12 +275,19 @@ class AttackTrial:
     surrogate: TrainTrial | None = None  # transfer
     threads: int = 1
     accelerator: str = CPU
+    shard: int = 0  # which slice of the seed's permutation of the pool (data.shard_positions)
+    shard_size: int = 1  # points per shard (the sweep's eval.shard_stride); the last may hold fewer
     version: int = _current_version("attack")
     stage: str = field(default="attack", init=False)
 
     @property
     def dataset(self) -> str:
         return self.train.dataset
+
+    @property
+    def points(self) -> int:
+        """The points of this trial's shard."""
+        return max(0, min(self.shard_size, self.eval.pool_size(self.dataset) - self.shard * self.shard_size))
 
     @property
     def params_dict(self) -> dict[str, Any]:
@@ -288,8 +299,9 @@ class AttackTrial:
         classical backbone alone, fixed_randomness the hybrid frozen to one draw (trial._attack_target)."""
         return self.train.stochastic and self.control not in DETERMINISTIC_CONTROLS
 
-    def identity(self, train_id: str) -> dict[str, Any]:
-        """What determines the attack's result, with `train_id` as the model's id."""
+    def identity(self, train_id: str, shard: Any = None) -> dict[str, Any]:
+        """What determines the attack's result, with `train_id` as the model's id (and `shard`
+        as its shard index, by default its own)."""
         paper = ATTACKS[self.attack].params(self.dataset, self.preset)
         return {
             "version": self.version,
@@ -299,6 +311,8 @@ class AttackTrial:
             "preset": self.preset,
             "params": _changed(dict(self.params), paper),
             "eval": _eval_identity(self.eval, _EVAL_NOT_ATTACK, self.target_stochastic),
+            "shard": self.shard if shard is None else shard,
+            "shard_size": self.shard_size,
             **_given(
                 control=self.control,
                 surrogate=self.surrogate.trial_id if self.surrogate else None,
@@ -317,6 +331,7 @@ class AttackTrial:
             id(self.eval),
             repr(self.version),
             repr(self.threads),
+            repr(self.shard_size),
             self.accelerator,
             self.attack,
             self.preset,
@@ -329,10 +344,14 @@ class AttackTrial:
         if entry is None:
             if len(_TEMPLATES) >= _TEMPLATES_MAX:
                 _TEMPLATES.clear()
-            before, after = canonical_json(self.identity(_PLACEHOLDER)).split(_PLACEHOLDER_JSON)
-            entry = _TEMPLATES[key] = ((self.params, self.eval), before, after)
-        # A train id is a letter and hex digits: its JSON is itself in quotes
-        blob = f'{entry[1]}"{self.train.trial_id}"{entry[2]}'
+            text = canonical_json(self.identity(_PLACEHOLDER, "\x00shard\x00"))
+            # "shard" sorts before "train": the shard's slot comes first
+            head, rest = text.split(_SHARD_PLACEHOLDER_JSON)
+            middle, tail = rest.split(_PLACEHOLDER_JSON)
+            entry = _TEMPLATES[key] = ((self.params, self.eval), head, middle, tail)
+        # A train id is a letter and hex digits: its JSON is itself in quotes; a shard index's
+        # is its digits
+        blob = f'{entry[1]}{self.shard}{entry[2]}"{self.train.trial_id}"{entry[3]}'
         return "A" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @cached_property
@@ -491,6 +510,7 @@ def _expand(spec: SweepSpec) -> Grid:
             for i, raw in enumerate(spec.models)
         ]
         sweep_train = cfg.train.resolved(info.paper_eps)
+        shards, shard_size = cfg.eval.shard_count(dataset), cfg.eval.shard_stride(dataset)
         for seed in cfg.seeds:
             for model, train_cfg in models:
                 baseline_id = None
@@ -515,21 +535,24 @@ def _expand(spec: SweepSpec) -> Grid:
                         target = trial
                         if control == EQUAL_BUDGET:
                             target, control = equal_budget(trial)
-                        a = AttackTrial(
-                            target,
-                            spec_a.name,
-                            spec_a.preset,
-                            resolved,
-                            cfg.eval,
-                            control,
-                            surrogate,
-                            attack_threads,
-                            on_attack,
-                        )
-                        if a.trial_id not in attack:
-                            attack[a.trial_id] = a
-                            if control is None:
-                                own_attacks.setdefault(target.trial_id, []).append(a.trial_id)
+                        for shard in range(shards):
+                            a = AttackTrial(
+                                target,
+                                spec_a.name,
+                                spec_a.preset,
+                                resolved,
+                                cfg.eval,
+                                control,
+                                surrogate,
+                                attack_threads,
+                                on_attack,
+                                shard,
+                                shard_size,
+                            )
+                            if a.trial_id not in attack:
+                                attack[a.trial_id] = a
+                                if control is None:
+                                    own_attacks.setdefault(target.trial_id, []).append(a.trial_id)
     diagnostic = []
     if cfg.eval.diagnostics:
         on_rows = bool(set(cfg.eval.diagnostic_names) & set(CHECKS_ON_ATTACK_ROWS))

@@ -8,6 +8,7 @@ escapes (killed process, broken disk) means the trial was lost; executors retry 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import socket
@@ -27,7 +28,8 @@ from qshield_dist.attacks.autoattack import sanity_checks
 from qshield_dist.attacks.base import strict_majority
 from qshield_dist.attacks.streams import PointStreams
 from qshield_dist.code_snapshot import snapshot_root, weights_path
-from qshield_dist.data import Split, fixed_permutation, load, shared_attack_set
+from qshield_dist.config import ALL
+from qshield_dist.data import Split, fixed_permutation, load, pool_subset, shard_positions
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import (
     AttackTrial,
@@ -212,13 +214,12 @@ def _train_columns(meta: dict[str, Any]) -> dict[str, Any]:
 def _clean_eval(
     model: nn.Module, test: Split, repeats: int, batch_size: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Per-sample majority correctness (on the host: it indexes the row's per-point columns)
-    and the clean-accuracy columns."""
+    """Each evaluation's correctness per sample, (repeats, N) on the host (it indexes the row's
+    per-point columns), and the clean-accuracy columns."""
     preds = predictions(model, test.x, repeats, batch_size)
-    correct = preds == test.y
+    correct = (preds == test.y).cpu()
     per_repeat = correct.float().mean(1)
-    majority = strict_majority(correct).cpu()
-    return majority, {
+    return correct, {
         "n_test": len(test.y),
         "clean_acc": float(per_repeat.mean()),
         "clean_acc_worst": float(per_repeat.min()),
@@ -260,20 +261,50 @@ def _attack_target(
     return model, meta
 
 
+def _load_pool(trial: AttackTrial | DiagnosticTrial, ctx: RunContext) -> tuple[Split, torch.Tensor]:
+    """The evaluation pool (eval.pool) on the host, and its points' test-split indices."""
+    pool = trial.eval.pool
+    test = load(trial.dataset, ctx.data_root, download=ctx.download)[1]
+    return pool_subset(test, None if pool == ALL else pool)
+
+
+def shard_seed(seed: int, shard: int, attack_seed: int = 0) -> int:
+    """The seed of what a shard draws from the global generators (a stochastic model's own
+    noise; the attack's `seed`, which torchattacks' APGD, Square and AutoAttack set globally):
+    a function of the trial's seed, the attack's seed and the shard's index, never of how many
+    shards there are. Per-point random starts do not use it (attacks/streams.py)."""
+    digest = hashlib.blake2b(f"{seed},{attack_seed},{shard}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 33  # below 2**31: every generator takes it
+
+
 def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> list[dict[str, Any]]:
     definition = ATTACKS[trial.attack]
     params = trial.params_dict
-    test = _to(_load_data(trial.train, ctx)[1], device)
+    pool, pool_index = _load_pool(trial, ctx)
+    pool = _to(pool, device)
     model, meta = _attack_target(trial, ctx, device)
     stochastic = bool(getattr(model, "stochastic", False))
-    majority, clean = _clean(model, test, trial)
-    points = shared_attack_set(len(test.y), trial.eval.attack_size, trial.train.seed)
-    correct = majority[points]
-    repeats = clean["eval_repeats"]
-    # A point the model gets wrong clean is not robust and is not attacked (RobustBench).
-    x, y = test.x[points[correct]], test.y[points[correct]]
-
+    points = shard_positions(len(pool.y), trial.train.seed, trial.shard, trial.shard_size)
     counter = CallCounter(model)
+    # Clean, on this shard's points only (never the whole pool), seeded by (seed, shard): every
+    # attack of the model finds the same clean outcome on a point. Its calls are counted apart.
+    repeats = trial.eval.eval_repeats if stochastic else 1
+    seed_everything(shard_seed(trial.train.seed, trial.shard))
+    clean_correct, clean = _clean_eval(
+        counter, Split(pool.x[points], pool.y[points]), repeats, trial.eval.batch_size
+    )
+    clean_calls = {
+        "clean_forward_calls": counter.forward_calls,
+        "clean_forward_samples": counter.forward_samples,
+    }
+    counter.reset()
+    correct = strict_majority(clean_correct)
+    # A point the model gets wrong clean is not robust and is not attacked (RobustBench).
+    x, y = pool.x[points[correct]], pool.y[points[correct]]
+    # The global draws of this shard (the model's noise, the attack's own seed): its own.
+    seed = shard_seed(trial.train.seed, trial.shard, params.get("seed", 0))
+    run_params = {**params, "seed": seed} if "seed" in params else params
+
     twin = (
         CallCounter(model.differentiable_twin())
         if definition.needs_twin and hasattr(model, "differentiable_twin")
@@ -290,7 +321,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> lis
     attack = build_attack(
         trial.attack,
         counter,
-        params,
+        run_params,
         DATASETS[trial.train.dataset].classes,
         stochastic=stochastic,
         eval_repeats=trial.eval.eval_repeats,
@@ -299,7 +330,7 @@ def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> lis
     )
 
     checks = sanity_checks(counter.model, x, y) if isinstance(attack, AutoAttack) and len(y) else None
-    seed_everything(trial.train.seed)
+    seed_everything(seed)
     start = time.perf_counter()
     batch = trial.eval.batch_size
     pieces, sources = [], []
@@ -369,10 +400,12 @@ def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> lis
         "linf_max": linf,
         "l2_mean": float(delta.norm(dim=1).mean()) if n_attacked else 0.0,
         "budget_ok": budget_ok,
-        "point_index": points.tolist(),
+        "shard": trial.shard,
+        "point_index": pool_index[points].tolist(),
         "point_correct": correct.tolist(),
         "point_broken": broken.tolist(),
         "point_eval_wrong": eval_wrong if repeats > 1 else None,
+        "point_clean_eval_wrong": (~clean_correct).T.tolist() if repeats > 1 else None,
         "point_broken_by": broken_by if isinstance(attack, AutoAttack) else None,
         "details": json.dumps(
             {
@@ -382,25 +415,25 @@ def run_attack(trial: AttackTrial, ctx: RunContext, device: torch.device) -> lis
                 "init_steps": meta.get("init_steps", 0),
                 "budget_reachable": budget_reachable(params),
                 "autoattack_checks": checks,
+                **clean_calls,
             }
         ),
     }
     return [row]
 
 
-def _clean(
-    model: nn.Module, test: Split, trial: AttackTrial | DiagnosticTrial
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Per-sample (majority-)correctness on the whole test set, seeded by the trial."""
+def _clean(model: nn.Module, test: Split, trial: DiagnosticTrial) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Per-sample (majority-)correctness on the whole pool, seeded by the trial."""
     repeats = trial.eval.eval_repeats if getattr(model, "stochastic", False) else 1
     seed_everything(trial.train.seed)
-    return _clean_eval(model, test, repeats, trial.eval.batch_size)
+    correct, clean = _clean_eval(model, test, repeats, trial.eval.batch_size)
+    return strict_majority(correct), clean
 
 
 def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, device: torch.device) -> list[dict[str, Any]]:
     wanted = trial.eval.diagnostic_names
     size = trial.eval.diagnostic_size
-    test = _to(_load_data(trial.train, ctx)[1], device)
+    test = _to(_load_pool(trial, ctx)[0], device)
     model, meta = train_or_load(trial.train, ctx, device, allow_train=False)
     stochastic = bool(getattr(model, "stochastic", False))
     majority, clean = _clean(model, test, trial)
@@ -421,7 +454,8 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, device: torch.device
     if "batch_independent" in wanted:
         checks.append(diagnostics.batch_dependence(model, test.x[: 2 * size]))
     if "restart_sensitivity" in wanted:
-        points = shared_attack_set(len(test.y), trial.eval.attack_size, trial.train.seed)
+        # the first shard of the shared attack set (K full APGD runs: not the whole of `all`)
+        points = shard_positions(len(test.y), trial.train.seed, 0, trial.eval.shard_stride(trial.dataset))
         attacked = points[majority[points]]
         checks.append(
             diagnostics.restart_sensitivity(
@@ -479,6 +513,7 @@ def run_trial(trial: Trial, ctx: RunContext, device: torch.device | None = None)
             ]
             if isinstance(trial, AttackTrial):
                 rows[0].update(
+                    shard=trial.shard,
                     attack=trial.attack,
                     attack_preset=trial.preset,
                     attack_params=json.dumps(trial.params_dict, sort_keys=True),

@@ -51,17 +51,17 @@ SWEEP: dict[str, Any] = {
 SOUND = "hqcnn[cnn_small] full d1 enhanced_angle mixed0.005 dynamic grad=full proj=learned"
 PAPER = "hqcnn[cnn_small] full d1 enhanced_angle mixed0.005 dynamic grad=detached proj=paper"
 # Changing one of these changes what an id means: bump that stage's version (results.py).
-# (Train version 3, attack version 6, diagnostic version 6.)
+# (Train version 3, attack version 8, diagnostic version 8.)
 PINNED = {
     "train | cnn_small": "T70b2f137eb1da9be",
     f"train | {SOUND}": "T71ce6ece46921fed",
     f"train | {PAPER}": "Te42c823e2ec7a541",
-    "attack | cnn_small | fgsm | paper": "A105bbb9728b7707a",
-    f"attack | {SOUND} | apgd | standard": "A77b6742dd1e376a2",
-    f"attack | {PAPER} | pgd | paper": "A6f927ac04e2e20c0",
-    f"attack | {PAPER} | fgsm | paper | backbone_only": "A1300374a4ae9f99f",
-    "diagnostic | cnn_small": "Dddad76812776a7de",
-    f"diagnostic | {PAPER}": "Dd4738341fd0136a1",
+    "attack | cnn_small | fgsm | paper": "Ae077bf46720eca55",
+    f"attack | {SOUND} | apgd | standard": "Aa6aadd709d77b1be",
+    f"attack | {PAPER} | pgd | paper": "A73e543f185098c99",
+    f"attack | {PAPER} | fgsm | paper | backbone_only": "A957764677595ddce",
+    "diagnostic | cnn_small": "Dcca2c8965f2ad643",
+    f"diagnostic | {PAPER}": "D61d7bb3096380796",
 }
 
 

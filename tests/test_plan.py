@@ -214,7 +214,7 @@ def test_an_attacks_per_batch_work_scales_with_its_iterations_and_batches(tmp_pa
     seconds, _ = plan_mod.estimate(square, record, synthetic=False)
     queries = 500 / calibration.ITERATION_CAPS["n_queries"]
     work = queries * (0.1 * 2 + 0.1 * 16)  # two batches of 8, 16 points
-    clean = 0.001 * (30 + 16) * 3  # the test split and the attacked points, 3 draws each
+    clean = 0.001 * (16 + 16) * 3  # the shard's points clean, then attacked, 3 draws each
     assert seconds == pytest.approx(record["fixed_s"] + work + clean)
 
 

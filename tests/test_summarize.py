@@ -104,6 +104,7 @@ def _attack(
         "success_rule": "misclassified (deterministic model, 1 evaluation)",
         "stochastic": False,
         "clean_acc": 0.9,
+        "n_points": n,
         "n_attacked": n,
         "n_success": succ,
         "asr": asr,
@@ -256,6 +257,7 @@ def test_robustness_means_and_sample_std(summary: Summary) -> None:
     assert c["clean_mean"] == pytest.approx(0.98, **EXACT) and c["clean_std"] == pytest.approx(
         math.sqrt(0.0002), **EXACT
     )
+    assert c["clean_attack_set"] == pytest.approx(0.9, **EXACT)  # the attack shards' own, beside it
     clean = summary.tables.clean.join(summary.tables.variants.select("vkey", "control"), on="vkey")
     ctrl = clean.filter(pl.col("control") == "backbone_only").row(0, named=True)
     assert ctrl["clean_source"] == "attack rows" and ctrl["clean_mean"] == pytest.approx(0.9, **EXACT)
@@ -484,3 +486,23 @@ def test_bad_options(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
 
 def test_default_report_dir() -> None:
     assert default_out(Path("results/quick")) == Path("reports/quick")
+
+
+def test_a_seeds_shards_are_joined_and_a_duplicate_shard_is_flagged(tmp_path: Path) -> None:
+    """Shards of one seed make one seed (ASR and robust accuracy over all their points, not a
+    spread over shards); a second row of one shard is listed as a duplicate."""
+    from qshield_dist.summary.load import load_results
+    from qshield_dist.summary.tables import build_tables
+
+    for trial_id, n, succ, shard in (("As0", 40, 10, 0), ("As1", 60, 30, 1)):
+        _write(
+            tmp_path, _attack("mnist", "cnn", "fgsm", 0, n, succ, 1.0, 1, 1, trial_id=trial_id, shard=shard)
+        )
+    cell = build_tables(load_results(tmp_path)).robustness.row(0, named=True)
+    assert (cell["n_seeds"], cell["n_shards"], cell["n_rows"], cell["n_attacked"]) == (1, 2, 2, 100)
+    assert cell["asr_mean"] == pytest.approx(40 / 100, **EXACT) and cell["asr_std"] is None
+    assert cell["robust_mean"] == pytest.approx((0.9 * 0.75 * 40 + 0.9 * 0.5 * 60) / 100, **EXACT)
+
+    _write(tmp_path, _attack("mnist", "cnn", "fgsm", 0, 60, 30, 1.0, 1, 1, trial_id="As1again", shard=1))
+    duplicates = build_tables(load_results(tmp_path)).duplicates
+    assert duplicates.select("n_rows", "n_shards").rows() == [(3, 2)]

@@ -216,17 +216,20 @@ def test_bpda_attacks_count_on_the_side_that_has_them(tmp_path: Path) -> None:
     assert (r["a_only"], r["b_only"]) == (3, 1)
 
 
-def test_an_attack_row_set_aside_for_its_means_still_counts_its_points(tmp_path: Path) -> None:
-    """A row where the model gets every point wrong clean (n_attacked 0: its ASR is undefined, so
-    the means set it aside) is still a measurement: 0% robust on those points. The summary names
-    its attack and the comparison counts it (it used to crash: the row had no attack label)."""
+def test_an_attack_row_with_nothing_attacked_still_counts_its_points(tmp_path: Path) -> None:
+    """A row where the model gets every point wrong clean (n_attacked 0: its ASR is undefined) is
+    still a measurement: 0% robust on those points. The summary names its attack and the
+    comparison counts it (it used to crash: the row had no attack label); the means keep it too
+    (robust 0, no ASR), since with shards a seed's other shards must not hide it (issue 26)."""
     hopeless = _row(
         "hqcnn", "bpda_pgd", HYB_CORRECT, set(), stochastic=True, evals=_evals(set(), set()), **HYBRID
     )
     hopeless |= {"point_correct": [False] * 10, "n_attacked": 0, "robust_acc": 0.0, "clean_acc": 0.0}
     hopeless["asr"] = hopeless["asr_worst"] = float("nan")
     s = _summarize(tmp_path, [*_base_rows(), hopeless])
-    assert s.tables.skipped.height == 1
+    assert s.tables.skipped.height == 0
+    (cell,) = s.tables.robustness.filter(s.tables.robustness["attack"] == "bpda_pgd").iter_rows(named=True)
+    assert cell["robust_mean"] == 0.0 and cell["asr_mean"] != cell["asr_mean"]  # NaN: no ASR
     (r,) = s.tables.paired.filter(s.tables.paired["kind"] == "vs CNN").iter_rows(named=True)
     assert r["attacks"] == "fgsm, pgd (the first also bpda_pgd)"
     assert (r["robust_a"], r["robust_b"]) == pytest.approx((0.0, 0.5))

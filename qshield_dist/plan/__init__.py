@@ -13,7 +13,7 @@ checkpoint directories and no executor is started.
   qubits, trajectories, projection, input noise, image shape (channels, size); entanglement,
   noise, fusion, encoding and (compiled) depth variants share one calibration.
 - Extrapolate each trial from its kind: steps from its train config and split size, attacked
-  points from attack_size (every point assumed clean-correct: an upper bound); an attack's work,
+  points from its shard (every point assumed clean-correct: an upper bound); an attack's work,
   per point and per batch (each query or step's call overhead), by its model samples
   extrapolated from the counts to its real iterations, DeepFool at EARLY_STOP_FRACTION of its
   budget, every other attack at its whole budget; the clean evaluations (eval_repeats draws of
@@ -265,13 +265,13 @@ def estimate(t: Trial, r: dict[str, Any], synthetic: bool) -> tuple[float, float
     repeats = t.eval.eval_repeats if r["stochastic"] else 1
     if isinstance(t, DiagnosticTrial):
         work = r["intercept_s"] + r["unit_s"] * r["inner_scale"] * t.eval.diagnostic_size
-        seconds = r["fixed_s"] + work + r["eval_s"] * n_test * repeats
+        seconds = r["fixed_s"] + work + r["eval_s"] * t.eval.pool_size(t.dataset) * repeats
         return seconds, mem + r["mem_unit_mb"] * t.eval.diagnostic_size
-    points = min(t.eval.attack_size, n_test)
+    points = t.points
     scale = _scale(t, r) * EARLY_STOP_FRACTION.get(t.attack, 1.0)
     batches = math.ceil(points / t.eval.batch_size)
     work = scale * (r["intercept_s"] * batches + r["unit_s"] * points)
-    seconds = r["fixed_s"] + work + r["eval_s"] * (n_test + points) * repeats
+    seconds = r["fixed_s"] + work + r["eval_s"] * (points + points) * repeats  # clean, then adversarial
     return seconds, mem + r["mem_unit_mb"] * min(points, t.eval.batch_size)
 
 

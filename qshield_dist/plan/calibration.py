@@ -72,7 +72,9 @@ def scaled_attack(a: AttackTrial, points: int, trains: dict[str, TrainTrial], ca
         train=target(a.train, trains),
         surrogate=surrogate,
         params=params,
-        eval=a.eval.model_copy(update={"attack_size": points}),
+        eval=a.eval.model_copy(update={"attack_size": points, "shard_size": None}),
+        shard=0,
+        shard_size=points,
     )
 
 

@@ -19,9 +19,14 @@ TRAIN_VERSION = 3  # 3: canonical ids (numbers in one spelling, only what differ
 # 6: random starts drawn per point (attacks/streams.py), so a point's outcome does not depend on its
 # batch; no attack stops on draws of a stochastic model; AutoAttack's rows record which component
 # broke each point and its sanity checks.
-ATTACK_VERSION = 6
-# 5: canonical ids; 6: restart_sensitivity, selectable checks; reads attack version 6's rows
-DIAGNOSTIC_VERSION = 6
+# 7: shards (an attack trial covers one slice of a seed's permutation of the pool, in permutation
+# order; its global draws seeded by its shard); the pool apart from data.test_size (eval.pool).
+# 8: the clean evaluation on the shard's own points (seeded by seed and shard), not the pool.
+ATTACK_VERSION = 8
+# 5: canonical ids; 6: restart_sensitivity, selectable checks; reads attack version 6's rows;
+# 7: the pool (eval.pool), restart_sensitivity on the first shard; reads attack version 7's rows
+# 8: compares attacks over all their shards (join_shards); reads attack version 8's rows
+DIAGNOSTIC_VERSION = 8
 STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic": DIAGNOSTIC_VERSION}
 
 OUTSIDE_GRID = "not in this sweep's grid"

@@ -18,7 +18,8 @@ from qshield_dist.config import ModelSpec
 # The columns below. A row of another schema version is not current: resume runs its trial
 # again (its file is moved aside first) and the summary sets it aside.
 # 3: checkpoint_sha256 (train rows) and inputs (diagnostic rows); 4: point_broken_by; 5: gpu_model;
-# 6: trial_seconds; 7: train_method and train_config, custom (a custom model's identity), shard
+# 6: trial_seconds; 7: train_method, train_config and custom (a custom model's identity); shard and
+# point_clean_eval_wrong (attack rows)
 SCHEMA_VERSION = 7
 
 
@@ -74,10 +75,10 @@ SCHEMA = pa.schema(
         ("seed", pa.int32()),
         ("eval_repeats", pa.int32()),
         ("success_rule", pa.string()),
-        ("n_test", pa.int32()),
+        ("n_test", pa.int32()),  # points the clean accuracy is measured on (attack rows: the shard's)
         ("clean_acc", pa.float64()),
         ("clean_acc_worst", pa.float64()),
-        ("n_points", pa.int32()),  # the shared attack set: the same test points for every model
+        ("n_points", pa.int32()),  # the shard's points: the same test points for every model
         ("n_attacked", pa.int32()),  # its points the model classifies correctly clean (attacked)
         ("n_success", pa.int32()),
         ("asr", pa.float64()),
@@ -95,13 +96,17 @@ SCHEMA = pa.schema(
         ("diagnostic_value", pa.float64()),
         ("diagnostic_pass", pa.bool_()),
         ("details", pa.string()),  # JSON, free-form extra measurements
-        # Per point of the shared attack set, in the row itself so they are written with it:
-        ("point_index", pa.list_(pa.int32())),  # test-set index
+        ("shard", pa.int32()),  # attack rows: which slice of the seed's permutation of the pool
+        # Per point of the row's shard, in permutation order, in the row itself so they are
+        # written with it:
+        ("point_index", pa.list_(pa.int32())),  # index in the dataset's whole test split
         ("point_correct", pa.list_(pa.bool_())),  # correct when clean (a majority of evaluations)
         ("point_broken", pa.list_(pa.bool_())),  # the attack succeeded (never for a clean-wrong point)
         # AutoAttack: the component that broke the point (apgd-ce, apgd-t, fab-t, square, ...)
         ("point_broken_by", pa.list_(pa.string())),
         ("point_eval_wrong", pa.list_(pa.list_(pa.bool_()))),  # stochastic models: each evaluation's outcome
+        # stochastic models: each clean evaluation's outcome (wrong), whose majority is point_correct
+        ("point_clean_eval_wrong", pa.list_(pa.list_(pa.bool_()))),
         ("train_seconds", pa.float64()),
         ("train_epochs", pa.int32()),
         ("train_steps", pa.int64()),

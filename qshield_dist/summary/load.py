@@ -87,13 +87,16 @@ STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
         "forward_samples",
         "backward_samples",
         "budget_ok",
+        "shard",
         "details",
     ),
     "diagnostic": (*_COMMON, "diagnostic", "diagnostic_value", "diagnostic_pass", "details"),
-    "failed": (*_COMMON, *ATTACK_KEYS, "error"),
+    "failed": (*_COMMON, *ATTACK_KEYS, "shard", "error"),
 }
-# An attack row is usable only when all of these are finite (n_attacked also > 0).
-ATTACK_METRICS: tuple[str, ...] = ("asr", "robust_acc", "attack_seconds", "forward_calls", "backward_calls")
+# An attack row is usable only when all of these are finite and it has points; its ASR too
+# unless the model got none of its points right clean (a shard can: its points count as not
+# robust, and it adds nothing to the seed's ASR).
+ATTACK_METRICS: tuple[str, ...] = ("robust_acc", "attack_seconds", "forward_calls", "backward_calls")
 
 
 class SummaryError(Exception):
@@ -257,7 +260,13 @@ def _nonfinite(col: str) -> pl.Expr:
 
 def bad_attack_row() -> pl.Expr:
     """An attack row no mean may use: a NaN/null metric, or nothing attacked."""
-    return pl.any_horizontal(*[_nonfinite(c) for c in ATTACK_METRICS], pl.col("n_attacked").fill_null(0) <= 0)
+    return pl.any_horizontal(*[_nonfinite(c) for c in ATTACK_METRICS], *_unusable())
+
+
+def _unusable() -> tuple[pl.Expr, pl.Expr]:
+    """An ASR that is NaN/null where points were attacked; no points at all."""
+    attacked = pl.col("n_attacked").fill_null(0) > 0
+    return _nonfinite("asr") & attacked, pl.col("n_points").fill_null(0) <= 0
 
 
 # What a set-aside attack row keeps of its setting (tables.attack_settings labels it).
@@ -266,8 +275,10 @@ SKIPPED_SETTING = ("attack_preset", "attack_params", "threat_model", "eps", "suc
 
 def _skipped(attack: pl.LazyFrame, train: pl.DataFrame) -> tuple[pl.LazyFrame, pl.DataFrame]:
     """The set-aside rows with their reason (a query for attack rows, collected later)."""
-    reasons = [pl.when(_nonfinite(c)).then(pl.lit(f"{c} is NaN/null")) for c in ATTACK_METRICS]
-    reasons.append(pl.when(pl.col("n_attacked").fill_null(0) <= 0).then(pl.lit("n_attacked = 0")))
+    bad_asr, no_points = _unusable()
+    reasons = [pl.when(bad_asr).then(pl.lit("asr is NaN/null"))]
+    reasons += [pl.when(_nonfinite(c)).then(pl.lit(f"{c} is NaN/null")) for c in ATTACK_METRICS]
+    reasons.append(pl.when(no_points).then(pl.lit("n_points = 0, n_attacked = 0")))
     cols = (
         "dataset",
         "trial_id",

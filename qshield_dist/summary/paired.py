@@ -1,6 +1,6 @@
 """Verdicts from paired statistics on the shared attack set.
 
-Every model of a dataset and seed answers on the same test points (data.shared_attack_set),
+Every model of a dataset and seed answers on the same test points (data.shard_positions),
 so two models can be compared point by point:
 
 - A point is robust under a threat model when the model classifies it correctly clean and no
@@ -60,7 +60,9 @@ POINT_COLUMNS = (
     "point_broken",
     "point_broken_by",
     "budget_ok",
+    "shard",
 )
+_SHARDS = {"dataset": pl.String, "seed": pl.Int32, "shard": pl.Int32}
 WORST_CASE = "linf"  # the threat model whose attacks form the per-point worst case
 TWIN_ATTACKS = tuple(name for name, a in ATTACKS.items() if a.needs_twin)  # BPDA: hidden gradients only
 
@@ -103,6 +105,7 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
             "vkey",
             "dataset",
             "seed",
+            "shard",
             "attack",
             "attack_label",
             "threat_model",
@@ -117,6 +120,52 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
         )
         .explode("point_index", "point_correct", "point_broken", "point_broken_by")
     )
+
+
+def expected_shards(res: Results) -> pl.DataFrame:
+    """(dataset, seed, shard) of every attack row of the sweep, ok or failed: every model and
+    attack of a dataset and seed is expected to cover all of them (one shared attack set)."""
+    if not res.attack_files:
+        return pl.DataFrame(schema=_SHARDS)
+    lazy = scan(res.attack_files, res.dropped).filter(res.selected)
+    if res.expected is not None:
+        lazy = lazy.filter(pl.col("trial_id").is_in(res.expected["trial_id"].implode()))
+    (ok,) = collect([lazy.select(*_SHARDS).unique()], res.attack_files)
+    failed = res.failed.filter(pl.col("stage") == "attack").select(*_SHARDS).drop_nulls()
+    return pl.concat([ok.cast(_SHARDS), failed.cast(_SHARDS)]).unique()  # type: ignore[arg-type]
+
+
+def _coverage(
+    points: pl.DataFrame, expected: pl.DataFrame
+) -> tuple[dict[int, set[str]], dict[str, list[tuple[int, list[int]]]]]:
+    """Per seed, the attack labels with rows; and per label, the seeds where it lacks some of
+    the expected shards, with those shards (the comparison is then incomplete)."""
+    have = points.select("dataset", "seed", "attack_label", "shard").unique()
+    want = have.select("dataset", "seed", "attack_label").unique().join(expected, on=["dataset", "seed"])
+    lacking = (
+        want.join(have, on=["dataset", "seed", "attack_label", "shard"], how="anti", nulls_equal=True)
+        .group_by("attack_label", "seed")
+        .agg(pl.col("shard").sort())
+        .sort("attack_label", "seed")
+    )
+    gaps: dict[str, list[tuple[int, list[int]]]] = {}
+    for label, seed, shards in lacking.iter_rows():
+        gaps.setdefault(label, []).append((seed, shards))
+    labels: dict[int, set[str]] = {}
+    for seed, label in have.select("seed", "attack_label").unique().iter_rows():
+        labels.setdefault(seed, set()).add(label)
+    return labels, gaps
+
+
+def _shard_gaps(gaps: dict[str, list[tuple[int, list[int]]]]) -> str | None:
+    """'pgd (seed 0: shards 2, 3)' for the shards a side's attacks lack."""
+    parts = []
+    for label, seeds in sorted(gaps.items()):
+        for seed, shards in seeds:
+            parts.append(
+                f"{label} (seed {seed}: shard{'s' if len(shards) > 1 else ''} {', '.join(map(str, shards))})"
+            )
+    return "; ".join(parts) or None
 
 
 def _detached() -> pl.Expr:
@@ -151,6 +200,10 @@ def _robust(points: pl.DataFrame, used: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _join(*parts: str | None) -> str | None:
+    return "; ".join(p for p in parts if p) or None
+
+
 def _missing(want: set[str], have: dict[int, set[str]], seeds: list[int]) -> str | None:
     """'pgd (seed 1); autoattack (seeds 0, 1)' for the attacks of `want` a side lacks per seed."""
     gaps: dict[str, list[int]] = {}
@@ -163,14 +216,6 @@ def _missing(want: set[str], have: dict[int, set[str]], seeds: list[int]) -> str
         )
         or None
     )
-
-
-def _labels_by_seed(points: pl.DataFrame) -> dict[int, set[str]]:
-    pairs = points.select("seed", "attack_label").unique()
-    out: dict[int, set[str]] = {}
-    for seed, label in pairs.iter_rows():
-        out.setdefault(seed, set()).add(label)
-    return out
 
 
 def _used(seeds: list[int], labels: dict[int, set[str]]) -> pl.DataFrame:
@@ -257,14 +302,20 @@ def comparisons(
     margin: float,
     estimand: str = stats.MODELS,
     named: list[tuple[str, str]] | None = None,
+    expected: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """One row per comparison and L-inf budget: robust accuracies, the paired difference A - B
     with its 95% interval and p-value for the question `estimand` (stats.MODELS or
     stats.PROCEDURE; `diff`, `low`, `high`, `p_value`, Holm-adjusted over the whole report, and
     the verdict rest on it), the other question's answer beside it (`models_*`, `procedure_*`;
-    the procedure's is null with one seed), and what would decide it at the margin."""
+    the procedure's is null with one seed), and what would decide it at the margin. `named`: the
+    sweep's compare: pairs (vkeys), else each hybrid against its CNN baseline. `expected`: the
+    (dataset, seed, shard) every attack must cover (expected_shards; default: those the points
+    show); an attack that lacks one on a seed counts as missing there."""
     rows: list[dict[str, Any]] = []
     if points.height:
+        if expected is None:
+            expected = points.select("dataset", "seed", "shard").unique()
         linf = points.filter(pl.col("threat_model") == WORST_CASE)
         by_vkey = linf.partition_by("vkey", as_dict=True)
         for pair in _pairs_of(variants, baselines, named):
@@ -275,13 +326,14 @@ def comparisons(
                 a, b = a_all.filter(pl.col("eps") == eps), b_all.filter(pl.col("eps") == eps)
                 # Expected: every plain attack either side got, and each side's own BPDA attacks.
                 # Per seed, the worst case uses only what both sides completed (with budget_ok);
-                # what a side lacks on a seed makes the comparison incomplete, never silently smaller.
+                # what a side lacks on a seed, an attack or some of its shards, makes the
+                # comparison incomplete, never silently smaller (the pairs are the points both have).
                 twin_a, twin_b = _twin_labels(a), _twin_labels(b)
                 common = (set(a["attack_label"]) | set(b["attack_label"])) - twin_a - twin_b
-                have_a, have_b = _labels_by_seed(a), _labels_by_seed(b)
+                (have_a, gaps_a), (have_b, gaps_b) = _coverage(a, expected), _coverage(b, expected)
                 seeds = sorted(have_a.keys() | have_b.keys())
-                missing_a = _missing(common | twin_a, have_a, seeds)
-                missing_b = _missing(common | twin_b, have_b, seeds)
+                missing_a = _join(_missing(common | twin_a, have_a, seeds), _shard_gaps(gaps_a))
+                missing_b = _join(_missing(common | twin_b, have_b, seeds), _shard_gaps(gaps_b))
                 both = [s for s in seeds if s in have_a and s in have_b]
                 used_a = _used(
                     both, {s: (have_a[s] & have_b[s] & common) | (have_a[s] & twin_a) for s in both}

@@ -339,15 +339,15 @@ def honesty_section(tables: Tables, res: Results) -> Section:
             sec.add(TextTable("Missing grid points", headers, rows, "Trial ids in missing.csv."))
     low = tables.low_samples
     sec.add(
-        f"Attack rows with fewer than {tables.min_samples} attacked samples: {low.height}"
-        f" (kept in the means, marked {LOW})."
+        f"Seeds with fewer than {tables.min_samples} attacked samples (all their shards together):"
+        f" {low.height} (kept in the means, marked {LOW})."
     )
     if low.height:
         rows = [
-            [r["dataset"], r["variant"] or "", r["attack"], r["seed"], r["n_attacked"], r["trial_id"]]
+            [r["dataset"], r["variant"] or "", r["attack"], r["seed"], r["n_attacked"]]
             for r in low.iter_rows(named=True)
         ]
-        headers = ["dataset", "variant", "attack", "seed", "n attacked", "trial"]
+        headers = ["dataset", "variant", "attack", "seed", "n attacked"]
         sec.add(TextTable("Thin seeds", headers, rows))
     s = tables.skipped
     sec.add(
@@ -376,10 +376,10 @@ def honesty_section(tables: Tables, res: Results) -> Section:
     if tables.duplicates.height:
         labels = label_map(tables)
         rows = [
-            [r["dataset"], labels.get(r["vkey"], r["vkey"]), r["attack_label"], r["n_rows"], r["n_seeds"]]
+            [r["dataset"], labels.get(r["vkey"], r["vkey"]), r["attack_label"], r["n_rows"], r["n_shards"]]
             for r in tables.duplicates.iter_rows(named=True)
         ]
-        headers = ["dataset", "model", "attack", "rows", "seeds"]
-        sec.add(TextTable("Cells with more rows than seeds", headers, rows))
+        headers = ["dataset", "model", "attack", "rows", "shards"]
+        sec.add(TextTable("Cells with more rows than shards", headers, rows))
     sec.add(*[f"- note: {n}" for n in tables.notes])
     return sec

@@ -28,6 +28,7 @@ from qshield_dist.summary.paired import (
     AUTOATTACKS,
     autoattack_gaps,
     comparisons,
+    expected_shards,
     load_points,
     worst_case_table,
 )
@@ -40,7 +41,7 @@ from qshield_dist.summary.verdicts import (
     interval_verdicts,
     pick_baselines,
 )
-from qshield_dist.vocabulary import DETERMINISTIC_CONTROLS, EQUAL_BUDGET, STANDARD, VS_CNN, VS_NAMED
+from qshield_dist.vocabulary import EQUAL_BUDGET, STANDARD, VS_CNN, VS_NAMED
 
 # Shown in a variant's label when they vary across the sweep's hybrid variants.
 _LABEL_FORMAT: dict[str, str] = {
@@ -173,18 +174,65 @@ def attack_settings(attack: pl.DataFrame) -> pl.DataFrame:
     return settings.with_columns(pl.Series("attack_label", labels, pl.String)).with_row_index("attack_rank")
 
 
+_SUMMED = (
+    "n_points",
+    "n_attacked",
+    "n_success",
+    "attack_seconds",
+    "forward_calls",
+    "backward_calls",
+    "forward_samples",
+    "backward_samples",
+)
+
+
+def _per_seed(a: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per (variant, attack setting, seed): its shards' rows joined. Counts and costs
+    add up; ASR and robust accuracy are the shards' means weighted by their points (the seed's
+    over all its points); `asr_worst` (the worst single evaluation) is the attacked-weighted mean
+    of the shards' worst, an upper bound of the seed's when it has several shards.
+    `duplicates`: rows beyond one per shard."""
+    return a.group_by([*VARIANT_KEYS, *ATTACK_KEYS, "seed"]).agg(
+        pl.col("threat_model").first(),
+        pl.col("eps").first(),
+        pl.col("success_rule").unique(),
+        pl.col("eval_repeats").max(),
+        pl.col("stochastic").any(),
+        pl.col("variant").first(),
+        *(pl.col(c).sum() for c in _SUMMED),
+        # weighted by each shard's points: the seed's ASR and robust accuracy over all of them
+        # (one shard: its own value, to the last bit)
+        *(
+            pl.when(pl.len() == 1)
+            .then(pl.col(c).first())
+            .otherwise((pl.col(c).fill_nan(0.0) * pl.col(w)).sum() / pl.col(w).sum())
+            .alias(c)
+            for c, w in (("asr", "n_attacked"), ("asr_worst", "n_attacked"), ("robust_acc", "n_points"))
+        ),
+        trial_id=pl.col("trial_id").sort().str.join(", "),  # its shards' trials
+        n_shards=pl.col("shard").n_unique(),
+        duplicates=pl.len() - pl.col("shard").n_unique(),
+    )
+
+
 def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
     """Everything tables need from the (many) attack rows, as lazy queries on the scan:
-    aggregating inside the scan is ~3x faster than materializing a million rows first."""
+    aggregating inside the scan is ~3x faster than materializing a million rows first. A seed's
+    shards are joined first (_per_seed): a cell's spread is over seeds, never over shards."""
     a = res.attack
+    seeds = _per_seed(a)
     return {
-        "cells": a.group_by([*VARIANT_KEYS, *ATTACK_KEYS]).agg(
+        # seeds in order: a spread's last bits do not depend on the order the files were read
+        "cells": seeds.sort("seed")
+        .group_by([*VARIANT_KEYS, *ATTACK_KEYS])
+        .agg(
             threat_model=pl.col("threat_model").first(),
             eps=pl.col("eps").first(),
-            success_rule=pl.col("success_rule").unique(),
+            success_rule=pl.col("success_rule").list.explode(keep_nulls=False, empty_as_null=False).unique(),
             eval_repeats=pl.col("eval_repeats").max(),
-            n_rows=pl.len(),
+            n_rows=(pl.col("n_shards") + pl.col("duplicates")).sum(),  # attack rows
             n_seeds=pl.col("seed").n_unique(),
+            n_shards=pl.col("n_shards").sum(),
             n_attacked=pl.col("n_attacked").sum(),
             n_attacked_min=pl.col("n_attacked").min(),
             n_success=pl.col("n_success").sum(),
@@ -205,22 +253,25 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
         "autoattack_checks": a.filter(pl.col("attack").is_in(AUTOATTACKS)).select(
             *VARIANT_KEYS, "seed", "attack", "stochastic", "details"
         ),
-        # Thin seeds and budget violations: few rows, listed one by one.
-        "flags": a.filter(
-            (pl.col("n_attacked") < min_samples) | (pl.col("budget_ok") == False)  # noqa: E712
-        ).select(
-            "dataset", "variant", "attack", "attack_preset", "seed", "n_attacked", "trial_id", "budget_ok"
+        # Thin seeds (all their shards together) and budget violations (per shard): few rows,
+        # listed one by one.
+        "low": seeds.filter(pl.col("n_attacked") < min_samples).select(
+            "dataset", "variant", "attack", "attack_preset", "seed", "n_attacked", "trial_id"
+        ),
+        "budget": a.filter(pl.col("budget_ok") == False).select(  # noqa: E712
+            "dataset", "variant", "attack", "seed", "trial_id"
         ),
         # Equal-budget baselines are trained as plain backbones (model 'cnn_small', more
         # epochs); their attack rows carry control 'equal_budget', linked by train_id.
         "equal_budget": a.filter(pl.col("control") == EQUAL_BUDGET)
         .select(pl.col("train_id").alias("trial_id"), pl.col("control").alias("_control"))
         .unique("trial_id"),
-        # A hybrid's backbone alone, or the hybrid with its randomness fixed, has no train row (it
-        # is attacked through its hybrid's checkpoint): it takes the clean accuracy its attack rows measured.
-        "clean_fallback": a.filter(pl.col("control").is_in(DETERMINISTIC_CONTROLS))
+        # Clean accuracy on the shared attack set, per seed: each shard's clean evaluation of its
+        # own points (every attack of a model finds the same one), weighted by its points.
+        "clean_on_attack_set": a.group_by([*VARIANT_KEYS, "seed", "shard"])
+        .agg(pl.col("clean_acc").first(), pl.col("n_points").first())
         .group_by([*VARIANT_KEYS, "seed"])
-        .agg(pl.col("clean_acc").mean()),
+        .agg(clean_acc=(pl.col("clean_acc") * pl.col("n_points")).sum() / pl.col("n_points").sum()),
         "ids": a.select("trial_id")
         if (res.root / "manifest.json").exists()
         else a.select("trial_id").head(0),
@@ -238,9 +289,11 @@ def _train_rows(train: pl.DataFrame, equal_budget: pl.DataFrame) -> pl.DataFrame
     )
 
 
-def _clean(train: pl.DataFrame, fallback: pl.DataFrame) -> pl.DataFrame:
-    """Clean accuracy per variant over seeds, from train rows (one per trained model), else
-    from the variant's attack rows (per seed, averaged over its attacks)."""
+def _clean(train: pl.DataFrame, attack_set: pl.DataFrame) -> pl.DataFrame:
+    """Clean accuracy per variant over seeds, from train rows (each trained model's own clean
+    evaluation, on data.test_size's subset of the test split), else, for a variant without
+    them (a hybrid's backbone alone), on the shared attack set (the attack shards' own clean
+    evaluations). `clean_attack_set`: the latter for every attacked variant, beside it."""
     agg = {
         "clean_mean": pl.col("clean_acc").mean(),
         "clean_std": pl.col("clean_acc").std(ddof=1),
@@ -251,15 +304,24 @@ def _clean(train: pl.DataFrame, fallback: pl.DataFrame) -> pl.DataFrame:
         .agg(**agg, train_seconds=pl.col("train_seconds").mean(), train_steps=pl.col("train_steps").mean())
         .with_columns(_vkey(), pl.lit("train rows").alias("clean_source"))
     )
-    from_attack = (
-        fallback.group_by(VARIANT_KEYS)
+    on_attack_set = (
+        attack_set.group_by(VARIANT_KEYS)
         .agg(**agg)
         .with_columns(_vkey(), pl.lit("attack rows").alias("clean_source"))
     )
-    from_attack = from_attack.filter(~pl.col("vkey").is_in(from_train["vkey"].implode()))
-    out = pl.concat([from_train, from_attack], how="diagonal_relaxed")
+    fallback = on_attack_set.filter(~pl.col("vkey").is_in(from_train["vkey"].implode()))
+    out = pl.concat([from_train, fallback], how="diagonal_relaxed").join(
+        on_attack_set.select("vkey", pl.col("clean_mean").alias("clean_attack_set")), on="vkey", how="left"
+    )
     return out.select(
-        "vkey", "clean_mean", "clean_std", "clean_seeds", "clean_source", "train_seconds", "train_steps"
+        "vkey",
+        "clean_mean",
+        "clean_std",
+        "clean_seeds",
+        "clean_source",
+        "clean_attack_set",
+        "train_seconds",
+        "train_steps",
     )
 
 
@@ -467,22 +529,19 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
     rob, settings = _robustness(got["cells"], res.skipped)
     # Variant keys from the aggregated attack cells (small), train and diagnostic rows.
     variants = variant_table(train, rob, res.diagnostic)
-    clean = _clean(train, got["clean_fallback"])
+    clean = _clean(train, got["clean_on_attack_set"])
     baselines, baseline_notes = pick_baselines(variants)
     notes += baseline_notes
     failed = res.failed.with_columns(
         _vkey(), pl.col("error").fill_null("").str.split("\n").list.first().alias("error_line")
     )
     skipped = res.skipped.with_columns(_vkey())
-    flags = got["flags"]
-    low = flags.filter(pl.col("n_attacked") < min_samples).drop("budget_ok")
-    budget = flags.filter(pl.col("budget_ok") == False)  # noqa: E712
-    budget = budget.select("dataset", "variant", "attack", "seed", "trial_id")
-    dup = rob.filter(pl.col("n_rows") > pl.col("n_seeds"))
-    dup = dup.select("dataset", "vkey", "attack_label", "n_rows", "n_seeds")
+    low, budget = got["low"], got["budget"]
+    dup = rob.filter(pl.col("n_rows") > pl.col("n_shards"))
+    dup = dup.select("dataset", "vkey", "attack_label", "n_rows", "n_shards")
     if dup.height:
         notes.append(
-            f"{dup.height} cell(s) have several rows for one seed:"
+            f"{dup.height} cell(s) have several rows for one shard of a seed:"
             " the variant key may miss a distinguishing setting (listed below)"
         )
     missing = _missing(res, got["ids"], notes)
@@ -490,7 +549,9 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
     points = load_points(res, settings, _vkey())
     named = named_pairs(res, train, notes)
     verdict_kind = VS_CNN if named is None else VS_NAMED
-    paired = comparisons(points, variants, baselines, margin, estimand, named)
+    paired = comparisons(
+        points, variants, baselines, margin, estimand=estimand, named=named, expected=expected_shards(res)
+    )
     gaps = autoattack_gaps(points)
     checks = _sanity_diagnostics(got["autoattack_checks"])
     diagnostics = pl.concat([_diagnostics(res), _gap_diagnostics(gaps), checks])
