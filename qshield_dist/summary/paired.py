@@ -29,6 +29,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from qshield_dist.attack_params import ATTACKS, completes_worst_case, needed_autoattack
@@ -117,8 +118,11 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataF
             "point_correct",
             "point_broken",
             "point_broken_by",
+            # a point's place in its shard: with the shard, its place in the seed's permutation,
+            # the order in which sequential looks take the points
+            pl.int_ranges(0, pl.col("point_index").list.len(), dtype=pl.Int32).alias("position"),
         )
-        .explode("point_index", "point_correct", "point_broken", "point_broken_by")
+        .explode("point_index", "point_correct", "point_broken", "point_broken_by", "position")
     )
 
 
@@ -196,7 +200,11 @@ def _robust(points: pl.DataFrame, used: pl.DataFrame) -> pl.DataFrame:
     return (
         points.join(used, on=["seed", "attack_label"], how="semi")
         .group_by("seed", "point_index")
-        .agg((pl.col("point_correct").all() & ~pl.col("point_broken").any()).alias("robust"))
+        .agg(
+            (pl.col("point_correct").all() & ~pl.col("point_broken").any()).alias("robust"),
+            pl.col("shard").first(),
+            pl.col("position").first(),
+        )
     )
 
 
@@ -223,10 +231,12 @@ def _used(seeds: list[int], labels: dict[int, set[str]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"seed": pl.Int32, "attack_label": pl.String}, orient="row")
 
 
-def _seed_pairs(a: pl.DataFrame, b: pl.DataFrame) -> list[tuple[list[int], list[int]]]:
-    joined = a.join(b, on=["seed", "point_index"], suffix="_b").sort("seed", "point_index")
+def _seed_pairs(a: pl.DataFrame, b: pl.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per seed, the two sides' 0/1 robust outcomes on the points both have, in the order of the
+    seed's permutation (shard, then place in it): a sequential look takes a prefix."""
+    joined = a.join(b, on=["seed", "point_index"], suffix="_b").sort("seed", "shard", "position")
     return [
-        (grp["robust"].cast(pl.Int8).to_list(), grp["robust_b"].cast(pl.Int8).to_list())
+        (grp["robust"].cast(pl.Int8).to_numpy(), grp["robust_b"].cast(pl.Int8).to_numpy())
         for _, grp in joined.group_by("seed", maintain_order=True)
     ]
 
@@ -303,6 +313,7 @@ def comparisons(
     estimand: str = stats.MODELS,
     named: list[tuple[str, str]] | None = None,
     expected: pl.DataFrame | None = None,
+    outcomes: dict[tuple[str, str, float], list[tuple[np.ndarray, np.ndarray]]] | None = None,
 ) -> pl.DataFrame:
     """One row per comparison and L-inf budget: robust accuracies, the paired difference A - B
     with its 95% interval and p-value for the question `estimand` (stats.MODELS or
@@ -311,7 +322,8 @@ def comparisons(
     the procedure's is null with one seed), and what would decide it at the margin. `named`: the
     sweep's compare: pairs (vkeys), else each hybrid against its CNN baseline. `expected`: the
     (dataset, seed, shard) every attack must cover (expected_shards; default: those the points
-    show); an attack that lacks one on a seed counts as missing there."""
+    show); an attack that lacks one on a seed counts as missing there. `outcomes`, if given,
+    receives each comparison's per-seed paired outcomes in permutation order, keyed (a, b, eps)."""
     rows: list[dict[str, Any]] = []
     if points.height:
         if expected is None:
@@ -344,6 +356,8 @@ def comparisons(
                 pairs = _seed_pairs(_robust(a, used_a), _robust(b, used_b)) if used_a.height else []
                 if not pairs:
                     continue
+                if outcomes is not None:
+                    outcomes[(pair["a"], pair["b"], eps)] = pairs
                 res = stats.compare(pairs)
                 used = res.answer(estimand)
                 attacks = ", ".join(sorted(common))
@@ -362,8 +376,8 @@ def comparisons(
                         "missing_b": missing_b,
                         "n_points": res.n_points,
                         "n_seeds": res.n_seeds,
-                        "robust_a": sum(sum(x) for x, _ in pairs) / sum(len(x) for x, _ in pairs),
-                        "robust_b": sum(sum(y) for _, y in pairs) / sum(len(y) for _, y in pairs),
+                        "robust_a": sum(int(x.sum()) for x, _ in pairs) / sum(len(x) for x, _ in pairs),
+                        "robust_b": sum(int(y.sum()) for _, y in pairs) / sum(len(y) for _, y in pairs),
                         "estimand": estimand,
                         # no answer (the procedure with one seed): no interval, never decided
                         "diff": used.diff if used else res.models.diff,

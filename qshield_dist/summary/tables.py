@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 
 from qshield_dist.attack_params import ATTACKS
@@ -90,6 +91,9 @@ class Tables:
     min_samples: int
     margin: float  # the +- band within which two variants count as equal
     estimand: str  # the question the verdicts answer: stats.MODELS or stats.PROCEDURE
+    # (a, b, eps) of each paired comparison -> per seed, both sides' 0/1 robust outcomes on their
+    # common points in permutation order (what a sequential look reads)
+    outcomes: dict[tuple[str, str, float], list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -549,8 +553,16 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
     points = load_points(res, settings, _vkey())
     named = named_pairs(res, train, notes)
     verdict_kind = VS_CNN if named is None else VS_NAMED
+    outcomes: dict[tuple[str, str, float], list[tuple[np.ndarray, np.ndarray]]] = {}
     paired = comparisons(
-        points, variants, baselines, margin, estimand=estimand, named=named, expected=expected_shards(res)
+        points,
+        variants,
+        baselines,
+        margin,
+        estimand=estimand,
+        named=named,
+        expected=expected_shards(res),
+        outcomes=outcomes,
     )
     gaps = autoattack_gaps(points)
     checks = _sanity_diagnostics(got["autoattack_checks"])
@@ -578,5 +590,6 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
         min_samples=min_samples,
         margin=margin,
         estimand=estimand,
+        outcomes=outcomes,
         notes=notes,
     )
