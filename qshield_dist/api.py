@@ -14,16 +14,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from qshield_dist.config import SweepConfig, validate
 from qshield_dist.config import load_config as read_config
-from qshield_dist.summary.report import Options
-from qshield_dist.summary.report import summarize as summary_pipeline
-from qshield_dist.summary.tables import Tables
 from qshield_dist.sweep import SweepRun
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from qshield_dist.summary.tables import Tables
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any], **overrides: Any) -> SweepConfig:
@@ -76,6 +76,9 @@ def summarize(
     (report.md, .html, .tex, CSV tables, plots) are written only under `out`, when given.
     `options` are summary/report.py's Options (formats, margin, min_samples, plots, proxies, ...).
     Raises SummaryError for results that cannot be summarized."""
+    from qshield_dist.summary.report import Options  # polars and plotting: only for a summary
+    from qshield_dist.summary.report import summarize as summary_pipeline
+
     source = results.results if isinstance(results, SweepRun) else results
     summary = summary_pipeline(source, out, Options(**options))
     return Report(summary.tables, summary.paper, tuple(summary.written))
