@@ -432,17 +432,7 @@ def _run_held(
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     store.write_manifest(meta, expected, file_mode)
-    from qshield_dist.trial import RunContext
-
-    ctx = RunContext(
-        sweep=cfg.name,
-        results_dir=str(results_dir.resolve()),
-        checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()),
-        data_root=str(Path(cfg.data.data_root).resolve()),
-        download=cfg.data.download,
-        executor=executor.name if executor else cfg.executor,
-        private=cfg.private,
-    )
+    executor_name = executor.name if executor else cfg.executor
     todo = len(plan.now) + len(plan.after_attacks)
     log.info(
         "sweep %s: %d trials (%d train, %d attack, %d diagnostic), %d already done, %d to run on %s -> %s",
@@ -453,7 +443,7 @@ def _run_held(
         len(grid.diagnostic),
         len(plan.kept),
         todo,
-        ctx.executor,
+        executor_name,
         results_dir,
     )
     previously_failed = sum(s == "failed" for s in plan.kept.values())
@@ -463,6 +453,17 @@ def _run_held(
     waiting = dict(plan.waiting)
     ran: list[str] = []
     if todo:
+        from qshield_dist.trial import RunContext  # torch: only when something runs
+
+        ctx = RunContext(
+            sweep=cfg.name,
+            results_dir=str(results_dir.resolve()),
+            checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()),
+            data_root=str(Path(cfg.data.data_root).resolve()),
+            download=cfg.data.download,
+            executor=executor_name,
+            private=cfg.private,
+        )
         if executor is None:
             durations = None
             if cfg.executor == "slurm":

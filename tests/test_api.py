@@ -4,7 +4,9 @@ no file written without `out`."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,23 @@ def test_a_second_call_resumes(first: tuple[Path, qshield_dist.SweepRun]) -> Non
     resumed = _run(root)
     assert resumed.statuses == run.statuses
     assert resumed.trials.filter("ran")["trial_id"].to_list() == [attack_id]
+
+
+def test_a_fresh_process_resumes_without_torch(first: tuple[Path, qshield_dist.SweepRun]) -> None:
+    """A call with nothing left to run, in a new interpreter (as a relaunch is), runs nothing
+    and does not import torch: it starts in seconds."""
+    root, run = first
+    code = f"""
+import sys, qshield_dist
+config = qshield_dist.load_config({json.dumps(SWEEP)}, results_dir={str(root / "results")!r},
+                                  checkpoint_dir={str(root / "ckpt")!r})
+run = qshield_dist.run_sweep(config)
+assert not run.trials["ran"].any() and set(run.statuses.values()) == {{"ok"}}, run.trials
+assert "torch" not in sys.modules
+print(len(run.statuses))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(len(run.statuses)), proc.stderr[-3000:]
 
 
 def test_summarize_a_run_writes_nothing(first: tuple[Path, qshield_dist.SweepRun]) -> None:
