@@ -77,9 +77,9 @@ class SweepRun:
     def train(self) -> pl.DataFrame:
         return self.results.train
 
-    @property
+    @functools.cached_property
     def attack(self) -> pl.DataFrame:
-        return self.results.attack.collect()
+        return self.results.attack.collect()  # the bulk: the summary keeps it lazy, a user wants rows
 
     @property
     def diagnostic(self) -> pl.DataFrame:
