@@ -147,7 +147,7 @@ def summarize(
         written = _write(out, title, stamp, sections, tables, paper, options.formats)
     summary = Summary(res, tables, paper, sections, figures, written)
     _console(summary)
-    if out is not None:
+    if written:
         reports = ", ".join(p.name for p in written if p.suffix != ".csv")
         csvs = ", CSV tables" if "csv" in options.formats else ""
         log.info("report written to %s (%s)", out, reports + csvs)
