@@ -259,7 +259,7 @@ def test_closing_the_record_after_an_interrupt_inside_its_lock_does_not_hang(tmp
 
     previous = signal.signal(signal.SIGALRM, give_up)
     try:
-        record = launch.StartedRecord(launch.BarProgress(1, io.StringIO()), lease, "local")
+        record = StartedRecord(BarProgress(1, io.StringIO()), lease, "local")
         record.started("a")
         record._lock.acquire()  # the lock an interrupted started() or finished() left held
         signal.alarm(10)
