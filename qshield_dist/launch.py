@@ -161,7 +161,7 @@ def _command(args: argparse.Namespace) -> int:
     except LeaseHeld as exc:
         log.error("%s", exc)
         return 2
-    return 0 if set(run.trials["status"]) <= {"ok"} else 1
+    return 0 if set(run.statuses.values()) <= {"ok"} else 1
 
 
 @contextlib.contextmanager

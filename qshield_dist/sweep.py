@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, eq=False)
 class SweepRun:
-    """What run_sweep returns. `trials` has one row per trial of the grid: trial_id, stage,
-    dataset, status (ok, failed, lost or waiting: a waiting trial did not run, see run_sweep)
-    and ran (whether this call ran it; a trial done before keeps its recorded status).
+    """What run_sweep returns. `statuses`: every trial of the grid -> ok, failed, lost or
+    waiting (a waiting trial did not run, see run_sweep; a trial done before keeps its recorded
+    status); `ran`: the trials this call ran. `trials` is the same as a Polars frame, one row
+    per trial: trial_id, stage, dataset, status, ran.
 
     The rows are read from the results directory when first asked for, once, as the summary
     reads them (summary/load.py): `train`, `attack` and `diagnostic` hold the usable ok rows
@@ -56,16 +57,35 @@ class SweepRun:
     aside, notes). With no usable row at all they raise SummaryError."""
 
     config: SweepConfig
-    trials: pl.DataFrame
+    grid: Grid
+    statuses: dict[str, str]  # trial id -> ok | failed | lost | waiting
+    ran: frozenset[str]
 
     @property
     def results_dir(self) -> Path:
         return self.config.results_path
 
-    @property
-    def statuses(self) -> dict[str, str]:
-        """trial id -> ok | failed | lost | waiting."""
-        return dict(zip(self.trials["trial_id"], self.trials["status"]))
+    @functools.cached_property
+    def trials(self) -> pl.DataFrame:
+        import polars as pl  # not in the launch itself: the CLI has no use for it
+
+        trials = self.grid.trials
+        return pl.DataFrame(
+            {
+                "trial_id": [t.trial_id for t in trials],
+                "stage": [t.stage for t in trials],
+                "dataset": [t.dataset for t in trials],
+                "status": [self.statuses[t.trial_id] for t in trials],
+                "ran": [t.trial_id in self.ran for t in trials],
+            },
+            schema={
+                "trial_id": pl.String,
+                "stage": pl.String,
+                "dataset": pl.String,
+                "status": pl.String,
+                "ran": pl.Boolean,
+            },
+        )
 
     @functools.cached_property
     def results(self) -> Results:
@@ -361,8 +381,6 @@ def run_sweep(
     ConfigError before anything is computed or written. Holds the results directory's lease
     meanwhile: LeaseHeld if another launcher holds it (take_over: take a stale one, see
     lease.py)."""
-    import polars as pl  # not at import: the CLI's dry run, --status and --plan do without it
-
     grid = grid or prepare(cfg)
     results_dir = cfg.results_path
     mode = 0o700 if cfg.private else 0o755
@@ -374,23 +392,7 @@ def run_sweep(
         statuses, ran = _run_held(cfg, executor, grid, lease, retry_failed)
     finally:
         lease.release()
-    trials = pl.DataFrame(
-        {
-            "trial_id": [t.trial_id for t in grid.trials],
-            "stage": [t.stage for t in grid.trials],
-            "dataset": [t.dataset for t in grid.trials],
-            "status": [statuses[t.trial_id] for t in grid.trials],
-            "ran": [t.trial_id in ran for t in grid.trials],
-        },
-        schema={
-            "trial_id": pl.String,
-            "stage": pl.String,
-            "dataset": pl.String,
-            "status": pl.String,
-            "ran": pl.Boolean,
-        },
-    )
-    return SweepRun(cfg, trials)
+    return SweepRun(cfg, grid, {t.trial_id: statuses[t.trial_id] for t in grid.trials}, frozenset(ran))
 
 
 def _run_held(
@@ -434,6 +436,18 @@ def _run_held(
     store.write_manifest(meta, expected, file_mode)
     executor_name = executor.name if executor else cfg.executor
     todo = len(plan.now) + len(plan.after_attacks)
+    if todo:  # before the log line below: once it says what runs, the launch is ready to be interrupted
+        from qshield_dist.trial import RunContext  # torch: only when something runs
+
+        ctx = RunContext(
+            sweep=cfg.name,
+            results_dir=str(results_dir.resolve()),
+            checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()),
+            data_root=str(Path(cfg.data.data_root).resolve()),
+            download=cfg.data.download,
+            executor=executor_name,
+            private=cfg.private,
+        )
     log.info(
         "sweep %s: %d trials (%d train, %d attack, %d diagnostic), %d already done, %d to run on %s -> %s",
         cfg.name,
@@ -453,17 +467,6 @@ def _run_held(
     waiting = dict(plan.waiting)
     ran: list[str] = []
     if todo:
-        from qshield_dist.trial import RunContext  # torch: only when something runs
-
-        ctx = RunContext(
-            sweep=cfg.name,
-            results_dir=str(results_dir.resolve()),
-            checkpoint_dir=str(Path(cfg.checkpoint_dir).resolve()),
-            data_root=str(Path(cfg.data.data_root).resolve()),
-            download=cfg.data.download,
-            executor=executor_name,
-            private=cfg.private,
-        )
         if executor is None:
             durations = None
             if cfg.executor == "slurm":
