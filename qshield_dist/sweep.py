@@ -436,7 +436,7 @@ def _run_held(
     store.write_manifest(meta, expected, file_mode)
     executor_name = executor.name if executor else cfg.executor
     todo = len(plan.now) + len(plan.after_attacks)
-    if todo:  # before the log line below: once it says what runs, the launch is ready to be interrupted
+    if todo:
         from qshield_dist.trial import RunContext  # torch: only when something runs
 
         ctx = RunContext(
