@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -637,6 +638,8 @@ def _format(err: dict[str, Any], prefix: str, model_cls: type[BaseModel] | None 
             )
         allowed = ", ".join(getattr(owner, "model_fields", {}))
         return f"{where}: unknown key (value {err['input']!r}); allowed keys: {allowed}"
+    if err["type"] == "missing":  # its input is the whole mapping around the key: not worth printing
+        return f"{where}: missing; it is required"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{where}: got {err['input']!r}: {msg}"
 
@@ -960,25 +963,33 @@ def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig, train: TrainCo
         raise ConfigError(f"models[{index}].qubits: got {spec.qubits}: {exc}") from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    """Read and validate a sweep file (no compute, nothing written)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file: got '{path}': no such file")
-    try:
-        raw = load_yaml(path.read_text())
-    except DuplicateKeyError as exc:
-        raise ConfigError(f"sweep file '{path}': {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file '{path}': not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep file '{path}': got {type(raw).__name__}: the top level must be a mapping")
+def load_config(
+    source: str | Path | Mapping[str, Any], overrides: dict[str, Any] | None = None
+) -> SweepConfig:
+    """Read and validate a sweep: a YAML file, or the mapping its YAML would parse into (no
+    compute, nothing written). A file's name defaults to its stem; a mapping must name itself."""
+    if isinstance(source, Mapping):
+        raw: Any = dict(source)  # a copy: the overrides below leave the caller's mapping as it was
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"sweep file: got '{path}': no such file")
+        try:
+            raw = load_yaml(path.read_text())
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"sweep file '{path}': {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"sweep file '{path}': not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"sweep file '{path}': got {type(raw).__name__}: the top level must be a mapping"
+            )
+        raw.setdefault("name", path.stem)
     if "threads" in raw:  # the sweep-wide key of before: threads now follow each stage's reservation
         raise ConfigError(
             f"threads: got {raw['threads']!r}: not a sweep-wide key; each stage's trials run"
             " resources.<stage>.threads (train, attack; diagnostics take the attack's), by default"
             " resources.<stage>.cpus: set it there, or leave it out"
         )
-    raw.setdefault("name", path.stem)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return _validate(SweepConfig, raw, "")

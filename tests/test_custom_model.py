@@ -20,6 +20,7 @@ from qshield_dist.code_snapshot import snapshot_root
 from qshield_dist.config import load_config
 from qshield_dist.executors.local import LocalExecutor
 from qshield_dist.grid import Grid
+from qshield_dist.sweep import prepare, run_sweep
 from qshield_dist.trial import RunContext, run_trial
 
 NET = """
@@ -100,7 +101,7 @@ def _args(root: Path) -> list[str]:
 
 
 def _grid(root: Path) -> Grid:
-    return launch.prepare(load_config(root / "sweep.yaml", {"results_dir": str(root / "results")}))
+    return prepare(load_config(root / "sweep.yaml", {"results_dir": str(root / "results")}))
 
 
 def _rows(results: Path) -> list[dict]:
@@ -198,7 +199,7 @@ def test_an_edit_reruns_exactly_the_trials_of_the_edited_code(launched: tuple[Pa
                 files = {p: p.stat().st_mtime_ns for p in (root / "results").rglob("*.parquet")}
                 cfg = load_config(root / "sweep.yaml", {"checkpoint_dir": str(root / "ckpt")})
                 cfg = cfg.model_copy(update={"results_dir": str(root / "results")})
-                statuses = launch.run_sweep(cfg, LocalExecutor(in_process=True))
+                statuses = run_sweep(cfg, LocalExecutor(in_process=True)).statuses
                 assert set(statuses.values()) == {"ok"}
                 ran = {r["trial_id"] for r in _rows(root / "results")} - {t.trial_id for t in before.trials}
                 assert ran == new

@@ -16,6 +16,7 @@ import yaml
 
 from qshield_dist import launch
 from qshield_dist.results.store import ResultStore
+from qshield_dist.sweep import make_executor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,7 +229,7 @@ def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_th
     overrides = {"executor": "slurm", "results_dir": str(tmp_path)}
     cfg = load_config("sweeps/smoke.yaml", overrides)
     attack_job = Job("a", print, (), cpus=2, gpus=0.25, mem_gb=8, timeout_min=30)
-    params = launch.make_executor(cfg).sbatch_parameters([attack_job], None)
+    params = make_executor(cfg).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"], params["time"], params["gpus_per_task"]) == (
         2,
         "8GB",
@@ -239,14 +240,14 @@ def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_th
     assert set(params) <= submitit.SlurmExecutor._valid_parameters()
 
     cfg = load_config("sweeps/smoke.yaml", {**overrides, "slurm": {"cpus_per_task": 4, "mem_gb": 16}})
-    params = launch.make_executor(cfg).sbatch_parameters([attack_job], None)
+    params = make_executor(cfg).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"]) == (4, "16GB")
 
 
 _PROGRESS = """
 import logging
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-from qshield_dist.launch import BarProgress
+from qshield_dist.sweep import BarProgress
 progress = BarProgress(60)
 for i in range(60):
     progress.started(str(i))

@@ -19,6 +19,7 @@ from qshield_dist import executors, launch
 from qshield_dist.config import load_config
 from qshield_dist.plan.durations import expected_minutes
 from qshield_dist.results.store import ResultStore
+from qshield_dist.sweep import make_executor, make_jobs, prepare, run_sweep
 from qshield_dist.trial import RunContext
 
 SWEEP: dict[str, Any] = {
@@ -65,7 +66,7 @@ def grown(study: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _todo(cfg: Any) -> tuple[Any, list[Any], Any]:
-    grid = launch.prepare(cfg)
+    grid = prepare(cfg)
     done = ResultStore(cfg.results_path, cfg.checkpoint_dir).done(t.trial_id for t in grid.trials)
     return grid, [t for t in grid.trials if t.trial_id not in done.status], done
 
@@ -124,10 +125,10 @@ def test_the_slurm_packing_receives_the_durations(grown: Path) -> None:
     grid, todo, done = _todo(cfg)
     expected = expected_minutes(cfg, grid, todo, done.seconds)
     ctx = RunContext(sweep=cfg.name, results_dir=str(cfg.results_path), checkpoint_dir=cfg.checkpoint_dir)
-    jobs = launch.make_jobs(todo, cfg, ctx)
+    jobs = make_jobs(todo, cfg, ctx)
     names = {t.trial_id: _name(t) for t in todo}
 
-    packed = launch.make_executor(cfg, expected.minutes)
+    packed = make_executor(cfg, expected.minutes)
     assert {names[j.key]: packed.minutes(j) for j in jobs} == {
         names[j.key]: expected.minutes.get(j.key, 240) for j in jobs
     }
@@ -138,7 +139,7 @@ def test_the_slurm_packing_receives_the_durations(grown: Path) -> None:
         [["attack:fgsm:s1", "attack:pgd:s1", "attack:vmifgsm:s1"], ["attack:square:s1"]],
         [["diagnostic:diagnostic:s1"]],  # an array per stage and dependency set
     ]
-    alone = launch.make_executor(cfg)
+    alone = make_executor(cfg)
     assert all(len(pack) == 1 for a in alone.plan(jobs, 1000) for pack in a.packs)
 
 
@@ -159,9 +160,9 @@ def test_the_launcher_passes_durations_and_logs_their_sources(
     monkeypatch.setattr(executors, "make", capture)
     cfg = load_config(grown)
     grid, todo, done = _todo(cfg)
-    caplog.set_level(logging.INFO, logger="qshield_dist.launch")
+    caplog.set_level(logging.INFO, logger="qshield_dist.sweep")
     with pytest.raises(_Stop):
-        launch.run_sweep(cfg, grid=grid)
+        run_sweep(cfg, grid=grid)
     assert made["name"] == "slurm"
     assert made["durations"] == expected_minutes(cfg, grid, todo, done.seconds).minutes
     assert len(made["durations"]) == 6

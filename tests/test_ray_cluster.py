@@ -201,9 +201,9 @@ def test_private_local_cluster(tmp_path: Path) -> None:
 def test_a_custom_model_runs_on_ray_from_its_snapshot(connected: cluster.RayNode, tmp_path: Path) -> None:
     """A user's own model, defined outside the package: Ray workers import the launcher's
     snapshot of its code from the shared results directory, and give the local rows."""
-    from qshield_dist import launch
     from qshield_dist.config import SweepConfig
     from qshield_dist.executors.local import LocalExecutor
+    from qshield_dist.sweep import run_sweep
     from qshield_dist.results.store import ResultStore, differing_trials
 
     sweep = cf.custom_model_sweep(tmp_path / "user", "custom-on-ray")
@@ -215,7 +215,7 @@ def test_a_custom_model_runs_on_ray_from_its_snapshot(connected: cluster.RayNode
         cfg = SweepConfig(
             **sweep, results_dir=str(tmp_path / name), checkpoint_dir=str(tmp_path / f"ckpt-{name}")
         )
-        statuses[name] = launch.run_sweep(cfg, executor)
+        statuses[name] = run_sweep(cfg, executor).statuses
     assert set(statuses["ray"].values()) == {"ok"} and len(statuses["ray"]) == 2  # train + fgsm
     assert statuses["ray"] == statuses["local"]
     store = ResultStore(tmp_path / "ray")

@@ -26,6 +26,7 @@ from qshield_dist.config import load_config
 from qshield_dist.executors.local import LocalExecutor
 from qshield_dist.results.schema import VOLATILE_COLUMNS
 from qshield_dist.summary.report import Options, summarize
+from qshield_dist.sweep import prepare, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +158,7 @@ def test_a_diagnostic_waits_for_its_attacks_and_runs_once_they_are_ok(
     path = tmp_path / "held.yaml"
     path.write_text(yaml.safe_dump(sweep))
     cfg = load_config(path)
-    grid = launch.prepare(cfg)
+    grid = prepare(cfg)
     pgd = next(t.trial_id for t in grid.attack if t.attack == "pgd")
     (diagnostic,) = [t.trial_id for t in grid.diagnostic]
 
@@ -171,17 +172,17 @@ def test_a_diagnostic_waits_for_its_attacks_and_runs_once_they_are_ok(
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(trial, "build_attack", pgd_fails)
-    statuses = launch.run_sweep(cfg, LocalExecutor(in_process=True))
+    statuses = run_sweep(cfg, LocalExecutor(in_process=True)).statuses
     assert statuses[pgd] == "failed" and statuses[diagnostic] == "waiting"
     assert not list((tmp_path / "results").glob("stage=diagnostic/**/*.parquet")), (
         "a diagnostic on incomplete inputs"
     )
 
     monkeypatch.setattr(trial, "build_attack", real)
-    statuses = launch.run_sweep(cfg, LocalExecutor(in_process=True))
+    statuses = run_sweep(cfg, LocalExecutor(in_process=True)).statuses
     assert statuses[pgd] == "failed" and statuses[diagnostic] == "waiting"
 
-    statuses = launch.run_sweep(cfg, LocalExecutor(in_process=True), retry_failed=True)
+    statuses = run_sweep(cfg, LocalExecutor(in_process=True), retry_failed=True).statuses
     assert statuses[pgd] == "ok" and statuses[diagnostic] == "ok"
     (diag_file,) = (tmp_path / "results").glob("stage=diagnostic/*/*/*.parquet")
     rows = pq.read_table(diag_file).to_pylist()

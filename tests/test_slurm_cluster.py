@@ -563,6 +563,7 @@ def test_a_custom_model_runs_on_slurm_from_its_snapshot(
     import yaml
 
     from qshield_dist import launch
+    from qshield_dist import sweep as sweep_module
 
     sweep = cf.custom_model_sweep(tmp_path / "user", "custom-on-slurm")
     local, cluster = tmp_path / "local", tmp_path / "slurm"
@@ -580,13 +581,13 @@ def test_a_custom_model_runs_on_slurm_from_its_snapshot(
     }
     path.write_text(yaml.safe_dump(sweep))
     live = tmp_path / "user" / "mymodels" / "net.py"
-    snapshot = launch.snapshot_custom_code
+    snapshot = sweep_module.snapshot_custom_code
 
     def snapshot_then_break(*args: object) -> None:
         snapshot(*args)  # type: ignore[arg-type]
         live.write_text("raise ImportError('the live file is not what the tasks run')\n")
 
-    monkeypatch.setattr(launch, "snapshot_custom_code", snapshot_then_break)
+    monkeypatch.setattr(sweep_module, "snapshot_custom_code", snapshot_then_break)
     code = launch.main(
         [str(path), "--executor", "slurm", "--results", str(cluster), "--checkpoints", str(tmp_path / "ckpt")]
     )
@@ -835,8 +836,8 @@ def test_cli_runs_300_trials_as_a_handful_of_tasks_with_per_model_dependencies(
     result file per expected trial id, one run in each trial's log), 0 lost; each model's
     attacks wait for its own training task only: the hybrid's attacks for the hybrid's
     training, not for the baseline's attacks, which run meanwhile; squeue shows it."""
-    from qshield_dist import launch
     from qshield_dist.config import load_config
+    from qshield_dist.sweep import prepare
 
     path = _many_trials_sweep(tmp_path)
     results = tmp_path / "results"
@@ -881,7 +882,7 @@ def test_cli_runs_300_trials_as_a_handful_of_tasks_with_per_model_dependencies(
     assert "302 ok, 0 failed, 0 lost" in text, text[-3000:]
 
     # every expected trial once: one result file each, one run in each trial's log
-    grid = launch.prepare(load_config(path, {"results_dir": str(results)}))
+    grid = prepare(load_config(path, {"results_dir": str(results)}))
     expected = {t.trial_id for t in grid.trials}
     assert len(expected) == 2 + 2 * FGSM_BUDGETS
     store = ResultStore(results)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qshield_dist import launch
 from qshield_dist.config import load_config
 from qshield_dist.executors.base import Job
+from qshield_dist.sweep import make_executor
 
 submitit = pytest.importorskip("submitit")
 from submitit.slurm.slurm import _make_sbatch_string  # noqa: E402
@@ -35,7 +35,7 @@ def _script(tmp_path: Path, slurm: dict, stage: str, n_tasks: int = 3) -> str:
     cfg = load_config(
         "sweeps/smoke.yaml", {"executor": "slurm", "results_dir": str(tmp_path), "slurm": slurm}
     )
-    ex = launch.make_executor(cfg)
+    ex = make_executor(cfg)
     jobs = [
         Job(f"{stage}{i}", print, (), stage=stage, cpus=2, gpus=0, mem_gb=4, timeout_min=45)
         for i in range(n_tasks)
@@ -86,7 +86,7 @@ def test_an_array_holds_one_stage(tmp_path: Path) -> None:
     cfg = load_config(
         "sweeps/smoke.yaml", {"executor": "slurm", "results_dir": str(tmp_path), "slurm": SLURM}
     )
-    ex = launch.make_executor(cfg)
+    ex = make_executor(cfg)
     toy = {"cpus": 1, "gpus": 0, "mem_gb": 1, "timeout_min": 10}
     jobs = [
         Job("base", print, (), **toy),

@@ -21,6 +21,7 @@ from qshield_dist.lease import RecordedArray, ResultsLease
 from qshield_dist.results.ledger import Ledger
 from qshield_dist.results.store import ResultStore, TrialKey
 from qshield_dist.status import NO_SQUEUE, SQUEUE_FAILED, slurm_queue
+from qshield_dist.sweep import BarProgress, StartedRecord
 
 
 def _organamnist_without_test_split(path: Path) -> None:
@@ -231,7 +232,7 @@ def test_a_local_launch_records_its_running_trials_and_clears_them(tmp_path: Pat
         return lease.holders_started() == expected
 
     try:
-        record = launch.StartedRecord(launch.BarProgress(3, io.StringIO()), lease, "local")
+        record = StartedRecord(BarProgress(3, io.StringIO()), lease, "local")
         record.WRITE_EVERY_S = 0.2
         for key in ("a", "b", "c"):  # a burst: "a" is written at once, "b" and "c" by the timer
             record.started(key)
@@ -258,7 +259,7 @@ def test_closing_the_record_after_an_interrupt_inside_its_lock_does_not_hang(tmp
 
     previous = signal.signal(signal.SIGALRM, give_up)
     try:
-        record = launch.StartedRecord(launch.BarProgress(1, io.StringIO()), lease, "local")
+        record = StartedRecord(BarProgress(1, io.StringIO()), lease, "local")
         record.started("a")
         record._lock.acquire()  # the lock an interrupted started() or finished() left held
         signal.alarm(10)

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qshield_dist import launch
 from qshield_dist.config import SweepConfig, load_config, validate
 from qshield_dist.executors.local import LocalExecutor, available_cpus
 from qshield_dist.grid import Grid, build_grid
+from qshield_dist.sweep import make_jobs, run_sweep, warn_oversubscribed
 
 SWEEP: dict[str, Any] = {
     "name": "threads",
@@ -50,7 +50,7 @@ def test_each_stage_runs_the_cores_it_reserves() -> None:
     cfg = _config({"train": {"cpus": 0.5}, "attack": {"cpus": 4, "threads": 2}})
     grid = build_grid(validate(cfg))
     assert _threads(grid) == {"train": {1}, "attack": {2}, "diagnostic": {2}}
-    jobs = launch.make_jobs(grid.trials, cfg, None)
+    jobs = make_jobs(grid.trials, cfg, None)
     assert {(j.stage, j.cpus) for j in jobs} == {("train", 1), ("attack", 4), ("diagnostic", 4)}
 
 
@@ -73,7 +73,7 @@ def test_a_run_records_the_threads_its_stage_reserves(tmp_path: Path) -> None:
     cfg = load_config(
         path, {"results_dir": str(tmp_path / "results"), "checkpoint_dir": str(tmp_path / "ckpt")}
     )
-    statuses = launch.run_sweep(cfg, LocalExecutor(in_process=True))
+    statuses = run_sweep(cfg, LocalExecutor(in_process=True)).statuses
     assert set(statuses.values()) == {"ok"} and len(statuses) == 3
     recorded = {}
     for file in (tmp_path / "results").glob("stage=*/dataset=*/*/*.parquet"):  # fanned out by id prefix
@@ -89,8 +89,8 @@ def test_local_workers_past_the_cores_are_reported(workers: int, caplog: pytest.
     """Each attack trial runs every core of this machine: a second worker oversubscribes it."""
     cores = available_cpus()
     grid = _grid({"attack": {"cpus": cores}})
-    with caplog.at_level(logging.WARNING, logger="qshield_dist.launch"):
-        launch.warn_oversubscribed(LocalExecutor(workers=workers), grid.trials)
+    with caplog.at_level(logging.WARNING, logger="qshield_dist.sweep"):
+        warn_oversubscribed(LocalExecutor(workers=workers), grid.trials)
     if workers == 1:
         assert caplog.records == []
     else:

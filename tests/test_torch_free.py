@@ -1,4 +1,5 @@
-"""Validating and expanding a sweep, a dry run, --status and a summary load neither torch nor PennyLane:
+"""Validating and expanding a sweep, a dry run, --status and a summary (by the CLI's modules and by the
+public API) load neither torch nor PennyLane:
 they run on a login node or a laptop. Each path runs in a fresh interpreter, and sys.modules is
 checked after it ran, not only after the imports."""
 
@@ -51,6 +52,9 @@ for row in rows:
     ResultStore(root).write(TrialKey(row["stage"], row["dataset"], row["trial_id"]), [row])
 ResultStore(root).write_manifest({{"sweep": "s"}}, {{r["trial_id"]: {{"stage": r["stage"], "dataset": "digits"}} for r in rows}})
 summarize(root, root + "-report", Options(plots=True, svg=False, proxies={{}}))
+import qshield_dist  # the public API: a config, and a summary as frames
+assert qshield_dist.load_config("sweeps/full.yaml").models
+assert qshield_dist.summarize(root).robustness.height == 1
 """
 
 CHECK = """

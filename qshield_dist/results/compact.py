@@ -89,7 +89,7 @@ def compact(
     on_step: Callable[[str], None] | None = None,
 ) -> Compacted:
     """Compact `store`, whose results lease the caller holds, for the grid `expected` (trial
-    id -> its stage and dataset, as launch.manifest_trials gives them); `in_flight`: the
+    id -> its stage and dataset, as sweep.manifest_trials gives them); `in_flight`: the
     trials of SLURM arrays still queued. on_step(name) is called after each step (written,
     synced, indexed, and midway through removing: the tests kill the process there)."""
     step = on_step or (lambda name: None)

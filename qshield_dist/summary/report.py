@@ -110,17 +110,22 @@ def _write(
     return written
 
 
-def summarize(results_dir: str | Path, out_dir: str | Path, options: Options | None = None) -> Summary:
-    """The whole pipeline; raises SummaryError (load.py) for input that cannot be summarized."""
+def summarize(
+    results: Results | str | Path, out_dir: str | Path | None = None, options: Options | None = None
+) -> Summary:
+    """The whole pipeline, on a results directory or its rows already loaded (load_results);
+    files (report, CSV tables, plots) are written only under `out_dir`, when it is given.
+    Raises SummaryError (load.py) for input that cannot be summarized."""
     options = options or Options()
-    res = load_results(results_dir, options.sweep)
+    res = results if isinstance(results, Results) else load_results(results, options.sweep)
     tables = build_tables(res, options.min_samples, options.margin, options.estimand)
     paper = compare(tables, options.proxies)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     figures: list[Figure] = []
     skipped: list[str] = []
-    if options.plots:
+    if options.plots and out is not None:
         figures, skipped = make_plots(tables, out / "plots", options.svg)
 
     def about(topic: str) -> list[Figure]:
@@ -136,12 +141,16 @@ def summarize(results_dir: str | Path, out_dir: str | Path, options: Options | N
         paper_section(paper, options.proxies),
         honesty_section(tables, res),
     ]
-    title = f"QShield sweep '{res.sweep}' - summary of {res.root}"
-    now = dt.datetime.now(dt.timezone.utc)
-    stamp = f"Generated {now:%Y-%m-%d %H:%M UTC} from {res.n_files} result files."
-    written = _write(out, title, stamp, sections, tables, paper, options.formats)
+    written: list[Path] = []
+    if out is not None:
+        title = f"QShield sweep '{res.sweep}' - summary of {res.root}"
+        now = dt.datetime.now(dt.timezone.utc)
+        stamp = f"Generated {now:%Y-%m-%d %H:%M UTC} from {res.n_files} result files."
+        written = _write(out, title, stamp, sections, tables, paper, options.formats)
     summary = Summary(res, tables, paper, sections, figures, written)
     _console(summary)
-    reports = ", ".join(p.name for p in written if p.suffix != ".csv")
-    log.info("report written to %s (%s)", out, reports + (", CSV tables" if "csv" in options.formats else ""))
+    if written:
+        reports = ", ".join(p.name for p in written if p.suffix != ".csv")
+        csvs = ", CSV tables" if "csv" in options.formats else ""
+        log.info("report written to %s (%s)", out, reports + csvs)
     return summary
