@@ -203,8 +203,8 @@ def test_a_custom_model_runs_on_ray_from_its_snapshot(connected: cluster.RayNode
     snapshot of its code from the shared results directory, and give the local rows."""
     from qshield_dist.config import SweepConfig
     from qshield_dist.executors.local import LocalExecutor
-    from qshield_dist.sweep import run_sweep
     from qshield_dist.results.store import ResultStore, differing_trials
+    from qshield_dist.sweep import run_sweep
 
     sweep = cf.custom_model_sweep(tmp_path / "user", "custom-on-ray")
     statuses = {}

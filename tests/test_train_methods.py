@@ -189,9 +189,9 @@ COMPARED = {
 
 
 def test_compare_names_the_verdicts_and_rows_keep_methods_apart(tmp_path):
-    from qshield_dist.sweep import manifest_trials
     from qshield_dist.summary.report import Options, summarize
     from qshield_dist.summary.sections_verdicts import NAMED_TABLE
+    from qshield_dist.sweep import manifest_trials
     from qshield_dist.trial import RunContext, run_trial
 
     cfg = SweepConfig(**COMPARED)
