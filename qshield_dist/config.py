@@ -353,6 +353,16 @@ class TrainConfig(_Strict):
 ALL = "all"
 
 
+class UntilDecided(_Strict):
+    """A sequential launch (decide.py): the attack set grows from `attack_size` in looks of
+    `ratio` times more points per seed, whole shards each, until every comparison of the report
+    is decided or `max_points` per seed are run. `margin`: the +- band of 'equal'."""
+
+    max_points: int = Field(ge=1)
+    ratio: float = Field(2.0, gt=1)
+    margin: float = Field(0.02, gt=0, lt=1)
+
+
 class EvalConfig(_Strict):
     """What the attacks are run on, and how.
 
@@ -382,6 +392,7 @@ class EvalConfig(_Strict):
     # costs K full APGD runs, runs only when listed)
     diagnostics: bool | tuple[Literal[DIAGNOSTICS], ...] = False
     diagnostic_size: int = Field(64, ge=2)  # correctly classified samples the gradient checks use
+    until_decided: UntilDecided | None = None  # a sequential launch (decide.py); None: one look
 
     @field_validator("attack_size", "pool")
     @classmethod
@@ -843,6 +854,18 @@ def _check_shards(cfg: SweepConfig) -> None:
             f"eval.attack_size: got {size}: not a whole number of shards of eval.shard_size {shard};"
             f" allowed: a multiple of {shard} (e.g. {examples}), or all (the whole pool)"
         )
+    plan = ev.until_decided
+    if plan is not None:
+        if shard is None or size == ALL:
+            raise ConfigError(
+                f"eval.until_decided: needs eval.shard_size and a number for eval.attack_size (got shard_size"
+                f" {shard}, attack_size {size}): the looks add whole shards to the first attack_size points"
+            )
+        if plan.max_points < size:
+            raise ConfigError(
+                f"eval.until_decided.max_points: got {plan.max_points}: fewer than eval.attack_size ({size});"
+                f" allowed: {size} or more"
+            )
     for name in cfg.datasets:
         full = DATASETS[name].test_size
         if isinstance(ev.pool, int) and ev.pool > full:

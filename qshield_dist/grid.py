@@ -196,7 +196,7 @@ def _on(accelerator: str) -> str | None:
 
 
 # EvalConfig fields that decide which trials exist, not what one computes.
-_EVAL_NOT_RESULTS = frozenset({"controls", "diagnostics"})
+_EVAL_NOT_RESULTS = frozenset({"controls", "diagnostics", "until_decided"})
 # What an attack trial does not read: the diagnostics' sample, and how many shards there are
 # (its own shard's index and size are hashed instead).
 _EVAL_NOT_ATTACK = _EVAL_NOT_RESULTS | {"diagnostic_size", "attack_size", "shard_size"}

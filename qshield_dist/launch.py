@@ -18,7 +18,7 @@ import signal
 import sys
 from typing import Iterator, Sequence
 
-from qshield_dist.config import ConfigError, SweepConfig, load_config
+from qshield_dist.config import ConfigError, SweepConfig, UntilDecided, load_config
 from qshield_dist.grid import AttackTrial, Grid, TrainTrial, many_objects
 from qshield_dist.lease import LeaseHeld, ResultsLease
 from qshield_dist.results.store import ResultStore
@@ -65,6 +65,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", action="store_true", help="with --plan or --status: print it as JSON")
     p.add_argument("--retry-failed", action="store_true", help="also re-run trials recorded as failed")
+    p.add_argument(
+        "--until-decided",
+        type=int,
+        metavar="MAX_POINTS",
+        help="grow the attack set in looks of whole shards until every verdict is decided or MAX_POINTS"
+        " per seed are run (sets eval.until_decided.max_points; decide.py)",
+    )
     p.add_argument(
         "--take-over",
         action="store_true",
@@ -119,6 +126,12 @@ def _command(args: argparse.Namespace) -> int:
             update["data"] = cfg.data.model_copy(update={"data_root": args.data_root})
         if args.ray_address:
             update["ray"] = cfg.ray.model_copy(update={"address": args.ray_address})
+        if args.until_decided is not None:
+            if args.until_decided < 1:
+                raise ConfigError(f"--until-decided: got {args.until_decided}: must be an integer >= 1")
+            plan = cfg.eval.until_decided or UntilDecided(max_points=args.until_decided)
+            plan = plan.model_copy(update={"max_points": args.until_decided})
+            update["eval"] = cfg.eval.model_copy(update={"until_decided": plan})
         cfg = cfg.model_copy(update=update)
         nothing_runs = args.dry_run or args.prune or args.plan or args.status or args.compact
         grid = prepare(cfg, require_available=not nothing_runs)
@@ -154,7 +167,13 @@ def _command(args: argparse.Namespace) -> int:
         # executor stops its workers instead of leaving them running the sweep's trials unowned.
         signal.signal(signal.SIGTERM, _interrupt)
         try:
-            run = run_sweep(cfg, retry_failed=args.retry_failed, grid=grid, take_over=args.take_over)
+            if cfg.eval.until_decided is not None:
+                from qshield_dist.decide import run_until_decided
+
+                looks = run_until_decided(cfg, retry_failed=args.retry_failed, take_over=args.take_over)
+                run = looks[-1].run
+            else:
+                run = run_sweep(cfg, retry_failed=args.retry_failed, grid=grid, take_over=args.take_over)
         except KeyboardInterrupt:
             log.error("interrupted: finished trials are saved; run the same command again to resume")
             return 130

@@ -27,7 +27,12 @@ from qshield_dist.summary.sections import (
     paper_section,
     robustness_section,
 )
-from qshield_dist.summary.sections_verdicts import controls_section, verdict_section, worst_case_section
+from qshield_dist.summary.sections_verdicts import (
+    controls_section,
+    sequential_section,
+    verdict_section,
+    worst_case_section,
+)
 from qshield_dist.summary.stats import MODELS
 from qshield_dist.summary.tables import Tables, build_tables
 
@@ -131,8 +136,10 @@ def summarize(
     def about(topic: str) -> list[Figure]:
         return [f for f in figures if f.topic == topic]
 
+    sequential = sequential_section(res.root)
     sections = [
         verdict_section(tables, about("verdicts")),
+        *([sequential] if sequential else []),
         controls_section(tables, about("controls")),
         worst_case_section(tables),
         diagnostics_section(tables),

@@ -13,6 +13,7 @@ are in sections.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -20,6 +21,7 @@ import polars as pl
 from qshield_dist.summary.plots import Figure
 from qshield_dist.summary.render import BADGE_SEP, Section, TextTable, pct, size
 from qshield_dist.summary.sections import label_map
+from qshield_dist.summary.sequential import DECISIONS_FILE
 from qshield_dist.summary.stats import MODELS, PROCEDURE
 from qshield_dist.summary.tables import Tables
 from qshield_dist.summary.verdicts import (
@@ -364,3 +366,34 @@ def _autoattack_table(tables: Tables) -> TextTable:
         " than the rest by over 2 standard errors (paired on the shared points, seeds pooled)."
     )
     return TextTable(AUTOATTACK_TABLE, headers, rows, caption)
+
+
+def sequential_section(root: Path) -> Section | None:
+    """A sequential launch's looks and decisions (RESULTS/decisions.json, decide.py), or None."""
+    path = root / DECISIONS_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    sec = Section("Sequential decisions")
+    looks = record["looks"]
+    sec.add(
+        f"The attack set grew in looks of whole shards: {', '.join(str(x['points']) for x in looks)} points per"
+        f" seed run, of {', '.join(map(str, record['planned_looks']))} planned (at most {record['max_points']}),"
+        f" margin ±{100 * record['margin']:.1f} pp. Method: {record['method']}. Each interval is the repeated"
+        " confidence interval of the look its decision was taken at (the last look for one still open):"
+        " it holds at every look at once, so looking after every wave does not inflate false decisions."
+    )
+    rows = [
+        [
+            d["dataset"],
+            d["a"],
+            d["b"],
+            d["decision"],
+            "-" if d["look"] is None else f"{d['look'] + 1} ({d['points']} points per seed)",
+            f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]",
+            f"{d['level']:.3g}",
+        ]
+        for d in looks[-1]["decisions"]
+    ]
+    headers = ["dataset", "model", "vs", "decision", "taken at look", "difference, pp [repeated CI]", "level"]
+    return sec.add(TextTable("Decisions per comparison", headers, rows, "", badges="decision"))

@@ -62,6 +62,9 @@ from scipy import optimize, stats
 from qshield_dist.summary.stats import ALPHA, Seeds, stratified_difference
 
 MORE, LESS, EQUAL, CONTINUE, UNDECIDED = "more robust", "less robust", "equal", "continue", "undecided"
+# In a results directory: a sequential launch's record of its looks and decisions (decide.py
+# writes it, the report shows it).
+DECISIONS_FILE = "decisions.json"
 
 
 def spent(t: float, level: float) -> float:
@@ -217,7 +220,7 @@ def _at(
     """The decision with look k's repeated confidence interval (boundary c)."""
     return Decision(
         decision,
-        k if look is True else look,
+        int(k) if look is True else look,
         int(looks[k]),
         float(diff[k]),
         float(diff[k] - c * se[k]),

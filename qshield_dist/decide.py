@@ -1,0 +1,130 @@
+"""Sequential decisions: a sweep's attack set grown in waves of shards until every verdict it
+asks for is decided (`eval.until_decided`; `launch --until-decided`).
+
+Each look runs the sweep at a larger `eval.attack_size` (run_sweep: the shards already run keep
+their ids and files, so a look only adds shards), then judges every comparison the report makes
+(each hybrid against its CNN, or the sweep's `compare:`) on the points so far with
+summary/sequential.decide: Lan-DeMets O'Brien-Fleming boundaries over the looks, repeated
+confidence intervals, Holm across the comparisons, valid however often it looks. It stops when
+none is left to continue (more robust, less robust, equal within the margin), or at
+`max_points` per seed (undecided). The looks are points per seed, doubling from `attack_size`
+(geometric_looks), each a whole number of shards. RESULTS/decisions.json records the method,
+the looks and, per comparison, the look at which its decision was taken; the report shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from qshield_dist.config import ConfigError, SweepConfig
+from qshield_dist.executors.base import Executor
+from qshield_dist.fileio import atomic_write_bytes
+from qshield_dist.summary.sequential import DECISIONS_FILE
+from qshield_dist.sweep import SweepRun, run_sweep
+
+log = logging.getLogger(__name__)
+
+METHOD = (
+    "group-sequential: Lan-DeMets O'Brien-Fleming-type alpha spending over the looks, repeated"
+    " 95% confidence intervals (Jennison & Turnbull 2000, ch. 9), Holm across the comparisons"
+)
+
+
+def looks(cfg: SweepConfig) -> list[int]:
+    """Points per seed at each look: attack_size, doubling, up to until_decided.max_points, each
+    rounded up to whole shards and none past the smallest pool of the sweep's datasets."""
+    from qshield_dist.summary.sequential import geometric_looks
+
+    plan = cfg.eval.until_decided
+    if plan is None:
+        raise ConfigError("eval.until_decided: not set; a sequential launch needs its max_points")
+    shard = cfg.eval.shard_size
+    pool = min(cfg.eval.pool_size(d) for d in cfg.datasets)
+    top = min(plan.max_points, pool) // shard * shard
+    out: list[int] = []
+    for n in geometric_looks(min(int(cfg.eval.attack_size), top), top, plan.ratio):
+        n = min(-(-n // shard) * shard, top)
+        if not out or n > out[-1]:
+            out.append(n)
+    return out
+
+
+@dataclass(frozen=True)
+class Look:
+    points: int  # per seed
+    run: SweepRun
+    decisions: list[dict[str, Any]]  # per comparison: a, b, eps, dataset and sequential.Decision's fields
+
+
+def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_options: Any) -> list[Look]:
+    """Run the sweep in looks (module docstring) until each comparison is decided or the last
+    look is done; returns the looks run. run_options go to run_sweep."""
+    from qshield_dist.summary.load import load_results
+    from qshield_dist.summary.sequential import CONTINUE, decide
+    from qshield_dist.summary.tables import build_tables
+
+    planned = looks(cfg)
+    done: list[Look] = []
+    for k, points in enumerate(planned):
+        look_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attack_size": points})})
+        run = run_sweep(look_cfg, executor, **run_options)
+        tables = build_tables(load_results(look_cfg.results_path), margin=cfg.eval.until_decided.margin)
+        compared = [
+            r
+            for r in tables.paired.filter(tables.paired["kind"] == tables.verdict_kind).iter_rows(named=True)
+            if _complete(tables.outcomes[(r["a"], r["b"], r["eps"])], points)
+        ]
+        decisions = decide(
+            [tables.outcomes[(r["a"], r["b"], r["eps"])] for r in compared],
+            planned[: k + 1],
+            planned[-1],
+            cfg.eval.until_decided.margin,
+        )
+        labels = dict(tables.variants.select("vkey", "label").iter_rows())
+        rows = [
+            {
+                "dataset": r["dataset"],
+                "a": labels.get(r["a"], r["a"]),
+                "b": labels.get(r["b"], r["b"]),
+                "eps": r["eps"],
+                **asdict(d),
+            }
+            for r, d in zip(compared, decisions)
+        ]
+        done.append(Look(points, run, rows))
+        _record(look_cfg, planned, done)
+        for row in rows:
+            log.info(
+                "look %d (%d points per seed): %s vs %s: %s, %+.1f pp [%+.1f, %+.1f]",
+                k + 1,
+                points,
+                row["a"],
+                row["b"],
+                row["decision"],
+                100 * row["diff"],
+                100 * row["low"],
+                100 * row["high"],
+            )
+        if len(compared) < tables.paired.filter(tables.paired["kind"] == tables.verdict_kind).height:
+            log.warning("some comparisons lack points at this look (failed or missing shards): not judged")
+        if not any(d.decision == CONTINUE for d in decisions):
+            break
+    return done
+
+
+def _complete(seeds: list[Any], points: int) -> bool:
+    return bool(seeds) and all(len(a) >= points for a, _ in seeds)
+
+
+def _record(cfg: SweepConfig, planned: list[int], done: list[Look]) -> None:
+    record = {
+        "method": METHOD,
+        "margin": cfg.eval.until_decided.margin,
+        "max_points": planned[-1],
+        "planned_looks": planned,
+        "looks": [{"points": look.points, "decisions": look.decisions} for look in done],
+    }
+    atomic_write_bytes(cfg.results_path / DECISIONS_FILE, json.dumps(record, indent=1).encode(), mode=0o644)

@@ -1,0 +1,103 @@
+"""A sequential launch (decide.py): looks that only add shards, decisions recorded per look,
+and the same decisions as summary/sequential.decide on the prefixes of the final outcomes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qshield_dist import launch
+from qshield_dist.config import ConfigError, SweepConfig, validate
+from qshield_dist.decide import looks, run_until_decided
+from qshield_dist.executors.local import LocalExecutor
+from qshield_dist.results.store import ResultStore
+from qshield_dist.summary.load import load_results
+from qshield_dist.summary.sequential import CONTINUE, DECISIONS_FILE, decide
+from qshield_dist.summary.tables import build_tables
+
+SWEEP = {
+    "name": "until",
+    "data": {"dataset": "digits", "train_size": 200, "test_size": 60},
+    "train": {"epochs": 1, "batch_size": 32},
+    "eval": {"attack_size": 32, "shard_size": 32, "until_decided": {"max_points": 128}},
+    "models": [{"model": "cnn_small"}, {"model": "hqcnn", "backbone": "cnn_small"}],
+    "attacks": [{"name": "fgsm"}],
+}
+
+
+def _config(tmp_path: Path, **eval_update: object) -> SweepConfig:
+    sweep = {**SWEEP, "eval": {**SWEEP["eval"], **eval_update}}
+    return SweepConfig(**sweep, results_dir=str(tmp_path / "results"), checkpoint_dir=str(tmp_path / "ckpt"))
+
+
+def test_looks_double_in_whole_shards_within_the_pool(tmp_path: Path) -> None:
+    assert looks(_config(tmp_path)) == [32, 64, 128]
+    # 300 is not a whole number of shards, and digits' pool has 360 points: the last look is 288
+    assert looks(_config(tmp_path, until_decided={"max_points": 300})) == [32, 64, 128, 256, 288]
+    assert looks(_config(tmp_path, until_decided={"max_points": 10_000, "ratio": 4})) == [32, 128, 352]
+
+
+@pytest.mark.parametrize(
+    "eval_update, key",
+    [
+        ({"shard_size": None}, "eval.until_decided"),
+        ({"until_decided": {"max_points": 16}}, "eval.until_decided.max_points"),
+    ],
+)
+def test_a_sequential_launch_needs_shards_and_room(tmp_path: Path, eval_update: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(_config(tmp_path, **eval_update))
+
+
+def test_looks_add_shards_and_their_decisions_are_the_rule_on_prefixes(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    done = run_until_decided(cfg, LocalExecutor(in_process=True))
+    planned = looks(cfg)
+    assert [look.points for look in done] == planned[: len(done)]
+    record = json.loads((cfg.results_path / DECISIONS_FILE).read_text())
+    assert record["planned_looks"] == planned and "Lan-DeMets" in record["method"]
+    assert [look["points"] for look in record["looks"]] == [look.points for look in done]
+    # it stopped because nothing was left to continue, or at the last look
+    last = record["looks"][-1]["decisions"]
+    assert last and (all(d["decision"] != CONTINUE for d in last) or done[-1].points == planned[-1])
+    # the report names the method, the looks and where each decision was taken
+    from qshield_dist.summary.report import Options, summarize
+
+    report = summarize(
+        cfg.results_path, tmp_path / "report", Options(plots=False, formats=("md",), proxies={})
+    )
+    text = (tmp_path / "report" / "report.md").read_text()
+    (section,) = [s for s in report.sections if s.title == "Sequential decisions"]
+    assert (
+        "Lan-DeMets" in text
+        and f"{', '.join(str(x['points']) for x in record['looks'])} points per seed run" in text
+    )
+    (table,) = section.tables
+    assert [row[3] for row in table.rows] == [d["decision"] for d in last]
+    # each look only added shards: 2 models x (points / 32) attack trials, one file each
+    store = ResultStore(cfg.results_path)
+    attack_files = [f for f in store.files() if f.stage == "attack"]
+    assert len(attack_files) == 2 * done[-1].points // 32
+    # the decisions recorded at each look are the rule's on the first points of the final outcomes
+    tables = build_tables(load_results(cfg.results_path), margin=0.02)
+    (outcomes,) = tables.outcomes.values()
+    for k, look in enumerate(record["looks"]):
+        (again,) = decide(
+            [[(a[: look["points"]], b[: look["points"]]) for a, b in outcomes]], planned[: k + 1], 128, 0.02
+        )
+        (recorded,) = look["decisions"]
+        assert (recorded["decision"], recorded["points"]) == (again.decision, again.points)
+        assert recorded["low"] == pytest.approx(again.low) and recorded["high"] == pytest.approx(again.high)
+
+
+def test_the_cli_flag_sets_max_points_and_bad_values_exit_2(tmp_path: Path) -> None:
+    import yaml
+
+    sweep = {**SWEEP, "eval": {"attack_size": 32, "shard_size": 32}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    args = [str(tmp_path / "s.yaml"), "--results", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")]
+    assert launch.main([*args, "--until-decided", "0"]) == 2
+    assert launch.main([*args, "--until-decided", "16"]) == 2  # fewer than attack_size
+    assert not (tmp_path / "r").exists()
