@@ -19,10 +19,10 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from qshield_dist.config import ConfigError, SweepConfig
+from qshield_dist.config import SweepConfig
 from qshield_dist.executors.base import Executor
 from qshield_dist.fileio import atomic_write_bytes
-from qshield_dist.summary.sequential import DECISIONS_FILE
+from qshield_dist.summary.sequential import DECISIONS_FILE, planned_looks
 from qshield_dist.sweep import SweepRun, run_sweep
 
 log = logging.getLogger(__name__)
@@ -31,25 +31,6 @@ METHOD = (
     "group-sequential: Lan-DeMets O'Brien-Fleming-type alpha spending over the looks, repeated"
     " 95% confidence intervals (Jennison & Turnbull 2000, ch. 9), Holm across the comparisons"
 )
-
-
-def looks(cfg: SweepConfig) -> list[int]:
-    """Points per seed at each look: attack_size, doubling, up to until_decided.max_points, each
-    rounded up to whole shards and none past the smallest pool of the sweep's datasets."""
-    from qshield_dist.summary.sequential import geometric_looks
-
-    plan = cfg.eval.until_decided
-    if plan is None:
-        raise ConfigError("eval.until_decided: not set; a sequential launch needs its max_points")
-    shard = cfg.eval.shard_size
-    pool = min(cfg.eval.pool_size(d) for d in cfg.datasets)
-    top = min(plan.max_points, pool) // shard * shard
-    out: list[int] = []
-    for n in geometric_looks(min(int(cfg.eval.attack_size), top), top, plan.ratio):
-        n = min(-(-n // shard) * shard, top)
-        if not out or n > out[-1]:
-            out.append(n)
-    return out
 
 
 @dataclass(frozen=True)
@@ -66,7 +47,7 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
     from qshield_dist.summary.sequential import CONTINUE, decide
     from qshield_dist.summary.tables import build_tables
 
-    planned = looks(cfg)
+    planned = planned_looks(cfg)
     done: list[Look] = []
     for k, points in enumerate(planned):
         look_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attack_size": points})})

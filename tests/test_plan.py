@@ -321,3 +321,25 @@ def test_autoattack_estimates_are_called_an_upper_bound(tmp_path, capsys):
     assert warning.startswith("1 AutoAttack trial (") and "upper bound" in warning
     assert _plan(tmp_path, _sweep(tmp_path), "--json") == 0  # no AutoAttack, no such warning
     assert not [w for w in json.loads(capsys.readouterr().out)["warnings"] if "AutoAttack" in w]
+
+
+def test_plan_prices_a_sequential_decision(tmp_path, capsys):
+    """eval.until_decided: the looks, the comparisons, and the attack stage's cost at the expected
+    and the maximum points per seed, scaled from the first look's estimate by the points."""
+    sweep = _sweep(
+        tmp_path,
+        models=[{"model": "dnn"}, {"model": "hqcnn", "backbone": "dnn"}],
+        attacks=[{"name": "fgsm"}],
+        eval={"attack_size": 8, "shard_size": 8, "until_decided": {"max_points": 64}},
+    )
+    assert _plan(tmp_path, sweep, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    decision = report["decision"]
+    assert decision["looks"] == [8, 16, 32, 64] and decision["comparisons"] == 1 and decision["seeds"] == 1
+    attack = next(r for r in report["stages"] if r["stage"] == "attack")
+    top, expected = decision["maximum"], decision["expected"]
+    assert (top["points_per_seed"], top["shards"], top["attack_trials"]) == (64, 8, 16)
+    assert top["attack_cpu_hours"] == pytest.approx(attack["cpu_hours"] * 8)
+    assert 8 <= expected["points_per_seed"] <= 64 and 0 <= decision["power"] <= 1
+    assert _plan(tmp_path, sweep) == 0
+    assert "deciding 1 comparison(s) at 1 seed(s), looks at 8, 16, 32, 64" in capsys.readouterr().out

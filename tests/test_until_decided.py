@@ -10,11 +10,11 @@ import pytest
 
 from qshield_dist import launch
 from qshield_dist.config import ConfigError, SweepConfig, validate
-from qshield_dist.decide import looks, run_until_decided
+from qshield_dist.decide import run_until_decided
 from qshield_dist.executors.local import LocalExecutor
 from qshield_dist.results.store import ResultStore
 from qshield_dist.summary.load import load_results
-from qshield_dist.summary.sequential import CONTINUE, DECISIONS_FILE, decide
+from qshield_dist.summary.sequential import CONTINUE, DECISIONS_FILE, decide, planned_looks
 from qshield_dist.summary.tables import build_tables
 
 SWEEP = {
@@ -33,10 +33,14 @@ def _config(tmp_path: Path, **eval_update: object) -> SweepConfig:
 
 
 def test_looks_double_in_whole_shards_within_the_pool(tmp_path: Path) -> None:
-    assert looks(_config(tmp_path)) == [32, 64, 128]
+    assert planned_looks(_config(tmp_path)) == [32, 64, 128]
     # 300 is not a whole number of shards, and digits' pool has 360 points: the last look is 288
-    assert looks(_config(tmp_path, until_decided={"max_points": 300})) == [32, 64, 128, 256, 288]
-    assert looks(_config(tmp_path, until_decided={"max_points": 10_000, "ratio": 4})) == [32, 128, 352]
+    assert planned_looks(_config(tmp_path, until_decided={"max_points": 300})) == [32, 64, 128, 256, 288]
+    assert planned_looks(_config(tmp_path, until_decided={"max_points": 10_000, "ratio": 4})) == [
+        32,
+        128,
+        352,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -54,7 +58,7 @@ def test_a_sequential_launch_needs_shards_and_room(tmp_path: Path, eval_update: 
 def test_looks_add_shards_and_their_decisions_are_the_rule_on_prefixes(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     done = run_until_decided(cfg, LocalExecutor(in_process=True))
-    planned = looks(cfg)
+    planned = planned_looks(cfg)
     assert [look.points for look in done] == planned[: len(done)]
     record = json.loads((cfg.results_path / DECISIONS_FILE).read_text())
     assert record["planned_looks"] == planned and "Lan-DeMets" in record["method"]

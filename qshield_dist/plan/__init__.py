@@ -53,6 +53,7 @@ from qshield_dist.datasets import DATASETS, check_available
 from qshield_dist.fileio import atomic_write_bytes
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, TrainTrial, Trial, many_objects, stable_hash
 from qshield_dist.plan import calibration as cal
+from qshield_dist.plan.decision import decision_price, render_price
 from qshield_dist.plan.kinds import Item, _group, _shape, _trains_of, _with_standins, model_kind
 from qshield_dist.plan.schedule import Estimate, capacity, render, schedule
 from qshield_dist.results.schema import package_versions
@@ -360,7 +361,11 @@ def run_plan(
         "plan_seconds": round(time.perf_counter() - start, 1),
     }
     plan.report["warnings"] = plan.warnings
-    out(json.dumps(plan.report, indent=2, default=str) if as_json else render(plan.report))
+    decision = decision_price(cfg, grid, plan.report)
+    if decision is not None:
+        plan.report["decision"] = decision
+    text = render(plan.report) + ("\n" + "\n".join(render_price(decision)) if decision else "")
+    out(json.dumps(plan.report, indent=2, default=str) if as_json else text)
     return plan.report
 
 

@@ -59,6 +59,7 @@ from typing import Sequence
 import numpy as np
 from scipy import optimize, stats
 
+from qshield_dist.config import ConfigError, SweepConfig
 from qshield_dist.summary.stats import ALPHA, Seeds, stratified_difference
 
 MORE, LESS, EQUAL, CONTINUE, UNDECIDED = "more robust", "less robust", "equal", "continue", "undecided"
@@ -120,6 +121,24 @@ def geometric_looks(first: int, max_points: int, ratio: float = 2.0) -> list[int
     while looks[-1] * ratio < max_points:
         looks.append(int(round(looks[-1] * ratio)))
     return looks + ([max_points] if looks[-1] != max_points else [])
+
+
+def planned_looks(cfg: SweepConfig) -> list[int]:
+    """Points per seed at each look of a sequential launch (eval.until_decided): attack_size, then
+    `ratio` times more, up to max_points, each rounded up to whole shards, none past the smallest
+    pool of the sweep's datasets (decide.py runs them, --plan prices them)."""
+    plan = cfg.eval.until_decided
+    if plan is None:
+        raise ConfigError("eval.until_decided: not set; a sequential launch needs its max_points")
+    shard = cfg.eval.shard_size
+    pool = min(cfg.eval.pool_size(d) for d in cfg.datasets)
+    top = min(plan.max_points, pool) // shard * shard
+    out: list[int] = []
+    for n in geometric_looks(min(int(cfg.eval.attack_size), top), top, plan.ratio):
+        n = min(-(-n // shard) * shard, top)
+        if not out or n > out[-1]:
+            out.append(n)
+    return out
 
 
 @dataclass(frozen=True)
