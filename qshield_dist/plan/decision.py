@@ -3,7 +3,9 @@ the report will make, the points per seed a decision takes at a true difference 
 margin, at most and on average (summary/sequential.price: the group-sequential rule simulated
 on the normal approximation, at Holm's first level: an upper bound), then the shards, the
 attack stage's CPU-/GPU-hours and its wall time at the plan's parallelism, scaled from the
-first look the plan calibrated (an attack's cost grows with its points).
+first look the plan calibrated (an attack's cost grows with its points). The wall is an upper
+bound: scaling the first look's wall assumes the looks run one after another and each as long as
+that look scaled, while a look's shards run side by side where slots are free.
 
 What no plan can know is how often the two models disagree on a point: the per-point
 difference's spread. It is assumed (ASSUMED_DISCORDANT) and said; reading it from the first
@@ -88,7 +90,7 @@ def render_price(d: dict[str, Any]) -> list[str]:
         f" {', '.join(map(str, d['looks']))} points/seed, margin ±{100 * d['margin']:.1f} pp, assuming"
         f" {100 * d['assumed_discordant']:.0f}% discordant points (power at the margin"
         f" {100 * d['power']:.0f}%, a fixed design of the maximum {100 * d['fixed_power']:.0f}%); the attack"
-        " stage, scaled from the first look:",
+        " stage, scaled from the first look (wall: an upper bound):",
         line("expected at the margin", d["expected"]),
         line("expected at no diff.", d["expected_at_no_difference"]),
         line("maximum", d["maximum"]),
