@@ -261,7 +261,7 @@ def test_a_compacted_sweep_resumes_reports_and_summarizes_as_before(
     assert launch.main([*_args(tmp_path), "--compact"]) == 0
     assert not _per_trial_files(results)
     assert sorted(p.name for p in results.rglob("*.parquet")) == ["part-000001.parquet"] * 2
-    with caplog.at_level(logging.INFO, logger="qshield_dist.launch"):
+    with caplog.at_level(logging.INFO, logger="qshield_dist.sweep"):
         assert launch.main(_args(tmp_path)) == 0
     assert "9 already done, 0 to run" in caplog.text and not _per_trial_files(results), "nothing ran"
     assert _status(tmp_path, capsys) == status
@@ -292,7 +292,7 @@ def test_a_flat_layout_keeps_working_and_compact_migrates_it(
     store.write(foreign, [{**row, "trial_id": foreign.trial_id}])
     store.trial_path(foreign).rename(store.flat_path(foreign))
 
-    with caplog.at_level(logging.INFO, logger="qshield_dist.launch"):
+    with caplog.at_level(logging.INFO, logger="qshield_dist.sweep"):
         assert launch.main(_args(tmp_path)) == 0
     assert "9 already done, 0 to run" in caplog.text
     assert all(f.rel.count("/") == 2 for f in store.files()), "nothing ran: every file is of the flat layout"
@@ -313,7 +313,7 @@ def test_a_flat_layout_keeps_working_and_compact_migrates_it(
     )
     assert _per_trial_files(results) == [str(store.trial_path(foreign).relative_to(results))]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="qshield_dist.launch"):
+    with caplog.at_level(logging.INFO, logger="qshield_dist.sweep"):
         assert launch.main(_args(tmp_path)) == 0
     assert "9 already done, 0 to run" in caplog.text
     assert _status(tmp_path, capsys) == status

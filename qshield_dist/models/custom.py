@@ -120,7 +120,9 @@ def load_weights(model: CustomClassifier, path: Path) -> None:
 @torch.no_grad()
 def _check_output(model: nn.Module, info: DatasetInfo, key: str) -> None:
     shape = (CHECK_BATCH, info.channels, info.size, info.size)
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(
+        shape, generator=torch.Generator(device="cpu").manual_seed(0), device="cpu"
+    )  # the launcher checks on its CPU
     model.eval()
     try:
         out = model(x)
