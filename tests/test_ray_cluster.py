@@ -209,7 +209,7 @@ def test_a_custom_model_runs_on_ray_from_its_snapshot(connected: cluster.RayNode
     sweep = cf.custom_model_sweep(tmp_path / "user", "custom-on-ray")
     statuses = {}
     for name, executor in (
-        ("ray", RayExecutor(address=connected.address)),
+        ("ray", RayExecutor(address=connected.address, token_file=connected.token_file)),
         ("local", LocalExecutor(in_process=True)),
     ):
         cfg = SweepConfig(
