@@ -20,7 +20,7 @@ import pytest
 from qshield_dist.results.store import ResultStore, differing_trials
 
 REPO = Path(__file__).resolve().parents[1]
-N_TRIALS = 45  # 5 train + 5 models x 4 attacks x 2 shards
+N_TRIALS = 28  # 4 train + 4 models x 3 attacks x 2 shards
 
 
 def launch(results: Path, *args: str, env: dict[str, str] | None = None) -> None:
