@@ -6,6 +6,8 @@ The public API, for a script, a notebook or a Ray Tune driver (the CLI,
     load_config(path_or_dict, **overrides) -> SweepConfig   (api.py)
     run_sweep(config, executor=None)       -> SweepRun      (sweep.py: statuses, rows as Polars frames)
     summarize(run_or_dir, out=None)        -> Report        (api.py: verdicts, worst case, tables)
+    run_until_decided(config, executor=None) -> [Look]      (decide.py: eval.until_decided's looks;
+                                                             run_sweep runs one look, attack_size)
 
 Names are imported when first used, so that `import qshield_dist` stays cheap and the
 torch-free paths (a dry run, --status, a summary) stay free of torch.
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from qshield_dist.api import Report, load_config, summarize
     from qshield_dist.config import ConfigError, SweepConfig
+    from qshield_dist.decide import run_until_decided
     from qshield_dist.summary.load import SummaryError
     from qshield_dist.sweep import SweepRun, run_sweep
 
@@ -27,6 +30,7 @@ _HOMES = {
     "summarize": "qshield_dist.api",
     "Report": "qshield_dist.api",
     "run_sweep": "qshield_dist.sweep",
+    "run_until_decided": "qshield_dist.decide",
     "SweepRun": "qshield_dist.sweep",
     "SweepConfig": "qshield_dist.config",
     "ConfigError": "qshield_dist.config",
@@ -40,6 +44,7 @@ __all__ = [
     "SweepRun",
     "load_config",
     "run_sweep",
+    "run_until_decided",
     "summarize",
 ]
 

@@ -53,10 +53,14 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
         look_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attack_size": points})})
         run = run_sweep(look_cfg, executor, **run_options)
         tables = build_tables(load_results(look_cfg.results_path), margin=cfg.eval.until_decided.margin)
+        # Judged: a comparison whose sides have every shard of every seed so far (a gap would
+        # shift the points a look reads), with the points the look asks for.
         compared = [
             r
             for r in tables.paired.filter(tables.paired["kind"] == tables.verdict_kind).iter_rows(named=True)
-            if _complete(tables.outcomes[(r["a"], r["b"], r["eps"])], points)
+            if r["missing_a"] is None
+            and r["missing_b"] is None
+            and _complete(tables.outcomes[(r["a"], r["b"], r["eps"])], points)
         ]
         decisions = decide(
             [tables.outcomes[(r["a"], r["b"], r["eps"])] for r in compared],
@@ -108,4 +112,6 @@ def _record(cfg: SweepConfig, planned: list[int], done: list[Look]) -> None:
         "planned_looks": planned,
         "looks": [{"points": look.points, "decisions": look.decisions} for look in done],
     }
-    atomic_write_bytes(cfg.results_path / DECISIONS_FILE, json.dumps(record, indent=1).encode(), mode=0o644)
+    atomic_write_bytes(
+        cfg.results_path / DECISIONS_FILE, json.dumps(record, indent=1).encode(), mode=cfg.file_mode
+    )

@@ -28,6 +28,20 @@ def test_frozen_model_repeats_one_draw_and_leaves_the_global_generators_alone():
     assert not model.stochastic
 
 
+def test_a_frozen_models_answer_on_a_point_does_not_depend_on_its_batch():
+    """One fixed model: the clean pass (a whole shard) and the attack (the clean-correct points
+    only) must see the same function, so neither the input noise nor the projection may depend
+    on the batch's size or a point's place in it."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(**PAPER, input_noise=0.1).resolved(DIGITS.classes), DIGITS).eval()
+    model.fix_randomness(3)
+    x = torch.rand(6, DIGITS.channels, DIGITS.size, DIGITS.size)
+    with torch.no_grad():
+        whole = model(x)
+        assert torch.allclose(model(x[2:5]), whole[2:5], atol=1e-6)
+        assert torch.allclose(model(x.flip(0)).flip(0), whole, atol=1e-6)
+
+
 def test_the_control_is_added_for_stochastic_hybrids_only_and_attacks_a_deterministic_target():
     cfg = SweepConfig(
         name="fixed",

@@ -110,7 +110,7 @@ def test_slurm_arrays_give_the_reference_rows(slurm_cluster: None, reference: Pa
         "folder": str(tmp_path / "submitit"),
         # Packed tasks of up to 6 trials (each expected at its 10-minute timeout): the trials'
         # numbers must not depend on the company they run in. One trial per task is the SLURM
-        # phase's other tests' case; here it would cost each of 45 tasks a Python start.
+        # phase's other tests' case; here it would cost each of 28 tasks a Python start.
         "pack_minutes": 60,
     }
     for stage in ("train", "attack"):

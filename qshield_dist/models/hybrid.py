@@ -194,10 +194,12 @@ class HQCNN(nn.Module):
         self.fixed_seed = seed
         self.stochastic = False
 
-    def _generator(self, device: torch.device) -> torch.Generator | None:
+    def _generator(self, device: torch.device, use: int) -> torch.Generator | None:
+        """A fresh generator per use (0: input noise, 1: projection), so neither draw depends on
+        how many numbers the other took (on the batch size)."""
         if self.fixed_seed is None:
             return None
-        return torch.Generator(device=device).manual_seed(self.fixed_seed)
+        return torch.Generator(device=device).manual_seed(2 * self.fixed_seed + use)
 
     def quantum_logprobs(
         self, logits: torch.Tensor, generator: torch.Generator | None = None
@@ -214,12 +216,15 @@ class HQCNN(nn.Module):
         return torch.log(probs / (probs.sum(-1, keepdim=True) + 1e-12) + 1e-12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        generator = self._generator(x.device)
         if self.input_noise > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise_generator = self._generator(x.device, 0)
+            # frozen: one noise image for every point, so a point's output never depends on its batch
+            shape = x.shape[1:] if noise_generator is not None else x.shape
+            noise = torch.randn(shape, generator=noise_generator, device=x.device, dtype=x.dtype)
             x = x + self.input_noise * noise
         logits = self.backbone(x)
-        return self.fusion(torch.log_softmax(logits, dim=1), self.quantum_logprobs(logits, generator))
+        projection = self._generator(x.device, 1)
+        return self.fusion(torch.log_softmax(logits, dim=1), self.quantum_logprobs(logits, projection))
 
     def draws(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """(k, B, C): k independent draws of forward(x) in one batched pass, for EOT and
