@@ -43,7 +43,6 @@ class Look:
 def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_options: Any) -> list[Look]:
     """Run the sweep in looks (module docstring) until each comparison is decided or the last
     look is done; returns the looks run. run_options go to run_sweep."""
-    from qshield_dist.summary.load import load_results
     from qshield_dist.summary.sequential import CONTINUE, decide
     from qshield_dist.summary.tables import build_tables
 
@@ -52,12 +51,13 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
     for k, points in enumerate(planned):
         look_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attack_size": points})})
         run = run_sweep(look_cfg, executor, **run_options)
-        tables = build_tables(load_results(look_cfg.results_path), margin=cfg.eval.until_decided.margin)
+        tables = build_tables(run.results, margin=cfg.eval.until_decided.margin)
+        verdicts = tables.paired.filter(tables.paired["kind"] == tables.verdict_kind)
         # Judged: a comparison whose sides have every shard of every seed so far (a gap would
         # shift the points a look reads), with the points the look asks for.
         compared = [
             r
-            for r in tables.paired.filter(tables.paired["kind"] == tables.verdict_kind).iter_rows(named=True)
+            for r in verdicts.iter_rows(named=True)
             if r["missing_a"] is None
             and r["missing_b"] is None
             and _complete(tables.outcomes[(r["a"], r["b"], r["eps"])], points)
@@ -93,7 +93,7 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
                 100 * row["low"],
                 100 * row["high"],
             )
-        if len(compared) < tables.paired.filter(tables.paired["kind"] == tables.verdict_kind).height:
+        if len(compared) < verdicts.height:
             log.warning("some comparisons lack points at this look (failed or missing shards): not judged")
         if not any(d.decision == CONTINUE for d in decisions):
             break

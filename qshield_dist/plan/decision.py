@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from qshield_dist.attack_params import ATTACKS
-from qshield_dist.config import SweepConfig
+from qshield_dist.config import SweepConfig, validate
 from qshield_dist.grid import Grid, named_comparisons, variant_id
 from qshield_dist.summary.sequential import planned_looks, price
 
@@ -30,8 +30,6 @@ ASSUMED_DISCORDANT = 0.10
 def _comparisons(cfg: SweepConfig, grid: Grid) -> int:
     """How many comparisons the report will judge (Holm's family): the sweep's compare:, else
     each hybrid variant against its dataset's CNN, each at every L-inf budget of its dataset."""
-    from qshield_dist.config import validate
-
     linf = [t for t in grid.attack if ATTACKS[t.attack].threat_model == "linf"]
     budgets = max(1, len({(t.dataset, t.params_dict.get("eps")) for t in linf}))
     named = named_comparisons(validate(cfg))
