@@ -423,6 +423,10 @@ class SlurmExecutor(PackPlanner, Executor):
                     task.ended = True
                     if outcome is not None:  # success: every trial's status
                         for key, st in zip(task.keys, outcome):
+                            # Announced here too: the cached state may still have said PENDING
+                            # on the look that first found the result (the task ran between looks).
+                            if key not in graph.status:
+                                self._announce([key], progress)
                             finish(key, checked_status(key, st))
                         continue
                     task.broken = True
