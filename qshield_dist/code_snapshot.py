@@ -14,7 +14,10 @@ The tree's digest (sha256 of each file's relative path and bytes, in sorted orde
 the train id. The launcher copies the tree to RESULTS/code/<digest>/ and the weights file to
 RESULTS/code/weights/<sha256>: workers import and load those, never the live files, so editing
 the code while a sweep runs cannot change what an id means, and an edit before a relaunch gives
-new ids to exactly the trials that use the code. Only .py files are part of the tree.
+new ids to exactly the trials that use the code. Only .py files are part of the tree, and never
+a snapshot folder (one holding SNAPSHOT_MARK): results kept under the code's own folder
+(`python my_script.py` writing ./results/...) would otherwise put the last snapshot into the
+next digest, and every launch would get new ids.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Iterator
 from qshield_dist.fileio import atomic_write_bytes, atomic_writer, read_bytes
 
 SNAPSHOT_DIR = "code"  # under the results directory
+SNAPSHOT_MARK = ".qshield-snapshot"  # an empty file in SNAPSHOT_DIR: a source tree skips the folder
 WEIGHTS_DIR = "weights"  # under SNAPSHOT_DIR
 MAX_FILES = 1000  # a factory next to a whole project's files: say so rather than hash them all
 MAX_BYTES = 20 * 2**20
@@ -131,12 +135,17 @@ def source_trees(factory: str, twin: str | None) -> tuple[SourceTree, SourceTree
 
 
 def _read(root: Path, folder: Path) -> SourceTree:
-    """Every .py file under `folder` (hidden folders and __pycache__ left out), relative to `root`."""
-    paths = sorted(
-        p
-        for p in folder.rglob("*.py")
-        if not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(folder).parts)
-    )
+    """Every .py file under `folder` (hidden files and folders, __pycache__ and snapshot folders
+    left out), relative to `root`."""
+    paths = []
+    for here, dirs, names in os.walk(folder):
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".") and d != "__pycache__" and not (Path(here) / d / SNAPSHOT_MARK).exists()
+        ]
+        paths += [Path(here) / n for n in names if n.endswith(".py") and not n.startswith(".")]
+    paths.sort()
     if len(paths) > MAX_FILES:
         raise SourceError(
             f"{folder} holds {len(paths)} .py files (at most {MAX_FILES}): put the model's code in a folder"
@@ -175,6 +184,9 @@ def snapshot_names(folder: Path) -> frozenset[str]:
 def write_snapshot(tree: SourceTree, results_dir: str | Path, mode: int) -> Path:
     """Copy `tree` to RESULTS/code/<digest>/ (each file atomically; a file already there with
     the same bytes is kept, so a snapshot cut short by a crash is completed); returns the folder."""
+    mark = snapshot_root(results_dir) / SNAPSHOT_MARK
+    if not mark.is_file():  # first: no tree read from here on includes what follows
+        atomic_write_bytes(mark, b"", mode)
     folder = snapshot_root(results_dir) / tree.digest
     for rel, data in tree.files:
         path = folder / rel

@@ -139,10 +139,11 @@ def _check_output(model: nn.Module, info: DatasetInfo, key: str) -> None:
         )
 
 
-def check_custom(custom: CustomSpec, info: DatasetInfo) -> None:
+def check_custom(custom: CustomSpec, info: DatasetInfo) -> CustomClassifier:
     """The launcher's check of a custom model on the CPU, from its live tree: it imports, builds
     a module, loads its weights, and maps one dummy batch of the dataset's shape to logits of the
-    right shape (and so does its twin). CustomModelError names the key at fault."""
+    right shape (and so does its twin). CustomModelError names the key at fault. Returns the
+    model it built (with its weights, if any), in eval mode."""
     tree, _ = code_snapshot.source_trees(custom.factory, custom.differentiable_twin)
     model = _build(custom, tree.root, tree.top_names)
     _check_output(model.backbone, info, "factory")
@@ -163,3 +164,4 @@ def check_custom(custom: CustomSpec, info: DatasetInfo) -> None:
                 "differentiable_twin", f"calling it raised {type(exc).__name__}: {exc}"
             ) from exc
         _check_output(twin.backbone, info, "differentiable_twin")
+    return model.eval()
