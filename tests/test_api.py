@@ -145,3 +145,301 @@ def test_bad_config_raises_naming_the_key(change: dict[str, Any], fragments: lis
     for fragment in fragments:
         assert fragment in str(err.value), str(err.value)
     assert sweep == copy, "the caller's dict is left as it was"
+
+
+# ---------------------------------------------------------------- evaluate: the user's own module
+USER_NET = """
+import torch.nn as nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, 10))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+EVAL_DATA = {"dataset": "digits", "train_size": 120, "test_size": 40}
+EVAL_TRAIN = {"epochs": 1, "batch_size": 32, "max_steps": 3}  # the baseline CNN's
+EVAL_ATTACKS = [{"name": "fgsm"}, {"name": "pgd", "preset": "standard", "params": {"steps": 2}}]
+EVAL_POINTS = 16
+CATEGORIES = {"more robust", "less robust", "equal", "undecided"}
+
+
+def _import(path: Path, name: str) -> Any:
+    """The module at `path`, imported as a user's script imports it (its folder on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _state_file(net: Any, path: Path) -> Path:
+    """The state_dict as evaluate saves it (torch.save into a buffer): the same bytes, the same ids."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, buffer)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+@pytest.fixture(scope="module")
+def own_net(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A model class in a .py file outside the package, imported, and trained a little in memory."""
+    import torch
+    import torch.nn.functional as F
+
+    from qshield_dist.data import load
+
+    root = tmp_path_factory.mktemp("own")
+    (root / "user").mkdir()
+    source = root / "user" / "usernet.py"
+    source.write_text(USER_NET)
+    torch.manual_seed(0)
+    net = _import(source, "usernet").TinyNet(width=16)
+    train = load("digits", train_size=120, test_size=40)[0]
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        F.cross_entropy(net(train.x), train.y).backward()
+        opt.step()
+    return root, net
+
+
+def _points(results: Path) -> dict[str, tuple[Any, ...]]:
+    """Each attack trial's numbers, point by point, as its Parquet file holds them."""
+    import pyarrow.parquet as pq
+
+    keys = ("robust_acc", "n_success", "point_index", "point_correct", "point_broken")
+    rows = [
+        r for f in sorted(results.glob("stage=attack/*/*/*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
+    return {r["trial_id"]: tuple(r[k] for k in keys) for r in rows}
+
+
+def _verdict(report: qshield_dist.Report) -> dict[str, Any]:
+    """The one verdict row, with the attacks, points and seeds of its paired comparison."""
+    (verdict,) = report.verdicts.iter_rows(named=True)
+    paired = report.tables.paired.filter(
+        (pl.col("a") == verdict["vkey"])
+        & (pl.col("b") == verdict["vkey_b"])
+        & (pl.col("eps") == verdict["eps"])
+    )
+    (pair,) = paired.iter_rows(named=True)
+    return {**verdict, **{k: pair[k] for k in ("attacks", "n_points", "n_seeds", "robust_a", "robust_b")}}
+
+
+def test_a_model_of_the_users_file_gets_a_verdict_by_yaml_and_by_evaluate(own_net: tuple[Path, Any]) -> None:
+    """(a) The class's file as `model: custom` with its saved state_dict in a sweep YAML, compared
+    with the CNN by `compare:`; (b) the module in memory through evaluate(). Both give a verdict
+    row over both attacks, 16 points and 1 seed; they are the same trials (ids), computed apart
+    (their own results and checkpoints), with the same numbers."""
+    import torch
+    import yaml
+
+    from qshield_dist.data import load
+
+    root, net = own_net
+    source = root / "user" / "usernet.py"
+    weights = _state_file(net, root / "tinynet.pt")
+    sweep = {
+        "name": "own_yaml",
+        "data": EVAL_DATA,
+        "train": EVAL_TRAIN,
+        "eval": {"attack_size": EVAL_POINTS},
+        "seeds": [0],
+        "models": [
+            {
+                "name": "mine",
+                "model": "custom",
+                "factory": f"{source}:TinyNet",
+                "kwargs": {"width": 16},
+                "weights": str(weights),
+            },
+            {"name": "cnn", "model": "cnn"},
+        ],
+        "attacks": EVAL_ATTACKS,
+        "compare": [{"models": "mine", "against": "cnn"}],
+    }
+    (root / "own.yaml").write_text(yaml.safe_dump(sweep))
+    config = qshield_dist.load_config(
+        root / "own.yaml", results_dir=str(root / "yaml"), checkpoint_dir=str(root / "ckpt_yaml")
+    )
+    by_yaml = qshield_dist.run_sweep(config, LocalExecutor(in_process=True))
+    yaml_report = qshield_dist.summarize(by_yaml)
+
+    report = qshield_dist.evaluate(
+        net,
+        dataset="digits",
+        attacks=["fgsm", EVAL_ATTACKS[1]],
+        points=EVAL_POINTS,
+        seeds=0,
+        baseline="cnn",
+        kwargs={"width": 16},
+        results_dir=root / "evaluate",
+        executor=LocalExecutor(in_process=True),
+        sweep={
+            "data": {"train_size": 120, "test_size": 40},
+            "train": EVAL_TRAIN,
+            "checkpoint_dir": str(root / "ckpt_eval"),
+        },
+    )
+    by_evaluate = report.run
+    assert by_evaluate is not None and by_evaluate.results_dir == root / "evaluate"
+    assert set(by_yaml.statuses.values()) == set(by_evaluate.statuses.values()) == {"ok"}
+    assert (
+        by_evaluate.statuses.keys() == by_yaml.statuses.keys()
+        and len(by_yaml.ran) == len(by_evaluate.ran) == 6
+    )
+
+    for r in (yaml_report, report):
+        row = _verdict(r)
+        assert row["category"] in CATEGORIES and row["baseline"] == "cnn" and row["dataset"] == "digits"
+        assert "fgsm" in row["attacks"] and "pgd" in row["attacks"]
+        assert row["n_points"] == EVAL_POINTS and row["n_seeds"] == 1
+    numbers = ("category", "eps", "diff", "low", "high", "attacks", "n_points", "robust_a", "robust_b")
+    assert {k: _verdict(report)[k] for k in numbers} == {k: _verdict(yaml_report)[k] for k in numbers}
+    assert _points(root / "evaluate") == _points(root / "yaml") and len(_points(root / "yaml")) == 4
+
+    # the model was loaded, not trained: its clean accuracy is the module's own on the test split
+    mine = by_evaluate.train.filter(pl.col("model") == "custom").row(0, named=True)
+    test = load("digits", train_size=120, test_size=40)[1]
+    with torch.no_grad():
+        accuracy = float((net(test.x).argmax(1) == test.y).float().mean())
+    assert mine["train_steps"] == 0 and mine["clean_acc"] == pytest.approx(accuracy)
+
+    again = qshield_dist.evaluate(
+        net,
+        attacks=["fgsm", EVAL_ATTACKS[1]],
+        points=EVAL_POINTS,
+        kwargs={"width": 16},
+        results_dir=root / "evaluate",
+        executor=LocalExecutor(in_process=True),
+        sweep={
+            "data": {"train_size": 120, "test_size": 40},
+            "train": EVAL_TRAIN,
+            "checkpoint_dir": str(root / "ckpt_eval"),
+        },
+    )
+    assert again.run is not None and not again.run.ran and again.verdicts.equals(report.verdicts)
+
+
+SCALED_NET = """
+import torch.nn as nn
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        self.scale = 1.0  # a plain attribute: not in the state_dict
+
+    def forward(self, x):
+        return self.scale * self.body(x)
+"""
+SELF_CALLING_NET = """
+import torch.nn as nn
+
+import qshield_dist
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+if __name__ == "selfcall":  # as a script without `if __name__ == "__main__":` would, once imported by its name
+    qshield_dist.evaluate(Net())
+"""
+
+
+def _no_source_file() -> Any:
+    """A class as a REPL defines it: its module has no file."""
+    import types
+
+    repl = types.ModuleType("repl_session")
+    sys.modules["repl_session"] = repl
+    exec(USER_NET, repl.__dict__)
+    return repl.TinyNet(width=4)
+
+
+def _in_a_function() -> Any:
+    import torch.nn as nn
+
+    class Local(nn.Module):
+        def forward(self, x: Any) -> Any:
+            return x
+
+    return Local()
+
+
+def _torchs_own() -> Any:
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, fragments",
+    [
+        (_no_source_file, {"width": 4}, ["model: repl_session.TinyNet has no source file", "REPL"]),
+        (_in_a_function, {}, ["_in_a_function.<locals>.Local is defined inside a function"]),
+        (_torchs_own, {}, ["torch.nn.modules.container.Sequential", "installed package"]),
+        (lambda: "a module", {}, ["model: got a str: must be a torch.nn.Module"]),
+    ],
+)
+def test_evaluate_refuses_a_model_it_cannot_rebuild(
+    make: Any, kwargs: dict[str, Any], fragments: list[str], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError) as err:
+        qshield_dist.evaluate(make(), kwargs=kwargs, results_dir=tmp_path / "results")
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+    assert not (tmp_path / "results").exists()
+
+
+def test_evaluate_refuses_wrong_kwargs_and_state_outside_the_state_dict(
+    own_net: tuple[Path, Any], tmp_path: Path
+) -> None:
+    """TinyNet needs `width`; a module whose forward reads an attribute set after construction is
+    not what a trial rebuilds from its class and state_dict: both refused before any trial."""
+    _, net = own_net
+    with pytest.raises(ValueError, match=r"kwargs: got \{\}: TinyNet\(width\) cannot be called with them"):
+        qshield_dist.evaluate(net, results_dir=tmp_path / "results")
+    (tmp_path / "scaled").mkdir()
+    (tmp_path / "scaled" / "scaled.py").write_text(SCALED_NET)
+    scaled = _import(tmp_path / "scaled" / "scaled.py", "scaled").Scaled()
+    scaled.scale = 3.0
+    with pytest.raises(ValueError, match="computes other logits than the module passed") as err:
+        qshield_dist.evaluate(
+            scaled, results_dir=tmp_path / "results", sweep={"checkpoint_dir": str(tmp_path / "c")}
+        )
+    assert "outside its state_dict" in str(err.value)
+    assert not list((tmp_path / "results").glob("stage=*")) and not (tmp_path / "c").exists()
+
+
+def test_a_file_that_calls_evaluate_when_imported_is_refused_before_compute(tmp_path: Path) -> None:
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "selfcall.py").write_text(SELF_CALLING_NET)
+    net = _import(tmp_path / "user" / "selfcall.py", "user_selfcall").Net()
+    with pytest.raises(qshield_dist.ConfigError) as err:
+        qshield_dist.evaluate(
+            net, results_dir=tmp_path / "results", sweep={"checkpoint_dir": str(tmp_path / "c")}
+        )
+    message = str(err.value)
+    assert "models[0].factory" in message and "evaluate() was called while evaluate() runs" in message
+    assert "if __name__ == '__main__':" in message and "model -> models[0]" in message
+    assert not list((tmp_path / "results").glob("stage=*"))
+    assert "QSHIELD_DIST_EVALUATING" not in os.environ
