@@ -300,3 +300,17 @@ def test_each_custom_model_is_its_own_variant_in_the_summary(
     assert sorted(models) == ["custom", "custom", "custom", "dnn"]
     assert s.tables.variants.filter(pl.col("model") == "custom")["custom"].n_unique() == 3
     assert not s.tables.duplicates.height
+
+
+def test_a_snapshot_under_the_codes_own_folder_is_not_part_of_its_tree(tmp_path: Path) -> None:
+    """Results kept under the factory's folder (`python net.py` writing ./results): the snapshot
+    a launch writes there does not enter the next digest, so a relaunch keeps its ids."""
+    from qshield_dist.code_snapshot import parse_ref, source_tree, write_snapshot
+
+    (tmp_path / "net.py").write_text(OTHER)
+    ref = parse_ref(f"{tmp_path / 'net.py'}:make")
+    before = source_tree(ref)
+    folder = write_snapshot(before, tmp_path / "results", 0o600)
+    assert (folder / "net.py").read_text() == OTHER
+    after = source_tree(ref)
+    assert after.files == before.files == (("net.py", OTHER.encode()),) and after.digest == before.digest
