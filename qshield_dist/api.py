@@ -221,7 +221,9 @@ def evaluate(
     raw["name"] = f"evaluate-{stable_hash({**raw, 'models': [named, *raw['models'][1:]]})[:12]}"
     results = Path(results_dir) if results_dir is not None else Path("results") / raw["name"]
     raw["results_dir"] = str(results)
-    with _evaluating():
+    # Building the model for the checks (and trials run in this process) draw from torch's
+    # global generator: the caller's stream is left as it was.
+    with _evaluating(), torch.random.fork_rng(devices=[]):
         try:
             cfg = load_config(raw)  # every check but the weights file's, before it is written
             path = code_snapshot.weights_path(results, sha).resolve()

@@ -276,6 +276,8 @@ def test_a_model_of_the_users_file_gets_a_verdict_by_yaml_and_by_evaluate(own_ne
     by_yaml = qshield_dist.run_sweep(config, LocalExecutor(in_process=True))
     yaml_report = qshield_dist.summarize(by_yaml)
 
+    torch.manual_seed(12345)  # not the state the trials above left behind
+    rng = torch.get_rng_state()
     report = qshield_dist.evaluate(
         net,
         dataset="digits",
@@ -292,6 +294,7 @@ def test_a_model_of_the_users_file_gets_a_verdict_by_yaml_and_by_evaluate(own_ne
             "checkpoint_dir": str(root / "ckpt_eval"),
         },
     )
+    assert torch.equal(torch.get_rng_state(), rng), "the caller's random stream is left as it was"
     by_evaluate = report.run
     assert by_evaluate is not None and by_evaluate.results_dir == root / "evaluate"
     assert set(by_yaml.statuses.values()) == set(by_evaluate.statuses.values()) == {"ok"}
