@@ -9,7 +9,7 @@ The public API, for a script, a notebook or a Ray Tune driver (the CLI,
     run_until_decided(config, executor=None) -> [Look]      (decide.py: eval.until_decided's looks;
                                                              run_sweep runs one look, attack_size)
     evaluate(model, dataset=..., attacks=..., points=..., seeds=..., baseline="cnn") -> Report
-                                            (api.py: your nn.Module through a sweep of its own,
+                                            (evaluation.py: your nn.Module through a sweep of its own,
                                              judged against a built-in baseline)
 
 Names are imported when first used, so that `import qshield_dist` stays cheap and the
@@ -22,16 +22,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from qshield_dist.api import Report, evaluate, load_config, summarize
+    from qshield_dist.api import Report, load_config, summarize
     from qshield_dist.config import ConfigError, SweepConfig
     from qshield_dist.decide import run_until_decided
+    from qshield_dist.evaluation import evaluate
     from qshield_dist.summary.load import SummaryError
     from qshield_dist.sweep import SweepRun, run_sweep
 
 _HOMES = {
     "load_config": "qshield_dist.api",
     "summarize": "qshield_dist.api",
-    "evaluate": "qshield_dist.api",
+    "evaluate": "qshield_dist.evaluation",
     "Report": "qshield_dist.api",
     "run_sweep": "qshield_dist.sweep",
     "run_until_decided": "qshield_dist.decide",
