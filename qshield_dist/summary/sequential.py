@@ -166,6 +166,7 @@ def decide(
     max_points: int,
     margin: float,
     alpha: float = ALPHA,
+    family_size: int | None = None,
 ) -> list[Decision]:
     """The decision on each comparison after the looks so far (see the module docstring).
 
@@ -173,6 +174,9 @@ def decide(
     permutation order, at least looks[-1] of them; look k uses the first looks[k] points of
     every seed. `looks`: points per seed at each look so far, increasing; the information
     fraction of a look is its points / `max_points`, and the look at `max_points` is the last.
+    `family_size`: the comparisons of Holm's family (verdicts.holm_family, the report's own), of
+    which `comparisons` are those judged here (default: just these); the others (a side lacking
+    points) count as never rejected, so the levels are those the report's Holm uses.
     A pure function: call it after every wave with everything so far; decisions taken at an
     earlier look stay as they were.
     """
@@ -180,6 +184,9 @@ def decide(
         raise ValueError(f"need 0 < alpha < 1 and 0 <= margin < 1; got alpha {alpha}, margin {margin}")
     fractions = _fractions(looks, max_points)
     m = len(comparisons)
+    big_m = m if family_size is None else family_size  # Holm's family: M >= the m judged
+    if big_m < m:
+        raise ValueError(f"family_size {family_size} is smaller than the {m} comparisons judged")
     est = np.empty((m, len(looks), 2))
     for i, seeds in enumerate(comparisons):
         for k, n in enumerate(looks):
@@ -191,13 +198,13 @@ def decide(
         z = np.where(se > 0, diff / se, np.sign(diff) * np.inf)
     taken: dict[int, Decision] = {}
     for k in range(len(looks)):
-        bounds = [np.asarray(boundaries(fractions[: k + 1], alpha / (m - j) / 2)) for j in range(m)]
+        bounds = [np.asarray(boundaries(fractions[: k + 1], alpha / (big_m - j) / 2)) for j in range(m)]
         # Holm over repeated p-values: reject every open comparison whose |Z| has reached the
         # boundary at the current Holm level at some look so far; repeat as the level rises.
         n_rejected = sum(d.decision in (MORE, LESS) for d in taken.values())
         while n_rejected < m:
             c = bounds[n_rejected]
-            level = alpha / (m - n_rejected)
+            level = alpha / (big_m - n_rejected)
             crossed = {i: np.flatnonzero(np.abs(z[i, : k + 1]) >= c) for i in range(m) if i not in taken}
             crossed = {i: looks_hit[0] for i, looks_hit in crossed.items() if len(looks_hit)}
             if not crossed:
@@ -211,12 +218,12 @@ def decide(
         j = min(n_rejected, m - 1)
         for i in range(m):
             if i not in taken:
-                d = _at(EQUAL, k, looks, diff[i], se[i], bounds[j][k], alpha / (m - j))
+                d = _at(EQUAL, k, looks, diff[i], se[i], bounds[j][k], alpha / (big_m - j))
                 if -margin <= d.low and d.high <= margin:
                     taken[i] = d
     last = len(looks) - 1
     n_rejected = min(sum(d.decision in (MORE, LESS) for d in taken.values()), m - 1)
-    level = alpha / (m - n_rejected)
+    level = alpha / (big_m - n_rejected)
     c_last = boundaries(fractions, level / 2)[last]
     state = UNDECIDED if looks[-1] == max_points else CONTINUE
     return [
