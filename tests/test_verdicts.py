@@ -230,7 +230,7 @@ def test_an_attack_row_with_nothing_attacked_still_counts_its_points(tmp_path: P
     s = _summarize(tmp_path, [*_base_rows(), hopeless])
     assert s.tables.skipped.height == 0
     (cell,) = s.tables.robustness.filter(s.tables.robustness["attack"] == "bpda_pgd").iter_rows(named=True)
-    assert cell["robust_mean"] == 0.0 and cell["asr_mean"] != cell["asr_mean"]  # NaN: no ASR
+    assert cell["robust_mean"] == 0.0 and cell["asr_mean"] is None  # no ASR: null, never NaN
     (r,) = s.tables.paired.filter(s.tables.paired["kind"] == "vs CNN").iter_rows(named=True)
     assert r["attacks"] == "fgsm, pgd (the first also bpda_pgd)"
     assert (r["robust_a"], r["robust_b"]) == pytest.approx((0.0, 0.5))
