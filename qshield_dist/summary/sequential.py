@@ -26,9 +26,13 @@ rule, so one interval answers three ways, as stats.verdict does for one look:
 Several comparisons: Holm's step-down over the comparisons' repeated p-values (the smallest
 level at which a comparison's interval has excluded 0 at some look so far; a valid p-value for
 the whole sequence, J&T sec. 9.5), done with boundaries at the Holm levels alpha/m, alpha/(m-1),
-..., alpha directly. A comparison not rejected is judged "equal" at the level Holm gives it at
-that look. Each false "more robust" / "less robust" thus has probability <= alpha/2 per direction
-over the family, and a false "equal" (|true difference| >= margin) <= alpha/2 per comparison.
+..., alpha directly, m the size of Holm's family (verdicts.in_holm_family: the report's verdicts,
+the same family as their Holm-adjusted p; one decide does not judge counts as never rejected).
+A comparison not rejected is judged "equal" at the level Holm gives it at that look. Each false
+"more robust" / "less robust" thus has probability <= alpha/2 per direction over the family, and
+a false "equal" (|true difference| >= margin) <= alpha/2 per comparison. With few or no
+discordant points the standard error is stats.stratified_difference's floored one, so an
+interval never collapses to a point on points that all agree.
 
 `price` gives the points per seed a decision costs, at a true difference equal to the margin,
 for --plan: the maximum, the expected (Monte Carlo over the normal approximation), and the power,

@@ -5,8 +5,9 @@ hybrid's gain comes from (its controls).
 Shape: functions that take Polars frames (the long-form tables of tables.py) and return
 frames. A judgement made per row and again per variant (cost driver, gain source) has its
 rule in one Polars expression that both levels apply; its wording lives next to the rule.
-Numbers are formatted for the report in sections.py. This module imports only load.py and
-stats.py, so tables.py can call it.
+Numbers are formatted for the report in sections.py. This module imports only load.py,
+stats.py and grid.py (an equal-budget control's train settings), so tables.py and paired.py can
+call it.
 """
 
 from __future__ import annotations
