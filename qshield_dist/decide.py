@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 METHOD = (
     "group-sequential: Lan-DeMets O'Brien-Fleming-type alpha spending over the looks, repeated"
-    " 95% confidence intervals (Jennison & Turnbull 2000, ch. 9), Holm across the comparisons"
+    " 95% confidence intervals (Jennison & Turnbull 2000, ch. 9), Holm across the report's verdicts"
+    " (the family of its Holm-adjusted p; a comparison not judged at a look counts as not rejected)"
 )
 
 
@@ -38,6 +39,7 @@ class Look:
     points: int  # per seed
     run: SweepRun
     decisions: list[dict[str, Any]]  # per comparison: a, b, eps, dataset and sequential.Decision's fields
+    family: int = 0  # comparisons in Holm's family (the report's verdicts), judged here or not
 
 
 def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_options: Any) -> list[Look]:
@@ -45,6 +47,7 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
     look is done; returns the looks run. run_options go to run_sweep."""
     from qshield_dist.summary.sequential import CONTINUE, decide
     from qshield_dist.summary.tables import build_tables
+    from qshield_dist.summary.verdicts import in_holm_family
 
     planned = planned_looks(cfg)
     done: list[Look] = []
@@ -52,12 +55,16 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
         look_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attack_size": points})})
         run = run_sweep(look_cfg, executor, **run_options)
         tables = build_tables(run.results, margin=cfg.eval.until_decided.margin)
-        verdicts = tables.paired.filter(tables.paired["kind"] == tables.verdict_kind)
+        # Holm's family: the report's own (verdicts.in_holm_family), so decisions.json and the
+        # report's Holm-adjusted p adjust over the same comparisons
+        family = in_holm_family(tables.paired["kind"].to_list(), tables.verdict_kind)
+        verdicts = [r for r, member in zip(tables.paired.iter_rows(named=True), family) if member]
         # Judged: a comparison whose sides have every shard of every seed so far (a gap would
-        # shift the points a look reads), with the points the look asks for.
+        # shift the points a look reads), with the points the look asks for; the others stay in
+        # the family, as never rejected.
         compared = [
             r
-            for r in verdicts.iter_rows(named=True)
+            for r in verdicts
             if r["missing_a"] is None
             and r["missing_b"] is None
             and _complete(tables.outcomes[(r["a"], r["b"], r["eps"])], points)
@@ -67,6 +74,7 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
             planned[: k + 1],
             planned[-1],
             cfg.eval.until_decided.margin,
+            family_size=len(verdicts),
         )
         labels = dict(tables.variants.select("vkey", "label").iter_rows())
         rows = [
@@ -79,7 +87,7 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
             }
             for r, d in zip(compared, decisions)
         ]
-        done.append(Look(points, run, rows))
+        done.append(Look(points, run, rows, len(verdicts)))
         _record(look_cfg, planned, done)
         for row in rows:
             log.info(
@@ -93,7 +101,7 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
                 100 * row["low"],
                 100 * row["high"],
             )
-        if len(compared) < verdicts.height:
+        if len(compared) < len(verdicts):
             log.warning("some comparisons lack points at this look (failed or missing shards): not judged")
         if not any(d.decision == CONTINUE for d in decisions):
             break
@@ -110,7 +118,9 @@ def _record(cfg: SweepConfig, planned: list[int], done: list[Look]) -> None:
         "margin": cfg.eval.until_decided.margin,
         "max_points": planned[-1],
         "planned_looks": planned,
-        "looks": [{"points": look.points, "decisions": look.decisions} for look in done],
+        "looks": [
+            {"points": look.points, "holm_family": look.family, "decisions": look.decisions} for look in done
+        ],
     }
     atomic_write_bytes(
         cfg.results_path / DECISIONS_FILE, json.dumps(record, indent=1).encode(), mode=cfg.file_mode

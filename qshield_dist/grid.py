@@ -564,10 +564,26 @@ def _expand(spec: SweepSpec) -> Grid:
     return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 
+def equal_budget_train(train: TrainConfig) -> TrainConfig:
+    """The train settings of a from-baseline hybrid's equal-budget backbone: as many optimizer
+    steps as the hybrid got in total, the baseline's pre-training plus the hybrid's own run (same
+    data, same batch, same method), so twice the epochs (and step cap)."""
+    max_steps = train.max_steps * 2 if train.max_steps else None
+    return train.model_copy(update={"epochs": train.epochs * 2, "max_steps": max_steps})
+
+
+def equal_budget_train_config(train_config: str | None) -> str | None:
+    """A from-baseline hybrid's `train_config` column (canonical JSON of its changed train fields,
+    as trial rows carry it) -> the one its equal-budget backbone's rows carry: what the summary
+    pairs them by. None (rows written before the column existed) stays None."""
+    if train_config is None:
+        return None
+    train = TrainConfig.model_validate(json.loads(train_config))
+    return canonical_json(changed_fields(equal_budget_train(train)))
+
+
 def _equal_budget_baseline(hybrid: TrainTrial) -> TrainTrial:
     """The backbone architecture of a hybrid started from its baseline, trained alone for as many
-    optimizer steps as the hybrid got in total: the baseline's pre-training plus the hybrid's own
-    run (same data, same batch), so twice the epochs (and step cap)."""
-    max_steps = hybrid.train.max_steps * 2 if hybrid.train.max_steps else None
-    train = hybrid.train.model_copy(update={"epochs": hybrid.train.epochs * 2, "max_steps": max_steps})
+    optimizer steps as the hybrid got in total (equal_budget_train)."""
+    train = equal_budget_train(hybrid.train)
     return replace(hybrid, model=ModelSpec(model=hybrid.model.backbone), train=train, baseline_id=None)

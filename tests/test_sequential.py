@@ -21,6 +21,9 @@ from qshield_dist.summary.sequential import (
     price,
     spent,
 )
+from qshield_dist.summary.stats import stratified_difference
+from qshield_dist.summary.verdicts import holm_adjusted
+from qshield_dist.vocabulary import VS_BACKBONE_ALONE, VS_CNN
 
 
 def test_boundaries_match_rpact() -> None:
@@ -58,14 +61,19 @@ def test_decisions_on_clear_cases() -> None:
     worse = _seeds(0, 60, 40)
     vague = _seeds(10, 8, 82)
     out = decide([clear, none, worse, vague], looks=[50], max_points=200, margin=0.02)
-    assert [d.decision for d in out] == [MORE, EQUAL, LESS, CONTINUE]
+    # 2 x 50 agreeing points cannot rule out a discordance of about 5 % (stats.exact_floor): not
+    # "equal" yet (it was, on a zero-width interval, before the floor)
+    assert [d.decision for d in out] == [MORE, CONTINUE, LESS, CONTINUE]
+    assert out[1].low < -0.02 and out[1].high > 0.02
     assert out[0].look == 0 and out[0].points == 50 and out[0].low > 0
     assert out[3].look is None
+    many = decide([_seeds(0, 0, 2000)], looks=[2000], max_points=4000, margin=0.02)[0]
+    assert (many.decision, many.look) == (EQUAL, 0) and 0 < many.high < 0.02
     last = decide([vague], looks=[50, 100], max_points=100, margin=0.02)[0]
     assert (last.decision, last.look, last.points) == (UNDECIDED, 1, 100)
     # a later call with more looks keeps what an earlier look decided
     again = decide([clear, none, worse, vague], looks=[50, 100], max_points=200, margin=0.02)
-    assert again[:3] == out[:3]
+    assert (again[0], again[2]) == (out[0], out[2])
 
 
 def test_holm_levels_and_bad_input() -> None:
@@ -139,3 +147,30 @@ def test_holm_keeps_the_familywise_error_over_three_comparisons() -> None:
         less += any(d.decision == LESS for d in out)
     mc_se = math.sqrt(0.025 * 0.975 / reps)
     assert more / reps <= 0.025 + 2 * mc_se and less / reps <= 0.025 + 2 * mc_se, (more, less)
+
+
+def test_holm_family_is_the_reports_own() -> None:
+    """decide's Holm counts the comparisons of the report's family it does not judge (family_size,
+    verdicts.in_holm_family) as never rejected: at one look at the full size (a fixed design), it
+    rejects exactly those whose Holm-adjusted p (verdicts.holm_adjusted, which the report uses)
+    over the same family is below alpha, the z test's p given the same points. The family's size
+    changes the answer here (4 -> 2 rejected at 8), so a rule that ignored it would fail."""
+
+    def one(a_only: int, b_only: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return _seeds(a_only, b_only, 400 - a_only - b_only, n_seeds=1)
+
+    judged = [one(30, 12), one(28, 12), one(20, 14), one(10, 30)]
+    p = []
+    for seeds in judged:
+        diff, se = stratified_difference(seeds)
+        p.append(2 * stats.norm.sf(abs(diff) / se))
+    found = {}
+    for size in (4, 5, 8):
+        kinds = [VS_CNN] * size + [VS_BACKBONE_ALONE]  # a control: never in the verdicts' family
+        adjusted = holm_adjusted(p + [1.0] * (size - 4) + [1e-9], kinds, VS_CNN)[:4]
+        out = decide(judged, looks=[400], max_points=400, margin=0.02, family_size=size)
+        found[size] = [d.decision in (MORE, LESS) for d in out]
+        assert found[size] == [q < 0.05 for q in adjusted], size
+    assert sum(found[4]) == 3 and sum(found[8]) == 2
+    with pytest.raises(ValueError, match="family_size 3 is smaller than the 4"):
+        decide(judged, looks=[400], max_points=400, margin=0.02, family_size=3)

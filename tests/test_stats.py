@@ -58,25 +58,57 @@ def test_models_interval_by_hand() -> None:
     assert res.models.low == pytest.approx(0.1 - 1.959964 * se, abs=1e-6)
     assert res.models.high == pytest.approx(0.1 + 1.959964 * se, abs=1e-6)
     # two seeds of 100 and 300 points: weights 1/4 and 3/4, variances added with them squared
-    other = (np.r_[a, a, a], np.r_[a, a, a])  # no difference, no variance
+    # the second seed has no discordant pair: its variance is the floor, (exact bound / z)^2
+    other = (np.r_[a, a, a], np.r_[a, a, a])
+    floor = sps.binomtest(0, 300).proportion_ci().high / 1.959964
     diff, se2 = stratified_difference([(a, b), other])
-    assert diff == pytest.approx(0.1 / 4) and se2 == pytest.approx(se / 4)
+    assert diff == pytest.approx(0.1 / 4)
+    assert se2 == pytest.approx(math.sqrt((se / 4) ** 2 + (3 * floor / 4) ** 2), rel=1e-6)
 
 
-def test_intervals_without_discordant_pairs_are_zero() -> None:
-    a = [1, 0, 1, 1, 0] * 20
-    for seeds in ([(a, a)], [(a, a), (a, a)]):
-        res = compare(seeds)
-        assert (res.models.low, res.models.high) == (0.0, 0.0)
-    assert (res.procedure.low, res.procedure.high, res.procedure.p_value) == (0.0, 0.0, 1.0)
+def test_no_discordant_pair_keeps_the_exact_width_the_points_allow() -> None:
+    """Agreeing points are no certainty: with no discordant pair the interval's half-width is the
+    exact (Clopper-Pearson) bound on the discordance rate (scipy's binomtest, 95% two-sided, i.e.
+    one-sided 2.5 %), combined over seeds; ten agreeing points never make "equal" at 2 pp,
+    2,000 do. Before the floor, every case below was [0, 0] and "equal"."""
+    for n, seeds, expected in (
+        (10, 1, "undecided"),
+        (10, 3, "undecided"),
+        (2000, 1, "equal"),
+        (2000, 3, "equal"),
+    ):
+        a = np.arange(n) % 2
+        res = compare([(a, a)] * seeds)
+        bound = sps.binomtest(0, n).proportion_ci(0.95, "exact").high
+        assert res.models.high == pytest.approx(bound / math.sqrt(seeds), rel=1e-9)
+        assert res.models.low == pytest.approx(-res.models.high)
+        # never narrower than the exact bound on all the seeds' points pooled
+        assert res.models.high >= sps.binomtest(0, n * seeds).proportion_ci(0.95, "exact").high - 1e-12
+        assert verdict(res.models.low, res.models.high, res.models.p_value, margin=0.02) == expected
+        if seeds > 1:
+            p = res.procedure
+            assert p.low < 0 < p.high and p.p_value == 1.0
+            assert verdict(p.low, p.high, p.p_value, margin=0.02) == expected
+    # one discordant pair in ten: the Wald half-width (0.196) is below what ten agreeing points
+    # allow (0.308), so the floor holds it there; with 50 of 100 discordant it does not act
+    a, b = np.r_[1, np.zeros(9)], np.zeros(10)
+    assert compare([(a, b)]).models.high == pytest.approx(0.1 + sps.binomtest(0, 10).proportion_ci().high)
+    a = np.array([1] * 30 + [0] * 20 + [1] * 25 + [0] * 25)
+    b = np.array([0] * 30 + [1] * 20 + [1] * 25 + [0] * 25)
+    assert compare([(a, b)]).models.high == pytest.approx(0.1 + 1.959964 * math.sqrt(0.49 / 99), abs=1e-6)
 
 
 def test_interval_when_every_pair_is_discordant_one_way() -> None:
-    assert compare([([1] * 50, [0] * 50)]).models.low == 1.0
-    assert compare([([0] * 50, [1] * 50)]).models.high == -1.0
+    # d is 1 on every point (Wald variance 0): the interval is floored like the agreeing case and
+    # clipped at the largest possible difference, 1
+    floor = sps.binomtest(0, 50).proportion_ci().high
+    one = compare([([1] * 50, [0] * 50)]).models
+    assert (one.low, one.high) == (pytest.approx(1 - floor), 1.0)
+    assert compare([([0] * 50, [1] * 50)]).models.low == -1.0
     both = compare([([1] * 50, [0] * 50), ([1] * 30, [0] * 30)])
-    assert (both.models.low, both.models.high) == (1.0, 1.0)
-    assert (both.procedure.low, both.procedure.high) == (1.0, 1.0)
+    assert both.models.high == 1.0 and 1 - floor < both.models.low < 1
+    assert both.procedure.high == 1.0 and both.procedure.low < 1
+    assert verdict(one.low, one.high, one.p_value, margin=0.02) == "more robust"
 
 
 def test_stratified_mcnemar_is_the_cmh_test_over_pairs() -> None:
@@ -155,7 +187,11 @@ def test_points_needed_is_per_seed_at_the_margin() -> None:
     # the same spread over 4 seeds: a quarter of the points per seed, and a wider margin needs fewer
     assert points_needed([(a, b)] * 4, margin=0.02) == pytest.approx(one / 4, abs=1)
     assert points_needed([(a, b)], margin=0.04) < one / 3
-    assert points_needed([(a, a)], margin=0.02) == 400  # nothing differs: decided as it is
+    # nothing differs so far: not "decided as it is", but the points a true difference at the
+    # margin needs at its least spread, sd sqrt(0.02 * 0.98) (at least 2 % of points discordant)
+    at_margin = (sps.norm.isf(0.025) + sps.norm.isf(0.2)) ** 2 * 0.98 / 0.02
+    assert points_needed([(a, a)], margin=0.02) == pytest.approx(at_margin, rel=0.01)
+    assert points_needed([(a, a)] * 3, margin=0.02) == pytest.approx(at_margin / 3, rel=0.02)
 
 
 def test_seeds_needed_from_the_spread_over_seeds() -> None:

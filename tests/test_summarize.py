@@ -506,3 +506,31 @@ def test_a_seeds_shards_are_joined_and_a_duplicate_shard_is_flagged(tmp_path: Pa
     _write(tmp_path, _attack("mnist", "cnn", "fgsm", 0, 60, 30, 1.0, 1, 1, trial_id="As1again", shard=1))
     duplicates = build_tables(load_results(tmp_path)).duplicates
     assert duplicates.select("n_rows", "n_shards").rows() == [(3, 2)]
+
+
+def test_a_seed_that_attacked_nothing_leaves_the_asr_defined(tmp_path: Path) -> None:
+    """A shard whose every point is wrong clean attacks nothing (its ASR is NaN). Its seed adds
+    nothing to the cell's ASR, which stays the other seed's (main had NaN for the whole cell);
+    a cell where no seed attacked a point has no ASR (null, not NaN) and says why."""
+    from qshield_dist.summary.load import load_results
+    from qshield_dist.summary.report import Options, summarize
+    from qshield_dist.summary.tables import build_tables
+
+    nothing = {"n_attacked": 0, "n_success": 0, "asr": float("nan"), "asr_worst": float("nan")}
+    nothing |= {"robust_acc": 0.0, "clean_acc": 0.0}
+    for trial_id, n, succ, shard in (("As0", 40, 10, 0), ("As1", 60, 30, 1)):
+        _write(
+            tmp_path, _attack("mnist", "cnn", "fgsm", 0, n, succ, 1.0, 1, 1, trial_id=trial_id, shard=shard)
+        )
+    _write(tmp_path, _attack("mnist", "cnn", "fgsm", 1, 40, 0, 1.0, 1, 1, trial_id="Bs0", shard=0, **nothing))
+    _write(tmp_path, _attack("mnist", "cnn", "pgd", 0, 40, 0, 1.0, 1, 1, trial_id="Cs0", shard=0, **nothing))
+    cells = {r["attack"]: r for r in build_tables(load_results(tmp_path)).robustness.iter_rows(named=True)}
+    fgsm, pgd = cells["fgsm"], cells["pgd"]
+    assert (fgsm["n_seeds"], fgsm["n_seeds_asr"], fgsm["n_attacked"]) == (2, 1, 100)
+    assert fgsm["asr_mean"] == pytest.approx(40 / 100, **EXACT) and fgsm["asr_std"] is None
+    assert fgsm["robust_mean"] == pytest.approx(((0.9 * 0.75 * 40 + 0.9 * 0.5 * 60) / 100 + 0) / 2, **EXACT)
+    assert pgd["asr_mean"] is None and pgd["asr_worst_mean"] is None and pgd["n_seeds_asr"] == 0
+    summarize(tmp_path, tmp_path / "r", Options(plots=False, formats=("md",), proxies={}))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| 40.00 [s=2, n=100]" in md and "- (nothing attacked: no point correct clean) [n=0]" in md
+    assert not [line for line in md.splitlines() if line.startswith("|") and "nan" in line.lower()]

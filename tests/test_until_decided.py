@@ -16,6 +16,7 @@ from qshield_dist.results.store import ResultStore
 from qshield_dist.summary.load import load_results
 from qshield_dist.summary.sequential import CONTINUE, DECISIONS_FILE, decide, planned_looks
 from qshield_dist.summary.tables import build_tables
+from qshield_dist.summary.verdicts import in_holm_family
 
 SWEEP = {
     "name": "until",
@@ -87,6 +88,9 @@ def test_looks_add_shards_and_their_decisions_are_the_rule_on_prefixes(tmp_path:
     # the decisions recorded at each look are the rule's on the first points of the final outcomes
     tables = build_tables(load_results(cfg.results_path), margin=0.02)
     (outcomes,) = tables.outcomes.values()
+    # decisions.json's Holm family is the report's (verdicts.in_holm_family), at every look
+    family = sum(in_holm_family(tables.paired["kind"].to_list(), tables.verdict_kind))
+    assert family == 1 and all(look["holm_family"] == family for look in record["looks"])
     for k, look in enumerate(record["looks"]):
         (again,) = decide(
             [[(a[: look["points"]], b[: look["points"]]) for a, b in outcomes]], planned[: k + 1], 128, 0.02

@@ -12,6 +12,7 @@ from typing import Any
 import polars as pl
 import pytest
 import torch
+from scipy import stats as sps
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.attacks import CallCounter, build_attack
@@ -22,7 +23,7 @@ from qshield_dist.results.current import STAGE_VERSIONS
 from qshield_dist.results.store import ResultStore, TrialKey
 from qshield_dist.summary.report import Options, Summary, summarize
 from qshield_dist.summary.sections_verdicts import VERDICT_TABLE
-from qshield_dist.summary.stats import MODELS, PROCEDURE, mcnemar_exact
+from qshield_dist.summary.stats import MODELS, PROCEDURE, holm, mcnemar_exact
 from qshield_dist.summary.verdicts import gain_source, gain_sources
 
 EPS = 32 / 255
@@ -229,7 +230,7 @@ def test_an_attack_row_with_nothing_attacked_still_counts_its_points(tmp_path: P
     s = _summarize(tmp_path, [*_base_rows(), hopeless])
     assert s.tables.skipped.height == 0
     (cell,) = s.tables.robustness.filter(s.tables.robustness["attack"] == "bpda_pgd").iter_rows(named=True)
-    assert cell["robust_mean"] == 0.0 and cell["asr_mean"] != cell["asr_mean"]  # NaN: no ASR
+    assert cell["robust_mean"] == 0.0 and cell["asr_mean"] is None  # no ASR: null, never NaN
     (r,) = s.tables.paired.filter(s.tables.paired["kind"] == "vs CNN").iter_rows(named=True)
     assert r["attacks"] == "fgsm, pgd (the first also bpda_pgd)"
     assert (r["robust_a"], r["robust_b"]) == pytest.approx((0.0, 0.5))
@@ -395,11 +396,20 @@ def test_a_tripped_autoattack_sanity_check_is_said_before_the_verdicts(tmp_path:
 
 
 def test_equal_within_the_margin_and_not_past_it(tmp_path: Path) -> None:
-    """Both robust on the same 300 of 400 points: a zero-width interval at 0 -> equal."""
+    """Both robust on the same 300 of 400 points: no discordant pair, so the interval is the exact
+    bound 400 agreeing points allow (+-0.92 pp, stats.exact_floor; it was a zero-width [0, 0]
+    before), inside +-2 pp -> equal. On 40 such points (+-8.8 pp) it is not."""
     correct, broken, _, _ = _many(400, 300, 300, 300)
     rows = [_row("cnn_small", "fgsm", correct, broken), _row("hqcnn", "fgsm", correct, broken, **HYBRID)]
     (r,) = _summarize(tmp_path, rows).tables.paired.iter_rows(named=True)
-    assert (r["low"], r["high"], r["verdict"]) == (0.0, 0.0, "equal")
+    bound = sps.binomtest(0, 400).proportion_ci().high
+    assert (r["low"], r["high"], r["verdict"]) == (pytest.approx(-bound), pytest.approx(bound), "equal")
+    correct, broken, _, _ = _many(40, 30, 30, 30)
+    rows = [_row("cnn_small", "fgsm", correct, broken), _row("hqcnn", "fgsm", correct, broken, **HYBRID)]
+    (r,) = _summarize(tmp_path / "few", rows).tables.paired.iter_rows(named=True)
+    assert (
+        r["high"] == pytest.approx(sps.binomtest(0, 40).proportion_ci().high) and r["verdict"] == "undecided"
+    )
 
 
 def test_the_procedure_question_with_one_seed_is_undecided(tmp_path: Path) -> None:
@@ -438,6 +448,11 @@ def test_controls_gain_source_from_intervals(tmp_path: Path) -> None:
         "the gain comes mainly from the quantum branch (with its fusion head) (quantum part: more robust;"
         in report
     )
+    # Holm's family is the verdicts (here the one "vs CNN"); the two controls are adjusted apart
+    p = {r["kind"]: (r["p_value"], r["p_holm"]) for r in s.tables.paired.iter_rows(named=True)}
+    assert p["vs CNN"][1] == pytest.approx(p["vs CNN"][0])
+    controls = ["vs backbone alone", "backbone alone vs CNN"]
+    assert [p[k][1] for k in controls] == pytest.approx(holm([p[k][0] for k in controls]))
 
 
 def _part(verdict: str, high: float) -> dict[str, Any]:
@@ -503,3 +518,77 @@ def test_a_hybrid_from_scratch_is_compared_with_its_backbone_once_and_that_is_it
     assert r["kind"] == "vs CNN" and r["equal_budget"]
     (g,) = gain_sources(s.tables.paired, 0.02).iter_rows(named=True)
     assert g["equal_budget"] == r["verdict"] == "more robust"
+
+
+def _trained_variants() -> list[tuple[str, str | None, dict[str, Any]]]:
+    """(model, control, train columns) as the grid writes them for a sweep with a standard CNN and
+    three hybrids from it that differ only in how they are trained (standard; PGD-AT at eps 0.1;
+    PGD-AT at eps 0.2), with their equal-budget backbones: the backbone alone, trained the
+    hybrid's way for the hybrid's whole budget. No training: the grid only."""
+    from qshield_dist.config import SweepConfig, validate
+    from qshield_dist.grid import build_grid
+    from qshield_dist.trial import _model_columns
+
+    hybrid = {"model": "hqcnn", "backbone": "cnn_small"}
+    sweep = SweepConfig(
+        name="budgets",
+        data={"dataset": "digits", "train_size": 100, "test_size": 60},
+        train={"epochs": 3, "batch_size": 32, "max_steps": 7},
+        eval={"attack_size": 32, "controls": ["equal_budget"]},
+        models=[
+            {"model": "cnn_small"},
+            hybrid,
+            {**hybrid, "train": {"method": "pgd_at", "eps": 0.1}},
+            {**hybrid, "train": {"method": "pgd_at", "eps": 0.2}},
+        ],
+        attacks=[{"name": "fgsm"}],
+        results_dir="unused",
+        checkpoint_dir="unused",
+    )
+    grid = build_grid(validate(sweep))
+    attacked = {(a.train.trial_id, a.control) for a in grid.attack}
+    out = []
+    for trial_id, control in sorted(attacked, key=str):
+        (t,) = [t for t in grid.train if t.trial_id == trial_id]
+        cols = _model_columns(t)
+        out.append((t.model.model, control, {k: cols[k] for k in ("train_method", "train_config")}))
+    return out
+
+
+def test_the_equal_budget_backbone_is_found_by_the_hybrids_training(tmp_path: Path) -> None:
+    """Two hybrids that differ only in their training (method, or the method's eps) each meet
+    their own equal-budget backbone, never another's: the control is looked up with the hybrid's
+    train_config (grid.equal_budget_train_config). Before, the key held the method but not its
+    settings, so both PGD-AT hybrids met one of the PGD-AT backbones (a dict keeps the last)."""
+    from qshield_dist.grid import equal_budget_train_config
+
+    variants = _trained_variants()
+    hybrids = [cols for model, _, cols in variants if model == "hqcnn"]
+    budgets = [cols for _, control, cols in variants if control == "equal_budget"]
+    assert len(hybrids) == len(budgets) == 3
+    # the summary's mapping gives exactly the train settings the grid gave each equal-budget backbone
+    assert {equal_budget_train_config(h["train_config"]) for h in hybrids} == {
+        b["train_config"] for b in budgets
+    }
+    n = 40
+    robust = {}  # each hybrid and its own equal-budget backbone robust on the same first k points
+    for k, h in zip((30, 20, 10), hybrids):
+        robust[h["train_config"]] = k
+        robust[equal_budget_train_config(h["train_config"])] = k
+    rows = []
+    for i, (model, control, cols) in enumerate(variants):
+        k = robust.get(cols["train_config"], 5)  # the plain CNN: robust on 5
+        extra = HYBRID if model == "hqcnn" else {}
+        ids = {"trial_id": f"A{i}", "train_id": f"T{i}"}
+        rows.append(_row(model, "fgsm", [1] * n, set(range(k, n)), control=control, **cols, **extra, **ids))
+    s = _summarize(tmp_path, rows)
+    budget_rows = s.tables.paired.filter(pl.col("kind") == "vs equal-budget backbone")
+    assert budget_rows.height == 3
+    config = dict(zip(s.tables.variants["vkey"], s.tables.variants["train_config"]))
+    for r in budget_rows.iter_rows(named=True):
+        assert config[r["b"]] == equal_budget_train_config(config[r["a"]])
+        assert (r["a_only"], r["b_only"]) == (0, 0)  # its own backbone: the same points robust
+    # the controls table too: one row per hybrid, its own backbone's ASR beside it
+    ctrl = s.tables.controls
+    assert ctrl.height == 3 and ctrl["vkey_h"].n_unique() == 3
+    assert ctrl["asr_equal_budget"].to_list() == pytest.approx(ctrl["asr_hybrid"].to_list())

@@ -28,8 +28,9 @@ ASSUMED_DISCORDANT = 0.10
 
 
 def _comparisons(cfg: SweepConfig, grid: Grid) -> int:
-    """How many comparisons the report will judge (Holm's family): the sweep's compare:, else
-    each hybrid variant against its dataset's CNN, each at every L-inf budget of its dataset."""
+    """How many comparisons the report will judge (Holm's family, as summary.verdicts.in_holm_family
+    defines it on the report's rows): the sweep's compare:, else each hybrid variant against its
+    dataset's CNN, each at every L-inf budget of its dataset."""
     linf = [t for t in grid.attack if ATTACKS[t.attack].threat_model == "linf"]
     budgets = max(1, len({(t.dataset, t.params_dict.get("eps")) for t in linf}))
     named = named_comparisons(validate(cfg))

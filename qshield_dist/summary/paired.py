@@ -16,7 +16,8 @@ so two models can be compared point by point:
   them out would compare a masked model's weakest attacks with the other's strongest. The
   statistics are stats.py's: each comparison answers both questions ("these trained models":
   stratified by seed, McNemar; "the training procedure": seeds as the unit, t interval), the
-  verdict rests on the one the report asks (`estimand`), Holm over the report.
+  verdict rests on the one the report asks (`estimand`), Holm over the report's verdicts (and
+  apart over its controls: verdicts.in_holm_family).
 - The verdict comes from the interval (stats.verdict) and is provisional unless each side's
   worst case includes AutoAttack at its authors' strength in the form that side needs
   (attack_params.completes_worst_case: standard / rand, through BPDA for a detached branch);
@@ -35,6 +36,7 @@ import polars as pl
 from qshield_dist.attack_params import ATTACKS, completes_worst_case, needed_autoattack
 from qshield_dist.summary import stats
 from qshield_dist.summary.load import VARIANT_KEYS, Results, collect, scan
+from qshield_dist.summary.verdicts import budget_train_config, holm_adjusted, verdict_kind
 from qshield_dist.vocabulary import (
     BACKBONE_ALONE_VS_CNN,
     BACKBONE_ONLY,
@@ -261,8 +263,9 @@ def _pairs_of(
         if a in by_vkey and b in by_vkey
     ]
     # Classical variants by what a hybrid's controls are: its backbone, trained the hybrid's way
+    # (its method and settings: train_config, so a PGD-trained hybrid never meets a standard one's)
     by = {
-        (r["dataset"], r["model"], r["train_method"], r["control"]): r
+        (r["dataset"], r["model"], r["train_method"], r["train_config"], r["control"]): r
         for r in variants.iter_rows(named=True)
         if r["entanglement"] is None
     }
@@ -279,7 +282,7 @@ def _pairs_of(
         )
         # a hybrid trained from scratch had its backbone's budget: the backbone alone is its control
         control = None if h["init"] == "scratch" else EQUAL_BUDGET
-        budget = by.get((h["dataset"], h["backbone"], h["train_method"], control))
+        budget = by.get((h["dataset"], h["backbone"], h["train_method"], budget_train_config(h), control))
         # ... and when that backbone is the CNN baseline itself, "vs CNN" is that comparison too
         same_budget = (
             named is None and budget is not None and base is not None and budget["vkey"] == base["vkey"]
@@ -317,7 +320,7 @@ def comparisons(
 ) -> pl.DataFrame:
     """One row per comparison and L-inf budget: robust accuracies, the paired difference A - B
     with its 95% interval and p-value for the question `estimand` (stats.MODELS or
-    stats.PROCEDURE; `diff`, `low`, `high`, `p_value`, Holm-adjusted over the whole report, and
+    stats.PROCEDURE; `diff`, `low`, `high`, `p_value`, Holm-adjusted in its family (verdicts.holm_adjusted), and
     the verdict rest on it), the other question's answer beside it (`models_*`, `procedure_*`;
     the procedure's is null with one seed), and what would decide it at the margin. `named`: the
     sweep's compare: pairs (vkeys), else each hybrid against its CNN baseline. `expected`: the
@@ -434,7 +437,7 @@ def comparisons(
         "equal_budget": pl.Boolean,  # also (or only) the hybrid's equal-budget comparison
     }
     out = pl.DataFrame(rows, schema=schema)
-    holm = stats.holm(out["p_value"].to_list())
+    holm = holm_adjusted(out["p_value"].to_list(), out["kind"].to_list(), verdict_kind(named is not None))
     verdicts = [
         "incomplete" if r["missing_a"] or r["missing_b"] else stats.verdict(r["low"], r["high"], p, margin)
         for r, p in zip(out.iter_rows(named=True), holm)

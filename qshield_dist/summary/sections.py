@@ -36,7 +36,8 @@ def robustness_section(tables: Tables, pivot: bool, figures: list[Figure], skipp
     sec.add(
         "Each cell: mean ± sample std (ddof=1) over seeds, in percent; with one seed, the value alone;"
         " [s = seeds when more than one, n = attacked samples summed over seeds]. "
-        "ASR = successful / attacked (correctly classified) samples, the paper's metric;"
+        "ASR = successful / attacked (correctly classified) samples, the paper's metric, over the seeds that"
+        " attacked any sample;"
         " robust accuracy = correct clean and not broken, over the shared attack set (the same points for every model). "
         f"{LOW} = a seed of this cell attacked fewer than {tables.min_samples} samples"
         " (kept in the mean, listed under Honesty). Attacks by name; their settings are in the attack-settings"
@@ -54,7 +55,10 @@ def robustness_section(tables: Tables, pivot: bool, figures: list[Figure], skipp
 
     def asr_cell(r: dict[str, Any]) -> str:
         low = LOW if r["n_low"] else ""
-        return f"{spread(r['asr_mean'], r['asr_std'], r['n_seeds'])} [{size(r['n_seeds'], r['n_attacked'])}]{low}"
+        if r["asr_mean"] is None:  # no seed attacked a point: ASR (broken / attacked) is undefined
+            return f"- (nothing attacked: no point correct clean) [{size(r['n_seeds'], 0)}]{low}"
+        asr = spread(r["asr_mean"], r["asr_std"], r["n_seeds_asr"])
+        return f"{asr} [{size(r['n_seeds'], r['n_attacked'])}]{low}"
 
     def robust_cell(r: dict[str, Any]) -> str:
         return spread(r["robust_mean"], r["robust_std"], r["n_seeds"])

@@ -50,8 +50,10 @@ def _how_to_read(tables: Tables) -> str:
         " is the first model's minus the second's, in percentage points, with its 95% interval for the question"
         f" the verdict answers: {_question(tables)} The other question's interval is shown beside it."
         " The verdict comes from the interval, never from the point estimate: more robust or less"
-        " robust when it excludes 0 and the Holm-adjusted p < 0.05 over this report's comparisons;"
-        f" equal when it lies inside ±{100 * tables.margin:g} pp; undecided otherwise, with what would decide it"
+        " robust when it excludes 0 and the Holm-adjusted p < 0.05 over this report's verdicts (the controls'"
+        " comparisons are adjusted apart, as a family of their own); equal when it lies inside"
+        f" ±{100 * tables.margin:g} pp (never on few agreeing points: an interval is never narrower than the"
+        " exact bound on the disagreement its points allow); undecided otherwise, with what would decide it"
         f" at that margin (power 0.8): points per seed at the seeds run ({MODELS}), seeds at the points"
         f" run ({PROCEDURE}). Provisional: a model's worst case lacks AutoAttack at its"
         " authors' strength in the form that model needs (standard on a deterministic model, rand on a"
@@ -382,6 +384,13 @@ def sequential_section(root: Path) -> Section | None:
         f" margin ±{100 * record['margin']:.1f} pp. Method: {record['method']}. Each interval is the repeated"
         " confidence interval of the look its decision was taken at (the last look for one still open):"
         " it holds at every look at once, so looking after every wave does not inflate false decisions."
+        + (
+            f" Holm's family: the {looks[-1]['holm_family']} comparison(s) of the report's verdicts, the same"
+            " family as their Holm-adjusted p in the verdicts' table; one not judged at a look (a side"
+            " lacking points) counts as not rejected."
+            if "holm_family" in looks[-1]
+            else ""
+        )
     )
     rows = [
         [

@@ -26,9 +26,13 @@ rule, so one interval answers three ways, as stats.verdict does for one look:
 Several comparisons: Holm's step-down over the comparisons' repeated p-values (the smallest
 level at which a comparison's interval has excluded 0 at some look so far; a valid p-value for
 the whole sequence, J&T sec. 9.5), done with boundaries at the Holm levels alpha/m, alpha/(m-1),
-..., alpha directly. A comparison not rejected is judged "equal" at the level Holm gives it at
-that look. Each false "more robust" / "less robust" thus has probability <= alpha/2 per direction
-over the family, and a false "equal" (|true difference| >= margin) <= alpha/2 per comparison.
+..., alpha directly, m the size of Holm's family (verdicts.in_holm_family: the report's verdicts,
+the same family as their Holm-adjusted p; one decide does not judge counts as never rejected).
+A comparison not rejected is judged "equal" at the level Holm gives it at that look. Each false
+"more robust" / "less robust" thus has probability <= alpha/2 per direction over the family, and
+a false "equal" (|true difference| >= margin) <= alpha/2 per comparison. With few or no
+discordant points the standard error is stats.stratified_difference's floored one, so an
+interval never collapses to a point on points that all agree.
 
 `price` gives the points per seed a decision costs, at a true difference equal to the margin,
 for --plan: the maximum, the expected (Monte Carlo over the normal approximation), and the power,
@@ -166,6 +170,7 @@ def decide(
     max_points: int,
     margin: float,
     alpha: float = ALPHA,
+    family_size: int | None = None,
 ) -> list[Decision]:
     """The decision on each comparison after the looks so far (see the module docstring).
 
@@ -173,6 +178,9 @@ def decide(
     permutation order, at least looks[-1] of them; look k uses the first looks[k] points of
     every seed. `looks`: points per seed at each look so far, increasing; the information
     fraction of a look is its points / `max_points`, and the look at `max_points` is the last.
+    `family_size`: the comparisons of Holm's family (verdicts.holm_family, the report's own), of
+    which `comparisons` are those judged here (default: just these); the others (a side lacking
+    points) count as never rejected, so the levels are those the report's Holm uses.
     A pure function: call it after every wave with everything so far; decisions taken at an
     earlier look stay as they were.
     """
@@ -180,6 +188,9 @@ def decide(
         raise ValueError(f"need 0 < alpha < 1 and 0 <= margin < 1; got alpha {alpha}, margin {margin}")
     fractions = _fractions(looks, max_points)
     m = len(comparisons)
+    big_m = m if family_size is None else family_size  # Holm's family: M >= the m judged
+    if big_m < m:
+        raise ValueError(f"family_size {family_size} is smaller than the {m} comparisons judged")
     est = np.empty((m, len(looks), 2))
     for i, seeds in enumerate(comparisons):
         for k, n in enumerate(looks):
@@ -191,13 +202,13 @@ def decide(
         z = np.where(se > 0, diff / se, np.sign(diff) * np.inf)
     taken: dict[int, Decision] = {}
     for k in range(len(looks)):
-        bounds = [np.asarray(boundaries(fractions[: k + 1], alpha / (m - j) / 2)) for j in range(m)]
+        bounds = [np.asarray(boundaries(fractions[: k + 1], alpha / (big_m - j) / 2)) for j in range(m)]
         # Holm over repeated p-values: reject every open comparison whose |Z| has reached the
         # boundary at the current Holm level at some look so far; repeat as the level rises.
         n_rejected = sum(d.decision in (MORE, LESS) for d in taken.values())
         while n_rejected < m:
             c = bounds[n_rejected]
-            level = alpha / (m - n_rejected)
+            level = alpha / (big_m - n_rejected)
             crossed = {i: np.flatnonzero(np.abs(z[i, : k + 1]) >= c) for i in range(m) if i not in taken}
             crossed = {i: looks_hit[0] for i, looks_hit in crossed.items() if len(looks_hit)}
             if not crossed:
@@ -211,12 +222,12 @@ def decide(
         j = min(n_rejected, m - 1)
         for i in range(m):
             if i not in taken:
-                d = _at(EQUAL, k, looks, diff[i], se[i], bounds[j][k], alpha / (m - j))
+                d = _at(EQUAL, k, looks, diff[i], se[i], bounds[j][k], alpha / (big_m - j))
                 if -margin <= d.low and d.high <= margin:
                     taken[i] = d
     last = len(looks) - 1
     n_rejected = min(sum(d.decision in (MORE, LESS) for d in taken.values()), m - 1)
-    level = alpha / (m - n_rejected)
+    level = alpha / (big_m - n_rejected)
     c_last = boundaries(fractions, level / 2)[last]
     state = UNDECIDED if looks[-1] == max_points else CONTINUE
     return [

@@ -25,6 +25,19 @@ A - B, in robust-accuracy units. Two questions differ, and each verdict says whi
     undefined for a seed without discordant pairs (variance 0, common on small sets) and
     would reweigh the seeds by how much A and B disagree, so the estimate would no longer be
     the reported mean over seeds.
+  **Few or no discordant pairs.** The Wald variance of a seed without any discordant pair is 0,
+  and with one to three it is smaller than what so few points can rule out, so the interval
+  would claim "equal" on ten agreeing points. Each seed's variance is therefore floored at the
+  variance whose 95% half-width is the exact (Clopper-Pearson) one-sided ALPHA/2 upper bound on
+  its discordance rate with no discordant pair, 1 - (ALPHA/2)^(1/n) (`exact_floor`): since
+  |A - B| <= the discordance rate, n points that all agree cannot rule out a true difference
+  that large. Combined over seeds like any within-seed variance; with S degenerate seeds of n
+  points the half-width (1 - (ALPHA/2)^(1/n)) / sqrt(S) is never below the exact bound of the
+  pooled S n points (which holds over unequal seeds too: a sum of binomials of unequal rates is
+  more concentrated than one binomial of their mean, Hoeffding 1956, Ann Math Stat 27:713). The
+  floor binds only with at most 3 discordant pairs in a seed (the Wald variance of D discordant
+  pairs in n is about D / n^2; the floor's (3.69 / 1.96)^2 / n^2 = 3.5 / n^2): more discordance
+  never makes an interval narrower than none would. The interval is clipped to [-1, 1].
   It is valid when the seeds' point sets are independent samples (disjoint slices of one
   permutation); with today's overlapping per-seed sets the seeds share points, which this
   analysis ignores. It does not generalise to other training runs: with a between-seed
@@ -40,12 +53,17 @@ A - B, in robust-accuracy units. Two questions differ, and each verdict says whi
   3 seeds it made false decisions 0.0 % and took nearly all the power, since a t test's
   rejections at 2 df come mostly from seeds that happen to agree. Only when the per-seed
   differences are all equal (no spread at all) does the within-seed variance stand in.
-  Undefined with one seed: that verdict is undecided.
+  Undefined with one seed: that verdict is undecided. The within-seed variances are the floored
+  ones above, so with every seed's difference equal and no discordant pair the interval still
+  has the width the points allow (never zero).
 - `points_needed` (these models): points per seed, at the given number of seeds, for a
   two-sided test at ALPHA to find a true difference equal to the equivalence margin with
   POWER (statsmodels' TTestPower on the per-point differences; the per-seed count is the
   total / seeds). `seeds_needed` (the procedure): seeds, at the points per seed observed,
-  for the same at the spread of the per-seed differences (TTestPower over seeds).
+  for the same at the spread of the per-seed differences (TTestPower over seeds). At a true
+  difference equal to the margin m at least a share m of the points are discordant, so the
+  per-point differences' variance is at least m (1 - m) (`margin_sd`): both use that as their
+  floor, and never answer "decided as it is" because nothing differed so far.
 - `holm`: Holm's step-down adjustment of the p-values of one report (statsmodels).
 
 The hierarchical percentile bootstrap this replaces had at most 10 distinct outer resamples
@@ -116,27 +134,41 @@ def _as_pairs(seeds: Seeds) -> list[tuple[np.ndarray, np.ndarray]]:
     return pairs
 
 
+def exact_floor(n: np.ndarray | float) -> np.ndarray | float:
+    """The exact (Clopper-Pearson) one-sided ALPHA/2 upper bound on a discordance rate when none
+    of n points is discordant, 1 - (ALPHA/2)^(1/n) = beta.ppf(1 - ALPHA/2, 1, n): the largest
+    |A - B| that n agreeing points cannot rule out (the module docstring)."""
+    return 1.0 - (ALPHA / 2) ** (1.0 / np.asarray(n, dtype=float))
+
+
 def _within(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per seed: points, mean difference, and the variance of that mean (per-point variance / n)."""
+    """Per seed: points, mean difference, and the variance of that mean (per-point variance / n),
+    floored at (exact_floor(n) / z)^2 so that a seed with few or no discordant pairs keeps the
+    width its points allow (module docstring)."""
     n = np.array([len(a) for a, _ in pairs], dtype=float)
     diffs = [a - b for a, b in pairs]
     mean = np.array([d.mean() for d in diffs])
     var = np.array([d.var(ddof=1) / len(d) if len(d) > 1 else 0.0 for d in diffs])
-    return n, mean, var
+    return n, mean, np.maximum(var, (exact_floor(n) / _Z) ** 2)
 
 
 def stratified_difference(seeds: Seeds) -> tuple[float, float]:
     """The "these trained models" estimate and its standard error (see the module docstring):
-    the points-weighted mean of the per-seed differences, within-seed variances only."""
+    the points-weighted mean of the per-seed differences, within-seed variances only (floored:
+    never 0)."""
     n, mean, var = _within(_as_pairs(seeds))
     w = n / n.sum()
     return float(w @ mean), float(math.sqrt(w**2 @ var))
 
 
+def _clipped(estimand: str, diff: float, half: float, p: float) -> Answer:
+    """diff +- half within [-1, 1], where a difference of two accuracies lies."""
+    return Answer(estimand, diff, max(-1.0, diff - half), min(1.0, diff + half), p)
+
+
 def _models(pairs: list[tuple[np.ndarray, np.ndarray]], a_only: int, b_only: int) -> Answer:
     diff, se = stratified_difference(pairs)
-    half = _Z * se
-    return Answer(MODELS, diff, diff - half, diff + half, mcnemar_exact(a_only, b_only))
+    return _clipped(MODELS, diff, _Z * se, mcnemar_exact(a_only, b_only))
 
 
 def _procedure(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Answer | None:
@@ -146,12 +178,11 @@ def _procedure(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Answer | None:
         return None
     diff = float(mean.mean())
     spread = float(mean.var(ddof=1)) if np.ptp(mean) > 0 else 0.0
-    se = math.sqrt(spread / s if spread > 0 else var.sum() / s**2)  # no spread: the points' noise
-    if se == 0:  # every point of every seed agrees: nothing varies
-        return Answer(PROCEDURE, diff, diff, diff, 1.0 if diff == 0 else 0.0)
+    # no spread: the points' noise (floored, so never 0: every point agreeing is no certainty)
+    se = math.sqrt(spread / s if spread > 0 else var.sum() / s**2)
     half = stats.t.isf(ALPHA / 2, s - 1) * se
     p = 2 * stats.t.sf(abs(diff) / se, s - 1)
-    return Answer(PROCEDURE, diff, diff - half, diff + half, float(p))
+    return _clipped(PROCEDURE, diff, half, float(p))
 
 
 def compare(seeds: Seeds) -> Paired:
@@ -187,32 +218,37 @@ def _solve_n(effect: float) -> float:
     )
 
 
+def margin_sd(margin: float) -> float:
+    """The smallest standard deviation of the per-point differences at a true difference equal to
+    `margin`: at least a share `margin` of points are then discordant, and the variance of a
+    -1/0/1 difference is its discordance less its mean squared, >= margin (1 - margin)."""
+    return math.sqrt(margin * (1 - margin))
+
+
 def points_needed(seeds: Seeds, margin: float) -> float:
     """Points per seed, at this many seeds, for "these trained models" to find a true
-    difference equal to `margin` at ALPHA with POWER (the per-point differences' pooled
-    within-seed spread); the current points per seed when no point differs."""
+    difference equal to `margin` at ALPHA with POWER, from the per-point differences' pooled
+    within-seed spread, never below margin_sd (so with no point differing so far, the points
+    that spread at the margin needs, not the points at hand)."""
     pairs = _as_pairs(seeds)
-    n, _, var = _within(pairs)
-    sd = math.sqrt(float((var * n) @ n / n.sum()))  # pooled per-point variance, points-weighted
-    if sd == 0:
-        return float(n.min())
+    n = np.array([len(a) for a, _ in pairs], dtype=float)
+    var = np.array([np.var(a - b, ddof=1) if len(a) > 1 else 0.0 for a, b in pairs])
+    sd = max(math.sqrt(float(var @ n / n.sum())), margin_sd(margin))  # pooled, points-weighted
     return float(math.ceil(_solve_n(margin / sd) / len(pairs)))
 
 
 def seeds_needed(seeds: Seeds, margin: float) -> float:
     """Seeds, at the points per seed observed, for "the training procedure" to find a true
     difference equal to `margin` at ALPHA with POWER, from the spread of the per-seed
-    differences (the within-seed spread when they all agree); NaN with one seed (no spread to
-    go on), the current seeds when nothing varies."""
+    differences (the within-seed spread when they all agree), never below a seed's spread at
+    the margin (margin_sd / sqrt(points)); NaN with one seed (no spread to go on)."""
     pairs = _as_pairs(seeds)
-    _, mean, var = _within(pairs)
+    n, mean, var = _within(pairs)
     s = len(mean)
     if s < 2:
         return math.nan
     spread = float(mean.var(ddof=1)) if np.ptp(mean) > 0 else 0.0
-    sd = math.sqrt(spread if spread > 0 else float(var.mean()))
-    if sd == 0:
-        return float(s)
+    sd = max(math.sqrt(spread if spread > 0 else float(var.mean())), margin_sd(margin) / math.sqrt(n.mean()))
     return float(max(2, math.ceil(_solve_n(margin / sd))))
 
 

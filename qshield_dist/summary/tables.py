@@ -240,9 +240,12 @@ def _attack_queries(res: Results, min_samples: int) -> dict[str, pl.LazyFrame]:
             n_attacked=pl.col("n_attacked").sum(),
             n_attacked_min=pl.col("n_attacked").min(),
             n_success=pl.col("n_success").sum(),
-            asr_mean=pl.col("asr").mean(),
-            asr_std=pl.col("asr").std(ddof=1),
-            asr_worst_mean=pl.col("asr_worst").mean(),
+            # ASR over the seeds that attacked any point (a seed whose every point was wrong clean
+            # has none: it adds nothing, never a NaN); null when no seed attacked a point
+            asr_mean=pl.col("asr").filter(pl.col("n_attacked") > 0).mean(),
+            asr_std=pl.col("asr").filter(pl.col("n_attacked") > 0).std(ddof=1),
+            asr_worst_mean=pl.col("asr_worst").filter(pl.col("n_attacked") > 0).mean(),
+            n_seeds_asr=(pl.col("n_attacked") > 0).sum().cast(pl.UInt32),
             robust_mean=pl.col("robust_acc").mean(),
             robust_std=pl.col("robust_acc").std(ddof=1),
             n_low=(pl.col("n_attacked") < min_samples).sum(),

@@ -5,20 +5,22 @@ hybrid's gain comes from (its controls).
 Shape: functions that take Polars frames (the long-form tables of tables.py) and return
 frames. A judgement made per row and again per variant (cost driver, gain source) has its
 rule in one Polars expression that both levels apply; its wording lives next to the rule.
-Numbers are formatted for the report in sections.py. This module imports only load.py and
-stats.py, so tables.py can call it.
+Numbers are formatted for the report in sections.py. This module imports only load.py,
+stats.py and grid.py (an equal-budget control's train settings), so tables.py and paired.py can
+call it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import polars as pl
 
+from qshield_dist.grid import equal_budget_train_config
 from qshield_dist.summary.load import VARIANT_KEYS
-from qshield_dist.summary.stats import MODELS, PROCEDURE
+from qshield_dist.summary.stats import MODELS, PROCEDURE, holm
 from qshield_dist.vocabulary import (
     BACKBONE_ALONE_VS_CNN,
     BACKBONE_ONLY,
@@ -85,6 +87,34 @@ def baseline_rows(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
     return rob.filter(pl.col("vkey").is_in(list(baselines.values()))).unique(
         ["dataset", "attack_label"], keep="first"
     )
+
+
+# ---------------------------------------------------------------- Holm's family
+def verdict_kind(named: bool) -> str:
+    """The kind of the report's verdicts: each hybrid against its CNN, or the sweep's compare:."""
+    return VS_NAMED if named else VS_CNN
+
+
+def in_holm_family(kinds: Sequence[str | None], kind: str) -> list[bool]:
+    """Which comparisons form Holm's family: the report's verdicts (`kind`, verdict_kind), at every
+    L-inf budget, complete or not (an incomplete one counts, as never rejected). It is the one
+    family of the report's Holm-adjusted p (`holm_adjusted`), of decide.py's sequential Holm
+    (decisions.json) and of --plan's price (plan/decision.py counts the same comparisons). The
+    controls (vs backbone alone, vs equal budget, backbone alone vs CNN, vs fixed randomness) ask
+    another question, where a gain comes from, and are adjusted as a family of their own."""
+    return [k == kind for k in kinds]
+
+
+def holm_adjusted(p_values: Sequence[float], kinds: Sequence[str | None], kind: str) -> list[float]:
+    """Holm-adjusted p-values in the order given: within the verdicts' family (in_holm_family)
+    and, apart, within the controls'."""
+    family = in_holm_family(kinds, kind)
+    out = [math.nan] * len(p_values)
+    for member in (True, False):
+        where = [i for i, f in enumerate(family) if f == member]
+        for i, p in zip(where, holm([p_values[i] for i in where])):
+            out[i] = p
+    return out
 
 
 # ---------------------------------------------------------------- verdicts
@@ -327,6 +357,16 @@ def variant_cost_drivers(compared: pl.DataFrame) -> pl.DataFrame:
 
 
 # ---------------------------------------------------------------- controls: where the gain comes from
+def budget_train_config(hybrid: dict[str, Any]) -> str | None:
+    """The train_config of a hybrid's equal-budget backbone (with train_method, its key beside
+    the model): a hybrid from scratch had its backbone's budget, so its backbone trained its own
+    way (the same settings); one from its baseline, the backbone trained for both runs
+    (grid.equal_budget_train). paired.py and `controls` find the control by it."""
+    if hybrid["init"] == "scratch":
+        return hybrid["train_config"]
+    return equal_budget_train_config(hybrid["train_config"])
+
+
 _CONTROL_COLUMNS = [
     "dataset",
     "attack_label",
@@ -370,11 +410,14 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
             "init",
             pl.col("model").alias("backbone"),
             "train_method",
+            pl.col("train_config").alias("budget_config"),
             "attack_label",
             pl.col("asr_mean").alias("asr_equal_budget"),
         )
-        .unique(["dataset", "init", "backbone", "train_method", "attack_label"])
+        .unique(["dataset", "init", "backbone", "train_method", "budget_config", "attack_label"])
     )
+    budget_config = [budget_train_config(r) for r in hyb.select("init", "train_config").iter_rows(named=True)]
+    hyb = hyb.with_columns(pl.Series("budget_config", budget_config, pl.String))
     base = baseline_rows(rob, baselines).select(
         "dataset", "attack_label", pl.col("asr_mean").alias("asr_baseline")
     )
@@ -382,6 +425,7 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         hyb.select(
             *same_variant,
             "vkey",
+            "budget_config",
             "attack_label",
             "attack_rank",
             "n_seeds",
@@ -391,7 +435,7 @@ def controls(rob: pl.DataFrame, baselines: dict[str, str]) -> pl.DataFrame:
         .join(ctrl, on=[*same_variant, "attack_label"], how="left", nulls_equal=True)
         .join(
             eq,
-            on=["dataset", "init", "backbone", "train_method", "attack_label"],
+            on=["dataset", "init", "backbone", "train_method", "budget_config", "attack_label"],
             how="left",
             nulls_equal=True,
         )
