@@ -31,7 +31,7 @@ from qshield_dist import code_snapshot
 from qshield_dist.attack_params import ATTACKS, params_text
 from qshield_dist.datasets import DATASETS, check_available
 from qshield_dist.quantum.spec import CircuitSpec
-from qshield_dist.randomness import hybrid_is_stochastic
+from qshield_dist.randomness import hybrid_is_stochastic, samples_trajectories
 from qshield_dist.vocabulary import (
     ACCELERATORS,
     ATTACK_PRESETS,
@@ -44,6 +44,7 @@ from qshield_dist.vocabulary import (
     ENCODINGS,
     ENTANGLEMENTS,
     EXECUTORS,
+    FIXED_RANDOMNESS,
     FUSIONS,
     GRADIENT_MASKING_CHECKS,
     INITS,
@@ -796,7 +797,9 @@ def validate(cfg: SweepConfig) -> SweepSpec:
     _check_compare(cfg, {e.name for e in entries if e.name is not None})
     for name in cfg.datasets:
         for e in entries:
-            _check_quantum(e.model.resolved(DATASETS[name].classes), e.index, cfg, e.train)
+            resolved = e.model.resolved(DATASETS[name].classes)
+            _check_quantum(resolved, e.index, cfg, e.train)
+            _check_fixed_randomness(resolved, e.index, cfg)
     return SweepSpec(
         cfg,
         tuple(e.model for e in entries),
@@ -956,6 +959,30 @@ def _cuda_problems(spec: SweepSpec) -> list[str]:
         " on nodes with GPUs)"
         for stage, res in cuda.items()
     ]
+
+
+def _check_fixed_randomness(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
+    """`eval.controls: [fixed_randomness]` freezes a hybrid's own draws (its random projection
+    and input noise, models/hybrid.py: HQCNN.fix_randomness); a model whose randomness it cannot
+    freeze is refused here, not left to fail in each of its control trials."""
+    if FIXED_RANDOMNESS not in cfg.eval.controls:
+        return
+    if spec.custom is not None and spec.custom.stochastic:
+        raise ConfigError(
+            f"models[{index}].stochastic: got true: eval.controls has '{FIXED_RANDOMNESS}', which cannot"
+            " freeze a custom model's own randomness (it has no generator the project owns); allowed:"
+            f" remove '{FIXED_RANDOMNESS}' from eval.controls, or run this model in a sweep without it"
+        )
+    if spec.model == "hqcnn" and samples_trajectories(
+        spec.circuit(), spec.simulator, spec.device, spec.trajectories
+    ):
+        raise ConfigError(
+            f"models[{index}].trajectories: got {spec.trajectories}: eval.controls has '{FIXED_RANDOMNESS}',"
+            " which freezes a hybrid's projection and input noise but not the Monte-Carlo trajectories"
+            f" its quantum layer samples (simulator qnode on '{spec.device}'); allowed: trajectories: 0"
+            " with an exact simulator (simulator: compiled, or device: default.mixed), or remove"
+            f" '{FIXED_RANDOMNESS}' from eval.controls"
+        )
 
 
 def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig, train: TrainConfig) -> None:
