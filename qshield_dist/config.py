@@ -780,6 +780,7 @@ class SweepSpec:
     # its entry's name. Left out: the sweep's train config, no names.
     trains: tuple[TrainConfig, ...] = ()
     names: tuple[str | None, ...] = ()
+    indices: tuple[int, ...] = ()  # each model's entry in `models:` (what errors name)
 
     def train_of(self, i: int) -> TrainConfig:
         return self.trains[i] if self.trains else self.config.train
@@ -806,6 +807,7 @@ def validate(cfg: SweepConfig) -> SweepSpec:
         tuple(parse_attacks(cfg)),
         tuple(e.train for e in entries),
         tuple(e.name for e in entries),
+        tuple(e.index for e in entries),
     )
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from qshield_dist import code_snapshot, executors
 from qshield_dist.attack_params import budget_reachable
-from qshield_dist.config import ConfigError, SweepConfig, check_availability, parse_models, validate
+from qshield_dist.config import ConfigError, SweepConfig, SweepSpec, check_availability, validate
 from qshield_dist.datasets import DATASETS
 from qshield_dist.executors import Executor, Job, ProgressSink
 from qshield_dist.executors.local import LocalExecutor, available_cpus
@@ -344,26 +344,30 @@ def prepare(cfg: SweepConfig, require_available: bool = True) -> Grid:
         raise ConfigError("\n".join(problems))
     for problem in problems:
         log.warning("not available on this machine: %s", problem)
-    check_custom_models(cfg)
+    check_custom_models(spec)
     grid = build_grid(spec)
     _warn_unreachable_budgets(grid)
     return grid
 
 
-def check_custom_models(cfg: SweepConfig) -> None:
-    """Each custom model imports, builds and maps a dummy batch of each dataset's shape to
-    logits of the right shape, on the CPU here (models/custom.py): ConfigError naming the entry."""
-    custom = [(e.index, e.model.custom) for e in parse_models(cfg) if e.model.custom is not None]
+def check_custom_models(spec: SweepSpec) -> None:
+    """Each custom model imports from a snapshot of its code (what its trials import), builds,
+    and maps a dummy batch of each dataset's shape to logits of the right shape, on the CPU here
+    (models/custom.py): ConfigError naming the entry."""
+    custom = {}  # one check per distinct custom model (an axis of another field repeats it)
+    for index, model in zip(spec.indices, spec.models):
+        if model.custom is not None:
+            custom.setdefault(model.custom, index)
     if not custom:
         return
     from qshield_dist.models.custom import CustomModelError, check_custom  # torch: only for them
 
-    for index, spec in custom:
-        for name in cfg.datasets:
+    for model, index in custom.items():
+        for name in spec.config.datasets:
             try:
-                check_custom(spec, DATASETS[name])
+                check_custom(model, DATASETS[name])
             except CustomModelError as exc:
-                value = getattr(spec, exc.key)
+                value = getattr(model, exc.key)
                 raise ConfigError(
                     f"models[{index}].{exc.key}: got {value!r}: {exc} (dataset {name})"
                 ) from None
