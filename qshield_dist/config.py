@@ -78,7 +78,8 @@ class CustomSpec(_Strict):
     """The user's own model (`model: custom`; models/custom.py states the contract). `factory`
     and `differentiable_twin` are `package.module:function` or `path/to/file.py:function`, both
     in one source tree (code_snapshot.py: paths are relative to the working directory).
-    `code` and `weights_sha256` are filled by `validate`: the ids hash them, never a path."""
+    `code` and `weights_sha256` are filled by `validate`: the ids hash them, never a path.
+    Validation only reads the files; the launcher copies them (code_snapshot.take_snapshot)."""
 
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -108,18 +109,6 @@ class CustomSpec(_Strict):
 
     def __hash__(self) -> int:  # kwargs is a dict: hash its canonical JSON
         return hash(json.dumps(self.model_dump(), sort_keys=True))
-
-    def take_snapshot(self, results_dir: str | Path, mode: int) -> None:
-        """Copy its code and weights under `results_dir`, where its trials import and load them
-        (code_snapshot.py); SourceError if they changed since `validate` read them."""
-        tree, _ = code_snapshot.source_trees(self.factory, self.differentiable_twin)
-        if tree.digest != self.code:
-            raise code_snapshot.SourceError(
-                f"its code changed while the sweep was being launched ({tree.root}): launch it again"
-            )
-        code_snapshot.write_snapshot(tree, results_dir, mode)
-        if self.weights is not None and self.weights_sha256 is not None:
-            code_snapshot.write_weights(Path(self.weights), self.weights_sha256, results_dir, mode)
 
 
 class ModelSpec(_Strict):

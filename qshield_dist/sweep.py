@@ -378,7 +378,7 @@ def snapshot_custom_code(grid: Grid, results_dir: Path, mode: int) -> None:
     load (code_snapshot.py). ConfigError if they changed since the ids were made."""
     for custom in {t.model.custom for t in grid.train if t.model.custom is not None}:
         try:
-            custom.take_snapshot(results_dir, mode)
+            code_snapshot.take_snapshot(custom, results_dir, mode)
         except code_snapshot.SourceError as exc:
             raise ConfigError(f"models: factory '{custom.factory}': {exc}") from None
 

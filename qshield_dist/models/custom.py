@@ -148,7 +148,7 @@ def check_custom(custom: CustomSpec, info: DatasetInfo) -> None:
     right shape (and so does its twin). CustomModelError names the key at fault."""
     with tempfile.TemporaryDirectory(prefix="qshield-check-") as tmp:
         try:
-            custom.take_snapshot(tmp, 0o600)
+            code_snapshot.take_snapshot(custom, tmp, 0o600)
         except code_snapshot.SourceError as exc:
             raise CustomModelError("factory", str(exc)) from None
         model = build_custom(custom, code_snapshot.snapshot_root(tmp))
