@@ -407,6 +407,11 @@ class EvalConfig(_Strict):
         points = self.pool_size(dataset) if self.attack_size == ALL else self.attack_size
         return -(-points // self.shard_stride(dataset))
 
+    def restart_points(self, dataset: str) -> int:
+        """The points restart_sensitivity attacks (those of them the model gets right clean):
+        the first shard of the shared attack set."""
+        return self.shard_stride(dataset)
+
     @property
     def diagnostic_names(self) -> tuple[str, ...]:
         if self.diagnostics is True:

@@ -32,8 +32,10 @@ from qshield_dist.vocabulary import (
     CHECKS_ON_ATTACK_ROWS,
     CPU,
     DETERMINISTIC_CONTROLS,
+    DIAGNOSTICS,
     EQUAL_BUDGET,
     FIXED_RANDOMNESS,
+    RESTART,
 )
 
 V = TypeVar("V")
@@ -200,6 +202,9 @@ _EVAL_NOT_RESULTS = frozenset({"controls", "diagnostics", "until_decided"})
 # What an attack trial does not read: the diagnostics' sample, and how many shards there are
 # (its own shard's index and size are hashed instead).
 _EVAL_NOT_ATTACK = _EVAL_NOT_RESULTS | {"diagnostic_size", "attack_size", "shard_size"}
+# What a diagnostic trial does not read: how many points the attacks cover (its checks are
+# hashed, restart_sensitivity's points when it runs, and the attack trials a check compares).
+_EVAL_NOT_DIAGNOSTIC = _EVAL_NOT_RESULTS | {"attack_size", "shard_size"}
 # Read only for a stochastic model (evaluations per point).
 _EVAL_STOCHASTIC_ONLY = frozenset({"eval_repeats"})
 
@@ -361,14 +366,17 @@ class AttackTrial:
 
 @dataclass(frozen=True)
 class DiagnosticTrial:
-    """Gradient-masking checks for one trained model; after its attack trials only when a check
-    compares their rows (`attack_ids` is empty otherwise)."""
+    """Gradient-masking checks for one trained model. A model has up to two: the checks that
+    compare its attack rows (CHECKS_ON_ATTACK_ROWS), after its attack trials (`attack_ids`), and
+    the checks that attack the model themselves, which read no attack row (`attack_ids` empty):
+    so a larger attack set (a sequential look) re-runs only the cheap comparisons."""
 
     train: TrainTrial
     attack_ids: tuple[str, ...]  # the model's attack trials whose rows the checks compare, if any
     eval: EvalConfig
     threads: int = 1
     accelerator: str = CPU
+    checks: tuple[str, ...] = ()  # the checks it runs, in DIAGNOSTICS' order
     version: int = _current_version("diagnostic")
     stage: str = field(default="diagnostic", init=False)
 
@@ -382,9 +390,20 @@ class DiagnosticTrial:
             "threads": self.threads,
             "train": self.train.trial_id,
             "attacks": sorted(self.attack_ids),
-            "eval": _eval_identity(self.eval, _EVAL_NOT_RESULTS, self.train.stochastic),
-            **_given(accelerator=_on(self.accelerator)),
+            "checks": list(self.checks),
+            "eval": _eval_identity(self.eval, self._not_read, self.train.stochastic),
+            **_given(
+                # the points it attacks: a slice of the permutation, never attack_size itself
+                restart_points=self.eval.restart_points(self.dataset) if RESTART in self.checks else None,
+                accelerator=_on(self.accelerator),
+            ),
         }
+
+    @property
+    def _not_read(self) -> frozenset[str]:
+        """The eval fields its checks do not read: comparisons of attack rows alone take no sample."""
+        on_rows_only = set(self.checks) <= set(CHECKS_ON_ATTACK_ROWS)
+        return _EVAL_NOT_DIAGNOSTIC | {"diagnostic_size"} if on_rows_only else _EVAL_NOT_DIAGNOSTIC
 
     @cached_property
     def trial_id(self) -> str:
@@ -554,13 +573,17 @@ def _expand(spec: SweepSpec) -> Grid:
                                 if control is None:
                                     own_attacks.setdefault(target.trial_id, []).append(a.trial_id)
     diagnostic = []
-    if cfg.eval.diagnostics:
-        on_rows = bool(set(cfg.eval.diagnostic_names) & set(CHECKS_ON_ATTACK_ROWS))
-        for train_id, attack_ids in own_attacks.items():
-            inputs = tuple(attack_ids) if on_rows else ()  # no wait for attacks it does not read
-            diagnostic.append(
-                DiagnosticTrial(train[train_id], inputs, cfg.eval, diagnostic_threads, on_diagnostic)
-            )
+    names = cfg.eval.diagnostic_names
+    on_model = tuple(c for c in DIAGNOSTICS if c in names and c not in CHECKS_ON_ATTACK_ROWS)
+    on_rows = tuple(c for c in DIAGNOSTICS if c in names and c in CHECKS_ON_ATTACK_ROWS)
+    for train_id, attack_ids in own_attacks.items():
+        for checks, inputs in ((on_model, ()), (on_rows, tuple(attack_ids))):
+            if checks:  # the model's own checks wait for no attack: they read none of their rows
+                diagnostic.append(
+                    DiagnosticTrial(
+                        train[train_id], inputs, cfg.eval, diagnostic_threads, on_diagnostic, checks
+                    )
+                )
     return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 

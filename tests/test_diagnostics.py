@@ -286,10 +286,13 @@ def test_a_diagnostic_waits_for_the_attacks_only_when_a_check_reads_their_rows()
             "attacks": [{"name": "fgsm"}, {"name": "pgd"}],
         }
         grid = build_grid(validate(SweepConfig(**sweep)))
-        (trial,) = grid.diagnostic
-        return trial, {a.trial_id for a in grid.attack}
+        return grid.diagnostic, {a.trial_id for a in grid.attack}
 
-    alone, attacks = diagnostic(["restart_sensitivity"])
-    assert alone.deps == (alone.train.trial_id,)
-    reading, attacks = diagnostic(["restart_sensitivity", "iterative_ge_single_step"])
+    (alone,), attacks = diagnostic(["restart_sensitivity"])
+    assert alone.deps == (alone.train.trial_id,) and alone.checks == ("restart_sensitivity",)
+    # with a check on the attack rows beside it: that check is a trial of its own, after the
+    # attacks; restart_sensitivity still runs beside them
+    (model, reading), attacks = diagnostic(["restart_sensitivity", "iterative_ge_single_step"])
+    assert model.deps == (model.train.trial_id,) and model.checks == ("restart_sensitivity",)
     assert set(reading.deps) == {reading.train.trial_id, *attacks}
+    assert reading.checks == ("iterative_ge_single_step",)
