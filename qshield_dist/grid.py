@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.code_snapshot import parse_ref
-from qshield_dist.config import CustomSpec, EvalConfig, ModelSpec, SweepSpec, TrainConfig
+from qshield_dist.config import CustomSpec, EvalConfig, ModelSpec, SweepConfig, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
 from qshield_dist.results.current import STAGE_VERSIONS
 from qshield_dist.vocabulary import (
@@ -431,27 +431,53 @@ def variant_id(train: TrainTrial, control: str | None) -> str:
 def named_comparisons(spec: SweepSpec) -> list[tuple[str, str, str]]:
     """The sweep's `compare:` as (dataset, variant id of A, variant id of B): every variant of
     each entry it names (each point of its axes) against every variant of each entry it is
-    compared with, per dataset; empty without `compare:`."""
+    compared with, per dataset; empty without `compare:`. The variants are those the grid
+    trains (resolved_models, train_trial)."""
     cfg = spec.config
     out: list[tuple[str, str, str]] = []
     for dataset in cfg.datasets:
-        info = DATASETS[dataset]
         by_name: dict[str, list[str]] = {}
-        for i, (model, name) in enumerate(zip(spec.models, spec.names)):
+        for (model, train_cfg), name in zip(resolved_models(spec, dataset), spec.names):
             if name is not None:
-                trial = TrainTrial(
-                    dataset,
-                    model.resolved(info.classes),
-                    spec.train_of(i).resolved(info.paper_eps),
-                    0,
-                    cfg.data.train_size,
-                    cfg.data.test_size,
-                )
+                trial = train_trial(cfg, dataset, model, train_cfg, seed=0)  # the variant leaves out the seed
                 by_name.setdefault(name, []).append(variant_id(trial, None))
         for pair in cfg.compare:
             for a in (v for n in pair.models for v in by_name[n]):
                 out += [(dataset, a, b) for n in pair.against for b in by_name[n] if b != a]
     return out
+
+
+def resolved_models(spec: SweepSpec, dataset: str) -> list[tuple[ModelSpec, TrainConfig]]:
+    """Each model of the sweep, in its order, resolved for `dataset`, with its resolved training."""
+    info = DATASETS[dataset]
+    return [
+        (raw.resolved(info.classes), spec.train_of(i).resolved(info.paper_eps))
+        for i, raw in enumerate(spec.models)
+    ]
+
+
+def train_trial(
+    cfg: SweepConfig,
+    dataset: str,
+    model: ModelSpec,
+    train_cfg: TrainConfig,
+    seed: int,
+    baseline_id: str | None = None,
+) -> TrainTrial:
+    """The train trial of a resolved model: the sweep's data sizes, and its train stage's
+    threads and accelerator (auto resolved from what the stage reserves)."""
+    res = cfg.resources.train
+    return TrainTrial(
+        dataset,
+        model,
+        train_cfg,
+        seed,
+        cfg.data.train_size,
+        cfg.data.test_size,
+        baseline_id,
+        threads=res.resolved_threads,
+        accelerator=res.resolved_accelerator,
+    )
 
 
 @dataclass
@@ -481,9 +507,7 @@ def _expand(spec: SweepSpec) -> Grid:
     # control also by whether the hybrid was pre-trained. Made once each, not once per hybrid.
     alone: dict[tuple[Any, ...], TrainTrial] = {}
     # auto resolves here, from what each stage reserves, and so do threads (its whole cores)
-    on_train = cfg.resources.train.resolved_accelerator
     on_attack = cfg.resources.attack.resolved_accelerator
-    train_threads = cfg.resources.train.resolved_threads
     attack_threads = cfg.resources.attack.resolved_threads
     on_diagnostic = cfg.resources.of("diagnostic").resolved_accelerator
     diagnostic_threads = cfg.resources.of("diagnostic").resolved_threads
@@ -491,20 +515,12 @@ def _expand(spec: SweepSpec) -> Grid:
     def add(trial: TrainTrial) -> TrainTrial:
         return train.setdefault(trial.trial_id, trial)
 
-    def train_trial(
-        dataset: str, model: ModelSpec, train_cfg: TrainConfig, seed: int, baseline_id: str | None = None
-    ) -> TrainTrial:
-        sizes = (cfg.data.train_size, cfg.data.test_size)
-        return TrainTrial(
-            dataset, model, train_cfg, seed, *sizes, baseline_id, threads=train_threads, accelerator=on_train
-        )
-
     def trained_alone(dataset: str, seed: int, name: str, train_cfg: TrainConfig) -> TrainTrial:
         """A classical model trained alone: a hybrid's baseline (with the hybrid's training
         method) or a transfer surrogate (with the sweep's)."""
-        key = (dataset, seed, name, id(train_cfg))
+        key = (dataset, seed, name, canonical_json(changed_fields(train_cfg)))
         if key not in alone:
-            alone[key] = add(train_trial(dataset, ModelSpec(model=name), train_cfg, seed))
+            alone[key] = add(train_trial(cfg, dataset, ModelSpec(model=name), train_cfg, seed))
         return alone[key]
 
     def equal_budget(hybrid: TrainTrial) -> tuple[TrainTrial, str | None]:
@@ -513,7 +529,13 @@ def _expand(spec: SweepSpec) -> Grid:
         control, attacked once, as itself (control None)."""
         if hybrid.baseline_id is None:
             return trained_alone(hybrid.dataset, hybrid.seed, hybrid.model.backbone, hybrid.train), None
-        key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, id(hybrid.train), True)
+        key = (
+            hybrid.dataset,
+            hybrid.seed,
+            hybrid.model.backbone,
+            canonical_json(changed_fields(hybrid.train)),
+            True,
+        )
         if key not in alone:
             alone[key] = add(_equal_budget_baseline(hybrid))
         return alone[key], EQUAL_BUDGET
@@ -524,10 +546,7 @@ def _expand(spec: SweepSpec) -> Grid:
         for a in spec.attacks:
             params = ATTACKS[a.name].params(dataset, a.preset, a.params)
             attacks.append((a, ATTACKS[a.name].needs_twin, params, tuple(sorted(params.items()))))
-        models = [
-            (raw.resolved(info.classes), spec.train_of(i).resolved(info.paper_eps))
-            for i, raw in enumerate(spec.models)
-        ]
+        models = resolved_models(spec, dataset)
         sweep_train = cfg.train.resolved(info.paper_eps)
         shards, shard_size = cfg.eval.shard_count(dataset), cfg.eval.shard_stride(dataset)
         for seed in cfg.seeds:
@@ -535,7 +554,7 @@ def _expand(spec: SweepSpec) -> Grid:
                 baseline_id = None
                 if model.model == "hqcnn" and model.init == "from_baseline":
                     baseline_id = trained_alone(dataset, seed, model.backbone, train_cfg).trial_id
-                trial = add(train_trial(dataset, model, train_cfg, seed, baseline_id))
+                trial = add(train_trial(cfg, dataset, model, train_cfg, seed, baseline_id))
                 controls = cfg.eval.controls if model.model == "hqcnn" else []
                 for spec_a, needs_twin, params, resolved in attacks:
                     if needs_twin and not model.has_twin:
