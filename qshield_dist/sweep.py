@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import signal
 import sys
 import threading
 import time
@@ -417,6 +418,7 @@ def run_sweep(
     meanwhile: LeaseHeld if another launcher holds it (take_over: take a stale one, see
     lease.py)."""
     grid = grid or prepare(cfg)
+    python_handles_sigint()
     results_dir = cfg.results_path
     mode = 0o700 if cfg.private else 0o755
     results_dir.mkdir(parents=True, exist_ok=True, mode=mode)
@@ -428,6 +430,21 @@ def run_sweep(
     finally:
         lease.release()
     return SweepRun(cfg, grid, {t.trial_id: statuses[t.trial_id] for t in grid.trials}, frozenset(ran))
+
+
+def python_handles_sigint() -> None:
+    """Give SIGINT back to Python's own handler, so that a Ctrl-C stops a launch. A native
+    library can take the signal over below Python, which still reports its handler as set:
+    polars, on import, installs its own (for cancelling its queries), after which a Ctrl-C
+    never reaches a launch (`import polars` before run_sweep, or a sequential launch, whose
+    summary between looks imports it). signal.signal re-installs Python's handler at the C
+    level; a SIGINT that was ignored (a background job's) stays ignored. Only the main thread
+    may set a handler: a launch from another thread is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is not None and handler is not signal.SIG_IGN:  # None: set outside Python
+        signal.signal(signal.SIGINT, handler)
 
 
 def _run_held(
