@@ -140,12 +140,14 @@ def _check_output(model: nn.Module, info: DatasetInfo, key: str) -> None:
         )
 
 
-def check_custom(custom: CustomSpec, info: DatasetInfo) -> None:
+def check_custom(custom: CustomSpec, info: DatasetInfo) -> CustomClassifier:
     """The launcher's check of a custom model on the CPU, from a snapshot of its code taken as
     the launcher takes it for the trials (into a temporary folder: the check writes nothing
     under the results directory), so it imports exactly what they will: it imports, builds a
     module, loads its weights, and maps one dummy batch of the dataset's shape to logits of the
-    right shape (and so does its twin). CustomModelError names the key at fault."""
+    right shape (and so does its twin). CustomModelError names the key at fault. Returns the
+    model it built (with its weights, if any), in eval mode: its modules stay loaded after the
+    temporary snapshot is removed."""
     with tempfile.TemporaryDirectory(prefix="qshield-check-") as tmp:
         try:
             code_snapshot.take_snapshot(custom, tmp, 0o600)
@@ -170,3 +172,4 @@ def check_custom(custom: CustomSpec, info: DatasetInfo) -> None:
                     "differentiable_twin", f"calling it raised {type(exc).__name__}: {exc}"
                 ) from exc
             _check_output(twin.backbone, info, "differentiable_twin")
+    return model.eval()
