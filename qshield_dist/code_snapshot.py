@@ -32,7 +32,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from qshield_dist.fileio import atomic_write_bytes, atomic_writer, read_bytes
 
@@ -211,6 +211,32 @@ def write_weights(source: Path, sha256: str, results_dir: str | Path, mode: int)
         if h.hexdigest() != sha256:
             raise SourceError(f"{source} changed while the sweep was being launched: launch it again")
     return dest
+
+
+class CustomCode(Protocol):
+    """What a snapshot reads of a custom model's entry (config.CustomSpec, after validation)."""
+
+    factory: str
+    differentiable_twin: str | None
+    code: str | None  # the source tree's digest, as validation read it
+    weights: str | None
+    weights_sha256: str | None
+
+
+def take_snapshot(custom: CustomCode, results_dir: str | Path, mode: int) -> Path:
+    """Copy a custom model's code and weights under `results_dir`, where its trials import and
+    load them: the one place a snapshot is taken (the launcher for a sweep's results, the
+    launcher's check and --plan's calibration for their own temporary folders). SourceError if
+    the code or the weights changed since validation read them. Returns the code's folder."""
+    tree, _ = source_trees(custom.factory, custom.differentiable_twin)
+    if tree.digest != custom.code:
+        raise SourceError(
+            f"its code changed while the sweep was being launched ({tree.root}): launch it again"
+        )
+    folder = write_snapshot(tree, results_dir, mode)
+    if custom.weights is not None and custom.weights_sha256 is not None:
+        write_weights(Path(custom.weights), custom.weights_sha256, results_dir, mode)
+    return folder
 
 
 @contextlib.contextmanager

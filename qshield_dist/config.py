@@ -31,7 +31,7 @@ from qshield_dist import code_snapshot
 from qshield_dist.attack_params import ATTACKS, params_text
 from qshield_dist.datasets import DATASETS, check_available
 from qshield_dist.quantum.spec import CircuitSpec
-from qshield_dist.randomness import hybrid_is_stochastic
+from qshield_dist.randomness import hybrid_is_stochastic, samples_trajectories
 from qshield_dist.vocabulary import (
     ACCELERATORS,
     ATTACK_PRESETS,
@@ -44,6 +44,7 @@ from qshield_dist.vocabulary import (
     ENCODINGS,
     ENTANGLEMENTS,
     EXECUTORS,
+    FIXED_RANDOMNESS,
     FUSIONS,
     GRADIENT_MASKING_CHECKS,
     INITS,
@@ -77,7 +78,8 @@ class CustomSpec(_Strict):
     """The user's own model (`model: custom`; models/custom.py states the contract). `factory`
     and `differentiable_twin` are `package.module:function` or `path/to/file.py:function`, both
     in one source tree (code_snapshot.py: paths are relative to the working directory).
-    `code` and `weights_sha256` are filled by `validate`: the ids hash them, never a path."""
+    `code` and `weights_sha256` are filled by `validate`: the ids hash them, never a path.
+    Validation only reads the files; the launcher copies them (code_snapshot.take_snapshot)."""
 
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -107,18 +109,6 @@ class CustomSpec(_Strict):
 
     def __hash__(self) -> int:  # kwargs is a dict: hash its canonical JSON
         return hash(json.dumps(self.model_dump(), sort_keys=True))
-
-    def take_snapshot(self, results_dir: str | Path, mode: int) -> None:
-        """Copy its code and weights under `results_dir`, where its trials import and load them
-        (code_snapshot.py); SourceError if they changed since `validate` read them."""
-        tree, _ = code_snapshot.source_trees(self.factory, self.differentiable_twin)
-        if tree.digest != self.code:
-            raise code_snapshot.SourceError(
-                f"its code changed while the sweep was being launched ({tree.root}): launch it again"
-            )
-        code_snapshot.write_snapshot(tree, results_dir, mode)
-        if self.weights is not None and self.weights_sha256 is not None:
-            code_snapshot.write_weights(Path(self.weights), self.weights_sha256, results_dir, mode)
 
 
 class ModelSpec(_Strict):
@@ -351,6 +341,11 @@ class TrainConfig(_Strict):
 
 
 ALL = "all"
+# restart_sensitivity runs K full APGD starts (diagnostics.py): on the first shard of the shared
+# attack set, capped at this many points of the permutation. Uncapped, `attack_size: all`
+# without shards would run it on the whole pool (10,000 MNIST images: K x the cost of the
+# suite's APGD); 256 points (the default attack set) resolve a lottery rate of a few percent.
+RESTART_POINTS = 256
 
 
 class UntilDecided(_Strict):
@@ -380,6 +375,8 @@ class EvalConfig(_Strict):
       `shard_size` is `attack_size` (one shard: raising `attack_size` then recomputes it).
     - Each seed has its own permutation of the pool (README, Definitions: why not disjoint slices).
     - Each attack shard evaluates its own points clean, never the whole pool (README, Definitions).
+    - Diagnostics: the gradient checks take the first `diagnostic_size` clean-correct points of
+      the permutation; restart_sensitivity the first shard, at most RESTART_POINTS points.
     """
 
     attack_size: int | Literal["all"] = 256
@@ -416,6 +413,11 @@ class EvalConfig(_Strict):
         """The shards of the shared attack set of `dataset`."""
         points = self.pool_size(dataset) if self.attack_size == ALL else self.attack_size
         return -(-points // self.shard_stride(dataset))
+
+    def restart_points(self, dataset: str) -> int:
+        """The points restart_sensitivity attacks (those of them the model gets right clean):
+        the first shard of the shared attack set, at most RESTART_POINTS of it."""
+        return min(RESTART_POINTS, self.shard_stride(dataset))
 
     @property
     def diagnostic_names(self) -> tuple[str, ...]:
@@ -779,6 +781,7 @@ class SweepSpec:
     # its entry's name. Left out: the sweep's train config, no names.
     trains: tuple[TrainConfig, ...] = ()
     names: tuple[str | None, ...] = ()
+    indices: tuple[int, ...] = ()  # each model's entry in `models:` (what errors name)
 
     def train_of(self, i: int) -> TrainConfig:
         return self.trains[i] if self.trains else self.config.train
@@ -796,13 +799,16 @@ def validate(cfg: SweepConfig) -> SweepSpec:
     _check_compare(cfg, {e.name for e in entries if e.name is not None})
     for name in cfg.datasets:
         for e in entries:
-            _check_quantum(e.model.resolved(DATASETS[name].classes), e.index, cfg, e.train)
+            resolved = e.model.resolved(DATASETS[name].classes)
+            _check_quantum(resolved, e.index, cfg, e.train)
+            _check_fixed_randomness(resolved, e.index, cfg)
     return SweepSpec(
         cfg,
         tuple(e.model for e in entries),
         tuple(parse_attacks(cfg)),
         tuple(e.train for e in entries),
         tuple(e.name for e in entries),
+        tuple(e.index for e in entries),
     )
 
 
@@ -956,6 +962,30 @@ def _cuda_problems(spec: SweepSpec) -> list[str]:
         " on nodes with GPUs)"
         for stage, res in cuda.items()
     ]
+
+
+def _check_fixed_randomness(spec: ModelSpec, index: int, cfg: SweepConfig) -> None:
+    """`eval.controls: [fixed_randomness]` freezes a hybrid's own draws (its random projection
+    and input noise, models/hybrid.py: HQCNN.fix_randomness); a model whose randomness it cannot
+    freeze is refused here, not left to fail in each of its control trials."""
+    if FIXED_RANDOMNESS not in cfg.eval.controls:
+        return
+    if spec.custom is not None and spec.custom.stochastic:
+        raise ConfigError(
+            f"models[{index}].stochastic: got true: eval.controls has '{FIXED_RANDOMNESS}', which cannot"
+            " freeze a custom model's own randomness (it has no generator the project owns); allowed:"
+            f" remove '{FIXED_RANDOMNESS}' from eval.controls, or run this model in a sweep without it"
+        )
+    if spec.model == "hqcnn" and samples_trajectories(
+        spec.circuit(), spec.simulator, spec.device, spec.trajectories
+    ):
+        raise ConfigError(
+            f"models[{index}].trajectories: got {spec.trajectories}: eval.controls has '{FIXED_RANDOMNESS}',"
+            " which freezes a hybrid's projection and input noise but not the Monte-Carlo trajectories"
+            f" its quantum layer samples (simulator qnode on '{spec.device}'); allowed: trajectories: 0"
+            " with an exact simulator (simulator: compiled, or device: default.mixed), or remove"
+            f" '{FIXED_RANDOMNESS}' from eval.controls"
+        )
 
 
 def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig, train: TrainConfig) -> None:

@@ -25,15 +25,17 @@ from pydantic import BaseModel
 
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.code_snapshot import parse_ref
-from qshield_dist.config import CustomSpec, EvalConfig, ModelSpec, SweepSpec, TrainConfig
+from qshield_dist.config import CustomSpec, EvalConfig, ModelSpec, SweepConfig, SweepSpec, TrainConfig
 from qshield_dist.datasets import DATASETS
 from qshield_dist.results.current import STAGE_VERSIONS
 from qshield_dist.vocabulary import (
     CHECKS_ON_ATTACK_ROWS,
     CPU,
     DETERMINISTIC_CONTROLS,
+    DIAGNOSTICS,
     EQUAL_BUDGET,
     FIXED_RANDOMNESS,
+    RESTART,
 )
 
 V = TypeVar("V")
@@ -200,6 +202,9 @@ _EVAL_NOT_RESULTS = frozenset({"controls", "diagnostics", "until_decided"})
 # What an attack trial does not read: the diagnostics' sample, and how many shards there are
 # (its own shard's index and size are hashed instead).
 _EVAL_NOT_ATTACK = _EVAL_NOT_RESULTS | {"diagnostic_size", "attack_size", "shard_size"}
+# What a diagnostic trial does not read: how many points the attacks cover (its checks are
+# hashed, restart_sensitivity's points when it runs, and the attack trials a check compares).
+_EVAL_NOT_DIAGNOSTIC = _EVAL_NOT_RESULTS | {"attack_size", "shard_size"}
 # Read only for a stochastic model (evaluations per point).
 _EVAL_STOCHASTIC_ONLY = frozenset({"eval_repeats"})
 
@@ -361,14 +366,17 @@ class AttackTrial:
 
 @dataclass(frozen=True)
 class DiagnosticTrial:
-    """Gradient-masking checks for one trained model; after its attack trials only when a check
-    compares their rows (`attack_ids` is empty otherwise)."""
+    """Gradient-masking checks for one trained model. A model has up to two: the checks that
+    compare its attack rows (CHECKS_ON_ATTACK_ROWS), after its attack trials (`attack_ids`), and
+    the checks that attack the model themselves, which read no attack row (`attack_ids` empty):
+    so a larger attack set (a sequential look) re-runs only the cheap comparisons."""
 
     train: TrainTrial
     attack_ids: tuple[str, ...]  # the model's attack trials whose rows the checks compare, if any
     eval: EvalConfig
     threads: int = 1
     accelerator: str = CPU
+    checks: tuple[str, ...] = ()  # the checks it runs, in DIAGNOSTICS' order
     version: int = _current_version("diagnostic")
     stage: str = field(default="diagnostic", init=False)
 
@@ -382,9 +390,20 @@ class DiagnosticTrial:
             "threads": self.threads,
             "train": self.train.trial_id,
             "attacks": sorted(self.attack_ids),
-            "eval": _eval_identity(self.eval, _EVAL_NOT_RESULTS, self.train.stochastic),
-            **_given(accelerator=_on(self.accelerator)),
+            "checks": list(self.checks),
+            "eval": _eval_identity(self.eval, self._not_read, self.train.stochastic),
+            **_given(
+                # the points it attacks: a slice of the permutation, never attack_size itself
+                restart_points=self.eval.restart_points(self.dataset) if RESTART in self.checks else None,
+                accelerator=_on(self.accelerator),
+            ),
         }
+
+    @property
+    def _not_read(self) -> frozenset[str]:
+        """The eval fields its checks do not read: comparisons of attack rows alone take no sample."""
+        on_rows_only = set(self.checks) <= set(CHECKS_ON_ATTACK_ROWS)
+        return _EVAL_NOT_DIAGNOSTIC | {"diagnostic_size"} if on_rows_only else _EVAL_NOT_DIAGNOSTIC
 
     @cached_property
     def trial_id(self) -> str:
@@ -412,27 +431,53 @@ def variant_id(train: TrainTrial, control: str | None) -> str:
 def named_comparisons(spec: SweepSpec) -> list[tuple[str, str, str]]:
     """The sweep's `compare:` as (dataset, variant id of A, variant id of B): every variant of
     each entry it names (each point of its axes) against every variant of each entry it is
-    compared with, per dataset; empty without `compare:`."""
+    compared with, per dataset; empty without `compare:`. The variants are those the grid
+    trains (resolved_models, train_trial)."""
     cfg = spec.config
     out: list[tuple[str, str, str]] = []
     for dataset in cfg.datasets:
-        info = DATASETS[dataset]
         by_name: dict[str, list[str]] = {}
-        for i, (model, name) in enumerate(zip(spec.models, spec.names)):
+        for (model, train_cfg), name in zip(resolved_models(spec, dataset), spec.names):
             if name is not None:
-                trial = TrainTrial(
-                    dataset,
-                    model.resolved(info.classes),
-                    spec.train_of(i).resolved(info.paper_eps),
-                    0,
-                    cfg.data.train_size,
-                    cfg.data.test_size,
-                )
+                trial = train_trial(cfg, dataset, model, train_cfg, seed=0)  # the variant leaves out the seed
                 by_name.setdefault(name, []).append(variant_id(trial, None))
         for pair in cfg.compare:
             for a in (v for n in pair.models for v in by_name[n]):
                 out += [(dataset, a, b) for n in pair.against for b in by_name[n] if b != a]
     return out
+
+
+def resolved_models(spec: SweepSpec, dataset: str) -> list[tuple[ModelSpec, TrainConfig]]:
+    """Each model of the sweep, in its order, resolved for `dataset`, with its resolved training."""
+    info = DATASETS[dataset]
+    return [
+        (raw.resolved(info.classes), spec.train_of(i).resolved(info.paper_eps))
+        for i, raw in enumerate(spec.models)
+    ]
+
+
+def train_trial(
+    cfg: SweepConfig,
+    dataset: str,
+    model: ModelSpec,
+    train_cfg: TrainConfig,
+    seed: int,
+    baseline_id: str | None = None,
+) -> TrainTrial:
+    """The train trial of a resolved model: the sweep's data sizes, and its train stage's
+    threads and accelerator (auto resolved from what the stage reserves)."""
+    res = cfg.resources.train
+    return TrainTrial(
+        dataset,
+        model,
+        train_cfg,
+        seed,
+        cfg.data.train_size,
+        cfg.data.test_size,
+        baseline_id,
+        threads=res.resolved_threads,
+        accelerator=res.resolved_accelerator,
+    )
 
 
 @dataclass
@@ -462,9 +507,7 @@ def _expand(spec: SweepSpec) -> Grid:
     # control also by whether the hybrid was pre-trained. Made once each, not once per hybrid.
     alone: dict[tuple[Any, ...], TrainTrial] = {}
     # auto resolves here, from what each stage reserves, and so do threads (its whole cores)
-    on_train = cfg.resources.train.resolved_accelerator
     on_attack = cfg.resources.attack.resolved_accelerator
-    train_threads = cfg.resources.train.resolved_threads
     attack_threads = cfg.resources.attack.resolved_threads
     on_diagnostic = cfg.resources.of("diagnostic").resolved_accelerator
     diagnostic_threads = cfg.resources.of("diagnostic").resolved_threads
@@ -472,20 +515,12 @@ def _expand(spec: SweepSpec) -> Grid:
     def add(trial: TrainTrial) -> TrainTrial:
         return train.setdefault(trial.trial_id, trial)
 
-    def train_trial(
-        dataset: str, model: ModelSpec, train_cfg: TrainConfig, seed: int, baseline_id: str | None = None
-    ) -> TrainTrial:
-        sizes = (cfg.data.train_size, cfg.data.test_size)
-        return TrainTrial(
-            dataset, model, train_cfg, seed, *sizes, baseline_id, threads=train_threads, accelerator=on_train
-        )
-
     def trained_alone(dataset: str, seed: int, name: str, train_cfg: TrainConfig) -> TrainTrial:
         """A classical model trained alone: a hybrid's baseline (with the hybrid's training
         method) or a transfer surrogate (with the sweep's)."""
-        key = (dataset, seed, name, id(train_cfg))
+        key = (dataset, seed, name, canonical_json(changed_fields(train_cfg)))
         if key not in alone:
-            alone[key] = add(train_trial(dataset, ModelSpec(model=name), train_cfg, seed))
+            alone[key] = add(train_trial(cfg, dataset, ModelSpec(model=name), train_cfg, seed))
         return alone[key]
 
     def equal_budget(hybrid: TrainTrial) -> tuple[TrainTrial, str | None]:
@@ -494,7 +529,13 @@ def _expand(spec: SweepSpec) -> Grid:
         control, attacked once, as itself (control None)."""
         if hybrid.baseline_id is None:
             return trained_alone(hybrid.dataset, hybrid.seed, hybrid.model.backbone, hybrid.train), None
-        key = (hybrid.dataset, hybrid.seed, hybrid.model.backbone, id(hybrid.train), True)
+        key = (
+            hybrid.dataset,
+            hybrid.seed,
+            hybrid.model.backbone,
+            canonical_json(changed_fields(hybrid.train)),
+            True,
+        )
         if key not in alone:
             alone[key] = add(_equal_budget_baseline(hybrid))
         return alone[key], EQUAL_BUDGET
@@ -505,10 +546,7 @@ def _expand(spec: SweepSpec) -> Grid:
         for a in spec.attacks:
             params = ATTACKS[a.name].params(dataset, a.preset, a.params)
             attacks.append((a, ATTACKS[a.name].needs_twin, params, tuple(sorted(params.items()))))
-        models = [
-            (raw.resolved(info.classes), spec.train_of(i).resolved(info.paper_eps))
-            for i, raw in enumerate(spec.models)
-        ]
+        models = resolved_models(spec, dataset)
         sweep_train = cfg.train.resolved(info.paper_eps)
         shards, shard_size = cfg.eval.shard_count(dataset), cfg.eval.shard_stride(dataset)
         for seed in cfg.seeds:
@@ -516,7 +554,7 @@ def _expand(spec: SweepSpec) -> Grid:
                 baseline_id = None
                 if model.model == "hqcnn" and model.init == "from_baseline":
                     baseline_id = trained_alone(dataset, seed, model.backbone, train_cfg).trial_id
-                trial = add(train_trial(dataset, model, train_cfg, seed, baseline_id))
+                trial = add(train_trial(cfg, dataset, model, train_cfg, seed, baseline_id))
                 controls = cfg.eval.controls if model.model == "hqcnn" else []
                 for spec_a, needs_twin, params, resolved in attacks:
                     if needs_twin and not model.has_twin:
@@ -554,13 +592,17 @@ def _expand(spec: SweepSpec) -> Grid:
                                 if control is None:
                                     own_attacks.setdefault(target.trial_id, []).append(a.trial_id)
     diagnostic = []
-    if cfg.eval.diagnostics:
-        on_rows = bool(set(cfg.eval.diagnostic_names) & set(CHECKS_ON_ATTACK_ROWS))
-        for train_id, attack_ids in own_attacks.items():
-            inputs = tuple(attack_ids) if on_rows else ()  # no wait for attacks it does not read
-            diagnostic.append(
-                DiagnosticTrial(train[train_id], inputs, cfg.eval, diagnostic_threads, on_diagnostic)
-            )
+    names = cfg.eval.diagnostic_names
+    on_model = tuple(c for c in DIAGNOSTICS if c in names and c not in CHECKS_ON_ATTACK_ROWS)
+    on_rows = tuple(c for c in DIAGNOSTICS if c in names and c in CHECKS_ON_ATTACK_ROWS)
+    for train_id, attack_ids in own_attacks.items():
+        for checks, inputs in ((on_model, ()), (on_rows, tuple(attack_ids))):
+            if checks:  # the model's own checks wait for no attack: they read none of their rows
+                diagnostic.append(
+                    DiagnosticTrial(
+                        train[train_id], inputs, cfg.eval, diagnostic_threads, on_diagnostic, checks
+                    )
+                )
     return Grid(list(train.values()), list(attack.values()), diagnostic)
 
 

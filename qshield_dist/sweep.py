@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import signal
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from qshield_dist import code_snapshot, executors
 from qshield_dist.attack_params import budget_reachable
-from qshield_dist.config import ConfigError, SweepConfig, check_availability, parse_models, validate
+from qshield_dist.config import ConfigError, SweepConfig, SweepSpec, check_availability, validate
 from qshield_dist.datasets import DATASETS
 from qshield_dist.executors import Executor, Job, ProgressSink
 from qshield_dist.executors.local import LocalExecutor, available_cpus
@@ -344,26 +345,30 @@ def prepare(cfg: SweepConfig, require_available: bool = True) -> Grid:
         raise ConfigError("\n".join(problems))
     for problem in problems:
         log.warning("not available on this machine: %s", problem)
-    check_custom_models(cfg)
+    check_custom_models(spec)
     grid = build_grid(spec)
     _warn_unreachable_budgets(grid)
     return grid
 
 
-def check_custom_models(cfg: SweepConfig) -> None:
-    """Each custom model imports, builds and maps a dummy batch of each dataset's shape to
-    logits of the right shape, on the CPU here (models/custom.py): ConfigError naming the entry."""
-    custom = [(e.index, e.model.custom) for e in parse_models(cfg) if e.model.custom is not None]
+def check_custom_models(spec: SweepSpec) -> None:
+    """Each custom model imports from a snapshot of its code (what its trials import), builds,
+    and maps a dummy batch of each dataset's shape to logits of the right shape, on the CPU here
+    (models/custom.py): ConfigError naming the entry."""
+    custom = {}  # one check per distinct custom model (an axis of another field repeats it)
+    for index, model in zip(spec.indices, spec.models):
+        if model.custom is not None:
+            custom.setdefault(model.custom, index)
     if not custom:
         return
     from qshield_dist.models.custom import CustomModelError, check_custom  # torch: only for them
 
-    for index, spec in custom:
-        for name in cfg.datasets:
+    for model, index in custom.items():
+        for name in spec.config.datasets:
             try:
-                check_custom(spec, DATASETS[name])
+                check_custom(model, DATASETS[name])
             except CustomModelError as exc:
-                value = getattr(spec, exc.key)
+                value = getattr(model, exc.key)
                 raise ConfigError(
                     f"models[{index}].{exc.key}: got {value!r}: {exc} (dataset {name})"
                 ) from None
@@ -374,7 +379,7 @@ def snapshot_custom_code(grid: Grid, results_dir: Path, mode: int) -> None:
     load (code_snapshot.py). ConfigError if they changed since the ids were made."""
     for custom in {t.model.custom for t in grid.train if t.model.custom is not None}:
         try:
-            custom.take_snapshot(results_dir, mode)
+            code_snapshot.take_snapshot(custom, results_dir, mode)
         except code_snapshot.SourceError as exc:
             raise ConfigError(f"models: factory '{custom.factory}': {exc}") from None
 
@@ -413,6 +418,7 @@ def run_sweep(
     meanwhile: LeaseHeld if another launcher holds it (take_over: take a stale one, see
     lease.py)."""
     grid = grid or prepare(cfg)
+    python_handles_sigint()
     results_dir = cfg.results_path
     mode = 0o700 if cfg.private else 0o755
     results_dir.mkdir(parents=True, exist_ok=True, mode=mode)
@@ -424,6 +430,21 @@ def run_sweep(
     finally:
         lease.release()
     return SweepRun(cfg, grid, {t.trial_id: statuses[t.trial_id] for t in grid.trials}, frozenset(ran))
+
+
+def python_handles_sigint() -> None:
+    """Give SIGINT back to Python's own handler, so that a Ctrl-C stops a launch. A native
+    library can take the signal over below Python, which still reports its handler as set:
+    polars, on import, installs its own (for cancelling its queries), after which a Ctrl-C
+    never reaches a launch (`import polars` before run_sweep, or a sequential launch, whose
+    summary between looks imports it). signal.signal re-installs Python's handler at the C
+    level; a SIGINT that was ignored (a background job's) stays ignored. Only the main thread
+    may set a handler: a launch from another thread is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is not None and handler is not signal.SIG_IGN:  # None: set outside Python
+        signal.signal(signal.SIGINT, handler)
 
 
 def _run_held(

@@ -431,7 +431,7 @@ def _clean(model: nn.Module, test: Split, trial: DiagnosticTrial) -> tuple[torch
 
 
 def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, device: torch.device) -> list[dict[str, Any]]:
-    wanted = trial.eval.diagnostic_names
+    wanted = trial.checks
     size = trial.eval.diagnostic_size
     test = _to(_load_pool(trial, ctx)[0], device)
     model, meta = train_or_load(trial.train, ctx, device, allow_train=False)
@@ -454,8 +454,8 @@ def run_diagnostic(trial: DiagnosticTrial, ctx: RunContext, device: torch.device
     if "batch_independent" in wanted:
         checks.append(diagnostics.batch_dependence(model, test.x[: 2 * size]))
     if "restart_sensitivity" in wanted:
-        # the first shard of the shared attack set (K full APGD runs: not the whole of `all`)
-        points = shard_positions(len(test.y), trial.train.seed, 0, trial.eval.shard_stride(trial.dataset))
+        # the first points of the shared attack set (EvalConfig.restart_points)
+        points = shard_positions(len(test.y), trial.train.seed, 0, trial.eval.restart_points(trial.dataset))
         attacked = points[majority[points]]
         checks.append(
             diagnostics.restart_sensitivity(

@@ -75,7 +75,8 @@ GRADIENT_MASKING_CHECKS = (
     "gradient_matches_differentiable_twin",
     "batch_independent",
 )
-DIAGNOSTICS = (*GRADIENT_MASKING_CHECKS, "restart_sensitivity")
+RESTART = "restart_sensitivity"  # K full APGD runs: only when listed
+DIAGNOSTICS = (*GRADIENT_MASKING_CHECKS, RESTART)
 # The checks that compare the model's attack rows: only a diagnostic trial that runs one of them
 # waits for the model's attacks (the others attack the model themselves).
 CHECKS_ON_ATTACK_ROWS = (

@@ -389,3 +389,34 @@ def test_a_cuda_stage_is_not_refused_on_a_login_node(executor):
     cfg = SweepConfig(**{**GOOD, "executor": executor, "resources": {"train": {"gpus": 1}}})
     assert check_availability(validate(cfg)) == []
     assert {t.accelerator for t in build_grid(validate(cfg)).train} == {"cuda"}
+
+
+def test_named_comparisons_name_the_variants_the_grid_trains():
+    """compare: and the grid resolve each entry one way (grid.resolved_models, train_trial):
+    every variant a comparison names is one the grid trains, under any resources; two entries
+    with equal training share the classical baseline trained alone (keyed by the train config's
+    value, not by the object)."""
+    from qshield_dist.grid import named_comparisons, variant_id
+
+    pgd = {"method": "pgd_at", "steps": 2}
+    sweep = {
+        "name": "named",
+        "data": {"dataset": "digits"},
+        "resources": {"train": {"cpus": 2, "gpus": 1}},
+        "models": [
+            {"model": "cnn_small", "name": "plain"},
+            {"model": "cnn_small", "name": "pgd", "train": pgd},
+            {"model": "hqcnn", "backbone": "cnn_small", "name": "hybrid", "entanglement": ["full", "star"]},
+            {"model": "hqcnn", "backbone": "cnn_small", "name": "hybrid_pgd", "train": dict(pgd)},
+        ],
+        "attacks": [{"name": "fgsm"}],
+        "compare": [{"models": ["hybrid", "hybrid_pgd"], "against": ["plain", "pgd"]}],
+    }
+    spec = validate(SweepConfig(**sweep))
+    grid = build_grid(spec)
+    trained = {variant_id(t, None) for t in grid.train}
+    pairs = named_comparisons(spec)
+    assert len(pairs) == 3 * 2 and all(a in trained and b in trained for _, a, b in pairs)
+    # the pgd entry, the pgd hybrid's baseline: one trial
+    pgd_cnns = [t for t in grid.train if t.model.model == "cnn_small" and t.train.method == "pgd_at"]
+    assert len(pgd_cnns) == 1

@@ -314,3 +314,46 @@ def test_a_snapshot_under_the_codes_own_folder_is_not_part_of_its_tree(tmp_path:
     assert (folder / "net.py").read_text() == OTHER
     after = source_tree(ref)
     assert after.files == before.files == (("net.py", OTHER.encode()),) and after.digest == before.digest
+
+
+# The pre-flight check imports the snapshot the trials import, never the live tree: a module
+# the snapshot holds (the factory's package or folder) is found, one beside it is not.
+SIBLINGS = {
+    "a file's sibling": ({"m/net.py": "from helper import make\n", "m/helper.py": OTHER}, "m/net.py:make"),
+    "a package's module": (
+        {"pkg/__init__.py": "", "pkg/net.py": "from pkg.helper import make\n", "pkg/helper.py": OTHER},
+        "pkg.net:make",
+    ),
+    # live, `outside` is importable (the package's parent is on sys.path), but the snapshot
+    # holds the package's files only: its trials could not import it
+    "beside the package": (
+        {"pkg/__init__.py": "", "pkg/net.py": "from outside import make\n", "outside.py": OTHER},
+        "pkg.net:make",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SIBLINGS))
+def test_the_check_imports_what_the_trials_import(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    files, factory = SIBLINGS[case]
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    sweep = {
+        "name": "siblings",
+        "data": {"dataset": "digits"},
+        "models": [{"model": "custom", "factory": factory}],
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    monkeypatch.chdir(tmp_path)
+    if case == "beside the package":
+        with caplog.at_level(logging.ERROR):
+            assert launch.main(["sweep.yaml"]) == 2
+        assert f"models[0].factory: got '{factory}'" in caplog.text
+        assert "does not import: ModuleNotFoundError: No module named 'outside'" in caplog.text
+        assert not (tmp_path / "results").exists() and not (tmp_path / "checkpoints").exists()
+    else:
+        (custom,) = [t.model.custom for t in prepare(load_config(tmp_path / "sweep.yaml")).train]
+        assert custom is not None and custom.code is not None

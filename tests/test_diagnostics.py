@@ -286,10 +286,38 @@ def test_a_diagnostic_waits_for_the_attacks_only_when_a_check_reads_their_rows()
             "attacks": [{"name": "fgsm"}, {"name": "pgd"}],
         }
         grid = build_grid(validate(SweepConfig(**sweep)))
-        (trial,) = grid.diagnostic
-        return trial, {a.trial_id for a in grid.attack}
+        return grid.diagnostic, {a.trial_id for a in grid.attack}
 
-    alone, attacks = diagnostic(["restart_sensitivity"])
-    assert alone.deps == (alone.train.trial_id,)
-    reading, attacks = diagnostic(["restart_sensitivity", "iterative_ge_single_step"])
+    (alone,), attacks = diagnostic(["restart_sensitivity"])
+    assert alone.deps == (alone.train.trial_id,) and alone.checks == ("restart_sensitivity",)
+    # with a check on the attack rows beside it: that check is a trial of its own, after the
+    # attacks; restart_sensitivity still runs beside them
+    (model, reading), attacks = diagnostic(["restart_sensitivity", "iterative_ge_single_step"])
+    assert model.deps == (model.train.trial_id,) and model.checks == ("restart_sensitivity",)
     assert set(reading.deps) == {reading.train.trial_id, *attacks}
+    assert reading.checks == ("iterative_ge_single_step",)
+
+
+def test_restart_sensitivity_takes_at_most_a_fixed_number_of_points_of_the_permutation():
+    """With `attack_size: all` and no shards, the first shard is the whole pool: the check (K
+    full APGD runs) is capped at RESTART_POINTS, and is then the trial of a 256-point attack set."""
+    from qshield_dist.config import RESTART_POINTS, EvalConfig, SweepConfig, validate
+    from qshield_dist.grid import build_grid
+
+    def restart(eval_cfg):
+        sweep = {
+            "name": "r",
+            "eval": {**eval_cfg, "diagnostics": ["restart_sensitivity"]},
+            "models": [{"model": "cnn_small"}],
+            "attacks": [{"name": "fgsm"}],
+        }
+        (trial,) = build_grid(validate(SweepConfig(**sweep))).diagnostic
+        return trial
+
+    assert EvalConfig(attack_size="all").restart_points("digits") == RESTART_POINTS == 256 < 360
+    assert EvalConfig(attack_size="all", shard_size=32).restart_points("digits") == 32
+    assert EvalConfig(attack_size=96).restart_points("digits") == 96
+    every = restart({"attack_size": "all"})
+    assert every.identity()["restart_points"] == RESTART_POINTS
+    assert every.trial_id == restart({"attack_size": RESTART_POINTS}).trial_id
+    assert every.trial_id != restart({"attack_size": 128}).trial_id

@@ -3,8 +3,13 @@ attacked with its randomness frozen to one draw, from its own generator."""
 
 from __future__ import annotations
 
-import torch
+import logging
 
+import pytest
+import torch
+import yaml
+
+from qshield_dist import launch
 from qshield_dist.config import ModelSpec, SweepConfig, validate
 from qshield_dist.data import DATASETS
 from qshield_dist.grid import build_grid
@@ -55,3 +60,40 @@ def test_the_control_is_added_for_stochastic_hybrids_only_and_attacks_a_determin
     assert len(fixed) == 1 and fixed[0].train.model.projection == "paper"
     assert fixed[0].train.stochastic and not fixed[0].target_stochastic
     assert len(attacks) == 4
+
+
+# A hybrid whose quantum layer samples Monte-Carlo trajectories: its randomness is not its own
+# generator's, so fix_randomness cannot freeze it (it raised inside every control trial before).
+TRAJECTORIES = {**PAPER, "simulator": "qnode", "device": "default.qubit", "trajectories": 4}
+
+
+@pytest.mark.parametrize(
+    "model, fragments",
+    [
+        (TRAJECTORIES, ["models[1].trajectories: got 4", "fixed_randomness", "allowed: trajectories: 0"]),
+        (
+            {"model": "custom", "factory": "net.py:make", "stochastic": True},
+            ["models[1].stochastic: got true", "fixed_randomness", "allowed: remove"],
+        ),
+    ],
+)
+def test_a_model_whose_randomness_cannot_be_frozen_is_refused_before_compute(
+    tmp_path, monkeypatch, caplog, model, fragments
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text("import torch.nn as nn\n\ndef make():\n    return nn.Flatten()\n")
+    sweep = {
+        "name": "fixed",
+        "data": {"dataset": "digits"},
+        "eval": {"controls": ["fixed_randomness"]},
+        "models": [{"model": "cnn_small"}, model],
+        "attacks": [{"name": "fgsm"}],
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    with caplog.at_level(logging.ERROR):
+        assert launch.main(["s.yaml"]) == 2
+    for fragment in fragments:
+        assert fragment in caplog.text, f"{fragment!r} missing from: {caplog.text}"
+    assert not (tmp_path / "results").exists() and not (tmp_path / "checkpoints").exists()
+    # without the control, the same models are a valid sweep
+    validate(SweepConfig(**{**sweep, "eval": {}}))

@@ -51,7 +51,7 @@ SWEEP: dict[str, Any] = {
 SOUND = "hqcnn[cnn_small] full d1 enhanced_angle mixed0.005 dynamic grad=full proj=learned"
 PAPER = "hqcnn[cnn_small] full d1 enhanced_angle mixed0.005 dynamic grad=detached proj=paper"
 # Changing one of these changes what an id means: bump that stage's version (results.py).
-# (Train version 3, attack version 8, diagnostic version 8.)
+# (Train version 3, attack version 8, diagnostic version 9.)
 PINNED = {
     "train | cnn_small": "T70b2f137eb1da9be",
     f"train | {SOUND}": "T71ce6ece46921fed",
@@ -60,8 +60,9 @@ PINNED = {
     f"attack | {SOUND} | apgd | standard": "Aa6aadd709d77b1be",
     f"attack | {PAPER} | pgd | paper": "A73e543f185098c99",
     f"attack | {PAPER} | fgsm | paper | backbone_only": "A957764677595ddce",
-    "diagnostic | cnn_small": "Dcca2c8965f2ad643",
-    f"diagnostic | {PAPER}": "D61d7bb3096380796",
+    "diagnostic | cnn_small | model": "Dce82e4bf742949d9",
+    "diagnostic | cnn_small | rows": "D1c107b6b83d8ab0a",
+    f"diagnostic | {PAPER} | model": "D5d34d948dc9dbf21",
 }
 
 
@@ -69,7 +70,11 @@ def _label(t: TrainTrial | AttackTrial | DiagnosticTrial) -> str:
     train = t if isinstance(t, TrainTrial) else t.train
     parts = [t.stage, train.model.label]
     if isinstance(t, AttackTrial):
-        parts += [t.attack, t.preset] + ([t.control] if t.control else [])
+        parts += (
+            [t.attack, t.preset] + ([t.control] if t.control else []) + [f"shard {t.shard}"] * bool(t.shard)
+        )
+    if isinstance(t, DiagnosticTrial):  # its checks on the attack rows, or on the model itself
+        parts.append("rows" if t.attack_ids else "model")
     return " | ".join(parts)
 
 
@@ -133,6 +138,7 @@ def _with_new_fields(grid: Grid, knob: float | None = None) -> list[Any]:
     diagnostics = []
     for d in grid.diagnostic:
         own = tuple(a.trial_id for a in attacks if a.train is train(d.train) and a.control is None)
+        own = own if d.attack_ids else ()  # the checks on the model itself read no attack row
         diagnostics.append(dataclasses.replace(d, train=train(d.train), attack_ids=own, eval=new_eval))
     return [*(train(t) for t in grid.train), *attacks, *diagnostics]
 
@@ -245,7 +251,31 @@ def test_attack_ids_leave_out_the_diagnostics_sample_and_which_trials_exist() ->
         other = _with_eval(**changes)
         assert {k: other[k] for k in own} == own, changes
     other = _with_eval(diagnostic_size=32)
-    assert {k for k in ids if other[k] != ids[k]} == {k for k in ids if k.startswith("diagnostic")}
+    # the checks that attack the model take that sample; those that compare attack rows do not
+    assert {k for k in ids if other[k] != ids[k]} == {
+        k for k in ids if k.startswith("diagnostic") and k.endswith("model")
+    }
+
+
+def test_a_larger_attack_set_reruns_only_the_diagnostics_that_read_its_rows() -> None:
+    """A sequential look raises attack_size by whole shards: the checks that attack the model
+    (restart_sensitivity on its first points included) keep their ids; the comparisons of attack
+    rows, which read every shard, run again."""
+    checks = ["eps_sweep_reaches_1", "restart_sensitivity", "iterative_ge_single_step"]
+    sharded = {"shard_size": 5, "diagnostics": checks}
+    ids = _with_eval(attack_size=10, **sharded)
+    more = _with_eval(attack_size=20, **sharded)
+    diagnostics = {k for k in ids if k.startswith("diagnostic")}
+    assert {k for k in diagnostics if more[k] != ids[k]} == {k for k in diagnostics if k.endswith("rows")}
+    # restart_sensitivity attacks the first shard: its size is in the id, and only with that check
+    rows = {k for k in diagnostics if k.endswith("rows")}
+    wider = _with_eval(attack_size=10, shard_size=10, diagnostics=checks)
+    assert {k for k in diagnostics if wider[k] != ids[k]} == diagnostics
+    without = [checks[0], checks[2]]
+    narrow, wide = (_with_eval(attack_size=10, shard_size=n, diagnostics=without) for n in (5, 10))
+    assert {k for k in diagnostics if wide[k] != narrow[k]} == rows
+    # the checks a trial runs are in its id
+    assert {k for k in diagnostics if narrow[k] != ids[k]} == diagnostics - rows
 
 
 def test_eval_repeats_is_in_the_ids_of_stochastic_targets_only() -> None:
@@ -255,7 +285,8 @@ def test_eval_repeats_is_in_the_ids_of_stochastic_targets_only() -> None:
         f"attack | {PAPER} | fgsm | paper",
         f"attack | {PAPER} | pgd | paper",
         f"attack | {PAPER} | apgd | standard",
-        f"diagnostic | {PAPER}",
+        f"diagnostic | {PAPER} | model",
+        f"diagnostic | {PAPER} | rows",
     }
     grid = _grid(SWEEP)
     ids, other = ids_by_label(grid.trials), _with_eval(eval_repeats=7)

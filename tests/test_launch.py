@@ -217,6 +217,60 @@ def test_interrupt_stops_promptly_leaves_no_worker_and_no_partial_file(tmp_path,
     assert _files(results) == []
 
 
+API_AFTER_POLARS = """
+import logging, sys
+import polars  # on import, it takes SIGINT over below Python (for cancelling its queries)
+import yaml
+import qshield_dist
+
+logging.basicConfig(level=logging.INFO)
+sweep = yaml.safe_load(open(sys.argv[1]))
+try:
+    qshield_dist.run_sweep(qshield_dist.load_config(sweep))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_a_launch_from_the_api_after_import_polars(tmp_path):
+    """`import polars` before run_sweep: a SIGINT (Ctrl-C) still stops the launch and its
+    running trial, rather than doing nothing until the sweep ends."""
+    sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
+    sweep["train"]["epochs"] = 400  # a first trial of a minute or more: long enough to be interrupted
+    sweep.update(results_dir=str(tmp_path / "results"), checkpoint_dir=str(tmp_path / "ckpt"))
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", API_AFTER_POLARS, str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while "to run on local" not in (line := proc.stderr.readline()):
+            assert line and time.time() < deadline, "the launch never started its trials"
+        time.sleep(3)  # inside the first training trial
+        proc.send_signal(signal.SIGINT)
+        start = time.time()
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("SIGINT did not stop a launch made after `import polars`")
+        assert code == 130 and time.time() - start < 15
+        while _group_alive(proc.pid) and time.time() - start < 30:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "a worker outlived the launch"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # never leave a worker behind, pass or fail
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_them(tmp_path):
     """full.yaml's attack stage asks for 2 CPUs, 0.25 GPU and 8 GB: its array must not inherit
     the train stage's request from fixed slurm: defaults. The parameters are computed without

@@ -160,7 +160,9 @@ def test_a_diagnostic_waits_for_its_attacks_and_runs_once_they_are_ok(
     cfg = load_config(path)
     grid = prepare(cfg)
     pgd = next(t.trial_id for t in grid.attack if t.attack == "pgd")
-    (diagnostic,) = [t.trial_id for t in grid.diagnostic]
+    # the checks on the attack rows wait for them; those that attack the model do not
+    (diagnostic,) = [t.trial_id for t in grid.diagnostic if t.attack_ids]
+    (on_model,) = [t.trial_id for t in grid.diagnostic if not t.attack_ids]
 
     from qshield_dist import trial
 
@@ -173,8 +175,8 @@ def test_a_diagnostic_waits_for_its_attacks_and_runs_once_they_are_ok(
 
     monkeypatch.setattr(trial, "build_attack", pgd_fails)
     statuses = run_sweep(cfg, LocalExecutor(in_process=True)).statuses
-    assert statuses[pgd] == "failed" and statuses[diagnostic] == "waiting"
-    assert not list((tmp_path / "results").glob("stage=diagnostic/**/*.parquet")), (
+    assert statuses[pgd] == "failed" and statuses[diagnostic] == "waiting" and statuses[on_model] == "ok"
+    assert not list((tmp_path / "results").glob(f"stage=diagnostic/**/{diagnostic}*.parquet")), (
         "a diagnostic on incomplete inputs"
     )
 
@@ -184,7 +186,7 @@ def test_a_diagnostic_waits_for_its_attacks_and_runs_once_they_are_ok(
 
     statuses = run_sweep(cfg, LocalExecutor(in_process=True), retry_failed=True).statuses
     assert statuses[pgd] == "ok" and statuses[diagnostic] == "ok"
-    (diag_file,) = (tmp_path / "results").glob("stage=diagnostic/*/*/*.parquet")
+    (diag_file,) = (tmp_path / "results").glob(f"stage=diagnostic/*/*/{diagnostic}.parquet")
     rows = pq.read_table(diag_file).to_pylist()
     assert {r["status"] for r in rows} == {"ok"}
     assert all(json.loads(r["inputs"]) == {t.trial_id: "ok" for t in grid.attack} for r in rows)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,7 +78,7 @@ def _module(net: Any, key: str) -> nn.Module:
 
 
 def _build(custom: CustomSpec, root: Path, names: frozenset[str]) -> CustomClassifier:
-    """The model from the source tree at `root` (a snapshot, or in the launcher the live tree)."""
+    """The model from the snapshot of its source tree at `root`."""
     ref = code_snapshot.parse_ref(custom.factory)
     twin_ref = code_snapshot.parse_ref(custom.differentiable_twin) if custom.differentiable_twin else None
     try:
@@ -140,28 +141,35 @@ def _check_output(model: nn.Module, info: DatasetInfo, key: str) -> None:
 
 
 def check_custom(custom: CustomSpec, info: DatasetInfo) -> CustomClassifier:
-    """The launcher's check of a custom model on the CPU, from its live tree: it imports, builds
-    a module, loads its weights, and maps one dummy batch of the dataset's shape to logits of the
+    """The launcher's check of a custom model on the CPU, from a snapshot of its code taken as
+    the launcher takes it for the trials (into a temporary folder: the check writes nothing
+    under the results directory), so it imports exactly what they will: it imports, builds a
+    module, loads its weights, and maps one dummy batch of the dataset's shape to logits of the
     right shape (and so does its twin). CustomModelError names the key at fault. Returns the
-    model it built (with its weights, if any), in eval mode."""
-    tree, _ = code_snapshot.source_trees(custom.factory, custom.differentiable_twin)
-    model = _build(custom, tree.root, tree.top_names)
-    _check_output(model.backbone, info, "factory")
-    if custom.weights is not None:
+    model it built (with its weights, if any), in eval mode: its modules stay loaded after the
+    temporary snapshot is removed."""
+    with tempfile.TemporaryDirectory(prefix="qshield-check-") as tmp:
         try:
-            load_weights(model, Path(custom.weights))
-        except Exception as exc:
-            raise CustomModelError(
-                "weights", f"does not load into the module: {type(exc).__name__}: {exc}"
-            ) from exc
-    if isinstance(model, CustomClassifierWithTwin):
-        try:
-            twin = model.differentiable_twin()
-        except CustomModelError:
-            raise
-        except Exception as exc:
-            raise CustomModelError(
-                "differentiable_twin", f"calling it raised {type(exc).__name__}: {exc}"
-            ) from exc
-        _check_output(twin.backbone, info, "differentiable_twin")
+            code_snapshot.take_snapshot(custom, tmp, 0o600)
+        except code_snapshot.SourceError as exc:
+            raise CustomModelError("factory", str(exc)) from None
+        model = build_custom(custom, code_snapshot.snapshot_root(tmp))
+        _check_output(model.backbone, info, "factory")
+        if custom.weights_sha256 is not None:
+            try:
+                load_weights(model, code_snapshot.weights_path(tmp, custom.weights_sha256))
+            except Exception as exc:
+                raise CustomModelError(
+                    "weights", f"does not load into the module: {type(exc).__name__}: {exc}"
+                ) from exc
+        if isinstance(model, CustomClassifierWithTwin):
+            try:
+                twin = model.differentiable_twin()
+            except CustomModelError:
+                raise
+            except Exception as exc:
+                raise CustomModelError(
+                    "differentiable_twin", f"calling it raised {type(exc).__name__}: {exc}"
+                ) from exc
+            _check_output(twin.backbone, info, "differentiable_twin")
     return model.eval()

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Callable, Iterator
 
+from qshield_dist.code_snapshot import take_snapshot
 from qshield_dist.datasets import DATASETS
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, TrainTrial, Trial
 from qshield_dist.peak_memory import peak_bytes, reset_peak
@@ -435,7 +436,7 @@ def calibrate_group(
         for item in items:
             trains.update(item["trains"])
         for custom in {t.model.custom for t in trains.values() if t.model.custom is not None}:
-            custom.take_snapshot(ctx.results_dir, ctx.file_mode)  # what its trials import
+            take_snapshot(custom, ctx.results_dir, ctx.file_mode)  # what its trials import
         group = _Group(ctx, work, trains)
         how: dict[str, Callable[[Any], dict[str, Any]]] = {
             "train": group.train,

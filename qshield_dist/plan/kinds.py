@@ -128,4 +128,4 @@ def _shape(t: Trial) -> tuple[Any, ...]:
         return (*sizes, t.train.epochs, t.train.batch_size, t.train.max_steps)
     if isinstance(t, AttackTrial):
         return (*sizes, t.attack, t.params, t.points, t.eval.batch_size, t.eval.eval_repeats)
-    return (*sizes, t.eval.pool_size(t.dataset), t.eval.diagnostic_size, t.eval.eval_repeats)
+    return (*sizes, t.checks, t.eval.pool_size(t.dataset), t.eval.diagnostic_size, t.eval.eval_repeats)

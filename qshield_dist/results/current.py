@@ -26,7 +26,9 @@ ATTACK_VERSION = 8
 # 5: canonical ids; 6: restart_sensitivity, selectable checks; reads attack version 6's rows;
 # 7: the pool (eval.pool), restart_sensitivity on the first shard; reads attack version 7's rows
 # 8: compares attacks over all their shards (join_shards); reads attack version 8's rows
-DIAGNOSTIC_VERSION = 8
+# 9: two trials per model, the checks on its attack rows apart from those that attack the model;
+# ids hash the checks run and restart_sensitivity's points, never attack_size or shard_size
+DIAGNOSTIC_VERSION = 9
 STAGE_VERSIONS = {"train": TRAIN_VERSION, "attack": ATTACK_VERSION, "diagnostic": DIAGNOSTIC_VERSION}
 
 OUTSIDE_GRID = "not in this sweep's grid"
