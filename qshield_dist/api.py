@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qshield_dist.config import SweepConfig, validate
-from qshield_dist.config import load_config as read_config
+from qshield_dist.config import SweepConfig, read_config, validate
 from qshield_dist.sweep import SweepRun
 
 if TYPE_CHECKING:

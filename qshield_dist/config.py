@@ -1016,11 +1016,12 @@ def _check_quantum(spec: ModelSpec, index: int, cfg: SweepConfig, train: TrainCo
         raise ConfigError(f"models[{index}].qubits: got {spec.qubits}: {exc}") from None
 
 
-def load_config(
+def read_config(
     source: str | Path | Mapping[str, Any], overrides: dict[str, Any] | None = None
 ) -> SweepConfig:
-    """Read and validate a sweep: a YAML file, or the mapping its YAML would parse into (no
-    compute, nothing written). A file's name defaults to its stem; a mapping must name itself."""
+    """Read a sweep into its config: a YAML file, or the mapping its YAML would parse into (its
+    shape checked, no compute, nothing written). A file's name defaults to its stem; a mapping
+    must name itself. The public load_config (api.py) also validates every entry (validate)."""
     if isinstance(source, Mapping):
         raw: Any = dict(source)  # a copy: the overrides below leave the caller's mapping as it was
     else:

@@ -18,7 +18,7 @@ import signal
 import sys
 from typing import Iterator, Sequence
 
-from qshield_dist.config import ConfigError, SweepConfig, UntilDecided, load_config
+from qshield_dist.config import ConfigError, SweepConfig, UntilDecided, read_config
 from qshield_dist.grid import AttackTrial, Grid, TrainTrial, many_objects
 from qshield_dist.lease import LeaseHeld, ResultsLease
 from qshield_dist.results.store import ResultStore
@@ -120,7 +120,7 @@ def _command(args: argparse.Namespace) -> int:
             "executor": args.executor,
             "workers": args.workers,
         }
-        cfg = load_config(args.sweep, overrides)
+        cfg = read_config(args.sweep, overrides)
         update = {}
         if args.data_root:
             update["data"] = cfg.data.model_copy(update={"data_root": args.data_root})

@@ -4,7 +4,7 @@
   `1.0e5` were strings, and `alpha: 1e-2` reached the attack as the text "1e-2". Here every
   YAML 1.2 float is a float (the 1.1 forms, ints and the rest are read as before).
 - PyYAML keeps the last of two equal keys silently: `seeds: [0]` then `seeds: [0, 1, 2]` would
-  run three seeds without a word. config.load_config turns the error into a ConfigError naming
+  run three seeds without a word. config.read_config turns the error into a ConfigError naming
   the sweep file.
 """
 

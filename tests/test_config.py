@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from qshield_dist import launch
-from qshield_dist.config import SweepConfig, check_availability, load_config, parse_attacks, validate
+from qshield_dist.config import SweepConfig, check_availability, parse_attacks, read_config, validate
 from qshield_dist.grid import build_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,7 +248,7 @@ def test_a_hybrid_from_scratch_has_its_backbone_as_equal_budget_control_attacked
         "models: [{model: cnn_small}, {model: hqcnn, backbone: cnn_small, init: [scratch, from_baseline]}]\n"
         "attacks: [{name: fgsm}]\n"
     )
-    grid = build_grid(validate(load_config(path)))
+    grid = build_grid(validate(read_config(path)))
     backbone = [t for t in grid.train if t.model.model == "cnn_small"]
     assert sorted(t.train.epochs for t in backbone) == [10, 20]  # the plain one; the from_baseline's control
     attacked = [(a.train.trial_id, a.control) for a in grid.attack]
@@ -278,7 +278,7 @@ def test_attack_ids_from_the_cached_template_equal_the_plain_hash():
     spliced in); the result must be the hash of the full identity, as computed without it."""
     from qshield_dist.grid import stable_hash
 
-    for cfg in (SweepConfig(**AXES), load_config("sweeps/adaptive.yaml")):
+    for cfg in (SweepConfig(**AXES), read_config("sweeps/adaptive.yaml")):
         attacks = build_grid(validate(cfg)).attack
         fast = [t.trial_id for t in attacks]
         plain = ["A" + stable_hash(t.identity(t.train.trial_id)) for t in attacks]
@@ -315,7 +315,7 @@ def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
     """PyYAML (YAML 1.1) read `1e-2` as the string '1e-2'; it is the number 0.01."""
     proc = _dry_run(tmp_path, "pgd", "{alpha: 1e-2, eps: 1.0e-1, steps: 1e1}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (attack,) = parse_attacks(load_config(tmp_path / "typed.yaml"))
+    (attack,) = parse_attacks(read_config(tmp_path / "typed.yaml"))
     assert attack.params == {"alpha": 0.01, "eps": 0.1, "steps": 10}
     assert isinstance(attack.params["steps"], int) and isinstance(attack.params["alpha"], float)
 

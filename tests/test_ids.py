@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from qshield_dist import attack_params
-from qshield_dist.config import EvalConfig, ModelSpec, SweepConfig, TrainConfig, load_config, validate
+from qshield_dist.config import EvalConfig, ModelSpec, SweepConfig, TrainConfig, read_config, validate
 from qshield_dist.grid import AttackTrial, DiagnosticTrial, Grid, TrainTrial, build_grid, canonical_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_a_field_added_at_its_default_changes_no_id(monkeypatch: pytest.MonkeyPa
 def _attack_ids_of(attacks_yaml: str, tmp_path: Path) -> list[str]:
     path = tmp_path / "sweep.yaml"
     path.write_text(f"name: spelling\nmodels: [{{model: cnn_small}}]\nattacks: [{attacks_yaml}]\n")
-    return [t.trial_id for t in build_grid(validate(load_config(path))).attack]
+    return [t.trial_id for t in build_grid(validate(read_config(path))).attack]
 
 
 def test_one_number_in_any_spelling_is_one_id(tmp_path: Path) -> None:
@@ -350,5 +350,5 @@ def test_a_cuda_trial_never_shares_an_id_with_a_cpu_one() -> None:
 
 def test_full_yaml_runs_every_stage_on_cuda() -> None:
     """It reserves a GPU per train trial and a quarter per attack trial: auto resolves to cuda."""
-    grid = build_grid(validate(load_config(REPO / "sweeps" / "full.yaml")))
+    grid = build_grid(validate(read_config(REPO / "sweeps" / "full.yaml")))
     assert {t.accelerator for t in grid.trials} == {"cuda"}

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from qshield_dist import executors, launch
-from qshield_dist.config import load_config
+from qshield_dist.config import read_config
 from qshield_dist.plan.durations import expected_minutes
 from qshield_dist.results.store import ResultStore
 from qshield_dist.sweep import make_executor, make_jobs, prepare, run_sweep
@@ -77,7 +77,7 @@ def _name(t: Any) -> str:
 
 
 def test_expected_minutes_come_from_finished_trials_then_the_plan_cache_then_none(grown: Path) -> None:
-    cfg = load_config(grown)
+    cfg = read_config(grown)
     grid, todo, done = _todo(cfg)
     assert sorted(map(_name, todo)) == [
         "attack:fgsm:s1",
@@ -121,7 +121,7 @@ def test_expected_minutes_come_from_finished_trials_then_the_plan_cache_then_non
 def test_the_slurm_packing_receives_the_durations(grown: Path) -> None:
     """With the durations, the trials of seconds share array tasks; square, with none, runs
     alone (its 240-minute limit stands in); without them, every trial is a task of its own."""
-    cfg = load_config(grown)
+    cfg = read_config(grown)
     grid, todo, done = _todo(cfg)
     expected = expected_minutes(cfg, grid, todo, done.seconds)
     ctx = RunContext(sweep=cfg.name, results_dir=str(cfg.results_path), checkpoint_dir=cfg.checkpoint_dir)
@@ -158,7 +158,7 @@ def test_the_launcher_passes_durations_and_logs_their_sources(
         raise _Stop
 
     monkeypatch.setattr(executors, "make", capture)
-    cfg = load_config(grown)
+    cfg = read_config(grown)
     grid, todo, done = _todo(cfg)
     caplog.set_level(logging.INFO, logger="qshield_dist.sweep")
     with pytest.raises(_Stop):

@@ -10,7 +10,7 @@ import yaml
 
 from qshield_dist import executors, launch
 from qshield_dist import plan as plan_mod
-from qshield_dist.config import load_config
+from qshield_dist.config import read_config
 from qshield_dist.plan import calibration
 from qshield_dist.plan.schedule import Estimate, Slots, schedule
 from qshield_dist.sweep import prepare
@@ -133,7 +133,7 @@ def test_missing_data_is_a_warning_and_calibrates_on_synthetic_tensors(tmp_path,
 
 
 def test_schedule_waits_for_dependencies_and_uses_the_parallelism(tmp_path):
-    cfg = load_config(_sweep(tmp_path))
+    cfg = read_config(_sweep(tmp_path))
     grid = prepare(cfg)
     seconds = {"train": 10.0, "attack": 5.0}
     estimates = {t.trial_id: Estimate(seconds[t.stage], 100.0, t.stage) for t in grid.trials}
@@ -199,7 +199,7 @@ def test_an_attacks_per_batch_work_scales_with_its_iterations_and_batches(tmp_pa
         eval={"attack_size": 16, "batch_size": 8, "eval_repeats": 3},
         attacks=[{"name": "square", "params": {"n_queries": 500}}],
     )
-    grid = prepare(load_config(sweep))
+    grid = prepare(read_config(sweep))
     (square,) = grid.attack
     runs = [
         {"inner": 0.3, "total": 0.5, "units": 2, "eval_pts": 12, "in_flight": 2, "peak_mb": 100.0},
@@ -223,7 +223,7 @@ def test_a_clean_evaluation_is_timed_on_a_batch_of_the_trials_size(tmp_path, mon
     """Its cost per point depends on the batch (1.5x as much at 16 points as at 128 on MNIST)."""
     from qshield_dist import trial
 
-    cfg = load_config(_sweep(tmp_path, eval={"batch_size": 64}))
+    cfg = read_config(_sweep(tmp_path, eval={"batch_size": 64}))
     grid = prepare(cfg)
     (train,) = grid.train
     sizes = []
@@ -254,7 +254,7 @@ def test_the_scaled_work_is_timed_without_other_processes_load(tmp_path, monkeyp
 
     from qshield_dist import trial
 
-    cfg = load_config(_sweep(tmp_path, attacks=[{"name": "fgsm"}]))
+    cfg = read_config(_sweep(tmp_path, attacks=[{"name": "fgsm"}]))
     grid = prepare(cfg)
     (train,), (fgsm,) = grid.train, grid.attack
     real_attack, real_loader = trial.build_attack, calibration._loader
@@ -294,7 +294,7 @@ def test_an_attacks_work_is_extrapolated_from_its_counted_model_samples(tmp_path
     from qshield_dist.trial import RunContext, run_trial
 
     attack = {"name": "apgd", "preset": "standard", "params": {"steps": 20}}
-    grid = prepare(load_config(_sweep(tmp_path, attacks=[attack])))
+    grid = prepare(read_config(_sweep(tmp_path, attacks=[attack])))
     (train,), (apgd,) = grid.train, grid.attack
     work = calibration._Work()
     with calibration._patched({}, work):

@@ -836,7 +836,7 @@ def test_cli_runs_300_trials_as_a_handful_of_tasks_with_per_model_dependencies(
     result file per expected trial id, one run in each trial's log), 0 lost; each model's
     attacks wait for its own training task only: the hybrid's attacks for the hybrid's
     training, not for the baseline's attacks, which run meanwhile; squeue shows it."""
-    from qshield_dist.config import load_config
+    from qshield_dist.config import read_config
     from qshield_dist.sweep import prepare
 
     path = _many_trials_sweep(tmp_path)
@@ -882,7 +882,7 @@ def test_cli_runs_300_trials_as_a_handful_of_tasks_with_per_model_dependencies(
     assert "302 ok, 0 failed, 0 lost" in text, text[-3000:]
 
     # every expected trial once: one result file each, one run in each trial's log
-    grid = prepare(load_config(path, {"results_dir": str(results)}))
+    grid = prepare(read_config(path, {"results_dir": str(results)}))
     expected = {t.trial_id for t in grid.trials}
     assert len(expected) == 2 + 2 * FGSM_BUDGETS
     store = ResultStore(results)

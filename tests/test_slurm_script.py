@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qshield_dist.config import load_config
+from qshield_dist.config import read_config
 from qshield_dist.executors.base import Job
 from qshield_dist.sweep import make_executor
 
@@ -32,7 +32,7 @@ SLURM = {
 
 def _script(tmp_path: Path, slurm: dict, stage: str, n_tasks: int = 3) -> str:
     """The job script of an array of `n_tasks` one-trial tasks of `stage`."""
-    cfg = load_config(
+    cfg = read_config(
         "sweeps/smoke.yaml", {"executor": "slurm", "results_dir": str(tmp_path), "slurm": slurm}
     )
     ex = make_executor(cfg)
@@ -83,7 +83,7 @@ def test_without_them_the_script_has_none_and_the_time_comes_from_the_packs(tmp_
 def test_an_array_holds_one_stage(tmp_path: Path) -> None:
     """A wave holding trains and attacks (a hybrid trains after its baseline while the
     baseline's attacks run) becomes one array per stage, so each takes its stage's settings."""
-    cfg = load_config(
+    cfg = read_config(
         "sweeps/smoke.yaml", {"executor": "slurm", "results_dir": str(tmp_path), "slurm": SLURM}
     )
     ex = make_executor(cfg)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qshield_dist.config import SweepConfig, load_config, validate
+from qshield_dist.config import SweepConfig, read_config, validate
 from qshield_dist.executors.local import LocalExecutor, available_cpus
 from qshield_dist.grid import Grid, build_grid
 from qshield_dist.sweep import make_jobs, run_sweep, warn_oversubscribed
@@ -70,7 +70,7 @@ def test_a_run_records_the_threads_its_stage_reserves(tmp_path: Path) -> None:
     sweep = {**SWEEP, "resources": {"attack": {"cpus": 2}}}
     path = tmp_path / "threads.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    cfg = load_config(
+    cfg = read_config(
         path, {"results_dir": str(tmp_path / "results"), "checkpoint_dir": str(tmp_path / "ckpt")}
     )
     statuses = run_sweep(cfg, LocalExecutor(in_process=True)).statuses

@@ -15,10 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "pennylane", "torchattacks", "ray", "submitit")
 
 EXPAND = """
-from qshield_dist.config import load_config, validate
+from qshield_dist.config import read_config, validate
 from qshield_dist.grid import build_grid
 for path in ("sweeps/quick.yaml", "sweeps/full.yaml", "sweeps/adaptive.yaml", "sweeps/parity.yaml"):
-    grid = build_grid(validate(load_config(path)))
+    grid = build_grid(validate(read_config(path)))
     assert grid.attack, path
 """
 

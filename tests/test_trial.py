@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from qshield_dist.attacks import ATTACKS
-from qshield_dist.config import load_config, validate
+from qshield_dist.config import read_config, validate
 from qshield_dist.grid import AttackTrial, build_grid
 from qshield_dist.results.store import ResultStore
 from qshield_dist.trial import RunContext, read_trial, run_trial
@@ -38,7 +38,7 @@ def _grid(tmp_path, models, attacks, **extra):
     }
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return build_grid(validate(load_config(path)))
+    return build_grid(validate(read_config(path)))
 
 
 def _run_all(grid, ctx):
