@@ -485,6 +485,8 @@ class Grid:
     train: list[TrainTrial]
     attack: list[AttackTrial]
     diagnostic: list[DiagnosticTrial] = field(default_factory=list)
+    # The sweep's compare: as (dataset, variant id of A, of B) (named_comparisons); empty without one.
+    comparisons: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def trials(self) -> list[Trial]:
@@ -494,7 +496,9 @@ class Grid:
 def build_grid(spec: SweepSpec) -> Grid:
     """Expand a validated sweep into trials (config.validate has done every check)."""
     with many_objects():
-        return _expand(spec)
+        grid = _expand(spec)
+    grid.comparisons = named_comparisons(spec)
+    return grid
 
 
 def _expand(spec: SweepSpec) -> Grid:

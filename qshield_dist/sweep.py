@@ -483,6 +483,9 @@ def _run_held(
     meta = {
         "sweep": cfg.name,
         "spec": cfg.model_dump(),
+        # compare: resolved to variant ids now: the summary reads them as launched, never
+        # re-resolving the spec against code (a custom model's) that may have changed since.
+        "comparisons": [list(c) for c in grid.comparisons],
         "versions": package_versions(),
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -334,6 +334,16 @@ def test_a_model_of_the_users_file_gets_a_verdict_by_yaml_and_by_evaluate(own_ne
     )
     assert again.run is not None and not again.run.ran and again.verdicts.equals(report.verdicts)
 
+    # The model's folder changes after the run (a module added beside it): summarizing the run's
+    # directory again keeps its compare: verdict, which the manifest holds as launched.
+    extra = source.parent / "notes.py"
+    extra.write_text("NOTE = 1\n")
+    try:
+        later = qshield_dist.summarize(root / "yaml")
+    finally:
+        extra.unlink()
+    assert later.verdicts.equals(yaml_report.verdicts) and later.verdicts.height == 1
+
 
 SCALED_NET = """
 import torch.nn as nn

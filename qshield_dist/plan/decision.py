@@ -18,8 +18,8 @@ import math
 from typing import Any
 
 from qshield_dist.attack_params import ATTACKS
-from qshield_dist.config import SweepConfig, validate
-from qshield_dist.grid import Grid, named_comparisons, variant_id
+from qshield_dist.config import SweepConfig
+from qshield_dist.grid import Grid, variant_id
 from qshield_dist.summary.sequential import planned_looks, price
 
 # Share of points one model of a pair gets right and the other wrong (under the worst case): on
@@ -33,9 +33,8 @@ def _comparisons(cfg: SweepConfig, grid: Grid) -> int:
     dataset's CNN, each at every L-inf budget of its dataset."""
     linf = [t for t in grid.attack if ATTACKS[t.attack].threat_model == "linf"]
     budgets = max(1, len({(t.dataset, t.params_dict.get("eps")) for t in linf}))
-    named = named_comparisons(validate(cfg))
-    if named:
-        return len(named) * budgets
+    if grid.comparisons:
+        return len(grid.comparisons) * budgets
     hybrids = {(t.dataset, variant_id(t, None)) for t in grid.train if t.model.model == "hqcnn"}
     return max(1, len(hybrids)) * budgets
 

@@ -505,20 +505,23 @@ def _missing(res: Results, ids: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
 
 
 def named_pairs(res: Results, train: pl.DataFrame, notes: list[str]) -> list[tuple[str, str]] | None:
-    """The sweep's `compare:` (in its manifest's spec) as (vkey_a, vkey_b); None without one.
-    Names are resolved to variant ids by the grid's rule and to variants through the train rows."""
-    spec = (res.manifest or {}).get("spec")
+    """The sweep's `compare:` as (vkey_a, vkey_b); None without one. The launcher records it in
+    the manifest resolved to variant ids (`comparisons`), which map to variants through the train
+    rows; a manifest from before that is resolved here from its spec, by the grid's rule."""
+    manifest = res.manifest or {}
+    spec = manifest.get("spec")
     if not spec or not spec.get("compare"):
         return None
-    try:
-        sweep = validate(SweepConfig(**spec))
-    except (ConfigError, ValueError) as exc:
-        notes.append(
-            f"the manifest's compare: could not be read ({exc}): each hybrid is compared with the CNN"
-        )
-        return None
+    pairs = [tuple(c) for c in manifest.get("comparisons") or []]
+    if not pairs:
+        try:
+            pairs = named_comparisons(validate(SweepConfig(**spec)))
+        except (ConfigError, ValueError) as exc:
+            notes.append(
+                f"the manifest's compare: could not be read ({exc}): each hybrid is compared with the CNN"
+            )
+            return None
     vkeys = dict(train.with_columns(_vkey()).select("variant_id", "vkey").unique("variant_id").iter_rows())
-    pairs = named_comparisons(sweep)
     found = [(vkeys[a], vkeys[b]) for _, a, b in pairs if a in vkeys and b in vkeys]
     if len(found) < len(pairs):
         notes.append(
