@@ -349,13 +349,23 @@ RESTART_POINTS = 256
 
 
 class UntilDecided(_Strict):
-    """A sequential launch (decide.py): the attack set grows from `attack_size` in looks of
-    `ratio` times more points per seed, whole shards each, until every comparison of the report
-    is decided or `max_points` per seed are run. `margin`: the +- band of 'equal'."""
+    """A sequential launch (decide.py), one of two kinds:
+    - `max_points` (these trained models): the attack set grows from `attack_size` in looks of
+      `ratio` times more points per seed, whole shards each, until every comparison of the
+      report is decided or `max_points` per seed are run;
+    - `max_seeds` (the training procedure: seeds are the unit): the seeds grow from the sweep's
+      in looks of `ratio` times more (new seeds numbered on from the largest), the points per
+      seed fixed at `attack_size`, until every comparison is decided or `max_seeds` are run.
+    `margin`: the +- band of 'equal'."""
 
-    max_points: int = Field(ge=1)
+    max_points: int | None = Field(None, ge=1)
+    max_seeds: int | None = Field(None, ge=2)
     ratio: float = Field(2.0, gt=1)
     margin: float = Field(0.02, gt=0, lt=1)
+
+    @property
+    def over_seeds(self) -> bool:
+        return self.max_seeds is not None
 
 
 class EvalConfig(_Strict):
@@ -862,12 +872,22 @@ def _check_shards(cfg: SweepConfig) -> None:
         )
     plan = ev.until_decided
     if plan is not None:
-        if shard is None or size == ALL:
+        if (plan.max_points is None) == (plan.max_seeds is None):
+            raise ConfigError(
+                f"eval.until_decided: got max_points {plan.max_points} and max_seeds {plan.max_seeds}; allowed:"
+                " exactly one of them (max_points grows the points per seed, max_seeds the seeds)"
+            )
+        if plan.max_points is not None and (shard is None or size == ALL):
             raise ConfigError(
                 f"eval.until_decided: needs eval.shard_size and a number for eval.attack_size (got shard_size"
                 f" {shard}, attack_size {size}): the looks add whole shards to the first attack_size points"
             )
-        if plan.max_points < size:
+        if plan.max_seeds is not None and plan.max_seeds < max(2, len(cfg.seeds)):
+            raise ConfigError(
+                f"eval.until_decided.max_seeds: got {plan.max_seeds}: fewer than the sweep's {len(cfg.seeds)}"
+                f" seed(s) or than 2; allowed: {max(2, len(cfg.seeds))} or more"
+            )
+        if plan.max_points is not None and plan.max_points < size:
             raise ConfigError(
                 f"eval.until_decided.max_points: got {plan.max_points}: fewer than eval.attack_size ({size});"
                 f" allowed: {size} or more"

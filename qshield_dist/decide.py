@@ -10,6 +10,11 @@ none is left to continue (more robust, less robust, equal within the margin), or
 `max_points` per seed (undecided). The looks are points per seed, doubling from `attack_size`
 (geometric_looks), each a whole number of shards. RESULTS/decisions.json records the method,
 the looks and, per comparison, the look at which its decision was taken; the report shows it.
+
+With `max_seeds` instead of `max_points` the question is the training procedure (seeds are the
+unit): each look adds seeds (numbered on from the sweep's largest; the seeds already run keep
+their ids and files) at the same points per seed, and summary/sequential.decide_seeds judges
+the t intervals over seeds at each look's share of the spent alpha.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from qshield_dist.config import SweepConfig
 from qshield_dist.executors.base import Executor
 from qshield_dist.fileio import atomic_write_bytes
-from qshield_dist.summary.sequential import DECISIONS_FILE, planned_looks
+from qshield_dist.summary.sequential import DECISIONS_FILE, planned_looks, planned_seed_looks
 from qshield_dist.sweep import SweepRun, run_sweep
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,12 @@ METHOD = (
     " 95% confidence intervals (Jennison & Turnbull 2000, ch. 9), Holm across the report's verdicts"
     " (the family of its Holm-adjusted p; a comparison not judged at a look counts as not rejected)"
 )
+METHOD_SEEDS = (
+    "sequential over seeds (the training procedure): each look's t interval on the per-seed differences"
+    " at the increment of Lan-DeMets O'Brien-Fleming-type alpha spending (Bonferroni over the looks),"
+    " Holm across the report's verdicts on the repeated p-values (a comparison not judged at a look"
+    " counts as not rejected)"
+)
 
 
 @dataclass(frozen=True)
@@ -40,40 +51,48 @@ class Look:
     run: SweepRun
     decisions: list[dict[str, Any]]  # per comparison: a, b, eps, dataset and sequential.Decision's fields
     family: int = 0  # comparisons in Holm's family (the report's verdicts), judged here or not
+    seeds: int = 0  # seeds run at this look
 
 
 def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_options: Any) -> list[Look]:
     """Run the sweep in looks (module docstring) until each comparison is decided or the last
     look is done; returns the looks run. run_options go to run_sweep."""
-    from qshield_dist.summary.sequential import CONTINUE, decide
+    from qshield_dist.summary.sequential import CONTINUE, decide, decide_seeds
     from qshield_dist.summary.tables import build_tables
     from qshield_dist.summary.verdicts import in_holm_family
 
-    planned = planned_looks(cfg)
+    plan = cfg.eval.until_decided
+    assert plan is not None, "validate refuses a sequential launch without eval.until_decided"
+    planned = planned_seed_looks(cfg) if plan.over_seeds else planned_looks(cfg)
+    seeds = added_seeds(cfg.seeds, planned[-1]) if plan.over_seeds else list(cfg.seeds)
     done: list[Look] = []
-    for k, points in enumerate(planned):
-        look_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attack_size": points})})
+    for k, size in enumerate(planned):
+        if plan.over_seeds:
+            look_cfg = cfg.model_copy(update={"seeds": seeds[:size]})
+        else:
+            look_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attack_size": size})})
+        points = int(look_cfg.eval.attack_size)
         run = run_sweep(look_cfg, executor, **run_options)
-        tables = build_tables(run.results, margin=cfg.eval.until_decided.margin)
+        tables = build_tables(run.results, margin=plan.margin)
         # Holm's family: the report's own (verdicts.in_holm_family), so decisions.json and the
         # report's Holm-adjusted p adjust over the same comparisons
         family = in_holm_family(tables.paired["kind"].to_list(), tables.verdict_kind)
         verdicts = [r for r, member in zip(tables.paired.iter_rows(named=True), family) if member]
         # Judged: a comparison whose sides have every shard of every seed so far (a gap would
-        # shift the points a look reads), with the points the look asks for; the others stay in
-        # the family, as never rejected.
+        # shift the points a look reads), with the points and seeds the look asks for; the
+        # others stay in the family, as never rejected.
         compared = [
             r
             for r in verdicts
             if r["missing_a"] is None
             and r["missing_b"] is None
-            and _complete(tables.outcomes[(r["a"], r["b"], r["eps"])], points)
+            and _complete(tables.outcomes[(r["a"], r["b"], r["eps"])], points, len(look_cfg.seeds))
         ]
-        decisions = decide(
+        decisions = (decide_seeds if plan.over_seeds else decide)(
             [tables.outcomes[(r["a"], r["b"], r["eps"])] for r in compared],
             planned[: k + 1],
             planned[-1],
-            cfg.eval.until_decided.margin,
+            plan.margin,
             family_size=len(verdicts),
         )
         labels = dict(tables.variants.select("vkey", "label").iter_rows())
@@ -87,13 +106,14 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
             }
             for r, d in zip(compared, decisions)
         ]
-        done.append(Look(points, run, rows, len(verdicts)))
+        done.append(Look(points, run, rows, len(verdicts), len(look_cfg.seeds)))
         _record(look_cfg, planned, done)
         for row in rows:
             log.info(
-                "look %d (%d points per seed): %s vs %s: %s, %+.1f pp [%+.1f, %+.1f]",
+                "look %d (%d points per seed, %d seeds): %s vs %s: %s, %+.1f pp [%+.1f, %+.1f]",
                 k + 1,
                 points,
+                len(look_cfg.seeds),
                 row["a"],
                 row["b"],
                 row["decision"],
@@ -108,18 +128,32 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
     return done
 
 
-def _complete(seeds: list[Any], points: int) -> bool:
-    return bool(seeds) and all(len(a) >= points for a, _ in seeds)
+def added_seeds(seeds: Sequence[int], total: int) -> list[int]:
+    """The sweep's seeds, then new ones numbered on from the largest, `total` in all."""
+    return [*seeds, *range(max(seeds) + 1, max(seeds) + 1 + total - len(seeds))]
+
+
+def _complete(pairs: list[Any], points: int, seeds: int) -> bool:
+    return len(pairs) >= seeds and all(len(a) >= points for a, _ in pairs)
 
 
 def _record(cfg: SweepConfig, planned: list[int], done: list[Look]) -> None:
+    plan = cfg.eval.until_decided
+    assert plan is not None
     record = {
-        "method": METHOD,
-        "margin": cfg.eval.until_decided.margin,
-        "max_points": planned[-1],
+        "method": METHOD_SEEDS if plan.over_seeds else METHOD,
+        "unit": "seeds" if plan.over_seeds else "points",  # what the looks grow
+        "margin": plan.margin,
+        "max_seeds" if plan.over_seeds else "max_points": planned[-1],
         "planned_looks": planned,
         "looks": [
-            {"points": look.points, "holm_family": look.family, "decisions": look.decisions} for look in done
+            {
+                "points": look.points,
+                "seeds": look.seeds,
+                "holm_family": look.family,
+                "decisions": look.decisions,
+            }
+            for look in done
         ],
     }
     atomic_write_bytes(

@@ -109,3 +109,66 @@ def test_the_cli_flag_sets_max_points_and_bad_values_exit_2(tmp_path: Path) -> N
     assert launch.main([*args, "--until-decided", "0"]) == 2
     assert launch.main([*args, "--until-decided", "16"]) == 2  # fewer than attack_size
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------- over seeds: the training procedure's question
+SEEDS_SWEEP = {
+    "name": "until_seeds",
+    "data": {"dataset": "digits", "train_size": 120, "test_size": 40},
+    "train": {"epochs": 1, "batch_size": 32, "max_steps": 3},
+    "eval": {"attack_size": 16, "until_decided": {"max_seeds": 4}},
+    "seeds": [0, 1],
+    "models": [{"model": "cnn_small", "name": "cnn"}, {"model": "dnn", "name": "dnn"}],
+    "attacks": [{"name": "fgsm"}],
+    "compare": [{"models": "dnn", "against": "cnn"}],
+}
+
+
+@pytest.mark.parametrize(
+    "plan, key",
+    [
+        ({"max_seeds": 4, "max_points": 64}, "eval.until_decided: got max_points 64 and max_seeds 4"),
+        ({}, "eval.until_decided: got max_points None and max_seeds None"),
+        ({"max_seeds": 1}, "max_seeds"),  # fewer than 2: pydantic's own message names the key
+    ],
+)
+def test_a_launch_over_seeds_takes_max_seeds_or_max_points_not_both(
+    tmp_path: Path, plan: dict, key: str
+) -> None:
+    sweep = {**SEEDS_SWEEP, "eval": {"attack_size": 16, "until_decided": plan}}
+    with pytest.raises((ConfigError, ValueError), match=key.replace(".", r"\.")):
+        validate(SweepConfig(**sweep, results_dir=str(tmp_path / "r")))
+
+
+def test_looks_over_seeds_add_seeds_and_decide_by_the_procedure_rule(tmp_path: Path) -> None:
+    """max_seeds: looks of 2 then 4 seeds at 16 points each; the second look only adds the new
+    seeds' trials; the recorded decisions are decide_seeds' on the first seeds of the final
+    outcomes; the report says the seeds grew."""
+    from qshield_dist.summary.sequential import decide_seeds, planned_seed_looks
+
+    cfg = SweepConfig(
+        **SEEDS_SWEEP, results_dir=str(tmp_path / "results"), checkpoint_dir=str(tmp_path / "ckpt")
+    )
+    assert planned_seed_looks(cfg) == [2, 4]
+    done = run_until_decided(cfg, LocalExecutor(in_process=True))
+    record = json.loads((cfg.results_path / DECISIONS_FILE).read_text())
+    assert record["unit"] == "seeds" and record["max_seeds"] == 4 and "over seeds" in record["method"]
+    assert [look["seeds"] for look in record["looks"]] == [look.seeds for look in done] == [2, 4][: len(done)]
+    assert all(look["points"] == 16 for look in record["looks"])
+    # With 2 seeds the t interval has 1 df at a sliver of alpha: nothing is decided at look 1.
+    assert record["looks"][0]["decisions"][0]["decision"] == CONTINUE and len(done) == 2
+    # the second look ran only the new seeds: 2 models x 2 seeds x (train + attack)
+    assert len(done[1].run.ran) == 8 and all(done[1].run.statuses[t] == "ok" for t in done[1].run.ran)
+    tables = build_tables(load_results(cfg.results_path), margin=0.02)
+    (outcomes,) = tables.outcomes.values()
+    assert len(outcomes) == 4
+    for k, look in enumerate(record["looks"]):
+        (again,) = decide_seeds([outcomes[: look["seeds"]]], [2, 4][: k + 1], 4, 0.02)
+        (recorded,) = look["decisions"]
+        assert (recorded["decision"], recorded["points"]) == (again.decision, again.points)
+        assert recorded["low"] == pytest.approx(again.low) and recorded["high"] == pytest.approx(again.high)
+    from qshield_dist.summary.report import Options, summarize
+
+    summarize(cfg.results_path, tmp_path / "report", Options(plots=False, formats=("md",), proxies={}))
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "The seeds grew in looks: 2, 4 seeds run (at 16 points per seed)" in text

@@ -14,6 +14,7 @@ look's results is not built: the assumption is the plan's largest error.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -21,6 +22,8 @@ from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import SweepConfig
 from qshield_dist.grid import Grid, variant_id
 from qshield_dist.summary.sequential import planned_looks, price
+
+log = logging.getLogger(__name__)
 
 # Share of points one model of a pair gets right and the other wrong (under the worst case): on
 # real MNIST's final run the CNN and the hybrids disagreed on about a tenth of the points.
@@ -43,6 +46,9 @@ def decision_price(cfg: SweepConfig, grid: Grid, report: dict[str, Any]) -> dict
     """The price of deciding (module docstring), for report["decision"]; None without until_decided."""
     plan = cfg.eval.until_decided
     if plan is None:
+        return None
+    if plan.over_seeds:
+        log.warning("--plan prices a sequential launch over points, not over seeds (max_seeds): not priced")
         return None
     looks = planned_looks(cfg)
     m = _comparisons(cfg, grid)

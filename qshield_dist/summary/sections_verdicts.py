@@ -378,10 +378,20 @@ def sequential_section(root: Path) -> Section | None:
     record = json.loads(path.read_text())
     sec = Section("Sequential decisions")
     looks = record["looks"]
+    if record.get("unit") == "seeds":
+        grew = (
+            f"The seeds grew in looks: {', '.join(str(x['seeds']) for x in looks)} seeds run (at"
+            f" {looks[-1]['points']} points per seed), of {', '.join(map(str, record['planned_looks']))}"
+            f" planned (at most {record['max_seeds']}); the question is the training procedure (seeds are the unit)"
+        )
+    else:
+        grew = (
+            f"The attack set grew in looks of whole shards: {', '.join(str(x['points']) for x in looks)} points"
+            f" per seed run, of {', '.join(map(str, record['planned_looks']))} planned (at most"
+            f" {record['max_points']})"
+        )
     sec.add(
-        f"The attack set grew in looks of whole shards: {', '.join(str(x['points']) for x in looks)} points per"
-        f" seed run, of {', '.join(map(str, record['planned_looks']))} planned (at most {record['max_points']}),"
-        f" margin ±{100 * record['margin']:.1f} pp. Method: {record['method']}. Each interval is the repeated"
+        f"{grew}, margin ±{100 * record['margin']:.1f} pp. Method: {record['method']}. Each interval is the repeated"
         " confidence interval of the look its decision was taken at (the last look for one still open):"
         " it holds at every look at once, so looking after every wave does not inflate false decisions."
         + (
@@ -392,13 +402,14 @@ def sequential_section(root: Path) -> Section | None:
             else ""
         )
     )
+    unit = "seeds" if record.get("unit") == "seeds" else "points per seed"
     rows = [
         [
             d["dataset"],
             d["a"],
             d["b"],
             d["decision"],
-            "-" if d["look"] is None else f"{d['look'] + 1} ({d['points']} points per seed)",
+            "-" if d["look"] is None else f"{d['look'] + 1} ({d['points']} {unit})",
             f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]",
             f"{d['level']:.3g}",
         ]

@@ -56,7 +56,7 @@ SE of a 2.5 % rate 0.35 pp):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Sequence
 
@@ -64,7 +64,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from qshield_dist.config import ConfigError, SweepConfig
-from qshield_dist.summary.stats import ALPHA, Seeds, stratified_difference
+from qshield_dist.summary.stats import ALPHA, Seeds, procedure_interval, seed_level, stratified_difference
 
 MORE, LESS, EQUAL, CONTINUE, UNDECIDED = "more robust", "less robust", "equal", "continue", "undecided"
 # In a results directory: a sequential launch's record of its looks and decisions (decide.py
@@ -132,8 +132,8 @@ def planned_looks(cfg: SweepConfig) -> list[int]:
     `ratio` times more, up to max_points, each rounded up to whole shards, none past the smallest
     pool of the sweep's datasets (decide.py runs them, --plan prices them)."""
     plan = cfg.eval.until_decided
-    if plan is None:
-        raise ConfigError("eval.until_decided: not set; a sequential launch needs its max_points")
+    if plan is None or plan.max_points is None:
+        raise ConfigError("eval.until_decided.max_points: not set; a launch over points needs it")
     shard = cfg.eval.shard_size
     pool = min(cfg.eval.pool_size(d) for d in cfg.datasets)
     top = min(plan.max_points, pool) // shard * shard
@@ -257,6 +257,116 @@ def _at(
         float(diff[k] + c * se[k]),
         level,
     )
+
+
+def planned_seed_looks(cfg: SweepConfig) -> list[int]:
+    """Seeds at each look of a sequential launch over seeds (eval.until_decided.max_seeds): the
+    sweep's seeds, then `ratio` times more, up to max_seeds (decide.py adds seeds numbered on
+    from the largest given)."""
+    plan = cfg.eval.until_decided
+    if plan is None or plan.max_seeds is None:
+        raise ConfigError("eval.until_decided.max_seeds: not set; a launch over seeds needs it")
+    return geometric_looks(len(cfg.seeds), plan.max_seeds, plan.ratio)
+
+
+def look_levels(looks: Sequence[int], maximum: int, alpha: float = ALPHA) -> list[float]:
+    """Two-sided level spent at each look: the increments of Lan-DeMets O'Brien-Fleming-type
+    spending (spent, alpha/2 per side) at the looks' information fractions. They add up to at
+    most alpha, so intervals at these levels cover at every look at once with probability
+    >= 1 - alpha (Bonferroni over the looks: no joint normality needed, which a t statistic on
+    a handful of seeds lacks)."""
+    fractions = _fractions(looks, maximum)
+    spend = [2 * spent(t, alpha / 2) for t in fractions]
+    return [b - a for a, b in zip([0.0, *spend], spend)]
+
+
+def decide_seeds(
+    comparisons: Sequence[Seeds],
+    looks: Sequence[int],
+    max_seeds: int,
+    margin: float,
+    alpha: float = ALPHA,
+    family_size: int | None = None,
+) -> list[Decision]:
+    """The decision on each comparison for "the training procedure" (stats.PROCEDURE: seeds are
+    the unit) after looks that add seeds, the points per seed fixed.
+
+    `comparisons`: per comparison, per seed in the order the seeds were added, the paired
+    outcomes (A, B); look k uses the first looks[k] seeds. At look k the answer is
+    stats.seed_level's t interval at level a_k (look_levels: the spending increments), so the
+    intervals cover at all looks at once. Across comparisons, Holm on the repeated p-values
+    min_k p_k alpha / a_k (each a valid p-value for the whole sequence, by the same Bonferroni
+    bound), in a family of `family_size` (default: these). A rejected comparison is decided at
+    the first look its interval at its Holm share excluded 0; one still open is "equal" at the
+    first look its interval at the open comparisons' Holm share lies within +-margin; else
+    continue, or undecided at max_seeds. `points` in a Decision is the seeds of that look.
+    Looks with fewer than 2 seeds spend nothing and decide nothing."""
+    if not 0 < alpha < 1 or not 0 <= margin < 1:
+        raise ValueError(f"need 0 < alpha < 1 and 0 <= margin < 1; got alpha {alpha}, margin {margin}")
+    levels = look_levels(looks, max_seeds, alpha)
+    m = len(comparisons)
+    big_m = m if family_size is None else family_size
+    if big_m < m:
+        raise ValueError(f"family_size {family_size} is smaller than the {m} comparisons judged")
+    parts: list[list[tuple[float, float, int] | None]] = []
+    for i, seeds in enumerate(comparisons):
+        if len(seeds) < looks[-1]:
+            raise ValueError(
+                f"comparison {i}: {len(seeds)} seeds, fewer than the {looks[-1]} of the last look"
+            )
+        parts.append([seed_level(list(seeds)[:n]) if n >= 2 else None for n in looks])
+
+    def interval(i: int, k: int, share: float) -> Decision | None:
+        """Comparison i's interval at look k, at `share` of that look's level."""
+        got = parts[i][k]
+        if got is None:
+            return None
+        diff, se, s = got
+        level = levels[k] * share
+        low, high, _ = procedure_interval(diff, se, s, level)
+        return Decision(CONTINUE, k, looks[k], diff, low, high, level)
+
+    def p_seq(i: int) -> float:
+        ps = [
+            procedure_interval(*got)[2] * alpha / levels[k]
+            for k, got in enumerate(parts[i])
+            if got is not None and levels[k] > 0
+        ]
+        return min([1.0, *ps])
+
+    order = sorted(range(m), key=p_seq)
+    taken: dict[int, Decision] = {}
+    for j, i in enumerate(order):  # Holm's step-down: the j-th smallest against alpha / (M - j)
+        share = 1 / (big_m - j)
+        if p_seq(i) > alpha * share:
+            break
+        for k in range(len(looks)):
+            d = interval(i, k, share)
+            if d is not None and (d.low > 0 or d.high < 0):
+                taken[i] = replace(d, decision=MORE if d.low > 0 else LESS)
+                break
+    share = 1 / (big_m - min(len(taken), m - 1)) if m else 1.0
+    for i in range(m):
+        if i in taken:
+            continue
+        for k in range(len(looks)):
+            d = interval(i, k, share)
+            if d is not None and -margin <= d.low and d.high <= margin:
+                taken[i] = replace(d, decision=EQUAL)
+                break
+    last = len(looks) - 1
+    state = UNDECIDED if looks[-1] == max_seeds else CONTINUE
+    out = []
+    for i in range(m):
+        if i in taken:
+            out.append(taken[i])
+            continue
+        d = interval(i, last, share)
+        if d is None:
+            out.append(Decision(state, None, looks[last], math.nan, -1.0, 1.0, 0.0))
+        else:
+            out.append(replace(d, decision=state, look=None if state == CONTINUE else last))
+    return out
 
 
 @dataclass(frozen=True)

@@ -171,18 +171,33 @@ def _models(pairs: list[tuple[np.ndarray, np.ndarray]], a_only: int, b_only: int
     return _clipped(MODELS, diff, _Z * se, mcnemar_exact(a_only, b_only))
 
 
-def _procedure(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Answer | None:
-    _, mean, var = _within(pairs)
+def seed_level(seeds: Seeds) -> tuple[float, float, int]:
+    """The "training procedure" estimate, its standard error and the seeds it rests on (see the
+    module docstring): the mean of the per-seed differences, the standard error from their
+    spread (the seeds' floored within-seed noise when they all agree). ValueError with fewer
+    than 2 seeds: there is no spread to go on."""
+    _, mean, var = _within(_as_pairs(seeds))
     s = len(mean)
     if s < 2:
-        return None
-    diff = float(mean.mean())
+        raise ValueError("the training procedure's answer needs at least 2 seeds")
     spread = float(mean.var(ddof=1)) if np.ptp(mean) > 0 else 0.0
     # no spread: the points' noise (floored, so never 0: every point agreeing is no certainty)
-    se = math.sqrt(spread / s if spread > 0 else var.sum() / s**2)
-    half = stats.t.isf(ALPHA / 2, s - 1) * se
+    return float(mean.mean()), math.sqrt(spread / s if spread > 0 else var.sum() / s**2), s
+
+
+def procedure_interval(diff: float, se: float, s: int, level: float = ALPHA) -> tuple[float, float, float]:
+    """The t interval (s - 1 df) at two-sided `level` on seed_level's answer, within [-1, 1],
+    and its two-sided p-value."""
+    half = stats.t.isf(level / 2, s - 1) * se
     p = 2 * stats.t.sf(abs(diff) / se, s - 1)
-    return _clipped(PROCEDURE, diff, half, float(p))
+    return max(-1.0, diff - half), min(1.0, diff + half), float(p)
+
+
+def _procedure(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Answer | None:
+    if len(pairs) < 2:
+        return None
+    diff, se, s = seed_level(pairs)
+    return Answer(PROCEDURE, diff, *procedure_interval(diff, se, s))
 
 
 def compare(seeds: Seeds) -> Paired:
