@@ -191,6 +191,23 @@ def _train_key() -> pl.Expr:
     )
 
 
+def _combos(variants: pl.DataFrame, shards: int, datasets: tuple[str, ...]) -> pl.DataFrame:
+    """The attack rows of one seed: every variant x attack (BPDA on hybrids only) x dataset x shard."""
+    attacks = pl.DataFrame({"attack": list(ATTACKS), "a": range(len(ATTACKS))})
+    combos = variants.join(attacks, how="cross").filter(
+        (pl.col("attack") != "bpda_pgd") | (pl.col("model") == "hqcnn")
+    )
+    combos = pl.concat([combos.with_columns(pl.lit(d).alias("dataset")) for d in datasets])
+    if shards > 1:
+        combos = combos.join(pl.DataFrame({"shard": np.arange(shards, dtype=np.int32)}), how="cross")
+    return combos
+
+
+def rows_per_seed(shards: int = 1, datasets: tuple[str, ...] = DATASETS) -> int:
+    """Attack rows of one complete seed of the synthetic grid."""
+    return _combos(_variants(), shards, datasets).height
+
+
 def write_synthetic(
     root: Path,
     n_rows: int = 1_000_000,
@@ -205,13 +222,7 @@ def write_synthetic(
     plus the train, diagnostic and failed rows of their seeds; returns what it wrote."""
     rng = np.random.default_rng(seed)
     variants = _variants()
-    attacks = pl.DataFrame({"attack": list(ATTACKS), "a": range(len(ATTACKS))})
-    combos = variants.join(attacks, how="cross").filter(
-        (pl.col("attack") != "bpda_pgd") | (pl.col("model") == "hqcnn")
-    )
-    combos = pl.concat([combos.with_columns(pl.lit(d).alias("dataset")) for d in datasets])
-    if shards > 1:
-        combos = combos.join(pl.DataFrame({"shard": np.arange(shards, dtype=np.int32)}), how="cross")
+    combos = _combos(variants, shards, datasets)
     trained = variants.filter(pl.col("control").is_null())
     hybrids = variants.filter((pl.col("model") == "hqcnn") & pl.col("control").is_null())
     n_failed = 6
@@ -286,7 +297,7 @@ def write_synthetic(
         **{k: pl.lit(v) for k, v in common.items()},
     )
     store = ResultStore(root)
-    files = _write_parts(store, "attack", attack, rows_per_file, points)
+    files = _write_parts(store, "attack", attack, rows_per_file, points, shards)
     files += _write_parts(store, "train", train.drop("v"), rows_per_file)
     files += _write_parts(store, "diagnostic", diag.drop("v"), rows_per_file)
     failed = attack.head(n_failed).with_columns(

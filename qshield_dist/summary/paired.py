@@ -21,13 +21,23 @@ so two models can be compared point by point:
   worst case includes AutoAttack at its authors' strength in the form that side needs
   (attack_params.completes_worst_case: standard / rand, through BPDA for a detached branch);
   `lacks_a` / `lacks_b` name what is missing.
+
+Scale: the per-point outcomes are never exploded into a row per point (at 10^6 attack rows of
+256 points that table needed about 120 GB). load_points packs them (Points): one metadata row
+per attack row, and all points end to end in two flat NumPy arrays, one byte of outcome bits
+and one int32 slot (seed, point index) per point, built from the Arrow list columns' flat
+values without a Python loop over rows or points. Worst cases and pairs are then scatters
+over the slots of the rows a comparison uses, vectorized; only the per-seed pairs handed to
+stats.py are NumPy arrays of one comparison.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -107,6 +117,16 @@ class Points:
     def entries(self, rows: pl.DataFrame) -> np.ndarray:
         """The flat positions of the points of `rows` (a subset of self.rows), row by row."""
         return _ranges(rows["start"].to_numpy(), rows["length"].to_numpy())
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        """Each row's first flat position (increasing with the row number)."""
+        return self.rows["start"].to_numpy()
+
+    @cached_property
+    def shards(self) -> np.ndarray:
+        """Each row's shard; -1 for none (sorts first, as a null shard did)."""
+        return self.rows["shard"].fill_null(-1).to_numpy()
 
     def seed_of_slot(self, slots: np.ndarray) -> np.ndarray:
         """The index (into `seeds`) of each slot's seed."""
@@ -416,10 +436,8 @@ def _seed_pairs(points: Points, a: pl.DataFrame, b: pl.DataFrame) -> list[tuple[
         return []
     seed = points.seed_of_slot(both)
     entry = first_a[both]
-    starts = points.rows["start"].to_numpy()
-    row = np.searchsorted(starts, entry, side="right") - 1
-    shard = points.rows["shard"].fill_null(-1).to_numpy()[row]  # a null shard sorts first
-    order = np.lexsort((entry - starts[row], shard, seed))
+    row = np.searchsorted(points.starts, entry, side="right") - 1
+    order = np.lexsort((entry - points.starts[row], points.shards[row], seed))
     both, seed = both[order], seed[order]
     cuts = np.flatnonzero(np.diff(seed)) + 1
     return [
@@ -750,9 +768,9 @@ def autoattack_gaps(points: Points) -> pl.DataFrame:
         n = len(d)
         mean = float(d.mean())  # type: ignore[arg-type]
         se = float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")  # type: ignore[arg-type]
-        names = [None, *points.components]
-        beyond = pl.Series([names[c] for c in by[keep[aa & ~rest]]], dtype=pl.String)
-        counts = [(str(c), int(k)) for c, k in beyond.fill_null("?").value_counts(sort=True).iter_rows()]
+        names = ["?", *points.components]  # "?": an AutoAttack row that names no component
+        beyond = Counter(names[c] for c in by[keep[aa & ~rest]])
+        counts = sorted(beyond.items(), key=lambda ck: (-ck[1], ck[0]))  # most first, ties by name
         rows.append(
             {
                 "vkey": vkey,
