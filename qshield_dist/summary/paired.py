@@ -183,44 +183,59 @@ def _flat(column: pl.Series, fill: bool | None = None) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False)
 
 
+_BATCHES = 16  # the attack files are read in at most this many batches: one batch's lists in memory at once
+_LISTS = ("point_index", "point_correct", "point_broken", "point_broken_by")
+
+
 def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> Points:
     """The usable attack rows' per-point outcomes, packed (Points): per row its vkey, dataset,
     seed, attack_label, threat model, eps, whether the run completes its model's worst case,
-    and its points (correct clean, broken, the AutoAttack component that broke it). Element
-    nulls, which no trial writes, count as correct and not broken (what all() and any() made
-    of them when the points were exploded)."""
+    and its points (correct clean, broken, the AutoAttack component that broke it). The files
+    are read in a few batches, each packed before the next is read, so only one batch's Arrow
+    lists are in memory at once. Element nulls, which no trial writes, count as correct and not
+    broken (what all() and any() made of them when the points were exploded)."""
     files = res.attack_files
-    if not files:
+    ids = res.expected["trial_id"].implode() if res.expected is not None else None
+    size = max(1, -(-len(files) // _BATCHES))
+    metas: list[pl.DataFrame] = []
+    indices: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
+    components: list[str] = []
+    for i in range(0, len(files), size):
+        batch = files[i : i + size]
+        (rows,) = collect([_point_query(res, batch, ids)], batch)
+        if not rows.height:
+            continue
+        _check_lists(rows)
+        lengths = rows["length"].to_numpy()
+        starts = np.cumsum(lengths) - lengths
+        code = _flat(rows["point_correct"], True).view(np.uint8).copy()
+        code |= _flat(rows["point_broken"], False).view(np.uint8) << 1
+        _broken_by(rows, starts, code, components)
+        n_ok = np.add.reduceat((code & _OK_MASK) == _CORRECT, starts, dtype=np.int64)
+        indices.append(_flat(rows["point_index"]))
+        codes.append(code)
+        metas.append(rows.drop(*_LISTS).with_columns(pl.Series("n_ok", n_ok, pl.Int64)))
+        del rows
+    if not metas:
         return _empty_points()
-    lazy = scan(files, res.dropped).select(*POINT_COLUMNS, "trial_id", "sweep", "status")
-    # An attack that overstepped its budget does not count: its points are missing, not broken.
-    lazy = lazy.filter(res.selected & (pl.col("status") == "ok") & pl.col("budget_ok").fill_null(False))
-    if res.expected is not None:
-        lazy = lazy.filter(pl.col("trial_id").is_in(res.expected["trial_id"].implode()))
-    lazy = lazy.filter(pl.col("point_index").list.len() > 0).with_columns(
-        pl.col("point_index").list.len().cast(pl.Int64).alias("length"),
-        pl.col("point_index").list.max().cast(pl.Int64).alias("_max"),
-        pl.col("point_index").list.min().cast(pl.Int64).alias("_min"),
-    )
-    (rows,) = collect([lazy], files)
-    if not rows.height:
-        return _empty_points()
-    _check_lists(rows)
-    lengths = rows["length"].to_numpy()
-    starts = np.cumsum(lengths) - lengths
+    rows = pl.concat(metas)
     seeds, base_of_row, seed_base = _seed_slots(rows)
+    # slot = the seed's base + point index, a batch at a time
     slot_type = np.int32 if seed_base[-1] < 2**31 else np.int64
-    # slot = the seed's base + point index, built in place: one array the size of the points
-    slot = np.repeat(base_of_row.astype(slot_type), lengths)
-    slot += _flat(rows["point_index"]).astype(slot_type, copy=False)
-    code = _flat(rows["point_correct"], True).view(np.uint8).copy()
-    code |= _flat(rows["point_broken"], False).view(np.uint8) << 1
-    components = _broken_by(rows, starts, code)
-    ok = (code & _OK_MASK) == _CORRECT
-    n_ok = np.add.reduceat(ok, starts, dtype=np.int64)
-    del ok
-    rows = rows.drop("point_index", "point_correct", "point_broken", "point_broken_by", "_max", "_min")
-    rows = rows.join(
+    first = 0
+    for k, meta in enumerate(metas):
+        bases = base_of_row[first : first + meta.height].astype(slot_type)
+        part = np.repeat(bases, meta["length"].to_numpy())
+        part += indices[k]
+        indices[k] = part
+        first += meta.height
+    slot = np.concatenate(indices)
+    del indices
+    code = np.concatenate(codes)
+    del codes
+    lengths = rows["length"].to_numpy()
+    rows = rows.drop("_max", "_min").join(
         settings.select("dataset", "attack", "attack_preset", "attack_params", "attack_label"),
         on=["dataset", "attack", "attack_preset", "attack_params"],
         how="left",
@@ -229,8 +244,7 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> Points:
     rows = rows.with_columns(
         vkey,
         _detached().alias("detached"),
-        pl.Series("start", starts, pl.Int64),
-        pl.Series("n_ok", n_ok, pl.Int64),
+        pl.Series("start", np.cumsum(lengths) - lengths, pl.Int64),
         pl.int_range(pl.len(), dtype=pl.Int64).alias("row"),
     )
     # Whether a run completes its model's worst case depends on its attack, parameters and
@@ -257,6 +271,20 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> Points:
         seeds=seeds,
         seed_base=seed_base,
         components=components,
+    )
+
+
+def _point_query(res: Results, files: list[str], ids: pl.Series | None) -> pl.LazyFrame:
+    """The usable attack rows of `files` with their per-point lists, lengths and index range."""
+    lazy = scan(files, res.dropped).select(*POINT_COLUMNS, "trial_id", "sweep", "status")
+    # An attack that overstepped its budget does not count: its points are missing, not broken.
+    lazy = lazy.filter(res.selected & (pl.col("status") == "ok") & pl.col("budget_ok").fill_null(False))
+    if ids is not None:
+        lazy = lazy.filter(pl.col("trial_id").is_in(ids))
+    return lazy.filter(pl.col("point_index").list.len() > 0).with_columns(
+        pl.col("point_index").list.len().cast(pl.Int64).alias("length"),
+        pl.col("point_index").list.max().cast(pl.Int64).alias("_max"),
+        pl.col("point_index").list.min().cast(pl.Int64).alias("_min"),
     )
 
 
@@ -297,24 +325,27 @@ def _seed_slots(rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return seeds, seed_base[which], seed_base
 
 
-def _broken_by(rows: pl.DataFrame, starts: np.ndarray, code: np.ndarray) -> list[str]:
-    """Puts each AutoAttack point's component into bits 2-7 of its code; the components named."""
+def _broken_by(rows: pl.DataFrame, starts: np.ndarray, code: np.ndarray, components: list[str]) -> None:
+    """Puts each AutoAttack point's component into bits 2-7 of its code: 1 + its place in
+    `components`, which grows with the names first seen here."""
     named = rows["point_broken_by"].is_not_null().to_numpy()
     if not named.any():
-        return []
+        return
     values = pc.list_flatten(rows["point_broken_by"].filter(pl.Series(named)).to_arrow())
     encoded = pc.dictionary_encode(values)
-    components = [str(c) for c in encoded.dictionary.to_pylist()]
+    for name in encoded.dictionary.to_pylist():
+        if str(name) not in components:
+            components.append(str(name))
     if len(components) > _MAX_COMPONENTS:
         raise SummaryError(
             f"point_broken_by names {len(components)} distinct components: at most {_MAX_COMPONENTS} are"
             f" supported (e.g. {components[:5]})"
         )
-    index = encoded.indices.to_numpy(zero_copy_only=False)
-    number = np.where(encoded.indices.is_null().to_numpy(zero_copy_only=False), 0, np.nan_to_num(index) + 1)
+    # local dictionary index -> 1 + global place; a null (nothing broke the point) -> 0
+    number = np.array([0, *(1 + components.index(str(n)) for n in encoded.dictionary.to_pylist())], np.uint8)
+    local = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
     where = _ranges(starts[named], rows["length"].to_numpy()[named])
-    code[where] |= number.astype(np.uint8) << 2
-    return components
+    code[where] |= number[local] << 2
 
 
 def expected_shards(res: Results) -> pl.DataFrame:
