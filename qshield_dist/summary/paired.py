@@ -221,20 +221,20 @@ def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> Points:
         return _empty_points()
     rows = pl.concat(metas)
     seeds, base_of_row, seed_base = _seed_slots(rows)
-    # slot = the seed's base + point index, a batch at a time
-    slot_type = np.int32 if seed_base[-1] < 2**31 else np.int64
-    first = 0
-    for k, meta in enumerate(metas):
-        bases = base_of_row[first : first + meta.height].astype(slot_type)
-        part = np.repeat(bases, meta["length"].to_numpy())
-        part += indices[k]
-        indices[k] = part
-        first += meta.height
-    slot = np.concatenate(indices)
-    del indices
-    code = np.concatenate(codes)
-    del codes
+    # slot = the seed's base + point index, filled a batch at a time into one array (each
+    # batch's index and code freed as it is copied: never two copies of all the points)
     lengths = rows["length"].to_numpy()
+    slot = np.empty(int(lengths.sum()), dtype=np.int32 if seed_base[-1] < 2**31 else np.int64)
+    code = np.empty(len(slot), dtype=np.uint8)
+    first = start = 0
+    for k, meta in enumerate(metas):
+        n = int(meta["length"].sum())
+        part = slot[start : start + n]
+        part[:] = np.repeat(base_of_row[first : first + meta.height], meta["length"].to_numpy())
+        part += indices[k]
+        code[start : start + n] = codes[k]
+        indices[k] = codes[k] = np.zeros(0)
+        first, start = first + meta.height, start + n
     rows = rows.drop("_max", "_min").join(
         settings.select("dataset", "attack", "attack_preset", "attack_params", "attack_label"),
         on=["dataset", "attack", "attack_preset", "attack_params"],
