@@ -9,13 +9,15 @@ failed rows of the seeds those take come on top (the JSON says how many rows in 
 Layout: what `launch --compact` leaves, with the real SCHEMA: per stage and dataset, parts of
 up to PART_ROWS rows in row groups of ROW_GROUP_ROWS (store.part_path), plus a few failed
 trials in their own files (store.trial_path). Every attack row keeps its per-point outcomes on
-`points` test points (point_index, point_correct, point_broken), as a real attack row does, so
-the summary's per-point worst case, paired comparisons and verdicts run on them: a point is
-correct clean for a model and seed whatever the attack, and each attack breaks a share of the
-correct ones that depends on the model and the attack.
+`points` test points (point_index, point_correct, point_broken, and point_broken_by on
+AutoAttack rows), as a real attack row does, so the summary's per-point worst case, paired
+comparisons, AutoAttack gaps and verdicts run on them: a point is correct clean for a model
+and seed whatever the attack, and each attack breaks a share of the correct ones that depends
+on the model and the attack. With `shards` > 1 (write_synthetic; the test of the packed
+summary uses it) each attack row is one shard of a seed's permutation of the points.
 Grid: 3 datasets x (dnn, cnn, cnn_small, 24 hybrids = 4 entanglements x 2 depths x 3 noise
-strengths, their 24 backbone-only controls) x all 12 attacks (bpda_pgd on hybrids only)
-x as many seeds as it takes; plus one train row per trained model and seed, 2 diagnostic
+strengths, their 24 backbone-only controls) x every attack of the registry (bpda_pgd on
+hybrids only) x as many seeds as it takes; plus one train row per trained model and seed, 2 diagnostic
 rows per hybrid and seed, a few failed trials, NaN rows, and a manifest listing every trial
 id (plus some never run). Returns a JSON-able dict of timings and peak memory.
 """
