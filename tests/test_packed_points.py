@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from qshield_dist.bench.summary import rows_per_seed, write_synthetic
 from qshield_dist.summary import stats
-from qshield_dist.summary.load import load_results
+from qshield_dist.summary.load import SummaryError, load_results
 from qshield_dist.summary.paired import AUTOATTACKS, WORST_CASE, load_points
 from qshield_dist.summary.tables import Tables, _vkey, build_tables
 
@@ -161,3 +163,18 @@ def test_points_stay_packed(tmp_path: Path) -> None:
     assert points.rows["n_ok"].sum() == sum(
         c and not b for cs, bs in zip(usable["point_correct"], usable["point_broken"]) for c, b in zip(cs, bs)
     )
+
+
+def test_a_per_point_column_of_another_length_is_a_clear_error(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    write_synthetic(root, 30, points=4, datasets=DATASETS)
+    (part,) = (root / "stage=attack").rglob("part-*.parquet")
+    table = pq.read_table(part)
+    rows = table.to_pylist()
+    rows[3]["point_correct"] = rows[3]["point_correct"][:3]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), part)
+    with pytest.raises(
+        SummaryError,
+        match=rf"attack row {rows[3]['trial_id']}: point_correct has 3 entries and point_index 4",
+    ):
+        build_tables(load_results(root))
