@@ -800,7 +800,8 @@ def autoattack_gaps(points: Points) -> pl.DataFrame:
         return pl.DataFrame(schema=_GAP_SCHEMA)
     linf = points.rows.filter(pl.col("threat_model") == WORST_CASE)
     rows = []
-    for (vkey, eps), grp in sorted(linf.group_by("vkey", "eps"), key=lambda kv: kv[0]):
+    groups = linf.group_by("vkey", "eps")  # in a fixed order (a null eps last)
+    for (vkey, eps), grp in sorted(groups, key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0.0)):
         grp = grp.sort("row")
         e = points.entries(grp)
         slots, code = points.slot[e], points.code[e]
