@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-ray", action="store_true", help="dispatch: skip the Ray measurement")
     parser.add_argument(
-        "--summary-rows", type=int, default=1_000_000, help="summary: rows of the synthetic sweep"
+        "--summary-rows",
+        type=int,
+        default=1_000_000,
+        help="summary: attack rows of the synthetic sweep (train and diagnostic rows come on top)",
     )
     parser.add_argument(
         "--summary-points", type=int, default=256, help="summary: per-point outcomes per attack row"

@@ -3,16 +3,21 @@ then the summary timed, with its peak memory.
 
     python -m qshield_dist.bench summary [--summary-rows N] [--summary-points P]
 
+N is the number of attack rows (each with P per-point outcomes); the train, diagnostic and
+failed rows of the seeds those take come on top (the JSON says how many rows in all).
+
 Layout: what `launch --compact` leaves, with the real SCHEMA: per stage and dataset, parts of
 up to PART_ROWS rows in row groups of ROW_GROUP_ROWS (store.part_path), plus a few failed
 trials in their own files (store.trial_path). Every attack row keeps its per-point outcomes on
-`points` test points (point_index, point_correct, point_broken), as a real attack row does, so
-the summary's per-point worst case, paired comparisons and verdicts run on them: a point is
-correct clean for a model and seed whatever the attack, and each attack breaks a share of the
-correct ones that depends on the model and the attack.
+`points` test points (point_index, point_correct, point_broken, and point_broken_by on
+AutoAttack rows), as a real attack row does, so the summary's per-point worst case, paired
+comparisons, AutoAttack gaps and verdicts run on them: a point is correct clean for a model
+and seed whatever the attack, and each attack breaks a share of the correct ones that depends
+on the model and the attack. With `shards` > 1 (write_synthetic; the test of the packed
+summary uses it) each attack row is one shard of a seed's permutation of the points.
 Grid: 3 datasets x (dnn, cnn, cnn_small, 24 hybrids = 4 entanglements x 2 depths x 3 noise
-strengths, their 24 backbone-only controls) x all 12 attacks (bpda_pgd on hybrids only)
-x as many seeds as it takes; plus one train row per trained model and seed, 2 diagnostic
+strengths, their 24 backbone-only controls) x every attack of the registry (bpda_pgd on
+hybrids only) x as many seeds as it takes; plus one train row per trained model and seed, 2 diagnostic
 rows per hybrid and seed, a few failed trials, NaN rows, and a manifest listing every trial
 id (plus some never run). Returns a JSON-able dict of timings and peak memory.
 """
@@ -40,6 +45,7 @@ from qshield_dist.results.compact import PART_ROWS, ROW_GROUP_ROWS
 from qshield_dist.results.current import STAGE_VERSIONS
 from qshield_dist.results.schema import SCHEMA, SCHEMA_VERSION
 from qshield_dist.results.store import ResultStore, TrialKey
+from qshield_dist.summary.paired import AUTOATTACKS
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +93,7 @@ def _to_arrow(df: pl.DataFrame) -> pa.Table:
 
 
 def _write_parts(
-    store: ResultStore, stage: str, df: pl.DataFrame, rows_per_file: int, points: int = 0
+    store: ResultStore, stage: str, df: pl.DataFrame, rows_per_file: int, points: int = 0, shards: int = 1
 ) -> int:
     """`df`'s rows as parts, per dataset; attack rows (points > 0) get their per-point columns
     and the metrics that follow from them."""
@@ -95,7 +101,7 @@ def _write_parts(
     for (dataset,), part in df.group_by("dataset", maintain_order=True):
         for number, i in enumerate(range(0, part.height, rows_per_file), start=1):
             chunk = part.slice(i, rows_per_file)
-            table = _with_points(chunk, points) if points else _to_arrow(chunk)
+            table = _with_points(chunk, points, shards) if points else _to_arrow(chunk)
             path = store.part_path(stage, str(dataset), number)
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
@@ -103,15 +109,37 @@ def _write_parts(
     return n_files
 
 
-def _with_points(chunk: pl.DataFrame, points: int) -> pa.Table:
+# What synthetic AutoAttack rows name as the component that broke a point.
+COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def _point_index(seed: np.ndarray, shard: np.ndarray | None, points: int, shards: int) -> np.ndarray:
+    """Each row's point indices: 0 .. points - 1 unsharded; else its shard's consecutive slice
+    of its seed's fixed permutation of a pool twice the attack set (so the permutation order
+    is not the index order, as in a real sweep)."""
+    if shard is None:
+        return np.broadcast_to(np.arange(points, dtype=np.int64), (len(seed), points))
+    pool = 2 * shards * points
+    perms = {s: np.random.default_rng(int(s)).permutation(pool) for s in np.unique(seed)}
+    out = np.empty((len(seed), points), dtype=np.int64)
+    for s, perm in perms.items():
+        rows = np.flatnonzero(seed == s)
+        out[rows] = perm[shard[rows, None] * points + np.arange(points)[None, :]]
+    return out
+
+
+def _with_points(chunk: pl.DataFrame, points: int, shards: int = 1) -> pa.Table:
     """Attack rows with `points` per-point outcomes each. A point has, per model and seed, a
     clean outcome (95% correct) and a fragility; an attack breaks the correct points whose
     fragility, blurred a little per attack, is below its strength on that model (`base`), so
     the attacks of a model break overlapping points and its worst case is not all of them.
-    The counts and rates follow from the points, as a trial computes them. Reproducible."""
+    AutoAttack rows name the component that broke each point. With shards > 1 each row is one
+    shard of its (model, attack, seed). The counts and rates follow from the points, as a trial
+    computes them. Reproducible."""
     v, a, seed = (chunk[c].to_numpy().astype(np.int64) for c in ("v", "a", "seed"))
-    index = np.arange(points, dtype=np.int64)
-    model = (v * 7919 + seed * 104729)[:, None] + index[None, :] * 2654435761
+    shard = chunk["shard"].to_numpy().astype(np.int64) if shards > 1 else None
+    index = _point_index(seed, shard, points, shards)
+    model = (v * 7919 + seed * 104729)[:, None] + index * 2654435761
     correct = model % 1000 >= 50
     fragility = (model // 1000 % 10007) / 10007
     rng = np.random.default_rng(int(v[0] * 1_000_003 + a[0] * 101 + seed[0]))
@@ -137,16 +165,25 @@ def _with_points(chunk: pl.DataFrame, points: int) -> pa.Table:
         pl.Series("backward_samples", (calls // 2 * n_attacked).astype(np.int64)),
     )
     table = _to_arrow(chunk)
-    offsets = pa.array(np.arange(0, (len(v) + 1) * points, points, dtype=np.int32))
+    offsets = pa.array(np.arange(0, (len(v) + 1) * points, points, dtype=np.int64))
     lists = {
-        "point_index": pa.array(np.tile(index.astype(np.int32), len(v))),
+        "point_index": pa.array(index.astype(np.int32).ravel()),
         "point_correct": pa.array(correct.ravel()),
         "point_broken": pa.array(broken.ravel()),
     }
     for name, values in lists.items():
-        column = pa.ListArray.from_arrays(offsets, values).cast(SCHEMA.field(name).type)
+        column = pa.LargeListArray.from_arrays(offsets, values).cast(SCHEMA.field(name).type)
         table = table.set_column(SCHEMA.get_field_index(name), name, column)
-    return table
+    # point_broken_by: on AutoAttack rows only (null elsewhere), null where nothing broke
+    aa = chunk["attack"].is_in(AUTOATTACKS).to_numpy()
+    which = ((index[aa] + a[aa, None]) % len(COMPONENTS)).ravel()
+    names = pa.DictionaryArray.from_arrays(
+        pa.array(which.astype(np.int8), mask=~broken[aa].ravel()), pa.array(COMPONENTS)
+    ).cast(pa.string())
+    by_offsets = np.concatenate([[0], np.cumsum(np.where(aa, points, 0))]).astype(np.int64)
+    column = pa.LargeListArray.from_arrays(pa.array(by_offsets), names, mask=pa.array(~aa))
+    name = "point_broken_by"
+    return table.set_column(SCHEMA.get_field_index(name), name, column.cast(SCHEMA.field(name).type))
 
 
 def _train_key() -> pl.Expr:
@@ -156,23 +193,42 @@ def _train_key() -> pl.Expr:
     )
 
 
-def write_synthetic(
-    root: Path, n_rows: int = 1_000_000, rows_per_file: int = PART_ROWS, points: int = 256, seed: int = 0
-) -> dict[str, Any]:
-    """Write a synthetic sweep of exactly `n_rows` rows under `root`, each attack row with
-    `points` per-point outcomes; returns what it wrote."""
-    rng = np.random.default_rng(seed)
-    variants = _variants()
+def _combos(variants: pl.DataFrame, shards: int, datasets: tuple[str, ...]) -> pl.DataFrame:
+    """The attack rows of one seed: every variant x attack (BPDA on hybrids only) x dataset x shard."""
     attacks = pl.DataFrame({"attack": list(ATTACKS), "a": range(len(ATTACKS))})
     combos = variants.join(attacks, how="cross").filter(
         (pl.col("attack") != "bpda_pgd") | (pl.col("model") == "hqcnn")
     )
-    combos = pl.concat([combos.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS])
+    combos = pl.concat([combos.with_columns(pl.lit(d).alias("dataset")) for d in datasets])
+    if shards > 1:
+        combos = combos.join(pl.DataFrame({"shard": np.arange(shards, dtype=np.int32)}), how="cross")
+    return combos
+
+
+def rows_per_seed(shards: int = 1, datasets: tuple[str, ...] = DATASETS) -> int:
+    """Attack rows of one complete seed of the synthetic grid."""
+    return _combos(_variants(), shards, datasets).height
+
+
+def write_synthetic(
+    root: Path,
+    n_rows: int = 1_000_000,
+    rows_per_file: int = PART_ROWS,
+    points: int = 256,
+    seed: int = 0,
+    shards: int = 1,
+    datasets: tuple[str, ...] = DATASETS,
+) -> dict[str, Any]:
+    """Write a synthetic sweep of exactly `n_rows` attack rows under `root`, each with `points`
+    per-point outcomes (with shards > 1: one of `shards` shards of its model, attack and seed),
+    plus the train, diagnostic and failed rows of their seeds; returns what it wrote."""
+    rng = np.random.default_rng(seed)
+    variants = _variants()
+    combos = _combos(variants, shards, datasets)
     trained = variants.filter(pl.col("control").is_null())
     hybrids = variants.filter((pl.col("model") == "hqcnn") & pl.col("control").is_null())
     n_failed = 6
-    per_seed = combos.height + len(DATASETS) * (trained.height + 2 * hybrids.height)
-    n_seeds = math.ceil(n_rows / per_seed)
+    n_seeds = math.ceil(n_rows / combos.height)
     seeds = pl.DataFrame({"seed": np.arange(n_seeds, dtype=np.int32)})
 
     common = {
@@ -182,16 +238,16 @@ def write_synthetic(
         "status": "ok",
     }
     attack = combos.join(seeds, how="cross")
-    train = pl.concat([trained.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS]).join(
+    train = pl.concat([trained.with_columns(pl.lit(d).alias("dataset")) for d in datasets]).join(
         seeds, how="cross"
     )
-    diag = pl.concat([hybrids.with_columns(pl.lit(d).alias("dataset")) for d in DATASETS]).join(
+    diag = pl.concat([hybrids.with_columns(pl.lit(d).alias("dataset")) for d in datasets]).join(
         seeds, how="cross"
     )
     diag = pl.concat(
         [diag.with_columns(pl.lit(name).alias("diagnostic")) for name in ("grad_norm_ratio", "bpda_gap")]
     )
-    attack = attack.head(n_rows - train.height - diag.height - n_failed)
+    attack = attack.head(n_rows)
 
     n = attack.height
     base = 0.1 + 0.5 * ((attack["v"].to_numpy() * 7 + attack["a"].to_numpy() * 13) % 17) / 17
@@ -243,7 +299,7 @@ def write_synthetic(
         **{k: pl.lit(v) for k, v in common.items()},
     )
     store = ResultStore(root)
-    files = _write_parts(store, "attack", attack, rows_per_file, points)
+    files = _write_parts(store, "attack", attack, rows_per_file, points, shards)
     files += _write_parts(store, "train", train.drop("v"), rows_per_file)
     files += _write_parts(store, "diagnostic", diag.drop("v"), rows_per_file)
     failed = attack.head(n_failed).with_columns(
@@ -272,6 +328,7 @@ def write_synthetic(
         "rows": total,
         "attack_rows": attack.height,
         "points_per_attack_row": points,
+        "points": attack.height * points,
         "files": files,
         "rows_per_file": rows_per_file,
         "seeds": n_seeds,
@@ -308,6 +365,7 @@ def bench_summary(
         out["cells"] = summary.tables.robustness.height
         out["variants"] = summary.tables.variants.height
         out["verdicts"] = summary.tables.verdicts.height
+        out["paired_comparisons"] = summary.tables.paired.height
         out["verdicts_by_category"] = dict(Counter(summary.tables.verdicts["category"].to_list()))
         if plots:
             start = time.perf_counter()

@@ -22,20 +22,32 @@ so two models can be compared point by point:
   worst case includes AutoAttack at its authors' strength in the form that side needs
   (attack_params.completes_worst_case: standard / rand, through BPDA for a detached branch);
   `lacks_a` / `lacks_b` name what is missing.
+
+Scale: the per-point outcomes are never exploded into a row per point (at 10^6 attack rows of
+256 points that table needed about 120 GB). load_points packs them (Points): one metadata row
+per attack row, and all points end to end in two flat NumPy arrays, one byte of outcome bits
+and one int32 slot (seed, point index) per point, built from the Arrow list columns' flat
+values without a Python loop over rows or points. Worst cases and pairs are then scatters
+over the slots of the rows a comparison uses, vectorized; only the per-seed pairs handed to
+stats.py are NumPy arrays of one comparison.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.compute as pc
 
 from qshield_dist.attack_params import ATTACKS, completes_worst_case, needed_autoattack
 from qshield_dist.summary import stats
-from qshield_dist.summary.load import VARIANT_KEYS, Results, collect, scan
+from qshield_dist.summary.load import VARIANT_KEYS, Results, SummaryError, collect, scan
 from qshield_dist.summary.verdicts import budget_train_config, holm_adjusted, verdict_kind
 from qshield_dist.vocabulary import (
     BACKBONE_ALONE_VS_CNN,
@@ -70,62 +82,272 @@ WORST_CASE = "linf"  # the threat model whose attacks form the per-point worst c
 TWIN_ATTACKS = tuple(name for name, a in ATTACKS.items() if a.needs_twin)  # BPDA: hidden gradients only
 
 
-def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> pl.DataFrame:
-    """One row per (attack row, point): vkey, dataset, seed, attack_label, threat model, eps,
-    whether the run completes its model's worst case (an AutoAttack at the authors' strength),
-    the point, correct clean, broken, and the AutoAttack component that broke it."""
+@dataclass
+class Points:
+    """The per-point outcomes of the usable attack rows, packed: one metadata row per attack row
+    (`rows`) and the points of all rows end to end in flat NumPy arrays, never one Python or
+    Polars row per point. Row r's points are `slot[start:start + length]` and
+    `code[start:start + length]`, in the row's own order (its `position`).
+
+    - `rows`: vkey, dataset, seed, shard, attack, attack_label, threat_model, eps, stochastic,
+      detached, completes (the run completes its model's worst case: an AutoAttack at the
+      authors' strength), row (its number), start, length, n_ok (points correct clean and not
+      broken).
+    - `slot`: a point's place among the (seed, point index) pairs: `seed_base[i] + point_index`
+      for the i-th of the sorted `seeds`, so that one slot is one point of one seed, whatever
+      row, shard or model answered it (what the per-point joins were on).
+    - `code`: bit 0 correct clean, bit 1 broken, bits 2-7 the AutoAttack component that broke it
+      (1 + its index in `components`; 0: none named).
+    """
+
+    rows: pl.DataFrame
+    slot: np.ndarray
+    code: np.ndarray
+    seeds: np.ndarray
+    seed_base: np.ndarray
+    components: list[str]
+
+    @property
+    def height(self) -> int:
+        """Attack rows with points."""
+        return self.rows.height
+
+    @property
+    def n_slots(self) -> int:
+        return int(self.seed_base[-1])
+
+    def entries(self, rows: pl.DataFrame) -> np.ndarray:
+        """The flat positions of the points of `rows` (a subset of self.rows), row by row."""
+        return _ranges(rows["start"].to_numpy(), rows["length"].to_numpy())
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        """Each row's first flat position (increasing with the row number)."""
+        return self.rows["start"].to_numpy()
+
+    @cached_property
+    def shards(self) -> np.ndarray:
+        """Each row's shard; -1 for none (sorts first, as a null shard did)."""
+        return self.rows["shard"].fill_null(-1).to_numpy()
+
+    def seed_of_slot(self, slots: np.ndarray) -> np.ndarray:
+        """The index (into `seeds`) of each slot's seed."""
+        return np.searchsorted(self.seed_base, slots, side="right") - 1
+
+
+_CORRECT, _BROKEN, _OK_MASK = 1, 2, 3  # code bits; (code & 3) == 1: correct and not broken
+_MAX_COMPONENTS = 63  # what bits 2-7 of a code can name
+_ROWS_SCHEMA = {
+    "vkey": pl.String,
+    "dataset": pl.String,
+    "seed": pl.Int32,
+    "shard": pl.Int32,
+    "attack": pl.String,
+    "attack_label": pl.String,
+    "threat_model": pl.String,
+    "eps": pl.Float64,
+    "stochastic": pl.Boolean,
+    "detached": pl.Boolean,
+    "completes": pl.Boolean,
+    "row": pl.Int64,
+    "start": pl.Int64,
+    "length": pl.Int64,
+    "n_ok": pl.Int64,
+}
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of range(start, start + length) over the given rows, vectorized."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if not total:
+        return np.zeros(0, dtype=np.int64)
+    shift = starts.astype(np.int64) - (np.cumsum(lengths) - lengths)
+    return np.repeat(shift, lengths) + np.arange(total, dtype=np.int64)
+
+
+def _empty_points() -> Points:
+    return Points(
+        rows=pl.DataFrame(schema=_ROWS_SCHEMA),
+        slot=np.zeros(0, dtype=np.int64),
+        code=np.zeros(0, dtype=np.uint8),
+        seeds=np.zeros(0, dtype=np.int64),
+        seed_base=np.zeros(1, dtype=np.int64),
+        components=[],
+    )
+
+
+def _flat(column: pl.Series, fill: bool | None = None) -> np.ndarray:
+    """The values of a list column, end to end (null lists contribute nothing)."""
+    values = pc.list_flatten(column.to_arrow())
+    if fill is not None:
+        values = pc.fill_null(values, fill)
+    return values.to_numpy(zero_copy_only=False)
+
+
+_BATCHES = 16  # the attack files are read in at most this many batches: one batch's lists in memory at once
+_LISTS = ("point_index", "point_correct", "point_broken", "point_broken_by")
+
+
+def load_points(res: Results, settings: pl.DataFrame, vkey: pl.Expr) -> Points:
+    """The usable attack rows' per-point outcomes, packed (Points): per row its vkey, dataset,
+    seed, attack_label, threat model, eps, whether the run completes its model's worst case,
+    and its points (correct clean, broken, the AutoAttack component that broke it). The files
+    are read in a few batches, each packed before the next is read, so only one batch's Arrow
+    lists are in memory at once. Element nulls, which no trial writes, count as correct and not
+    broken (what all() and any() made of them when the points were exploded)."""
     files = res.attack_files
-    if not files:
-        return pl.DataFrame(schema={"vkey": pl.String, "point_index": pl.Int32})
-    lazy = scan(files, res.dropped).select(*POINT_COLUMNS, "trial_id", "sweep", "status")
-    # An attack that overstepped its budget does not count: its points are missing, not broken.
-    lazy = lazy.filter(res.selected & (pl.col("status") == "ok") & pl.col("budget_ok").fill_null(False))
-    if res.expected is not None:
-        lazy = lazy.filter(pl.col("trial_id").is_in(res.expected["trial_id"].implode()))
-    (rows,) = collect([lazy.filter(pl.col("point_index").list.len() > 0)], files)
-    if not rows.height:
-        return pl.DataFrame(schema={"vkey": pl.String, "point_index": pl.Int32})
-    rows = rows.join(
+    ids = res.expected["trial_id"].implode() if res.expected is not None else None
+    size = max(1, -(-len(files) // _BATCHES))
+    metas: list[pl.DataFrame] = []
+    indices: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
+    components: list[str] = []
+    for i in range(0, len(files), size):
+        batch = files[i : i + size]
+        (rows,) = collect([_point_query(res, batch, ids)], batch)
+        if not rows.height:
+            continue
+        _check_lists(rows)
+        lengths = rows["length"].to_numpy()
+        starts = np.cumsum(lengths) - lengths
+        code = _flat(rows["point_correct"], True).view(np.uint8).copy()
+        code |= _flat(rows["point_broken"], False).view(np.uint8) << 1
+        _broken_by(rows, starts, code, components)
+        n_ok = np.add.reduceat((code & _OK_MASK) == _CORRECT, starts, dtype=np.int64)
+        indices.append(_flat(rows["point_index"]))
+        codes.append(code)
+        metas.append(rows.drop(*_LISTS).with_columns(pl.Series("n_ok", n_ok, pl.Int64)))
+        del rows
+    if not metas:
+        return _empty_points()
+    rows = pl.concat(metas)
+    seeds, base_of_row, seed_base = _seed_slots(rows)
+    # slot = the seed's base + point index, filled a batch at a time into one array (each
+    # batch's index and code freed as it is copied: never two copies of all the points)
+    lengths = rows["length"].to_numpy()
+    slot = np.empty(int(lengths.sum()), dtype=np.int32 if seed_base[-1] < 2**31 else np.int64)
+    code = np.empty(len(slot), dtype=np.uint8)
+    first = start = 0
+    for k, meta in enumerate(metas):
+        n = int(meta["length"].sum())
+        part = slot[start : start + n]
+        part[:] = np.repeat(base_of_row[first : first + meta.height], meta["length"].to_numpy())
+        part += indices[k]
+        code[start : start + n] = codes[k]
+        indices[k] = codes[k] = np.zeros(0)
+        first, start = first + meta.height, start + n
+    rows = rows.drop("_max", "_min").join(
         settings.select("dataset", "attack", "attack_preset", "attack_params", "attack_label"),
         on=["dataset", "attack", "attack_preset", "attack_params"],
         how="left",
+        maintain_order="left",
     )
     rows = rows.with_columns(
         vkey,
         _detached().alias("detached"),
-        # Only AutoAttack rows name a component: the others get a list of nulls, to explode alike.
-        pl.col("point_broken_by").fill_null(
-            pl.col("point_broken").list.eval(pl.when(False).then(pl.element().cast(pl.String)))
-        ),
+        pl.Series("start", np.cumsum(lengths) - lengths, pl.Int64),
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("row"),
     )
-    complete = [
-        completes_worst_case(a, _params(js), bool(s), d)
-        for a, js, s, d in rows.select("attack", "attack_params", "stochastic", "detached").iter_rows()
-    ]
-    return (
-        rows.with_columns(pl.Series("completes", complete, pl.Boolean))
-        .select(
-            "vkey",
-            "dataset",
-            "seed",
-            "shard",
-            "attack",
-            "attack_label",
-            "threat_model",
-            "eps",
-            "stochastic",
-            "detached",
+    # Whether a run completes its model's worst case depends on its attack, parameters and
+    # model kind only: judged once per distinct setting, not once per row.
+    kinds = rows.select("attack", "attack_params", "stochastic", "detached").unique(maintain_order=True)
+    kinds = kinds.with_columns(
+        pl.Series(
             "completes",
-            "point_index",
-            "point_correct",
-            "point_broken",
-            "point_broken_by",
-            # a point's place in its shard: with the shard, its place in the seed's permutation,
-            # the order in which sequential looks take the points
-            pl.int_ranges(0, pl.col("point_index").list.len(), dtype=pl.Int32).alias("position"),
+            [completes_worst_case(a, _params(js), bool(s), d) for a, js, s, d in kinds.iter_rows()],
+            pl.Boolean,
         )
-        .explode("point_index", "point_correct", "point_broken", "point_broken_by", "position")
     )
+    rows = rows.join(
+        kinds,
+        on=["attack", "attack_params", "stochastic", "detached"],
+        how="left",
+        nulls_equal=True,
+        maintain_order="left",
+    )
+    return Points(
+        rows=rows.select([pl.col(name).cast(dtype) for name, dtype in _ROWS_SCHEMA.items()]),
+        slot=slot,
+        code=code,
+        seeds=seeds,
+        seed_base=seed_base,
+        components=components,
+    )
+
+
+def _point_query(res: Results, files: list[str], ids: pl.Series | None) -> pl.LazyFrame:
+    """The usable attack rows of `files` with their per-point lists, lengths and index range."""
+    lazy = scan(files, res.dropped).select(*POINT_COLUMNS, "trial_id", "sweep", "status")
+    # An attack that overstepped its budget does not count: its points are missing, not broken.
+    lazy = lazy.filter(res.selected & (pl.col("status") == "ok") & pl.col("budget_ok").fill_null(False))
+    if ids is not None:
+        lazy = lazy.filter(pl.col("trial_id").is_in(ids))
+    return lazy.filter(pl.col("point_index").list.len() > 0).with_columns(
+        pl.col("point_index").list.len().cast(pl.Int64).alias("length"),
+        pl.col("point_index").list.max().cast(pl.Int64).alias("_max"),
+        pl.col("point_index").list.min().cast(pl.Int64).alias("_min"),
+    )
+
+
+def _check_lists(rows: pl.DataFrame) -> None:
+    """Each row's per-point lists have one entry per point; a point index is >= 0; a seed is set."""
+    for name in ("point_correct", "point_broken", "point_broken_by"):
+        n = rows[name].list.len()
+        # only AutoAttack rows name components: a null list there is no mismatch
+        wrong = (
+            (n.is_not_null() & (n != rows["length"]))
+            if name == "point_broken_by"
+            else (n.fill_null(-1) != rows["length"])
+        )
+        bad = rows.filter(wrong)
+        if bad.height:
+            raise SummaryError(
+                f"attack row {bad['trial_id'][0]}: {name} has {bad[name].list.len()[0]} entries and point_index"
+                f" {bad['length'][0]}: each per-point column must have one entry per point"
+                f" ({bad.height} row(s) so)"
+            )
+    bad = rows.filter(pl.col("_min") < 0)
+    if bad.height:
+        raise SummaryError(
+            f"attack row {bad['trial_id'][0]}: point_index holds {bad['_min'][0]}: a point index is >= 0"
+        )
+    if rows["seed"].null_count():
+        raise SummaryError(f"{rows['seed'].null_count()} attack row(s) with points have no seed")
+
+
+def _seed_slots(rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sorted seeds, each row's slot base, and each seed's slot range (seed_base[i] to
+    seed_base[i + 1]: the seed's point indices 0 .. its largest)."""
+    seed = rows["seed"].to_numpy().astype(np.int64)
+    seeds, which = np.unique(seed, return_inverse=True)
+    size = np.zeros(len(seeds), dtype=np.int64)
+    np.maximum.at(size, which, rows["_max"].to_numpy() + 1)
+    seed_base = np.concatenate([[0], np.cumsum(size)]).astype(np.int64)
+    return seeds, seed_base[which], seed_base
+
+
+def _broken_by(rows: pl.DataFrame, starts: np.ndarray, code: np.ndarray, components: list[str]) -> None:
+    """Puts each AutoAttack point's component into bits 2-7 of its code: 1 + its place in
+    `components`, which grows with the names first seen here."""
+    named = rows["point_broken_by"].is_not_null().to_numpy()
+    if not named.any():
+        return
+    values = pc.list_flatten(rows["point_broken_by"].filter(pl.Series(named)).to_arrow())
+    encoded = pc.dictionary_encode(values)
+    for name in encoded.dictionary.to_pylist():
+        if str(name) not in components:
+            components.append(str(name))
+    if len(components) > _MAX_COMPONENTS:
+        raise SummaryError(
+            f"point_broken_by names {len(components)} distinct components: at most {_MAX_COMPONENTS} are"
+            f" supported (e.g. {components[:5]})"
+        )
+    # local dictionary index -> 1 + global place; a null (nothing broke the point) -> 0
+    number = np.array([0, *(1 + components.index(str(n)) for n in encoded.dictionary.to_pylist())], np.uint8)
+    local = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+    where = _ranges(starts[named], rows["length"].to_numpy()[named])
+    code[where] |= number[local] << 2
 
 
 def expected_shards(res: Results) -> pl.DataFrame:
@@ -197,17 +419,20 @@ def _twin_labels(points: pl.DataFrame) -> set[str]:
     return set(points.filter(pl.col("attack").is_in(TWIN_ATTACKS))["attack_label"])
 
 
-def _robust(points: pl.DataFrame, used: pl.DataFrame) -> pl.DataFrame:
-    """Per (seed, point): robust under every attack `used` lists for that seed (the worst case)."""
-    return (
-        points.join(used, on=["seed", "attack_label"], how="semi")
-        .group_by("seed", "point_index")
-        .agg(
-            (pl.col("point_correct").all() & ~pl.col("point_broken").any()).alias("robust"),
-            pl.col("shard").first(),
-            pl.col("position").first(),
-        )
-    )
+def _worst(points: Points, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per slot (seed, point): whether `rows` have it, whether it is robust under every one of
+    them (correct clean and broken by none: the worst case), and the flat position of its
+    first entry in row order (-1: none). Vectorized over all points of all the rows."""
+    rows = rows.sort("row")
+    e = points.entries(rows)
+    slots = points.slot[e]
+    present = np.zeros(points.n_slots, dtype=bool)
+    present[slots] = True
+    bad = np.zeros(points.n_slots, dtype=bool)
+    bad[slots[(points.code[e] & _OK_MASK) != _CORRECT]] = True
+    first = np.full(points.n_slots, -1, dtype=np.int64)
+    first[slots[::-1]] = e[::-1]  # of repeated slots the last assignment stays: the first entry
+    return present, present & ~bad, first
 
 
 def _join(*parts: str | None) -> str | None:
@@ -233,13 +458,44 @@ def _used(seeds: list[int], labels: dict[int, set[str]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"seed": pl.Int32, "attack_label": pl.String}, orient="row")
 
 
-def _seed_pairs(a: pl.DataFrame, b: pl.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per seed, the two sides' 0/1 robust outcomes on the points both have, in the order of the
-    seed's permutation (shard, then place in it): a sequential look takes a prefix."""
-    joined = a.join(b, on=["seed", "point_index"], suffix="_b").sort("seed", "shard", "position")
+class _WorstCache:
+    """_worst of the last few row sets: the CNN baseline is a side of every hybrid's comparison."""
+
+    def __init__(self, points: Points, size: int = 8) -> None:
+        self.points, self.size = points, size
+        self.kept: OrderedDict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+
+    def __call__(self, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = rows["row"].sort().to_numpy().tobytes()
+        if key in self.kept:
+            self.kept.move_to_end(key)
+            return self.kept[key]
+        self.kept[key] = out = _worst(self.points, rows)
+        if len(self.kept) > self.size:
+            self.kept.popitem(last=False)
+        return out
+
+
+def _seed_pairs(
+    points: Points, worst: _WorstCache, a: pl.DataFrame, b: pl.DataFrame
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per seed, the two sides' 0/1 robust outcomes (worst case over the rows of each side) on
+    the points both have, in the order of the seed's permutation (shard, then place in it, as
+    the first row of `a` holding the point has them): a sequential look takes a prefix."""
+    has_a, robust_a, first_a = worst(a)
+    has_b, robust_b, _ = worst(b)
+    both = np.flatnonzero(has_a & has_b)
+    if not len(both):
+        return []
+    seed = points.seed_of_slot(both)
+    entry = first_a[both]
+    row = np.searchsorted(points.starts, entry, side="right") - 1
+    order = np.lexsort((entry - points.starts[row], points.shards[row], seed))
+    both, seed = both[order], seed[order]
+    cuts = np.flatnonzero(np.diff(seed)) + 1
     return [
-        (grp["robust"].cast(pl.Int8).to_numpy(), grp["robust_b"].cast(pl.Int8).to_numpy())
-        for _, grp in joined.group_by("seed", maintain_order=True)
+        (x.astype(np.int8), y.astype(np.int8))
+        for x, y in zip(np.split(robust_a[both], cuts), np.split(robust_b[both], cuts))
     ]
 
 
@@ -309,7 +565,7 @@ def _pairs_of(
 
 
 def comparisons(
-    points: pl.DataFrame,
+    points: Points,
     variants: pl.DataFrame,
     baselines: dict[str, str],
     margin: float,
@@ -330,9 +586,11 @@ def comparisons(
     rows: list[dict[str, Any]] = []
     if points.height:
         if expected is None:
-            expected = points.select("dataset", "seed", "shard").unique()
-        linf = points.filter(pl.col("threat_model") == WORST_CASE)
+            expected = points.rows.select("dataset", "seed", "shard").unique()
+        linf = points.rows.filter(pl.col("threat_model") == WORST_CASE)
         by_vkey = linf.partition_by("vkey", as_dict=True)
+        covered: dict[tuple[str, float], Any] = {}
+        worst = _WorstCache(points)
         for pair in _pairs_of(variants, baselines, named):
             a_all, b_all = by_vkey.get((pair["a"],)), by_vkey.get((pair["b"],))
             if a_all is None or b_all is None:
@@ -345,7 +603,10 @@ def comparisons(
                 # comparison incomplete, never silently smaller (the pairs are the points both have).
                 twin_a, twin_b = _twin_labels(a), _twin_labels(b)
                 common = (set(a["attack_label"]) | set(b["attack_label"])) - twin_a - twin_b
-                (have_a, gaps_a), (have_b, gaps_b) = _coverage(a, expected), _coverage(b, expected)
+                for key, side in (((pair["a"], eps), a), ((pair["b"], eps), b)):
+                    if key not in covered:  # a variant is a side of several comparisons
+                        covered[key] = _coverage(side, expected)
+                (have_a, gaps_a), (have_b, gaps_b) = covered[(pair["a"], eps)], covered[(pair["b"], eps)]
                 seeds = sorted(have_a.keys() | have_b.keys())
                 missing_a = _join(_missing(common | twin_a, have_a, seeds), _shard_gaps(gaps_a))
                 missing_b = _join(_missing(common | twin_b, have_b, seeds), _shard_gaps(gaps_b))
@@ -356,7 +617,16 @@ def comparisons(
                 used_b = _used(
                     both, {s: (have_a[s] & have_b[s] & common) | (have_b[s] & twin_b) for s in both}
                 )
-                pairs = _seed_pairs(_robust(a, used_a), _robust(b, used_b)) if used_a.height else []
+                pairs = (
+                    _seed_pairs(
+                        points,
+                        worst,
+                        a.join(used_a, on=["seed", "attack_label"], how="semi"),
+                        b.join(used_b, on=["seed", "attack_label"], how="semi"),
+                    )
+                    if used_a.height
+                    else []
+                )
                 if not pairs:
                     continue
                 if outcomes is not None:
@@ -449,7 +719,7 @@ def comparisons(
     )
 
 
-def worst_case_table(points: pl.DataFrame) -> pl.DataFrame:
+def worst_case_table(points: Points) -> pl.DataFrame:
     """Per variant and L-inf budget: robust accuracy under each attack and under all of them
     at once (per point), mean over seeds; n = points per seed."""
     schema = {
@@ -462,19 +732,40 @@ def worst_case_table(points: pl.DataFrame) -> pl.DataFrame:
     }
     if not points.height:
         return pl.DataFrame(schema=schema)
-    linf = points.filter(pl.col("threat_model") == WORST_CASE)
-    per_point = pl.col("point_correct") & ~pl.col("point_broken")
+    linf = points.rows.filter(pl.col("threat_model") == WORST_CASE)
     each = linf.group_by("vkey", "eps", "attack_label", "seed").agg(
-        per_point.mean().alias("r"), pl.len().alias("n")
+        (pl.col("n_ok").sum() / pl.col("length").sum()).alias("r"), pl.col("length").sum().alias("n")
     )
-    worst = (
-        linf.group_by("vkey", "eps", "seed", "point_index")
-        .agg((pl.col("point_correct").all() & ~pl.col("point_broken").any()).alias("robust"))
-        .group_by("vkey", "eps", "seed")
-        .agg(pl.col("robust").mean().alias("r"), pl.len().alias("n"))
-        .with_columns(pl.lit("worst case").alias("attack_label"))
+    worst = []
+    for (vkey, eps), rows in linf.group_by("vkey", "eps"):
+        present, robust, _ = _worst(points, rows)
+        seeds = len(points.seeds)
+        n = np.bincount(points.seed_of_slot(np.flatnonzero(present)), minlength=seeds)
+        k = np.bincount(points.seed_of_slot(np.flatnonzero(robust)), minlength=seeds)
+        have = np.flatnonzero(n)
+        worst.append(
+            pl.DataFrame(
+                {
+                    "vkey": vkey,
+                    "eps": eps,
+                    "attack_label": "worst case",
+                    "seed": points.seeds[have],
+                    "r": k[have] / n[have],
+                    "n": n[have],
+                },
+                schema={
+                    "vkey": pl.String,
+                    "eps": pl.Float64,
+                    "attack_label": pl.String,
+                    "seed": pl.Int32,
+                    "r": pl.Float64,
+                    "n": pl.Int64,
+                },
+            )
+        )
+    both = pl.concat(
+        [each.select("vkey", "eps", "attack_label", "seed", "r", "n"), *worst], how="vertical_relaxed"
     )
-    both = pl.concat([each, worst.select(each.columns)])
     return (
         both.group_by("vkey", "eps", "attack_label")
         .agg(
@@ -502,7 +793,7 @@ _GAP_SCHEMA = {
 }
 
 
-def autoattack_gaps(points: pl.DataFrame) -> pl.DataFrame:
+def autoattack_gaps(points: Points) -> pl.DataFrame:
     """suite_vs_autoattack, per variant and L-inf budget with both an AutoAttack row and other
     L-inf attacks: does AutoAttack break significantly more points than the worst case of the
     variant's other attacks? Paired on the shared points (seeds pooled): d = broken by
@@ -510,36 +801,45 @@ def autoattack_gaps(points: pl.DataFrame) -> pl.DataFrame:
     counts, per AutoAttack component, the points it broke beyond the rest of the suite."""
     if not points.height:
         return pl.DataFrame(schema=_GAP_SCHEMA)
-    is_aa = pl.col("attack").is_in(AUTOATTACKS)
-    broken = pl.col("point_broken") & pl.col("point_correct")
-    per_point = (
-        points.filter(pl.col("threat_model") == WORST_CASE)
-        .group_by("vkey", "eps", "seed", "point_index")
-        .agg(
-            aa=(is_aa & broken).any(),
-            rest=(~is_aa & broken).any(),
-            has_aa=is_aa.any(),
-            has_rest=(~is_aa).any(),
-            by=pl.col("point_broken_by").filter(is_aa & broken).first(),
-        )
-        .filter(pl.col("has_aa") & pl.col("has_rest"))
-    )
+    linf = points.rows.filter(pl.col("threat_model") == WORST_CASE)
     rows = []
-    for (vkey, eps), grp in per_point.group_by("vkey", "eps", maintain_order=True):
-        d = grp["aa"].cast(pl.Int8) - grp["rest"].cast(pl.Int8)
+    groups = linf.group_by("vkey", "eps")  # in a fixed order (a null eps last)
+    for (vkey, eps), grp in sorted(groups, key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or 0.0)):
+        grp = grp.sort("row")
+        e = points.entries(grp)
+        slots, code = points.slot[e], points.code[e]
+        is_aa = np.repeat(grp["attack"].is_in(AUTOATTACKS).to_numpy(), grp["length"].to_numpy())
+        hit = (code & _OK_MASK) == _OK_MASK  # broken, and correct clean
+        flags = {}
+        for name, mask in (
+            ("has_aa", is_aa),
+            ("has_rest", ~is_aa),
+            ("aa", is_aa & hit),
+            ("rest", ~is_aa & hit),
+        ):
+            flags[name] = np.zeros(points.n_slots, dtype=bool)
+            flags[name][slots[mask]] = True
+        by = np.zeros(points.n_slots, dtype=np.uint8)  # the first AutoAttack row's component, in row order
+        by[slots[is_aa & hit][::-1]] = (code[is_aa & hit] >> 2)[::-1]
+        keep = np.flatnonzero(flags["has_aa"] & flags["has_rest"])
+        if not len(keep):
+            continue
+        aa, rest = flags["aa"][keep], flags["rest"][keep]
+        d = pl.Series(aa.astype(np.int8) - rest.astype(np.int8))
         n = len(d)
-        mean = float(d.mean())
-        se = float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
-        beyond = grp.filter(pl.col("aa") & ~pl.col("rest"))["by"].fill_null("?").value_counts(sort=True)
-        counts = [(str(c), int(k)) for c, k in beyond.iter_rows()]
+        mean = float(d.mean())  # type: ignore[arg-type]
+        se = float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")  # type: ignore[arg-type]
+        names = ["?", *points.components]  # "?": an AutoAttack row that names no component
+        beyond = Counter(names[c] for c in by[keep[aa & ~rest]])
+        counts = sorted(beyond.items(), key=lambda ck: (-ck[1], ck[0]))  # most first, ties by name
         rows.append(
             {
                 "vkey": vkey,
                 "eps": eps,
-                "n_seeds": grp["seed"].n_unique(),
+                "n_seeds": len(np.unique(points.seed_of_slot(keep))),
                 "n_points": n,
-                "autoattack_only": int((grp["aa"] & ~grp["rest"]).sum()),
-                "rest_only": int((grp["rest"] & ~grp["aa"]).sum()),
+                "autoattack_only": int((aa & ~rest).sum()),
+                "rest_only": int((rest & ~aa).sum()),
                 "diff": mean,
                 "se": se,
                 "passed": mean <= 0 or mean <= 2 * se,
