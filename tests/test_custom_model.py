@@ -17,7 +17,7 @@ import yaml
 
 from qshield_dist import launch
 from qshield_dist.code_snapshot import snapshot_root
-from qshield_dist.config import load_config
+from qshield_dist.config import read_config
 from qshield_dist.executors.local import LocalExecutor
 from qshield_dist.grid import Grid
 from qshield_dist.sweep import prepare, run_sweep
@@ -101,7 +101,7 @@ def _args(root: Path) -> list[str]:
 
 
 def _grid(root: Path) -> Grid:
-    return prepare(load_config(root / "sweep.yaml", {"results_dir": str(root / "results")}))
+    return prepare(read_config(root / "sweep.yaml", {"results_dir": str(root / "results")}))
 
 
 def _rows(results: Path) -> list[dict]:
@@ -197,7 +197,7 @@ def test_an_edit_reruns_exactly_the_trials_of_the_edited_code(launched: tuple[Pa
             assert gone == ours and len(new) == len(ours), edited  # not the dnn, not other/'s model
             if edited.endswith("helper.py"):
                 files = {p: p.stat().st_mtime_ns for p in (root / "results").rglob("*.parquet")}
-                cfg = load_config(root / "sweep.yaml", {"checkpoint_dir": str(root / "ckpt")})
+                cfg = read_config(root / "sweep.yaml", {"checkpoint_dir": str(root / "ckpt")})
                 cfg = cfg.model_copy(update={"results_dir": str(root / "results")})
                 statuses = run_sweep(cfg, LocalExecutor(in_process=True)).statuses
                 assert set(statuses.values()) == {"ok"}
@@ -355,5 +355,5 @@ def test_the_check_imports_what_the_trials_import(
         assert "does not import: ModuleNotFoundError: No module named 'outside'" in caplog.text
         assert not (tmp_path / "results").exists() and not (tmp_path / "checkpoints").exists()
     else:
-        (custom,) = [t.model.custom for t in prepare(load_config(tmp_path / "sweep.yaml")).train]
+        (custom,) = [t.model.custom for t in prepare(read_config(tmp_path / "sweep.yaml")).train]
         assert custom is not None and custom.code is not None

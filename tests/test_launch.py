@@ -226,7 +226,7 @@ import qshield_dist
 logging.basicConfig(level=logging.INFO)
 sweep = yaml.safe_load(open(sys.argv[1]))
 try:
-    qshield_dist.run_sweep(qshield_dist.load_config(sweep))
+    qshield_dist.run_sweep(qshield_dist.read_config(sweep))
 except KeyboardInterrupt:
     sys.exit(130)
 """
@@ -277,11 +277,11 @@ def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_th
     SLURM (submitit's executor, which needs srun, is made only to submit)."""
     import submitit
 
-    from qshield_dist.config import load_config
+    from qshield_dist.config import read_config
     from qshield_dist.executors.base import Job
 
     overrides = {"executor": "slurm", "results_dir": str(tmp_path)}
-    cfg = load_config("sweeps/smoke.yaml", overrides)
+    cfg = read_config("sweeps/smoke.yaml", overrides)
     attack_job = Job("a", print, (), cpus=2, gpus=0.25, mem_gb=8, timeout_min=30)
     params = make_executor(cfg).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"], params["time"], params["gpus_per_task"]) == (
@@ -293,7 +293,7 @@ def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_th
     # names submitit.SlurmExecutor.update_parameters takes
     assert set(params) <= submitit.SlurmExecutor._valid_parameters()
 
-    cfg = load_config("sweeps/smoke.yaml", {**overrides, "slurm": {"cpus_per_task": 4, "mem_gb": 16}})
+    cfg = read_config("sweeps/smoke.yaml", {**overrides, "slurm": {"cpus_per_task": 4, "mem_gb": 16}})
     params = make_executor(cfg).sbatch_parameters([attack_job], None)
     assert (params["cpus_per_task"], params["mem"]) == (4, "16GB")
 

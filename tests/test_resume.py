@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from qshield_dist import launch
-from qshield_dist.config import load_config
+from qshield_dist.config import read_config
 from qshield_dist.executors.local import LocalExecutor
 from qshield_dist.results.schema import VOLATILE_COLUMNS
 from qshield_dist.summary.report import Options, summarize
@@ -157,7 +157,7 @@ def test_a_diagnostic_waits_for_its_attacks_and_runs_once_they_are_ok(
     }
     path = tmp_path / "held.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    cfg = load_config(path)
+    cfg = read_config(path)
     grid = prepare(cfg)
     pgd = next(t.trial_id for t in grid.attack if t.attack == "pgd")
     # the checks on the attack rows wait for them; those that attack the model do not
