@@ -226,7 +226,7 @@ import qshield_dist
 logging.basicConfig(level=logging.INFO)
 sweep = yaml.safe_load(open(sys.argv[1]))
 try:
-    qshield_dist.run_sweep(qshield_dist.read_config(sweep))
+    qshield_dist.run_sweep(qshield_dist.load_config(sweep))
 except KeyboardInterrupt:
     sys.exit(130)
 """
