@@ -71,7 +71,8 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
             look_cfg = cfg.model_copy(update={"seeds": seeds[:size]})
         else:
             look_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attack_size": size})})
-        points = int(look_cfg.eval.attack_size)
+        size_now = look_cfg.eval.attack_size  # `all` (over seeds): each dataset's whole pool
+        points = size_now if isinstance(size_now, int) else min(map(look_cfg.eval.pool_size, cfg.datasets))
         run = run_sweep(look_cfg, executor, **run_options)
         tables = build_tables(run.results, margin=plan.margin)
         # Holm's family: the report's own (verdicts.in_holm_family), so decisions.json and the

@@ -150,7 +150,7 @@ def ray_processes_gone(*markers: str) -> None:
 
 def custom_model_sweep(root: Path, name: str) -> dict[str, object]:
     """A tiny sweep of a user's own model (`model: custom`) whose code is written under `root`,
-    outside the package: a factory file and a helper module it imports. The workers must import
+    outside the package (a factory file and a helper module it imports), compared with the CNN. The workers must import
     the launcher's snapshot of it (RESULTS/code), the only copy the ids vouch for."""
     (root / "mymodels").mkdir(parents=True, exist_ok=True)
     (root / "mymodels" / "helper.py").write_text("PIXELS = 784\n")
@@ -163,6 +163,19 @@ def custom_model_sweep(root: Path, name: str) -> dict[str, object]:
         "data": {"dataset": "digits", "train_size": 200, "test_size": 60},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01},
         "eval": {"attack_size": 16},
-        "models": [{"model": "custom", "factory": f"{root / 'mymodels' / 'net.py'}:make"}],
+        "models": [
+            {"model": "custom", "name": "mine", "factory": f"{root / 'mymodels' / 'net.py'}:make"},
+            {"model": "cnn_small", "name": "cnn"},
+        ],
         "attacks": [{"name": "fgsm"}],
+        "compare": [{"models": "mine", "against": "cnn"}],
     }
+
+
+def custom_model_verdict(results: Path) -> dict[str, object]:
+    """The one verdict of custom_model_sweep's results: the custom model against the CNN."""
+    import qshield_dist
+
+    (verdict,) = qshield_dist.summarize(results).verdicts.iter_rows(named=True)
+    assert verdict["category"] in {"more robust", "less robust", "equal", "undecided"}
+    return {k: verdict[k] for k in ("label", "baseline", "eps", "category", "diff", "low", "high")}

@@ -216,13 +216,14 @@ def test_a_custom_model_runs_on_ray_from_its_snapshot(connected: cluster.RayNode
             **sweep, results_dir=str(tmp_path / name), checkpoint_dir=str(tmp_path / f"ckpt-{name}")
         )
         statuses[name] = run_sweep(cfg, executor).statuses
-    assert set(statuses["ray"].values()) == {"ok"} and len(statuses["ray"]) == 2  # train + fgsm
+    assert set(statuses["ray"].values()) == {"ok"} and len(statuses["ray"]) == 4  # 2 x (train + fgsm)
     assert statuses["ray"] == statuses["local"]
     store = ResultStore(tmp_path / "ray")
     rows = [row for f in store.files() for row in store.read(f)]
     assert {r["executor"] for r in rows} == {"ray"}
-    assert [r["clean_acc"] > 0.3 for r in rows] == [True, True]
+    assert [r["clean_acc"] > 0.3 for r in rows if r["model"] == "custom"] == [True, True]
     assert differing_trials(tmp_path / "local", tmp_path / "ray") == {}
+    assert cf.custom_model_verdict(tmp_path / "ray") == cf.custom_model_verdict(tmp_path / "local")
 
 
 CUDA_SWEEP = {

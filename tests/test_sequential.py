@@ -229,3 +229,26 @@ def test_sequential_over_seeds_error_power_and_seeds_against_a_fixed_design() ->
         f"over seeds: false more {more0:.2%}, false less {less0:.2%}, seeds at 0 {seeds0:.2f};"
         f" at the margin power {power:.1%} (fixed {fixed_power:.1%}), seeds {seeds_m:.2f}"
     )
+
+
+def test_over_seeds_a_decision_taken_at_a_look_stays_at_the_later_ones() -> None:
+    """decide_seeds is called after every look with everything so far: what an earlier call
+    decided (more, less or equal, and its look and interval) is what later calls say, for two
+    comparisons over looks at 4, 8 and 16 seeds of 100 points, 150 random cases."""
+    from qshield_dist.summary.sequential import decide_seeds
+
+    rng = np.random.default_rng(3)
+    looks, changed = [4, 8, 16], 0
+    for case in range(150):
+        comparisons = [
+            _seed_runs(rng, 1, 16, 100, true, 0.01)[0] for true in rng.choice([-0.03, 0.0, 0.03], size=2)
+        ]
+        earlier: dict[int, object] = {}
+        for k in range(len(looks)):
+            now = decide_seeds([c[: looks[k]] for c in comparisons], looks[: k + 1], 16, 0.05)
+            for i, d in enumerate(now):
+                if i in earlier:
+                    changed += d != earlier[i]
+                elif d.decision != CONTINUE:
+                    earlier[i] = d
+    assert changed == 0

@@ -594,6 +594,7 @@ def test_a_custom_model_runs_on_slurm_from_its_snapshot(
     assert code == 0
     assert {r["executor"] for r in _all_rows(cluster)} == {"slurm"}
     assert differing_trials(local, cluster) == {}
+    assert cf.custom_model_verdict(cluster) == cf.custom_model_verdict(local)
 
 
 def _all_rows(results: Path) -> list[dict[str, object]]:

@@ -300,7 +300,9 @@ def decide_seeds(
     the first look its interval at its Holm share excluded 0; one still open is "equal" at the
     first look its interval at the open comparisons' Holm share lies within +-margin; else
     continue, or undecided at max_seeds. `points` in a Decision is the seeds of that look.
-    Looks with fewer than 2 seeds spend nothing and decide nothing."""
+    Looks run look by look, so a decision taken at a look stays as it was at the later ones.
+    A look with fewer than 2 seeds decides nothing, but its share of alpha is spent all the
+    same (conservative: start with 3 or more seeds)."""
     if not 0 < alpha < 1 or not 0 <= margin < 1:
         raise ValueError(f"need 0 < alpha < 1 and 0 <= margin < 1; got alpha {alpha}, margin {margin}")
     levels = look_levels(looks, max_seeds, alpha)
@@ -326,34 +328,40 @@ def decide_seeds(
         low, high, _ = procedure_interval(diff, se, s, level)
         return Decision(CONTINUE, k, looks[k], diff, low, high, level)
 
-    def p_seq(i: int) -> float:
+    def p_seq(i: int, upto: int) -> float:
+        """Comparison i's repeated p-value over looks 0..upto."""
         ps = [
             procedure_interval(*got)[2] * alpha / levels[k]
-            for k, got in enumerate(parts[i])
+            for k, got in enumerate(parts[i][: upto + 1])
             if got is not None and levels[k] > 0
         ]
         return min([1.0, *ps])
 
-    order = sorted(range(m), key=p_seq)
+    # Look by look, as decide does: what a look decided stays decided at the later ones.
     taken: dict[int, Decision] = {}
-    for j, i in enumerate(order):  # Holm's step-down: the j-th smallest against alpha / (M - j)
-        share = 1 / (big_m - j)
-        if p_seq(i) > alpha * share:
-            break
-        for k in range(len(looks)):
-            d = interval(i, k, share)
-            if d is not None and (d.low > 0 or d.high < 0):
-                taken[i] = replace(d, decision=MORE if d.low > 0 else LESS)
+    share = 1 / big_m if m else 1.0
+    for k in range(len(looks)):
+        # Holm's step-down over the repeated p-values of the looks so far: the j-th smallest
+        # (counting those rejected earlier) against alpha / (M - j).
+        rejected = sum(d.decision in (MORE, LESS) for d in taken.values())
+        for i in sorted((i for i in range(m) if i not in taken), key=lambda i: p_seq(i, k)):
+            share = 1 / (big_m - rejected)
+            if p_seq(i, k) > alpha * share:
                 break
-    share = 1 / (big_m - min(len(taken), m - 1)) if m else 1.0
-    for i in range(m):
-        if i in taken:
-            continue
-        for k in range(len(looks)):
-            d = interval(i, k, share)
+            hit = next(
+                (d for d in (interval(i, j, share) for j in range(k + 1)) if d and (d.low > 0 or d.high < 0)),
+                None,
+            )
+            if hit is None:  # rounding at the boundary: no interval excludes 0 after all
+                break
+            taken[i] = replace(hit, decision=MORE if hit.low > 0 else LESS)
+            rejected += 1
+        # Still open: equal at this look if its interval at the open ones' Holm share lies in the band.
+        share = 1 / (big_m - min(rejected, m - 1)) if m else 1.0
+        for i in range(m):
+            d = None if i in taken else interval(i, k, share)
             if d is not None and -margin <= d.low and d.high <= margin:
                 taken[i] = replace(d, decision=EQUAL)
-                break
     last = len(looks) - 1
     state = UNDECIDED if looks[-1] == max_seeds else CONTINUE
     out = []
