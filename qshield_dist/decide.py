@@ -94,7 +94,7 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
             planned[: k + 1],
             planned[-1],
             plan.margin,
-            family_size=len(verdicts),
+            family_size=len(verdicts) + tables.unpaired,
         )
         labels = dict(tables.variants.select("vkey", "label").iter_rows())
         rows = [
@@ -107,7 +107,7 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
             }
             for r, d in zip(compared, decisions)
         ]
-        done.append(Look(points, run, rows, len(verdicts), len(look_cfg.seeds)))
+        done.append(Look(points, run, rows, len(verdicts) + tables.unpaired, len(look_cfg.seeds)))
         _record(look_cfg, planned, done)
         for row in rows:
             log.info(

@@ -592,3 +592,21 @@ def test_the_equal_budget_backbone_is_found_by_the_hybrids_training(tmp_path: Pa
     ctrl = s.tables.controls
     assert ctrl.height == 3 and ctrl["vkey_h"].n_unique() == 3
     assert ctrl["asr_equal_budget"].to_list() == pytest.approx(ctrl["asr_hybrid"].to_list())
+
+
+def test_a_comparison_without_paired_points_still_counts_in_holms_family(tmp_path: Path) -> None:
+    """A second hybrid whose L-inf attacks all failed (only its C&W row is there) has no verdict
+    row at the CNN's budget, but it stays in Holm's family as never rejected: the first hybrid's
+    Holm-adjusted p is doubled, not left as if it were the only comparison; a note says so."""
+    other = {**HYBRID, "entanglement": "star"}
+    alone = _summarize(tmp_path / "alone", _base_rows())
+    both = _summarize(
+        tmp_path / "both",
+        [*_base_rows(), _row("hqcnn", "cw", HYB_CORRECT, set(), threat="l2", params={"c": 0.01}, **other)],
+    )
+    (first,) = alone.tables.paired.filter(pl.col("kind") == "vs CNN").iter_rows(named=True)
+    (again,) = both.tables.paired.filter(pl.col("kind") == "vs CNN").iter_rows(named=True)
+    assert first["p_holm"] == pytest.approx(first["p_value"])
+    assert again["p_holm"] == pytest.approx(min(1.0, 2 * again["p_value"]))
+    assert both.tables.unpaired == 1 and alone.tables.unpaired == 0
+    assert any("no paired points" in note for note in both.tables.notes)

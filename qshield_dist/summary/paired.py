@@ -573,6 +573,7 @@ def comparisons(
     named: list[tuple[str, str]] | None = None,
     expected: pl.DataFrame | None = None,
     outcomes: dict[tuple[str, str, float], list[tuple[np.ndarray, np.ndarray]]] | None = None,
+    unpaired: list[str] | None = None,
 ) -> pl.DataFrame:
     """One row per comparison and L-inf budget: robust accuracies, the paired difference A - B
     with its 95% interval and p-value for the question `estimand` (stats.MODELS or
@@ -582,8 +583,13 @@ def comparisons(
     sweep's compare: pairs (vkeys), else each hybrid against its CNN baseline. `expected`: the
     (dataset, seed, shard) every attack must cover (expected_shards; default: those the points
     show); an attack that lacks one on a seed counts as missing there. `outcomes`, if given,
-    receives each comparison's per-seed paired outcomes in permutation order, keyed (a, b, eps)."""
+    receives each comparison's per-seed paired outcomes in permutation order, keyed (a, b, eps);
+    `unpaired`, the kind of each comparison at a budget with no paired points (no row; counted in
+    Holm's family as never rejected)."""
     rows: list[dict[str, Any]] = []
+    # The kind of each comparison at a budget that one side reached and the pair did not (a side
+    # without L-inf rows there, or no seed both sides completed): no row, but in Holm's family.
+    without: list[str] = []
     if points.height:
         if expected is None:
             expected = points.rows.select("dataset", "seed", "shard").unique()
@@ -593,9 +599,13 @@ def comparisons(
         worst = _WorstCache(points)
         for pair in _pairs_of(variants, baselines, named):
             a_all, b_all = by_vkey.get((pair["a"],)), by_vkey.get((pair["b"],))
-            if a_all is None or b_all is None:
-                continue
-            for eps in sorted(set(a_all["eps"].drop_nulls()) & set(b_all["eps"].drop_nulls())):
+            budgets = [
+                set(side["eps"].drop_nulls()) if side is not None else set() for side in (a_all, b_all)
+            ]
+            for eps in sorted(budgets[0] | budgets[1]):
+                if a_all is None or b_all is None or eps not in budgets[0] & budgets[1]:
+                    without.append(pair["kind"])  # one side has no L-inf row at this budget
+                    continue
                 a, b = a_all.filter(pl.col("eps") == eps), b_all.filter(pl.col("eps") == eps)
                 # Expected: every plain attack either side got, and each side's own BPDA attacks.
                 # Per seed, the worst case uses only what both sides completed (with budget_ok);
@@ -628,6 +638,7 @@ def comparisons(
                     else []
                 )
                 if not pairs:
+                    without.append(pair["kind"])
                     continue
                 if outcomes is not None:
                     outcomes[(pair["a"], pair["b"], eps)] = pairs
@@ -707,7 +718,15 @@ def comparisons(
         "equal_budget": pl.Boolean,  # also (or only) the hybrid's equal-budget comparison
     }
     out = pl.DataFrame(rows, schema=schema)
-    holm = holm_adjusted(out["p_value"].to_list(), out["kind"].to_list(), verdict_kind(named is not None))
+    # A comparison without a row still counts in Holm's family, as never rejected (p = 1): a
+    # failed side must not make the others' adjustment milder.
+    holm = holm_adjusted(
+        [*out["p_value"].to_list(), *[1.0] * len(without)],
+        [*out["kind"].to_list(), *without],
+        verdict_kind(named is not None),
+    )[: out.height]
+    if unpaired is not None:
+        unpaired.extend(without)
     verdicts = [
         "incomplete" if r["missing_a"] or r["missing_b"] else stats.verdict(r["low"], r["high"], p, margin)
         for r, p in zip(out.iter_rows(named=True), holm)

@@ -95,6 +95,8 @@ class Tables:
     # common points in permutation order (what a sequential look reads)
     outcomes: dict[tuple[str, str, float], list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # verdicts (comparison x budget) with no paired points: no row, in Holm's family as not rejected
+    unpaired: int = 0
 
 
 def _vkey() -> pl.Expr:
@@ -560,6 +562,7 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
     named = named_pairs(res, train, notes)
     verdict_kind = VS_CNN if named is None else VS_NAMED
     outcomes: dict[tuple[str, str, float], list[tuple[np.ndarray, np.ndarray]]] = {}
+    without: list[str] = []
     paired = comparisons(
         points,
         variants,
@@ -569,7 +572,14 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
         named=named,
         expected=expected_shards(res),
         outcomes=outcomes,
+        unpaired=without,
     )
+    unpaired = sum(kind == verdict_kind for kind in without)
+    if unpaired:
+        notes.append(
+            f"{unpaired} verdict(s) have no paired points (a side without L-inf rows at a budget the other"
+            " reached): no row, but counted in Holm's family as not rejected"
+        )
     gaps = autoattack_gaps(points)
     checks = _sanity_diagnostics(got["autoattack_checks"])
     diagnostics = pl.concat([_diagnostics(res), _gap_diagnostics(gaps), checks])
@@ -597,5 +607,6 @@ def build_tables(res: Results, min_samples: int = 20, margin: float = 0.02, esti
         margin=margin,
         estimand=estimand,
         outcomes=outcomes,
+        unpaired=unpaired,
         notes=notes,
     )

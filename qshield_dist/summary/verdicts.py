@@ -97,7 +97,8 @@ def verdict_kind(named: bool) -> str:
 
 def in_holm_family(kinds: Sequence[str | None], kind: str) -> list[bool]:
     """Which comparisons form Holm's family: the report's verdicts (`kind`, verdict_kind), at every
-    L-inf budget, complete or not (an incomplete one counts, as never rejected). It is the one
+    L-inf budget, complete or not (an incomplete one counts, as never rejected, and so does one
+    with no paired points at a budget one side reached: paired.comparisons pads it). It is the one
     family of the report's Holm-adjusted p (`holm_adjusted`), of decide.py's sequential Holm
     (decisions.json) and of --plan's price (plan/decision.py counts the same comparisons). The
     controls (vs backbone alone, vs equal budget, backbone alone vs CNN, vs fixed randomness) ask
