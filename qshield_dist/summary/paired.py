@@ -431,7 +431,9 @@ def _worst(points: Points, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, 
     bad = np.zeros(points.n_slots, dtype=bool)
     bad[slots[(points.code[e] & _OK_MASK) != _CORRECT]] = True
     first = np.full(points.n_slots, -1, dtype=np.int64)
-    first[slots[::-1]] = e[::-1]  # of repeated slots the last assignment stays: the first entry
+    # each slot's first entry: np.unique's first occurrences (NumPy does not order repeated writes)
+    held, at = np.unique(slots, return_index=True)
+    first[held] = e[at]
     return present, present & ~bad, first
 
 
@@ -839,7 +841,8 @@ def autoattack_gaps(points: Points) -> pl.DataFrame:
             flags[name] = np.zeros(points.n_slots, dtype=bool)
             flags[name][slots[mask]] = True
         by = np.zeros(points.n_slots, dtype=np.uint8)  # the first AutoAttack row's component, in row order
-        by[slots[is_aa & hit][::-1]] = (code[is_aa & hit] >> 2)[::-1]
+        held, at = np.unique(slots[is_aa & hit], return_index=True)  # first occurrences, in row order
+        by[held] = (code[is_aa & hit] >> 2)[at]
         keep = np.flatnonzero(flags["has_aa"] & flags["has_rest"])
         if not len(keep):
             continue
