@@ -47,6 +47,8 @@ DEFAULT_ATTACKS: tuple[str | Mapping[str, Any], ...] = (
 DEFAULT_TRAIN: Mapping[str, Any] = {"epochs": 2, "batch_size": 32}
 # What evaluate's own arguments set, which `sweep=` may not set again.
 _OWN_KEYS = ("name", "results_dir", "seeds", "models", "attacks", "compare")
+# Sweep keys that say where and how a sweep runs, not what it computes.
+_WHERE_IT_RUNS = ("workers", "executor", "private", "checkpoint_dir", "ray", "slurm")
 _EVALUATING = "QSHIELD_DIST_EVALUATING"  # set while evaluate runs, here and in its local workers
 # The rebuilt module must compute the logits of the one passed (a CUDA module: within float error).
 _REBUILD_RTOL, _REBUILD_ATOL = 1e-3, 1e-4
@@ -101,9 +103,10 @@ def evaluate(
         eval.attack_size).
 
     Results go to `results_dir`, by default `results/evaluate-<digest>` under the working
-    directory, where <digest> hashes the sweep (the model's code and weights by their digests,
-    never their paths): called again with the same model and arguments it runs nothing and
-    returns the same report; any change gives a directory of its own. Checkpoints go to the
+    directory, where <digest> hashes what the sweep computes (results_name: the model's code and
+    weights by their digests, never their paths; not the workers, executor or checkpoints):
+    called again with the same model and arguments it runs nothing and returns the same report;
+    any change to what it computes gives a directory of its own. Checkpoints go to the
     sweep's checkpoint_dir (`checkpoints`, shared by id). `executor`: run_sweep's (default the
     sweep's: local worker processes).
 
@@ -148,7 +151,7 @@ def evaluate(
     # The directory's digest: the sweep with the model's code and weights by digest, not by path.
     named = {**entry, "factory": code_snapshot.parse_ref(factory).name, "code": tree.digest, "weights": sha}
     named.update({"differentiable_twin": code_snapshot.parse_ref(twin).name} if twin else {})
-    raw["name"] = f"evaluate-{stable_hash({**raw, 'models': [named, *raw['models'][1:]]})[:12]}"
+    raw["name"] = results_name({**raw, "models": [named, *raw["models"][1:]]})
     results = Path(results_dir) if results_dir is not None else Path("results") / raw["name"]
     raw["results_dir"] = str(results)
     # Building the model for the checks (and trials run in this process) draw from torch's
@@ -168,6 +171,13 @@ def evaluate(
         _check_rebuilt(model, cfg, stochastic)
         run = run_sweep(cfg, executor, grid=grid)
     return summarize(run)
+
+
+def results_name(sweep: Mapping[str, Any]) -> str:
+    """`evaluate-<digest>` of what the sweep computes: where and how it runs (_WHERE_IT_RUNS:
+    workers, executor, cluster, file modes, checkpoints) never changes a number, so it is left
+    out and the same evaluation finds its results whatever runs it."""
+    return f"evaluate-{stable_hash({k: v for k, v in sweep.items() if k not in _WHERE_IT_RUNS})[:12]}"
 
 
 # How evaluate's arguments are named in the sweep's messages.

@@ -456,3 +456,17 @@ def test_a_file_that_calls_evaluate_when_imported_is_refused_before_compute(tmp_
     assert "if __name__ == '__main__':" in message and "model -> models[0]" in message
     assert not list((tmp_path / "results").glob("stage=*"))
     assert "QSHIELD_DIST_EVALUATING" not in os.environ
+
+
+def test_evaluates_results_directory_is_named_by_what_it_computes() -> None:
+    """Workers, executor, file modes and checkpoints change no number: the same directory; the
+    points, attacks or model do: another one."""
+    from qshield_dist.evaluation import results_name
+
+    sweep = {"data": {"dataset": "digits"}, "eval": {"attack_size": 64}, "models": [{"model": "custom"}]}
+    name = results_name(sweep)
+    assert name.startswith("evaluate-")
+    where = {"workers": 4, "executor": "ray", "private": False, "checkpoint_dir": "/scratch/c"}
+    assert results_name({**sweep, **where}) == name
+    assert results_name({**sweep, "eval": {"attack_size": 32}}) != name
+    assert results_name({**sweep, "models": [{"model": "custom", "weights": "ab"}]}) != name
