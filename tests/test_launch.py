@@ -170,51 +170,58 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_stops_promptly_leaves_no_worker_and_no_partial_file(tmp_path, sig):
-    """SIGINT or SIGTERM to the launcher alone (as a scheduler or `timeout` sends it) stops the
-    running trial too, rather than waiting for it or leaving its worker running unowned, and
-    leaves only complete result files."""
-    results = tmp_path / "results"
+def _slow_sweep(tmp_path: Path) -> Path:
+    """smoke.yaml with a first trial of a minute or more: long enough to be interrupted."""
     sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
-    sweep["train"]["epochs"] = 400  # a first trial of a minute or more: long enough to be interrupted
+    sweep["train"]["epochs"] = 400
+    sweep.update(results_dir=str(tmp_path / "results"), checkpoint_dir=str(tmp_path / "ckpt"))
     path = tmp_path / "slow.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    cmd = [
-        sys.executable,
-        "-m",
-        "qshield_dist.launch",
-        str(path),
-        "--results",
-        str(results),
-        "--checkpoints",
-        str(tmp_path / "ckpt"),
-    ]
+    return path
+
+
+def _interrupt_inside_the_first_trial(cmd: list[str], sig: int) -> None:
+    """Run `cmd` (a launch, its own process group), send `sig` 3 s into its first trial, and
+    check it exits 130 within 15 s and leaves no process of its group behind; whatever happens,
+    kill that group at the end."""
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         deadline = time.time() + 120
         while "to run on local" not in (line := proc.stderr.readline()):
-            assert line and time.time() < deadline, "launcher never started its trials"
+            assert line and time.time() < deadline, "the launch never started its trials"
         time.sleep(3)  # inside the first training trial
         proc.send_signal(sig)
         start = time.time()
-        assert proc.wait(timeout=60) == 130
-        assert time.time() - start < 15, "the launcher waited for the running trial instead of stopping it"
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"signal {sig} did not stop the launch")
+        assert code == 130
+        assert time.time() - start < 15, "the launch waited for the running trial instead of stopping it"
         while _group_alive(proc.pid) and time.time() - start < 30:
             time.sleep(0.2)
-        assert not _group_alive(proc.pid), "a worker outlived the launcher"
+        assert not _group_alive(proc.pid), "a worker outlived the launch"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # never leave a worker behind, pass or fail
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_stops_promptly_leaves_no_worker_and_no_partial_file(tmp_path, sig):
+    """SIGINT or SIGTERM to the launcher alone (as a scheduler or `timeout` sends it) stops the
+    running trial too, rather than waiting for it or leaving its worker running unowned, and
+    leaves only complete result files."""
+    path = _slow_sweep(tmp_path)
+    _interrupt_inside_the_first_trial([sys.executable, "-m", "qshield_dist.launch", str(path)], sig)
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     # One worker, interrupted inside the first trial, which every other trial waits for: the
     # interrupted trial wrote nothing, and nothing else could have run.
-    assert _files(results) == []
+    assert _files(tmp_path / "results") == []
 
 
 API_AFTER_POLARS = """
@@ -235,40 +242,8 @@ except KeyboardInterrupt:
 def test_ctrl_c_stops_a_launch_from_the_api_after_import_polars(tmp_path):
     """`import polars` before run_sweep: a SIGINT (Ctrl-C) still stops the launch and its
     running trial, rather than doing nothing until the sweep ends."""
-    sweep = yaml.safe_load((REPO / "sweeps/smoke.yaml").read_text())
-    sweep["train"]["epochs"] = 400  # a first trial of a minute or more: long enough to be interrupted
-    sweep.update(results_dir=str(tmp_path / "results"), checkpoint_dir=str(tmp_path / "ckpt"))
-    path = tmp_path / "slow.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", API_AFTER_POLARS, str(path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while "to run on local" not in (line := proc.stderr.readline()):
-            assert line and time.time() < deadline, "the launch never started its trials"
-        time.sleep(3)  # inside the first training trial
-        proc.send_signal(signal.SIGINT)
-        start = time.time()
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pytest.fail("SIGINT did not stop a launch made after `import polars`")
-        assert code == 130 and time.time() - start < 15
-        while _group_alive(proc.pid) and time.time() - start < 30:
-            time.sleep(0.2)
-        assert not _group_alive(proc.pid), "a worker outlived the launch"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # never leave a worker behind, pass or fail
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    path = _slow_sweep(tmp_path)
+    _interrupt_inside_the_first_trial([sys.executable, "-c", API_AFTER_POLARS, str(path)], signal.SIGINT)
 
 
 def test_slurm_arrays_take_each_stage_resources_unless_the_slurm_section_sets_them(tmp_path):
