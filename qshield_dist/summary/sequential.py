@@ -167,6 +167,16 @@ def _fractions(looks: Sequence[int], max_points: int) -> tuple[float, ...]:
     return tuple(n / max_points for n in looks)
 
 
+def _family(m: int, family_size: int | None, alpha: float, margin: float) -> int:
+    """Holm's family size M >= the m comparisons judged (default m), after checking the levels."""
+    if not 0 < alpha < 1 or not 0 <= margin < 1:
+        raise ValueError(f"need 0 < alpha < 1 and 0 <= margin < 1; got alpha {alpha}, margin {margin}")
+    big_m = m if family_size is None else family_size
+    if big_m < m:
+        raise ValueError(f"family_size {family_size} is smaller than the {m} comparisons judged")
+    return big_m
+
+
 def decide(
     comparisons: Sequence[Seeds],
     looks: Sequence[int],
@@ -187,13 +197,9 @@ def decide(
     A pure function: call it after every wave with everything so far; decisions taken at an
     earlier look stay as they were.
     """
-    if not 0 < alpha < 1 or not 0 <= margin < 1:
-        raise ValueError(f"need 0 < alpha < 1 and 0 <= margin < 1; got alpha {alpha}, margin {margin}")
     fractions = _fractions(looks, max_points)
     m = len(comparisons)
-    big_m = m if family_size is None else family_size  # Holm's family: M >= the m judged
-    if big_m < m:
-        raise ValueError(f"family_size {family_size} is smaller than the {m} comparisons judged")
+    big_m = _family(m, family_size, alpha, margin)
     est = np.empty((m, len(looks), 2))
     for i, seeds in enumerate(comparisons):
         for k, n in enumerate(looks):
@@ -201,8 +207,7 @@ def decide(
                 raise ValueError(f"comparison {i}: a seed has fewer than {n} points for look {k}")
             est[i, k] = stratified_difference([(a[:n], b[:n]) for a, b in seeds])
     diff, se = est[..., 0], est[..., 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(se > 0, diff / se, np.sign(diff) * np.inf)
+    z = diff / se  # se > 0: stratified_difference floors every seed's variance
     taken: dict[int, Decision] = {}
     for k in range(len(looks)):
         bounds = [np.asarray(boundaries(fractions[: k + 1], alpha / (big_m - j) / 2)) for j in range(m)]
@@ -306,13 +311,9 @@ def decide_seeds(
     Looks run look by look, so a decision taken at a look stays as it was at the later ones.
     A look with fewer than 2 seeds decides nothing, but its share of alpha is spent all the
     same (conservative: start with 3 or more seeds)."""
-    if not 0 < alpha < 1 or not 0 <= margin < 1:
-        raise ValueError(f"need 0 < alpha < 1 and 0 <= margin < 1; got alpha {alpha}, margin {margin}")
     levels = look_levels(looks, max_seeds, alpha)
     m = len(comparisons)
-    big_m = m if family_size is None else family_size
-    if big_m < m:
-        raise ValueError(f"family_size {family_size} is smaller than the {m} comparisons judged")
+    big_m = _family(m, family_size, alpha, margin)
     parts: list[list[tuple[float, float, int] | None]] = []
     for i, seeds in enumerate(comparisons):
         if len(seeds) < looks[-1]:

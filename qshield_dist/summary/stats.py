@@ -262,12 +262,11 @@ def seeds_needed(seeds: Seeds, margin: float) -> float:
     differences (the within-seed spread when they all agree), never below a seed's spread at
     the margin (margin_sd / sqrt(points)); NaN with one seed (no spread to go on)."""
     pairs = _as_pairs(seeds)
-    n, mean, var = _within(pairs)
-    s = len(mean)
-    if s < 2:
+    if len(pairs) < 2:
         return math.nan
-    spread = float(mean.var(ddof=1)) if np.ptp(mean) > 0 else 0.0
-    sd = max(math.sqrt(spread if spread > 0 else float(var.mean())), margin_sd(margin) / math.sqrt(n.mean()))
+    _, se, s = seed_level(pairs)  # the per-seed differences' sd is se * sqrt(s), in both its cases
+    points = float(np.mean([len(a) for a, _ in pairs]))
+    sd = max(se * math.sqrt(s), margin_sd(margin) / math.sqrt(points))
     return float(max(2, math.ceil(_solve_n(margin / sd))))
 
 
