@@ -54,9 +54,13 @@ class Look:
     seeds: int = 0  # seeds run at this look
 
 
-def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_options: Any) -> list[Look]:
+def run_until_decided(
+    cfg: SweepConfig, executor: Executor | None = None, max_looks: int | None = None, **run_options: Any
+) -> list[Look]:
     """Run the sweep in looks (module docstring) until each comparison is decided or the last
-    look is done; returns the looks run. run_options go to run_sweep."""
+    look is done; returns the looks run. max_looks stops after that many of the planned looks
+    (a budget for now: the same launch later resumes, its looks' trials read from their files,
+    and the boundaries stay those of the whole plan). run_options go to run_sweep."""
     from qshield_dist.summary.sequential import CONTINUE, decide, decide_seeds
     from qshield_dist.summary.tables import build_tables
     from qshield_dist.summary.verdicts import in_holm_family
@@ -125,6 +129,15 @@ def run_until_decided(cfg: SweepConfig, executor: Executor | None = None, **run_
         if len(compared) < len(verdicts):
             log.warning("some comparisons lack points at this look (failed or missing shards): not judged")
         if not any(d.decision == CONTINUE for d in decisions):
+            break
+        if max_looks is not None and k + 1 >= max_looks and k + 1 < len(planned):
+            log.warning(
+                "stopped after %d of %d planned looks (max_looks); comparisons still continuing: run the"
+                " same launch again to resume at look %d",
+                k + 1,
+                len(planned),
+                k + 2,
+            )
             break
     return done
 

@@ -73,6 +73,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " per seed are run (sets eval.until_decided.max_points; decide.py)",
     )
     p.add_argument(
+        "--looks",
+        type=int,
+        metavar="N",
+        help="with a sequential launch: stop after N of its planned looks (a later launch resumes; the"
+        " boundaries stay the whole plan's)",
+    )
+    p.add_argument(
         "--take-over",
         action="store_true",
         help="take the results directory's lease from a launcher whose heartbeat is stale (refused while it is"
@@ -133,6 +140,11 @@ def _command(args: argparse.Namespace) -> int:
             plan = plan.model_copy(update={"max_points": args.until_decided})
             update["eval"] = cfg.eval.model_copy(update={"until_decided": plan})
         cfg = cfg.model_copy(update=update)
+        if args.looks is not None and (args.looks < 1 or cfg.eval.until_decided is None):
+            raise ConfigError(
+                f"--looks: got {args.looks}: allowed: an integer >= 1, with a sequential launch"
+                " (eval.until_decided or --until-decided)"
+            )
         nothing_runs = args.dry_run or args.prune or args.plan or args.status or args.compact
         grid = prepare(cfg, require_available=not nothing_runs)
     except ConfigError as exc:
@@ -170,7 +182,9 @@ def _command(args: argparse.Namespace) -> int:
             if cfg.eval.until_decided is not None:
                 from qshield_dist.decide import run_until_decided
 
-                looks = run_until_decided(cfg, retry_failed=args.retry_failed, take_over=args.take_over)
+                looks = run_until_decided(
+                    cfg, max_looks=args.looks, retry_failed=args.retry_failed, take_over=args.take_over
+                )
                 run = looks[-1].run
             else:
                 run = run_sweep(cfg, retry_failed=args.retry_failed, grid=grid, take_over=args.take_over)

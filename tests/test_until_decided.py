@@ -108,7 +108,30 @@ def test_the_cli_flag_sets_max_points_and_bad_values_exit_2(tmp_path: Path) -> N
     args = [str(tmp_path / "s.yaml"), "--results", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")]
     assert launch.main([*args, "--until-decided", "0"]) == 2
     assert launch.main([*args, "--until-decided", "16"]) == 2  # fewer than attack_size
+    assert launch.main([*args, "--looks", "1"]) == 2  # not a sequential launch
+    assert launch.main([*args, "--until-decided", "64", "--looks", "0"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_looks_stops_after_n_looks_and_the_next_launch_resumes(tmp_path: Path) -> None:
+    import yaml
+
+    # a margin of 0.1 pp: no interval at the first look (32 of 128 points) is that narrow
+    sweep = {**SWEEP, "eval": {**SWEEP["eval"], "until_decided": {"max_points": 128, "margin": 0.001}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    args = [str(tmp_path / "s.yaml"), "--results", str(tmp_path / "r"), "--checkpoints", str(tmp_path / "c")]
+    assert launch.main([*args, "--looks", "1"]) == 0
+    record = json.loads((tmp_path / "r" / DECISIONS_FILE).read_text())
+    assert record["planned_looks"] == [32, 64, 128]
+    assert [look["points"] for look in record["looks"]] == [32]
+    assert [d["decision"] for d in record["looks"][0]["decisions"]] == [CONTINUE]
+    first = {f.path: f.path.read_bytes() for f in ResultStore(tmp_path / "r").files() if f.stage == "attack"}
+    assert len(first) == 2  # one shard per model
+    assert launch.main([*args, "--looks", "2"]) == 0
+    record = json.loads((tmp_path / "r" / DECISIONS_FILE).read_text())
+    assert [look["points"] for look in record["looks"]] == [32, 64]
+    attack = [f for f in ResultStore(tmp_path / "r").files() if f.stage == "attack"]
+    assert len(attack) == 4 and all(first[p] == p.read_bytes() for p in first)
 
 
 # ------------------------------------------------- over seeds: the training procedure's question
