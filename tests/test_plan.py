@@ -338,8 +338,38 @@ def test_plan_prices_a_sequential_decision(tmp_path, capsys):
     assert decision["looks"] == [8, 16, 32, 64] and decision["comparisons"] == 1 and decision["seeds"] == 1
     attack = next(r for r in report["stages"] if r["stage"] == "attack")
     top, expected = decision["maximum"], decision["expected"]
-    assert (top["points_per_seed"], top["shards"], top["attack_trials"]) == (64, 8, 16)
-    assert top["attack_cpu_hours"] == pytest.approx(attack["cpu_hours"] * 8)
+    assert (top["points_per_seed"], top["shards"], top["trials"], top["seeds"]) == (64, 8, 16, 1)
+    assert decision["stages"] == ["attack"] and top["cpu_hours"] == pytest.approx(attack["cpu_hours"] * 8)
     assert 8 <= expected["points_per_seed"] <= 64 and 0 <= decision["power"] <= 1
     assert _plan(tmp_path, sweep) == 0
-    assert "deciding 1 comparison(s) at 1 seed(s), looks at 8, 16, 32, 64" in capsys.readouterr().out
+    assert "deciding 1 comparison(s) at 1 seed(s) x 8 points, looks at 8, 16, 32, 64 points/seed" in (
+        capsys.readouterr().out
+    )
+
+
+def test_plan_prices_a_sequential_decision_over_seeds(tmp_path, capsys):
+    """eval.until_decided.max_seeds: the seeds a decision takes (decide_seeds' rule simulated), and
+    every stage's cost scaled by the seeds from the first look's, since each seed trains anew."""
+    sweep = _sweep(
+        tmp_path,
+        seeds=[0, 1, 2],
+        models=[{"model": "dnn"}, {"model": "hqcnn", "backbone": "dnn"}],
+        attacks=[{"name": "fgsm"}],
+        eval={"attack_size": 8, "until_decided": {"max_seeds": 12}},
+    )
+    assert _plan(tmp_path, sweep, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    decision = report["decision"]
+    assert decision["unit"] == "seeds" and decision["looks"] == [3, 6, 12] and decision["assumed_seed_sd"] > 0
+    stages = {r["stage"]: r for r in report["stages"]}
+    assert decision["stages"] == [s for s in ("train", "attack", "diagnostic") if s in stages]
+    first_hours = sum(stages[s]["cpu_hours"] for s in decision["stages"])
+    top, expected = decision["maximum"], decision["expected"]
+    grid_trials = sum(r["trials"] for r in report["stages"])
+    assert (top["seeds"], top["points_per_seed"], top["trials"]) == (12, 8, grid_trials * 4)
+    assert top["cpu_hours"] == pytest.approx(first_hours * 4)
+    # 8 points per seed: a true 2 pp difference is lost in the noise, so it runs nearly to the end
+    assert 3 <= expected["seeds"] <= 12 and decision["power"] < 0.5
+    assert _plan(tmp_path, sweep) == 0
+    out = capsys.readouterr().out
+    assert "looks at 3, 6, 12 seeds" in out and "a seed effect of sd 3.0 pp" in out

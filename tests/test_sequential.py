@@ -130,7 +130,7 @@ def test_sequential_error_power_and_points_against_a_fixed_design() -> None:
     assert planned.fixed_power == pytest.approx(fixed)
     # the price (normal approximation) agrees with the binary simulation
     assert at_margin[MORE] == pytest.approx(planned.power, abs=0.04)
-    assert points == pytest.approx(planned.expected_points, rel=0.08)
+    assert points == pytest.approx(planned.expected, rel=0.08)
     # fewer points than the fixed design on average, for a little less power
     assert points < 0.9 * LOOKS[-1] and fixed - 0.15 < at_margin[MORE] <= fixed + 3 * mc_se
 
@@ -199,7 +199,7 @@ def test_sequential_over_seeds_error_power_and_seeds_against_a_fixed_design() ->
     seed effect of sd 1 pp, margin 2 pp, 1,500 runs per row (Monte-Carlo SE of a 2.5 % rate
     0.4 pp): each false direction at or under 2.5 % within 3 SE; at a true difference equal to the
     margin, its power and expected seeds beside a fixed design of one look at 12 seeds."""
-    from qshield_dist.summary.sequential import decide_seeds
+    from qshield_dist.summary.sequential import decide_seeds, price_seeds
     from qshield_dist.summary.stats import procedure_interval, seed_level
 
     rng = np.random.default_rng(7)
@@ -225,6 +225,13 @@ def test_sequential_over_seeds_error_power_and_seeds_against_a_fixed_design() ->
     power, _, seeds_m, fixed_power = run(margin)
     # at the margin, it decides "more robust" more often than not, and on fewer seeds than 12
     assert power > 0.5 and seeds_m < 12, (power, seeds_m, fixed_power)
+    # --plan's price (the same rule on normal per-seed differences: 10 % discordant points, the
+    # seed effect's sd 1 pp) agrees with the binary simulation: 71.8 % and 11.72 seeds
+    planned = price_seeds(margin, math.sqrt(0.1), 0.01, 200, looks)
+    assert power == pytest.approx(planned.power, abs=0.05) and seeds_m == pytest.approx(
+        planned.expected, rel=0.03
+    )
+    assert fixed_power == pytest.approx(planned.fixed_power, abs=0.05)
     print(
         f"over seeds: false more {more0:.2%}, false less {less0:.2%}, seeds at 0 {seeds0:.2f};"
         f" at the margin power {power:.1%} (fixed {fixed_power:.1%}), seeds {seeds_m:.2f}"

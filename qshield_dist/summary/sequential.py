@@ -383,13 +383,14 @@ def decide_seeds(
 
 @dataclass(frozen=True)
 class Price:
-    """What a decision on one comparison costs, in points per seed (`price`)."""
+    """What a decision on one comparison costs, in the unit its looks grow: points per seed
+    (`price`) or seeds (`price_seeds`)."""
 
-    max_points: int
-    expected_points: float  # at a true difference equal to the margin
-    expected_points_at_zero: float  # at no difference
+    maximum: int
+    expected: float  # at a true difference equal to the margin
+    expected_at_zero: float  # at no difference
     power: float  # P(more robust) at a true difference equal to the margin
-    fixed_power: float  # the same, for one look at max_points (a fixed-sample design)
+    fixed_power: float  # the same, for one look at the maximum (a fixed-sample design)
     level: float  # the two-sided level priced (alpha / comparisons: Holm's first step)
 
 
@@ -439,3 +440,58 @@ def price(
     return Price(
         max_points, float(points.mean()), float(points_zero.mean()), float(more.mean()), fixed, level
     )
+
+
+def price_seeds(
+    margin: float,
+    point_sd: float,
+    seed_sd: float,
+    points: int,
+    looks: Sequence[int],
+    n_comparisons: int = 1,
+    alpha: float = ALPHA,
+    reps: int = 20_000,
+    seed: int = 0,
+) -> Price:
+    """Seeds to a decision on one comparison for the training procedure (decide_seeds' rule), at
+    a true difference equal to the margin (and at none), looks at `looks` seeds (the last is the
+    maximum), `points` per seed. Each seed's difference is normal around the true one with the
+    variance of a random seed effect (`seed_sd`) plus its points' (`point_sd`^2 / points); at look
+    k the t interval over its seeds at look_levels' share k. Monte Carlo (`reps` runs, fixed
+    seed) at Holm's first level alpha / n_comparisons: an upper bound, as `price`."""
+    if point_sd <= 0 or seed_sd < 0 or points < 1 or margin <= 0 or n_comparisons < 1 or looks[-1] < 2:
+        raise ValueError(
+            "need point_sd > 0, seed_sd >= 0, points >= 1, margin > 0, n_comparisons >= 1 and at most"
+            f" >= 2 seeds; got {point_sd}, {seed_sd}, {points}, {margin}, {n_comparisons}, {list(looks)}"
+        )
+    n = np.asarray(looks)
+    level = alpha / n_comparisons
+    # a look of one seed has no interval (decide_seeds decides nothing there): an infinite one
+    t = np.where(
+        n >= 2,
+        stats.t.isf(np.asarray(look_levels(looks, int(n[-1]), level)) / 2, np.maximum(n - 1, 1)),
+        np.inf,
+    )
+    sigma = math.sqrt(seed_sd**2 + point_sd**2 / points)
+    noise = np.random.default_rng(seed).normal(0, sigma, (reps, int(n[-1])))
+    mean = np.cumsum(noise, axis=1)[:, n - 1] / n  # the noise's mean over each look's seeds
+    spread = np.sqrt(
+        np.maximum(np.cumsum(noise**2, axis=1)[:, n - 1] - n * mean**2, 0) / np.maximum(n - 1, 1)
+    )
+    half = t * spread / np.sqrt(n)
+
+    def run(true: float) -> tuple[np.ndarray, np.ndarray]:
+        low, high = true + mean - half, true + mean + half
+        stop = (low > 0) | (high < 0) | ((low >= -margin) & (high <= margin))
+        stop[:, -1] = True
+        first = stop.argmax(axis=1)
+        return n[first], low[np.arange(reps), first] > 0
+
+    from statsmodels.stats.power import TTestPower  # statsmodels' import takes a second: only here
+
+    used, more = run(margin)
+    used_zero, _ = run(0.0)
+    # one look at the maximum: the noncentral t's chance of "more robust" (statsmodels' power,
+    # two-sided, of which the far side is negligible at any useful power)
+    fixed = float(TTestPower().power(margin / sigma, int(n[-1]), level, alternative="two-sided"))
+    return Price(int(n[-1]), float(used.mean()), float(used_zero.mean()), float(more.mean()), fixed, level)
