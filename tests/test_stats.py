@@ -18,9 +18,12 @@ from qshield_dist.summary.stats import (
     compare,
     holm,
     mcnemar_exact,
+    equivalence_z,
     points_needed,
+    score_equivalent,
     seeds_needed,
     stratified_difference,
+    tango_z,
     verdict,
 )
 
@@ -84,11 +87,15 @@ def test_no_discordant_pair_keeps_the_exact_width_the_points_allow() -> None:
         assert res.models.low == pytest.approx(-res.models.high)
         # never narrower than the exact bound on all the seeds' points pooled
         assert res.models.high >= sps.binomtest(0, n * seeds).proportion_ci(0.95, "exact").high - 1e-12
-        assert verdict(res.models.low, res.models.high, res.models.p_value, margin=0.02) == expected
+        eq = score_equivalent([(a, a)] * seeds, 0.02)
+        assert (
+            verdict(res.models.low, res.models.high, res.models.p_value, margin=0.02, equivalent=eq)
+            == expected
+        )
         if seeds > 1:
             p = res.procedure
             assert p.low < 0 < p.high and p.p_value == 1.0
-            assert verdict(p.low, p.high, p.p_value, margin=0.02) == expected
+            assert verdict(p.low, p.high, p.p_value, margin=0.02, equivalent=True) == expected
     # one discordant pair in ten: the Wald half-width (0.196) is below what ten agreeing points
     # allow (0.308), so the floor holds it there; with 50 of 100 discordant it does not act
     a, b = np.r_[1, np.zeros(9)], np.zeros(10)
@@ -108,7 +115,7 @@ def test_interval_when_every_pair_is_discordant_one_way() -> None:
     both = compare([([1] * 50, [0] * 50), ([1] * 30, [0] * 30)])
     assert both.models.high == 1.0 and 1 - floor < both.models.low < 1
     assert both.procedure.high == 1.0 and both.procedure.low < 1
-    assert verdict(one.low, one.high, one.p_value, margin=0.02) == "more robust"
+    assert verdict(one.low, one.high, one.p_value, margin=0.02, equivalent=False) == "more robust"
 
 
 def test_stratified_mcnemar_is_the_cmh_test_over_pairs() -> None:
@@ -174,7 +181,10 @@ def test_holm_by_hand() -> None:
     ],
 )
 def test_verdict_categories_with_margin(low: float, high: float, p: float, expected: str) -> None:
-    assert verdict(low, high, p, margin=0.02) == expected
+    assert verdict(low, high, p, margin=0.02, equivalent=True) == expected
+    # the score tests at the margin can only take "equal" away
+    expected_without = "undecided" if expected == "equal" else expected
+    assert verdict(low, high, p, margin=0.02, equivalent=False) == expected_without
 
 
 def test_points_needed_is_per_seed_at_the_margin() -> None:
@@ -234,10 +244,10 @@ def test_seed_level_rule_holds_its_error_where_pooled_mcnemar_does_not() -> None
     for r in range(reps):
         res = compare(list(zip(a[r], b[r])))
         p = res.procedure
-        v = verdict(p.low, p.high, p.p_value, margin=0.02)
+        v = verdict(p.low, p.high, p.p_value, margin=0.02, equivalent=True)
         if v in procedure:
             procedure[v] += 1
-        v = verdict(res.models.low, res.models.high, res.models.p_value, margin=0.02)
+        v = verdict(res.models.low, res.models.high, res.models.p_value, margin=0.02, equivalent=False)
         if v in models:
             models[v] += 1
         if mcnemar_exact(res.a_only, res.b_only) < 0.05:
@@ -247,3 +257,69 @@ def test_seed_level_rule_holds_its_error_where_pooled_mcnemar_does_not() -> None
     assert all(x <= 0.025 + 2 * mc_se for x in rate.values()), rate
     assert all(v / reps > 0.05 for v in pooled.values()), pooled  # well above 2.5 %: not a close call
     assert all(v / reps > 0.05 for v in models.values()), models
+
+
+def test_tango_score_matches_published_values() -> None:
+    """Tango's score interval, the roots of tango_z = +-1.96, on Cavo et al. (2012) as Fagerland,
+    Lydersen & Laake (2017, ch. 8) give it: 6 and 16 discordant pairs in 161, estimate -0.0621,
+    95% CI -0.1240 to -0.0054."""
+    from scipy.optimize import brentq
+
+    low = brentq(lambda d: tango_z(6, 16, 161, d) - 1.959964, -0.99, -0.0621)
+    high = brentq(lambda d: tango_z(6, 16, 161, d) + 1.959964, -0.0621, 0.99)
+    assert (round(low, 4), round(high, 4)) == (-0.1240, -0.0054)
+    # one seed: equivalence_z is Tango's statistic at the two boundaries
+    a = np.r_[np.ones(6), np.zeros(16), np.ones(59), np.zeros(80)]
+    b = np.r_[np.zeros(6), np.ones(16), np.ones(59), np.zeros(80)]
+    assert equivalence_z([(a, b)], 0.05) == pytest.approx(
+        (tango_z(6, 16, 161, 0.05), tango_z(6, 16, 161, -0.05))
+    )
+
+
+def _false_equal(n: int, discordant: float, margin: float = 0.02) -> float:
+    """The exact probability that one seed of n points gets the verdict "equal" when the true
+    difference is +margin with `discordant` of the points discordant: the trinomial's mass on
+    the (A only, B only) counts that the real compare + score_equivalent + verdict call equal."""
+    p_a, p_b = (discordant + margin) / 2, (discordant - margin) / 2
+    total = 0.0
+    for a_only in range(int(n * p_a + 8 * math.sqrt(n * p_a)) + 1):
+        b_only = np.arange(int(n * p_b + 8 * math.sqrt(n * p_b + 1)) + 1)
+        mass = sps.multinomial.pmf(
+            np.c_[np.full_like(b_only, a_only), b_only, n - a_only - b_only], n, [p_a, p_b, 1 - p_a - p_b]
+        )
+        for c, w in zip(b_only, mass):
+            if w < 1e-9:
+                continue
+            a = np.r_[np.ones(a_only), np.zeros(c + n - a_only - c)]
+            b = np.r_[np.zeros(a_only), np.ones(c), np.zeros(n - a_only - c)]
+            res = compare([(a, b)]).models
+            eq = score_equivalent([(a, b)], margin)
+            # Holm-adjusted p of 1 (a large family): the worst case, where nothing is "more robust"
+            total += w * (verdict(res.low, res.high, 1.0, margin, equivalent=eq) == "equal")
+    return total
+
+
+@pytest.mark.parametrize("n", [256, 1000])
+def test_a_true_difference_at_the_margin_is_called_equal_at_most_alpha_over_2(n: int) -> None:
+    """Exact rates, one seed, margin 2 pp, a true difference of +2 pp with 2, 3 or 5 % of points
+    discordant (the fewer, the rougher a Wald interval). The Wald interval alone called it
+    "equal" 3.5 % (256 points, 2 % discordant) and 3.9 % (1,000, 3 %) of the time; with the score
+    tests (stats.score_equivalent) the rates are 0.5 %, 0.4 %, 0.0 % at 256 points and 2.0 %,
+    2.1 %, 2.3 % at 1,000, all at or under the nominal 2.5 %."""
+    for discordant in (0.02, 0.03, 0.05):
+        assert _false_equal(n, discordant) <= 0.025, (n, discordant)
+
+
+def test_the_score_tests_take_equal_from_a_wald_interval_on_few_discordant_points() -> None:
+    """1,000 points, 14 robust under A only and 2 under B only: the Wald interval [+0.4, +2.0] pp
+    lies inside +-2 pp, but Tango's test of a true +2 pp gives Z = -1.68, not past -1.96. (Its
+    McNemar p is 0.004; at a Holm-adjusted 0.2, in a large family, it is not "more robust".)"""
+    a = np.r_[np.ones(14), np.zeros(986)]
+    b = np.r_[np.zeros(14), np.ones(2), np.zeros(984)]
+    res = compare([(a, b)]).models
+    assert -0.02 <= res.low and res.high <= 0.02
+    above, below = equivalence_z([(a, b)], 0.02)
+    assert above == pytest.approx(-1.685, abs=0.005) and below > 1.96
+    assert not score_equivalent([(a, b)], 0.02)
+    assert verdict(res.low, res.high, 0.2, 0.02, equivalent=True) == "equal"  # the Wald rule alone
+    assert verdict(res.low, res.high, 0.2, 0.02, equivalent=False) == "undecided"

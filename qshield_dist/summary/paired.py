@@ -598,6 +598,7 @@ def comparisons(
     `unpaired`, the kind of each comparison at a budget with no paired points (no row; counted in
     Holm's family as never rejected)."""
     rows: list[dict[str, Any]] = []
+    equivalent: list[bool] = []  # per row: may its verdict be "equal" (stats.verdict)
     # The kind of each comparison at a budget that one side reached and the pair did not (a side
     # without L-inf rows there, or no seed both sides completed): no row, but in Holm's family.
     without: list[str] = []
@@ -655,6 +656,8 @@ def comparisons(
                     outcomes[(pair["a"], pair["b"], eps)] = pairs
                 res = stats.compare(pairs)
                 used = res.answer(estimand)
+                # "equal" for these models also needs the score tests at the margin (stats)
+                equivalent.append(estimand != stats.MODELS or stats.score_equivalent(pairs, margin))
                 attacks = ", ".join(sorted(common))
                 if twin_a:
                     attacks += f" (the first also {', '.join(sorted(twin_a))})"
@@ -739,8 +742,10 @@ def comparisons(
     if unpaired is not None:
         unpaired.extend(without)
     verdicts = [
-        "incomplete" if r["missing_a"] or r["missing_b"] else stats.verdict(r["low"], r["high"], p, margin)
-        for r, p in zip(out.iter_rows(named=True), holm)
+        "incomplete"
+        if r["missing_a"] or r["missing_b"]
+        else stats.verdict(r["low"], r["high"], p, margin, equivalent=eq)
+        for r, p, eq in zip(out.iter_rows(named=True), holm, equivalent)
     ]
     return out.with_columns(
         pl.Series("p_holm", holm, pl.Float64),

@@ -33,9 +33,10 @@ A comparison not rejected is judged "equal" at the level Holm gives it at that l
 a false "equal" (|true difference| >= margin) <= alpha/2 per comparison, as far as the normal
 approximation of each look's estimate holds. With few or no discordant points the standard error
 is stats.stratified_difference's floored one, so an interval never collapses to a point on points
-that all agree; with a handful of discordant points the normal approximation is rough (at one look
-and one seed, a true difference equal to a 2 pp margin is called "equal" 3.5% of the time at 256
-points and 3.8% at 1,000, against the nominal 2.5%: a reviewer's exact computation, 2026-12-04).
+that all agree; and "equal" at a look also needs both score tests at the margin past the same
+boundary (stats.equivalence_z, Tango's variance under each boundary), as stats.verdict does at
+one look, since with a handful of discordant points the Wald interval alone calls a true
+difference at the margin "equal" too often (3.5-3.9% at one look, one seed, 256 or 1,000 points).
 
 `price` gives the points per seed a decision costs, at a true difference equal to the margin,
 for --plan: the maximum, the expected (Monte Carlo over the normal approximation), and the power,
@@ -67,7 +68,14 @@ import numpy as np
 from scipy import optimize, stats
 
 from qshield_dist.config import ConfigError, SweepConfig
-from qshield_dist.summary.stats import ALPHA, Seeds, procedure_interval, seed_level, stratified_difference
+from qshield_dist.summary.stats import (
+    ALPHA,
+    Seeds,
+    equivalence_z,
+    procedure_interval,
+    seed_level,
+    stratified_difference,
+)
 
 MORE, LESS, EQUAL, CONTINUE, UNDECIDED = "more robust", "less robust", "equal", "continue", "undecided"
 # In a results directory: a sequential launch's record of its looks and decisions (decide.py
@@ -201,11 +209,14 @@ def decide(
     m = len(comparisons)
     big_m = _family(m, family_size, alpha, margin)
     est = np.empty((m, len(looks), 2))
+    score = np.empty((m, len(looks), 2))  # the equivalence score tests' Z at +margin and -margin
     for i, seeds in enumerate(comparisons):
         for k, n in enumerate(looks):
             if any(len(a) < n or len(b) < n for a, b in seeds):
                 raise ValueError(f"comparison {i}: a seed has fewer than {n} points for look {k}")
-            est[i, k] = stratified_difference([(a[:n], b[:n]) for a, b in seeds])
+            prefix = [(a[:n], b[:n]) for a, b in seeds]
+            est[i, k] = stratified_difference(prefix)
+            score[i, k] = equivalence_z(prefix, margin) if margin > 0 else (math.inf, -math.inf)
     diff, se = est[..., 0], est[..., 1]
     z = diff / se  # se > 0: stratified_difference floors every seed's variance
     taken: dict[int, Decision] = {}
@@ -226,12 +237,14 @@ def decide(
                     MORE if z[i, first] > 0 else LESS, first, looks, diff[i], se[i], c[first], level
                 )
             n_rejected += len(crossed)
-        # What is still open is judged equal at the level Holm gives it now.
+        # What is still open is judged equal at the level Holm gives it now: its interval inside
+        # the band, and both score tests at the margin past the same boundary (stats.verdict's rule).
         j = min(n_rejected, m - 1)
         for i in range(m):
             if i not in taken:
-                d = _at(EQUAL, k, looks, diff[i], se[i], bounds[j][k], alpha / (big_m - j))
-                if -margin <= d.low and d.high <= margin:
+                c = bounds[j][k]
+                d = _at(EQUAL, k, looks, diff[i], se[i], c, alpha / (big_m - j))
+                if -margin <= d.low and d.high <= margin and score[i, k, 0] <= -c and score[i, k, 1] >= c:
                     taken[i] = d
     last = len(looks) - 1
     n_rejected = min(sum(d.decision in (MORE, LESS) for d in taken.values()), m - 1)
