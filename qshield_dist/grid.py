@@ -36,6 +36,7 @@ from qshield_dist.vocabulary import (
     EQUAL_BUDGET,
     FIXED_RANDOMNESS,
     RESTART,
+    STANDARD,
 )
 
 V = TypeVar("V")
@@ -248,6 +249,13 @@ class TrainTrial:
             "model": model_identity(self.model, classes),
             "train": changed_fields(self.train),
             **_given(
+                # a custom model's robust training crafts its examples through its twin (BPDA,
+                # train_methods.gradient_view), since 2026-12-04: such a trial's id says so
+                crafted="twin"
+                if self.model.custom
+                and self.model.custom.differentiable_twin
+                and self.train.method != STANDARD
+                else None,
                 train_size=self.train_size,
                 test_size=self.test_size,
                 baseline=self.baseline_id,

@@ -5,7 +5,8 @@
   the loss on PGD examples (random start, `steps` signed-gradient steps of `step_size`,
   projected on the eps ball and [0, 1]) crafted against the model being trained, with
   torchattacks' PGD, as the attack stage's is built: through the model's full gradient; for a
-  hybrid whose quantum branch is detached, through its differentiable twin (BPDA); for a
+  hybrid whose quantum branch is detached, or a custom model whose entry names a
+  differentiable twin, through that twin (BPDA: gradient_view); for a
   stochastic model, with EOT over draws (torchattacks' EOTPGD, as many draws as the sweep's
   eot_pgd attack takes by default).
 - trades (Zhang et al. 2019, arXiv 1901.08573, reference code yaodongyu/TRADES `trades_loss`):
@@ -34,6 +35,7 @@ from qshield_dist.attack_params import EOT_PGD_DRAWS
 from qshield_dist.attacks.adaptive import BPDA
 from qshield_dist.attacks.streams import EOTPGD, PGD
 from qshield_dist.config import TrainConfig
+from qshield_dist.models.custom import CustomClassifierWithTwin
 from qshield_dist.vocabulary import PGD_AT, STANDARD, TRADES
 
 # (inputs, labels) -> the batch's loss, the model in training mode
@@ -41,9 +43,11 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def gradient_view(model: nn.Module) -> nn.Module:
-    """What an input gradient is taken through: the model itself, or for a hybrid whose
-    quantum branch is detached, BPDA over its differentiable twin (the attack stage's rule)."""
-    if getattr(model, "quantum_grad", None) == "detached":
+    """What an input gradient is taken through: the model itself, or BPDA over its
+    differentiable twin for a model whose own gradient is not the one to follow: a hybrid whose
+    quantum branch is detached (the attack stage's rule), or a custom model whose entry names a
+    twin (its declared stand-in for the model's gradient)."""
+    if getattr(model, "quantum_grad", None) == "detached" or isinstance(model, CustomClassifierWithTwin):
         return BPDA(model, model.differentiable_twin())
     return model
 

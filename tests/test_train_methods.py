@@ -98,6 +98,59 @@ def test_pgd_at_goes_through_a_detached_hybrids_twin(digits):
     assert torch.equal(adv, pgd_attack(full, cfg)(x, y))
 
 
+class _Rounded(torch.nn.Module):
+    """A custom model whose own input gradient is zero (it rounds its input): only its twin's
+    gradient (the same net without the rounding) moves an attack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.round(x * 4) / 4)
+
+
+def test_pgd_at_goes_through_a_custom_models_named_twin():
+    """A custom entry that names a differentiable twin declares its own gradient is not the one
+    to follow: robust training crafts through the twin (BPDA), as the BPDA attacks do, and the
+    train trial's id says so (its robust training computed other weights before 2026-12-04)."""
+    from qshield_dist.attacks.streams import PGD
+    from qshield_dist.models.custom import CustomClassifier, CustomClassifierWithTwin
+    from qshield_dist.train_methods import gradient_view, pgd_attack
+
+    torch.manual_seed(0)
+    net = _Rounded()
+    model = CustomClassifierWithTwin(net, stochastic=False, twin=lambda m: m.net).eval()
+    assert type(gradient_view(model)).__name__ == "BPDA"
+    assert gradient_view(CustomClassifier(net, stochastic=False)) is not None
+    x = torch.rand(4, 1, 8, 8) * 0.5 + 0.25
+    y = torch.arange(4)
+    cfg = TrainConfig(method="pgd_at", steps=3).resolved(EPS)
+    torch.manual_seed(1)
+    through_twin = pgd_attack(model, cfg)(x, y)
+    torch.manual_seed(1)
+    own = PGD(model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, random_start=True)(x, y)
+    # the model's own gradient is zero: its PGD stays at the random start; the twin's moves on
+    assert not torch.equal(through_twin, own)
+    with torch.no_grad():
+        assert F.nll_loss(model(through_twin), y) > F.nll_loss(model(own), y)
+    # the id: robust training of a custom model with a twin is marked, standard training is not
+    from qshield_dist.config import CustomSpec
+    from qshield_dist.grid import TrainTrial
+
+    for twin, method, crafted in (
+        ("torch.nn:Identity", "standard", None),
+        ("torch.nn:Identity", "pgd_at", "twin"),
+        ("torch.nn:Identity", "trades", "twin"),
+        (None, "pgd_at", None),
+    ):
+        spec = ModelSpec(
+            model="custom", custom=CustomSpec(factory="torch.nn:Identity", differentiable_twin=twin)
+        )
+        trial = TrainTrial("digits", spec, TrainConfig(method=method).resolved(EPS), 0, None, None)
+        assert trial.identity().get("crafted") == crafted, (twin, method)
+
+
 SWEEP = {
     "name": "methods",
     "data": {"dataset": "digits"},
