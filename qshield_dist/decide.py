@@ -7,7 +7,9 @@ their ids and files, so a look only adds shards), then judges every comparison t
 summary/sequential.decide: Lan-DeMets O'Brien-Fleming boundaries over the looks, repeated
 confidence intervals, Holm across the comparisons, valid however often it looks. It stops when
 none is left to continue (more robust, less robust, equal within the margin), or at
-`max_points` per seed (undecided). The looks are points per seed, doubling from `attack_size`
+`max_points` per seed (undecided), or after `max_looks` looks (`launch --looks N`: a budget for
+now; a later launch with a larger N, or none, reads the looks run from their files and goes on,
+the boundaries those of the whole plan). The looks are points per seed, doubling from `attack_size`
 (geometric_looks), each a whole number of shards. RESULTS/decisions.json records the method,
 the looks and, per comparison, the look at which its decision was taken; the report shows it.
 
@@ -27,15 +29,16 @@ from typing import Any, Sequence
 from qshield_dist.config import SweepConfig
 from qshield_dist.executors.base import Executor
 from qshield_dist.fileio import atomic_write_bytes
-from qshield_dist.summary.sequential import DECISIONS_FILE, planned_looks, planned_seed_looks
+from qshield_dist.summary.sequential import DECISIONS_FILE, planned_looks, planned_seed_looks, points_per_seed
 from qshield_dist.sweep import SweepRun, run_sweep
 
 log = logging.getLogger(__name__)
 
 METHOD = (
     "group-sequential: Lan-DeMets O'Brien-Fleming-type alpha spending over the looks, repeated"
-    " 95% confidence intervals (Jennison & Turnbull 2000, ch. 9), Holm across the report's verdicts"
-    " (the family of its Holm-adjusted p; a comparison not judged at a look counts as not rejected)"
+    ' 95% confidence intervals (Jennison & Turnbull 2000, ch. 9), "equal" also by both of Tango\'s score'
+    " tests at the margin past the same boundary, Holm across the report's verdicts (the family of its"
+    " Holm-adjusted p; a comparison not judged at a look counts as not rejected)"
 )
 METHOD_SEEDS = (
     "sequential over seeds (the training procedure): each look's t interval on the per-seed differences"
@@ -67,6 +70,8 @@ def run_until_decided(
 
     plan = cfg.eval.until_decided
     assert plan is not None, "validate refuses a sequential launch without eval.until_decided"
+    if max_looks is not None and max_looks < 1:
+        raise ValueError(f"max_looks: got {max_looks}: must be >= 1")
     planned = planned_seed_looks(cfg) if plan.over_seeds else planned_looks(cfg)
     seeds = added_seeds(cfg.seeds, planned[-1]) if plan.over_seeds else list(cfg.seeds)
     done: list[Look] = []
@@ -75,8 +80,7 @@ def run_until_decided(
             look_cfg = cfg.model_copy(update={"seeds": seeds[:size]})
         else:
             look_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"attack_size": size})})
-        size_now = look_cfg.eval.attack_size  # `all` (over seeds): each dataset's whole pool
-        points = size_now if isinstance(size_now, int) else min(map(look_cfg.eval.pool_size, cfg.datasets))
+        points = points_per_seed(look_cfg)
         run = run_sweep(look_cfg, executor, **run_options)
         tables = build_tables(run.results, margin=plan.margin)
         # Holm's family: the report's own (verdicts.in_holm_family), so decisions.json and the
@@ -132,8 +136,9 @@ def run_until_decided(
             break
         if max_looks is not None and k + 1 >= max_looks and k + 1 < len(planned):
             log.warning(
-                "stopped after %d of %d planned looks (max_looks); comparisons still continuing: run the"
-                " same launch again to resume at look %d",
+                "stopped after %d of %d planned looks (--looks); comparisons still continuing: launch again"
+                " with a larger --looks, or without it, to resume at look %d (the looks run are read from"
+                " their files)",
                 k + 1,
                 len(planned),
                 k + 2,

@@ -263,6 +263,10 @@ ENTRY_ERRORS = {
     "installed": ({"model": "custom", "factory": "torchvision.models:resnet18"}, "an installed package"),
     "raw custom key": ({"model": "custom", "custom": {"factory": "m/net.py:make"}}, "'custom' is not a key"),
     "weights missing": ({"model": "custom", "factory": "m/net.py:make", "weights": "w.pt"}, "no such file"),
+    "twin copies": (
+        {"model": "custom", "factory": "m/net.py:make", "differentiable_twin": "m/twins.py:twin"},
+        "differentiable_twin: got 'm/twins.py:twin': its parameters must be the trained module's own (shared",
+    ),
     "twin elsewhere": (
         {"model": "custom", "factory": "m/net.py:make", "differentiable_twin": "n/twin.py:twin"},
         "must be in the factory's own package or folder",
@@ -279,6 +283,9 @@ def test_a_bad_custom_entry_is_refused_naming_it(
         (tmp_path / folder).mkdir()
     (tmp_path / "m" / "net.py").write_text(OTHER)
     (tmp_path / "n" / "twin.py").write_text("def twin(model):\n    return model\n")
+    (tmp_path / "m" / "twins.py").write_text(
+        "import copy\n\n\ndef twin(model):\n    return copy.deepcopy(model)\n"
+    )
     sweep = {"name": "bad", "data": {"dataset": "digits"}, "models": [{"model": "dnn"}, entry]}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     monkeypatch.chdir(tmp_path)

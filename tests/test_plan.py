@@ -338,7 +338,7 @@ def test_plan_prices_a_sequential_decision(tmp_path, capsys):
     assert decision["looks"] == [8, 16, 32, 64] and decision["comparisons"] == 1 and decision["seeds"] == 1
     attack = next(r for r in report["stages"] if r["stage"] == "attack")
     top, expected = decision["maximum"], decision["expected"]
-    assert (top["points_per_seed"], top["shards"], top["trials"], top["seeds"]) == (64, 8, 16, 1)
+    assert (top["points_per_seed"], top["shards_per_seed"], top["trials"], top["seeds"]) == (64, 8, 16, 1)
     assert decision["stages"] == ["attack"] and top["cpu_hours"] == pytest.approx(attack["cpu_hours"] * 8)
     assert 8 <= expected["points_per_seed"] <= 64 and 0 <= decision["power"] <= 1
     assert _plan(tmp_path, sweep) == 0
@@ -367,6 +367,7 @@ def test_plan_prices_a_sequential_decision_over_seeds(tmp_path, capsys):
     top, expected = decision["maximum"], decision["expected"]
     grid_trials = sum(r["trials"] for r in report["stages"])
     assert (top["seeds"], top["points_per_seed"], top["trials"]) == (12, 8, grid_trials * 4)
+    assert top["shards_per_seed"] == 1  # no shards: the attack set is one
     assert top["cpu_hours"] == pytest.approx(first_hours * 4)
     # 8 points per seed: a true 2 pp difference is lost in the noise, so it runs nearly to the end
     assert 3 <= expected["seeds"] <= 12 and decision["power"] < 0.5

@@ -259,3 +259,32 @@ def test_over_seeds_a_decision_taken_at_a_look_stays_at_the_later_ones() -> None
                 elif d.decision != CONTINUE:
                     earlier[i] = d
     assert changed == 0
+
+
+def test_a_look_calls_equal_only_when_the_score_tests_agree() -> None:
+    """1,000 points, 18 robust under A only and 9 under B only, one look at the maximum: the
+    interval [-0.1, +1.9] pp lies inside +-2 pp, but Tango's test of a true +2 pp does not reject
+    (stats.score_equivalent), so the look says undecided, not equal (stats.verdict's rule)."""
+    from qshield_dist.summary.stats import score_equivalent
+
+    a = np.r_[np.ones(18), np.zeros(982)]
+    b = np.r_[np.zeros(18), np.ones(9), np.zeros(973)]
+    (d,) = decide([[(a, b)]], [1000], 1000, MARGIN)
+    assert -MARGIN <= d.low and d.high <= MARGIN
+    assert not score_equivalent([(a, b)], MARGIN)
+    assert d.decision == UNDECIDED
+    # 18 discordant pairs each way: both agree, equal
+    b = np.r_[np.zeros(18), np.ones(18), np.zeros(964)]
+    assert score_equivalent([(a, b)], MARGIN)
+    (d,) = decide([[(a, b)]], [1000], 1000, MARGIN)
+    assert d.decision == EQUAL
+
+
+def test_price_over_seeds_with_a_first_look_of_one_seed() -> None:
+    """A sweep of one seed priced over seeds: its first look has no interval (decide_seeds decides
+    nothing there) and nothing in the simulation turns NaN."""
+    from qshield_dist.summary.sequential import price_seeds
+
+    with np.errstate(all="raise"):
+        one = price_seeds(MARGIN, math.sqrt(0.1), 0.01, 200, [1, 2, 4], reps=500)
+    assert one.maximum == 4 and 2 <= one.expected <= 4 and 0 <= one.power <= 1

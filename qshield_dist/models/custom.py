@@ -12,7 +12,9 @@ models get: that is the whole adapter. Options:
 - `stochastic: true`: the module draws fresh randomness on every call; it is evaluated by the
   majority rule over `eval.eval_repeats` draws and attacked with EOT, as a stochastic hybrid;
 - `differentiable_twin`: a function called with the trained module, returning a module of the
-  same contract (sharing its weights) whose gradient BPDA attacks use in place of the model's.
+  same contract (sharing its weights: the launcher checks that every parameter of it is one of
+  the module's) whose gradient BPDA attacks, and PGD-AT and TRADES training, use in place of
+  the model's.
 """
 
 from __future__ import annotations
@@ -172,4 +174,14 @@ def check_custom(custom: CustomSpec, info: DatasetInfo) -> CustomClassifier:
                     "differentiable_twin", f"calling it raised {type(exc).__name__}: {exc}"
                 ) from exc
             _check_output(twin.backbone, info, "differentiable_twin")
+            # BPDA follows the twin's gradient while the model trains (PGD-AT, TRADES): a copy
+            # would hold the weights as they were built
+            own = {p.data_ptr() for p in model.backbone.parameters()}
+            copied = [name for name, p in twin.backbone.named_parameters() if p.data_ptr() not in own]
+            if copied:
+                raise CustomModelError(
+                    "differentiable_twin",
+                    f"its parameters must be the trained module's own (shared, not copied); {len(copied)} are"
+                    f" not, e.g. '{copied[0]}'",
+                )
     return model.eval()

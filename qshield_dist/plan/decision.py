@@ -28,7 +28,14 @@ from typing import Any
 from qshield_dist.attack_params import ATTACKS
 from qshield_dist.config import SweepConfig
 from qshield_dist.grid import Grid, variant_id
-from qshield_dist.summary.sequential import Price, planned_looks, planned_seed_looks, price, price_seeds
+from qshield_dist.summary.sequential import (
+    Price,
+    planned_looks,
+    planned_seed_looks,
+    points_per_seed,
+    price,
+    price_seeds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +67,7 @@ def decision_price(cfg: SweepConfig, grid: Grid, report: dict[str, Any]) -> dict
         return None
     m = _comparisons(cfg, grid)
     first_seeds = len(cfg.seeds)
-    size = cfg.eval.attack_size
-    points = size if isinstance(size, int) else min(map(cfg.eval.pool_size, cfg.datasets))
+    points = points_per_seed(cfg)
     by_stage = {r["stage"]: r for r in report["stages"]}
     if plan.over_seeds:
         looks = planned_seed_looks(cfg)
@@ -74,7 +80,7 @@ def decision_price(cfg: SweepConfig, grid: Grid, report: dict[str, Any]) -> dict
             return {
                 "seeds": round(n),
                 "points_per_seed": points,
-                "shards": shards_per_seed * math.ceil(n),
+                "shards_per_seed": shards_per_seed,
                 "trials": round(trials_per_seed * math.ceil(n)),
             }
 
@@ -90,7 +96,7 @@ def decision_price(cfg: SweepConfig, grid: Grid, report: dict[str, Any]) -> dict
             return {
                 "seeds": first_seeds,
                 "points_per_seed": round(n),
-                "shards": shards,
+                "shards_per_seed": shards,
                 "trials": round(per_shard * shards),
             }
 
@@ -132,7 +138,7 @@ def render_price(d: dict[str, Any]) -> list[str]:
 
     def line(name: str, r: dict[str, float]) -> str:
         return (
-            f"  {name:22} {r['seeds']:>4} seed(s) x {r['points_per_seed']:>6,} points, {r['shards']:>5} shards,"
+            f"  {name:22} {r['seeds']:>4} seed(s) x {r['points_per_seed']:>6,} points ({r['shards_per_seed']:>3} shards),"
             f" {r['trials']:>6,} trials, {r['cpu_hours']:>9.1f} CPU-h, {r['gpu_hours']:>7.1f} GPU-h,"
             f" wall {r['wall_s'] / 3600:>7.1f} h"
         )

@@ -306,7 +306,8 @@ def _forest(
     n_seeds = ", ".join(str(n) for n in sorted(set(paired["n_seeds"])))
     caption = (
         "Difference of worst-case robust accuracy (A - B, percentage points) on the shared attack set, with its"
-        f" 95% interval for the question the verdicts answer ({tables.estimand}); grey band: within ±{margin:g} pp the two count as equal."
+        f" 95% interval for the question the verdicts answer ({tables.estimand}); grey band: ±{margin:g} pp, where an interval must lie"
+        " (with the score tests at the margin) for the two to count as equal."
         f" Points per seed: {n_points}; seeds: {n_seeds}. Colour: the verdict; a hollow marker: provisional."
     )
     return _finish(fig, out, name, title, caption, svg, topic)

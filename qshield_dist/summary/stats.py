@@ -198,8 +198,11 @@ def equivalence_z(seeds: Seeds, margin: float) -> tuple[float, float]:
     """The score statistics of the two one-sided tests of "equal within +-margin" for "these
     trained models" (the module docstring): Z at +margin and at -margin of the points-weighted
     mean difference, each seed's variance Tango's at that boundary (one seed: Tango's own
-    statistic). Equal at critical value c when Z(+margin) <= -c and Z(-margin) >= c."""
+    statistic). Equal at critical value c when Z(+margin) <= -c and Z(-margin) >= c. A margin
+    of 0 leaves no room for "equal": (inf, -inf)."""
     pairs = _as_pairs(seeds)
+    if margin <= 0:
+        return math.inf, -math.inf
     n = np.array([len(a) for a, _ in pairs], dtype=float)
     a_only = np.array([np.sum((a == 1) & (b == 0)) for a, b in pairs], dtype=float)
     b_only = np.array([np.sum((a == 0) & (b == 1)) for a, b in pairs], dtype=float)
