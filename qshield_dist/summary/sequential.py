@@ -419,6 +419,18 @@ class Price:
     level: float  # the two-sided level priced (alpha / comparisons: Holm's first step)
 
 
+def _stopped(
+    looks: Sequence[int], low: np.ndarray, high: np.ndarray, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per simulated run (a row of each look's interval): the look's size where the interval rule
+    first stops (excludes 0 or lies within +-margin; the last look always), and whether it
+    stopped on "more robust"."""
+    stop = (low > 0) | (high < 0) | ((low >= -margin) & (high <= margin))
+    stop[:, -1] = True
+    first = stop.argmax(axis=1)
+    return np.asarray(looks)[first], low[np.arange(len(low)), first] > 0
+
+
 def price(
     margin: float,
     sd: float,
@@ -451,12 +463,7 @@ def price(
 
     def run(true: float) -> tuple[np.ndarray, np.ndarray]:
         diff = true + noise
-        low, high = diff - c * se, diff + c * se
-        stop = (low > 0) | (high < 0) | ((low >= -margin) & (high <= margin))
-        stop[:, -1] = True
-        first = stop.argmax(axis=1)
-        rows = np.arange(reps)
-        return np.asarray(looks)[first], low[rows, first] > 0
+        return _stopped(looks, diff - c * se, diff + c * se, margin)
 
     points, more = run(margin)
     points_zero, _ = run(0.0)
@@ -502,11 +509,7 @@ def price_seeds(
     half[:, n < 2] = np.inf  # a look of one seed has no interval (decide_seeds decides nothing there)
 
     def run(true: float) -> tuple[np.ndarray, np.ndarray]:
-        low, high = true + mean - half, true + mean + half
-        stop = (low > 0) | (high < 0) | ((low >= -margin) & (high <= margin))
-        stop[:, -1] = True
-        first = stop.argmax(axis=1)
-        return n[first], low[np.arange(reps), first] > 0
+        return _stopped(looks, true + mean - half, true + mean + half, margin)
 
     from statsmodels.stats.power import TTestPower  # statsmodels' import takes a second: only here
 
