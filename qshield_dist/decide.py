@@ -9,8 +9,8 @@ confidence intervals, Holm across the comparisons, valid however often it looks.
 none is left to continue (more robust, less robust, equal within the margin), or at
 `max_points` per seed (undecided), or after `max_looks` looks (`launch --looks N`: a budget for
 now; a later launch with a larger N, or none, reads the looks run from their files and goes on,
-the boundaries those of the whole plan). The looks are points per seed, doubling from `attack_size`
-(geometric_looks), each a whole number of shards. RESULTS/decisions.json records the method,
+the boundaries those of the whole plan). The looks are points per seed, growing `ratio` times
+(2 by default) from `attack_size` (geometric_looks), each a whole number of shards. RESULTS/decisions.json records the method,
 the looks and, per comparison, the look at which its decision was taken; the report shows it.
 
 With `max_seeds` instead of `max_points` the question is the training procedure (seeds are the
@@ -62,8 +62,9 @@ def run_until_decided(
 ) -> list[Look]:
     """Run the sweep in looks (module docstring) until each comparison is decided or the last
     look is done; returns the looks run. max_looks stops after that many of the planned looks
-    (a budget for now: the same launch later resumes, its looks' trials read from their files,
-    and the boundaries stay those of the whole plan). run_options go to run_sweep."""
+    (a budget for now: a later launch with a larger max_looks, or none, reads the looks run from
+    their files and goes on; the boundaries stay those of the whole plan). run_options go to
+    run_sweep."""
     from qshield_dist.summary.sequential import CONTINUE, decide, decide_seeds
     from qshield_dist.summary.tables import build_tables
     from qshield_dist.summary.verdicts import in_holm_family
