@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -298,7 +299,12 @@ def test_bench_gpu_checks_run_on_any_device() -> None:
     cpu = torch.device("cpu")
     layer = gpu.compiled_layer(cpu, batch=64, repeats=2)
     assert layer["device"] == "cpu" and layer["gpu_model"] is None and layer["path"] == "transfer"
-    assert layer["forward_samples_per_s"] > layer["forward_backward_samples_per_s"] > 0
+    # throughputs are benchmark figures (RESULTS.md), not asserted against each other: a timed
+    # comparison fails when the machine is loaded
+    assert math.isfinite(layer["forward_samples_per_s"]) and layer["forward_samples_per_s"] > 0
+    assert (
+        math.isfinite(layer["forward_backward_samples_per_s"]) and layer["forward_backward_samples_per_s"] > 0
+    )
     pgd = gpu.pgd_batch("cnn_small", cpu, batch=4, steps=2, repeats=1)
     assert pgd["name"] == "gpu_pgd2_batch[cnn_small]" and pgd["batch"] == 4 and pgd["seconds"] > 0
     lightning = gpu.lightning_trajectories(cpu, batch=4, trajectories=2, repeats=1)
